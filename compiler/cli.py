@@ -1,0 +1,2 @@
+def main():
+    raise SystemExit("epc: CLI not yet built")

@@ -1,0 +1,174 @@
+"""The IR verifier: structural checks on either form of a graph.
+
+`verify(g)` raises EpcError listing every problem found: dangling names, duplicate names,
+ops whose weights do not fit their inputs, couplings whose chain does not map the source
+shape onto the destination shape, biases that do not broadcast, NaN/Inf weights, costs on
+unknown states, and a schedule that misses a state, names an unknown one, or puts two
+coupled states in the same colour class (their block update would not be exact).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import ops as O
+from .errors import EpcError
+from .ir import (COST_KINDS, COUPLING_KINDS, NEURON_MODELS, STATE_ROLES, Graph, WeightSpec,
+                 op_weights)
+
+
+def _broadcasts(bshape, shape) -> bool:
+    if len(bshape) > len(shape):
+        return False
+    return all(b in (1, s) for b, s in zip(bshape[::-1], tuple(shape)[::-1]))
+
+
+def problems(g: Graph) -> list[str]:
+    """All problems found, as messages naming the entity (empty list: the graph is valid)."""
+    errs: list[str] = []
+    names: dict[str, str] = {}
+
+    def declare(name: str, what: str):
+        if name in names:
+            errs.append(f"{what} {name}: name already used by a {names[name]}")
+        names[name] = what
+
+    for i in g.inputs:
+        declare(i.name, "input")
+        if any(int(d) <= 0 for d in i.shape):
+            errs.append(f"input {i.name}: bad shape {list(i.shape)}")
+    if not g.inputs:
+        errs.append("graph has no input")
+
+    for name, w in g.weights.items():
+        if isinstance(w, np.ndarray) and np.issubdtype(w.dtype, np.floating) \
+                and not np.all(np.isfinite(w)):
+            errs.append(f"weight {name}: contains NaN or Inf")
+    for name in g.weight_names():
+        if name not in g.weights:
+            errs.append(f"weight {name}: referenced but not declared")
+
+    def op_ok(op, where: str) -> bool:
+        missing = [w for w in op_weights(op).values() if w not in g.weights]
+        if missing:
+            errs.append(f"{where}: unknown weight {missing[0]}")
+            return False
+        return True
+
+    # ---- feedforward form
+    for n in g.nodes:
+        for x in n.inputs:
+            if x not in names:
+                errs.append(f"node {n.name}: input {x} is not defined before it")
+        declare(n.name, "node")
+        if all(x in names for x in n.inputs) and op_ok(n.op, f"node {n.name}"):
+            try:
+                shp = O.out_shape(n.op, [g.shape_of(x) for x in n.inputs], g.weights)
+                if tuple(shp) != tuple(n.shape):
+                    errs.append(f"node {n.name}: declared shape {list(n.shape)}, "
+                                f"op gives {list(shp)}")
+            except EpcError as e:
+                errs.append(f"node {n.name}: {e}")
+    for o in g.outputs:
+        if o not in names:
+            errs.append(f"output {o}: not defined")
+
+    # ---- energy form
+    for s in g.states:
+        declare(s.name, "state")
+        if s.role not in STATE_ROLES:
+            errs.append(f"state {s.name}: role {s.role!r} (supported: {', '.join(STATE_ROLES)})")
+        if s.neuron not in NEURON_MODELS:
+            errs.append(f"state {s.name}: neuron {s.neuron!r} "
+                        f"(supported: {', '.join(NEURON_MODELS)})")
+        if s.bias:
+            if s.bias not in g.weights:
+                errs.append(f"state {s.name}: unknown bias weight {s.bias}")
+            elif not _broadcasts(tuple(g.weights[s.bias].shape), s.shape):
+                errs.append(f"state {s.name}: bias {s.bias} {list(g.weights[s.bias].shape)} does "
+                            f"not broadcast to {list(s.shape)}")
+    state_names = {s.name for s in g.states}
+    input_names = {i.name for i in g.inputs}
+    for c in g.couplings:
+        declare(c.name, "coupling")
+        if c.kind not in COUPLING_KINDS:
+            errs.append(f"coupling {c.name}: kind {c.kind!r} "
+                        f"(supported: {', '.join(COUPLING_KINDS)})")
+        if c.src not in state_names | input_names:
+            errs.append(f"coupling {c.name}: source {c.src} is not a state or input")
+            continue
+        if c.dst not in state_names:
+            errs.append(f"coupling {c.name}: destination {c.dst} is not a state")
+            continue
+        if c.feedback and c.src in input_names:
+            errs.append(f"coupling {c.name}: feedback into clamped input {c.src}")
+        if not c.ops:
+            errs.append(f"coupling {c.name}: empty op chain (use identity)")
+        shape = g.shape_of(c.src)
+        for op in c.ops:
+            if not op.linear:
+                errs.append(f"coupling {c.name}: op {op.kind} is not linear")
+                break
+            if not op_ok(op, f"coupling {c.name}"):
+                break
+            try:
+                shape = O.out_shape(op, [shape], g.weights)
+            except EpcError as e:
+                errs.append(f"coupling {c.name}: {e}")
+                break
+        else:
+            if tuple(shape) != tuple(g.shape_of(c.dst)):
+                errs.append(f"coupling {c.name}: chain maps {list(g.shape_of(c.src))} to "
+                            f"{list(shape)}, but {c.dst} is {list(g.shape_of(c.dst))}")
+    for c in g.costs:
+        if c.state not in state_names:
+            errs.append(f"cost {c.name}: unknown state {c.state}")
+        if c.kind not in COST_KINDS:
+            errs.append(f"cost {c.name}: kind {c.kind!r} (supported: {', '.join(COST_KINDS)})")
+        if c.target != "label" and c.target not in state_names:
+            errs.append(f"cost {c.name}: target {c.target} is neither 'label' nor a state")
+    if g.teacher and g.teacher.output not in state_names:
+        errs.append(f"teacher {g.teacher.name}: output {g.teacher.output} is not a state")
+    if g.states and not g.nodes:
+        outs = [s.name for s in g.states if s.role == "output"]
+        if len(outs) != 1:
+            errs.append(f"energy graph needs exactly one output state, has {outs or 'none'}")
+
+    # ---- schedule
+    if g.schedule is not None:
+        s = g.schedule
+        if s.mode not in ("colour", "sync"):
+            errs.append(f"schedule: mode {s.mode!r} (supported: colour, sync)")
+        if s.max_sweeps < 1 or s.nudge_sweeps < 1:
+            errs.append("schedule: sweep caps must be at least 1")
+        if not s.tol >= 0:
+            errs.append("schedule: tolerance must be >= 0")
+        colour: dict[str, int] = {}
+        for k, cls in enumerate(s.classes):
+            for n in cls:
+                if n not in state_names:
+                    errs.append(f"schedule: class {k} names unknown state {n}")
+                elif n in colour:
+                    errs.append(f"schedule: state {n} is in classes {colour[n]} and {k}")
+                else:
+                    colour[n] = k
+        for st in g.settled_states():
+            if st.name not in colour:
+                errs.append(f"schedule: state {st.name} is in no colour class")
+        for c in g.couplings:
+            if c.src in colour and c.dst in colour and colour[c.src] == colour[c.dst] \
+                    and s.mode == "colour":
+                errs.append(f"schedule: coupled states {c.src} and {c.dst} (coupling {c.name}) "
+                            f"share colour class {colour[c.src]}")
+    return errs
+
+
+def verify(g: Graph) -> Graph:
+    errs = problems(g)
+    if errs:
+        more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+        detail = "; ".join(errs[:8])
+        raise EpcError(f"invalid IR in graph {g.name}: {detail}{more}")
+    return g
+
+
+__all__ = ["verify", "problems", "WeightSpec"]
