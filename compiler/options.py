@@ -43,3 +43,4 @@ class CompileOptions:
     nudge_sweeps: int = 40
     tol: float = 1e-4
     source_path: str | None = None        # the file compiled (teacher 'source' provenance)
+    teacher_graph: object = None          # feedforward Graph of the teacher, set by the driver

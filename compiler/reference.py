@@ -54,6 +54,7 @@ def forward_sweep(g: Graph, inputs: dict[str, np.ndarray], *, lift_bounds: bool 
             u = y if u is None else u + y
         if st.bias:
             u = w[st.bias] if u is None else u + w[st.bias]
-        act = st.source_act if lift_bounds else st.act
-        vals[name] = O.activate(O.lift_bounds(act) if lift_bounds else act, u)
+        # source_act is already the source model's own function (relu for a ReLU, clip(0, 6)
+        # for a ReLU6): lifting it again would turn a ReLU6 into a ReLU
+        vals[name] = O.activate(st.source_act if lift_bounds else st.act, u)
     return {k: v.numpy() for k, v in vals.items()}

@@ -1,0 +1,87 @@
+"""residual: mark skip links.
+
+A residual Add of the source model leaves a state with several inbound couplings. The one
+coming from the deepest source (longest coupling path from the inputs) is the main path
+and stays 'forward'; the others become 'residual' (skip links). Among couplings from
+equally deep sources (e.g. Add(conv(h), h)) the one whose chain carries weights wins, then
+the longer chain, then the earlier one. A residual chain made only of identity ops becomes
+the single weightless op [identity]. With opts.identity_skip == 'learned', each identity
+skip instead gets a learned map initialised to the identity matrix (a 1x1 conv for a
+[C, H, W] state, a dense layer for a 1-D state), so the compiled network still computes
+the source model exactly at initialisation.
+
+Requires: an energy-form graph whose non-teacher, non-tap couplings form a DAG.
+Ensures:  every state with an inbound coupling of kind 'forward' or 'residual' has exactly
+          one inbound 'forward' coupling (from its deepest source); all its other such
+          inbound couplings have kind 'residual'. States without inbound couplings (bias
+          only) have none. Tap and teacher couplings are untouched.
+"""
+from __future__ import annotations
+
+import networkx as nx
+import numpy as np
+
+from ..errors import EpcError
+from ..ir import Conv, Coupling, Dense, Graph, Identity, op_weights
+from ..options import CompileOptions
+
+MAIN_KINDS = ("forward", "residual")
+
+
+def depths(g: Graph, kinds=MAIN_KINDS) -> dict[str, int]:
+    """Longest coupling path (number of couplings) from any input to each state/input."""
+    dg = nx.DiGraph()
+    dg.add_nodes_from(i.name for i in g.inputs)
+    dg.add_nodes_from(s.name for s in g.states)
+    dg.add_edges_from((c.src, c.dst) for c in g.couplings if c.kind in kinds)
+    try:
+        order = list(nx.topological_sort(dg))
+    except nx.NetworkXUnfeasible:
+        raise EpcError(f"graph {g.name}: couplings form a cycle")
+    depth = {n: 0 for n in dg.nodes}
+    for n in order:
+        for m in dg.successors(n):
+            depth[m] = max(depth[m], depth[n] + 1)
+    return depth
+
+
+def _has_weights(c: Coupling) -> bool:
+    return any(op_weights(op) for op in c.ops)
+
+
+def _identity_weight(shape) -> tuple[object, np.ndarray] | None:
+    if len(shape) == 3:
+        c = shape[0]
+        return Conv(""), np.eye(c, dtype=np.float32).reshape(c, c, 1, 1)
+    if len(shape) == 1:
+        return Dense(""), np.eye(shape[0], dtype=np.float32)
+    return None
+
+
+def run(g: Graph, opts: CompileOptions) -> Graph:
+    if not g.is_energy:
+        raise EpcError(f"graph {g.name}: residual needs an energy-form graph (run to_energy)")
+    if opts.identity_skip not in ("identity", "learned"):
+        raise EpcError(f"bad identity skip {opts.identity_skip!r} (supported: identity, learned)")
+    g = g.copy()
+    depth = depths(g)
+    for s in g.states:
+        inb = [(k, c) for k, c in enumerate(g.couplings)
+               if c.dst == s.name and c.kind in MAIN_KINDS]
+        if not inb:
+            continue
+        main = max(inb, key=lambda kc: (depth[kc[1].src], _has_weights(kc[1]), len(kc[1].ops),
+                                        -kc[0]))[1]
+        for _, c in inb:
+            c.kind = "forward" if c is main else "residual"
+            if c is main or not all(isinstance(op, Identity) for op in c.ops):
+                continue
+            c.ops = [Identity()]
+            if opts.identity_skip == "learned":
+                made = _identity_weight(g.shape_of(c.src))
+                if made is not None:
+                    op, w = made
+                    op.weight = g.fresh_name(f"{c.name}.weight")
+                    g.weights[op.weight] = w
+                    c.ops = [op]
+    return g

@@ -1,0 +1,203 @@
+"""to_energy: turn a (canonical) feedforward graph into the energy form.
+
+Every nonlinearity (Act node) becomes a State. Between nonlinearities everything is
+affine, so each value of the feedforward graph is written as a *linear form*
+
+    value = sum_k  L_k(src_k)  +  const
+
+where src_k is a state or an input and L_k a chain of linear ops. A linear op appends
+itself to every chain and is applied numerically to the constant; an Add concatenates the
+terms and sums the constants; a Bias adds to the constant. At an Act node each term
+becomes a Coupling(src_k -> state, L_k) and the constant becomes the state's bias.
+
+MaxPool is only piecewise linear: max(x + c) = max(x) + c holds for a constant c that is
+uniform over each channel's window, and max(a + b) != max(a) + max(b), so MaxPool of a sum
+of two or more terms (e.g. right after a residual Add), or of a constant that varies within
+a channel, is refused with an EpcError naming the node.
+
+Requires: a canonical feedforward graph (after canonicalize: no BatchNorm, Dropout,
+          Identity; Softmax only where it is not an output is an error here), one output.
+Ensures:  an energy-form graph:
+          * inputs unchanged; nodes and outputs empty;
+          * one State per Act node, named after it: ReLU -> act = opts.activation,
+            source_act = relu; Clip / HardSigmoid keep their own function (act = source_act);
+          * the graph output is a State with role 'output': the Act's state when the output
+            is a nonlinearity, else a new state named after the output value with identity
+            act (a linear readout);
+          * one Coupling per term, kind 'forward', feedback False (symmetrize adds feedback),
+            ops = the term's chain ([identity] when empty), named 'c_<src>__<dst>';
+          * a state's constant is its bias weight '<state>.bias', stored [C, 1, 1] when
+            uniform per channel of a [C, H, W] state, else in full shape; no bias when zero
+            terms were ever added (no Bias upstream);
+          * Cost 'label' on the output state, kind opts.cost, target 'label', weight 1;
+          * every state with a bounded act (clip, hardsigmoid) has neuron opts.neuron; states
+            with an identity or relu act (linear readouts) are 'rate', since a Bernoulli
+            neuron's firing probability rho(u) must be bounded;
+          * weights no longer referenced are removed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import ops as O
+from ..errors import EpcError
+from ..ir import (Act, Activation, Add, BatchNorm, Bias, Coupling, Cost, Dropout, Graph,
+                  Identity, MaxPool, Softmax, State, op_weights)
+from ..options import CompileOptions
+
+
+@dataclass
+class LinearForm:
+    """sum of L(src) over `terms` plus `const` (None: zero), a value of `shape`."""
+
+    shape: tuple[int, ...]
+    terms: list[tuple[str, list]] = field(default_factory=list)
+    const: np.ndarray | None = None  # float64, broadcastable to shape
+
+
+def _apply_to_const(op, const: np.ndarray, in_shape, weights) -> np.ndarray:
+    x = torch.as_tensor(np.broadcast_to(const, in_shape).copy(), dtype=torch.float64)[None]
+    w = {k: torch.as_tensor(np.asarray(weights[k]), dtype=torch.float64)
+         for k in op_weights(op).values()}
+    return O.forward(op, x, w)[0][0].numpy()
+
+
+def _channel_uniform(const: np.ndarray, shape) -> bool:
+    """Whether const (broadcast to shape [C, H, W]) is constant over each channel."""
+    full = np.broadcast_to(const, shape)
+    return bool(np.all(full == full[:, :1, :1]))
+
+
+def compact(const: np.ndarray, shape) -> np.ndarray:
+    """The smallest conventional shape of a constant: [C,1,1] if uniform per channel."""
+    full = np.broadcast_to(const, shape)
+    if len(shape) == 3 and _channel_uniform(full, shape):
+        return np.ascontiguousarray(full[:, :1, :1])
+    return np.ascontiguousarray(full)
+
+
+def state_act(fn: Activation, opts: CompileOptions) -> tuple[Activation, Activation]:
+    """(act, source_act) of the state replacing an Act node with function fn."""
+    if fn.kind == "relu":
+        return opts.activation, fn
+    if fn.kind in ("clip", "hardsigmoid"):
+        return fn, fn
+    raise EpcError(f"activation {fn.kind} has no state form (supported: relu, clip, "
+                   f"hardsigmoid)")
+
+
+def neuron_for(act: Activation, opts: CompileOptions) -> str:
+    """opts.neuron for states with a bounded activation; 'rate' for identity / relu states.
+
+    A Bernoulli (StochEP) neuron fires with probability rho(u), which needs rho bounded; a
+    linear readout or an unbounded ReLU has no firing probability and stays deterministic.
+    """
+    return opts.neuron if act.bounded else "rate"
+
+
+def _fresh(g: Graph, base: str, reserved: set[str]) -> str:
+    """g.fresh_name that also avoids `reserved` (names of states not yet created)."""
+    name, i = g.fresh_name(base), 0
+    while name in reserved:
+        i += 1
+        name = g.fresh_name(f"{base}_{i}")
+    return name
+
+
+def _emit_state(g: Graph, name: str, form: LinearForm, act: Activation, source_act: Activation,
+                role: str, opts: CompileOptions, reserved: set[str] = frozenset()) -> None:
+    """Append State `name` whose pre-activation is `form` (its couplings and bias)."""
+    bias = None
+    g.states.append(State(name, tuple(form.shape), act, source_act, neuron_for(act, opts), role,
+                          None))
+    if form.const is not None:
+        bias = _fresh(g, f"{name}.bias", reserved)
+        g.weights[bias] = compact(form.const, form.shape).astype(np.float32)
+        g.states[-1].bias = bias
+    for src, chain in form.terms:
+        g.couplings.append(Coupling(_fresh(g, f"c_{src}__{name}", reserved), src, name,
+                                    list(chain) if chain else [Identity()], "forward", False))
+
+
+def convert(ff: Graph, opts: CompileOptions) -> Graph:
+    """The energy form of the feedforward graph `ff` (which is not modified)."""
+    if len(ff.outputs) != 1:
+        raise EpcError(f"graph {ff.name}: {len(ff.outputs)} outputs; epc compiles models with "
+                       f"exactly one output")
+    g = ff.copy()
+    nodes, g.nodes, out_name = g.nodes, [], g.outputs[0]
+    g.outputs = []
+    forms: dict[str, LinearForm] = {i.name: LinearForm(tuple(i.shape), [(i.name, [])])
+                                    for i in g.inputs}
+    out_state = None
+    reserved = {n.name for n in nodes}
+    for n in nodes:
+        op, where = n.op, f"node {n.name} ({n.op.kind})"
+        if isinstance(op, Act):
+            x = forms[n.inputs[0]]
+            if op.fn.kind == "identity":
+                forms[n.name] = x
+                continue
+            act, src_act = state_act(op.fn, opts)
+            role = "output" if n.name == out_name else "hidden"
+            _emit_state(g, n.name, x, act, src_act, role, opts, reserved)
+            forms[n.name] = LinearForm(tuple(n.shape), [(n.name, [])])
+            if role == "output":
+                out_state = n.name
+        elif getattr(op, "linear", False):
+            x = forms[n.inputs[0]]
+            if isinstance(op, MaxPool):
+                if len(x.terms) > 1:
+                    raise EpcError(f"{where}: max-pool of a sum of {len(x.terms)} terms (e.g. "
+                                   f"after a residual add) is not linear and has no coupling "
+                                   f"form; put an activation before the max-pool")
+                if x.const is not None and x.terms and not _channel_uniform(x.const, x.shape):
+                    raise EpcError(f"{where}: max-pool of a value with a bias that varies "
+                                   f"within a channel has no coupling form")
+            const = None
+            if x.const is not None:
+                const = _apply_to_const(op, x.const, x.shape, g.weights)
+            forms[n.name] = LinearForm(tuple(n.shape), [(s, ch + [op]) for s, ch in x.terms],
+                                       const)
+        elif isinstance(op, Bias):
+            x = forms[n.inputs[0]]
+            b = np.asarray(g.weights[op.weight], dtype=np.float64)
+            const = b if x.const is None else x.const + b
+            forms[n.name] = LinearForm(tuple(n.shape), list(x.terms), const)
+        elif isinstance(op, Add):
+            terms, const = [], None
+            for v in n.inputs:
+                f = forms[v]
+                terms += f.terms
+                if f.const is not None:
+                    const = f.const if const is None else const + f.const
+            forms[n.name] = LinearForm(tuple(n.shape), terms, const)
+        elif isinstance(op, Softmax):
+            raise EpcError(f"{where}: softmax is only supported as the model's output")
+        elif isinstance(op, (BatchNorm, Dropout)):
+            raise EpcError(f"{where}: run canonicalize before to_energy")
+        else:
+            raise EpcError(f"{where}: op {op.kind} has no energy form")
+    if out_state is None:
+        form = forms[out_name]
+        name = out_name if out_name not in {i.name for i in g.inputs} else g.fresh_name("out")
+        name = name if not any(s.name == name for s in g.states) else g.fresh_name(name)
+        ident = Activation.identity()
+        _emit_state(g, name, form, ident, ident, "output", opts)
+        out_state = name
+    g.costs.append(Cost(g.fresh_name("label"), out_state, opts.cost, "label", 1.0, 1.0))
+    used = set(g.weight_names())
+    g.weights = {k: v for k, v in g.weights.items() if k in used}
+    return g
+
+
+def run(g: Graph, opts: CompileOptions) -> Graph:
+    if g.states or g.couplings:
+        raise EpcError(f"graph {g.name}: to_energy needs a feedforward graph, this one is "
+                       f"already in energy form")
+    if opts.cost not in ("mse", "ce"):
+        raise EpcError(f"bad cost {opts.cost!r} (supported: mse, ce)")
+    return convert(g, opts)

@@ -1,0 +1,278 @@
+"""Build the example ONNX models shipped in examples/ (seeded, deterministic).
+
+    python examples/build_examples.py                 # rewrite the committed .onnx files
+    python examples/build_examples.py --dynamo DIR    # also export each via the dynamo exporter
+
+Every model is exported with the legacy TorchScript exporter (opset 17), input named `input`
+with a symbolic batch dimension `N`, output named `logits`. Batch norms are exported as
+BatchNormalization nodes (TrainingMode.PRESERVE on a model in eval mode) with non-trivial
+running statistics, so that the compiler's BN folding is really exercised. All models are
+untrained PyTorch initialisations (EP training starts from there) except
+`conv_digits_teacher.onnx`, the conv digits net trained by backprop to serve as a
+distillation teacher.
+
+The model constructors are importable (tests load this file by path) so that tests can
+export the same architectures on the fly in both exporter forms.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OPSET = 17
+
+
+# --------------------------------------------------------------------------- models
+def mlp_digits() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+def mlp3_digits() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
+                         nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def conv_digits() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 2 * 2, 10))
+
+
+def _conv_bn_relu(cin: int, cout: int, relu6: bool = False, stride: int = 1,
+                  groups: int = 1, k: int = 3) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout), nn.ReLU6() if relu6 else nn.ReLU()]
+
+
+def vgg_cifar(widths=(32, 32, "M", 64, 64, "M", 128, 128, "M"), classes: int = 10,
+              in_ch: int = 3, size: int = 32) -> nn.Module:
+    layers: list[nn.Module] = []
+    c = in_ch
+    for w in widths:
+        if w == "M":
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+        else:
+            layers += _conv_bn_relu(c, w)
+            c = w
+    layers += [nn.Flatten(), nn.Linear(c * size * size, classes)]
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN + shortcut (1x1 conv + BN when the shape changes), ReLU after."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet: stem conv3x3-BN-ReLU, stages of basic blocks, GAP, linear."""
+
+    def __init__(self, blocks=(2, 2, 2), widths=(16, 32, 64), classes: int = 10,
+                 in_ch: int = 3, stem_stride: int = 1, stem_pool: bool = False):
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn_relu(in_ch, widths[0], stride=stem_stride))
+        if stem_pool:
+            self.stem.append(nn.MaxPool2d(3, 2, 1))
+        stages, c = [], widths[0]
+        for i, (n, w) in enumerate(zip(blocks, widths)):
+            for j in range(n):
+                stages.append(BasicBlock(c, w, 2 if (j == 0 and i > 0) else 1))
+                c = w
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = self.pool(self.stages(self.stem(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+def resnet13() -> nn.Module:
+    """13 conv layers (stem + 3 stages x 2 basic blocks x 2), then the linear classifier."""
+    return ResNet(blocks=(2, 2, 2), widths=(16, 32, 64))
+
+
+def resnet18_imagenet_shape(classes: int = 1000) -> nn.Module:
+    """ResNet-18 layout (64..512 channels, stem 7x7/2 + max pool) for load-time measurements."""
+    m = ResNet(blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), classes=classes,
+               stem_stride=2, stem_pool=True)
+    m.stem[0] = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+    return m
+
+
+class DepthwiseSeparable(nn.Module):
+    """MobileNet block: depthwise 3x3-BN-ReLU6, pointwise 1x1-BN-ReLU6."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.dw = nn.Sequential(*_conv_bn_relu(cin, cin, relu6=True, stride=stride, groups=cin))
+        self.pw = nn.Sequential(*_conv_bn_relu(cin, cout, relu6=True, k=1))
+
+    def forward(self, x):
+        return self.pw(self.dw(x))
+
+
+def mobilenet_cifar(classes: int = 10) -> nn.Module:
+    return nn.Sequential(
+        *_conv_bn_relu(3, 32, relu6=True),
+        DepthwiseSeparable(32, 64, 1), DepthwiseSeparable(64, 128, 2),
+        DepthwiseSeparable(128, 128, 1), DepthwiseSeparable(128, 256, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, classes))
+
+
+# name -> (constructor, per-sample input shape)
+MODELS = {
+    "mlp_digits": (mlp_digits, (64,)),
+    "mlp3_digits": (mlp3_digits, (64,)),
+    "conv_digits": (conv_digits, (1, 8, 8)),
+    "vgg_cifar": (vgg_cifar, (3, 32, 32)),
+    "resnet13": (resnet13, (3, 32, 32)),
+    "mobilenet_cifar": (mobilenet_cifar, (3, 32, 32)),
+}
+
+
+# --------------------------------------------------------------------------- helpers
+def warm_batchnorm(model: nn.Module, in_shape, seed: int, batches: int = 4) -> nn.Module:
+    """Give every BN non-trivial running stats (a few random train-mode batches), then eval."""
+    g = torch.Generator().manual_seed(seed + 1)
+    if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.5
+                with torch.no_grad():  # non-trivial affine parameters too
+                    m.weight.uniform_(0.5, 1.5, generator=g)
+                    m.bias.uniform_(-0.2, 0.2, generator=g)
+        model.train()
+        with torch.no_grad():
+            for _ in range(batches):
+                model(torch.rand(16, *in_shape, generator=g) * 2 - 0.5)
+    return model.eval()
+
+
+def build(name: str, seed: int = 0) -> tuple[nn.Module, tuple]:
+    """The untrained example model `name` (seeded; BN stats warmed, eval mode)."""
+    ctor, shape = MODELS[name]
+    torch.manual_seed(seed)
+    return warm_batchnorm(ctor(), shape, seed), shape
+
+
+def export_legacy(model: nn.Module, in_shape, path: str, opset: int = OPSET) -> str:
+    """Legacy TorchScript export, BN kept as BatchNormalization, dynamic batch."""
+    x = torch.zeros(2, *in_shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (x,), path, dynamo=False, opset_version=opset,
+                          training=torch.onnx.TrainingMode.PRESERVE,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    return path
+
+
+def export_dynamo(model: nn.Module, in_shape, path: str) -> str:
+    """torch.export-based export (dynamo=True), dynamic batch; quiet."""
+    import contextlib
+    import io
+    import logging
+    x = torch.zeros(2, *in_shape)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(model.eval(), (x,), dynamo=True, input_names=["input"],
+                                 output_names=["logits"],
+                                 dynamic_shapes=({0: torch.export.Dim("N")},), verbose=False)
+        prog.save(path)
+    return path
+
+
+def train_teacher(seed: int = 0, epochs: int = 20) -> tuple[nn.Module, float]:
+    """Backprop-train conv_digits on sklearn digits; returns (model, test accuracy)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    xtr, xte, ytr, yte = train_test_split(x, digits.target, test_size=0.2, random_state=0)
+    xtr, xte = torch.from_numpy(xtr), torch.from_numpy(xte)
+    ytr, yte = torch.from_numpy(ytr).long(), torch.from_numpy(yte).long()
+    torch.manual_seed(seed)
+    model = conv_digits()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(xtr), generator=g)
+        for i in range(0, len(xtr), 64):
+            idx = perm[i:i + 64]
+            loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(xte).argmax(1) == yte).float().mean().item()
+    return model, acc
+
+
+def _atomic_export(fn, model, shape, path):
+    """Export to a temporary file in the target folder, then rename (no half-written files)."""
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        fn(model, shape, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary shared files
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=HERE, help="folder for the legacy exports")
+    ap.add_argument("--dynamo", default=None, help="also export via dynamo into this folder")
+    ap.add_argument("--skip-teacher", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    os.makedirs(args.out, exist_ok=True)
+    for name in MODELS:
+        model, shape = build(name)
+        path = os.path.join(args.out, name + ".onnx")
+        _atomic_export(export_legacy, model, shape, path)
+        print(f"{path}: {os.path.getsize(path) / 1e6:.2f} MB, input [N, "
+              f"{', '.join(map(str, shape))}]")
+        if args.dynamo:
+            os.makedirs(args.dynamo, exist_ok=True)
+            export_dynamo(model, shape, os.path.join(args.dynamo, name + ".onnx"))
+    if not args.skip_teacher:
+        teacher, acc = train_teacher()
+        path = os.path.join(args.out, "conv_digits_teacher.onnx")
+        _atomic_export(export_legacy, teacher, (1, 8, 8), path)
+        print(f"{path}: backprop-trained teacher, digits test accuracy {acc:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The spine's command line: compile / inspect end to end, and every bad input of the
+compiler issue ending in one `epc: error:` line, exit status 2, no partial output."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from epc.compiler.bundle import read_bundle
+from epc.compiler.text import parse, print_graph
+
+EXAMPLE_NAMES = ["mlp_digits", "mlp3_digits", "conv_digits", "vgg_cifar", "resnet13",
+                 "mobilenet_cifar"]
+
+
+def _one_error_line(code, out, err, *needles):
+    assert code == 2, (code, err)
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("epc: error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n.lower() in lines[0].lower(), (n, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+def test_compile_verify_every_example(run_cli, examples, tmp_path, name):
+    out = tmp_path / f"{name}.epc"
+    code, _, err = run_cli("compile", examples / f"{name}.onnx", "-o", out, "--verify")
+    assert code == 0, err
+    assert "verify: max relative error" in err
+    g = read_bundle(out).graph
+    assert g.is_energy and g.schedule is not None
+    # the bundle's IR text round-trips byte for byte through the parser
+    text = print_graph(g)
+    assert print_graph(parse(text)) == text
+
+
+def test_inspect_formats(run_cli, examples, tmp_path):
+    b = tmp_path / "r13.epc"
+    assert run_cli("compile", examples / "resnet13.onnx", "-o", b)[0] == 0
+    code, text, _ = run_cli("inspect", b)
+    assert code == 0 and text.startswith("epc-ir 1\n")
+    # a text IR file: printing what was parsed reproduces the file byte for byte
+    ir = tmp_path / "r13.ir"
+    ir.write_text(text)
+    code, again, _ = run_cli("inspect", ir)
+    assert code == 0 and again == text
+
+    code, js, _ = run_cli("inspect", b, "--format", "json", "--stats")
+    d = json.loads(js)
+    assert code == 0
+    names = {s["name"] for s in d["states"]}
+    assert {"name", "shape", "activation"} <= set(d["states"][0])
+    for c in d["couplings"]:
+        assert {"name", "src", "dst", "ops", "kind", "feedback"} <= set(c)
+        assert c["dst"] in names
+    kinds = {c["kind"] for c in d["couplings"]}
+    assert "residual" in kinds and "forward" in kinds          # ResNet skips are explicit
+    order = [n for cls in d["schedule"]["classes"] for n in cls]
+    assert sorted(order) == sorted(s["name"] for s in d["states"] if s["role"] != "teacher")
+    assert d["stats"]["parameters"] > 0 and d["stats"]["macs_per_sweep"] > 0
+
+    code, dot, _ = run_cli("inspect", b, "--format", "dot")
+    assert code == 0 and dot.startswith("digraph") and "dir=both" in dot and "dashed" in dot
+    code, st, _ = run_cli("inspect", b, "--stats")
+    assert code == 0 and "MACs per sweep" in st and "colour classes" in st
+
+
+def test_taps_teacher_print_after_all(run_cli, examples, tmp_path):
+    out = tmp_path / "c.epc"
+    code, stdout, err = run_cli("compile", examples / "vgg_cifar.onnx", "--taps", "auto",
+                                "--teacher", "source", "--print-after-all", "-o", out)
+    assert code == 0, err
+    from epc.compiler.passes import PASS_NAMES
+    for p in PASS_NAMES:
+        assert f"// ----- IR after {p}\n" in stdout
+    g = read_bundle(out).graph
+    assert any(c.kind == "tap" for c in g.couplings)
+    assert any(c.kind == "teacher" for c in g.couplings) and g.teacher is not None
+    assert {c.kind for c in g.costs} >= {"kl"}
+    code, stdout, _ = run_cli("compile", examples / "mlp_digits.onnx", "-o", tmp_path / "m.epc",
+                              "--print-after", "schedule")
+    assert code == 0 and stdout.count("// ----- IR after") == 1
+
+
+def test_compile_accepts_a_bundle(run_cli, examples, tmp_path):
+    a, b = tmp_path / "a.epc", tmp_path / "b.epc"
+    assert run_cli("compile", examples / "mlp_digits.onnx", "-o", a)[0] == 0
+    code, _, err = run_cli("compile", a, "-o", b)
+    assert code == 0, err
+    assert print_graph(read_bundle(a).graph) == print_graph(read_bundle(b).graph)
+    _one_error_line(*run_cli("compile", a, "--taps", "auto", "-o", tmp_path / "c.epc"),
+                    "already compiled")
+
+
+# --------------------------------------------------------------------------- bad input
+def _save(model, path):
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _gemm_model(w: np.ndarray, *, batch="N", feat=4, extra_nodes=(), out_name="y"):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, feat])
+    y = helper.make_tensor_value_info(out_name, TensorProto.FLOAT, [batch, w.shape[0]])
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["g"], transB=1, name="fc"),
+             helper.make_node("Relu", ["g"], ["y" if not extra_nodes else "r"], name="relu")]
+    nodes += list(extra_nodes)
+    g = helper.make_graph(nodes, "m", [x], [y], [numpy_helper.from_array(w, "W")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+BAD = {}
+
+
+def bad(fn):
+    BAD[fn.__name__] = fn
+    return fn
+
+
+@bad
+def missing_file(tmp):
+    return tmp / "nope.onnx", ["nope.onnx"]
+
+
+@bad
+def not_onnx(tmp):
+    p = tmp / "notes.onnx"
+    p.write_text("this is not a model\n" * 20)
+    return p, ["notes.onnx"]
+
+
+@bad
+def truncated_onnx(tmp):
+    full = _gemm_model(np.ones((3, 4), np.float32)).SerializeToString()
+    p = tmp / "trunc.onnx"
+    p.write_bytes(full[: len(full) // 2])
+    return p, ["trunc.onnx"]
+
+
+@bad
+def unsupported_op(tmp):
+    m = _gemm_model(np.ones((3, 4), np.float32),
+                    extra_nodes=[helper.make_node("Transpose", ["r"], ["y"], name="tp")])
+    return _save(m, tmp / "tp.onnx"), ["Transpose", "tp"]
+
+
+@bad
+def loop_op(tmp):
+    # a valid Loop (counts to 3, carrying the activation through unchanged)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Identity", ["v_in"], ["v_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, ["N", 3])])
+    loop = helper.make_node("Loop", ["trip", "cond", "r"], ["y"], body=body, name="the_loop")
+    m = _gemm_model(np.ones((3, 4), np.float32), extra_nodes=[loop])
+    m.graph.initializer.extend([numpy_helper.from_array(np.array(3, np.int64), "trip"),
+                                numpy_helper.from_array(np.array(True), "cond")])
+    onnx.checker.check_model(m)
+    return _save(m, tmp / "loop.onnx"), ["Loop", "the_loop"]
+
+
+@bad
+def cycle(tmp):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    nodes = [helper.make_node("Add", ["x", "b"], ["a"], name="n1"),
+             helper.make_node("Relu", ["a"], ["b"], name="n2"),
+             helper.make_node("Relu", ["b"], ["y"], name="n3")]
+    g = helper.make_graph(nodes, "cyc", [x], [y])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return _save(m, tmp / "cycle.onnx"), ["cycle.onnx"]
+
+
+@bad
+def nan_weights(tmp):
+    w = np.ones((3, 4), np.float32)
+    w[1, 2] = np.nan
+    return _save(_gemm_model(w), tmp / "nan.onnx"), ["nan"]
+
+
+@bad
+def dynamic_dim(tmp):
+    return _save(_gemm_model(np.ones((3, 4), np.float32), feat="F"), tmp / "dyn.onnx"), \
+        ["dyn.onnx"]
+
+
+@bad
+def ir_syntax_error(tmp):
+    p = tmp / "broken.ir"
+    p.write_text("epc-ir 1\ngraph g {\n  input x : [4\n}\n")
+    return p, ["broken.ir:3:"]
+
+
+@bad
+def newer_bundle(tmp):
+    # a valid bundle whose manifest claims a future format version
+    from epc.compiler.bundle import Bundle, bundle_bytes
+    from epc.compiler.ir import Graph, Input
+    raw = bundle_bytes(Bundle(Graph("g", inputs=[Input("x", (4,))])))
+    zin = zipfile.ZipFile(io.BytesIO(raw))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zout:
+        for item in zin.namelist():
+            data = zin.read(item)
+            if item == "manifest.json":
+                d = json.loads(data)
+                d["version"] = 99
+                data = json.dumps(d).encode()
+            zout.writestr(item, data)
+    p = tmp / "future.epc"
+    p.write_bytes(buf.getvalue())
+    return p, ["version 99", "newer"]
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_one_error_line(run_cli, tmp_path, case):
+    src, needles = BAD[case](tmp_path)
+    out = tmp_path / "out.epc"
+    code, stdout, err = run_cli("compile", src, "-o", out)
+    _one_error_line(code, stdout, err, *needles)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_inspect_bad_inputs(run_cli, tmp_path):
+    _one_error_line(*run_cli("inspect", tmp_path / "none.epc"), "no such file")
+    src, needles = ir_syntax_error(tmp_path)
+    _one_error_line(*run_cli("inspect", src), *needles)
+    src, needles = newer_bundle(tmp_path)
+    _one_error_line(*run_cli("inspect", src), *needles)
+
+
+def test_console_script_has_no_traceback(tmp_path):
+    """The installed `epc` entry point itself (not just main()): one line, exit 2."""
+    p = subprocess.run([sys.executable, "-m", "epc.compiler.cli", "compile",
+                        str(tmp_path / "missing.onnx")], capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [f"epc: error: {tmp_path / 'missing.onnx'}: no such file"]

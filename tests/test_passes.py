@@ -1,0 +1,682 @@
+"""Tests of the compile passes (compiler/passes/*).
+
+Feedforward graphs are built by hand with the IR dataclasses and deterministic weights, so
+these tests do not depend on the frontends. What is checked:
+* golden IR dumps after every pass (tests/golden/*.ir; EPC_UPDATE_GOLDEN=1 rewrites them);
+* semantics: canonicalize preserves run_feedforward; one forward sweep of the energy form
+  (bounds lifted) reproduces run_feedforward of the source graph in float64;
+* every pass's output verifies, prints and parses back exactly, and leaves its input alone;
+* schedules are proper colourings (skips over two layers need a third colour);
+* bad inputs raise EpcError with a useful message.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import pytest
+
+from epc.compiler.errors import EpcError
+from epc.compiler.ir import (Act, Activation, Add, AvgPool, BatchNorm, Bias, ChannelScale, Conv,
+                             Dense, Dropout, Flatten, GlobalAvgPool, Graph, Identity, Input,
+                             MaxPool, Node, Softmax)
+from epc.compiler.options import CompileOptions
+from epc.compiler.passes import PASS_NAMES, build_pipeline
+from epc.compiler.passes import (canonicalize, residual, schedule, symmetrize, taps, teacher,
+                                 to_energy)
+from epc.compiler.passes.manager import PassManager
+from epc.compiler.reference import forward_sweep, run_feedforward
+from epc.compiler.text import parse, print_graph
+from epc.compiler.verify import problems
+
+GOLDEN = Path(__file__).parent / "golden"
+RELU = Activation.relu()
+
+
+# =========================================================================== builders
+class Builder:
+    """Appends nodes to a feedforward graph with shape inference and seeded weights."""
+
+    def __init__(self, name: str, shape, seed: int = 0):
+        self.g = Graph(name, inputs=[Input("x", tuple(shape))])
+        self.rng = np.random.RandomState(seed)
+        self.last = "x"
+
+    def shape(self, v=None):
+        return self.g.shape_of(v or self.last)
+
+    def weight(self, name, shape, scale=None, positive=False):
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        s = scale if scale is not None else 1.0 / np.sqrt(fan_in)
+        w = self.rng.uniform(-s, s, size=shape)
+        if positive:
+            w = np.abs(w) + 0.5
+        self.g.weights[name] = w.astype(np.float32)
+        return name
+
+    def node(self, name, op, inputs=None, shape=None):
+        from epc.compiler.ops import out_shape
+        inputs = inputs or [self.last]
+        shape = shape or out_shape(op, [self.g.shape_of(x) for x in inputs], self.g.weights)
+        self.g.nodes.append(Node(name, op, list(inputs), tuple(shape)))
+        self.last = name
+        return name
+
+    def conv(self, name, cout, k=3, stride=1, pad=1, groups=1, bias=True, src=None):
+        src = src or self.last
+        cin = self.shape(src)[0]
+        self.weight(f"{name}.weight", (cout, cin // groups, k, k))
+        self.node(name, Conv(f"{name}.weight", [stride, stride], [pad] * 4, [1, 1], groups), [src])
+        if bias:
+            self.weight(f"{name}.bias", (cout, 1, 1), scale=0.5)
+            self.node(f"{name}_b", Bias(f"{name}.bias"))
+        return self.last
+
+    def dense(self, name, out, bias=True, src=None):
+        src = src or self.last
+        self.weight(f"{name}.weight", (out, self.shape(src)[0]))
+        self.node(name, Dense(f"{name}.weight"), [src])
+        if bias:
+            self.weight(f"{name}.bias", (out,), scale=0.5)
+            self.node(f"{name}_b", Bias(f"{name}.bias"))
+        return self.last
+
+    def bn(self, name, src=None):
+        src = src or self.last
+        c = self.shape(src)[0]
+        shape = (c,)
+        self.weight(f"{name}.scale", shape, scale=1.0, positive=True)
+        self.weight(f"{name}.shift", shape, scale=0.5)
+        self.weight(f"{name}.mean", shape, scale=0.5)
+        self.weight(f"{name}.var", shape, scale=1.0, positive=True)
+        return self.node(name, BatchNorm(f"{name}.scale", f"{name}.shift", f"{name}.mean",
+                                         f"{name}.var", 1e-5), [src])
+
+    def act(self, name, fn=RELU, src=None):
+        return self.node(name, Act(fn), [src or self.last])
+
+    def done(self, out=None):
+        self.g.outputs = [out or self.last]
+        assert problems(self.g) == [], problems(self.g)
+        return self.g
+
+
+def mlp(depth: int = 2, width: int = 12, softmax: bool = True) -> Graph:
+    """x[16] -> (dense, bias, BN on the first, relu, dropout) x depth -> dense -> softmax."""
+    b = Builder("mlp" if depth == 2 else f"mlp{depth}", (16,), seed=1)
+    for k in range(1, depth + 1):
+        b.dense(f"fc{k}", width)
+        if k == 1:
+            b.bn("bn1")
+        b.act(f"relu{k}")
+        if k == 1:
+            b.node("drop1", Dropout())
+    b.dense("head", 5)
+    if softmax:
+        b.node("prob", Softmax())
+    return b.done()
+
+
+def convnet() -> Graph:
+    """conv+BN+relu -> conv(biased) -> maxpool -> relu -> avgpool -> flatten -> dense."""
+    b = Builder("convnet", (2, 8, 8), seed=2)
+    b.conv("conv1", 4)
+    b.bn("bn1")
+    b.act("relu1")
+    b.conv("conv2", 6)
+    b.node("pool2", MaxPool([2, 2], [2, 2]))           # max-pool of a biased conv output
+    b.act("relu2")
+    b.node("pool3", AvgPool([2, 2], [2, 2], [1, 1, 1, 1], count_include_pad=True))
+    b.node("flat", Flatten())
+    b.node("id", Identity())
+    b.dense("fc", 5)
+    return b.done()
+
+
+def resnet() -> Graph:
+    """Stem, a block with an identity shortcut, a block with a projection shortcut (BN)."""
+    b = Builder("resnet", (3, 8, 8), seed=3)
+    b.conv("stem", 4)
+    stem = b.act("stem_relu")
+    b.conv("b1c1", 4)
+    b.act("b1r1")
+    b.conv("b1c2", 4, bias=False)
+    b.bn("b1bn2")
+    b.node("b1add", Add(), ["b1bn2", stem])
+    blk1 = b.act("b1out")
+    b.conv("b2c1", 8, stride=2)
+    b.act("b2r1")
+    main = b.conv("b2c2", 8)
+    b.conv("proj", 8, k=1, stride=2, pad=0, bias=False, src=blk1)
+    proj = b.bn("projbn")
+    b.node("b2add", Add(), [main, proj])
+    b.act("b2out")
+    b.node("gap", GlobalAvgPool(keepdims=True))
+    b.node("flat", Flatten())
+    b.dense("fc", 5)
+    return b.done()
+
+
+def bn_after_add() -> Graph:
+    """A BatchNorm that cannot fold (its input is an Add) and a shared-weight dense."""
+    b = Builder("bn_after_add", (2, 6, 6), seed=4)
+    b.conv("c1", 3)
+    r1 = b.act("r1")
+    b.conv("c2", 3)
+    b.node("add", Add(), [b.last, r1])
+    b.bn("bn")
+    b.act("r2")
+    b.node("flat", Flatten())
+    b.dense("fc", 4)
+    return b.done()
+
+
+def mobile() -> Graph:
+    """Depthwise conv + ReLU6, pointwise conv + hardsigmoid, channel scale, dense readout."""
+    b = Builder("mobile", (4, 6, 6), seed=5)
+    b.conv("dw", 4, groups=4)
+    b.act("relu6", Activation.clip(0.0, 6.0))
+    b.conv("pw", 6, k=1, pad=0)
+    b.weight("cs", (6,), scale=2.0)
+    b.node("scale", ChannelScale("cs"))
+    b.act("hsig", Activation.hardsigmoid(1 / 6, 0.5))
+    b.node("gap", GlobalAvgPool(keepdims=False))
+    b.dense("fc", 3)
+    return b.done()
+
+
+def affine_chain() -> Graph:
+    """Biases pushed through padded convs, a padded avg-pool and a dense before a state."""
+    b = Builder("affine_chain", (2, 5, 5), seed=12)
+    b.conv("c1", 3)
+    b.conv("c2", 3)                       # zero padding: the bias becomes position-dependent
+    b.node("pool", AvgPool([2, 2], [2, 2], [1, 1, 1, 1], count_include_pad=True))
+    b.act("r1")
+    b.node("flat", Flatten())
+    b.dense("fc1", 6)
+    b.dense("fc2", 4)                     # dense after dense: one coupling, composed chain
+    return b.done()
+
+
+def chain_skip(n_hidden: int, skip_from: int, skip_to: int) -> Graph:
+    """A dense chain h1..hn -> out with one identity skip h_from -> h_to (an Add)."""
+    b = Builder(f"chain_{skip_from}_{skip_to}", (6,), seed=6)
+    for k in range(1, n_hidden + 1):
+        b.dense(f"fc{k}", 6)
+        if k == skip_to:
+            b.node(f"add{k}", Add(), [b.last, f"h{skip_from}"])
+        b.act(f"h{k}")
+    b.dense("out", 3)
+    return b.done()
+
+
+def maxpool_after_add() -> Graph:
+    b = Builder("bad_pool", (2, 4, 4), seed=7)
+    b.conv("c1", 2)
+    r = b.act("r1")
+    b.conv("c2", 2)
+    b.node("add", Add(), [b.last, r])
+    b.node("pool", MaxPool([2, 2], [2, 2]))
+    b.act("r2")
+    b.node("flat", Flatten())
+    b.dense("fc", 3)
+    return b.done()
+
+
+MODELS = {"mlp": mlp, "convnet": convnet, "resnet": resnet, "bn_after_add": bn_after_add,
+          "mobile": mobile, "affine_chain": affine_chain}
+
+
+def compile_(ff: Graph, **kw) -> Graph:
+    opts = CompileOptions(**kw)
+    if opts.teacher == "source":
+        opts.teacher_graph = ff.copy()
+    return PassManager(build_pipeline(opts)).run(ff, opts)
+
+
+def stages(ff: Graph, opts: CompileOptions) -> list[tuple[str, Graph]]:
+    """The graph after each pass, running the pass functions one by one."""
+    out, g = [], ff
+    for p in build_pipeline(opts):
+        g = p.fn(g, opts)
+        out.append((p.name, g))
+    return out
+
+
+def random_input(g: Graph, n: int = 3, seed: int = 0, scale: float = 1.0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {i.name: scale * rng.standard_normal((n, *i.shape)) for i in g.inputs}
+
+
+def rel_err(a, b) -> float:
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+
+
+def ff_logits(ff: Graph, x: dict) -> np.ndarray:
+    """The source output before an output softmax (which canonicalize drops)."""
+    g = ff.copy()
+    last = g.node(g.outputs[0])
+    if isinstance(last.op, Softmax):
+        g.outputs = [last.inputs[0]]
+    return run_feedforward(g, x)[g.outputs[0]]
+
+
+# =========================================================================== pipeline API
+def test_pipeline_order():
+    assert PASS_NAMES == ("canonicalize", "to_energy", "symmetrize", "residual", "taps",
+                          "teacher", "schedule")
+    assert [p.name for p in build_pipeline(CompileOptions())] == list(PASS_NAMES)
+    for mod in (canonicalize, to_energy, symmetrize, residual, taps, teacher, schedule):
+        assert "Requires" in mod.__doc__ and "Ensures" in mod.__doc__
+
+
+# =========================================================================== goldens
+GOLDEN_CASES = {
+    "mlp": (mlp, {}),
+    "convnet": (convnet, {}),
+    "resnet": (resnet, {}),
+    "resnet_learned_taps": (resnet, {"identity_skip": "learned", "taps": "auto",
+                                     "schedule": "sync"}),
+    "mlp5_taps_teacher": (lambda: mlp(depth=5, width=6), {"taps": "auto", "teacher": "source",
+                                                          "cost": "ce", "neuron": "bernoulli"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_golden_dumps(case):
+    build, kw = GOLDEN_CASES[case]
+    ff = build()
+    opts = CompileOptions(**kw)
+    if opts.teacher == "source":
+        opts.teacher_graph = ff.copy()
+    buf = io.StringIO()
+    PassManager(build_pipeline(opts), print_after_all=True, out=buf).run(ff, opts)
+    text = buf.getvalue()
+    path = GOLDEN / f"{case}.ir"
+    if os.environ.get("EPC_UPDATE_GOLDEN") == "1":
+        GOLDEN.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"missing golden {path}; run with EPC_UPDATE_GOLDEN=1"
+    want = path.read_text()
+    assert text == want, f"IR dump of {case} differs from {path} (EPC_UPDATE_GOLDEN=1 to update)"
+    for name in PASS_NAMES:
+        assert f"// ----- IR after {name}\n" in text
+
+
+def test_goldens_cover_every_pass_effect():
+    """Each pass visibly changes at least one golden (so every pass is covered)."""
+    changed = set()
+    for case, (build, kw) in GOLDEN_CASES.items():
+        ff = build()
+        opts = CompileOptions(**kw)
+        if opts.teacher == "source":
+            opts.teacher_graph = ff.copy()
+        prev = print_graph(ff)
+        for name, g in stages(ff, opts):
+            text = print_graph(g)
+            if text != prev:
+                changed.add(name)
+            prev = text
+    assert changed == set(PASS_NAMES)
+
+
+# =========================================================================== semantics
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_canonicalize_preserves_semantics(name):
+    ff = MODELS[name]()
+    before = print_graph(ff)
+    cg = canonicalize.run(ff, CompileOptions())
+    assert print_graph(ff) == before, "canonicalize mutated its input"
+    assert problems(cg) == []
+    kinds = {n.op.kind for n in cg.nodes}
+    assert not kinds & {"batchnorm", "identity", "dropout", "softmax"}
+    x = random_input(ff, scale=3.0)
+    assert rel_err(run_feedforward(cg, x)[cg.outputs[0]], ff_logits(ff, x)) < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(MODELS) + ["chain_skip"])
+@pytest.mark.parametrize("skip", ["identity", "learned"])
+def test_forward_sweep_reproduces_source(name, skip):
+    ff = chain_skip(4, 1, 3) if name == "chain_skip" else MODELS[name]()
+    eg = compile_(ff, identity_skip=skip, taps="auto")
+    # a large input drives ReLU6 / hard-sigmoid states into their saturated regions too
+    x = random_input(ff, n=4, scale=4.0)
+    got = forward_sweep(eg, x, lift_bounds=True)[eg.output_state().name]
+    assert rel_err(got, ff_logits(ff, x)) < 1e-6
+
+
+def test_bn_folds_into_conv_and_dense():
+    cg = canonicalize.run(resnet(), CompileOptions())
+    kinds = [n.op.kind for n in cg.nodes]
+    assert "chanscale" not in kinds and "batchnorm" not in kinds
+    # the projection's BN became its conv's bias; b1c2 gained a bias from b1bn2
+    proj = cg.node("projbn")
+    assert isinstance(proj.op, Bias) and cg.node(proj.inputs[0]).op.kind == "conv"
+    cg = canonicalize.run(mlp(), CompileOptions())
+    assert [n.op.kind for n in cg.nodes] == ["dense", "bias", "act", "dense", "bias", "act",
+                                             "dense", "bias"]
+
+
+def test_bn_after_add_becomes_channel_scale():
+    cg = canonicalize.run(bn_after_add(), CompileOptions())
+    bn = cg.node("bn")
+    assert isinstance(bn.op, Bias)
+    assert isinstance(cg.node(bn.inputs[0]).op, ChannelScale)
+    eg = to_energy.run(cg, CompileOptions())
+    r2 = [c for c in eg.couplings if c.dst == "r2"]
+    assert len(r2) == 2 and all(isinstance(c.ops[-1], ChannelScale) for c in r2)
+
+
+def test_fold_leaves_shared_weight_alone():
+    """A BN after a conv whose weight another conv also uses rescales a private copy."""
+    b = Builder("shared", (2, 5, 5), seed=8)
+    b.conv("c1", 2, bias=False)
+    b.bn("bn1")
+    r1 = b.act("r1")
+    b.node("c2", Conv("c1.weight", [1, 1], [1, 1, 1, 1]), [r1])
+    b.act("r2")
+    b.node("flat", Flatten())
+    b.dense("fc", 3)
+    ff = b.done()
+    cg = canonicalize.run(ff, CompileOptions())
+    assert cg.node("c2").op.weight == "c1.weight"
+    assert cg.node("c1").op.weight != "c1.weight"
+    np.testing.assert_array_equal(cg.weights["c1.weight"], ff.weights["c1.weight"])
+    x = random_input(ff)
+    assert rel_err(run_feedforward(cg, x)["fc_b"], run_feedforward(ff, x)["fc_b"]) < 1e-6
+
+
+def test_fold_blocked_by_second_consumer():
+    """BN after a conv whose output is also read elsewhere cannot be folded."""
+    b = Builder("twice", (2, 5, 5), seed=9)
+    c = b.conv("c1", 2, bias=False)
+    b.bn("bn1")
+    b.node("add", Add(), ["bn1", c])
+    b.act("r1")
+    b.node("flat", Flatten())
+    b.dense("fc", 3)
+    ff = b.done()
+    cg = canonicalize.run(ff, CompileOptions())
+    assert any(isinstance(n.op, ChannelScale) for n in cg.nodes)
+    x = random_input(ff)
+    assert rel_err(run_feedforward(cg, x)["fc_b"], run_feedforward(ff, x)["fc_b"]) < 1e-6
+    eg = compile_(ff)
+    assert rel_err(forward_sweep(eg, x)["fc_b"], run_feedforward(ff, x)["fc_b"]) < 1e-6
+
+
+def test_to_energy_states_and_biases():
+    eg = to_energy.run(canonicalize.run(convnet(), CompileOptions()), CompileOptions())
+    assert [s.name for s in eg.states] == ["relu1", "relu2", "fc_b"]
+    assert not eg.nodes and not eg.outputs
+    relu2 = eg.state("relu2")
+    assert relu2.act == Activation.clip(0.0, 1.0) and relu2.source_act == RELU
+    # conv bias pushed through the max-pool stays per channel: [C, 1, 1]
+    assert eg.weights[relu2.bias].shape == (6, 1, 1)
+    (c,) = eg.inbound("relu2")
+    assert [op.kind for op in c.ops] == ["conv", "maxpool"]
+    out = eg.output_state()
+    assert out.role == "output" and out.act.kind == "identity"
+    # pooling, flatten and dense compose into one chain from relu2 to the output
+    assert [op.kind for op in eg.inbound("fc_b")[0].ops] == ["avgpool", "flatten", "dense"]
+    assert [(k.kind, k.target, k.weight) for k in eg.costs] == [("mse", "label", 1.0)]
+
+
+def test_constants_compose_through_linear_ops():
+    eg = compile_(affine_chain())
+    r1 = eg.state("r1")
+    # the padded conv makes the constant vary over positions: stored in full shape
+    assert eg.weights[r1.bias].shape == (3, 3, 3)
+    assert not np.allclose(eg.weights[r1.bias], eg.weights[r1.bias][:, :1, :1])
+    (c,) = eg.inbound("fc2_b")
+    assert [op.kind for op in c.ops] == ["flatten", "dense", "dense"]
+
+
+def test_output_nonlinearity_is_the_output_state():
+    b = Builder("actout", (4,), seed=10)
+    b.dense("fc", 3)
+    b.act("sig", Activation.hardsigmoid())
+    eg = compile_(b.done())
+    out = eg.output_state()
+    assert out.name == "sig" and out.act.kind == "hardsigmoid"
+
+
+def test_options_activation_and_neuron():
+    eg = compile_(mlp(), activation=Activation.clip(0.0, 2.0), neuron="bernoulli", cost="ce")
+    hidden = [s for s in eg.states if s.role == "hidden"]
+    assert hidden and all(s.act == Activation.clip(0.0, 2.0) for s in hidden)
+    assert all(s.neuron == "bernoulli" for s in hidden)
+    assert eg.output_state().neuron == "rate"      # a linear readout has no firing probability
+    assert eg.costs[0].kind == "ce"
+
+
+# =========================================================================== symmetrize
+def test_symmetrize_feedback():
+    eg = compile_(resnet())
+    states = {s.name for s in eg.states}
+    for c in eg.couplings:
+        assert c.feedback == (c.src in states)
+    eg = compile_(resnet(), feedback=False)
+    assert not any(c.feedback for c in eg.couplings)
+
+
+# =========================================================================== residual
+def test_residual_marks_skips():
+    eg = compile_(resnet())
+    kinds = {(c.src, c.dst): c.kind for c in eg.couplings}
+    assert kinds[("b1r1", "b1out")] == "forward"
+    assert kinds[("stem_relu", "b1out")] == "residual"
+    assert kinds[("b2r1", "b2out")] == "forward"
+    assert kinds[("b1out", "b2out")] == "residual"
+    ident = eg.coupling([c.name for c in eg.couplings if c.src == "stem_relu"
+                         and c.dst == "b1out"][0])
+    assert len(ident.ops) == 1 and isinstance(ident.ops[0], Identity)
+    proj = [c for c in eg.couplings if c.src == "b1out" and c.dst == "b2out"][0]
+    assert [op.kind for op in proj.ops] == ["conv"]
+    for s in eg.settled_states():
+        inb = [c for c in eg.inbound(s.name) if c.kind in ("forward", "residual")]
+        if inb:
+            assert sum(c.kind == "forward" for c in inb) == 1
+
+
+def test_learned_identity_skip_is_identity_at_init():
+    eg = compile_(resnet(), identity_skip="learned")
+    skip = [c for c in eg.couplings if c.src == "stem_relu" and c.dst == "b1out"][0]
+    assert skip.kind == "residual" and isinstance(skip.ops[0], Conv)
+    w = eg.weights[skip.ops[0].weight]
+    np.testing.assert_array_equal(w[:, :, 0, 0], np.eye(4))
+    eg = compile_(chain_skip(3, 1, 3), identity_skip="learned")
+    skip = [c for c in eg.couplings if c.kind == "residual"][0]
+    assert isinstance(skip.ops[0], Dense)
+    np.testing.assert_array_equal(eg.weights[skip.ops[0].weight], np.eye(6))
+
+
+def test_same_source_twice():
+    """Add(dense(h), h): both couplings come from h; the weighted one is the main path."""
+    b = Builder("same_src", (4,), seed=11)
+    b.dense("fc1", 4)
+    h = b.act("h1")
+    b.dense("fc2", 4)
+    b.node("add", Add(), [b.last, h])
+    b.act("h2")
+    b.dense("out", 2)
+    eg = compile_(b.done())
+    inb = {c.kind: c for c in eg.inbound("h2")}
+    assert set(inb) == {"forward", "residual"} and isinstance(inb["forward"].ops[0], Dense)
+
+
+# =========================================================================== schedule
+def _check_colouring(eg: Graph):
+    col = {n: k for k, cls in enumerate(eg.schedule.classes) for n in cls}
+    assert sorted(col) == sorted(s.name for s in eg.settled_states())
+    for c in eg.couplings:
+        if c.src in col and c.dst in col:
+            assert col[c.src] != col[c.dst], c.name
+    return col
+
+
+def test_schedule_chain_is_two_colour_and_input_first():
+    eg = compile_(mlp(depth=4))
+    col = _check_colouring(eg)
+    assert len(eg.schedule.classes) == 2
+    assert col["relu1"] == 0          # the class that sees the input goes first
+    assert eg.schedule.classes[0] == ["relu1", "relu3", "head_b"]
+
+
+def test_schedule_skip_over_two_layers_needs_three_colours():
+    # h1 -> h2 -> h3 plus the skip h1 -> h3: a triangle, parity colouring would be wrong
+    eg = compile_(chain_skip(4, 1, 3))
+    _check_colouring(eg)
+    assert len(eg.schedule.classes) == 3
+    assert not nx.is_bipartite(schedule.interaction_graph(eg))
+    eg = compile_(resnet())
+    _check_colouring(eg)
+    assert len(eg.schedule.classes) >= 3
+    # a skip over three layers closes an even cycle: two colours still suffice
+    eg = compile_(chain_skip(5, 1, 4))
+    _check_colouring(eg)
+    assert len(eg.schedule.classes) == 2
+
+
+def test_schedule_options():
+    eg = compile_(resnet(), schedule="sync", max_sweeps=7, nudge_sweeps=3, tol=1e-6)
+    s = eg.schedule
+    assert (s.mode, s.max_sweeps, s.nudge_sweeps, s.tol) == ("sync", 7, 3, 1e-6)
+    _check_colouring(eg)
+    with pytest.raises(EpcError, match="schedule"):
+        compile_(mlp(), schedule="random")
+
+
+# =========================================================================== taps
+def test_taps_auto_rule():
+    assert compile_(mlp(depth=2), taps="auto").costs == compile_(mlp(depth=2)).costs
+    eg = compile_(mlp(depth=6, width=6), taps="auto")
+    tapped = [c.src for c in eg.couplings if c.kind == "tap"]
+    assert tapped == ["relu5", "relu3", "relu1"]
+    eg = compile_(mlp(depth=12, width=4), taps="auto")
+    assert len([s for s in eg.states if s.role == "tap"]) == 4
+
+
+def test_taps_heads_and_costs():
+    eg = compile_(resnet(), taps=["b1r1", "b2r1"], tap_weight=0.25, cost="ce")
+    for h in ("b1r1", "b2r1"):
+        tap = eg.state(f"tap_{h}")
+        assert tap.role == "tap" and tap.shape == (5,) and tap.bias
+        (c,) = [c for c in eg.couplings if c.dst == tap.name]
+        assert c.src == h and c.kind == "tap" and c.feedback
+        assert [op.kind for op in c.ops] == ["gavgpool", "dense"]
+        w = eg.weights[c.ops[-1].weight]
+        assert w.shape == (5, eg.state(h).shape[0])
+        assert np.all(np.abs(w) <= 1 / np.sqrt(w.shape[1]))
+        (cost,) = [k for k in eg.costs if k.state == tap.name]
+        assert (cost.kind, cost.target, cost.weight) == ("ce", "label", 0.25)
+    # deterministic: same weights on a second compile
+    again = compile_(resnet(), taps=["b1r1", "b2r1"], tap_weight=0.25, cost="ce")
+    for k, v in eg.weights.items():
+        np.testing.assert_array_equal(v, again.weights[k])
+
+
+def test_taps_unknown_state_lists_states():
+    with pytest.raises(EpcError) as e:
+        compile_(mlp(), taps=["nope"])
+    assert "nope" in str(e.value) and "relu1, relu2" in str(e.value)
+
+
+# =========================================================================== teacher
+def test_teacher_source_is_exact_copy():
+    ff = mobile()
+    eg = compile_(ff, teacher="source", teacher_mix=0.3, teacher_temperature=2.0)
+    t = eg.teacher
+    assert (t.source, t.temperature, t.mix) == ("source", 2.0, 0.3)
+    tstates = [s for s in eg.states if s.role == "teacher"]
+    assert tstates and all(s.name.startswith("teacher.") for s in tstates)
+    assert all(s.act == s.source_act for s in tstates)
+    tcoup = [c for c in eg.couplings if c.kind == "teacher"]
+    assert tcoup and not any(c.feedback for c in tcoup)
+    tweights = {w for c in tcoup for op in c.ops for w in dataclasses.asdict(op).values()
+                if isinstance(w, str)}
+    assert tweights and all(w.startswith("teacher.") for w in tweights)
+    costs = {k.name: k for k in eg.costs}
+    assert costs["label"].weight == pytest.approx(0.7)
+    d = costs["distill"]
+    assert (d.kind, d.target, d.weight, d.temperature) == ("kl", t.output, 0.3, 2.0)
+    x = random_input(ff, scale=4.0)
+    vals = forward_sweep(eg, x, lift_bounds=False)   # teacher uses act == source model
+    assert rel_err(vals[t.output], ff_logits(ff, x)) < 1e-6
+    assert all(s.name not in (eg.schedule.classes[0] + eg.schedule.classes[-1])
+               for s in tstates)
+    # teacher weights are frozen: not counted as learnable
+    assert eg.num_parameters() == compile_(ff).num_parameters()
+
+
+def test_teacher_from_other_model_and_shape_checks():
+    student, other = mlp(), mlp(depth=3, width=7)
+    opts = CompileOptions(teacher="teacher.onnx", teacher_graph=other)
+    eg = PassManager(build_pipeline(opts)).run(student, opts)
+    assert eg.teacher.source == "teacher.onnx"
+    x = random_input(student)
+    assert rel_err(forward_sweep(eg, x)[eg.teacher.output], ff_logits(other, x)) < 1e-6
+    b = Builder("wrong_out", (16,))
+    b.dense("fc", 4)
+    opts = CompileOptions(teacher="t.onnx", teacher_graph=b.done())
+    with pytest.raises(EpcError, match="teacher output"):
+        PassManager(build_pipeline(opts)).run(student, opts)
+    b = Builder("wrong_in", (8,))
+    b.dense("fc", 5)
+    opts = CompileOptions(teacher="t.onnx", teacher_graph=b.done())
+    with pytest.raises(EpcError, match="teacher inputs"):
+        PassManager(build_pipeline(opts)).run(student, opts)
+    opts = CompileOptions(teacher="source")
+    with pytest.raises(EpcError, match="no teacher model"):
+        PassManager(build_pipeline(opts)).run(student, opts)
+
+
+# =========================================================================== invariants
+ALL_OPTS = [{}, {"taps": "auto", "identity_skip": "learned"},
+            {"teacher": "source", "taps": "auto", "schedule": "sync"}]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("kw", range(len(ALL_OPTS)))
+def test_every_pass_verifies_roundtrips_and_is_pure(name, kw):
+    ff = MODELS[name]()
+    opts = CompileOptions(**ALL_OPTS[kw])
+    if opts.teacher == "source":
+        opts.teacher_graph = ff.copy()
+    g = ff
+    for p in build_pipeline(opts):
+        before = print_graph(g)
+        new = p.fn(g, opts)
+        assert print_graph(g) == before, f"{p.name} mutated its input"
+        assert new is not g
+        assert problems(new) == [], (p.name, problems(new))
+        text = print_graph(new)
+        assert print_graph(parse(text)) == text, p.name
+        g = new
+    _check_colouring(g)
+    assert g.is_energy and not g.nodes and not g.outputs
+
+
+# =========================================================================== errors
+def test_maxpool_after_residual_add_is_refused():
+    with pytest.raises(EpcError) as e:
+        compile_(maxpool_after_add())
+    assert "pool" in str(e.value) and "maxpool" in str(e.value)
+
+
+def test_softmax_inside_is_refused():
+    b = Builder("inner_softmax", (4,))
+    b.dense("fc", 3)
+    b.node("sm", Softmax())
+    b.dense("fc2", 2)
+    with pytest.raises(EpcError, match="node sm"):
+        compile_(b.done())
+
+
+def test_energy_graph_is_refused_by_canonicalize():
+    eg = compile_(mlp())
+    with pytest.raises(EpcError, match="energy form"):
+        canonicalize.run(eg, CompileOptions())
