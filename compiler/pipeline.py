@@ -74,7 +74,8 @@ def torch_source(module, example_input, *, name: str | None = None) -> Source:
     """A Source for an in-memory nn.Module (the Python API's path)."""
     from epc.frontends.torch import load_torch
     label = name or type(module).__name__
-    return Source(load_torch(module, example_input), "torch", label, module=module)
+    return Source(load_torch(module, example_input, source=label), "torch", label,
+                  module=module)
 
 
 def _teacher_graph(opts: CompileOptions, source: Source) -> Graph | None:

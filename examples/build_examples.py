@@ -22,6 +22,8 @@ import sys
 import tempfile
 import warnings
 
+from collections import OrderedDict
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -31,20 +33,23 @@ OPSET = 17
 
 
 # --------------------------------------------------------------------------- models
+# Named layers (fc1, conv1, ...) so that the compiled IR's weights read fc1.weight, not _0.weight.
 def mlp_digits() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    return nn.Sequential(OrderedDict(fc1=nn.Linear(64, 256), relu1=nn.ReLU(),
+                                     fc2=nn.Linear(256, 10)))
 
 
 def mlp3_digits() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
-                         nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    return nn.Sequential(OrderedDict(
+        fc1=nn.Linear(64, 256), relu1=nn.ReLU(), fc2=nn.Linear(256, 128), relu2=nn.ReLU(),
+        fc3=nn.Linear(128, 64), relu3=nn.ReLU(), fc4=nn.Linear(64, 10)))
 
 
 def conv_digits() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 2 * 2, 10))
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(1, 32, 3, padding=1), relu1=nn.ReLU(), pool1=nn.MaxPool2d(2),
+        conv2=nn.Conv2d(32, 64, 3, padding=1), relu2=nn.ReLU(), pool2=nn.MaxPool2d(2),
+        flatten=nn.Flatten(), fc=nn.Linear(64 * 2 * 2, 10)))
 
 
 def _conv_bn_relu(cin: int, cout: int, relu6: bool = False, stride: int = 1,
@@ -92,12 +97,17 @@ class ResNet(nn.Module):
     """CIFAR-style ResNet: stem conv3x3-BN-ReLU, stages of basic blocks, GAP, linear."""
 
     def __init__(self, blocks=(2, 2, 2), widths=(16, 32, 64), classes: int = 10,
-                 in_ch: int = 3, stem_stride: int = 1, stem_pool: bool = False):
+                 in_ch: int = 3, stem_stride: int = 1, stem_pool: bool = False,
+                 stem: bool = True):
         super().__init__()
-        self.stem = nn.Sequential(*_conv_bn_relu(in_ch, widths[0], stride=stem_stride))
+        self.stem = nn.Sequential()
+        c = in_ch
+        if stem:
+            self.stem = nn.Sequential(*_conv_bn_relu(in_ch, widths[0], stride=stem_stride))
+            c = widths[0]
         if stem_pool:
             self.stem.append(nn.MaxPool2d(3, 2, 1))
-        stages, c = [], widths[0]
+        stages = []
         for i, (n, w) in enumerate(zip(blocks, widths)):
             for j in range(n):
                 stages.append(BasicBlock(c, w, 2 if (j == 0 and i > 0) else 1))
@@ -112,8 +122,10 @@ class ResNet(nn.Module):
 
 
 def resnet13() -> nn.Module:
-    """13 conv layers (stem + 3 stages x 2 basic blocks x 2), then the linear classifier."""
-    return ResNet(blocks=(2, 2, 2), widths=(16, 32, 64))
+    """13 weight layers: 3 stages x 2 basic blocks x 2 convs + the linear classifier (the
+    1x1 projection shortcuts are not counted, as usual). No separate stem: the first block
+    reads the image and projects its shortcut from 3 to 16 channels."""
+    return ResNet(blocks=(2, 2, 2), widths=(16, 32, 64), stem=False)
 
 
 def resnet18_imagenet_shape(classes: int = 1000) -> nn.Module:

@@ -19,7 +19,8 @@ Requires: a canonical feedforward graph (after canonicalize: no BatchNorm, Dropo
           Identity; Softmax only where it is not an output is an error here), one output.
 Ensures:  an energy-form graph:
           * inputs unchanged; nodes and outputs empty;
-          * one State per Act node, named after it: ReLU -> act = opts.activation,
+          * one State per Act node, named h1..hN in feedforward order ('out' for the
+            output): ReLU -> act = opts.activation,
             source_act = relu; Clip / HardSigmoid keep their own function (act = source_act);
           * the graph output is a State with role 'output': the Act's state when the output
             is a nonlinearity, else a new state named after the output value with identity
@@ -133,7 +134,10 @@ def convert(ff: Graph, opts: CompileOptions) -> Graph:
     forms: dict[str, LinearForm] = {i.name: LinearForm(tuple(i.shape), [(i.name, [])])
                                     for i in g.inputs}
     out_state = None
-    reserved = {n.name for n in nodes}
+    # States are named h1..hN in feedforward order and 'out' for the readout: source node
+    # names (e.g. '/layer1/layer1.0/relu_1/Relu') make an unreadable energy graph.
+    reserved: set[str] = set()
+    hidden = 0
     for n in nodes:
         op, where = n.op, f"node {n.name} ({n.op.kind})"
         if isinstance(op, Act):
@@ -143,10 +147,13 @@ def convert(ff: Graph, opts: CompileOptions) -> Graph:
                 continue
             act, src_act = state_act(op.fn, opts)
             role = "output" if n.name == out_name else "hidden"
-            _emit_state(g, n.name, x, act, src_act, role, opts, reserved)
-            forms[n.name] = LinearForm(tuple(n.shape), [(n.name, [])])
+            if role == "hidden":
+                hidden += 1
+            sname = g.fresh_name("out" if role == "output" else f"h{hidden}")
+            _emit_state(g, sname, x, act, src_act, role, opts, reserved)
+            forms[n.name] = LinearForm(tuple(n.shape), [(sname, [])])
             if role == "output":
-                out_state = n.name
+                out_state = sname
         elif getattr(op, "linear", False):
             x = forms[n.inputs[0]]
             if isinstance(op, MaxPool):
@@ -183,8 +190,7 @@ def convert(ff: Graph, opts: CompileOptions) -> Graph:
             raise EpcError(f"{where}: op {op.kind} has no energy form")
     if out_state is None:
         form = forms[out_name]
-        name = out_name if out_name not in {i.name for i in g.inputs} else g.fresh_name("out")
-        name = name if not any(s.name == name for s in g.states) else g.fresh_name(name)
+        name = g.fresh_name("out")
         ident = Activation.identity()
         _emit_state(g, name, form, ident, ident, "output", opts)
         out_state = name

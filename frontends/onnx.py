@@ -1,0 +1,867 @@
+"""ONNX frontend: an .onnx file -> the feedforward form of the epc IR.
+
+`load_onnx(path)` reads the model (refusing external data that points outside the model's
+folder), checks it with onnx.checker and ONNX shape inference, folds every subgraph that
+only depends on constants (the Constant / Shape / Gather / Unsqueeze / Concat / Cast chains
+both torch exporters emit), and translates the remaining operators one by one into IR
+nodes. Shapes in the IR are per sample: the first dimension of the single data input is
+the batch (symbolic or any integer); every other dimension must be static. Each IR node's
+shape comes from `compiler.ops.out_shape` and is cross-checked against ONNX shape
+inference.
+
+Anything outside the supported subset raises `EpcError` naming the file, the op type and
+the node, and listing what is supported.
+"""
+from __future__ import annotations
+
+import os
+
+import networkx as nx
+import numpy as np
+
+from epc.compiler import ops as O
+from epc.compiler.errors import EpcError
+from epc.compiler.verify import problems
+from epc.compiler.ir import (Act, Activation, Add, AvgPool, BatchNorm, Bias, ChannelScale, Conv,
+                             Dense, Dropout, Flatten, GlobalAvgPool, Graph, Identity, Input,
+                             MaxPool, Node, Softmax)
+
+from .common import NameTable, sanitize
+
+MIN_OPSET, MAX_OPSET = 9, 23
+
+SUPPORTED_OPS = (
+    "Conv (2-D), Gemm, MatMul (by a constant 2-D matrix), Relu, Clip, HardSigmoid, "
+    "BatchNormalization (inference), Mul/Div by a per-channel constant, Add/Sub of a constant "
+    "(bias), Add/Sum of same-shaped values (residual), MaxPool, AveragePool, "
+    "GlobalAveragePool, ReduceMean over the spatial axes, Flatten, Reshape to [N, -1], "
+    "Identity, Pad (no-op only), Dropout (inference), Cast (float to float), "
+    "Softmax/LogSoftmax (at the output only), plus any operator whose inputs are all constants (folded)")
+
+# Ops never evaluated at load time even if their inputs are constant: control flow and
+# randomness have no single constant value.
+_NO_FOLD = {"Loop", "If", "Scan", "RandomNormal", "RandomUniform", "RandomNormalLike",
+            "RandomUniformLike", "Multinomial", "Bernoulli", "SequenceConstruct"}
+
+_FLOAT_TYPES = {1, 10, 11, 16}   # FLOAT, FLOAT16, DOUBLE, BFLOAT16 (onnx.TensorProto ids)
+
+# Stand-in for the symbolic batch size inside folded shape tensors (Shape(x) of an
+# activation); only shape-plumbing ops may carry it (see _fold_symbolic).
+_BATCH = np.int64(-(2 ** 62) + 12345)
+
+
+def _label(node) -> str:
+    name = node.name or (node.output[0] if node.output else "?")
+    return f"{node.op_type} node '{name}'"
+
+
+class _Ctx:
+    """State of one import: constants, translated values, names, the graph being built."""
+
+    def __init__(self, path: str, model, opset: int):
+        self.path, self.model, self.opset = path, model, opset
+        self.const: dict[str, np.ndarray] = {}
+        self.values: dict[str, tuple[str, tuple]] = {}   # onnx value -> (ir name, shape)
+        self.names = NameTable()   # one namespace for inputs, nodes and weights
+        self.weight_cache: dict[tuple, str] = {}
+        self.g = Graph(name="g")
+        self._shapes: dict[str, tuple] = {}                 # ir name -> per-sample shape
+        self.inferred_full: dict[str, tuple] = {}           # onnx value -> inferred dims
+        self.sym_shapes: dict[str, list] = {}               # onnx value -> [BATCH, *dims]
+        self.used: set[str] = set()
+        self.batch = -999
+
+    # ---- errors
+    def fail(self, node, msg: str) -> EpcError:
+        return EpcError(f"{self.path}: {_label(node)}: {msg}")
+
+    def unsupported(self, node, why: str = "") -> EpcError:
+        detail = f" ({why})" if why else ""
+        return EpcError(f"{self.path}: unsupported {_label(node)}{detail}; epc supports: "
+                        f"{SUPPORTED_OPS}")
+
+    # ---- weights and nodes
+    def weight(self, arr: np.ndarray, base: str, key=None) -> str:
+        """Register a float32 weight under a unique sanitized name (cached per key)."""
+        if key is not None and key in self.weight_cache:
+            return self.weight_cache[key]
+        name = self.names.unique(base, "w")
+        self.g.weights[name] = np.array(arr, dtype=np.float32, copy=True, order="C")
+        if key is not None:
+            self.weight_cache[key] = name
+        return name
+
+    def emit(self, node, op, ins: list[str], base: str | None = None) -> tuple[str, tuple]:
+        """Append an IR node; returns (name, per-sample shape)."""
+        name = self.names.unique(base or node.name or node.output[0], "n")
+        try:
+            shape = tuple(int(d) for d in
+                          O.out_shape(op, [self.shape_of(x) for x in ins], self.g.weights))
+        except EpcError as e:
+            raise self.fail(node, str(e)) from None
+        self.g.nodes.append(Node(name, op, list(ins), shape))
+        self._shapes[name] = shape
+        return name, shape
+
+    def shape_of(self, ir_name: str) -> tuple:
+        return self._shapes[ir_name]
+
+    def data(self, node, i: int) -> tuple[str, tuple]:
+        """The translated non-constant value of input i."""
+        if i >= len(node.input) or not node.input[i]:
+            raise self.fail(node, f"missing input {i}")
+        x = node.input[i]
+        if x not in self.values:
+            raise self.fail(node, f"input {x!r} must be a computed value, not a constant")
+        return self.values[x]
+
+    def constant(self, node, i: int, what: str, optional: bool = False):
+        if i >= len(node.input) or not node.input[i]:
+            if optional:
+                return None
+            raise self.fail(node, f"missing {what}")
+        x = node.input[i]
+        if x not in self.const:
+            raise self.unsupported(node, f"its {what} ({x!r}) must be a constant")
+        return self.const[x]
+
+
+# =========================================================================== loading
+def _read_model(path: str):
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    if not os.path.exists(path):
+        raise EpcError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise EpcError(f"{path}: not a file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise EpcError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not data:
+        raise EpcError(f"{path}: empty file, not an ONNX model")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise EpcError(f"{path}: not a valid ONNX model (protobuf decoding failed: {e}); the "
+                       f"file is truncated or not ONNX") from None
+    # Protobuf decodes many non-ONNX byte strings without complaint; a real model has an IR
+    # version, an opset import and a graph with at least one output.
+    if model.ir_version <= 0 or not model.opset_import or not model.graph.output:
+        raise EpcError(f"{path}: not an ONNX model (no IR version, opset or graph outputs); "
+                       f"the file is truncated or not ONNX")
+    return model
+
+
+def _load_external_data(path: str, model) -> None:
+    """Load external tensors, refusing any location outside the model's folder."""
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    base = os.path.dirname(os.path.abspath(path))
+    real_base = os.path.realpath(base)
+    for t in _all_tensors(model):
+        if t.data_location != 1:  # TensorProto.EXTERNAL
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        if not loc or os.path.isabs(loc):
+            raise EpcError(f"{path}: tensor {t.name!r}: external data location {loc!r} must be "
+                           f"a relative path inside the model's folder")
+        target = os.path.realpath(os.path.join(base, loc))
+        if os.path.commonpath([target, real_base]) != real_base:
+            raise EpcError(f"{path}: tensor {t.name!r}: external data {loc!r} points outside "
+                           f"the model's folder; refused")
+        if not os.path.isfile(target):
+            raise EpcError(f"{path}: tensor {t.name!r}: external data file {loc!r} not found")
+        try:
+            load_external_data_for_tensor(t, base)
+        except Exception as e:  # noqa: BLE001 - any read failure is a bad user file
+            raise EpcError(f"{path}: tensor {t.name!r}: cannot read external data {loc!r}: "
+                           f"{e}") from None
+        t.data_location = 0
+        del t.external_data[:]
+
+
+def _all_tensors(model):
+    g = model.graph
+    yield from g.initializer
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == 4:   # AttributeProto.TENSOR
+                yield a.t
+
+
+def _opset(path: str, model) -> int:
+    version = None
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            version = int(o.version)
+    if version is None:
+        raise EpcError(f"{path}: model imports no default-domain (ai.onnx) opset")
+    if not MIN_OPSET <= version <= MAX_OPSET:
+        raise EpcError(f"{path}: opset {version} is not supported (epc supports ai.onnx opsets "
+                       f"{MIN_OPSET}..{MAX_OPSET}); convert it with onnx.version_converter")
+    return version
+
+
+def _toposort(path: str, model) -> None:
+    """Refuse graphs with cycles; put an acyclic graph in topological order (checker needs it)."""
+    g = model.graph
+    producer = {}
+    for i, n in enumerate(g.node):
+        for o in n.output:
+            if o:
+                producer[o] = i
+    dg = nx.DiGraph()
+    dg.add_nodes_from(range(len(g.node)))
+    for i, n in enumerate(g.node):
+        for x in n.input:
+            if x in producer:
+                dg.add_edge(producer[x], i)
+    if not nx.is_directed_acyclic_graph(dg):
+        cyc = nx.find_cycle(dg)
+        names = ", ".join(_label(g.node[a]) for a, _ in cyc)
+        raise EpcError(f"{path}: the graph contains a cycle through {names}; a feedforward "
+                       f"model must be acyclic")
+    order = list(nx.lexicographical_topological_sort(dg))
+    if order != list(range(len(g.node))):
+        nodes = [g.node[i] for i in order]
+        copies = [type(n)() for n in nodes]
+        for c, n in zip(copies, nodes):
+            c.CopyFrom(n)
+        del g.node[:]
+        g.node.extend(copies)
+
+
+def _check(path: str, model):
+    import onnx
+
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:  # noqa: BLE001 - checker raises several exception types
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EpcError(f"{path}: the ONNX checker rejects the model: {msg}") from None
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True,
+                                                 data_prop=True)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EpcError(f"{path}: ONNX shape inference fails: {msg}") from None
+
+
+def _inferred_shapes(model) -> dict[str, tuple]:
+    out = {}
+    for vi in list(model.graph.value_info) + list(model.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
+                                 for d in t.shape.dim)
+    return out
+
+
+# =========================================================================== folding
+def _fold_symbolic(node, vals: list, opset: int):
+    """Shape plumbing on int arrays that may hold the batch stand-in; None if not handled."""
+    t = node.op_type
+    attrs = {a.name: a for a in node.attribute}
+
+    def ints(name, default=None):
+        return list(attrs[name].ints) if name in attrs else default
+
+    if t in ("Identity",):
+        return vals[0]
+    if t == "Cast":
+        return vals[0].astype(np.int64) if attrs["to"].i == 7 else None
+    if t == "Gather":
+        axis = attrs["axis"].i if "axis" in attrs else 0
+        return np.take(vals[0], vals[1].astype(np.int64), axis=axis)
+    if t == "Unsqueeze":
+        axes = ints("axes") if opset < 13 else [int(a) for a in vals[1]]
+        out = vals[0]
+        rank = out.ndim + len(axes)
+        for a in sorted(a % rank for a in axes):
+            out = np.expand_dims(out, a)
+        return out
+    if t == "Squeeze":
+        axes = ints("axes") if opset < 13 else (
+            [int(a) for a in vals[1]] if len(vals) > 1 and vals[1] is not None else None)
+        return np.squeeze(vals[0], axis=tuple(axes) if axes else None)
+    if t == "Concat":
+        return np.concatenate([np.atleast_1d(v) for v in vals], axis=attrs["axis"].i)
+    if t == "Slice" and opset >= 10:
+        starts, ends = vals[1], vals[2]
+        axes = vals[3] if len(vals) > 3 and vals[3] is not None else range(len(starts))
+        steps = vals[4] if len(vals) > 4 and vals[4] is not None else [1] * len(starts)
+        sl = [slice(None)] * vals[0].ndim
+        for s, e, a, st in zip(starts, ends, axes, steps):
+            big = np.iinfo(np.int64).max
+            sl[int(a)] = slice(int(s), None if int(e) >= big // 2 else int(e), int(st))
+        return vals[0][tuple(sl)]
+    return None
+
+
+def _evaluate(node, vals: list, ctx: _Ctx) -> list[np.ndarray]:
+    """Evaluate one node on constant inputs with the ONNX reference implementation."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    if node.op_type == "Identity":
+        return [vals[0]]
+    names = [f"in{i}" if x else "" for i, x in enumerate(node.input)]
+    n2 = helper.make_node(node.op_type, names, [f"out{i}" for i in range(len(node.output))],
+                          domain=node.domain)
+    n2.attribute.extend(node.attribute)
+    inits = [numpy_helper.from_array(np.asarray(v), nm) for nm, v in zip(names, vals) if nm]
+    outs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+            for o in n2.output]
+    g = helper.make_graph([n2], "fold", [], outs, initializer=inits)
+    m = helper.make_model(g, opset_imports=list(ctx.model.opset_import),
+                          ir_version=ctx.model.ir_version)
+    res = ReferenceEvaluator(m).run(None, {})
+    return [np.asarray(r) for r in res]
+
+
+def _fold_constants(ctx: _Ctx, needed: set[int]) -> None:
+    """Evaluate every node whose inputs are all constant; their outputs become constants."""
+    g = ctx.model.graph
+    for i, node in enumerate(g.node):
+        if node.domain not in ("", "ai.onnx") or node.op_type in _NO_FOLD:
+            continue
+        if node.op_type == "Shape" and node.input[0] in ctx.sym_shapes:
+            # Shape of an activation: static except for the batch stand-in.
+            shp = np.array(ctx.sym_shapes[node.input[0]], dtype=np.int64)
+            attrs = {a.name: a.i for a in node.attribute}
+            start, end = attrs.get("start", 0), attrs.get("end", len(shp))
+            ctx.const[node.output[0]] = shp[start:end]
+            continue
+        ins = [x for x in node.input if x]
+        if not ins and node.op_type not in ("Constant",):
+            continue
+        if not all(x in ctx.const for x in ins):
+            _propagate_shape(ctx, node)
+            continue
+        vals = [ctx.const[x] if x else None for x in node.input]
+        symbolic = any(v is not None and v.dtype == np.int64 and np.any(v == _BATCH)
+                       for v in vals)
+        try:
+            if symbolic:
+                out = _fold_symbolic(node, vals, ctx.opset)
+                if out is None:
+                    continue   # left for translation, which will refuse it by name
+                outs = [out]
+            else:
+                outs = _evaluate(node, vals, ctx)
+        except EpcError:
+            raise
+        except Exception as e:  # noqa: BLE001 - reference evaluation of a user constant
+            if i in needed:
+                raise ctx.fail(node, f"cannot evaluate on constant inputs: {e}") from None
+            continue
+        for o, v in zip(node.output, outs):
+            if o:
+                ctx.const[o] = v
+
+
+def _propagate_shape(ctx: _Ctx, node) -> None:
+    """Track full shapes (batch as stand-in) of activations for Shape folding."""
+    for o in node.output:
+        if o in ctx.inferred_full:
+            dims = ctx.inferred_full[o]
+            if dims and all(d is not None for d in dims[1:]):
+                ctx.sym_shapes[o] = [_BATCH] + [int(d) for d in dims[1:]]
+
+
+# =========================================================================== translation
+def _attrs(node) -> dict:
+    from onnx import helper
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _ints(v) -> list[int]:
+    return [int(x) for x in v]
+
+
+def _auto_pads(ctx, node, auto_pad, in_hw, kernel, stride, dil) -> list[int]:
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad in ("", "NOTSET"):
+        return None
+    if auto_pad == "VALID":
+        return [0, 0, 0, 0]
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for size, k, s, d in zip(in_hw, kernel, stride, dil):
+            out = -(-size // s)
+            total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+            small, big = total // 2, total - total // 2
+            b, e = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+            begin.append(b)
+            end.append(e)
+        return begin + end
+    raise ctx.fail(node, f"auto_pad {auto_pad!r} is not supported")
+
+
+def _need_rank(ctx, node, shape, rank, what):
+    if len(shape) != rank:
+        raise ctx.unsupported(node, f"{what} needs a per-sample rank-{rank} input, got "
+                                    f"{list(shape)}")
+
+
+def _conv(ctx, node, a):
+    x, xs = ctx.data(node, 0)
+    w = ctx.constant(node, 1, "weight")
+    b = ctx.constant(node, 2, "bias", optional=True)
+    if w.ndim != 4 or len(xs) != 3:
+        raise ctx.unsupported(node, f"only 2-D convolution is supported; weight has rank "
+                                    f"{w.ndim}, input per-sample shape {list(xs)}")
+    k = _ints(a.get("kernel_shape", w.shape[2:]))
+    if k != list(w.shape[2:]):
+        raise ctx.fail(node, f"kernel_shape {k} does not match weight {list(w.shape)}")
+    stride = _ints(a.get("strides", [1, 1]))
+    dil = _ints(a.get("dilations", [1, 1]))
+    pads = _auto_pads(ctx, node, a.get("auto_pad", "NOTSET"), xs[1:], k, stride, dil)
+    if pads is None:
+        pads = _ints(a.get("pads", [0, 0, 0, 0]))
+    op = Conv(ctx.weight(w, node.input[1], ("id", node.input[1])), stride, pads, dil,
+              int(a.get("group", 1)))
+    y, ys = ctx.emit(node, op, [x])
+    if b is not None:
+        bw = ctx.weight(b.reshape(-1, 1, 1), node.input[2], ("chw", node.input[2]))
+        y, ys = ctx.emit(node, Bias(bw), [y], base=y + ".bias")
+    return y
+
+
+def _bias_of(ctx, node, c: np.ndarray, shape: tuple, name: str, sign: float = 1.0):
+    """A constant addend as a Bias weight for a value of per-sample `shape`, or error."""
+    c = np.asarray(c, dtype=np.float64) * sign
+    cs = c.shape
+    if len(cs) == len(shape) + 1:
+        if cs[0] != 1:
+            raise ctx.unsupported(node, f"constant {list(cs)} varies along the batch axis")
+        c = c.reshape(cs[1:])
+    elif len(cs) > len(shape) + 1:
+        raise ctx.unsupported(node, f"constant {list(cs)} has a higher rank than the value")
+    c = c.reshape((1,) * (len(shape) - c.ndim) + c.shape)
+    if any(d not in (1, s) for d, s in zip(c.shape, shape)):
+        raise ctx.unsupported(node, f"constant {list(cs)} does not broadcast to the "
+                                    f"per-sample shape {list(shape)}")
+    if c.size == 1 or (len(shape) >= 1 and all(d == 1 for d in c.shape[1:])):
+        # per-channel (or scalar): keep the [C, 1, 1] / [F] form the IR uses for biases
+        c = np.broadcast_to(c, (shape[0],) + c.shape[1:]).copy()
+    return ctx.weight(c, name)
+
+
+def _channel_scale_of(ctx, node, c: np.ndarray, shape: tuple, invert: bool = False):
+    c = np.asarray(c, dtype=np.float64)
+    if invert:
+        if np.any(c == 0):
+            raise ctx.fail(node, "division by a constant containing zero")
+        c = 1.0 / c
+    cs = c.shape
+    if len(cs) == len(shape) + 1:
+        if cs[0] != 1:
+            raise ctx.unsupported(node, f"constant {list(cs)} varies along the batch axis")
+        c = c.reshape(cs[1:])
+    if c.ndim > len(shape):
+        raise ctx.unsupported(node, f"constant {list(cs)} has a higher rank than the value")
+    c = c.reshape((1,) * (len(shape) - c.ndim) + c.shape)
+    if c.size != 1 and (c.shape[0] not in (1, shape[0]) or any(d != 1 for d in c.shape[1:])):
+        raise ctx.unsupported(node, f"only scalar or per-channel constants are supported "
+                                    f"(constant {list(cs)}, value {list(shape)})")
+    vec = np.broadcast_to(c.reshape(-1), (shape[0],)).copy()
+    return ctx.weight(vec, node.input[1] if len(node.input) > 1 else "scale")
+
+
+def _binary(ctx, node, a):
+    t = node.op_type
+    ins = [x for x in node.input if x]
+    dyn = [x for x in ins if x in ctx.values]
+    consts = [x for x in ins if x in ctx.const]
+    if len(dyn) + len(consts) != len(ins):
+        raise ctx.fail(node, "an input is neither computed nor constant")
+    if t in ("Add", "Sum") and len(dyn) >= 2:
+        names = [ctx.values[x][0] for x in dyn]
+        shapes = {ctx.values[x][1] for x in dyn}
+        if len(shapes) != 1:
+            raise ctx.unsupported(node, f"adds values of different shapes "
+                                        f"{sorted(list(s) for s in shapes)} (no broadcasting)")
+        y, ys = ctx.emit(node, Add(), names)
+        if consts:
+            total = sum(np.asarray(ctx.const[c], np.float64) for c in consts)
+            y, ys = ctx.emit(node, Bias(_bias_of(ctx, node, total, ys, consts[0])), [y],
+                             base=y + ".bias")
+        return y
+    if len(dyn) != 1:
+        raise ctx.fail(node, "needs a computed input")
+    x, xs = ctx.values[dyn[0]]
+    if t == "Sum" and not consts:
+        return ctx.emit(node, Identity(), [x])[0]
+    if t in ("Sub", "Div") and node.input[0] not in ctx.values:
+        raise ctx.unsupported(node, f"{t} of a constant by a computed value")
+    if t in ("Add", "Sum", "Sub"):
+        total = sum(np.asarray(ctx.const[c], np.float64) for c in consts)
+        if np.all(total == 0) and t != "Sum":
+            pass  # still emit: keeps one IR node per source op
+        bw = _bias_of(ctx, node, total, xs, consts[0], sign=-1.0 if t == "Sub" else 1.0)
+        return ctx.emit(node, Bias(bw), [x])[0]
+    if t in ("Mul", "Div"):
+        if len(consts) != 1:
+            raise ctx.fail(node, "needs exactly one constant operand")
+        w = _channel_scale_of(ctx, node, ctx.const[consts[0]], xs, invert=(t == "Div"))
+        return ctx.emit(node, ChannelScale(w), [x])[0]
+    raise ctx.unsupported(node)
+
+
+def _gemm(ctx, node, a):
+    x, xs = ctx.data(node, 0)
+    _need_rank(ctx, node, xs, 1, "Gemm")
+    if int(a.get("transA", 0)):
+        raise ctx.unsupported(node, "transA=1 (the batch must be the first axis)")
+    b = ctx.constant(node, 1, "weight matrix B")
+    c = ctx.constant(node, 2, "bias C", optional=True)
+    alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
+    w = b if int(a.get("transB", 0)) else b.T
+    key = ("gemm", node.input[1], int(a.get("transB", 0)), alpha)
+    if alpha != 1.0:
+        w = w.astype(np.float64) * alpha
+    y, ys = ctx.emit(node, Dense(ctx.weight(w, node.input[1], key)), [x])
+    if c is not None and (beta != 0.0):
+        y, ys = ctx.emit(node, Bias(_bias_of(ctx, node, np.asarray(c, np.float64) * beta, ys,
+                                             node.input[2])), [y], base=y + ".bias")
+    return y
+
+
+def _matmul(ctx, node, a):
+    x, xs = ctx.data(node, 0)
+    if len(xs) != 1:
+        raise ctx.unsupported(node, f"MatMul needs a [N, K] input, got per-sample shape "
+                                    f"{list(xs)}")
+    b = ctx.constant(node, 1, "weight matrix")
+    if b.ndim != 2:
+        raise ctx.unsupported(node, f"MatMul weight must be 2-D, got {list(b.shape)}")
+    return ctx.emit(node, Dense(ctx.weight(b.T, node.input[1], ("matmul", node.input[1]))),
+                    [x])[0]
+
+
+def _clip(ctx, node, a):
+    x, _ = ctx.data(node, 0)
+    if ctx.opset < 11:
+        lo, hi = a.get("min", -np.inf), a.get("max", np.inf)
+    else:
+        lo_c = ctx.constant(node, 1, "min", optional=True)
+        hi_c = ctx.constant(node, 2, "max", optional=True)
+        lo = -np.inf if lo_c is None else float(np.asarray(lo_c).reshape(-1)[0])
+        hi = np.inf if hi_c is None else float(np.asarray(hi_c).reshape(-1)[0])
+        for c in (lo_c, hi_c):
+            if c is not None and np.asarray(c).size != 1:
+                raise ctx.unsupported(node, "min/max must be scalars")
+    lo, hi = float(lo), float(hi)
+    if np.isinf(lo) and lo < 0 and np.isinf(hi):
+        return ctx.emit(node, Identity(), [x])[0]
+    if lo == 0.0 and np.isinf(hi):
+        return ctx.emit(node, Act(Activation.relu()), [x])[0]
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi:
+        raise ctx.unsupported(node, f"Clip({lo}, {hi}): both bounds must be finite "
+                                    f"(or min=0 without max, which is ReLU)")
+    return ctx.emit(node, Act(Activation.clip(lo, hi)), [x])[0]
+
+
+def _batchnorm(ctx, node, a):
+    x, xs = ctx.data(node, 0)
+    if int(a.get("training_mode", 0)):
+        raise ctx.unsupported(node, "training_mode=1 (export the model in eval mode)")
+    if any(o for o in node.output[1:]) and any(
+            o in ctx.used for o in node.output[1:] if o):
+        raise ctx.unsupported(node, "its running-statistics outputs are used (training mode)")
+    if len(xs) not in (1, 3):
+        raise ctx.unsupported(node, f"per-sample shape {list(xs)} (needs [C] or [C, H, W])")
+    ws = []
+    for i, what in enumerate(("scale", "shift", "mean", "var"), start=1):
+        v = ctx.constant(node, i, what)
+        if v.shape != (xs[0],):
+            raise ctx.fail(node, f"{what} has shape {list(v.shape)}, expected [{xs[0]}]")
+        ws.append(ctx.weight(v, node.input[i], ("id", node.input[i])))
+    return ctx.emit(node, BatchNorm(*ws, epsilon=float(a.get("epsilon", 1e-5))), [x])[0]
+
+
+def _pool(ctx, node, a):
+    x, xs = ctx.data(node, 0)
+    if len(xs) != 3:
+        raise ctx.unsupported(node, f"only 2-D pooling is supported (per-sample shape "
+                                    f"{list(xs)})")
+    if len(node.output) > 1 and node.output[1] and node.output[1] in ctx.used:
+        raise ctx.unsupported(node, "the Indices output is used")
+    k = _ints(a["kernel_shape"])
+    stride = _ints(a.get("strides", [1, 1]))
+    dil = _ints(a.get("dilations", [1, 1]))
+    pads = _auto_pads(ctx, node, a.get("auto_pad", "NOTSET"), xs[1:], k, stride, dil)
+    if pads is None:
+        pads = _ints(a.get("pads", [0, 0, 0, 0]))
+    ceil = bool(a.get("ceil_mode", 0))
+    if node.op_type == "MaxPool":
+        if int(a.get("storage_order", 0)) and len(node.output) > 1:
+            raise ctx.unsupported(node, "storage_order=1")
+        eff = [(kk - 1) * d + 1 for kk, d in zip(k, dil)]
+        if any(2 * p > e for p, e in zip(pads, eff + eff)):
+            raise ctx.unsupported(node, f"padding {pads} larger than half the (dilated) "
+                                        f"kernel {eff}")
+        op = MaxPool(k, stride, pads, dil, ceil)
+    else:
+        if dil != [1, 1]:
+            raise ctx.unsupported(node, "dilated average pooling")
+        if pads[0] != pads[2] or pads[1] != pads[3]:
+            raise ctx.unsupported(node, f"asymmetric padding {pads} in average pooling")
+        if any(2 * p > kk for p, kk in zip(pads, k + k)):
+            raise ctx.unsupported(node, f"padding {pads} larger than half the kernel {k}")
+        op = AvgPool(k, stride, pads, bool(a.get("count_include_pad", 0)), ceil)
+    return ctx.emit(node, op, [x])[0]
+
+
+def _reduce_mean(ctx, node, a):
+    x, xs = ctx.data(node, 0)
+    if ctx.opset >= 18:
+        axes = ctx.constant(node, 1, "axes", optional=True)
+        axes = None if axes is None else _ints(np.asarray(axes).reshape(-1))
+    else:
+        axes = _ints(a["axes"]) if "axes" in a else None
+    if axes is None or len(xs) != 3 or sorted(ax % 4 for ax in axes) != [2, 3]:
+        raise ctx.unsupported(node, f"ReduceMean only over the spatial axes [2, 3] of an "
+                                    f"[N, C, H, W] value (axes {axes}, per-sample shape "
+                                    f"{list(xs)})")
+    return ctx.emit(node, GlobalAvgPool(keepdims=bool(a.get("keepdims", 1))), [x])[0]
+
+
+def _flatten(ctx, node, a):
+    x, xs = ctx.data(node, 0)
+    axis = int(a.get("axis", 1))
+    if axis < 0:
+        axis += len(xs) + 1
+    if axis != 1:
+        raise ctx.unsupported(node, f"Flatten with axis {a.get('axis', 1)} (only axis 1: keep "
+                                    f"the batch, flatten the rest)")
+    return ctx.emit(node, Flatten(), [x])[0]
+
+
+def _reshape(ctx, node, a):
+    x, xs = ctx.data(node, 0)
+    target = ctx.constant(node, 1, "target shape")
+    target = [int(t) for t in np.asarray(target).reshape(-1)]
+    allowzero = int(a.get("allowzero", 0))
+    n = int(np.prod(xs))
+    batch_ok = len(target) >= 1 and (target[0] in (_BATCH, -1) or (target[0] == 0 and
+                                                                   not allowzero)
+                                     or target[0] == ctx.batch)
+    rest = target[1:]
+    if batch_ok and target[0] == -1 and -1 in rest:
+        batch_ok = False
+    if batch_ok and len(rest) == 1 and (rest[0] == n or (rest[0] == -1 and target[0] != -1)):
+        return ctx.emit(node, Flatten(), [x])[0]
+    if batch_ok and rest == list(xs):
+        return ctx.emit(node, Identity(), [x])[0]
+    shown = ["N" if t == _BATCH else t for t in target]
+    raise ctx.unsupported(node, f"Reshape of per-sample {list(xs)} to {shown}: only "
+                                f"[N, -1] (flatten) is supported")
+
+
+def _softmax(ctx, node, a):
+    x, xs = ctx.data(node, 0)
+    axis = int(a.get("axis", 1 if ctx.opset < 13 else -1))
+    if len(xs) != 1 or axis not in (1, -1):
+        raise ctx.unsupported(node, f"{node.op_type} only over the class axis of an [N, C] "
+                                    f"value (axis {axis}, per-sample shape {list(xs)})")
+    return ctx.emit(node, Softmax(log=node.op_type == "LogSoftmax"), [x])[0]
+
+
+def _dropout(ctx, node, a):
+    x, _ = ctx.data(node, 0)
+    if len(node.input) > 2 and node.input[2]:
+        tm = ctx.constant(node, 2, "training_mode")
+        if bool(np.asarray(tm).reshape(-1)[0]):
+            raise ctx.unsupported(node, "training_mode=true (only inference dropout)")
+    if ctx.opset < 7 and not int(a.get("is_test", 1)):
+        raise ctx.unsupported(node, "is_test=0")
+    if len(node.output) > 1 and node.output[1] and node.output[1] in ctx.used:
+        raise ctx.unsupported(node, "its mask output is used")
+    return ctx.emit(node, Dropout(), [x])[0]
+
+
+def _cast(ctx, node, a):
+    if int(a["to"]) not in _FLOAT_TYPES:
+        raise ctx.unsupported(node, "Cast of a computed value to a non-float type")
+    return ctx.emit(node, Identity(), [ctx.data(node, 0)[0]])[0]
+
+
+def _pad(ctx, node, a):
+    """Only the no-op Pad (all pads zero) the legacy exporter puts before pools at opset 9."""
+    pads = a.get("pads") if ctx.opset < 11 else ctx.constant(node, 1, "pads")
+    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+    if any(pads):
+        raise ctx.unsupported(node, f"Pad with non-zero pads {pads} (only the no-op Pad "
+                                    f"is supported; put padding in the Conv/pool instead)")
+    return ctx.data(node, 0)
+
+
+_RULES = {
+    "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul,
+    "Relu": lambda c, n, a: c.emit(n, Act(Activation.relu()), [c.data(n, 0)[0]])[0],
+    "Clip": _clip,
+    "HardSigmoid": lambda c, n, a: c.emit(n, Act(Activation.hardsigmoid(
+        a.get("alpha", 0.2), a.get("beta", 0.5))), [c.data(n, 0)[0]])[0],
+    "BatchNormalization": _batchnorm,
+    "Add": _binary, "Sum": _binary, "Sub": _binary, "Mul": _binary, "Div": _binary,
+    "MaxPool": _pool, "AveragePool": _pool,
+    "GlobalAveragePool": lambda c, n, a: (
+        _need_rank(c, n, c.data(n, 0)[1], 3, "GlobalAveragePool"),
+        c.emit(n, GlobalAvgPool(keepdims=True), [c.data(n, 0)[0]])[0])[1],
+    "ReduceMean": _reduce_mean, "Flatten": _flatten, "Reshape": _reshape,
+    "Identity": None, "Pad": None,   # aliased, no IR node
+    "Dropout": _dropout, "Softmax": _softmax, "LogSoftmax": _softmax, "Cast": _cast,
+}
+
+
+def _data_input(path: str, model, inits: set[str]):
+    g = model.graph
+    data = [vi for vi in g.input if vi.name not in inits]
+    if len(data) != 1:
+        names = ", ".join(vi.name for vi in data) or "none"
+        raise EpcError(f"{path}: epc needs exactly one graph input with data, found "
+                       f"{len(data)} ({names})")
+    vi = data[0]
+    t = vi.type
+    if not t.HasField("tensor_type") or t.tensor_type.elem_type not in _FLOAT_TYPES:
+        raise EpcError(f"{path}: input {vi.name!r} must be a float tensor")
+    if not t.tensor_type.HasField("shape"):
+        raise EpcError(f"{path}: input {vi.name!r} has no declared shape")
+    dims = list(t.tensor_type.shape.dim)
+    if len(dims) < 2:
+        raise EpcError(f"{path}: input {vi.name!r} must be [N, ...] with a batch axis first "
+                       f"and at least one more axis")
+    batch = dims[0].dim_value if dims[0].HasField("dim_value") else None
+    shape = []
+    for i, d in enumerate(dims[1:], start=1):
+        if not d.HasField("dim_value") or d.dim_value <= 0:
+            sym = d.dim_param or "?"
+            raise EpcError(f"{path}: input {vi.name!r} has a dynamic dimension {sym!r} at axis "
+                           f"{i}; only the batch axis (0) may be dynamic")
+        shape.append(int(d.dim_value))
+    return vi.name, batch, tuple(shape)
+
+
+def load_onnx(path: str) -> Graph:
+    """Load an ONNX model as a feedforward-form IR graph; raises EpcError on bad input."""
+    path = os.fspath(path)
+    model = _read_model(path)
+    opset = _opset(path, model)
+    _load_external_data(path, model)
+    _toposort(path, model)
+    inferred_model = _check(path, model)
+
+    ctx = _Ctx(path, model, opset)
+    ctx.inferred_full = _inferred_shapes(inferred_model)
+    g = model.graph
+    from onnx import numpy_helper
+
+    inits = {t.name for t in g.initializer}
+    in_name, ctx.batch, in_shape = _data_input(path, model, inits)
+    ctx.batch = -999 if ctx.batch is None else ctx.batch   # only compared with Reshape targets
+    ctx.inferred_full[in_name] = (None, *in_shape)
+    ctx.sym_shapes[in_name] = [_BATCH, *in_shape]
+    for t in g.initializer:
+        try:
+            ctx.const[t.name] = numpy_helper.to_array(t)
+        except Exception as e:  # noqa: BLE001
+            raise EpcError(f"{path}: initializer {t.name!r} cannot be read: {e}") from None
+    for name, arr in ctx.const.items():
+        if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+            raise EpcError(f"{path}: initializer {name!r} contains NaN or Inf values")
+
+    # Only what the outputs depend on is translated (dead branches are ignored).
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+    needed, stack = set(), [o.name for o in g.output]
+    seen = set()
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        if v in producer:
+            needed.add(producer[v])
+            stack.extend(x for x in g.node[producer[v]].input if x)
+    ctx.used = {x for i in needed for x in g.node[i].input if x} | {o.name for o in g.output}
+
+    _fold_constants(ctx, needed)
+    for name, arr in ctx.const.items():
+        if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+            raise EpcError(f"{path}: constant {name!r} contains NaN or Inf values")
+
+    gname = sanitize(os.path.splitext(os.path.basename(path))[0], "model")
+    ctx.g = Graph(name=gname, attrs={"source": path, "frontend": "onnx", "opset": str(opset)})
+    ir_in = ctx.names.unique(in_name, "input")
+    ctx.g.inputs.append(Input(ir_in, in_shape))
+    ctx._shapes[ir_in] = in_shape
+    ctx.values[in_name] = (ir_in, in_shape)
+
+    for i, node in enumerate(g.node):
+        if i not in needed or all(o in ctx.const for o in node.output if o):
+            continue
+        if node.domain not in ("", "ai.onnx"):
+            raise ctx.unsupported(node, f"operator domain {node.domain!r}")
+        if node.op_type not in _RULES:
+            raise ctx.unsupported(node)
+        if not any(x in ctx.values for x in node.input if x):
+            raise ctx.unsupported(node, "its inputs could not be evaluated as constants")
+        if node.op_type in ("Identity", "Pad"):
+            ctx.values[node.output[0]] = (ctx.data(node, 0) if node.op_type == "Identity"
+                                          else _pad(ctx, node, _attrs(node)))
+            continue
+        try:
+            y = _RULES[node.op_type](ctx, node, _attrs(node))
+        except EpcError:
+            raise
+        except (KeyError, ValueError, IndexError, TypeError) as e:
+            # a malformed node the checker let through (e.g. a constant of an odd shape)
+            raise ctx.fail(node, f"cannot translate this node: {type(e).__name__}: {e}") from None
+        ctx.values[node.output[0]] = (y, ctx.shape_of(y))
+        _cross_check(ctx, node, y)
+
+    for o in g.output:
+        if o.name not in ctx.values:
+            raise EpcError(f"{path}: graph output {o.name!r} is a constant, not computed from "
+                           f"the input")
+        name = ctx.values[o.name][0]
+        if name == ir_in:   # an output that is the input itself needs a node
+            name, _ = ctx.emit(g.node[producer[o.name]] if o.name in producer else g.node[0],
+                               Identity(), [ir_in], base=o.name)
+        ctx.g.outputs.append(name)
+    _check_softmax_placement(ctx)
+    errs = problems(ctx.g)
+    if errs:   # a frontend bug, not the user's: still one line, naming the file
+        raise EpcError(f"{path}: internal error: the imported IR is invalid: {'; '.join(errs[:3])}")
+    return ctx.g
+
+
+def _cross_check(ctx, node, y):
+    dims = ctx.inferred_full.get(node.output[0])
+    if not dims:
+        return
+    mine = ctx.shape_of(y)
+    theirs = dims[1:]
+    if len(theirs) != len(mine) or any(t is not None and t != m for t, m in zip(theirs, mine)):
+        raise ctx.fail(node, f"per-sample shape {list(mine)} computed by epc disagrees with "
+                             f"ONNX shape inference {['?' if t is None else t for t in theirs]}")
+
+
+def _check_softmax_placement(ctx):
+    for n in ctx.g.nodes:
+        if isinstance(n.op, Softmax):
+            if n.name not in ctx.g.outputs or ctx.g.consumers(n.name):
+                kind = "LogSoftmax" if n.op.log else "Softmax"
+                raise EpcError(f"{ctx.path}: {kind} node '{n.name}' is not at the graph output; "
+                               f"epc supports Softmax/LogSoftmax only as the last op")
+
+
+__all__ = ["load_onnx", "SUPPORTED_OPS", "MIN_OPSET", "MAX_OPSET"]

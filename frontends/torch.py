@@ -1,0 +1,1014 @@
+"""The PyTorch frontend: an `nn.Module` -> feedforward IR.
+
+The module is captured with `torch.export.export` (eval mode, one example input, static
+shapes) and lowered with `run_decompositions` to core ATen ops, except for a few ops that we
+keep whole because the IR has them as one node (linear, hardsigmoid, adaptive average
+pooling). The ATen graph is then walked once, in its topological order:
+
+* every value is either an **activation** (depends on the user input; becomes an IR value)
+  or a **constant** (parameters, buffers, lifted tensors and anything computed from them
+  alone, which we evaluate eagerly, so `W.t()`, `torch.ones(...)` and the like just fold);
+* each ATen op applied to an activation is mapped to IR nodes (conv -> Conv + Bias, addmm
+  -> Dense + Bias, batch norm -> BatchNorm, ...); metadata ops (clone, dropout, detach,
+  ...) are skipped;
+* anything else is refused with an EpcError that names the ATen op, the exported node, the
+  `nn.Module` it came from and the user's source line, and lists what is supported.
+
+Every IR node's shape comes from `compiler.ops.out_shape` and is checked against the shape
+torch recorded for the exported node. Weights become float32 arrays named after their
+state_dict entries (sanitized, unique). `load_torch_spec` / `build_module_from_spec` are the
+CLI path: they import the user's `module:factory` (only when called) and build the model.
+
+We use torch.export only (no torch.fx.symbolic_trace fallback): symbolic tracing yields
+torch-function graphs that would need a second translator, and what export cannot capture
+(data-dependent control flow) would not map onto the IR anyway.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import logging
+import math
+import operator
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from epc.compiler import ops as O
+from epc.compiler.errors import EpcError
+from epc.compiler.ir import (Act, Activation, Add, AvgPool, BatchNorm, Bias, ChannelScale, Conv,
+                             Dense, Flatten, GlobalAvgPool, Graph, Identity, Input, MaxPool,
+                             Node, Softmax)
+from epc.compiler.verify import problems
+
+from .common import sanitize
+
+SUPPORTED = ("Linear, Conv2d (groups, stride, padding, dilation), BatchNorm2d/BatchNorm1d "
+             "(eval), ReLU/ReLU6/Hardtanh/Hardsigmoid/clamp, MaxPool2d, AvgPool2d, "
+             "AdaptiveAvgPool2d(1) / mean over H,W, Flatten / view(N, -1), Dropout, Identity, "
+             "residual add of two activations, add/mul/div by a per-channel constant, "
+             "softmax/log_softmax at the output")
+
+_A = torch.ops.aten
+
+# Ops kept whole instead of decomposed: each is exactly one IR node.
+_KEEP = (_A.linear.default, _A.hardsigmoid.default, _A.adaptive_avg_pool2d.default)
+
+# Ops that do not change values (inference mode): the output is the input.
+_PASSTHROUGH = {
+    _A.clone.default, _A.alias.default, _A.detach.default, _A.lift_fresh_copy.default,
+    _A.contiguous.default, _A.dropout.default, _A.feature_dropout.default,
+    _A.alpha_dropout.default, _A.feature_alpha_dropout.default,
+}
+# Ops that produce no value we use (runtime assertions export inserts).
+_IGNORED = {"_assert_tensor_metadata", "_assert_scalar", "_assert_async",
+            "sym_constrain_range", "sym_constrain_range_for_size"}
+
+# --------------------------------------------------------------------------- values
+@dataclass
+class _Val:
+    """An activation: an IR value (graph input or node output) with per-sample shape."""
+
+    name: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class _Const:
+    """A value computed from parameters/buffers/constants only; hint names its origin."""
+
+    value: Any                # torch.Tensor or Python scalar
+    hint: str | None = None
+
+
+def _is_act(x) -> bool:
+    if isinstance(x, _Val):
+        return True
+    if isinstance(x, (list, tuple)):
+        return any(_is_act(y) for y in x)
+    return False
+
+
+def _unwrap(x):
+    if isinstance(x, _Const):
+        return x.value
+    if isinstance(x, (list, tuple)):
+        return type(x)(_unwrap(y) for y in x)
+    return x
+
+
+def _hint(args) -> str | None:
+    """The origin name of the single named constant among args (for derived weights)."""
+    hints = {a.hint for a in args if isinstance(a, _Const) and a.hint}
+    return hints.pop() if len(hints) == 1 else None
+
+
+# --------------------------------------------------------------------------- translator
+class _Lowering:
+    def __init__(self, ep, batch: int, graph: Graph, module: torch.nn.Module):
+        self.ep = ep
+        self.batch = batch
+        self.g = graph
+        self.env: dict[Any, Any] = {}
+        self.names: set[str] = set()
+        self.producer: dict[str, Node] = {}      # IR value name -> node producing it
+        self.fx_node = None
+        self.leaf = {sanitize(k) for k, m in module.named_modules()
+                     if k and not any(True for _ in m.children())}
+        self.weight_src: dict[str, np.ndarray] = {}
+
+    # ---- naming
+    def unique(self, base: str) -> str:
+        base = sanitize(base)
+        name, i = base, 1
+        while name in self.names:
+            name = f"{base}_{i}"
+            i += 1
+        self.names.add(name)
+        return name
+
+    def module_path(self, node) -> tuple[str, str]:
+        """(module path, class name) of the innermost module that made node."""
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return "", ""
+        path, cls = list(stack.values())[-1]
+        cls = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+        return path or "", cls.rsplit(".", 1)[-1]
+
+    def base_name(self, node, suffix: str = "") -> str:
+        path, _ = self.module_path(node)
+        path = sanitize(path) if path else ""
+        if path and path in self.leaf:
+            base = path
+        elif path:
+            base = f"{path}.{node.name}"
+        else:
+            base = node.name
+        return base + suffix
+
+    def where(self, node) -> str:
+        path, cls = self.module_path(node)
+        parts = [f"node {node.name}"]
+        if cls:
+            parts.append(f"in module {path or '<root>'} ({cls})")
+        loc = _user_line(node)
+        if loc:
+            parts.append(f"at {loc}")
+        return " ".join(parts)
+
+    def fail(self, msg: str, node=None) -> EpcError:
+        node = node if node is not None else self.fx_node
+        op = _op_name(node.target) if node is not None else "?"
+        where = f" ({self.where(node)})" if node is not None else ""
+        return EpcError(f"torch frontend: {msg}: aten op {op}{where}; supported: {SUPPORTED}")
+
+    # ---- weights
+    def weight(self, value, hint: str | None, fallback: str) -> str:
+        """Register a float32 weight; the same tensor under the same hint is shared."""
+        arr = np.ascontiguousarray(
+            value.detach().to(torch.float32).cpu().numpy() if isinstance(value, torch.Tensor)
+            else np.asarray(value, dtype=np.float32), dtype=np.float32)
+        base = sanitize(hint or fallback)
+        name, i = base, 1
+        while name in self.g.weights:
+            old = self.g.weights[name]
+            if old.shape == arr.shape and np.array_equal(old, arr):
+                return name  # tied weights stay one weight
+            name = f"{base}_{i}"
+            i += 1
+        self.g.weights[name] = arr
+        return name
+
+    # ---- emitting
+    def emit(self, op, inputs: list[_Val], base: str, check: bool = True) -> _Val:
+        try:
+            shape = tuple(int(d) for d in O.out_shape(op, [v.shape for v in inputs],
+                                                       self.g.weights))
+        except EpcError as e:
+            raise self.fail(str(e))
+        if check:
+            self.check_shape(shape)
+        node = Node(self.unique(base), op, [v.name for v in inputs], shape)
+        self.g.nodes.append(node)
+        self.producer[node.name] = node
+        return _Val(node.name, shape)
+
+    def check_shape(self, shape: tuple[int, ...], node=None):
+        node = node if node is not None else self.fx_node
+        meta = _meta_shape(node)
+        if meta is None:
+            return
+        if len(meta) == 0 or meta[0] != self.batch:
+            raise self.fail(f"the result {list(meta)} does not keep the batch dimension "
+                            f"{self.batch} first", node)
+        if tuple(meta[1:]) != tuple(shape):
+            raise self.fail(f"IR shape {list(shape)} differs from the exported shape "
+                            f"{list(meta[1:])}", node)
+
+    # ---- constants in activation ops
+    def per_channel(self, c: _Const, x: _Val, what: str) -> np.ndarray:
+        """A constant that varies at most along the channel axis, as a [C] vector."""
+        t = torch.as_tensor(c.value, dtype=torch.float64)
+        full = self.as_sample(t, x, what)
+        r = len(x.shape)
+        red = full.reshape(x.shape[0], -1) if r else full.reshape(1, 1)
+        if red.numel() and not torch.all(red == red[:, :1]):
+            raise self.fail(f"{what} by a constant that varies within a channel (IR scales "
+                            f"whole channels only)")
+        return red[:, 0].numpy() if r else red.reshape(1).numpy()
+
+    def as_sample(self, t: torch.Tensor, x: _Val, what: str) -> torch.Tensor:
+        """Broadcast a constant to x's per-sample shape (refusing a per-sample constant)."""
+        r = len(x.shape)
+        if t.dim() > r:
+            if t.dim() == r + 1 and t.shape[0] == 1:
+                t = t[0]
+            else:
+                raise self.fail(f"{what} with a constant of shape {list(t.shape)} that varies "
+                                f"across the batch")
+        try:
+            return torch.broadcast_to(t, x.shape)
+        except RuntimeError:
+            raise self.fail(f"{what} with a constant of shape {list(t.shape)} that does not "
+                            f"broadcast to {list(x.shape)}")
+
+    def bias(self, x: _Val, c: _Const, node_base: str, sign: float = 1.0) -> _Val:
+        t = torch.as_tensor(c.value, dtype=torch.float64) * sign
+        full = self.as_sample(t, x, "add")
+        r = len(x.shape)
+        flat = full.reshape(x.shape[0], -1) if r else full.reshape(1, 1)
+        if r >= 1 and torch.all(flat == flat[:, :1]):
+            # per-channel (or scalar): [C] for 1-D values, [C, 1, 1] for feature maps
+            b = flat[:, 0].reshape((x.shape[0],) + (1,) * (r - 1))
+        else:
+            b = full.clone()
+        name = self.weight(b.to(torch.float32), c.hint if sign == 1.0 else None,
+                           node_base + ".bias")
+        return self.emit(Bias(name), [x], node_base + "_bias" if not node_base.endswith(
+            "bias") else node_base)
+
+    def scale(self, x: _Val, vec: np.ndarray, hint: str | None, base: str) -> _Val:
+        if np.all(vec == 1.0):
+            self.check_shape(x.shape)
+            return x
+        name = self.weight(vec.astype(np.float32), hint, base + ".scale")
+        return self.emit(ChannelScale(name), [x], base)
+
+    def act(self, x: _Val, fn: Activation, base: str) -> _Val:
+        return self.emit(Act(fn), [x], base)
+
+    # ---- the walk
+    def run(self) -> list[str]:
+        sig = self.ep.graph_signature
+        kinds = {}
+        for spec in sig.input_specs:
+            kinds[spec.arg.name] = spec
+        outputs: list[str] = []
+        state = self.ep.state_dict
+        consts = getattr(self.ep, "constants", {}) or {}
+        for node in self.ep.graph.nodes:
+            self.fx_node = node
+            if node.op == "placeholder":
+                spec = kinds.get(node.name)
+                kind = spec.kind.name if spec is not None else "USER_INPUT"
+                if kind == "USER_INPUT":
+                    self.env[node] = self.input(node)
+                elif kind in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
+                    val = state[spec.target] if spec.target in state else consts[spec.target]
+                    hint = spec.target if kind != "CONSTANT_TENSOR" else None
+                    self.env[node] = _Const(val, hint)
+                else:
+                    raise EpcError(f"torch frontend: unsupported model input {node.name} of "
+                                   f"kind {kind}")
+            elif node.op == "get_attr":
+                self.env[node] = _Const(getattr(self.ep.graph_module, node.target),
+                                        str(node.target))
+            elif node.op == "call_function":
+                self.env[node] = self.call(node)
+            elif node.op == "output":
+                for v in node.args[0]:
+                    outputs.append(self.output(self.env.get(v) if isinstance(v, torch.fx.Node)
+                                               else _Const(v)))
+            else:
+                raise self.fail(f"unexpected graph node kind {node.op}", node)
+        return outputs
+
+    def input(self, node) -> _Val:
+        if self.g.inputs:
+            raise EpcError("torch frontend: the model takes more than one tensor input; epc "
+                           "compiles single-input models")
+        meta = node.meta.get("val")
+        shape = tuple(meta.shape)
+        for i, d in enumerate(shape):
+            if not isinstance(d, int):
+                if i == 0:
+                    continue
+                raise EpcError(f"torch frontend: input dimension {i} is dynamic ({d}); only "
+                               f"the batch dimension may vary")
+        if not meta.dtype.is_floating_point:
+            raise EpcError(f"torch frontend: the example input is {meta.dtype}, expected a "
+                           f"floating point tensor")
+        if len(shape) < 2:
+            raise EpcError(f"torch frontend: the example input {list(shape)} needs a batch "
+                           f"dimension and at least one feature dimension")
+        v = _Val(self.unique(node.name), tuple(int(d) for d in shape[1:]))
+        self.g.inputs.append(Input(v.name, v.shape))
+        return v
+
+    def output(self, v) -> str:
+        if not isinstance(v, _Val):
+            raise EpcError("torch frontend: a model output does not depend on the input "
+                           "(a constant output cannot be compiled)")
+        if v.name in {i.name for i in self.g.inputs}:
+            # an output that is the input itself still needs a node to name it
+            v = self.emit(Identity(), [v], "identity", check=False)
+        return v.name
+
+    def call(self, node):
+        tgt = node.target
+        if tgt is operator.getitem:
+            seq, idx = self.env[node.args[0]], node.args[1]
+            if isinstance(seq, _Const):
+                return _Const(seq.value[idx], seq.hint)
+            if isinstance(seq, tuple):
+                if idx != 0 and seq[idx] is None:
+                    raise self.fail("use of a secondary result (e.g. max-pool indices)", node)
+                return seq[idx]
+            raise self.fail("indexing an activation", node)
+        opname = getattr(tgt, "_opname", None) or getattr(tgt, "__name__", str(tgt))
+        if opname in _IGNORED:
+            return None
+        args = [self.lookup(a) for a in node.args]
+        kwargs = {k: self.lookup(v) for k, v in node.kwargs.items()}
+        if not _is_act(args) and not _is_act(list(kwargs.values())):
+            return self.fold(node, args, kwargs)
+        handler = _HANDLERS.get(tgt)
+        if handler is None:
+            raise self.fail("unsupported operation", node)
+        return handler(self, node, args, kwargs)
+
+    def lookup(self, a):
+        if isinstance(a, torch.fx.Node):
+            return self.env[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.lookup(x) for x in a)
+        return a
+
+    def fold(self, node, args, kwargs) -> _Const:
+        try:
+            with torch.no_grad():
+                val = node.target(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()})
+        except Exception as e:  # noqa: BLE001 - a constant we cannot evaluate is a user error
+            raise self.fail(f"cannot evaluate constant expression ({e})", node)
+        return _Const(val, _hint(list(args) + list(kwargs.values())))
+
+
+# --------------------------------------------------------------------------- helpers
+def _op_name(target) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return f"aten.{target._opname}.{target._overloadname}" \
+            if target.namespace == "aten" else str(target)
+    return getattr(target, "__name__", str(target))
+
+
+def _user_line(node) -> str | None:
+    """'file.py:LINE' of the innermost user frame that produced node, if recorded."""
+    trace = node.meta.get("stack_trace") or ""
+    hits = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    for path, line in reversed(hits):
+        if "/torch/" not in path.replace("\\", "/"):
+            return f"{os.path.basename(path)}:{line}"
+    return None
+
+
+def _meta_shape(node) -> tuple | None:
+    val = node.meta.get("val") if node is not None else None
+    if isinstance(val, (list, tuple)):
+        val = val[0] if val else None
+    if not isinstance(val, torch.Tensor):
+        return None
+    return tuple(val.shape)
+
+
+def _pair(v, n: int = 2) -> list[int]:
+    if isinstance(v, (list, tuple)):
+        v = list(v)
+        return [int(x) for x in (v * n if len(v) == 1 else v)]
+    return [int(v)] * n
+
+
+def _arg(args, kwargs, i: int, name: str, default=None):
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name, default)
+
+
+def _scalar(x) -> float | None:
+    if isinstance(x, _Const):
+        x = x.value
+    if isinstance(x, torch.Tensor):
+        return float(x) if x.numel() == 1 else None
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    return None
+
+
+# --------------------------------------------------------------------------- handlers
+def _need_act(L: _Lowering, node, x) -> _Val:
+    if not isinstance(x, _Val):
+        raise L.fail("the activation must be the first operand", node)
+    return x
+
+
+def _passthrough(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    if node.target in (_A.dropout.default, _A.feature_dropout.default) and \
+            _arg(args, kwargs, 2, "train", False):
+        raise L.fail("dropout in training mode", node)
+    L.check_shape(x.shape, node)
+    return x
+
+
+def _native_dropout(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    if _arg(args, kwargs, 2, "train", False):
+        raise L.fail("dropout in training mode", node)
+    return (x, None)
+
+
+def _to_copy(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    dt = kwargs.get("dtype")
+    if dt is not None and not dt.is_floating_point:
+        raise L.fail(f"conversion of an activation to {dt}", node)
+    L.check_shape(x.shape, node)
+    return x
+
+
+def _conv(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    w, b = args[1], args[2]
+    stride, padding, dilation, transposed, _out_pad, groups = args[3:9]
+    if not isinstance(w, _Const) or (b is not None and not isinstance(b, _Const)):
+        raise L.fail("convolution with weights computed from the input", node)
+    wt = torch.as_tensor(w.value)
+    if transposed:
+        raise L.fail("transposed convolution (ConvTranspose2d) is not supported", node)
+    if wt.dim() != 4:
+        raise L.fail(f"{wt.dim() - 2}-D convolution (only Conv2d is supported)", node)
+    pads = _pair(padding)
+    base = L.base_name(node)
+    op = Conv(L.weight(wt, w.hint, base + ".weight"), stride=_pair(stride),
+              pads=[pads[0], pads[1], pads[0], pads[1]], dilation=_pair(dilation),
+              groups=int(groups))
+    y = L.emit(op, [x], base, check=b is None)
+    if b is not None:
+        y = L.bias(y, _Const(torch.as_tensor(b.value).reshape(-1, 1, 1), b.hint), base)
+    return y
+
+
+def _conv2d(L, node, args, kwargs):
+    # aten.conv2d(input, weight, bias, stride, padding, dilation, groups) (undecomposed form)
+    a = list(args) + [None] * 7
+    padding = _pair(a[4] if a[4] is not None else 0)
+    return _conv(L, node, [a[0], a[1], a[2], a[3] or [1, 1], padding, a[5] or [1, 1], False,
+                           [0, 0], a[6] or 1], {})
+
+
+def _dense(L, node, x: _Val, w: _Const, b, hint_w, base, transpose: bool):
+    wt = torch.as_tensor(w.value)
+    if wt.dim() != 2:
+        raise L.fail(f"matrix product with a {wt.dim()}-D weight", node)
+    if len(x.shape) != 1:
+        raise L.fail(f"linear layer applied to a {len(x.shape)}-D per-sample value "
+                     f"{list(x.shape)} (flatten it first; only [N, features] inputs map to "
+                     f"Dense)", node)
+    wt = wt.t() if transpose else wt
+    y = L.emit(Dense(L.weight(wt, hint_w, base + ".weight")), [x], base, check=b is None)
+    if b is not None:
+        if not isinstance(b, _Const):
+            raise L.fail("bias computed from the input", node)
+        y = L.bias(y, b, base)
+    return y
+
+
+def _linear(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    w, b = args[1], _arg(args, kwargs, 2, "bias")
+    if not isinstance(w, _Const):
+        raise L.fail("linear layer with weights computed from the input", node)
+    return _dense(L, node, x, w, b, w.hint, L.base_name(node), transpose=False)
+
+
+def _addmm(L, node, args, kwargs):
+    b, x, w = args[0], args[1], args[2]
+    if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
+        raise L.fail("addmm with alpha/beta other than 1", node)
+    if not isinstance(x, _Val) or not isinstance(w, _Const):
+        raise L.fail("matrix product whose right operand is not a constant weight", node)
+    return _dense(L, node, x, w, b, w.hint, L.base_name(node), transpose=True)
+
+
+def _mm(L, node, args, kwargs):
+    x, w = args[0], args[1]
+    if not isinstance(x, _Val) or not isinstance(w, _Const):
+        raise L.fail("matrix product whose right operand is not a constant weight", node)
+    return _dense(L, node, x, w, None, w.hint, L.base_name(node), transpose=True)
+
+
+def _batch_norm(L, node, args, kwargs):
+    # _native_batch_norm_legit_no_training(x, weight, bias, running_mean, running_var,
+    #                                      momentum, eps) -> (out, save_mean, save_rstd)
+    x = _need_act(L, node, args[0])
+    w, b, mean, var, eps = args[1], args[2], args[3], args[4], args[6]
+    for t in (w, b, mean, var):
+        if t is not None and not isinstance(t, _Const):
+            raise L.fail("batch norm with statistics computed from the input", node)
+    base = L.base_name(node)
+    c = x.shape[0] if x.shape else 0
+    if mean is None or var is None:
+        raise L.fail("batch norm without running statistics", node)
+    scale = w.value if w is not None else torch.ones(c)
+    shift = b.value if b is not None else torch.zeros(c)
+    op = BatchNorm(scale=L.weight(scale, w.hint if w is not None else None, base + ".weight"),
+                   shift=L.weight(shift, b.hint if b is not None else None, base + ".bias"),
+                   mean=L.weight(mean.value, mean.hint, base + ".running_mean"),
+                   var=L.weight(var.value, var.hint, base + ".running_var"),
+                   epsilon=float(eps))
+    for wn in (op.scale, op.shift, op.mean, op.var):
+        if L.g.weights[wn].shape != (c,):
+            raise L.fail(f"batch norm parameter {wn} {list(L.g.weights[wn].shape)} does not "
+                         f"match {c} channels", node)
+    out = L.emit(op, [x], base, check=False)
+    L.check_shape(out.shape, _first_user_getitem(node) or node)
+    return (out, None, None)
+
+
+def _batch_norm_training(L, node, args, kwargs):
+    raise L.fail("batch norm in training mode (or without running statistics); call "
+                 "module.eval() and keep track_running_stats=True", node)
+
+
+def _first_user_getitem(node):
+    for u in node.users:
+        if u.target is operator.getitem and u.args[1] == 0:
+            return u
+    return None
+
+
+def _relu(L, node, args, kwargs):
+    return L.act(_need_act(L, node, args[0]), Activation.relu(), L.base_name(node))
+
+
+def _hardtanh(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    lo = float(_arg(args, kwargs, 1, "min_val", -1.0))
+    hi = float(_arg(args, kwargs, 2, "max_val", 1.0))
+    if not lo < hi:
+        raise L.fail(f"hardtanh with min {lo} >= max {hi}", node)
+    return L.act(x, Activation.clip(lo, hi), L.base_name(node))
+
+
+def _clamp(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    lo, hi = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
+    if node.target is _A.clamp_min.default:
+        lo, hi = args[1], None
+    elif node.target is _A.clamp_max.default:
+        lo, hi = None, args[1]
+    lo = None if lo is None else _scalar(lo)
+    hi = None if hi is None else _scalar(hi)
+    if (node.args[1:] and lo is None and hi is None) or (lo is not None and hi is not None
+                                                          and not lo < hi):
+        raise L.fail("clamp with tensor or empty bounds", node)
+    prev = L.producer.get(x.name)
+    single_use = len(node.args[0].users) == 1 if isinstance(node.args[0], torch.fx.Node) \
+        else False
+    if hi is not None and lo is None:
+        # clamp(max=b) right after a relu / clip(lo, .) (decomposed ReLU6 and the like)
+        if prev is not None and isinstance(prev.op, Act) and single_use and \
+                prev.op.fn.kind in ("relu", "clip") and prev is L.g.nodes[-1]:
+            old = prev.op.fn
+            lo0 = 0.0 if old.kind == "relu" else old.lo
+            hi0 = hi if old.kind == "relu" else min(old.hi, hi)
+            if lo0 < hi0:
+                prev.op = Act(Activation.clip(lo0, hi0))
+                L.check_shape(x.shape, node)
+                return x
+        raise L.fail("clamp with only an upper bound (not after a ReLU)", node)
+    if hi is None:
+        if lo == 0.0:
+            return L.act(x, Activation.relu(), L.base_name(node))
+        raise L.fail(f"clamp with only a lower bound {lo} (only 0, i.e. ReLU, is supported)",
+                     node)
+    return L.act(x, Activation.clip(lo, hi), L.base_name(node))
+
+
+def _hardsigmoid(L, node, args, kwargs):
+    return L.act(_need_act(L, node, args[0]), Activation.hardsigmoid(1.0 / 6.0, 0.5),
+                 L.base_name(node))
+
+
+def _maxpool(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    k = _pair(args[1])
+    stride = _arg(args, kwargs, 2, "stride", [])
+    stride = _pair(stride) if stride not in (None, []) else list(k)
+    p = _pair(_arg(args, kwargs, 3, "padding", 0))
+    d = _pair(_arg(args, kwargs, 4, "dilation", 1))
+    ceil = bool(_arg(args, kwargs, 5, "ceil_mode", False))
+    if len(x.shape) != 3:
+        raise L.fail(f"max pooling of a {len(x.shape)}-D per-sample value (MaxPool2d only)",
+                     node)
+    op = MaxPool(kernel=k, stride=stride, pads=[p[0], p[1], p[0], p[1]], dilation=d,
+                 ceil_mode=ceil)
+    if node.target is _A.max_pool2d_with_indices.default:
+        out = L.emit(op, [x], L.base_name(node), check=False)
+        L.check_shape(out.shape, _first_user_getitem(node) or node)
+        return (out, None)
+    return L.emit(op, [x], L.base_name(node))
+
+
+def _avgpool(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    k = _pair(args[1])
+    stride = _arg(args, kwargs, 2, "stride", [])
+    stride = _pair(stride) if stride not in (None, []) else list(k)
+    p = _pair(_arg(args, kwargs, 3, "padding", 0))
+    ceil = bool(_arg(args, kwargs, 4, "ceil_mode", False))
+    cip = bool(_arg(args, kwargs, 5, "count_include_pad", True))
+    if _arg(args, kwargs, 6, "divisor_override") is not None:
+        raise L.fail("average pooling with divisor_override", node)
+    if len(x.shape) != 3:
+        raise L.fail(f"average pooling of a {len(x.shape)}-D per-sample value (AvgPool2d only)",
+                     node)
+    op = AvgPool(kernel=k, stride=stride, pads=[p[0], p[1], p[0], p[1]],
+                 count_include_pad=cip, ceil_mode=ceil)
+    return L.emit(op, [x], L.base_name(node))
+
+
+def _adaptive_avgpool(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    if len(x.shape) != 3:
+        raise L.fail("adaptive average pooling of a non-[C, H, W] value", node)
+    out = [x.shape[1] if o is None else int(o) for o in _pair(args[1])] \
+        if not isinstance(args[1], int) else [int(args[1])] * 2
+    h, w = x.shape[1], x.shape[2]
+    base = L.base_name(node)
+    if out == [1, 1]:
+        return L.emit(GlobalAvgPool(keepdims=True), [x], base)
+    if out == [h, w]:
+        L.check_shape(x.shape, node)
+        return x
+    if h % out[0] == 0 and w % out[1] == 0:
+        # equal, non-overlapping windows: exactly an average pool
+        k = [h // out[0], w // out[1]]
+        return L.emit(AvgPool(kernel=k, stride=list(k)), [x], base)
+    raise L.fail(f"adaptive average pooling from {[h, w]} to {out} (windows of unequal size)",
+                 node)
+
+
+def _mean(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    dims = _arg(args, kwargs, 1, "dim")
+    keep = bool(_arg(args, kwargs, 2, "keepdim", False))
+    r = len(x.shape) + 1
+    dims = sorted({int(d) % r for d in (dims if isinstance(dims, (list, tuple)) else [dims])}) \
+        if dims is not None else None
+    if r == 4 and dims == [2, 3]:
+        return L.emit(GlobalAvgPool(keepdims=keep), [x], L.base_name(node))
+    raise L.fail(f"mean over dims {dims} (only the spatial dims of an [N, C, H, W] value)",
+                 node)
+
+
+def _reshape(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    meta = _meta_shape(node)
+    if meta is None:
+        raise L.fail("reshape without shape information", node)
+    if meta[0] != L.batch or math.prod(meta[1:]) != math.prod(x.shape):
+        raise L.fail(f"reshape of {[L.batch, *x.shape]} to {list(meta)} mixes the batch "
+                     f"dimension with the others", node)
+    new = tuple(int(d) for d in meta[1:])
+    if new == x.shape:
+        return x
+    if len(new) == 1:
+        return L.emit(Flatten(), [x], L.base_name(node))
+    raise L.fail(f"reshape of a per-sample value {list(x.shape)} to {list(new)} (only "
+                 f"flattening to [N, features] is supported)", node)
+
+
+def _softmax(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    dim = int(args[1])
+    if len(x.shape) != 1 or dim not in (1, -1):
+        raise L.fail(f"softmax over dim {dim} of a {[L.batch, *x.shape]} value (only over "
+                     f"the class axis of [N, classes])", node)
+    if any(u.op != "output" for u in node.users):
+        raise L.fail("softmax that is not the model's output", node)
+    log = node.target in (_A._log_softmax.default, _A.log_softmax.int)
+    return L.emit(Softmax(log=log), [x], L.base_name(node))
+
+
+def _add(L, node, args, kwargs, sign: float = 1.0):
+    a, b = args[0], args[1]
+    alpha = _arg(args, kwargs, 2, "alpha", 1)
+    base = L.base_name(node)
+    if isinstance(a, _Val) and isinstance(b, _Val):
+        if alpha != 1 or sign != 1.0:
+            raise L.fail("weighted sum or difference of two activations (only a plain "
+                         "residual add is supported)", node)
+        if a.shape != b.shape:
+            raise L.fail(f"add of differently shaped values {list(a.shape)} and "
+                         f"{list(b.shape)} (broadcasting between activations is not supported)",
+                         node)
+        return L.emit(Add(), [a, b], base)
+    if isinstance(a, _Val):
+        c = b if isinstance(b, _Const) else _Const(b)
+        if _scalar(c) == 0.0:
+            L.check_shape(a.shape, node)
+            return a
+        c = _Const(torch.as_tensor(c.value, dtype=torch.float64) * float(alpha), c.hint
+                   if alpha == 1 else None)
+        return L.bias(a, c, base, sign)
+    if sign != 1.0 or alpha != 1:
+        raise L.fail("constant minus activation", node)
+    c = a if isinstance(a, _Const) else _Const(a)
+    return L.bias(_need_act(L, node, b), c, base) if _scalar(c) != 0.0 else b
+
+
+def _sub(L, node, args, kwargs):
+    return _add(L, node, args, kwargs, sign=-1.0)
+
+
+def _mul(L, node, args, kwargs, divide: bool = False):
+    a, b = args[0], args[1]
+    if isinstance(a, _Val) and isinstance(b, _Val):
+        raise L.fail("product of two activations", node)
+    x, c = (a, b) if isinstance(a, _Val) else (b, a)
+    if divide and not isinstance(a, _Val):
+        raise L.fail("constant divided by an activation", node)
+    c = c if isinstance(c, _Const) else _Const(c)
+    vec = L.per_channel(c, x, "division" if divide else "product")
+    if divide:
+        if np.any(vec == 0):
+            raise L.fail("division by zero", node)
+        vec, hint = 1.0 / vec, None
+    else:
+        hint = c.hint
+    return L.scale(x, vec, hint, L.base_name(node))
+
+
+def _div(L, node, args, kwargs):
+    if _arg(args, kwargs, 2, "rounding_mode") is not None:
+        raise L.fail("integer / rounding division", node)
+    return _mul(L, node, args, kwargs, divide=True)
+
+
+def _neg(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    return L.scale(x, -np.ones(x.shape[0] if x.shape else 1), None, L.base_name(node))
+
+
+def _flatten(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    start = int(_arg(args, kwargs, 1, "start_dim", 0))
+    end = int(_arg(args, kwargs, 2, "end_dim", -1))
+    r = len(x.shape) + 1
+    if start % r != 1 or end % r != r - 1:
+        raise L.fail(f"flatten of dims {start}..{end} (only flatten(1) is supported)", node)
+    return _reshape(L, node, args, kwargs)
+
+
+def _squeeze(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    meta = _meta_shape(node)
+    if meta is not None and (not meta or meta[0] != L.batch):
+        raise L.fail("squeeze of the batch dimension", node)
+    return _reshape(L, node, args, kwargs)
+
+
+_HANDLERS = {
+    _A.convolution.default: _conv,
+    _A.conv2d.default: _conv2d,
+    _A.linear.default: _linear,
+    _A.addmm.default: _addmm,
+    _A.mm.default: _mm,
+    _A._native_batch_norm_legit_no_training.default: _batch_norm,
+    _A._native_batch_norm_legit.default: _batch_norm_training,
+    _A._native_batch_norm_legit.no_stats: _batch_norm_training,
+    _A.native_batch_norm.default: _batch_norm_training,
+    _A.relu.default: _relu,
+    _A.hardtanh.default: _hardtanh,
+    _A.clamp.default: _clamp,
+    _A.clamp_min.default: _clamp,
+    _A.clamp_max.default: _clamp,
+    _A.hardsigmoid.default: _hardsigmoid,
+    _A.max_pool2d_with_indices.default: _maxpool,
+    _A.max_pool2d.default: _maxpool,
+    _A.avg_pool2d.default: _avgpool,
+    _A.adaptive_avg_pool2d.default: _adaptive_avgpool,
+    _A._adaptive_avg_pool2d.default: _adaptive_avgpool,
+    _A.mean.dim: _mean,
+    _A.view.default: _reshape,
+    _A.reshape.default: _reshape,
+    _A._unsafe_view.default: _reshape,
+    _A.flatten.using_ints: _flatten,
+    _A.squeeze.dims: _squeeze,
+    _A.squeeze.dim: _squeeze,
+    _A.squeeze.default: _squeeze,
+    _A._softmax.default: _softmax,
+    _A._log_softmax.default: _softmax,
+    _A.softmax.int: _softmax,
+    _A.log_softmax.int: _softmax,
+    _A.add.Tensor: _add,
+    _A.add.Scalar: _add,
+    _A.sub.Tensor: _sub,
+    _A.sub.Scalar: _sub,
+    _A.mul.Tensor: _mul,
+    _A.mul.Scalar: _mul,
+    _A.div.Tensor: _div,
+    _A.div.Scalar: _div,
+    _A.neg.default: _neg,
+    _A.native_dropout.default: _native_dropout,
+    _A._to_copy.default: _to_copy,
+}
+for _op in _PASSTHROUGH:
+    _HANDLERS[_op] = _passthrough
+
+
+# --------------------------------------------------------------------------- entry points
+def _export(module: torch.nn.Module, example_input: torch.Tensor, label: str):
+    table = torch.export.default_decompositions()
+    for op in _KEEP:
+        if op in table:
+            del table[op]
+    with warnings.catch_warnings(), _quiet_torch_logs():
+        # export warns and logs tracebacks about torch internals; what matters reaches the
+        # user as one EpcError line
+        warnings.simplefilter("ignore")
+        try:
+            ep = torch.export.export(module, (example_input,), strict=False)
+        except Exception as e:  # noqa: BLE001 - any capture failure is reported to the user
+            raise EpcError(f"{label}: torch.export could not capture the model: "
+                           f"{_first_line(e)}")
+        try:
+            return ep.run_decompositions(table)
+        except Exception as e:  # noqa: BLE001
+            raise EpcError(f"{label}: lowering the exported model to core ATen ops failed: "
+                           f"{_first_line(e)}")
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """Silence torch's own loggers (restoring their levels afterwards)."""
+    loggers = [logging.getLogger("torch")] + [
+        lg for name, lg in logging.root.manager.loggerDict.items()
+        if name.startswith("torch.") and isinstance(lg, logging.Logger)]
+    saved = [(lg, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def load_torch(module: torch.nn.Module, example_input: torch.Tensor, *,
+               name: str | None = None, source: str | None = None) -> Graph:
+    """Translate `module` (run in eval mode on inputs shaped like `example_input`, whose
+    first dimension is the batch) into a feedforward-form Graph.
+
+    name:   the graph name (default: the module's class name, sanitized).
+    source: provenance recorded in graph.attrs['source'] (default: the class name).
+    Raises EpcError for anything the IR cannot express, naming the ATen op and module.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise EpcError(f"torch frontend: expected a torch.nn.Module, got "
+                       f"{type(module).__name__}")
+    if not isinstance(example_input, torch.Tensor):
+        raise EpcError(f"torch frontend: the example input must be a tensor, got "
+                       f"{type(example_input).__name__}")
+    cls = type(module).__name__
+    label = source or cls
+    if example_input.dim() < 2:
+        raise EpcError(f"{label}: the example input {list(example_input.shape)} needs a batch "
+                       f"dimension first and at least one feature dimension")
+    was_training = module.training
+    module.eval()
+    try:
+        ep = _export(module, example_input, label)
+    finally:
+        module.train(was_training)
+    g = Graph(name=sanitize(name or cls), attrs={"source": label, "frontend": "torch"})
+    low = _Lowering(ep, int(example_input.shape[0]), g, module)
+    try:
+        g.outputs = low.run()
+    except EpcError as e:
+        raise EpcError(f"{label}: {e}")
+    if not g.nodes:
+        raise EpcError(f"{label}: the model has no operations")
+    errs = problems(g)
+    if errs:
+        raise EpcError(f"{label}: torch frontend produced invalid IR: {'; '.join(errs[:4])}")
+    return g
+
+
+def _load_object(spec: str):
+    """Resolve `module.path:attr` or `path/to/file.py:attr` to the Python object."""
+    mod_part, sep, attr = spec.rpartition(":")
+    if not sep or not mod_part or not attr:
+        raise EpcError(f"{spec}: expected a PyTorch model spec 'package.module:factory' or "
+                       f"'path/to/file.py:factory'")
+    if mod_part.endswith(".py") or os.sep in mod_part or "/" in mod_part:
+        path = os.path.abspath(mod_part)
+        if not os.path.isfile(path):
+            raise EpcError(f"{spec}: no such file {mod_part}")
+        mod_name = "_epc_user_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+        try:
+            loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+            if loader_spec is None or loader_spec.loader is None:
+                raise EpcError(f"{spec}: cannot import {mod_part} as a Python file")
+            mod = importlib.util.module_from_spec(loader_spec)
+            # let relative imports of sibling files work, as when running the file
+            added = os.path.dirname(path) not in sys.path
+            if added:
+                sys.path.insert(0, os.path.dirname(path))
+            try:
+                sys.modules[mod_name] = mod
+                loader_spec.loader.exec_module(mod)
+            finally:
+                if added:
+                    sys.path.remove(os.path.dirname(path))
+        except EpcError:
+            raise
+        except Exception as e:  # noqa: BLE001 - user code failing on import
+            sys.modules.pop(mod_name, None)
+            raise EpcError(f"{spec}: importing {mod_part} failed: {_first_line(e)}")
+    else:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # `epc compile mypkg.model:net` from a project dir
+        try:
+            mod = importlib.import_module(mod_part)
+        except ModuleNotFoundError as e:
+            raise EpcError(f"{spec}: cannot import module {mod_part} ({_first_line(e)})")
+        except Exception as e:  # noqa: BLE001
+            raise EpcError(f"{spec}: importing {mod_part} failed: {_first_line(e)}")
+    obj = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise EpcError(f"{spec}: {mod_part} has no attribute {attr}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_module_from_spec(spec: str, input_shape: tuple[int, ...]
+                           ) -> tuple[torch.nn.Module, torch.Tensor]:
+    """Import `spec`, build the module (calling the factory / class with no arguments) and
+    make a seeded random example input of `input_shape` (batch first)."""
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) < 2 or any(d <= 0 for d in shape):
+        raise EpcError(f"{spec}: --input-shape {','.join(map(str, shape))} must have a batch "
+                       f"dimension and at least one positive feature dimension, e.g. 1,3,32,32")
+    obj = _load_object(spec)
+    if isinstance(obj, torch.nn.Module):
+        module = obj
+    elif callable(obj):
+        try:
+            module = obj()
+        except Exception as e:  # noqa: BLE001 - user factory failing
+            raise EpcError(f"{spec}: calling {spec.rpartition(':')[2]}() failed: "
+                           f"{_first_line(e)}")
+    else:
+        raise EpcError(f"{spec}: {spec.rpartition(':')[2]} is a {type(obj).__name__}, not an "
+                       f"nn.Module or a callable returning one")
+    if not isinstance(module, torch.nn.Module):
+        raise EpcError(f"{spec}: {spec.rpartition(':')[2]} returned a {type(module).__name__}, "
+                       f"expected a torch.nn.Module")
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randn(shape, generator=gen)
+    return module, example
+
+
+def load_torch_spec(spec: str, input_shape: tuple[int, ...], *,
+                    name: str | None = None) -> Graph:
+    """The CLI path: `pkg.module:factory` or `path/to/file.py:factory` -> feedforward Graph."""
+    module, example = build_module_from_spec(spec, input_shape)
+    return load_torch(module, example, name=name or spec.rpartition(":")[2], source=spec)
+
+
+__all__ = ["load_torch", "load_torch_spec", "build_module_from_spec", "sanitize", "SUPPORTED"]
