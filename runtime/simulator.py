@@ -1,0 +1,549 @@
+"""The bit-exact simulator of a neuromorphic program (inference and on-chip EP learning).
+
+Every value is an integer; tensors are float64 holding integers, which is exact (all sums
+stay far below 2^53, and the validator proves each synapse's 32-bit accumulator cannot
+overflow) and much faster than integer dtypes. The arithmetic, step by step, is the one
+ISA.md documents:
+
+  acc    = chain(M_eff, s_src)                   exact integer sum of products
+  term   = round_shift(rmul * acc, shift)         per synapse, round half up
+  drive  = sum of terms + bias - nudge            checked against 32 bits (saturate, count)
+  s      = clamp(drive, lo, hi)                   the activation; identity / relu states
+                                                  saturate at their memory width (counted)
+
+A phase sweeps its colour classes until no state changes (the integer fixed point), a
+state vector repeats (a cycle), or the sweep cap. Each sample stops on its own: a sample's
+result never depends on the rest of its batch. Learning applies the EP update from the two
+nudged equilibria to the integer mantissas with stochastic rounding driven by the
+program's counter-mode PRNG, so a training run is reproducible from the program alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as TF
+
+from epc.compiler import ops as O
+from epc.compiler.errors import EpcError
+from epc.compiler.ir import ChannelScale, Conv, Dense, Flatten, Identity, MaxPool
+
+# the program data model lives with the target; the simulator only reads it
+from epc.targets.neuromorphic.isa import (ACC_BITS, BETA_FRAC, COST_WEIGHT_FRAC, Program,
+                                          SynOp)
+
+EXP_MAX = 31
+ACC_MAX = float((1 << (ACC_BITS - 1)) - 1)
+ACC_MIN = float(-(1 << (ACC_BITS - 1)))
+
+
+# --------------------------------------------------------------------------- arithmetic
+def round_shift(x: torch.Tensor, sh: int) -> torch.Tensor:
+    """x / 2^sh rounded half up (sh > 0); exact left shift for sh <= 0."""
+    if sh <= 0:
+        return x * float(1 << -sh)
+    return torch.floor((x + float(1 << (sh - 1))) / float(1 << sh))
+
+
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def hash32(x: np.ndarray) -> np.ndarray:
+    """A 32-bit integer mixer (xorshift-multiply, 'lowbias32'); the PRNG's core."""
+    x = np.asarray(x, dtype=np.uint64) & _M32
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(0x7FEB352D)) & _M32
+    x ^= x >> np.uint64(15)
+    x = (x * np.uint64(0x846CA68B)) & _M32
+    x ^= x >> np.uint64(16)
+    return x
+
+
+def prng_words(seed: int, step: int, stream: int, n: int) -> np.ndarray:
+    """n 32-bit words for learning step `step` and memory `stream` (counter mode:
+    word_i = hash32(key ^ i), key = hash32(seed + 0x9E3779B9 * (step + 1) ^ hash32(stream)))."""
+    k = (int(seed) + 0x9E3779B9 * (int(step) + 1)) & 0xFFFFFFFF
+    key = int(hash32(np.array([k ^ int(hash32(np.array([stream]))[0])]))[0])
+    return hash32(np.arange(n, dtype=np.uint64) ^ np.uint64(key))
+
+
+def stochastic_shift(num: torch.Tensor, sh: int, words: np.ndarray) -> torch.Tensor:
+    """floor((num + r) / 2^sh) with r uniform in [0, 2^sh) from 32-bit PRNG words."""
+    if sh <= 0:
+        return num * float(1 << -sh)
+    r = torch.as_tensor(words.astype(np.float64), dtype=torch.float64).reshape(num.shape)
+    r = torch.floor(r / float(1 << (32 - sh))) if sh <= 32 else r * float(1 << (sh - 32))
+    return torch.floor((num + r) / float(1 << sh))
+
+
+# --------------------------------------------------------------------------- chains
+@dataclass
+class _Chain:
+    """A synapse prepared for execution: IR ops over effective mantissas + output scale."""
+
+    name: str
+    src: str
+    dst: str
+    kind: str
+    feedback: bool
+    learn: bool
+    steps: list            # (SynOp, ir op or None)
+    mult: float
+    shift: int
+    has_max: bool
+    weights: list[tuple[str, int]] = field(default_factory=list)   # (memory, e_min)
+
+
+def _ir_op(op: SynOp):
+    if op.kind == "dense":
+        return Dense(op.w)
+    if op.kind == "conv":
+        return Conv(op.w, list(op.stride), list(op.pads), list(op.dilation), op.groups)
+    if op.kind == "chscale":
+        return ChannelScale(op.w)
+    if op.kind == "maxpool":
+        return MaxPool(list(op.kernel), list(op.stride), list(op.pads), list(op.dilation), op.ceil)
+    if op.kind == "flatten":
+        return Flatten()
+    if op.kind == "identity":
+        return Identity()
+    return None   # sumpool, gsum: integer sums done here
+
+
+def _fwd(op: SynOp, ir, x: torch.Tensor, W: dict):
+    if ir is not None:
+        return O.forward(ir, x, W)
+    if op.kind == "sumpool":
+        y = TF.avg_pool2d(x, list(op.kernel), list(op.stride), [op.pads[0], op.pads[1]],
+                          op.ceil, True, 1)
+        return y, x.shape
+    if op.kind == "gsum":
+        return x.sum(dim=(2, 3), keepdim=op.keepdims), x.shape
+    raise EpcError(f"unknown synapse op {op.kind}")
+
+
+def _adj(op: SynOp, ir, g: torch.Tensor, ctx, W: dict):
+    if ir is not None:
+        return O.adjoint(ir, g, ctx, W)
+    if op.kind == "sumpool":
+        x = torch.zeros(ctx, dtype=g.dtype)
+        return torch.ops.aten.avg_pool2d_backward(g, x, list(op.kernel), list(op.stride),
+                                                  [op.pads[0], op.pads[1]], op.ceil, True, 1)
+    if op.kind == "gsum":
+        n, c, h, w = ctx
+        return g.reshape(n, c, 1, 1).expand(n, c, h, w)
+    raise EpcError(f"unknown synapse op {op.kind}")
+
+
+@dataclass
+class Stats:
+    """Counters of one simulator run."""
+
+    overflow_acc: int = 0        # synapse accumulators beyond 32 bits (saturated)
+    overflow_state: int = 0      # identity/relu states saturated at their memory width
+    overflow_weight: int = 0     # learned mantissas saturated
+    overflow_bias: int = 0
+    synops: int = 0              # multiply-accumulates executed
+    renormalizations: int = 0    # exponent raises by the learning step
+
+    @property
+    def overflows(self) -> int:
+        return self.overflow_acc + self.overflow_state + self.overflow_weight + self.overflow_bias
+
+    def as_dict(self) -> dict:
+        return {"accumulator": self.overflow_acc, "state": self.overflow_state,
+                "weight": self.overflow_weight, "bias": self.overflow_bias}
+
+
+@dataclass
+class PhaseResult:
+    states: dict
+    sweeps: np.ndarray          # per sample: sweeps run (the last one changed nothing if settled)
+    settled: np.ndarray         # bool per sample: reached the integer fixed point
+    cycled: np.ndarray          # bool per sample: a state vector repeated (a cycle)
+
+
+class Simulator:
+    """Executes a validated Program. Not thread-safe; cheap to construct."""
+
+    def __init__(self, prog: Program, *, renormalize: bool = True):
+        self.p = prog
+        self.renormalize = renormalize
+        self.F = prog.frac_bits
+        self.stats = Stats()
+        self.groups = {g.name: g for g in prog.groups}
+        self.mems = {m.name: m for m in prog.memories}
+        self.costs = prog.costs
+        self._shape_cache: dict = {}
+        self._build()
+
+    # ---- setup
+    def _build(self) -> None:
+        p = self.p
+        self.W: dict[str, torch.Tensor] = {}
+        self.emin: dict[str, int] = {}
+        for m in p.memories:
+            if m.kind == "weight":
+                self._load_weight(m.name)
+        self.bias = {g.name: torch.as_tensor(self.mems[g.bias].data, dtype=torch.float64)
+                     for g in p.groups if g.bias}
+        self.chains: list[_Chain] = []
+        wexp = {op.w: op.e for s in p.synapses for op in s.ops if op.w}
+        self.wexp = wexp
+        for s in p.synapses:
+            steps = [(op, _ir_op(op)) for op in s.ops]
+            shift = sum(op.rshift for op in s.ops)
+            mult = 1
+            ws = []
+            for op in s.ops:
+                mult *= op.rmul
+                if op.w:
+                    shift -= self.emin[op.w]
+                    ws.append((op.w, self.emin[op.w]))
+            self.chains.append(_Chain(s.name, s.src, s.dst, s.kind, s.feedback, s.learn, steps,
+                                      float(mult), shift, any(o.kind == "maxpool" for o in s.ops),
+                                      ws))
+        # teacher groups are driven by teacher synapses only, the others never by them
+        self.inbound = {g: [c for c in self.chains if c.dst == g and
+                            (c.kind == "teacher") == (self.groups[g].role == "teacher")]
+                        for g in self.groups}
+        self.feedback = {g: [c for c in self.chains if c.src == g and c.feedback]
+                         for g in self.groups}
+        self.macs = {c.name: self._chain_macs(c) for c in self.chains}
+        rng = np.random.default_rng(12345)   # hash coefficients for cycle detection only
+        self._hcoef = {g: torch.as_tensor(rng.integers(1, 2 ** 20, size=int(np.prod(
+            self.mems[self.groups[g].mem].shape))).astype(np.float64)) for g in self.groups}
+
+    def _load_weight(self, name: str) -> None:
+        m = self.mems[name]
+        en = next((op.e for s in self.p.synapses for op in s.ops if op.w == name), None)
+        e = self.mems[en].data.astype(np.int64) if en else np.zeros(1, np.int64)
+        emin = int(e.min())
+        M = m.data.astype(np.float64)
+        if e.size > 1:
+            M = M * (2.0 ** (e - emin)).reshape((-1,) + (1,) * (M.ndim - 1))
+        self.W[name] = torch.as_tensor(M)
+        self.emin[name] = emin
+
+    def _rescale_chains(self, w: str) -> None:
+        """After an exponent change of weight memory w: recompute the chains' shifts."""
+        for c in self.chains:
+            if any(n == w for n, _ in c.weights):
+                c.shift = sum(op.rshift for op, _ in c.steps) - sum(
+                    self.emin[n] for n, _ in c.weights)
+                c.weights = [(n, self.emin[n]) for n, _ in c.weights]
+
+    def _chain_macs(self, c: _Chain) -> int:
+        shape = tuple(self.mems[self.groups[c.src].mem].shape if c.src in self.groups
+                      else self.mems[c.src].shape)
+        x = torch.zeros((1, *shape), dtype=torch.float64)
+        total = 0
+        for op, ir in c.steps:
+            y, _ = _fwd(op, ir, x, self.W)
+            if op.kind == "dense":
+                total += int(np.prod(self.W[op.w].shape))
+            elif op.kind == "conv":
+                total += int(np.prod(y.shape[1:])) * int(np.prod(self.W[op.w].shape[1:]))
+            elif op.kind in ("sumpool", "gsum", "chscale"):
+                total += int(np.prod(x.shape[1:]))
+            x = y
+        return total
+
+    # ---- one synapse
+    def _scale(self, v: torch.Tensor, c: _Chain) -> torch.Tensor:
+        if c.mult != 1.0:
+            v = v * c.mult
+        over = (v > ACC_MAX) | (v < ACC_MIN)
+        if bool(over.any()):
+            self.stats.overflow_acc += int(over.sum())
+            v = v.clamp(ACC_MIN, ACC_MAX)
+        return round_shift(v, c.shift)
+
+    def _forward(self, c: _Chain, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+        ctxs = []
+        for op, ir in c.steps:
+            x, ctx = _fwd(op, ir, x, self.W)
+            ctxs.append(ctx)
+        return x, ctxs
+
+    def _adjoint(self, c: _Chain, g: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        if c.has_max:
+            _, ctxs = self._forward(c, src)
+        else:
+            ctxs, shape = [], tuple(src.shape)
+            for op, ir in c.steps:   # shapes only: no arithmetic needed
+                ctxs.append(shape if op.kind in ("conv", "flatten", "sumpool", "gsum") else None)
+                shape = self._out_shape(op, ir, shape)
+        for (op, ir), ctx in zip(reversed(c.steps), reversed(ctxs)):
+            g = _adj(op, ir, g, ctx, self.W)
+        return g
+
+    def _out_shape(self, op, ir, shape):
+        key = (id(op), shape)
+        got = self._shape_cache.get(key)
+        if got is None:
+            y, _ = _fwd(op, ir, torch.zeros((1, *shape[1:]), dtype=torch.float64), self.W)
+            got = (shape[0], *y.shape[1:])
+            self._shape_cache[key] = got
+        return got
+
+    # ---- one group
+    def _drive(self, name: str, s: dict, sign: int, y: torch.Tensor | None) -> torch.Tensor:
+        grp = self.groups[name]
+        n = next(iter(s.values())).shape[0]
+        u = None
+        for c in self.inbound[name]:
+            t = self._scale(self._forward(c, s[c.src])[0], c)
+            u = t if u is None else u + t
+            self.stats.synops += self.macs[c.name] * n
+        if grp.role != "teacher":
+            for c in self.feedback[name]:
+                t = self._scale(self._adjoint(c, s[c.dst], s[name]), c)
+                u = t if u is None else u + t
+                self.stats.synops += self.macs[c.name] * n
+        shape = (n, *self.mems[grp.mem].shape)
+        if u is None:
+            u = torch.zeros(shape, dtype=torch.float64)
+        if grp.bias:
+            u = u + self.bias[name]
+        if sign and grp.role != "teacher":
+            for cost in self.costs:
+                if cost.group != name:
+                    continue
+                tgt = y if cost.target == "label" else s[cost.target]
+                k = BETA_FRAC + COST_WEIGHT_FRAC
+                nudge = round_shift(float(self.p.beta_q * cost.wq) * (s[name] - tgt), k)
+                u = u - sign * nudge
+        over = (u > ACC_MAX) | (u < ACC_MIN)
+        if bool(over.any()):
+            self.stats.overflow_acc += int(over.sum())
+            u = u.clamp(ACC_MIN, ACC_MAX)
+        if grp.act != "clip":
+            # identity / relu: a bound is the memory's range, so hitting it is saturation
+            sat = u > grp.hi
+            if grp.act == "identity":
+                sat = sat | (u < grp.lo)
+            if bool(sat.any()):
+                self.stats.overflow_state += int(sat.sum())
+        return u.clamp(float(grp.lo), float(grp.hi))
+
+    # ---- phases
+    def _hash(self, s: dict, names: list[str]) -> np.ndarray:
+        h = None
+        for g in names:
+            v = s[g].reshape(s[g].shape[0], -1)
+            k = (v * self._hcoef[g]).sum(1) + (v * v).sum(1) * 3.0
+            h = k if h is None else h * 1000003.0 + k
+            h = torch.remainder(h, 2.0 ** 52)
+        return h.numpy()
+
+    def settle(self, s: dict, phase: str, *, y: torch.Tensor | None = None,
+               sign: int = 0) -> PhaseResult:
+        """Run one phase on the batch `s` (a dict of [N, ...] integer tensors)."""
+        ph = self.p.phase(phase)
+        s = {k: v.clone() for k, v in s.items()}
+        n = next(iter(s.values())).shape[0]
+        names = [g for cls in ph.classes for g in cls]
+        sweeps = np.zeros(n, dtype=np.int64)
+        settled = np.zeros(n, dtype=bool)
+        cycled = np.zeros(n, dtype=bool)
+        active = np.arange(n)
+        sub = s
+        ysub = y
+        seen: list[dict] = [dict() for _ in range(n)]
+        for k in range(1, ph.sweeps + 1):
+            before = {g: sub[g] for g in names}
+            for cls in ph.classes:
+                new = {g: self._drive(g, sub, sign, ysub) for g in cls}
+                sub = {**sub, **new}
+            changed = torch.zeros(len(active), dtype=torch.bool)
+            for g in names:
+                changed |= (sub[g] != before[g]).reshape(len(active), -1).any(1)
+            sweeps[active] = k
+            ch = changed.numpy()
+            done = ~ch
+            settled[active[done]] = True
+            if phase != "teacher":
+                hs = self._hash(sub, names)
+                for j in np.nonzero(ch)[0]:
+                    i = active[j]
+                    if hs[j] in seen[i]:
+                        cycled[i] = True
+                        done[j] = True
+                    else:
+                        seen[i][hs[j]] = k
+            if done.any() or k == ph.sweeps:
+                at = torch.as_tensor(active)
+                for key in names:
+                    s[key][at] = sub[key]
+                keep = ~done
+                active = active[keep]
+                if len(active) == 0:
+                    break
+                kt = torch.as_tensor(np.nonzero(keep)[0])
+                sub = {key: v[kt] for key, v in sub.items()}
+                ysub = None if y is None else ysub[kt]
+        if phase == "teacher":
+            settled[:] = True
+        return PhaseResult(s, sweeps, settled, cycled)
+
+    # ---- inference
+    def init_states(self, x: np.ndarray | torch.Tensor) -> dict:
+        """Quantize a float input batch to the input memory and zero every state."""
+        xin = self.p.inputs[0]
+        mem = self.mems[xin]
+        xt = torch.as_tensor(np.asarray(x, dtype=np.float64))
+        q = torch.floor(xt * float(1 << self.F) + 0.5)
+        over = (q > mem.hi) | (q < mem.lo)
+        if bool(over.any()):
+            self.stats.overflow_state += int(over.sum())
+        s = {xin: q.clamp(mem.lo, mem.hi).reshape(len(xt), *mem.shape)}
+        for g in self.p.groups:
+            s[g.name] = torch.zeros((len(xt), *self.mems[g.mem].shape), dtype=torch.float64)
+        if self.p.phase("teacher"):
+            s = self.settle(s, "teacher").states
+        return s
+
+    def free(self, x) -> PhaseResult:
+        return self.settle(self.init_states(x), "free")
+
+    def predict(self, x) -> tuple[np.ndarray, PhaseResult]:
+        r = self.free(x)
+        out = self.p.output_group().name
+        return r.states[out].reshape(len(x), -1).argmax(1).numpy(), r
+
+    def label_target(self, labels: np.ndarray) -> torch.Tensor:
+        out = self.p.output_group()
+        shape = self.mems[out.mem].shape
+        y = torch.zeros((len(labels), int(np.prod(shape))), dtype=torch.float64)
+        y[torch.arange(len(labels)), torch.as_tensor(labels, dtype=torch.long)] = float(1 << self.F)
+        return y.reshape(len(labels), *shape)
+
+    # ---- learning
+    def _corr(self, c: _Chain, s: dict) -> dict[str, torch.Tensor]:
+        """d<s_dst, chain(s_src)>/dM_eff summed over the batch: exact integer correlations."""
+        leaves = {w: self.W[w].clone().requires_grad_(True) for w, _ in c.weights}
+        W = {**self.W, **leaves}
+        x = s[c.src]
+        for op, ir in c.steps:
+            x, _ = _fwd(op, ir, x, W)
+        phi = (x * s[c.dst]).sum()
+        gs = torch.autograd.grad(phi, list(leaves.values()))
+        return dict(zip(leaves, gs))
+
+    def learn_step(self, sp: dict, sm: dict, *, lr_shift: int | None = None) -> None:
+        """Apply the EP update from the nudged equilibria s+ and s- to the integer memories."""
+        p = self.p
+        lr = p.lr_shift if lr_shift is None else int(lr_shift)
+        F = self.F
+        learn = set(p.learn)
+        # weights: per memory, sum the contributions of every learned synapse using it
+        contrib: dict[str, list[tuple[torch.Tensor, int]]] = {}
+        for c in self.chains:
+            if c.name not in learn:
+                continue
+            gp, gm = self._corr(c, sp), self._corr(c, sm)
+            S = c.shift
+            for w, emin in c.weights:
+                d = (gp[w] - gm[w]) * c.mult
+                contrib.setdefault(w, []).append((d, lr + 2 * F + S + emin))
+                self.stats.synops += int(np.prod(self.W[w].shape)) * 2 * sp[c.src].shape[0]
+        for stream, (w, parts) in enumerate(sorted(contrib.items())):
+            m = self.mems[w]
+            e = self.mems[self.wexp[w]].data.astype(np.int64)
+            # a part d stands for d * 2^-(b + e_o) mantissa units (e_o: the channel's
+            # exponent); align the parts on the largest b so the sum stays an integer
+            base = max(b for _, b in parts)
+            num = sum(d * float(2 ** (base - b)) for d, b in parts)
+            words = prng_words(p.seed, p.rng_step, stream, m.size)
+            if e.size == 1:
+                dm = stochastic_shift(num, base + int(e[0]), words)
+            else:
+                sh = np.broadcast_to(e.reshape((-1,) + (1,) * (len(m.shape) - 1)), m.shape)
+                dm = torch.empty_like(num)
+                for v in np.unique(e):
+                    mask = sh == v
+                    mt = torch.as_tensor(mask)
+                    dm[mt] = stochastic_shift(num[mt], base + int(v), words[mask.reshape(-1)])
+            newm = torch.as_tensor(m.data, dtype=torch.float64) + dm
+            qmax = float((1 << (m.bits - 1)) - 1)
+            sat = (newm > qmax) | (newm < -qmax)
+            if bool(sat.any()) and self.renormalize:
+                # exponent renormalisation: a saturating channel (or memory) halves its
+                # mantissas (rounding shift) and raises its exponent, so learning can grow
+                # a weight past the range chosen at compile time instead of clipping it
+                em = self.mems[self.wexp[w]]
+                ed = em.data.astype(np.int64).reshape(-1).copy()
+                if ed.size == 1:
+                    rows = torch.ones(newm.shape[0], dtype=torch.bool) if ed[0] < EXP_MAX \
+                        else torch.zeros(newm.shape[0], dtype=torch.bool)
+                else:
+                    rows = sat.reshape(newm.shape[0], -1).any(1) & torch.as_tensor(ed < EXP_MAX)
+                if bool(rows.any()):
+                    if ed.size == 1:
+                        ed[0] += 1
+                    else:
+                        ed[rows.numpy()] += 1
+                    newm[rows] = round_shift(newm[rows], 1)
+                    em.data = ed.reshape(em.shape)
+                    self.stats.renormalizations += int(rows.sum()) if ed.size > 1 else 1
+                sat = (newm > qmax) | (newm < -qmax)
+            self.stats.overflow_weight += int(sat.sum())
+            m.data = newm.clamp(-qmax, qmax).numpy().astype(np.int64)
+            self._load_weight(w)
+            self._rescale_chains(w)
+        for k, g in enumerate(p.groups):
+            if not g.bias or g.bias not in learn:
+                continue
+            bm = self.mems[g.bias]
+            d = sp[g.name] - sm[g.name]
+            b = torch.as_tensor(bm.data, dtype=torch.float64)
+            d = d.sum(0)
+            while d.dim() > b.dim():
+                d = d.sum(0)
+            for ax in range(b.dim()):
+                if b.shape[ax] == 1 and d.shape[ax] != 1:
+                    d = d.sum(ax, keepdim=True)
+            words = prng_words(p.seed, p.rng_step, 1000 + k, bm.size)
+            nb = b + stochastic_shift(d, lr, words)
+            sat = (nb > bm.hi) | (nb < bm.lo)
+            self.stats.overflow_bias += int(sat.sum())
+            bm.data = nb.clamp(bm.lo, bm.hi).numpy().astype(np.int64)
+            self.bias[g.name] = torch.as_tensor(bm.data, dtype=torch.float64)
+        p.rng_step += 1
+
+    def train_batch(self, x, labels, *, lr_shift: int | None = None,
+                    beta_q: int | None = None) -> tuple[PhaseResult, PhaseResult, PhaseResult]:
+        if beta_q is not None:
+            self.p.beta_q = int(beta_q)
+        y = self.label_target(labels)
+        free = self.free(x)
+        sp = self.settle(free.states, "nudge+", y=y, sign=+1)
+        sm = self.settle(free.states, "nudge-", y=y, sign=-1)
+        self.learn_step(sp.states, sm.states, lr_shift=lr_shift)
+        return free, sp, sm
+
+
+# --------------------------------------------------------------------------- resources
+def resources(prog: Program) -> dict:
+    """Memory bytes by kind and synaptic operations per sweep / inference / learning step."""
+    by_kind: dict[str, int] = {}
+    for m in prog.memories:
+        by_kind[m.kind] = by_kind.get(m.kind, 0) + m.nbytes
+    sim = Simulator(prog)
+    per_sweep = 0
+    for c in sim.chains:
+        if c.kind == "teacher":
+            continue
+        per_sweep += sim.macs[c.name] * (2 if c.feedback else 1)
+    learn = sum(int(np.prod(sim.W[w].shape)) * 2 for c in sim.chains if c.name in prog.learn
+                for w, _ in c.weights)
+    free = prog.phase("free")
+    nudge = prog.phase("nudge+")
+    return {"memory_bytes": {**by_kind, "total": sum(by_kind.values())},
+            "synops_per_sweep": per_sweep,
+            "synops_per_inference_max": per_sweep * free.sweeps,
+            "synops_per_learning_step_max": per_sweep * (free.sweeps + 2 * nudge.sweeps) + learn,
+            "parameters": sum(m.size for m in prog.memories if m.kind in ("weight", "bias"))}

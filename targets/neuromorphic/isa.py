@@ -1,0 +1,211 @@
+"""The instruction set of one neuromorphic core: what a program is made of.
+
+A program is a list of declarations (memories, neuron groups, synapse chains, costs) and
+a sequence of phases (teacher pass, free settling, the two nudged phases, the learning
+step). ISA.md beside this file documents the arithmetic; this module holds the data model
+shared by the quantizer, assembler, binary codec, validator and simulator.
+
+Numbers: every value in a memory is an integer. States are fixed point with F fractional
+bits (1.0 = 2^F); a weight mantissa M with exponent e stands for M * 2^e; a bias is stored
+at state scale (b * 2^F). The simulator keeps integers in float64 tensors (exact below
+2^53), which is far faster than integer dtypes on CPUs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ISA_VERSION = 1            # of the program format (assembly and binary); bump on changes
+MAGIC = b"EPCNC\x00"       # first bytes of a binary program
+ASM_HEADER = ".epc-nc"     # first token of an assembly program
+
+ACC_BITS = 32              # accumulator width of a synapse chain (checked worst case)
+MEM_KINDS = ("input", "state", "weight", "exp", "bias")
+GROUP_ROLES = ("hidden", "output", "tap", "teacher")
+GROUP_ACTS = ("clip", "relu", "identity")
+SYN_KINDS = ("forward", "residual", "tap", "teacher")
+PHASES = ("teacher", "free", "nudge+", "nudge-")
+MAX_SWEEP_CAP = 100000
+WEIGHT_BITS_RANGE = (2, 16)
+STATE_BITS_RANGE = (2, 24)
+EXP_RANGE = (-31, 31)
+BETA_FRAC = 12            # fractional bits of the nudge strength constant
+COST_WEIGHT_FRAC = 8      # fractional bits of a cost's weight
+SHIFT_RANGE = (-24, 48)   # allowed total right shift of a synapse chain
+
+
+@dataclass
+class Memory:
+    """An on-core memory: `bits` wide two's complement (signed) or unsigned words.
+
+    kind: input (clamped input, written by the host), state (a neuron group's values),
+          weight (mantissas), exp (weight exponents: [1] per synapse, or [C_out]),
+          bias (at state scale).
+    data: the contents of a constant memory (weight/exp/bias), int64; None otherwise.
+    """
+
+    name: str
+    kind: str
+    signed: bool
+    bits: int
+    shape: tuple[int, ...]
+    data: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+    @property
+    def lo(self) -> int:
+        return -(1 << (self.bits - 1)) if self.signed else 0
+
+    @property
+    def hi(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes used when packed at `bits` per word."""
+        return (self.size * self.bits + 7) // 8
+
+    def type_str(self) -> str:
+        return f"{'s' if self.signed else 'u'}{self.bits}"
+
+
+@dataclass
+class Group:
+    """A neuron group: its state memory, activation bounds (integers), bias and role.
+
+    The activation is clipping: s = clamp(drive, lo, hi); an identity state has the full
+    range of its (signed) memory and saturates there.
+    """
+
+    name: str
+    mem: str
+    lo: int
+    hi: int
+    role: str = "hidden"
+    bias: str | None = None
+    act: str = "clip"     # clip: both bounds are the activation; relu: the upper bound is
+                          # saturation (counted); identity: both bounds are saturation
+
+
+@dataclass
+class SynOp:
+    """One stage of a synapse chain.
+
+    kind: dense (w, e), conv (w, e, stride, pads, dilation, groups), chscale (w, e),
+          maxpool (kernel, stride, pads, dilation, ceil), sumpool (kernel, stride, pads,
+          ceil, rmul, rshift), gsum (keepdims, rmul, rshift), flatten, identity.
+    A sumpool/gsum sums its window exactly; the division by the window area is the
+    multiply by `rmul` and `rshift` more bits of the chain's final rounding shift (for a
+    power-of-two area rmul = 1 and the division is exact).
+    """
+
+    kind: str
+    w: str | None = None
+    e: str | None = None
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    ceil: bool = False
+    keepdims: bool = True
+    rmul: int = 1
+    rshift: int = 0
+
+    WEIGHTED = ("dense", "conv", "chscale")
+    KINDS = ("dense", "conv", "chscale", "maxpool", "sumpool", "gsum", "flatten", "identity")
+
+
+@dataclass
+class Synapse:
+    """A coupling: drive into `dst` is the chain applied to `src`; with feedback, the
+    chain's transpose (at the current src) drives `src` too. learn: the learning step
+    updates its weight memories."""
+
+    name: str
+    src: str
+    dst: str
+    ops: list[SynOp]
+    kind: str = "forward"
+    feedback: bool = False
+    learn: bool = True
+
+
+@dataclass
+class CostSpec:
+    """An mse nudge on `group`: drive -= round_shift(sign * beta_q * wq * (s - y),
+    BETA_FRAC + COST_WEIGHT_FRAC); y is the one-hot label (1.0 = 2^F) or a teacher group."""
+
+    name: str
+    group: str
+    target: str = "label"
+    wq: int = 1 << COST_WEIGHT_FRAC
+
+
+@dataclass
+class Phase:
+    """A settling phase: `classes` are updated in order (a class's groups as one block
+    from the same snapshot) each sweep, until no state changes or `sweeps` sweeps."""
+
+    name: str
+    sweeps: int
+    classes: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
+class Program:
+    name: str
+    frac_bits: int = 8
+    beta_q: int = 0                     # nudge strength * 2^BETA_FRAC
+    lr_shift: int = 10                  # learning rate 2^-lr_shift (see ISA.md)
+    seed: int = 0                       # PRNG seed for stochastic rounding
+    rng_step: int = 0                   # PRNG counter (learning steps taken)
+    inputs: list[str] = field(default_factory=list)     # input memories
+    memories: list[Memory] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)
+    synapses: list[Synapse] = field(default_factory=list)
+    costs: list[CostSpec] = field(default_factory=list)
+    phases: list[Phase] = field(default_factory=list)
+    learn: list[str] = field(default_factory=list)      # synapses and group biases learned
+    meta: dict = field(default_factory=dict)            # provenance: str -> str
+
+    def mem(self, name: str) -> Memory:
+        for m in self.memories:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    def phase(self, name: str) -> Phase | None:
+        for p in self.phases:
+            if p.name == name:
+                return p
+        return None
+
+    def output_group(self) -> Group:
+        return next(g for g in self.groups if g.role == "output")
+
+    @property
+    def beta(self) -> float:
+        return self.beta_q / (1 << BETA_FRAC)
+
+
+def bits_for_signed(lo: int, hi: int) -> int:
+    """Smallest two's complement width holding [lo, hi]."""
+    b = 1
+    while -(1 << (b - 1)) > lo or (1 << (b - 1)) - 1 < hi:
+        b += 1
+    return b
+
+
+def bits_for_unsigned(hi: int) -> int:
+    return max(1, int(hi).bit_length())

@@ -1,0 +1,323 @@
+"""The quantization pass: an energy Graph (with schedule) -> a fixed-point Program.
+
+Weights become signed mantissas of `weight_bits` bits with one power-of-two exponent per
+weight (or per output channel); states become fixed point with `frac_bits` fractional
+bits; biases and the nudge strength use the same state scale. Exponents are chosen from
+the weights alone (least squared weight error among the candidates near the max-abs
+exponent) or, given calibration activations, to minimise the error of each synapse's
+forward and feedback outputs on real equilibria. Everything the core cannot express
+(softmax costs, hard sigmoids with a slope, spiking neurons, average pools with a
+position-dependent divisor) is refused here with an EpcError naming the entity.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from epc.compiler import ops as O
+from epc.compiler.errors import EpcError
+from epc.compiler.ir import (AvgPool, ChannelScale, Conv, Dense, Flatten, GlobalAvgPool, Graph,
+                             Identity, MaxPool)
+
+from .isa import (BETA_FRAC, COST_WEIGHT_FRAC, CostSpec, Group, Memory, Phase, Program,
+                  SynOp, Synapse, bits_for_signed, bits_for_unsigned)
+
+INPUT_INT_BITS = 8          # input memories: signed, F + 8 bits (range +-128)
+FREE_INT_BITS = 8           # identity/relu states: F + 8 bits
+BIAS_BITS = 16
+EXP_BITS = 8
+DEFAULT_BETA = 0.5
+
+
+def _q_state(x: float, F: int) -> int:
+    return int(math.floor(x * (1 << F) + 0.5))
+
+
+def _lower_state(st, F: int) -> tuple[Memory, int, int, str]:
+    a = st.act
+    where = f"state {st.name}"
+    if st.neuron != "rate":
+        raise EpcError(f"{where}: neuron model {st.neuron!r} cannot run on the neuromorphic "
+                       f"target (it has no spike generator); compile with --neuron rate")
+    if a.kind == "hardsigmoid":
+        if a.alpha == 1.0 and a.beta == 0.0:
+            a_lo, a_hi = 0.0, 1.0
+        else:
+            raise EpcError(f"{where}: hard sigmoid with slope {a.alpha} and offset {a.beta} is "
+                           f"not a clip; the core's activation is clamp(u, lo, hi) "
+                           f"(use --activation clip:C)")
+    elif a.kind == "clip":
+        a_lo, a_hi = a.lo, a.hi
+    elif a.kind == "relu":
+        a_lo, a_hi = 0.0, None
+    elif a.kind == "identity":
+        a_lo, a_hi = None, None
+    else:
+        raise EpcError(f"{where}: activation {a.kind} is not supported by the neuromorphic "
+                       f"target (clip, relu, identity)")
+    if a_lo is not None and a_lo >= 0:
+        lo = _q_state(a_lo, F)
+        if a_hi is None:
+            bits = F + FREE_INT_BITS
+            return Memory(st.name, "state", False, bits, tuple(st.shape)), lo, (1 << bits) - 1, "relu"
+        else:
+            hi = _q_state(a_hi, F)
+            bits = bits_for_unsigned(hi)
+            if hi > 1 and hi & (hi - 1) == 0:
+                # clip(0, 2^k): saturate one LSB below the bound so the state fits k bits
+                # (e.g. clip(0, 1) at F = 8 is u8 0..255); documented in ISA.md.
+                bits -= 1
+                hi -= 1
+        return Memory(st.name, "state", False, bits, tuple(st.shape)), lo, hi, "clip"
+    if a_lo is None:
+        bits = F + FREE_INT_BITS
+        mem = Memory(st.name, "state", True, bits, tuple(st.shape))
+        return mem, mem.lo, mem.hi, "identity"
+    lo, hi = _q_state(a_lo, F), _q_state(a_hi, F)
+    bits = bits_for_signed(lo, hi)
+    return Memory(st.name, "state", True, bits, tuple(st.shape)), lo, hi, "clip"
+
+
+# --------------------------------------------------------------------------- weights
+def _candidates(maxabs: float, qmax: int) -> list[int]:
+    if maxabs <= 0:
+        return [0]
+    e0 = math.ceil(math.log2(maxabs / qmax))
+    if maxabs / 2.0 ** e0 > qmax:   # float rounding at an exact power of two
+        e0 += 1
+    return [e0 - k for k in range(4)]
+
+
+def _quant(w: np.ndarray, e: np.ndarray, qmax: int) -> np.ndarray:
+    return np.clip(np.floor(w / 2.0 ** e + 0.5), -qmax, qmax)
+
+
+def _bshape(e: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return e.reshape((-1,) + (1,) * (w.ndim - 1)) if e.size > 1 else e.reshape(())
+
+
+def quantize_weight(w: np.ndarray, bits: int, per_channel: bool,
+                    err_fn=None) -> tuple[np.ndarray, np.ndarray]:
+    """Mantissas (int64, |M| <= 2^(bits-1) - 1) and exponents ([1] or [C_out], int64).
+
+    err_fn(w_hat) -> per-channel (or scalar) error of a dequantized weight; default: the
+    squared weight error."""
+    w = np.asarray(w, dtype=np.float64)
+    qmax = (1 << (bits - 1)) - 1
+    if err_fn is None:
+        def err_fn(wh):
+            d = (wh - w) ** 2
+            return d.reshape(d.shape[0], -1).sum(1) if per_channel and w.ndim > 0 else d.sum()
+    if per_channel and w.ndim >= 1 and w.shape[0] > 1:
+        rows = np.abs(w).reshape(w.shape[0], -1).max(1)
+        cands = np.stack([np.array(_candidates(float(r), qmax)
+                                   + [_candidates(float(r), qmax)[-1]] * (4 - len(_candidates(float(r), qmax))))
+                          for r in rows])           # [C, 4]
+        best_e = cands[:, 0].copy()
+        best_err = np.full(w.shape[0], np.inf)
+        for k in range(cands.shape[1]):
+            e = cands[:, k]
+            wh = _quant(w, _bshape(e, w), qmax) * 2.0 ** _bshape(e, w)
+            err = np.asarray(err_fn(wh), dtype=np.float64).reshape(-1)
+            if err.size == 1:
+                err = np.full(w.shape[0], float(err[0]))
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_e = np.where(better, e, best_e)
+        e = best_e.astype(np.int64)
+    else:
+        best = None
+        for e0 in _candidates(float(np.abs(w).max()) if w.size else 0.0, qmax):
+            e = np.array([e0], dtype=np.int64)
+            wh = _quant(w, e.reshape(()), qmax) * 2.0 ** e0
+            err = float(np.asarray(err_fn(wh)).sum())
+            if best is None or err < best[0]:
+                best = (err, e)
+        e = best[1]
+    m = _quant(w, _bshape(e, w), qmax).astype(np.int64)
+    return m, e
+
+
+def _calib_err_fn(g: Graph, coupling, wname: str, acts: dict, per_channel: bool):
+    """Error of one synapse's forward and feedback outputs with weight `wname` replaced."""
+    base = {k: torch.as_tensor(np.asarray(v), dtype=torch.float64) for k, v in g.weights.items()}
+    xs = torch.as_tensor(acts[coupling.src], dtype=torch.float64)
+    yd = torch.as_tensor(acts[coupling.dst], dtype=torch.float64)
+    ref_f, ctx = O.chain_forward(coupling.ops, xs, base)
+    ref_b = O.chain_adjoint(coupling.ops, yd, ctx, base) if coupling.feedback else None
+
+    def err(wh):
+        wd = dict(base)
+        wd[wname] = torch.as_tensor(wh, dtype=torch.float64)
+        f, ctx2 = O.chain_forward(coupling.ops, xs, wd)
+        d = (f - ref_f) ** 2
+        if per_channel and d.dim() >= 2 and d.shape[1] == wh.shape[0]:
+            e = d.transpose(0, 1).reshape(d.shape[1], -1).sum(1)
+        else:
+            e = d.sum()
+        if ref_b is not None:
+            b = ((O.chain_adjoint(coupling.ops, yd, ctx2, wd) - ref_b) ** 2).sum()
+            e = e + (b / e.numel() if e.dim() else b)
+        return e.numpy()
+    return err
+
+
+# --------------------------------------------------------------------------- chains
+def _pool_divisor(where: str, op, in_shape) -> int:
+    if isinstance(op, GlobalAvgPool):
+        return int(in_shape[1] * in_shape[2])
+    kh, kw = op.kernel
+    if any(op.pads) and not op.count_include_pad:
+        raise EpcError(f"{where}: average pool with padding that excludes the pad from the "
+                       f"count has a position-dependent divisor; the core divides by one "
+                       f"constant (use count_include_pad or no padding)")
+    if op.ceil_mode:
+        for i in range(2):
+            size = in_shape[1 + i] + op.pads[i] + op.pads[2 + i]
+            out = O._pool_out(in_shape[1 + i], op.kernel[i], op.stride[i], op.pads[i],
+                              op.pads[2 + i], 1, True)
+            if (out - 1) * op.stride[i] + op.kernel[i] > size:
+                raise EpcError(f"{where}: average pool with ceil_mode has partial windows "
+                               f"(position-dependent divisor); not supported on the core")
+    return kh * kw
+
+
+def _reciprocal(area: int) -> tuple[int, int]:
+    """(rmul, rshift) with rmul / 2^rshift ~= 1 / area; exact for powers of two."""
+    if area & (area - 1) == 0:
+        return 1, area.bit_length() - 1
+    k = 7 + math.ceil(math.log2(area))
+    return int(round(2 ** k / area)), k
+
+
+def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
+                   per_channel: bool = False, acts: dict | None = None,
+                   beta: float = DEFAULT_BETA, lr_shift: int | None = None,
+                   seed: int = 0) -> Program:
+    """Lower an energy graph to a Program (not yet validated: see validate.py)."""
+    if not g.is_energy:
+        raise EpcError(f"graph {g.name}: the neuromorphic target needs an energy graph "
+                       f"(compile the model first)")
+    if g.schedule is None:
+        raise EpcError(f"graph {g.name}: no schedule; run the schedule pass first")
+    if not 2 <= weight_bits <= 16:
+        raise EpcError(f"--weight-bits {weight_bits}: supported 2..16 (4-8 recommended)")
+    if not 1 <= frac_bits <= 16:
+        raise EpcError(f"--frac-bits {frac_bits}: supported 1..16")
+    if any(not isinstance(w, np.ndarray) for w in g.weights.values()):
+        raise EpcError(f"graph {g.name}: weights without data; compile from a bundle")
+    F = frac_bits
+    p = Program(name=g.name, frac_bits=F, beta_q=int(round(beta * (1 << BETA_FRAC))),
+                seed=int(seed) & 0xFFFFFFFF)
+    for inp in g.inputs:
+        p.memories.append(Memory(inp.name, "input", True, F + INPUT_INT_BITS, tuple(inp.shape)))
+        p.inputs.append(inp.name)
+    for st in g.states:
+        mem, lo, hi, act = _lower_state(st, F)
+        p.memories.append(mem)
+        grp = Group(st.name, mem.name, lo, hi, st.role, None, act)
+        if st.bias:
+            b = np.asarray(g.weights[st.bias], dtype=np.float64)
+            bq = np.floor(b * (1 << F) + 0.5).astype(np.int64)
+            bits = max(BIAS_BITS, bits_for_signed(int(bq.min(initial=0)), int(bq.max(initial=0))))
+            bname = f"b.{st.name}"
+            p.memories.append(Memory(bname, "bias", True, bits, tuple(b.shape), bq))
+            grp.bias = bname
+        p.groups.append(grp)
+
+    # weights: one memory per weight name (shared weights stay shared)
+    done: dict[str, tuple[str, str]] = {}
+    shapes = {x.name: tuple(x.shape) for x in list(g.inputs) + list(g.states)}
+    for c in g.couplings:
+        where = f"coupling {c.name}"
+        shape = shapes[c.src]
+        lowered: list[SynOp] = []
+        for op in c.ops:
+            if isinstance(op, (Dense, Conv, ChannelScale)):
+                if op.weight not in done:
+                    w = np.asarray(g.weights[op.weight], dtype=np.float64)
+                    err = (_calib_err_fn(g, c, op.weight, acts, per_channel)
+                           if acts is not None and c.src in acts and c.dst in acts else None)
+                    m, e = quantize_weight(w, weight_bits, per_channel, err)
+                    wn, en = f"w.{op.weight}", f"e.{op.weight}"
+                    p.memories.append(Memory(wn, "weight", True, weight_bits, tuple(w.shape), m))
+                    p.memories.append(Memory(en, "exp", True, EXP_BITS, (int(e.size),), e))
+                    done[op.weight] = (wn, en)
+                wn, en = done[op.weight]
+                if isinstance(op, Dense):
+                    lowered.append(SynOp("dense", w=wn, e=en))
+                elif isinstance(op, ChannelScale):
+                    lowered.append(SynOp("chscale", w=wn, e=en))
+                else:
+                    lowered.append(SynOp("conv", w=wn, e=en, stride=tuple(op.stride),
+                                         pads=tuple(op.pads), dilation=tuple(op.dilation),
+                                         groups=int(op.groups)))
+            elif isinstance(op, MaxPool):
+                lowered.append(SynOp("maxpool", kernel=tuple(op.kernel), stride=tuple(op.stride),
+                                     pads=tuple(op.pads), dilation=tuple(op.dilation),
+                                     ceil=bool(op.ceil_mode)))
+            elif isinstance(op, AvgPool):
+                if any(op.pads[i] != op.pads[i + 2] for i in range(2)):
+                    raise EpcError(f"{where}: average pool with asymmetric padding is not "
+                                   f"supported on the core")
+                rm, rs = _reciprocal(_pool_divisor(where, op, shape))
+                lowered.append(SynOp("sumpool", kernel=tuple(op.kernel), stride=tuple(op.stride),
+                                     pads=tuple(op.pads), ceil=bool(op.ceil_mode),
+                                     rmul=rm, rshift=rs))
+            elif isinstance(op, GlobalAvgPool):
+                rm, rs = _reciprocal(_pool_divisor(where, op, shape))
+                lowered.append(SynOp("gsum", keepdims=bool(op.keepdims), rmul=rm, rshift=rs))
+            elif isinstance(op, Flatten):
+                lowered.append(SynOp("flatten"))
+            elif isinstance(op, Identity):
+                lowered.append(SynOp("identity"))
+            else:
+                raise EpcError(f"{where}: op {op.kind} cannot be lowered to the neuromorphic "
+                               f"core (dense, conv, chscale, maxpool, avgpool, gavgpool, "
+                               f"flatten, identity)")
+            shape = O.out_shape(op, [shape], g.weights)
+        p.synapses.append(Synapse(c.name, c.src, c.dst, lowered, c.kind, bool(c.feedback),
+                                  learn=c.kind != "teacher"))
+
+    for cost in g.costs:
+        if cost.kind != "mse":
+            raise EpcError(f"cost {cost.name}: kind {cost.kind} needs a softmax, which the "
+                           f"integer core does not have; compile with --cost mse (and no "
+                           f"distillation KL) for the neuromorphic target")
+        wq = int(round(cost.weight * (1 << COST_WEIGHT_FRAC)))
+        p.costs.append(CostSpec(cost.name, cost.state, cost.target, wq))
+    if not p.costs:
+        raise EpcError(f"graph {g.name}: no cost; the nudged phases need one")
+
+    # phases
+    from epc.compiler.reference import coupling_order
+    teachers = [s.name for s in g.states if s.role == "teacher"]
+    if teachers:
+        order = [n for n in coupling_order(g) if n in teachers]
+        p.phases.append(Phase("teacher", 1, [[n] for n in order]))
+    settled = [s.name for s in g.settled_states()]
+    if g.schedule.mode == "sync":
+        classes = [list(settled)]
+    else:
+        classes = [[n for n in cls if n in settled] for cls in g.schedule.classes]
+        classes = [c for c in classes if c]
+    p.phases.append(Phase("free", int(g.schedule.max_sweeps), classes))
+    p.phases.append(Phase("nudge+", int(g.schedule.nudge_sweeps), [list(c) for c in classes]))
+    p.phases.append(Phase("nudge-", int(g.schedule.nudge_sweeps), [list(c) for c in classes]))
+    p.learn = [s.name for s in p.synapses if s.learn and any(o.w for o in s.ops)]
+    p.learn += [gr.bias for gr in p.groups if gr.bias and gr.role != "teacher"]
+    if lr_shift is None:
+        lr_shift = default_lr_shift(beta)
+    p.lr_shift = int(lr_shift)
+    p.meta = {"source": g.attrs.get("source", g.name), "weight_bits": str(weight_bits),
+              "per_channel": str(bool(per_channel)).lower(),
+              "scales": "calibrated" if acts is not None else "weights"}
+    return p
+
+
+def default_lr_shift(beta: float, lr: float = 0.05, batch: int = 32) -> int:
+    """The shift giving the float EP step lr (mean over a batch) for a batch-summed update:
+    2^-lr_shift ~= lr / (2 beta batch) (see ISA.md, learning step)."""
+    return int(round(-math.log2(lr / (2 * abs(beta) * batch))))

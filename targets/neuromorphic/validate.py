@@ -1,0 +1,269 @@
+"""The program validator: what a core would check before loading a program.
+
+`validate(prog, source)` raises one EpcError naming the first bad instruction (e.g.
+`r13.nc: .syn c4: ...`): bit widths in range, words within their width, every reference
+resolved to a memory/group of the right kind, synapse chains that map their source shape
+onto their destination, exponents and shifts in range, a worst-case accumulator that fits
+32 bits (so the simulator's exact arithmetic is also the hardware's), sweep caps, and a
+sequence that updates every settled group exactly once per sweep of each phase.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from epc.compiler.errors import EpcError
+
+from .isa import (ACC_BITS, BETA_FRAC, EXP_RANGE, GROUP_ACTS, GROUP_ROLES, MAX_SWEEP_CAP,
+                  MEM_KINDS, PHASES, SHIFT_RANGE, STATE_BITS_RANGE, SYN_KINDS, WEIGHT_BITS_RANGE,
+                  Program, SynOp)
+
+_BITS = {"weight": WEIGHT_BITS_RANGE, "state": STATE_BITS_RANGE, "input": STATE_BITS_RANGE,
+         "exp": (2, 8), "bias": (2, 32)}
+
+
+def _broadcasts(bshape, shape) -> bool:
+    if len(bshape) > len(shape):
+        return False
+    return all(b in (1, s) for b, s in zip(tuple(bshape)[::-1], tuple(shape)[::-1]))
+
+
+def validate(prog: Program, source: str = "program") -> Program:
+    def fail(where: str, msg: str):
+        raise EpcError(f"{source}: {where}: {msg}")
+
+    if not 1 <= prog.frac_bits <= 16:
+        fail(".config", f"frac_bits={prog.frac_bits} out of range 1..16")
+    if not 0 <= prog.beta_q < (1 << (BETA_FRAC + 8)):
+        fail(".config", f"beta_q={prog.beta_q} out of range 0..{(1 << (BETA_FRAC + 8)) - 1}")
+    if not 0 <= prog.lr_shift <= 48:
+        fail(".config", f"lr_shift={prog.lr_shift} out of range 0..48")
+    if not 0 <= prog.seed <= 0xFFFFFFFF or prog.rng_step < 0:
+        fail(".config", "seed must be a 32-bit unsigned value and rng_step >= 0")
+
+    mems = {}
+    for m in prog.memories:
+        w = f".mem {m.name}"
+        if m.name in mems:
+            fail(w, "declared twice")
+        mems[m.name] = m
+        if m.kind not in MEM_KINDS:
+            fail(w, f"kind {m.kind!r} (supported: {', '.join(MEM_KINDS)})")
+        lo, hi = _BITS[m.kind]
+        if not lo <= m.bits <= hi:
+            fail(w, f"width {m.type_str()} out of range for a {m.kind} memory "
+                    f"({lo}..{hi} bits)")
+        if m.kind in ("weight", "exp", "bias") and not m.signed:
+            fail(w, f"a {m.kind} memory must be signed")
+        if not m.shape or any(d <= 0 for d in m.shape) or m.size > (1 << 28):
+            fail(w, f"bad shape {list(m.shape)}")
+        const = m.kind in ("weight", "exp", "bias")
+        if const and m.data is None:
+            fail(w, "constant memory without .data")
+        if not const and m.data is not None:
+            fail(w, f"a {m.kind} memory has no initial data")
+        if const:
+            d = np.asarray(m.data)
+            if d.shape != tuple(m.shape):
+                fail(w, f"data shape {list(d.shape)} != {list(m.shape)}")
+            if d.size and (int(d.min()) < m.lo or int(d.max()) > m.hi):
+                bad = int(d.min()) if int(d.min()) < m.lo else int(d.max())
+                fail(w, f"word {bad} does not fit {m.type_str()} ({m.lo}..{m.hi})")
+            if m.kind == "exp" and d.size and (d.min() < EXP_RANGE[0] or d.max() > EXP_RANGE[1]):
+                fail(w, f"exponent out of range {EXP_RANGE[0]}..{EXP_RANGE[1]}")
+    if not prog.inputs:
+        fail(".input", "program has no input memory")
+    for n in prog.inputs:
+        if n not in mems or mems[n].kind != "input":
+            fail(f".input {n}", "not an input memory")
+
+    groups = {}
+    for g in prog.groups:
+        w = f".group {g.name}"
+        if g.name in groups:
+            fail(w, "declared twice")
+        groups[g.name] = g
+        if g.mem not in mems or mems[g.mem].kind != "state":
+            fail(w, f"mem={g.mem} is not a state memory")
+        m = mems[g.mem]
+        if g.role not in GROUP_ROLES:
+            fail(w, f"role {g.role!r} (supported: {', '.join(GROUP_ROLES)})")
+        if g.act not in GROUP_ACTS:
+            fail(w, f"act {g.act!r} (supported: {', '.join(GROUP_ACTS)})")
+        if not (m.lo <= g.lo <= g.hi <= m.hi):
+            fail(w, f"bounds lo={g.lo} hi={g.hi} do not fit its memory {m.type_str()} "
+                    f"({m.lo}..{m.hi})")
+        if g.bias is not None:
+            if g.bias not in mems or mems[g.bias].kind != "bias":
+                fail(w, f"bias={g.bias} is not a bias memory")
+            if not _broadcasts(mems[g.bias].shape, m.shape):
+                fail(w, f"bias {g.bias} {list(mems[g.bias].shape)} does not broadcast to "
+                        f"{list(m.shape)}")
+    if sum(g.role == "output" for g in prog.groups) != 1:
+        fail(".group", "a program needs exactly one group with role=output")
+    if len({g.mem for g in prog.groups}) != len(prog.groups):
+        fail(".group", "two groups share a state memory")
+
+    def shape_of(name):
+        if name in groups:
+            return tuple(mems[groups[name].mem].shape)
+        return tuple(mems[name].shape)
+
+    def maxabs(name):
+        if name in groups:
+            return max(abs(groups[name].lo), abs(groups[name].hi))
+        m = mems[name]
+        return max(abs(m.lo), abs(m.hi))
+
+    from epc.runtime.simulator import _fwd, _adj, _ir_op
+    syns = {}
+    for s in prog.synapses:
+        w = f".syn {s.name}"
+        if s.name in syns or s.name in groups:
+            fail(w, "name already used")
+        syns[s.name] = s
+        if s.kind not in SYN_KINDS:
+            fail(w, f"kind {s.kind!r} (supported: {', '.join(SYN_KINDS)})")
+        if s.src not in groups and not (s.src in mems and mems[s.src].kind == "input"):
+            fail(w, f"source {s.src} is neither a group nor an input memory")
+        if s.dst not in groups:
+            fail(w, f"destination {s.dst} is not a group")
+        if s.feedback and s.src not in groups:
+            fail(w, "feedback into a clamped input")
+        teacher_dst = groups[s.dst].role == "teacher"
+        if (s.kind == "teacher") != teacher_dst:
+            fail(w, "teacher synapses drive teacher groups, and only they do")
+        if s.kind == "teacher" and (s.feedback or s.learn):
+            fail(w, "a teacher synapse is frozen (fb=0 learn=0)")
+        if not s.ops:
+            fail(w, "empty chain (use identity)")
+        W = {}
+        total_shift, mult = 0, 1
+        for op in s.ops:
+            if op.kind not in SynOp.KINDS:
+                fail(w, f"unknown op {op.kind}")
+            if op.kind in SynOp.WEIGHTED:
+                if op.w not in mems or mems[op.w].kind != "weight":
+                    fail(w, f"{op.kind}: w={op.w} is not a weight memory")
+                if op.e not in mems or mems[op.e].kind != "exp":
+                    fail(w, f"{op.kind}: e={op.e} is not an exponent memory")
+                wm, em = mems[op.w], mems[op.e]
+                if em.size not in (1, wm.shape[0]):
+                    fail(w, f"{op.kind}: exponent memory {op.e} has {em.size} entries; "
+                            f"expected 1 or {wm.shape[0]} (one per output channel)")
+                e = np.asarray(em.data, dtype=np.int64).reshape(-1)
+                emin = int(e.min())
+                if int(e.max()) - emin > 16:
+                    fail(w, f"{op.kind}: per-channel exponents of {op.e} span "
+                            f"{int(e.max()) - emin} > 16 bits")
+                M = np.abs(np.asarray(wm.data, dtype=np.float64))
+                if e.size > 1:
+                    M = M * (2.0 ** (e - emin)).reshape((-1,) + (1,) * (M.ndim - 1))
+                W[op.w] = torch.as_tensor(M)
+                total_shift -= emin
+            if op.kind in ("conv", "maxpool", "sumpool"):
+                if any(v <= 0 for v in op.stride) or any(v < 0 for v in op.pads) \
+                        or any(v <= 0 for v in op.kernel) or any(v <= 0 for v in op.dilation) \
+                        or op.groups <= 0:
+                    fail(w, f"{op.kind}: bad geometry")
+            if op.kind in ("sumpool", "gsum"):
+                if not 1 <= op.rmul <= (1 << 16) or not 0 <= op.rshift <= 32:
+                    fail(w, f"{op.kind}: rmul={op.rmul} rshift={op.rshift} out of range")
+            total_shift += op.rshift
+            mult *= op.rmul
+        # shapes and the worst case of the 32-bit accumulator, forward and feedback: the
+        # chain over |M| applied to the largest source value bounds every sum it forms
+        try:
+            x = torch.full((1, *shape_of(s.src)), float(maxabs(s.src)), dtype=torch.float64)
+            ctxs = []
+            for op in s.ops:
+                x, ctx = _fwd(op, _ir_op(op), x, W)
+                ctxs.append(ctx)
+        except Exception as ex:   # noqa: BLE001 - any shape failure is a bad program
+            fail(w, f"chain does not apply to {s.src} {list(shape_of(s.src))}: "
+                    f"{str(ex).splitlines()[0] if str(ex) else type(ex).__name__}")
+        if tuple(x.shape[1:]) != shape_of(s.dst):
+            fail(w, f"chain maps {s.src} {list(shape_of(s.src))} to {list(x.shape[1:])}, but "
+                    f"{s.dst} is {list(shape_of(s.dst))}")
+        worst = float(x.max()) * mult if x.numel() else 0.0
+        if s.feedback:
+            g = torch.full((1, *shape_of(s.dst)), float(maxabs(s.dst)), dtype=torch.float64)
+            for op, ctx in zip(reversed(s.ops), reversed(ctxs)):
+                if op.kind == "maxpool":
+                    # the argmax routing may concentrate every window on one element
+                    k = op.kernel[0] * op.kernel[1]
+                    g = _adj(op, _ir_op(op), g, ctx, W) * 0 + float(g.max()) * k
+                else:
+                    g = _adj(op, _ir_op(op), g, ctx, W)
+            worst = max(worst, float(g.abs().max()) * mult)
+        if worst > (1 << (ACC_BITS - 1)) - 1:
+            fail(w, f"worst-case accumulator 2^{math.log2(worst):.1f} overflows the "
+                    f"{ACC_BITS}-bit accumulator (a weight exponent or mantissa width too large)")
+        if total_shift < 0 and worst * 2.0 ** (-total_shift) > (1 << (ACC_BITS - 1)) - 1:
+            fail(w, f"left shift by {-total_shift} overflows the {ACC_BITS}-bit accumulator "
+                    f"(a weight exponent is too large)")
+        if not SHIFT_RANGE[0] <= total_shift <= SHIFT_RANGE[1]:
+            fail(w, f"total shift {total_shift} out of range {SHIFT_RANGE} (a weight exponent "
+                    f"is out of scale)")
+    if not any(s.dst == g.name for s in prog.synapses for g in prog.groups) and prog.groups:
+        fail(".syn", "no synapse drives any group")
+
+    for c in prog.costs:
+        w = f".cost {c.name}"
+        if c.group not in groups:
+            fail(w, f"unknown group {c.group}")
+        if c.target != "label":
+            if c.target not in groups or groups[c.target].role != "teacher":
+                fail(w, f"target {c.target} is neither 'label' nor a teacher group")
+            if shape_of(c.target) != shape_of(c.group):
+                fail(w, f"target {c.target} has a different shape from {c.group}")
+        elif groups[c.group].role not in ("output", "tap"):
+            fail(w, f"a label cost needs an output or tap group, {c.group} is "
+                    f"{groups[c.group].role}")
+        if not 0 <= c.wq < (1 << 16):
+            fail(w, f"wq={c.wq} out of range 0..65535")
+    if not prog.costs:
+        fail(".cost", "no cost: the nudged phases need one")
+
+    seen_phases = set()
+    settled = {g.name for g in prog.groups if g.role != "teacher"}
+    teachers = {g.name for g in prog.groups if g.role == "teacher"}
+    for ph in prog.phases:
+        w = f".phase {ph.name}"
+        if ph.name not in PHASES:
+            fail(w, f"unknown phase (supported: {', '.join(PHASES)})")
+        if ph.name in seen_phases:
+            fail(w, "given twice")
+        seen_phases.add(ph.name)
+        if not 1 <= ph.sweeps <= MAX_SWEEP_CAP:
+            fail(w, f"sweeps={ph.sweeps} out of range 1..{MAX_SWEEP_CAP}")
+        names = [n for cls in ph.classes for n in cls]
+        for n in names:
+            if n not in groups:
+                fail(w, f"update of unknown group {n}")
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            fail(w, f"group {dup} updated twice per sweep")
+        want = teachers if ph.name == "teacher" else settled
+        if set(names) != want:
+            miss = sorted(want - set(names)) or sorted(set(names) - want)
+            fail(w, f"must update exactly the {'teacher' if ph.name == 'teacher' else 'settled'} "
+                    f"groups once per sweep (check {miss[0]})")
+        if ph.name == "teacher" and ph.sweeps != 1:
+            fail(w, "the teacher pass is one feedforward sweep (sweeps=1)")
+    for need in ("free", "nudge+", "nudge-"):
+        if need not in seen_phases:
+            fail(f".phase {need}", "missing")
+    if teachers and "teacher" not in seen_phases:
+        fail(".phase teacher", "missing (the program has teacher groups)")
+    bias_mems = {g.bias for g in prog.groups if g.bias and g.role != "teacher"}
+    for n in prog.learn:
+        if n in syns:
+            s = syns[n]
+            if not s.learn or not any(op.w for op in s.ops):
+                fail(f".learn {n}", "synapse is frozen or has no weights")
+        elif n not in bias_mems:
+            fail(f".learn {n}", "neither a learnable synapse nor a settled group's bias memory")
+    return prog

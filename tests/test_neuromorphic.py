@@ -1,0 +1,361 @@
+"""The neuromorphic target: parity with the float runtime, an independent integer reference,
+the assembly/binary forms, the validator's refusals, and on-chip learning."""
+from __future__ import annotations
+
+import os
+import re
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from epc.compiler.errors import EpcError
+from epc.compiler.options import CompileOptions
+from epc.compiler.pipeline import compile_source
+from epc.runtime.simulator import Simulator
+from epc.targets.neuromorphic import api
+from epc.targets.neuromorphic.assembler import assemble, disassemble
+from epc.targets.neuromorphic.binary import from_bytes, to_bytes
+from epc.targets.neuromorphic.isa import BETA_FRAC, COST_WEIGHT_FRAC
+from epc.targets.neuromorphic.quantize import quantize_graph
+from epc.targets.neuromorphic.validate import validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EX = os.path.join(ROOT, "examples")
+
+
+def _digits(shape):
+    xtr, ytr, xte, yte = api._dataset("digits", shape, num_classes=10)
+    return xtr, ytr, xte, yte
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    """The example MLP compiled to an energy graph, its weights trained by backprop (fast)."""
+    torch.manual_seed(0)
+    g = compile_source(os.path.join(EX, "mlp_digits.onnx"), CompileOptions()).graph
+    xtr, ytr, xte, yte = _digits(g.inputs[0].shape)
+    c1, c2 = g.couplings
+    h, o = g.states
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    x, y = torch.as_tensor(xtr, dtype=torch.float32), torch.as_tensor(ytr)
+    for _ in range(300):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(net(x), torch.nn.functional.one_hot(y, 10).float())
+        loss.backward()
+        opt.step()
+    g.weights[c1.ops[0].weight] = net[0].weight.detach().numpy() * 0.5
+    g.weights[h.bias] = net[0].bias.detach().numpy() * 0.5
+    g.weights[c2.ops[0].weight] = net[2].weight.detach().numpy() * 0.5
+    g.weights[o.bias] = net[2].bias.detach().numpy()
+    return g, (xtr, ytr, xte, yte)
+
+
+def _float_predictions(g, x):
+    from epc.runtime.api import make_engine
+    eng, _, _ = make_engine(g, dtype="float64")
+    r = eng.settle(eng.prepare(torch.as_tensor(x)), tol=0.0, max_sweeps=200)
+    return eng.predict(r.states).numpy()
+
+
+# --------------------------------------------------------------------------- parity
+def test_mlp_parity_8bit_and_4bit(mlp, tmp_path):
+    g, (xtr, ytr, xte, yte) = mlp
+    pf = _float_predictions(g, xte)
+    acc_f = (pf == yte).mean()
+    assert acc_f > 0.9
+    prog = api.compile_program(g, tmp_path / "m8.nc")
+    m = api.evaluate_program(prog, xte, yte)
+    assert abs(m["test_accuracy"] - acc_f) <= 0.003 + 1e-9
+    assert (m["predictions"] == pf).mean() >= 0.99
+    assert m["unsettled"] == 0 and m["overflows"] == 0
+    assert 1 <= m["median_sweeps"] <= m["max_sweeps"] <= prog.phase("free").sweeps
+    p4 = api.compile_program(g, tmp_path / "m4.nc", weight_bits=4, calibrate="digits")
+    m4 = api.evaluate_program(p4, xte, yte)
+    assert m4["test_accuracy"] >= acc_f - 0.015
+    assert p4.mem(g.couplings[0].ops[0].weight.join(("w.", ""))).bits == 4
+
+
+def test_results_do_not_depend_on_batching(mlp):
+    g, (_, _, xte, _) = mlp
+    prog = quantize_graph(g)
+    a = Simulator(prog).free(xte[:40])
+    b = Simulator(prog).free(xte[:17])
+    for name in a.states:
+        assert torch.equal(a.states[name][:17], b.states[name])
+    assert (a.sweeps[:17] == b.sweeps).all()
+
+
+# --------------------------------------------------------------------------- reference
+def _rshift(v: np.ndarray, sh: int) -> np.ndarray:
+    return (v + (1 << (sh - 1))) >> sh if sh > 0 else v << (-sh)
+
+
+def _conv(x, M, op):
+    assert op.groups == 1 and tuple(op.dilation) == (1, 1)
+    pt, pl, pb, pr = op.pads
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    kh, kw = M.shape[2:]
+    sh, sw = op.stride
+    ho, wo = (xp.shape[2] - kh) // sh + 1, (xp.shape[3] - kw) // sw + 1
+    out = np.zeros((x.shape[0], M.shape[0], ho, wo), np.int64)
+    for a in range(kh):
+        for b in range(kw):
+            win = xp[:, :, a:a + sh * (ho - 1) + 1:sh, b:b + sw * (wo - 1) + 1:sw]
+            out += np.einsum("nchw,oc->nohw", win, M[:, :, a, b])
+    return out
+
+
+def _conv_t(g, M, op, in_shape):
+    pt, pl, pb, pr = op.pads
+    n, c, h, w = in_shape
+    kh, kw = M.shape[2:]
+    sh, sw = op.stride
+    ho, wo = g.shape[2:]
+    xp = np.zeros((n, c, h + pt + pb, w + pl + pr), np.int64)
+    for a in range(kh):
+        for b in range(kw):
+            xp[:, :, a:a + sh * (ho - 1) + 1:sh, b:b + sw * (wo - 1) + 1:sw] += \
+                np.einsum("nohw,oc->nchw", g, M[:, :, a, b])
+    return xp[:, :, pt:pt + h, pl:pl + w]
+
+
+class IntReference:
+    """A direct int64 interpreter of a program's free phase (no torch, no float): the
+    ISA.md arithmetic re-implemented for dense, conv, gsum, flatten and identity chains."""
+
+    def __init__(self, prog):
+        self.p = prog
+        self.mem = {m.name: m for m in prog.memories}
+        self.grp = {g.name: g for g in prog.groups}
+
+    def weight(self, op):
+        M = self.mem[op.w].data.astype(np.int64)
+        e = self.mem[op.e].data.astype(np.int64).reshape(-1)
+        if e.size > 1:
+            M = M << (e - e.min()).reshape((-1,) + (1,) * (M.ndim - 1))
+        return M, int(e.min())
+
+    def chain(self, syn, x, adjoint=None):
+        shift, mult, shapes = 0, 1, []
+        for op in syn.ops:
+            shapes.append(x.shape)
+            if op.kind == "dense":
+                M, e = self.weight(op)
+                x, shift = x @ M.T, shift - e
+            elif op.kind == "conv":
+                M, e = self.weight(op)
+                x, shift = _conv(x, M, op), shift - e
+            elif op.kind == "gsum":
+                x = x.sum(axis=(2, 3), keepdims=op.keepdims)
+                shift, mult = shift + op.rshift, mult * op.rmul
+            elif op.kind == "flatten":
+                x = x.reshape(x.shape[0], -1)
+            elif op.kind != "identity":
+                raise NotImplementedError(op.kind)
+        if adjoint is None:
+            return _rshift(x * mult, shift)
+        g = adjoint
+        for op, shp in zip(reversed(syn.ops), reversed(shapes)):
+            if op.kind == "dense":
+                g = g @ self.weight(op)[0]
+            elif op.kind == "conv":
+                g = _conv_t(g, self.weight(op)[0], op, shp)
+            elif op.kind == "gsum":
+                g = np.broadcast_to(g.reshape(g.shape[0], -1, 1, 1), shp).copy()
+            elif op.kind == "flatten":
+                g = g.reshape(shp)
+        return _rshift(g * mult, shift)
+
+    def free(self, x: np.ndarray, sweeps: int) -> dict:
+        F = self.p.frac_bits
+        im = self.mem[self.p.inputs[0]]
+        s = {im.name: np.clip(np.floor(x * (1 << F) + 0.5).astype(np.int64), im.lo, im.hi)}
+        for g in self.p.groups:
+            s[g.name] = np.zeros((len(x), *self.mem[g.mem].shape), np.int64)
+        for _ in range(sweeps):
+            for cls in self.p.phase("free").classes:
+                new = {}
+                for name in cls:
+                    g = self.grp[name]
+                    u = np.zeros_like(s[name])
+                    for syn in self.p.synapses:
+                        if syn.dst == name:
+                            u = u + self.chain(syn, s[syn.src])
+                        if syn.src == name and syn.feedback:
+                            u = u + self.chain(syn, s[name], adjoint=s[syn.dst])
+                    if g.bias:
+                        u = u + self.mem[g.bias].data.astype(np.int64)
+                    new[name] = np.clip(u, g.lo, g.hi)
+                s.update(new)
+        return s
+
+
+def test_mlp_matches_independent_integer_reference(mlp):
+    g, (_, _, xte, _) = mlp
+    prog = quantize_graph(g, weight_bits=6, per_channel=True)
+    prog.phase("free").sweeps = 4
+    sim = Simulator(prog).free(xte[:50]).states
+    ref = IntReference(prog).free(xte[:50], 4)
+    for gr in prog.groups:
+        assert np.array_equal(sim[gr.name].numpy().astype(np.int64), ref[gr.name]), gr.name
+
+
+def test_resnet13_compiles_and_matches_integer_reference(tmp_path):
+    g = compile_source(os.path.join(EX, "resnet13.onnx"), CompileOptions()).graph
+    prog = api.compile_program(g, tmp_path / "r13.nc")
+    again = api.load_program(tmp_path / "r13.nc")
+    assert to_bytes(again) == to_bytes(prog)
+    kinds = {op.kind for s in prog.synapses for op in s.ops}
+    assert {"conv", "gsum", "dense", "identity"} <= kinds
+    assert any(s.kind == "residual" for s in prog.synapses)
+    prog.phase("free").sweeps = 2
+    x = np.random.default_rng(0).random((2, 3, 32, 32))
+    sim = Simulator(prog)
+    got = sim.free(x).states
+    ref = IntReference(prog).free(x, 2)
+    for gr in prog.groups:
+        assert np.array_equal(got[gr.name].numpy().astype(np.int64), ref[gr.name]), gr.name
+    assert any(ref[gr.name].any() for gr in prog.groups)   # the check is not vacuous
+
+
+# --------------------------------------------------------------------------- forms
+def test_assembly_and_binary_round_trip(mlp, tmp_path):
+    g, _ = mlp
+    prog = quantize_graph(g, weight_bits=5, per_channel=True)
+    text = disassemble(prog)
+    back = assemble(text)
+    assert disassemble(back) == text
+    blob = to_bytes(back)
+    assert blob[:6] == b"EPCNC\x00"
+    assert disassemble(from_bytes(blob)) == text
+    # 5-bit weights are bit-packed: the binary is smaller than one byte per weight
+    nweights = sum(m.size for m in prog.memories if m.kind == "weight")
+    assert len(blob) < nweights
+    api.save_program(prog, tmp_path / "p.nca")
+    api.save_program(prog, tmp_path / "p.nc")
+    assert api.is_program(tmp_path / "p.nca") and api.is_program(tmp_path / "p.nc")
+    assert to_bytes(api.load_program(tmp_path / "p.nca")) == to_bytes(api.load_program(tmp_path / "p.nc"))
+    assert not api.is_program(os.path.join(EX, "mlp_digits.onnx"))
+
+
+def _cli(args, capsys):
+    from epc.compiler.cli import main
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.fixture
+def small_prog(mlp, tmp_path):
+    g, _ = mlp
+    path = tmp_path / "p.nc"
+    api.compile_program(g, path)
+    return path
+
+
+def test_corrupt_binaries_are_refused(small_prog, tmp_path, capsys):
+    blob = small_prog.read_bytes()
+    cases = {"trunc.nc": blob[:len(blob) // 2], "flip.nc": blob[:100] + bytes([blob[100] ^ 4]) + blob[101:]}
+    body = bytearray(blob[:-4])
+    struct.pack_into("<H", body, 6, 9)           # a newer version, with a valid CRC
+    cases["newer.nc"] = bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
+    want = {"trunc.nc": "truncated", "flip.nc": "CRC32", "newer.nc": "newer"}
+    for name, data in cases.items():
+        p = tmp_path / name
+        p.write_bytes(data)
+        with pytest.raises(EpcError, match=want[name]):
+            api.load_program(p)
+        code, err = _cli(["run", str(p)], capsys)
+        assert code == 2 and len(err) == 1 and err[0].startswith("epc: error:"), (name, err)
+
+
+def _edit(text: str, old: str, new: str) -> str:
+    assert old in text, old
+    return text.replace(old, new, 1)
+
+
+def test_bad_assembly_is_refused_naming_the_instruction(small_prog, tmp_path, capsys):
+    prog = api.load_program(small_prog)
+    text = disassemble(prog)
+    hid, obias = prog.groups[0].name, prog.output_group().bias
+    first_w = next(line for line in text.splitlines() if line.startswith(".mem w."))
+    wname = first_w.split()[1]
+    ename = "e." + wname[2:]
+    edits = {
+        "typo": (_edit(text, "  dense w=", "  dnese w="), "unknown synapse op 'dnese'"),
+        "width": (_edit(text, first_w, first_w.replace(" s8 ", " s40 ")), f".mem {wname}: width s40"),
+        "newer": (_edit(text, ".epc-nc 1", ".epc-nc 7"), "newer"),
+        "exp": (_edit(text, f".data {ename}\n  ", f".data {ename}\n  30 ; "),
+                "overflows the 32-bit accumulator"),
+        "ref": (_edit(text, f"update {hid}\n", "update nothere\n"), "unknown group nothere"),
+        "word": (re.sub(rf"(\.data {re.escape(obias)}\n  )-?\d+", r"\g<1>99999", text),
+                 "does not fit s16"),
+    }
+    for name, (bad, msg) in edits.items():
+        p = tmp_path / f"{name}.nca"
+        p.write_text(bad)
+        with pytest.raises(EpcError) as ei:
+            api.load_program(p)
+        assert msg in str(ei.value), (name, str(ei.value))
+        code, err = _cli(["run", str(p)], capsys)
+        assert code == 2 and len(err) == 1 and "Traceback" not in err[0], (name, err)
+
+
+def test_unsupported_graphs_are_refused_at_compile_time(mlp, tmp_path):
+    g, _ = mlp
+    g2 = g.copy()
+    g2.costs[0].kind = "ce"
+    with pytest.raises(EpcError, match="softmax"):
+        api.compile_program(g2, tmp_path / "x.nc")
+    with pytest.raises(EpcError, match="weight-bits"):
+        api.compile_program(g, tmp_path / "x.nc", weight_bits=3)
+    assert not (tmp_path / "x.nc").exists()
+
+
+# --------------------------------------------------------------------------- learning
+def test_nudge_and_learning_arithmetic(mlp):
+    """One learning step: the nudge is antisymmetric and every mantissa change is the EP
+    correlation difference scaled by 2^-shift, rounded down or up (stochastic rounding)."""
+    g, (xtr, ytr, _, _) = mlp
+    prog = quantize_graph(g)
+    sim = Simulator(prog)
+    x, y = xtr[:16], ytr[:16]
+    free = sim.free(x)
+    t = sim.label_target(y)
+    sp = sim.settle(free.states, "nudge+", y=t, sign=1).states
+    sm = sim.settle(free.states, "nudge-", y=t, sign=-1).states
+    out = prog.output_group().name
+    assert not torch.equal(sp[out], sm[out])
+    syn = prog.synapses[1]
+    w = syn.ops[0].w
+    before = prog.mem(w).data.copy()
+    hid = syn.src
+    corr = (sp[out].numpy().T @ sp[hid].numpy() - sm[out].numpy().T @ sm[hid].numpy())
+    e = int(prog.mem(syn.ops[0].e).data[0])
+    shift = prog.lr_shift + 2 * prog.frac_bits + (-e) + e + e
+    sim.learn_step(sp, sm)
+    dm = prog.mem(w).data - before
+    exact = corr / 2.0 ** shift
+    assert np.all((dm == np.floor(exact)) | (dm == np.ceil(exact)))
+    assert np.abs(dm).sum() > 0
+    assert prog.rng_step == 1
+
+
+def test_on_chip_learning_is_reproducible_and_learns(tmp_path):
+    g = compile_source(os.path.join(EX, "mlp_digits.onnx"), CompileOptions()).graph
+    api.compile_program(g, tmp_path / "u.nc")
+    before = api.run_program(tmp_path / "u.nc", progress=False, limit=200)
+    kw = dict(epochs=1, lr_shift=10, beta=0.5, progress=False, limit=480)
+    m1 = api.train_program(tmp_path / "u.nc", out=tmp_path / "t1.nc", **kw)
+    m2 = api.train_program(tmp_path / "u.nc", out=tmp_path / "t2.nc", **kw)
+    assert (tmp_path / "t1.nc").read_bytes() == (tmp_path / "t2.nc").read_bytes()
+    assert m1["test_accuracy"] > before["test_accuracy"] + 0.3
+    t = api.load_program(tmp_path / "t1.nc")
+    assert t.rng_step == 15 and t.lr_shift == 10
+    assert all(np.abs(m.data).max() <= (1 << (m.bits - 1)) - 1 for m in t.memories if m.kind == "weight")
+    m3 = api.train_program(tmp_path / "u.nc", seed=1, **kw)
+    assert m3["test_accuracy"] != m1["test_accuracy"] or m3["history"] != m1["history"]
