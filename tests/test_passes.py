@@ -367,7 +367,7 @@ def test_bn_after_add_becomes_channel_scale():
     assert isinstance(bn.op, Bias)
     assert isinstance(cg.node(bn.inputs[0]).op, ChannelScale)
     eg = to_energy.run(cg, CompileOptions())
-    r2 = [c for c in eg.couplings if c.dst == "r2"]
+    r2 = [c for c in eg.couplings if c.dst == "h2"]
     assert len(r2) == 2 and all(isinstance(c.ops[-1], ChannelScale) for c in r2)
 
 
@@ -405,33 +405,34 @@ def test_fold_blocked_by_second_consumer():
     x = random_input(ff)
     assert rel_err(run_feedforward(cg, x)["fc_b"], run_feedforward(ff, x)["fc_b"]) < 1e-6
     eg = compile_(ff)
-    assert rel_err(forward_sweep(eg, x)["fc_b"], run_feedforward(ff, x)["fc_b"]) < 1e-6
+    assert rel_err(forward_sweep(eg, x)["out"], run_feedforward(ff, x)["fc_b"]) < 1e-6
 
 
 def test_to_energy_states_and_biases():
     eg = to_energy.run(canonicalize.run(convnet(), CompileOptions()), CompileOptions())
-    assert [s.name for s in eg.states] == ["relu1", "relu2", "fc_b"]
+    # states are h1..hN in feedforward order (relu1 -> h1, relu2 -> h2), readout 'out'
+    assert [s.name for s in eg.states] == ["h1", "h2", "out"]
     assert not eg.nodes and not eg.outputs
-    relu2 = eg.state("relu2")
-    assert relu2.act == Activation.clip(0.0, 1.0) and relu2.source_act == RELU
+    h2 = eg.state("h2")
+    assert h2.act == Activation.clip(0.0, 1.0) and h2.source_act == RELU
     # conv bias pushed through the max-pool stays per channel: [C, 1, 1]
-    assert eg.weights[relu2.bias].shape == (6, 1, 1)
-    (c,) = eg.inbound("relu2")
+    assert eg.weights[h2.bias].shape == (6, 1, 1)
+    (c,) = eg.inbound("h2")
     assert [op.kind for op in c.ops] == ["conv", "maxpool"]
     out = eg.output_state()
     assert out.role == "output" and out.act.kind == "identity"
-    # pooling, flatten and dense compose into one chain from relu2 to the output
-    assert [op.kind for op in eg.inbound("fc_b")[0].ops] == ["avgpool", "flatten", "dense"]
+    # pooling, flatten and dense compose into one chain from h2 to the output
+    assert [op.kind for op in eg.inbound("out")[0].ops] == ["avgpool", "flatten", "dense"]
     assert [(k.kind, k.target, k.weight) for k in eg.costs] == [("mse", "label", 1.0)]
 
 
 def test_constants_compose_through_linear_ops():
     eg = compile_(affine_chain())
-    r1 = eg.state("r1")
+    r1 = eg.state("h1")
     # the padded conv makes the constant vary over positions: stored in full shape
     assert eg.weights[r1.bias].shape == (3, 3, 3)
     assert not np.allclose(eg.weights[r1.bias], eg.weights[r1.bias][:, :1, :1])
-    (c,) = eg.inbound("fc2_b")
+    (c,) = eg.inbound("out")
     assert [op.kind for op in c.ops] == ["flatten", "dense", "dense"]
 
 
@@ -441,7 +442,7 @@ def test_output_nonlinearity_is_the_output_state():
     b.act("sig", Activation.hardsigmoid())
     eg = compile_(b.done())
     out = eg.output_state()
-    assert out.name == "sig" and out.act.kind == "hardsigmoid"
+    assert out.name == "out" and out.act.kind == "hardsigmoid"
 
 
 def test_options_activation_and_neuron():
@@ -466,15 +467,16 @@ def test_symmetrize_feedback():
 # =========================================================================== residual
 def test_residual_marks_skips():
     eg = compile_(resnet())
+    # resnet states: stem_relu -> h1, b1r1 -> h2, b1out -> h3, b2r1 -> h4, b2out -> h5
     kinds = {(c.src, c.dst): c.kind for c in eg.couplings}
-    assert kinds[("b1r1", "b1out")] == "forward"
-    assert kinds[("stem_relu", "b1out")] == "residual"
-    assert kinds[("b2r1", "b2out")] == "forward"
-    assert kinds[("b1out", "b2out")] == "residual"
-    ident = eg.coupling([c.name for c in eg.couplings if c.src == "stem_relu"
-                         and c.dst == "b1out"][0])
+    assert kinds[("h2", "h3")] == "forward"
+    assert kinds[("h1", "h3")] == "residual"
+    assert kinds[("h4", "h5")] == "forward"
+    assert kinds[("h3", "h5")] == "residual"
+    ident = eg.coupling([c.name for c in eg.couplings if c.src == "h1"
+                         and c.dst == "h3"][0])
     assert len(ident.ops) == 1 and isinstance(ident.ops[0], Identity)
-    proj = [c for c in eg.couplings if c.src == "b1out" and c.dst == "b2out"][0]
+    proj = [c for c in eg.couplings if c.src == "h3" and c.dst == "h5"][0]
     assert [op.kind for op in proj.ops] == ["conv"]
     for s in eg.settled_states():
         inb = [c for c in eg.inbound(s.name) if c.kind in ("forward", "residual")]
@@ -484,7 +486,7 @@ def test_residual_marks_skips():
 
 def test_learned_identity_skip_is_identity_at_init():
     eg = compile_(resnet(), identity_skip="learned")
-    skip = [c for c in eg.couplings if c.src == "stem_relu" and c.dst == "b1out"][0]
+    skip = [c for c in eg.couplings if c.src == "h1" and c.dst == "h3"][0]  # stem -> block 1
     assert skip.kind == "residual" and isinstance(skip.ops[0], Conv)
     w = eg.weights[skip.ops[0].weight]
     np.testing.assert_array_equal(w[:, :, 0, 0], np.eye(4))
@@ -522,8 +524,8 @@ def test_schedule_chain_is_two_colour_and_input_first():
     eg = compile_(mlp(depth=4))
     col = _check_colouring(eg)
     assert len(eg.schedule.classes) == 2
-    assert col["relu1"] == 0          # the class that sees the input goes first
-    assert eg.schedule.classes[0] == ["relu1", "relu3", "head_b"]
+    assert col["h1"] == 0             # the class that sees the input goes first
+    assert eg.schedule.classes[0] == ["h1", "h3", "out"]
 
 
 def test_schedule_skip_over_two_layers_needs_three_colours():
@@ -555,14 +557,15 @@ def test_taps_auto_rule():
     assert compile_(mlp(depth=2), taps="auto").costs == compile_(mlp(depth=2)).costs
     eg = compile_(mlp(depth=6, width=6), taps="auto")
     tapped = [c.src for c in eg.couplings if c.kind == "tap"]
-    assert tapped == ["relu5", "relu3", "relu1"]
+    assert tapped == ["h5", "h3", "h1"]
     eg = compile_(mlp(depth=12, width=4), taps="auto")
     assert len([s for s in eg.states if s.role == "tap"]) == 4
 
 
 def test_taps_heads_and_costs():
-    eg = compile_(resnet(), taps=["b1r1", "b2r1"], tap_weight=0.25, cost="ce")
-    for h in ("b1r1", "b2r1"):
+    # b1r1 -> h2, b2r1 -> h4 (the first conv+relu of each residual block)
+    eg = compile_(resnet(), taps=["h2", "h4"], tap_weight=0.25, cost="ce")
+    for h in ("h2", "h4"):
         tap = eg.state(f"tap_{h}")
         assert tap.role == "tap" and tap.shape == (5,) and tap.bias
         (c,) = [c for c in eg.couplings if c.dst == tap.name]
@@ -574,7 +577,7 @@ def test_taps_heads_and_costs():
         (cost,) = [k for k in eg.costs if k.state == tap.name]
         assert (cost.kind, cost.target, cost.weight) == ("ce", "label", 0.25)
     # deterministic: same weights on a second compile
-    again = compile_(resnet(), taps=["b1r1", "b2r1"], tap_weight=0.25, cost="ce")
+    again = compile_(resnet(), taps=["h2", "h4"], tap_weight=0.25, cost="ce")
     for k, v in eg.weights.items():
         np.testing.assert_array_equal(v, again.weights[k])
 
@@ -582,7 +585,7 @@ def test_taps_heads_and_costs():
 def test_taps_unknown_state_lists_states():
     with pytest.raises(EpcError) as e:
         compile_(mlp(), taps=["nope"])
-    assert "nope" in str(e.value) and "relu1, relu2" in str(e.value)
+    assert "nope" in str(e.value) and "h1, h2" in str(e.value)
 
 
 # =========================================================================== teacher

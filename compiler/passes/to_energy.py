@@ -23,7 +23,7 @@ Ensures:  an energy-form graph:
             output): ReLU -> act = opts.activation,
             source_act = relu; Clip / HardSigmoid keep their own function (act = source_act);
           * the graph output is a State with role 'output': the Act's state when the output
-            is a nonlinearity, else a new state named after the output value with identity
+            is a nonlinearity, else a new state 'out' (fresh-named if taken) with identity
             act (a linear readout);
           * one Coupling per term, kind 'forward', feedback False (symmetrize adds feedback),
             ops = the term's chain ([identity] when empty), named 'c_<src>__<dst>';
