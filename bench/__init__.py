@@ -1,0 +1,15 @@
+"""epc benchmarks: `python -m bench --json bench.json [--quick]`.
+
+Everything is measured side by side in one run on this machine:
+
+* sweeps: sweeps to reach the schedule's tolerance, colour schedule vs synchronous, per
+  example model (free phase, a batch of digits).
+* throughput: EP training samples/s of the runtime vs a straightforward baseline written
+  here the way published EP code does it (synchronous updates, each state's drive by
+  autograd of Phi w.r.t. the state, EP weight gradient by autograd of Phi), same nets, same
+  fixed sweep counts (tolerance 0, so both do exactly the same number of sweeps).
+* ep_vs_bp: one EP training epoch (runtime defaults) vs one backprop epoch of the same
+  architecture (the feedforward pass of the energy graph, autograd, same optimiser).
+* gflops: multiply-accumulates executed by the settle loop per second vs the measured
+  float32 matmul peak of this machine.
+"""

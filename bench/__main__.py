@@ -1,0 +1,272 @@
+"""Run the epc benchmarks; see bench/__init__.py for what each figure means."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+from epc.compiler import ops as O
+from epc.compiler.bundle import atomic_write_bytes
+from epc.runtime import zoo
+from epc.runtime.data import load_dataset
+from epc.runtime.engine import Engine
+from epc.runtime.learn import Optimizer, ep_gradient
+from epc.runtime.train import Trainer, TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --------------------------------------------------------------------------- models
+def models(quick: bool) -> dict:
+    """Example models compiled by the real pipeline when present, else hand-built ones."""
+    names = ["mlp_digits", "mlp3_digits", "conv_digits"]
+    out = {}
+    try:
+        from epc.compiler.options import CompileOptions
+        from epc.compiler.pipeline import compile_source
+        for n in names:
+            p = os.path.join(ROOT, "examples", f"{n}.onnx")
+            if os.path.exists(p):
+                out[n] = compile_source(p, CompileOptions()).graph
+    except ImportError:
+        pass
+    if not out:
+        out = {"mlp_digits": zoo.mlp((64, 256, 10)),
+               "mlp3_digits": zoo.mlp((64, 256, 128, 64, 10)),
+               "conv_digits": zoo.convnet(channels=(32, 64))}
+    chain = zoo.mlp((64, 128, 128, 128, 128, 10), name="chain5")
+    out["chain5"] = chain
+    if quick:
+        out = {k: out[k] for k in list(out)[:1] + ["chain5"]}
+    return out
+
+
+def digits_for(eng: Engine):
+    return load_dataset("digits", input_shape=eng.input_shapes[eng.inputs[0]])
+
+
+def _timeit(fn, reps: int) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+# --------------------------------------------------------------------------- sweeps
+def bench_sweeps(graphs: dict, n: int = 128) -> dict:
+    out = {}
+    for name, g in graphs.items():
+        row = {}
+        for mode in ("colour", "sync"):
+            # default engine: max-pool winners freeze after 20 sweeps if still cycling
+            eng = Engine(g, mode=mode)
+            d = digits_for(eng)
+            batch = eng.prepare(d.train.x[:n])
+            r = eng.settle(batch, max_sweeps=2000, tol=g.schedule.tol)
+            row[mode] = {"sweeps": r.sweeps, "unconverged": r.unconverged}
+        row["ratio_colour_over_sync"] = row["colour"]["sweeps"] / row["sync"]["sweeps"]
+        row["tol"] = g.schedule.tol
+        out[name] = row
+    return out
+
+
+# --------------------------------------------------------------------------- baseline
+class AutogradBaseline:
+    """Published-code style EP: synchronous sweeps, drives = autograd of Phi."""
+
+    def __init__(self, eng: Engine):
+        self.eng = eng
+
+    def settle(self, batch, S, beta, labels, sweeps):
+        eng = self.eng
+        targets = {c.name: eng.cost_target(c, batch, labels) for c in eng.cost_list}
+        for _ in range(sweeps):
+            leaves = {j: S[j].detach().requires_grad_(True) for j in eng.settled}
+            with torch.enable_grad():
+                phi = eng.phi(leaves, batch)
+                if beta:
+                    for c in eng.cost_list:
+                        phi = phi - beta * c.weight * eng.cost_value(
+                            c, leaves[c.state], targets[c.name]).sum()
+                grads = torch.autograd.grad(phi, [leaves[j] for j in eng.settled])
+            S = {j: O.activate(eng.acts[j], g.detach()) for j, g in zip(eng.settled, grads)}
+        return S
+
+    def step(self, x, y, free_sweeps, nudge_sweeps, beta, opt):
+        eng = self.eng
+        batch = eng.prepare(x)
+        s0 = self.settle(batch, eng.zeros(batch["n"]), 0.0, y, free_sweeps)
+        sp = self.settle(batch, dict(s0), beta, y, nudge_sweeps)
+        sm = self.settle(batch, dict(s0), -beta, y, nudge_sweeps)
+        P = eng.params
+        leaves = {k: P[k].detach().requires_grad_(True) for k in eng.learnable}
+        PP = dict(P)
+        PP.update(leaves)
+        with torch.enable_grad():
+            d = eng.phi(sp, batch, PP) - eng.phi(sm, batch, PP)
+            gs = torch.autograd.grad(d, [leaves[k] for k in eng.learnable], allow_unused=True)
+        grads = {k: -g / (2 * beta * batch["n"]) for k, g in zip(eng.learnable, gs)
+                 if g is not None}
+        opt.step(grads)
+
+
+def bench_throughput(graphs: dict, batches: int, bs: int = 64, free_sweeps: int = 20,
+                     nudge_sweeps: int = 10, beta: float = 0.2) -> dict:
+    out = {}
+    for name, g in graphs.items():
+        eng = Engine(g, pool_freeze=None)
+        d = digits_for(eng)
+        xs = [d.train.x[i * bs:(i + 1) * bs] for i in range(batches)]
+        ys = [d.train.y[i * bs:(i + 1) * bs] for i in range(batches)]
+        opt = Optimizer(eng.params, eng.learnable, lr=1e-4)
+
+        def runtime_epoch():
+            for x, y in zip(xs, ys):
+                batch = eng.prepare(x)
+                f = eng.settle(batch, max_sweeps=free_sweeps, tol=0.0)
+                p = eng.settle(batch, f.states, beta=beta, labels=y, max_sweeps=nudge_sweeps, tol=0.0)
+                m = eng.settle(batch, f.states, beta=-beta, labels=y, max_sweeps=nudge_sweeps, tol=0.0)
+                opt.step(ep_gradient(eng, batch, p.states, m.states, beta))
+
+        base = AutogradBaseline(eng)
+
+        def baseline_epoch():
+            for x, y in zip(xs, ys):
+                base.step(x, y, free_sweeps, nudge_sweeps, beta, opt)
+
+        tr = _timeit(runtime_epoch, 2)
+        tb = _timeit(baseline_epoch, 2)
+        ns = batches * bs
+        out[name] = {"runtime_samples_per_s": ns / tr, "baseline_samples_per_s": ns / tb,
+                     "speedup": tb / tr, "free_sweeps": free_sweeps,
+                     "nudge_sweeps": nudge_sweeps, "batch_size": bs}
+    return out
+
+
+# --------------------------------------------------------------------------- EP vs BP
+def _ff_forward(eng: Engine, x, P):
+    """The feedforward pass of the energy graph (source activations), differentiable."""
+    from epc.compiler.reference import coupling_order
+    vals = {eng.inputs[0]: x}
+    for j in coupling_order(eng.graph):
+        st = eng.states[j]
+        if st.role == "teacher":
+            continue
+        u = None
+        for l in eng.input_links[j] + eng.inbound[j]:
+            y = eng.link_forward(l, vals[l.src], P)[0]
+            u = y if u is None else u + y
+        if st.bias:
+            u = u + P[st.bias]
+        vals[j] = O.activate(O.lift_bounds(st.source_act), u)
+    return vals[eng.output]
+
+
+def bench_ep_vs_bp(graphs: dict) -> dict:
+    out = {}
+    for name, g in graphs.items():
+        eng = Engine(g)
+        d = digits_for(eng)
+        cfg = TrainConfig(epochs=1)
+        tr = Trainer(eng, d, cfg)
+        t0 = time.perf_counter()
+        tr.run()
+        ep_t = tr.state.history[0]["seconds"]
+        eng2 = Engine(g)
+        P = {k: v.clone().requires_grad_(True) for k, v in eng2.params.items()}
+        opt = torch.optim.Adam([P[k] for k in eng2.learnable], lr=1e-3)
+        perm = torch.randperm(d.train.x.shape[0], generator=torch.Generator().manual_seed(0))
+        t0 = time.perf_counter()
+        for i in range(0, len(perm), cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            with torch.enable_grad():
+                logits = _ff_forward(eng2, d.train.x[idx], P)
+                loss = torch.nn.functional.cross_entropy(logits, d.train.y[idx])
+                opt.zero_grad()
+                loss.backward()
+            opt.step()
+        bp_t = time.perf_counter() - t0
+        out[name] = {"ep_epoch_s": ep_t, "bp_epoch_s": bp_t, "ratio_ep_over_bp": ep_t / bp_t,
+                     "ep_mean_free_sweeps": tr.state.history[0]["mean_free_sweeps"],
+                     "ep_mean_nudged_sweeps": tr.state.history[0]["mean_nudged_sweeps"]}
+    return out
+
+
+# --------------------------------------------------------------------------- GFLOP/s
+def matmul_peak(n: int = 1024, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = _timeit(lambda: a @ b, reps)
+    return 2 * n ** 3 / t / 1e9
+
+
+def settle_macs_per_sweep(eng: Engine) -> int:
+    """MACs per sample of one sweep (forward of every inbound chain + adjoint of feedback)."""
+    g = eng.graph
+    total = 0
+    for l in eng.links:
+        if l.dst not in eng.inbound or l.src in eng.inputs:
+            continue  # input drives are computed once per batch
+        shape = tuple(g.shape_of(l.src))
+        m = 0
+        for op in l.ops:
+            o = O.out_shape(op, [shape], g.weights)
+            m += O.macs(op, shape, o, g.weights)
+            shape = o
+        total += m * (2 if l.feedback else 1)
+    return total
+
+
+def bench_gflops(graphs: dict, bs: int, sweeps: int = 20) -> dict:
+    peak = matmul_peak()
+    out = {"matmul_peak_gflops": peak, "models": {}}
+    for name, g in graphs.items():
+        eng = Engine(g, pool_freeze=None)
+        d = digits_for(eng)
+        batch = eng.prepare(d.train.x[:bs])
+        t = _timeit(lambda: eng.settle(batch, max_sweeps=sweeps, tol=0.0), 3)
+        flops = 2 * settle_macs_per_sweep(eng) * bs * sweeps
+        gf = flops / t / 1e9
+        out["models"][name] = {"gflops": gf, "fraction_of_peak": gf / peak, "batch_size": bs}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--quick", action="store_true", help="fast smoke run")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    graphs = models(a.quick)
+    t0 = time.perf_counter()
+    res = {"machine": {"python": sys.version.split()[0], "torch": torch.__version__,
+                       "platform": platform.platform(), "threads": a.threads,
+                       "cpus": os.cpu_count()},
+           "quick": a.quick}
+    res["sweeps"] = bench_sweeps(graphs)
+    print("sweeps:", json.dumps(res["sweeps"]), flush=True)
+    tp_graphs = {k: v for k, v in graphs.items() if k != "chain5"}
+    res["throughput"] = bench_throughput(tp_graphs, batches=2 if a.quick else 5)
+    print("throughput:", json.dumps(res["throughput"]), flush=True)
+    res["ep_vs_bp"] = bench_ep_vs_bp({k: v for k, v in tp_graphs.items()
+                                      if not a.quick or k.startswith("mlp")})
+    print("ep_vs_bp:", json.dumps(res["ep_vs_bp"]), flush=True)
+    res["gflops"] = bench_gflops(tp_graphs, bs=64 if a.quick else 256)
+    print("gflops:", json.dumps(res["gflops"]), flush=True)
+    res["seconds"] = time.perf_counter() - t0
+    if a.json:
+        atomic_write_bytes(a.json, (json.dumps(res, indent=1) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The runtime's Python API (mirrors `epc train`, `epc eval`, `epc check-gradients`).
+
+    from epc.runtime.api import train, evaluate, check_gradients
+    m = train("mlp.epc", data="digits", epochs=30, seed=0, checkpoint="ckpt")
+    evaluate("ckpt/last.epc", data="digits")["accuracy"]
+    check_gradients("mlp.epc", data="digits", beta=0.01)["couplings"]
+
+Every function accepts a bundle path, a `Bundle` or an energy `Graph`; bundles may be
+target 'torch' or plain IR (lowered on the fly). `dataset=(train_ds, test_ds)` trains on
+any pair of torch Datasets of (input, label) items instead of a named data set.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from epc.compiler.bundle import Bundle, atomic_write_bytes
+from epc.compiler.errors import EpcError
+from epc.compiler.ir import Graph
+
+from .data import Data, load_dataset
+from .engine import Engine
+from .train import (Trainer, TrainConfig, evaluate as _evaluate, load_checkpoint,
+                    save_checkpoint)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _device(device: str | None) -> torch.device:
+    dev = device or "cpu"
+    try:
+        d = torch.device(dev)
+    except (RuntimeError, ValueError):
+        raise EpcError(f"--device {dev!r}: not a torch device (use cpu, cuda, cuda:0, mps)")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise EpcError(f"--device {dev}: CUDA is not available on this machine")
+    if d.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise EpcError(f"--device {dev}: MPS is not available on this machine")
+    return d
+
+
+def load_bundle(src: Any) -> tuple[Bundle, str]:
+    """(runtime bundle, name for messages) from a path, Bundle or energy Graph."""
+    from epc.targets.torch import load_for_runtime, lower
+    if isinstance(src, Graph):
+        return lower(Bundle(src), f"graph {src.name}"), f"graph {src.name}"
+    if isinstance(src, Bundle):
+        return lower(src, f"graph {src.graph.name}"), f"graph {src.graph.name}"
+    if isinstance(src, (str, os.PathLike)):
+        return load_for_runtime(src), str(src)
+    raise EpcError(f"expected a bundle path, Bundle or Graph, got {type(src).__name__}")
+
+
+def make_engine(src: Any, *, device: str | None = None, dtype: str = "float32",
+                schedule: str | None = None) -> tuple[Engine, Bundle, str]:
+    if dtype not in DTYPES:
+        raise EpcError(f"--dtype {dtype!r} (supported: {', '.join(DTYPES)})")
+    b, name = load_bundle(src)
+    return Engine(b.graph, device=_device(device), dtype=DTYPES[dtype], mode=schedule), b, name
+
+
+def _data_for(eng: Engine, data: str, data_dir, resize, channels, dataset) -> Data:
+    if len(eng.inputs) != 1:
+        raise EpcError(f"graph has {len(eng.inputs)} inputs; the runtime trains one-input graphs")
+    return load_dataset(data, data_dir=data_dir, input_shape=eng.input_shapes[eng.inputs[0]],
+                        resize=resize, channels=channels, num_classes=eng.num_classes,
+                        dataset=dataset)
+
+
+def _set_threads(threads: int | None):
+    if threads is not None:
+        if threads < 1:
+            raise EpcError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def _write_json(path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize=None,
+          channels: int | None = None, dataset=None, epochs: int = 30, batch_size: int = 32,
+          optimizer: str = "adam", lr: float = 2e-3, momentum: float = 0.9,
+          weight_decay: float = 0.0, cosine: bool = True, clip: float | None = None,
+          beta: float = 0.2, nudge: str = "symmetric", seed: int = 0,
+          schedule: str | None = None, max_sweeps: int | None = None,
+          nudge_sweeps: int | None = None, tol: float | None = None, warm_start: bool = False,
+          freeze_pool: bool = True, device: str | None = None, threads: int | None = None,
+          checkpoint: str | None = None, resume: bool = False, stop_after: int | None = None,
+          metrics_json: str | None = None, plot: str | None = None,
+          progress: Callable | None = None, on_epoch: Callable | None = None) -> dict:
+    """Train with EP; returns the metrics dict (also written to `metrics_json`).
+
+    Metrics: train_accuracy (running accuracy of the last epoch's free phases),
+    test_accuracy, test_loss, epochs, seconds, unconverged_fraction (last epoch, free
+    phase), samples_per_second and `history` (one record per epoch).
+    """
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                      momentum=momentum, weight_decay=weight_decay, cosine=cosine, clip=clip,
+                      beta=beta, nudge=nudge, seed=seed, mode=schedule, max_sweeps=max_sweeps,
+                      nudge_sweeps=nudge_sweeps, tol=tol, warm_start=warm_start,
+                      freeze_pool=freeze_pool).check()
+    if resume and not checkpoint:
+        raise EpcError("--resume needs --checkpoint DIR (the run's checkpoint directory)")
+    if stop_after is not None and stop_after < 1:
+        raise EpcError(f"--stop-after must be >= 1, got {stop_after}")
+    _set_threads(threads)
+    torch.manual_seed(seed)
+    eng, base, name = make_engine(src, device=device, schedule=schedule)
+    d = _data_for(eng, data, data_dir, resize, channels, dataset)
+    trainer = Trainer(eng, d, cfg)
+    if resume:
+        ck, where = load_checkpoint(checkpoint)
+        if ck.target != "torch":
+            raise EpcError(f"{where}: incompatible checkpoint: target {ck.target!r}, not 'torch'")
+        trainer.restore(ck, where)
+
+    def epoch_done(tr: Trainer, rec: dict):
+        if checkpoint:
+            save_checkpoint(tr, base, checkpoint)
+        if on_epoch:
+            on_epoch(rec)
+
+    t0 = time.perf_counter()
+    st = trainer.run(progress=progress, on_epoch=epoch_done, stop_after=stop_after)
+    last = st.history[-1] if st.history else None
+    if last is None:  # zero epochs: report the model as it is
+        te = _evaluate(eng, d.test.x, d.test.y, batch_size=cfg.eval_batch_size,
+                       max_sweeps=cfg.max_sweeps, tol=cfg.tol, mode=cfg.mode)
+        tr = _evaluate(eng, d.train.x, d.train.y, batch_size=cfg.eval_batch_size,
+                       max_sweeps=cfg.max_sweeps, tol=cfg.tol, mode=cfg.mode)
+        last = {"train_accuracy": tr["accuracy"], "test_accuracy": te["accuracy"],
+                "test_loss": te["loss"], "unconverged_fraction": tr["unconverged_fraction"]}
+    ntrain = d.train.x.shape[0]
+    train_secs = sum(h["seconds"] for h in st.history)
+    metrics = {
+        "model": name, "data": d.name, "device": str(eng.device),
+        "epochs": st.epoch, "seconds": st.seconds, "seconds_this_run": time.perf_counter() - t0,
+        "train_accuracy": last["train_accuracy"], "test_accuracy": last["test_accuracy"],
+        "test_loss": last.get("test_loss"), "unconverged_fraction": last["unconverged_fraction"],
+        "best_test_accuracy": max([h["test_accuracy"] for h in st.history], default=last["test_accuracy"]),
+        "samples_per_second": (ntrain * len(st.history) / train_secs) if train_secs > 0 else None,
+        "train_samples": ntrain, "test_samples": int(d.test.x.shape[0]),
+        "config": {k: getattr(cfg, k) for k in TrainConfig.RESUME_KEYS},
+        "history": st.history,
+    }
+    if checkpoint:
+        metrics["checkpoint"] = str(Path(checkpoint) / "last.epc")
+    if metrics_json:
+        _write_json(metrics_json, metrics)
+    if plot:
+        from .plots import plot_run
+        plot_run(st.history, trainer.sweep_trace, plot, title=f"{name} on {d.name}")
+    return metrics
+
+
+def evaluate(src: Any, *, data: str = "digits", data_dir: str | None = None, resize=None,
+             channels: int | None = None, dataset=None, split: str = "test",
+             batch_size: int = 256, schedule: str | None = None, max_sweeps: int | None = None,
+             tol: float | None = None, device: str | None = None, threads: int | None = None,
+             json_path: str | None = None) -> dict:
+    """Free-phase accuracy / loss / convergence of a (trained) bundle on a split."""
+    if split not in ("test", "train"):
+        raise EpcError(f"--split {split!r} (supported: test, train)")
+    if batch_size < 1:
+        raise EpcError(f"--batch-size must be >= 1, got {batch_size}")
+    _set_threads(threads)
+    eng, _, name = make_engine(src, device=device, schedule=schedule)
+    d = _data_for(eng, data, data_dir, resize, channels, dataset)
+    s = d.test if split == "test" else d.train
+    t0 = time.perf_counter()
+    r = _evaluate(eng, s.x, s.y, batch_size=batch_size, max_sweeps=max_sweeps, tol=tol,
+                  mode=schedule)
+    r.update({"model": name, "data": d.name, "split": split, "seconds": time.perf_counter() - t0})
+    if json_path:
+        _write_json(json_path, r)
+    return r
+
+
+def check_gradients(src: Any, *, data: str = "digits", data_dir: str | None = None,
+                    resize=None, channels: int | None = None, dataset=None, beta: float = 0.01,
+                    nudge: str = "symmetric", samples: int = 64, seed: int = 0,
+                    tol: float = 1e-7, max_sweeps: int = 5000, dtype: str = "float64",
+                    schedule: str | None = None, freeze_pool: bool = True,
+                    device: str | None = None, threads: int | None = None,
+                    json_path: str | None = None) -> dict:
+    """Per-coupling comparison of the EP estimate with the implicit-differentiation gradient."""
+    from .gradcheck import check_gradients as _check
+    if not (beta != 0 and math.isfinite(beta)):
+        raise EpcError(f"--beta must be a nonzero finite number, got {beta}")
+    if samples < 1:
+        raise EpcError(f"--samples must be >= 1, got {samples}")
+    _set_threads(threads)
+    eng, _, name = make_engine(src, device=device, dtype=dtype, schedule=schedule)
+    d = _data_for(eng, data, data_dir, resize, channels, dataset)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(d.train.x.shape[0], generator=g)[:samples]
+    r = _check(eng, d.train.x[idx], d.train.y[idx], beta=beta, nudge=nudge, tol=tol,
+               max_sweeps=max_sweeps, mode=schedule, freeze_pool=freeze_pool)
+    r.update({"model": name, "data": d.name, "seed": seed})
+    if json_path:
+        _write_json(json_path, r)
+    return r

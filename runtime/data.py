@@ -1,0 +1,279 @@
+"""Data sets for training and evaluation, shaped to a graph's input.
+
+* digits: scikit-learn's bundled 8x8 digits, pixels / 16 into [0, 1], split with
+  train_test_split(test_size=0.2, random_state=0) (1437 train / 360 test).
+* mnist: the idx files (train-images-idx3-ubyte, ... ; gzipped or not) in a directory.
+* cifar10 / cifar100: the binary distributions (cifar-10-batches-bin/data_batch_*.bin,
+  cifar-100-binary/train.bin) or the python distribution, read by an unpickler that only
+  reconstructs numpy arrays, lists, dicts, strings and numbers (never arbitrary objects).
+* any pair of torch.utils.data.Dataset objects through the Python API.
+
+Images become float32 in [0, 1], [N, C, H, W]. `fit_to_input` adapts them to a graph's
+input shape: a flat input takes the flattened image, `resize` rescales H x W (bilinear),
+and channels are replicated (1 -> 3) or averaged (3 -> 1) to match.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from epc.compiler.errors import EpcError
+
+DATASETS = ("digits", "mnist", "cifar10", "cifar100")
+
+
+@dataclass
+class Split:
+    x: torch.Tensor      # float32 [N, ...]
+    y: torch.Tensor      # int64 [N]
+
+
+@dataclass
+class Data:
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+
+
+# --------------------------------------------------------------------------- readers
+def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    x = (d.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=0.2, random_state=0)
+    return xtr, ytr, xte, yte
+
+
+def _open_maybe_gz(path: Path) -> bytes:
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise EpcError(f"{path}: corrupt gzip file ({e})")
+    return data
+
+
+def _idx(path: Path) -> np.ndarray:
+    data = _open_maybe_gz(path)
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise EpcError(f"{path}: not an unsigned-byte idx file")
+    nd = data[3]
+    if len(data) < 4 + 4 * nd:
+        raise EpcError(f"{path}: truncated idx header")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(nd)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * nd)
+    if body.size != int(np.prod(dims)):
+        raise EpcError(f"{path}: idx size {body.size} does not match its header {dims}")
+    return body.reshape(dims)
+
+
+def _find(root: Path, names: list[str]) -> Path | None:
+    for n in names:
+        for cand in (root / n, root / (n + ".gz")):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def _mnist(root: Path):
+    out = []
+    for split in ("train", "t10k"):
+        ip = _find(root, [f"{split}-images-idx3-ubyte", f"{split}-images.idx3-ubyte",
+                          f"MNIST/raw/{split}-images-idx3-ubyte"])
+        lp = _find(root, [f"{split}-labels-idx1-ubyte", f"{split}-labels.idx1-ubyte",
+                          f"MNIST/raw/{split}-labels-idx1-ubyte"])
+        if ip is None or lp is None:
+            raise EpcError(f"{root}: MNIST idx files not found (expected "
+                           f"{split}-images-idx3-ubyte[.gz] and {split}-labels-idx1-ubyte[.gz])")
+        x, y = _idx(ip), _idx(lp)
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise EpcError(f"{ip}: images {list(x.shape)} and labels {list(y.shape)} do not match")
+        out += [(x.astype(np.float32) / 255.0)[:, None], y.astype(np.int64)]
+    return out
+
+
+def _cifar_bin(files: list[Path], label_bytes: int, fine: bool):
+    xs, ys = [], []
+    rec = label_bytes + 3072
+    for f in files:
+        data = _open_maybe_gz(f)
+        if len(data) == 0 or len(data) % rec:
+            raise EpcError(f"{f}: size {len(data)} is not a multiple of the {rec}-byte "
+                           f"CIFAR record")
+        a = np.frombuffer(data, dtype=np.uint8).reshape(-1, rec)
+        ys.append(a[:, label_bytes - 1 if fine else 0].astype(np.int64))
+        xs.append(a[:, label_bytes:].reshape(-1, 3, 32, 32))
+    return np.concatenate(xs).astype(np.float32) / 255.0, np.concatenate(ys)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only numpy arrays and plain containers (the CIFAR python format)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("copyreg", "_reconstructor")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise EpcError(f"refusing to unpickle {module}.{name}: only numpy arrays are accepted")
+
+
+def _safe_unpickle(path: Path) -> dict:
+    try:
+        obj = _ArrayUnpickler(io.BytesIO(_open_maybe_gz(path)), encoding="bytes").load()
+    except EpcError as e:
+        raise EpcError(f"{path}: {e}")
+    except Exception as e:  # malformed stream: report, never trace back
+        raise EpcError(f"{path}: not a CIFAR python batch ({type(e).__name__}: {e})")
+    if not isinstance(obj, dict):
+        raise EpcError(f"{path}: not a CIFAR python batch (no dict)")
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+def _cifar_py(files: list[Path], key: str):
+    xs, ys = [], []
+    for f in files:
+        d = _safe_unpickle(f)
+        if "data" not in d or key not in d:
+            raise EpcError(f"{f}: CIFAR python batch without 'data'/'{key}'")
+        x = np.asarray(d["data"])
+        if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+            raise EpcError(f"{f}: 'data' is not a uint8 [N, 3072] array")
+        xs.append(x.reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[key], dtype=np.int64))
+    return np.concatenate(xs).astype(np.float32) / 255.0, np.concatenate(ys)
+
+
+def _cifar(root: Path, which: str):
+    if which == "cifar10":
+        for base in (root / "cifar-10-batches-bin", root):
+            tr = [base / f"data_batch_{i}.bin" for i in range(1, 6)]
+            if all(p.is_file() for p in tr) and (base / "test_batch.bin").is_file():
+                return (*_cifar_bin(tr, 1, False), *_cifar_bin([base / "test_batch.bin"], 1, False))
+        for base in (root / "cifar-10-batches-py", root):
+            tr = [base / f"data_batch_{i}" for i in range(1, 6)]
+            if all(p.is_file() for p in tr) and (base / "test_batch").is_file():
+                return (*_cifar_py(tr, "labels"), *_cifar_py([base / "test_batch"], "labels"))
+        raise EpcError(f"{root}: CIFAR-10 not found (expected cifar-10-batches-bin/"
+                       f"data_batch_1..5.bin and test_batch.bin, or cifar-10-batches-py/)")
+    for base in (root / "cifar-100-binary", root):
+        if (base / "train.bin").is_file() and (base / "test.bin").is_file():
+            return (*_cifar_bin([base / "train.bin"], 2, True),
+                    *_cifar_bin([base / "test.bin"], 2, True))
+    for base in (root / "cifar-100-python", root):
+        if (base / "train").is_file() and (base / "test").is_file():
+            return (*_cifar_py([base / "train"], "fine_labels"),
+                    *_cifar_py([base / "test"], "fine_labels"))
+    raise EpcError(f"{root}: CIFAR-100 not found (expected cifar-100-binary/train.bin and "
+                   f"test.bin, or cifar-100-python/train and test)")
+
+
+# --------------------------------------------------------------------------- shaping
+def parse_resize(spec) -> tuple[int, int] | None:
+    if spec is None or spec == "":
+        return None
+    if isinstance(spec, int):
+        return (spec, spec)
+    if isinstance(spec, (tuple, list)) and len(spec) == 2:
+        return (int(spec[0]), int(spec[1]))
+    try:
+        parts = [int(p) for p in str(spec).lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise EpcError(f"bad --resize {spec!r}: use H or HxW, e.g. 32 or 28x28")
+    return (parts[0], parts[1])
+
+
+def fit_to_input(x: torch.Tensor, input_shape: tuple, *, resize=None, channels: int | None = None,
+                 name: str = "data") -> torch.Tensor:
+    """Adapt images [N, C, H, W] (or any [N, ...]) to a graph's per-sample input shape."""
+    input_shape = tuple(int(d) for d in input_shape)
+    size = parse_resize(resize)
+    if x.dim() == 4:
+        if size is not None and tuple(x.shape[2:]) != size:
+            x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        want_c = channels if channels else (input_shape[0] if len(input_shape) == 3 else None)
+        if want_c and x.shape[1] != want_c:
+            if x.shape[1] == 1:
+                x = x.expand(-1, want_c, -1, -1)
+            elif want_c == 1:
+                x = x.mean(1, keepdim=True)
+            else:
+                raise EpcError(f"{name}: cannot map {x.shape[1]} channels to {want_c}")
+    if tuple(x.shape[1:]) == input_shape:
+        return x.contiguous()
+    if int(np.prod(x.shape[1:])) == int(np.prod(input_shape)):
+        return x.reshape((x.shape[0],) + input_shape).contiguous()
+    raise EpcError(f"{name}: samples are {list(x.shape[1:])} but the graph input is "
+                   f"{list(input_shape)}; use --resize H[xW] (and --channels C) to adapt them")
+
+
+def _check_labels(y: torch.Tensor, num_classes: int, name: str):
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise EpcError(f"{name}: labels range over [{int(y.min())}, {int(y.max())}] but the "
+                       f"output state has {num_classes} classes")
+
+
+def from_torch_dataset(ds, name: str) -> Split:
+    """Materialise a torch Dataset of (x, label) pairs."""
+    xs, ys = [], []
+    try:
+        for i in range(len(ds)):
+            item = ds[i]
+            x, y = item[0], item[1]
+            xs.append(torch.as_tensor(np.asarray(x), dtype=torch.float32))
+            ys.append(int(y))
+    except (TypeError, ValueError, IndexError) as e:
+        raise EpcError(f"{name}: items must be (input, integer label) pairs ({e})")
+    if not xs:
+        raise EpcError(f"{name}: empty dataset")
+    return Split(torch.stack(xs), torch.tensor(ys, dtype=torch.int64))
+
+
+def load_dataset(name: str = "digits", *, data_dir=None, input_shape=None, resize=None,
+                 channels: int | None = None, num_classes: int | None = None,
+                 dataset=None) -> Data:
+    """Load a named data set (or a (train, test) pair of torch Datasets) shaped to the graph."""
+    if dataset is not None:
+        if not (isinstance(dataset, (tuple, list)) and len(dataset) == 2):
+            raise EpcError("dataset= must be a (train, test) pair of torch Datasets")
+        tr, te = from_torch_dataset(dataset[0], "train dataset"), \
+            from_torch_dataset(dataset[1], "test dataset")
+        name = "custom"
+        arrays = None
+    else:
+        if name not in DATASETS:
+            raise EpcError(f"unknown data set {name!r} (supported: {', '.join(DATASETS)}; "
+                           f"other data through the Python API's dataset=)")
+        if name == "digits":
+            arrays = _digits()
+        else:
+            if data_dir is None:
+                raise EpcError(f"data set {name} is read from a local directory: pass --data-dir")
+            root = Path(os.path.expanduser(str(data_dir)))
+            if not root.is_dir():
+                raise EpcError(f"--data-dir {data_dir}: no such directory")
+            arrays = _mnist(root) if name == "mnist" else _cifar(root, name)
+        xtr, ytr, xte, yte = arrays
+        tr = Split(torch.as_tensor(np.ascontiguousarray(xtr)), torch.as_tensor(ytr))
+        te = Split(torch.as_tensor(np.ascontiguousarray(xte)), torch.as_tensor(yte))
+    k = num_classes or int(max(int(tr.y.max()), int(te.y.max())) + 1)
+    _check_labels(tr.y, k, f"{name} train labels")
+    _check_labels(te.y, k, f"{name} test labels")
+    if input_shape is not None:
+        tr = Split(fit_to_input(tr.x, input_shape, resize=resize, channels=channels, name=name), tr.y)
+        te = Split(fit_to_input(te.x, input_shape, resize=resize, channels=channels, name=name), te.y)
+    return Data(name, tr, te, k)

@@ -1,0 +1,408 @@
+"""The runtime's hot loop: batched settling of an energy-form graph.
+
+An `Engine` is built once from an energy `Graph` (weights become torch tensors on the
+chosen device). It precomputes, for every settled state, the couplings that drive it
+forward and the couplings whose tied transpose feeds back into it, so one update is a short
+list of matmuls / convolutions with no graph walking and no autograd:
+
+    s_j <- act_j( sum_{c: dst=j} L_c(s_src) + sum_{c: src=j, feedback} L_c^T(s_dst) + b_j
+                  - beta * sum_{costs on j} weight * dC/ds_j )
+
+Dense couplings (optionally after a flatten) run as plain matmuls; other chains go through
+`compiler.ops.chain_forward` / `chain_adjoint`, whose contexts (e.g. max-pool argmax) are
+cached per coupling and reused while the source state has not changed. Terms that only
+depend on clamped inputs (input couplings, biases) are computed once per batch.
+
+Settling follows the compiled schedule: colour classes updated in order (block
+Gauss-Seidel, the default) or all states at once from the previous sweep ('sync'). It stops
+when every sample's largest state change in a sweep is below `tol`, or at the sweep cap,
+and reports how many samples had not converged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import math
+
+import networkx as nx
+import numpy as np
+import torch
+
+from epc.compiler import ops as O
+from epc.compiler.errors import EpcError
+from epc.compiler.ir import Dense, Flatten, Graph, Identity, MaxPool, op_weights
+
+Tensor = torch.Tensor
+EXPLODE = 1e6   # |state| above this in an unbounded state counts as divergence
+
+
+@dataclass
+class Link:
+    """A coupling prepared for the hot loop."""
+
+    name: str
+    src: str
+    dst: str
+    ops: list
+    kind: str
+    feedback: bool
+    fast: str          # 'dense' | 'flat_dense' | 'identity' | 'chain'
+    weight: str | None  # the dense weight for the fast paths
+    src_shape: tuple
+    needs_ctx: bool     # the adjoint depends on the source value (max-pool argmax)
+    weights: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SettleResult:
+    states: dict[str, Tensor]
+    sweeps: int
+    residual: Tensor            # per-sample largest state change in the last sweep
+    unconverged: int            # samples whose residual is above tol
+    trace: list[dict] | None = None   # per sweep: residual (max), energy (mean) if asked
+    routing: dict | None = None       # max-pool selections in force at the end (if frozen)
+
+
+def _classify(c, g: Graph) -> tuple[str, str | None]:
+    ops = c.ops
+    if len(ops) == 1 and isinstance(ops[0], Dense):
+        return "dense", ops[0].weight
+    if len(ops) == 2 and isinstance(ops[0], Flatten) and isinstance(ops[1], Dense):
+        return "flat_dense", ops[1].weight
+    if all(isinstance(op, Identity) for op in ops):
+        return "identity", None
+    return "chain", None
+
+
+class Engine:
+    """Settling, costs and Phi for one energy graph on one device."""
+
+    def __init__(self, graph: Graph, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, mode: str | None = None,
+                 pool_freeze: int | None = 20):
+        if not graph.is_energy:
+            raise EpcError(f"graph {graph.name} is not in energy form; compile it first "
+                           f"(epc compile MODEL --target torch)")
+        if graph.schedule is None:
+            raise EpcError(f"graph {graph.name} has no schedule; compile it with epc compile")
+        self.graph = graph
+        self.pool_freeze = pool_freeze   # default `freeze_after` of every settle
+        self.device = torch.device(device)
+        self.dtype = dtype
+        sched = graph.schedule
+        self.mode = mode or sched.mode
+        if self.mode not in ("colour", "sync"):
+            raise EpcError(f"unknown schedule mode {self.mode!r} (supported: colour, sync)")
+        self.max_sweeps, self.nudge_sweeps, self.tol = sched.max_sweeps, sched.nudge_sweeps, sched.tol
+        self.params: dict[str, Tensor] = {
+            k: torch.as_tensor(np.asarray(v), dtype=dtype, device=self.device).clone()
+            for k, v in graph.weights.items()}
+        frozen = {w for c in graph.couplings if c.kind == "teacher" for op in c.ops
+                  for w in op_weights(op).values()}
+        frozen |= {s.bias for s in graph.states if s.role == "teacher" and s.bias}
+        self.learnable = [w for w in graph.weight_names() if w not in frozen]
+        self.inputs = [i.name for i in graph.inputs]
+        self.input_shapes = {i.name: tuple(i.shape) for i in graph.inputs}
+        self.states = {s.name: s for s in graph.states}
+        self.settled = [s.name for s in graph.settled_states()]
+        self.output = graph.output_state().name
+        self.shapes = {s.name: tuple(s.shape) for s in graph.states}
+        self.shapes.update(self.input_shapes)
+        self.classes = [list(c) for c in sched.classes if c]
+        self.links: list[Link] = []
+        for c in graph.couplings:
+            fast, w = _classify(c, graph)
+            self.links.append(Link(
+                c.name, c.src, c.dst, list(c.ops), c.kind, bool(c.feedback), fast, w,
+                tuple(graph.shape_of(c.src)), any(isinstance(op, MaxPool) for op in c.ops),
+                [x for op in c.ops for x in op_weights(op).values()]))
+        teacher_states = {s.name for s in graph.states if s.role == "teacher"}
+        clamped = set(self.inputs) | teacher_states
+        self.input_links: dict[str, list[Link]] = {j: [] for j in self.settled}
+        self.inbound: dict[str, list[Link]] = {j: [] for j in self.settled}
+        self.feedback: dict[str, list[Link]] = {j: [] for j in self.settled}
+        self.teacher_links: dict[str, list[Link]] = {j: [] for j in teacher_states}
+        for l in self.links:
+            if l.dst in teacher_states:
+                self.teacher_links[l.dst].append(l)
+                continue
+            if l.src in teacher_states:
+                raise EpcError(f"coupling {l.name}: a teacher state ({l.src}) may only feed "
+                               f"teacher states and costs")
+            (self.input_links if l.src in clamped else self.inbound)[l.dst].append(l)
+            if l.feedback and l.src not in clamped:
+                self.feedback[l.src].append(l)
+        # teacher states in feedforward order
+        dg = nx.DiGraph()
+        dg.add_nodes_from(teacher_states)
+        dg.add_edges_from((l.src, l.dst) for j in teacher_states for l in self.teacher_links[j]
+                          if l.src in teacher_states)
+        self.teacher_order = list(nx.topological_sort(dg))
+        self.costs = {j: [c for c in graph.costs if c.state == j] for j in self.settled}
+        self.cost_list = list(graph.costs)
+        for c in self.cost_list:
+            if c.state not in self.states or self.states[c.state].role == "teacher":
+                raise EpcError(f"cost {c.name}: state {c.state} is not a settled state")
+        self.acts = {j: self.states[j].act for j in self.states}
+        self.num_classes = int(np.prod(self.shapes[self.output]))
+
+    # ------------------------------------------------------------------ coupling maps
+    def link_forward(self, l: Link, x: Tensor, P: dict | None = None, routing: dict | None = None):
+        P = self.params if P is None else P
+        if routing is not None and l.name in routing:
+            return self._routed_forward(l, x, P, routing[l.name])
+        if l.fast == "dense":
+            return x @ P[l.weight].t(), None
+        if l.fast == "flat_dense":
+            return x.reshape(x.shape[0], -1) @ P[l.weight].t(), None
+        if l.fast == "identity":
+            return x, None
+        return O.chain_forward(l.ops, x, P)
+
+    def _routed_forward(self, l: Link, x: Tensor, P: dict, frozen: list):
+        """The chain with every max-pool selecting the positions frozen in `frozen` (a linear map)."""
+        ctxs = []
+        for op, fc in zip(l.ops, frozen):
+            if isinstance(op, MaxPool):
+                _, idx, pad = fc
+                xp = x if O._symmetric(op.pads) else torch.nn.functional.pad(
+                    x, (op.pads[1], op.pads[3], op.pads[0], op.pads[2]), value=-math.inf)
+                x = xp.flatten(2).gather(2, idx.flatten(2)).reshape(idx.shape)
+                ctxs.append((xp, idx, pad))
+            else:
+                x, c = O.forward(op, x, P)
+                ctxs.append(c)
+        return x, ctxs
+
+    def routing(self, states: dict, batch: dict) -> dict:
+        """Max-pool selections of every pooling chain at `states` (to freeze for nudging)."""
+        vals = dict(batch["clamped"])
+        vals.update(states)
+        return {l.name: self.link_forward(l, vals[l.src])[1] for l in self.links
+                if l.needs_ctx and l.dst in self.inbound}
+
+    def link_adjoint(self, l: Link, g: Tensor, ctx, P: dict | None = None) -> Tensor:
+        P = self.params if P is None else P
+        if l.fast == "dense":
+            return g @ P[l.weight]
+        if l.fast == "flat_dense":
+            return (g @ P[l.weight]).reshape((g.shape[0],) + l.src_shape)
+        if l.fast == "identity":
+            return g
+        return O.chain_adjoint(l.ops, g, ctx, P)
+
+    def _shape_ctx(self, l: Link, n: int):
+        """Contexts of a chain whose adjoint depends only on shapes (computed on zeros)."""
+        x = torch.zeros((n,) + l.src_shape, dtype=self.dtype, device=self.device)
+        return O.chain_forward(l.ops, x, self.params)[1]
+
+    # ------------------------------------------------------------------ batch setup
+    def prepare(self, inputs: dict[str, Tensor] | Tensor) -> dict:
+        """Per-batch constants: clamped inputs, teacher states, input drive and biases."""
+        if isinstance(inputs, Tensor):
+            if len(self.inputs) != 1:
+                raise EpcError(f"graph has inputs {self.inputs}; pass a dict")
+            inputs = {self.inputs[0]: inputs}
+        vals = {k: v.to(self.device, self.dtype) for k, v in inputs.items()}
+        n = next(iter(vals.values())).shape[0]
+        P = self.params
+        for j in self.teacher_order:
+            u = None
+            for l in self.teacher_links[j]:
+                y = self.link_forward(l, vals[l.src])[0]
+                u = y if u is None else u + y
+            b = self.states[j].bias
+            if b:
+                u = P[b].expand((n,) + self.shapes[j]) if u is None else u + P[b]
+            vals[j] = O.activate(self.acts[j], u)
+        const = {}
+        for j in self.settled:
+            u = torch.zeros((n,) + self.shapes[j], dtype=self.dtype, device=self.device)
+            for l in self.input_links[j]:
+                u = u + self.link_forward(l, vals[l.src])[0]
+            b = self.states[j].bias
+            if b:
+                u = u + P[b]
+            const[j] = u
+        return {"clamped": vals, "const": const, "n": n}
+
+    def zeros(self, n: int) -> dict[str, Tensor]:
+        return {j: torch.zeros((n,) + self.shapes[j], dtype=self.dtype, device=self.device)
+                for j in self.settled}
+
+    # ------------------------------------------------------------------ costs
+    def cost_target(self, c, batch: dict, labels: Tensor | None) -> Tensor:
+        if c.target == "label":
+            if labels is None:
+                raise EpcError(f"cost {c.name} needs labels")
+            shape = self.shapes[c.state]
+            k = int(np.prod(shape))
+            return torch.nn.functional.one_hot(labels.to(self.device), k).to(self.dtype) \
+                .reshape((labels.shape[0],) + shape)
+        return batch["clamped"][c.target]
+
+    def cost_grad(self, c, s: Tensor, t: Tensor) -> Tensor:
+        """dC/ds for one cost term (per sample)."""
+        if c.kind == "mse":
+            return s - t
+        n = s.shape[0]
+        s2, t2 = s.reshape(n, -1), t.reshape(n, -1)
+        if c.kind == "ce":
+            return (torch.softmax(s2, 1) - t2).reshape(s.shape)
+        if c.kind == "kl":
+            T = c.temperature
+            return (T * (torch.softmax(s2 / T, 1) - torch.softmax(t2 / T, 1))).reshape(s.shape)
+        raise EpcError(f"cost {c.name}: unknown kind {c.kind}")
+
+    def cost_value(self, c, s: Tensor, t: Tensor) -> Tensor:
+        """C per sample."""
+        n = s.shape[0]
+        s2, t2 = s.reshape(n, -1), t.reshape(n, -1)
+        if c.kind == "mse":
+            return 0.5 * ((s2 - t2) ** 2).sum(1)
+        if c.kind == "ce":
+            return -(t2 * torch.log_softmax(s2, 1)).sum(1)
+        T = c.temperature
+        pt = torch.softmax(t2 / T, 1)
+        return T * T * (pt * (torch.log(pt.clamp_min(1e-30)) - torch.log_softmax(s2 / T, 1))).sum(1)
+
+    def loss(self, states: dict, batch: dict, labels: Tensor | None) -> Tensor:
+        """L = sum over costs of weight * C, per sample."""
+        total = 0.0
+        for c in self.cost_list:
+            total = total + c.weight * self.cost_value(c, states[c.state],
+                                                       self.cost_target(c, batch, labels))
+        return total
+
+    # ------------------------------------------------------------------ energy
+    def phi(self, states: dict, batch: dict, P: dict | None = None,
+            per_sample: bool = False, routing: dict | None = None) -> Tensor:
+        """Phi over settled couplings and biases (summed over the batch unless per_sample)."""
+        P = self.params if P is None else P
+        vals = dict(batch["clamped"])
+        vals.update(states)
+        n = batch["n"]
+        total = torch.zeros(n, dtype=self.dtype, device=self.device)
+        for j in self.settled:
+            for l in self.input_links[j] + self.inbound[j]:
+                y = self.link_forward(l, vals[l.src], P, routing)[0]
+                total = total + (vals[j] * y).reshape(n, -1).sum(1)
+            b = self.states[j].bias
+            if b:
+                total = total + (vals[j] * P[b]).reshape(n, -1).sum(1)
+        return total if per_sample else total.sum()
+
+    def energy(self, states: dict, batch: dict, routing: dict | None = None) -> Tensor:
+        """E per sample."""
+        n = batch["n"]
+        sq = sum(0.5 * (states[j] ** 2).reshape(n, -1).sum(1) for j in self.settled)
+        return sq - self.phi(states, batch, per_sample=True, routing=routing)
+
+    # ------------------------------------------------------------------ settling
+    def settle(self, batch: dict, states: dict | None = None, *, beta: float = 0.0,
+               labels: Tensor | None = None, max_sweeps: int | None = None,
+               tol: float | None = None, mode: str | None = None,
+               trace: bool = False, routing: dict | None = None,
+               freeze_after: int | None | str = "auto") -> SettleResult:
+        """Settle from `states` (zeros if None) at nudging strength `beta`.
+
+        `routing` (from `Engine.routing` at the free fixed point) freezes every max-pool's
+        selection, so the nudged phases settle a bilinear energy: the piece of the
+        piecewise-linear max-pool that the free equilibrium lies on. Without it, a pool
+        window with tied values (all-zero regions of clipped states are common) may pick
+        different winners at +beta and -beta and the EP difference quotient jumps.
+
+        `freeze_after`: if the phase has not settled after this many sweeps, freeze the
+        max-pool selections at the current state and go on. A max-pool applied to a state
+        makes Phi non-bilinear in that state: where a pool's winner receives negative
+        feedback, block updates that route to the current argmax make the winner swap back
+        and forth and never settle; with the selections frozen the energy is bilinear and
+        every block update is exact again.
+        """
+        n = batch["n"]
+        mode = mode or self.mode
+        max_sweeps = self.max_sweeps if max_sweeps is None else max_sweeps
+        tol = self.tol if tol is None else tol
+        S = dict(self.zeros(n) if states is None else states)
+        const = batch["const"]
+        targets = {}
+        if beta != 0.0:
+            for c in self.cost_list:
+                targets[c.name] = self.cost_target(c, batch, labels)
+        ctx: dict[str, tuple[int, object]] = {}
+        ver = {j: 0 for j in self.settled}
+        shape_ctx = {}
+
+        def drive(j: str) -> Tensor:
+            u = const[j]
+            for l in self.inbound[j]:
+                y, cx = self.link_forward(l, S[l.src], routing=routing)
+                if l.fast == "chain":
+                    ctx[l.name] = (ver[l.src], cx)
+                u = u + y
+            for l in self.feedback[j]:
+                cx = None
+                if l.fast == "chain":
+                    if l.needs_ctx:
+                        hit = ctx.get(l.name)
+                        if hit is None or hit[0] != ver[j]:
+                            hit = (ver[j], self.link_forward(l, S[j], routing=routing)[1])
+                            ctx[l.name] = hit
+                        cx = hit[1]
+                    else:
+                        cx = shape_ctx.get(l.name)
+                        if cx is None:
+                            cx = shape_ctx[l.name] = self._shape_ctx(l, n)
+                u = u + self.link_adjoint(l, S[l.dst], cx)
+            if beta != 0.0:
+                for c in self.costs[j]:
+                    u = u - (beta * c.weight) * self.cost_grad(c, S[j], targets[c.name])
+            return O.activate(self.acts[j], u)
+
+        groups = self.classes if mode == "colour" else [self.settled]
+        res = torch.zeros(n, dtype=self.dtype, device=self.device)
+        tr = [] if trace else None
+        sweeps = 0
+        pooled = any(l.needs_ctx for l in self.links)
+        if freeze_after == "auto":
+            freeze_after = self.pool_freeze
+        for sweep in range(max_sweeps):
+            if (freeze_after is not None and sweep == freeze_after and routing is None
+                    and pooled):
+                routing = self.routing(S, batch)
+                ctx.clear()
+            res = torch.zeros(n, dtype=self.dtype, device=self.device)
+            for cls in groups:
+                new = {j: drive(j) for j in cls}
+                for j, v in new.items():
+                    res = torch.maximum(res, (v - S[j]).abs().reshape(n, -1).amax(1))
+                    S[j] = v
+                    ver[j] += 1
+            sweeps = sweep + 1
+            rmax = float(res.detach().max())
+            if tr is not None:
+                tr.append({"residual": rmax, "energy": float(self.energy(S, batch, routing).mean())})
+            if not np.isfinite(rmax):
+                break
+            if rmax <= tol:
+                break
+        unconv = int((~(res <= tol)).sum())
+        return SettleResult(S, sweeps, res, unconv, tr, routing)
+
+    # ------------------------------------------------------------------ checks
+    def check_finite(self, states: dict) -> str | None:
+        """Name of the first state that holds NaN/Inf or exploded, else None."""
+        for j in self.settled:
+            v = states[j]
+            if not torch.isfinite(v).all():
+                return f"state {j} holds NaN/Inf"
+            if not self.acts[j].bounded and float(v.abs().max()) > EXPLODE:
+                return f"state {j} exploded (|s| = {float(v.abs().max()):.3g})"
+        return None
+
+    def predict(self, states: dict) -> Tensor:
+        return states[self.output].reshape(states[self.output].shape[0], -1).argmax(1)
+
+    # ------------------------------------------------------------------ weights
+    def weights_numpy(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in self.params.items()}

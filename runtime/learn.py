@@ -1,0 +1,175 @@
+"""Learning: the EP gradient estimate from two nudged equilibria, and the optimisers.
+
+EP estimate (per weight, averaged over the batch):
+
+    symmetric:  grad = -( dPhi/dtheta(s+) - dPhi/dtheta(s-) ) / (2 beta)
+    one-sided:  grad = -( dPhi/dtheta(s+) - dPhi/dtheta(s*) ) / beta
+
+dPhi/dW of a dense coupling is s_dst^T s_src (a matmul); for any other chain it is the
+autograd gradient of <s_dst, L(s_src)> w.r.t. the chain's weights, taken once per batch on
+the difference of the two phases (outside the settling loop). dPhi/db_j = s_j summed over
+the axes b_j broadcasts over. Weights shared by several couplings accumulate.
+
+The optimisers (SGD with momentum, Adam) are written out here rather than taken from
+torch.optim so that their whole state is a flat dict of named arrays that a checkpoint
+bundle stores and a resumed run restores exactly.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from epc.compiler.errors import EpcError
+
+from .engine import Engine
+
+Tensor = torch.Tensor
+
+
+def _reduce_to(x: Tensor, shape: tuple) -> Tensor:
+    """Sum a batched tensor [N, *s] down to a bias shape that broadcasts to s."""
+    x = x.sum(0)
+    lead = x.dim() - len(shape)
+    if lead > 0:
+        x = x.sum(tuple(range(lead)))
+    dims = tuple(i for i, d in enumerate(shape) if d == 1 and x.shape[i] != 1)
+    if dims:
+        x = x.sum(dims, keepdim=True)
+    return x.reshape(shape)
+
+
+def phi_grad_diff(eng: Engine, batch: dict, sa: dict, sb: dict,
+                  routing: dict | None = None) -> dict[str, Tensor]:
+    """dPhi/dtheta(sa) - dPhi/dtheta(sb), summed over the batch, for every learnable weight."""
+    P = eng.params
+    learn = set(eng.learnable)
+    out: dict[str, Tensor] = {}
+
+    def acc(name: str, g: Tensor):
+        out[name] = out[name] + g if name in out else g
+
+    clamped = batch["clamped"]
+    for j in eng.settled:
+        for l in eng.input_links[j] + eng.inbound[j]:
+            if not any(w in learn for w in l.weights):
+                continue
+            xa = clamped[l.src] if l.src in clamped else sa[l.src]
+            xb = clamped[l.src] if l.src in clamped else sb[l.src]
+            n = xa.shape[0]
+            if l.fast in ("dense", "flat_dense"):
+                xa2, xb2 = xa.reshape(n, -1), xb.reshape(n, -1)
+                acc(l.weight, sa[j].t() @ xa2 - sb[j].t() @ xb2)
+                continue
+            ws = [w for w in dict.fromkeys(l.weights) if w in learn]
+            leaves = {w: P[w].detach().requires_grad_(True) for w in ws}
+            PP = dict(P)
+            PP.update(leaves)
+            with torch.enable_grad():
+                ya = eng.link_forward(l, xa, PP, routing)[0]
+                yb = eng.link_forward(l, xb, PP, routing)[0]
+                phi = (sa[j] * ya).sum() - (sb[j] * yb).sum()
+                grads = torch.autograd.grad(phi, [leaves[w] for w in ws])
+            for w, g in zip(ws, grads):
+                acc(w, g)
+        b = eng.states[j].bias
+        if b and b in learn:
+            acc(b, _reduce_to(sa[j] - sb[j], tuple(P[b].shape)))
+    return out
+
+
+def ep_gradient(eng: Engine, batch: dict, s_plus: dict, s_minus: dict, beta: float,
+                one_sided: bool = False, routing: dict | None = None) -> dict[str, Tensor]:
+    """The EP estimate of dL/dtheta (L averaged over the batch).
+
+    Symmetric: s_minus is the -beta phase; one-sided: s_minus is the free fixed point.
+    """
+    n = batch["n"]
+    scale = -1.0 / ((beta if one_sided else 2.0 * beta) * n)
+    return {k: v * scale for k, v in phi_grad_diff(eng, batch, s_plus, s_minus, routing).items()}
+
+
+# =========================================================================== optimisers
+class Optimizer:
+    """SGD (momentum, Nesterov off) or Adam over named tensors, with weight decay,
+    a cosine learning-rate schedule and gradient-norm clipping.
+
+    State is a dict of named arrays (`state_arrays` / `load_state_arrays`), so a checkpoint
+    restores it bit for bit.
+    """
+
+    def __init__(self, params: dict[str, Tensor], names: list[str], *, kind: str = "adam",
+                 lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 clip: float | None = None, cosine: bool = True, total_steps: int = 1,
+                 lr_min: float = 0.0, lr_scale: dict[str, float] | None = None):
+        if kind not in ("sgd", "adam"):
+            raise EpcError(f"unknown optimiser {kind!r} (supported: sgd, adam)")
+        if not lr > 0:
+            raise EpcError(f"learning rate must be > 0, got {lr}")
+        self.params, self.names, self.kind = params, list(names), kind
+        self.lr, self.momentum, self.wd = lr, momentum, weight_decay
+        self.betas, self.eps, self.clip = betas, eps, clip
+        self.cosine, self.total_steps, self.lr_min = cosine, max(1, total_steps), lr_min
+        self.lr_scale = lr_scale or {}
+        self.step_count = 0
+        self.m = {k: torch.zeros_like(params[k]) for k in self.names}
+        self.v = {k: torch.zeros_like(params[k]) for k in self.names} if kind == "adam" else {}
+
+    def current_lr(self) -> float:
+        if not self.cosine:
+            return self.lr
+        t = min(self.step_count, self.total_steps) / self.total_steps
+        return self.lr_min + 0.5 * (self.lr - self.lr_min) * (1 + math.cos(math.pi * t))
+
+    @torch.no_grad()
+    def step(self, grads: dict[str, Tensor]) -> float:
+        """Apply one update; returns the gradient norm before clipping."""
+        norm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+        factor = 1.0
+        if self.clip and norm > self.clip:
+            factor = self.clip / (norm + 1e-12)
+        lr = self.current_lr()
+        self.step_count += 1
+        b1, b2 = self.betas
+        for k in self.names:
+            g = grads.get(k)
+            if g is None:
+                continue
+            p = self.params[k]
+            g = g * factor
+            if self.wd:
+                g = g + self.wd * p
+            klr = lr * self.lr_scale.get(k, 1.0)
+            if self.kind == "sgd":
+                m = self.m[k]
+                m.mul_(self.momentum).add_(g)
+                p.sub_(klr * m)
+            else:
+                m, v = self.m[k], self.v[k]
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                mh = m / (1 - b1 ** self.step_count)
+                vh = v / (1 - b2 ** self.step_count)
+                p.sub_(klr * mh / (vh.sqrt() + self.eps))
+        return norm
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        out = {"opt.step": np.array([self.step_count], dtype=np.int64)}
+        for k in self.names:
+            out[f"opt.m.{k}"] = self.m[k].detach().cpu().numpy()
+            if self.kind == "adam":
+                out[f"opt.v.{k}"] = self.v[k].detach().cpu().numpy()
+        return out
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray], where: str) -> None:
+        try:
+            self.step_count = int(arrays["opt.step"][0])
+            for k in self.names:
+                self.m[k].copy_(torch.as_tensor(arrays[f"opt.m.{k}"]))
+                if self.kind == "adam":
+                    self.v[k].copy_(torch.as_tensor(arrays[f"opt.v.{k}"]))
+        except (KeyError, RuntimeError) as e:
+            raise EpcError(f"{where}: incompatible checkpoint: optimiser state does not match "
+                           f"this model and optimiser ({e})")

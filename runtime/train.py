@@ -1,0 +1,298 @@
+"""EP training and evaluation loops, checkpoints and exact resume.
+
+One training step on a batch: settle free (beta = 0) from zeros (or from the sample's last
+free fixed point with warm start), settle at +beta and at -beta from the free fixed point
+(symmetric nudging; one-sided settles only +beta and uses the free point), form the EP
+estimate (runtime/learn.py) and apply the optimiser. Predictions are the argmax of the
+output state at the free fixed point.
+
+Runs are reproducible: the epoch's shuffle comes from a generator seeded with
+(seed, epoch), the optimiser state is a set of named arrays, and a checkpoint
+(DIR/last.epc, a normal bundle with target 'torch') stores weights, optimiser state,
+warm-start buffers, the epoch and the history, so `resume` continues exactly where the
+run stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from epc.compiler.bundle import Bundle, read_bundle, write_bundle
+from epc.compiler.errors import EpcError
+
+from .data import Data
+from .engine import Engine
+from .learn import Optimizer, ep_gradient
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: str = "adam"          # adam | sgd
+    lr: float = 2e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    cosine: bool = True
+    clip: float | None = None        # gradient-norm clipping threshold
+    beta: float = 0.2
+    nudge: str = "symmetric"         # symmetric | one-sided
+    seed: int = 0
+    mode: str | None = None          # None: the schedule's; 'colour' | 'sync'
+    max_sweeps: int | None = None    # None: the schedule's
+    nudge_sweeps: int | None = None
+    tol: float | None = None
+    warm_start: bool = False
+    freeze_pool: bool = True         # nudged phases keep the free phase's max-pool winners
+    pool_freeze: int | None = 20     # freeze max-pool winners after this many free sweeps
+    eval_batch_size: int = 256
+
+    def check(self) -> "TrainConfig":
+        if self.epochs < 0:
+            raise EpcError(f"--epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise EpcError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not (self.beta != 0 and math.isfinite(self.beta)):
+            raise EpcError(f"--beta must be a nonzero finite number, got {self.beta} (EP "
+                           f"estimates the gradient from the difference of nudged phases)")
+        if self.nudge not in ("symmetric", "one-sided"):
+            raise EpcError(f"--nudge {self.nudge!r} (supported: symmetric, one-sided)")
+        if self.optimizer not in ("adam", "sgd"):
+            raise EpcError(f"--optimizer {self.optimizer!r} (supported: adam, sgd)")
+        if not self.lr > 0:
+            raise EpcError(f"--lr must be > 0, got {self.lr}")
+        if self.mode not in (None, "colour", "sync"):
+            raise EpcError(f"--schedule {self.mode!r} (supported: colour, sync)")
+        for k in ("max_sweeps", "nudge_sweeps"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise EpcError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
+        if self.tol is not None and not self.tol >= 0:
+            raise EpcError(f"--tol must be >= 0, got {self.tol}")
+        return self
+
+    # fields whose change makes a checkpoint's continuation differ from the original run
+    RESUME_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
+                   "cosine", "clip", "beta", "nudge", "seed", "mode", "max_sweeps",
+                   "nudge_sweeps", "tol", "warm_start", "freeze_pool", "pool_freeze")
+
+
+class Diverged(EpcError):
+    pass
+
+
+def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    return torch.randperm(n, generator=g)
+
+
+@torch.no_grad()
+def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256,
+             max_sweeps: int | None = None, tol: float | None = None,
+             mode: str | None = None) -> dict:
+    """Free-phase accuracy, loss and convergence over a split."""
+    correct, loss, unconv, sweeps, nb = 0, 0.0, 0, 0, 0
+    n = x.shape[0]
+    for i in range(0, n, batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size].to(eng.device)
+        batch = eng.prepare(xb)
+        r = eng.settle(batch, max_sweeps=max_sweeps, tol=tol, mode=mode)
+        bad = eng.check_finite(r.states)
+        if bad:
+            raise Diverged(f"evaluation diverged: {bad}")
+        correct += int((eng.predict(r.states) == yb).sum())
+        loss += float(eng.loss(r.states, batch, yb).sum())
+        unconv += r.unconverged
+        sweeps += r.sweeps
+        nb += 1
+    return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1),
+            "unconverged_fraction": unconv / max(n, 1), "mean_sweeps": sweeps / max(nb, 1),
+            "samples": n}
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0                       # epochs completed
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Trainer:
+    """Owns the engine, optimiser and warm-start buffers of one run."""
+
+    def __init__(self, eng: Engine, data: Data, cfg: TrainConfig):
+        self.eng, self.data, self.cfg = eng, data, cfg.check()
+        steps = cfg.epochs * math.ceil(data.train.x.shape[0] / cfg.batch_size)
+        self.opt = Optimizer(eng.params, eng.learnable, kind=cfg.optimizer, lr=cfg.lr,
+                             momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                             clip=cfg.clip, cosine=cfg.cosine, total_steps=steps)
+        self.state = TrainState()
+        self.warm: dict[str, torch.Tensor] | None = None
+        if cfg.warm_start:
+            n = data.train.x.shape[0]
+            self.warm = {j: torch.zeros((n,) + eng.shapes[j], dtype=eng.dtype)
+                         for j in eng.settled}
+        self.sweep_trace: list[dict] = []
+
+    # ------------------------------------------------------------------ one step
+    def step(self, xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor, epoch: int) -> dict:
+        eng, cfg = self.eng, self.cfg
+        batch = eng.prepare(xb)
+        yb = yb.to(eng.device)
+        init = None
+        if self.warm is not None:
+            init = {j: self.warm[j][idx].to(eng.device) for j in eng.settled}
+        free = eng.settle(batch, init, max_sweeps=cfg.max_sweeps, tol=cfg.tol, mode=cfg.mode,
+                          trace=not self.sweep_trace)
+        if free.trace:
+            self.sweep_trace = free.trace
+        bad = eng.check_finite(free.states)
+        if bad:
+            raise Diverged(f"training diverged in epoch {epoch + 1}: {bad} after the free "
+                           f"phase; lower --lr or --beta, or add --clip")
+        nsw = cfg.nudge_sweeps if cfg.nudge_sweeps is not None else eng.nudge_sweeps
+        rt = (free.routing or eng.routing(free.states, batch)) if cfg.freeze_pool else None
+        plus = eng.settle(batch, free.states, beta=cfg.beta, labels=yb, max_sweeps=nsw,
+                          tol=cfg.tol, mode=cfg.mode, routing=rt)
+        if cfg.nudge == "symmetric":
+            minus = eng.settle(batch, free.states, beta=-cfg.beta, labels=yb, max_sweeps=nsw,
+                               tol=cfg.tol, mode=cfg.mode, routing=rt)
+            grads = ep_gradient(eng, batch, plus.states, minus.states, cfg.beta, routing=rt)
+            nudged_sweeps = (plus.sweeps + minus.sweeps) / 2
+        else:
+            grads = ep_gradient(eng, batch, plus.states, free.states, cfg.beta, one_sided=True,
+                                routing=rt)
+            nudged_sweeps = plus.sweeps
+        for name, g in grads.items():
+            if not torch.isfinite(g).all():
+                raise Diverged(f"training diverged in epoch {epoch + 1}: the gradient of "
+                               f"{name} holds NaN/Inf; lower --lr or --beta, or add --clip")
+        gnorm = self.opt.step(grads)
+        if self.warm is not None:
+            for j in eng.settled:
+                self.warm[j][idx] = free.states[j].detach().to("cpu")
+        return {"correct": int((eng.predict(free.states) == yb).sum()),
+                "loss": float(eng.loss(free.states, batch, yb).sum()),
+                "unconverged": free.unconverged, "free_sweeps": free.sweeps,
+                "nudged_sweeps": nudged_sweeps, "grad_norm": gnorm}
+
+    # ------------------------------------------------------------------ epochs
+    def run(self, *, progress: Callable | None = None, on_epoch: Callable | None = None,
+            stop_after: int | None = None) -> TrainState:
+        cfg, tr = self.cfg, self.data.train
+        n = tr.x.shape[0]
+        done_now = 0
+        while self.state.epoch < cfg.epochs:
+            if stop_after is not None and done_now >= stop_after:
+                break
+            e = self.state.epoch
+            t0 = time.perf_counter()
+            perm = _epoch_perm(n, cfg.seed, e)
+            tot = {"correct": 0, "loss": 0.0, "unconverged": 0, "free_sweeps": 0,
+                   "nudged_sweeps": 0.0, "batches": 0, "seen": 0}
+            for i in range(0, n, cfg.batch_size):
+                idx = perm[i:i + cfg.batch_size]
+                r = self.step(tr.x[idx], tr.y[idx], idx, e)
+                for k in ("correct", "loss", "unconverged", "free_sweeps", "nudged_sweeps"):
+                    tot[k] += r[k]
+                tot["batches"] += 1
+                tot["seen"] += len(idx)
+                if progress:
+                    progress(e, tot["seen"], n, tot["loss"] / tot["seen"],
+                             tot["correct"] / tot["seen"])
+            for name in self.eng.learnable:
+                if not torch.isfinite(self.eng.params[name]).all():
+                    raise Diverged(f"training diverged in epoch {e + 1}: weight {name} holds "
+                                   f"NaN/Inf; lower --lr")
+            train_secs = time.perf_counter() - t0
+            te = evaluate(self.eng, self.data.test.x, self.data.test.y,
+                          batch_size=cfg.eval_batch_size, max_sweeps=cfg.max_sweeps,
+                          tol=cfg.tol, mode=cfg.mode)
+            rec = {"epoch": e + 1, "train_loss": tot["loss"] / n,
+                   "train_accuracy": tot["correct"] / n, "test_loss": te["loss"],
+                   "test_accuracy": te["accuracy"],
+                   "unconverged_fraction": tot["unconverged"] / n,
+                   "test_unconverged_fraction": te["unconverged_fraction"],
+                   "mean_free_sweeps": tot["free_sweeps"] / tot["batches"],
+                   "mean_nudged_sweeps": tot["nudged_sweeps"] / tot["batches"],
+                   "lr": self.opt.current_lr(), "seconds": train_secs,
+                   "eval_seconds": time.perf_counter() - t0 - train_secs}
+            self.state.history.append(rec)
+            self.state.epoch += 1
+            self.state.seconds += time.perf_counter() - t0
+            done_now += 1
+            if on_epoch:
+                on_epoch(self, rec)
+        return self.state
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_bundle(self, base: Bundle) -> Bundle:
+        g = self.eng.graph.copy()
+        g.weights.update(self.eng.weights_numpy())
+        arrays = dict(self.opt.state_arrays())
+        if self.warm is not None:
+            for j, v in self.warm.items():
+                arrays[f"warm.{j}"] = v.numpy()
+        docs = {"train_state": {"epoch": self.state.epoch, "seconds": self.state.seconds,
+                                "config": dataclasses.asdict(self.cfg),
+                                "data": self.data.name},
+                "history": self.state.history}
+        meta = dict(base.meta)
+        meta["trained"] = {"epochs": self.state.epoch, "data": self.data.name}
+        return Bundle(g, target="torch", meta=meta, arrays=arrays, docs=docs)
+
+    def restore(self, ck: Bundle, where: str) -> None:
+        ts = ck.docs.get("train_state")
+        if not isinstance(ts, dict) or "config" not in ts:
+            raise EpcError(f"{where}: incompatible checkpoint: no training state "
+                           f"(not written by epc train --checkpoint)")
+        old = ts["config"]
+        diff = [k for k in TrainConfig.RESUME_KEYS
+                if k in old and old[k] != getattr(self.cfg, k)]
+        if diff:
+            k = diff[0]
+            raise EpcError(f"{where}: incompatible checkpoint: it was trained with "
+                           f"{k}={old[k]!r}, this run has {k}={getattr(self.cfg, k)!r} "
+                           f"(resume with the same settings)")
+        if ts.get("data") != self.data.name:
+            raise EpcError(f"{where}: incompatible checkpoint: trained on {ts.get('data')}, "
+                           f"this run uses {self.data.name}")
+        mine = self.eng.graph.weights
+        for k, v in ck.graph.weights.items():
+            if k not in mine or tuple(mine[k].shape) != tuple(v.shape):
+                raise EpcError(f"{where}: incompatible checkpoint: weight {k} "
+                               f"{list(v.shape)} does not match this model")
+        if set(mine) != set(ck.graph.weights):
+            missing = sorted(set(mine) - set(ck.graph.weights))
+            raise EpcError(f"{where}: incompatible checkpoint: lacks weight {missing[0]}")
+        for k, v in ck.graph.weights.items():
+            self.eng.params[k].copy_(torch.as_tensor(v))
+        self.opt.load_state_arrays(ck.arrays, where)
+        if self.warm is not None:
+            for j in self.warm:
+                if f"warm.{j}" not in ck.arrays:
+                    raise EpcError(f"{where}: incompatible checkpoint: no warm-start state")
+                self.warm[j].copy_(torch.as_tensor(ck.arrays[f"warm.{j}"]))
+        self.state = TrainState(int(ts["epoch"]), list(ck.docs.get("history") or []),
+                                float(ts.get("seconds", 0.0)))
+
+
+def save_checkpoint(trainer: Trainer, base: Bundle, directory: str | Path) -> Path:
+    path = Path(directory) / "last.epc"
+    write_bundle(path, trainer.checkpoint_bundle(base))
+    return path
+
+
+def load_checkpoint(directory: str | Path) -> tuple[Bundle, str]:
+    p = Path(directory)
+    path = p / "last.epc" if p.is_dir() or not p.suffix else p
+    if not path.exists():
+        raise EpcError(f"--resume: no checkpoint at {path}")
+    return read_bundle(path), str(path)

@@ -1,0 +1,104 @@
+"""check-gradients: the EP estimate against implicit differentiation, per coupling."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from epc.runtime import zoo
+from epc.runtime.api import check_gradients
+from epc.runtime.engine import Engine
+from epc.runtime.gradcheck import check_gradients as engine_check, implicit_gradient
+
+torch.set_num_threads(1)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _min_cos(r):
+    return min(c["cosine"] for c in r["couplings"] + r["biases"])
+
+
+@pytest.mark.parametrize("name,graph", [
+    ("mlp", lambda: zoo.mlp((64, 64, 10))),
+    ("mlp3", lambda: zoo.mlp((64, 64, 32, 16, 10))),
+    ("conv_max", lambda: zoo.convnet(channels=(8, 16))),
+    ("resnet", lambda: zoo.resnet(width=32)),
+    ("tap", lambda: zoo.with_tap(zoo.mlp((64, 64, 32, 10)), "h1")),
+    ("teacher", lambda: zoo.with_teacher(zoo.mlp((64, 64, 10)))),
+    ("ce", lambda: zoo.mlp((64, 64, 10), cost="ce")),
+])
+def test_symmetric_ep_matches_implicit_gradient(name, graph):
+    r = check_gradients(graph(), data="digits", beta=0.01, samples=32)
+    assert r["unconverged"] == 0
+    kinds = {c["kind"] for c in r["couplings"]}
+    assert len(r["couplings"]) >= 2 and r["biases"]
+    if name == "tap":
+        assert "tap" in kinds
+    for c in r["couplings"] + r["biases"]:
+        assert c["cosine"] >= 0.99, (name, c)
+        assert 0.95 <= c["norm_ratio"] <= 1.05, (name, c)
+
+
+def test_one_sided_is_worse_than_symmetric():
+    g = zoo.mlp((64, 64, 32, 10))
+    sym = check_gradients(g, beta=0.05, samples=32)
+    one = check_gradients(g, beta=0.05, samples=32, nudge="one-sided")
+    err = lambda r: max(abs(1 - c["norm_ratio"]) + (1 - c["cosine"]) for c in r["couplings"])
+    assert err(sym) < err(one)
+
+
+def test_implicit_gradient_matches_backprop_through_long_settling():
+    """The reference itself: implicit diff == autograd through many unrolled sweeps."""
+    g = zoo.mlp((64, 16, 10))
+    eng = Engine(g, dtype=torch.float64)
+    x = torch.rand(8, 64, dtype=torch.float64)
+    y = torch.randint(0, 10, (8,))
+    batch = eng.prepare(x)
+    free = eng.settle(batch, max_sweeps=2000, tol=1e-12)
+    imp, info = implicit_gradient(eng, batch, free.states, y)
+    # unrolled: settle from zero with autograd on (hot loop is differentiable)
+    names = eng.learnable
+    saved = dict(eng.params)
+    leaves = {k: eng.params[k].clone().requires_grad_(True) for k in names}
+    eng.params.update(leaves)
+    with torch.enable_grad():
+        b2 = eng.prepare(x)
+        r = eng.settle(b2, max_sweeps=300, tol=0.0)
+        loss = eng.loss(r.states, b2, y).mean()
+        grads = torch.autograd.grad(loss, [leaves[k] for k in names])
+    eng.params.update(saved)
+    for k, gk in zip(names, grads):
+        torch.testing.assert_close(imp[k], gk, rtol=1e-6, atol=1e-9)
+
+
+def test_json_shape_and_bad_beta(tmp_path):
+    from epc.compiler.errors import EpcError
+    out = tmp_path / "g.json"
+    r = check_gradients(zoo.mlp((64, 16, 10)), beta=0.01, samples=8, json_path=str(out))
+    import json
+    j = json.loads(out.read_text())
+    assert {"name", "cosine", "norm_ratio", "sign_agreement"} <= set(j["couplings"][0])
+    assert j["couplings"][0]["cosine"] == pytest.approx(r["couplings"][0]["cosine"])
+    with pytest.raises(EpcError, match="beta"):
+        check_gradients(zoo.mlp((64, 16, 10)), beta=0.0)
+
+
+def _compiled(name):
+    try:
+        from epc.compiler.options import CompileOptions
+        from epc.compiler.pipeline import compile_source
+    except ImportError:
+        pytest.skip("compile pipeline not available")
+    path = os.path.join(ROOT, "examples", f"{name}.onnx")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} missing")
+    return compile_source(path, CompileOptions()).graph
+
+
+@pytest.mark.parametrize("name", ["mlp_digits", "mlp3_digits", "conv_digits"])
+def test_real_examples_at_initialisation(name):
+    g = _compiled(name)
+    r = check_gradients(g, beta=0.01, samples=16 if name == "conv_digits" else 32)
+    assert r["unconverged"] == 0
+    assert _min_cos(r) >= 0.99, r["couplings"]

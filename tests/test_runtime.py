@@ -1,0 +1,226 @@
+"""Runtime engine: settling semantics, explicit adjoints vs autograd, data loaders."""
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from epc.compiler import ops as O
+from epc.compiler.errors import EpcError
+from epc.compiler.reference import forward_sweep
+from epc.runtime import zoo
+from epc.runtime.data import fit_to_input, load_dataset
+from epc.runtime.engine import Engine
+
+torch.set_num_threads(1)
+
+
+def _batch(eng, n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = eng.input_shapes[eng.inputs[0]]
+    return eng.prepare(torch.rand((n,) + shape, generator=g, dtype=torch.float64))
+
+
+GRAPHS = {
+    "mlp": lambda: zoo.mlp((64, 32, 10)),
+    "conv_max": lambda: zoo.convnet(channels=(4, 6)),
+    "conv_avg": lambda: zoo.convnet(channels=(4, 6), pool="avg"),
+    "resnet": lambda: zoo.resnet(width=16),
+    "tap": lambda: zoo.with_tap(zoo.convnet(channels=(4, 6)), "h1", pool=True),
+    "teacher": lambda: zoo.with_teacher(zoo.mlp((64, 32, 10))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRAPHS))
+def test_explicit_drive_equals_autograd_of_phi(name):
+    """Each state's drive from explicit couplings/adjoints is dPhi/ds_j (autograd)."""
+    eng = Engine(GRAPHS[name](), dtype=torch.float64, pool_freeze=None)
+    batch = _batch(eng)
+    g = torch.Generator().manual_seed(1)
+    S = {j: torch.rand((batch["n"],) + eng.shapes[j], generator=g, dtype=torch.float64)
+         for j in eng.settled}
+    leaves = {j: v.clone().requires_grad_(True) for j, v in S.items()}
+    phi = eng.phi(leaves, batch)
+    auto = dict(zip(eng.settled, torch.autograd.grad(phi, [leaves[j] for j in eng.settled])))
+    # one sync sweep from S with identity activations gives the raw drives
+    from epc.compiler.ir import Activation
+    acts = eng.acts
+    eng.acts = {k: Activation.identity() for k in acts}
+    r = eng.settle(batch, dict(S), max_sweeps=1, mode="sync", tol=0.0)
+    eng.acts = acts
+    for j in eng.settled:
+        torch.testing.assert_close(r.states[j], auto[j], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet", "conv_avg", "tap"])
+def test_fixed_point_satisfies_update_rule_and_energy_decreases(name):
+    eng = Engine(GRAPHS[name](), dtype=torch.float64)
+    batch = _batch(eng)
+    r = eng.settle(batch, max_sweeps=400, tol=1e-10, trace=True)
+    assert r.unconverged == 0
+    energies = [t["energy"] for t in r.trace]
+    # block coordinate descent on a bilinear energy never increases it
+    assert all(b <= a + 1e-9 for a, b in zip(energies, energies[1:]))
+    again = eng.settle(batch, dict(r.states), max_sweeps=1, tol=0.0)
+    for j in eng.settled:
+        torch.testing.assert_close(again.states[j], r.states[j], rtol=0, atol=1e-9)
+
+
+def test_colour_and_sync_reach_the_same_fixed_point_colour_faster():
+    eng = Engine(zoo.mlp((64, 64, 32, 10)), dtype=torch.float64)
+    batch = _batch(eng, 32)
+    rc = eng.settle(batch, max_sweeps=1000, tol=1e-8, mode="colour")
+    rs = eng.settle(batch, max_sweeps=1000, tol=1e-8, mode="sync")
+    assert rc.unconverged == 0 and rs.unconverged == 0
+    for j in eng.settled:
+        torch.testing.assert_close(rc.states[j], rs.states[j], rtol=0, atol=1e-6)
+    assert rc.sweeps * 1.5 <= rs.sweeps
+
+
+def test_sweep_cap_counts_unconverged_samples():
+    eng = Engine(zoo.mlp((64, 64, 32, 10)), dtype=torch.float64)
+    batch = _batch(eng, 8)
+    r = eng.settle(batch, max_sweeps=2, tol=1e-12)
+    assert r.sweeps == 2 and r.unconverged == 8
+
+
+def test_teacher_states_are_the_feedforward_pass():
+    g = GRAPHS["teacher"]()
+    eng = Engine(g, dtype=torch.float64)
+    x = torch.rand(5, 64, dtype=torch.float64)
+    batch = eng.prepare(x)
+    ref = forward_sweep(g, {"x": x.numpy()}, lift_bounds=True)
+    for t in eng.teacher_order:
+        np.testing.assert_allclose(batch["clamped"][t].numpy(), ref[t], atol=1e-12)
+
+
+def test_routing_freeze_makes_pool_on_state_settle():
+    """A max-pool applied to a state (pool after the activation, as ONNX nets have it) makes
+    argmax routing cycle; freezing the winners after a few sweeps settles every sample."""
+    from epc.compiler.ir import Conv, Coupling, MaxPool
+    g = zoo.convnet(channels=(4, 6))
+    # rewrite h1 -> h2 as pool(h1) then conv: pool applied to the state itself
+    c = g.coupling("c_h2")
+    h1 = g.state("h1")
+    g.states[0].shape = (4, 8, 8)
+    g.coupling("c_h1").ops = [Conv("h1.w", pads=[1, 1, 1, 1])]
+    c.ops = [MaxPool([2, 2], [2, 2]), Conv("h2.w", pads=[1, 1, 1, 1]), MaxPool([2, 2], [2, 2])]
+    eng_free = Engine(g, dtype=torch.float64, pool_freeze=None)
+    eng = Engine(g, dtype=torch.float64, pool_freeze=10)
+    batch = _batch(eng, 16)
+    r = eng.settle(batch, max_sweeps=300, tol=1e-9)
+    assert r.unconverged == 0 and r.routing is not None
+    assert h1.shape == (4, 8, 8)
+    rf = eng_free.settle(_batch(eng_free, 16), max_sweeps=300, tol=1e-9)
+    assert rf.unconverged > 0   # argmax routing on a state cycles
+
+
+# --------------------------------------------------------------------------- data
+def test_digits_split_and_shapes():
+    d = load_dataset("digits", input_shape=(64,))
+    assert d.train.x.shape == (1437, 64) and d.test.x.shape == (360, 64)
+    assert float(d.train.x.max()) <= 1.0 and float(d.train.x.min()) >= 0.0
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    raw = load_digits()
+    _, xte, _, yte = train_test_split(raw.data, raw.target, test_size=0.2, random_state=0)
+    np.testing.assert_allclose(d.test.x.numpy(), xte / 16.0, rtol=1e-6)
+    assert (d.test.y.numpy() == yte).all()
+
+
+def test_resize_and_channels_to_cifar_shape():
+    d = load_dataset("digits", input_shape=(3, 32, 32), resize="32")
+    assert d.train.x.shape == (1437, 3, 32, 32)
+    with pytest.raises(EpcError, match="--resize"):
+        load_dataset("digits", input_shape=(3, 32, 32))
+
+
+def _idx_bytes(arr: np.ndarray) -> bytes:
+    head = bytes([0, 0, 8, arr.ndim]) + b"".join(struct.pack(">I", d) for d in arr.shape)
+    return head + arr.astype(np.uint8).tobytes()
+
+
+def test_mnist_idx_gz_and_plain(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n, gz in (("train", 20, True), ("t10k", 7, False)):
+        x = rng.integers(0, 256, (n, 28, 28))
+        y = rng.integers(0, 10, n)
+        for kind, arr in (("images-idx3", x), ("labels-idx1", y)):
+            data = _idx_bytes(arr)
+            p = tmp_path / f"{split}-{kind}-ubyte"
+            if gz:
+                (tmp_path / (p.name + ".gz")).write_bytes(gzip.compress(data))
+            else:
+                p.write_bytes(data)
+        if split == "t10k":
+            want_x, want_y = x, y
+    d = load_dataset("mnist", data_dir=tmp_path, input_shape=(784,))
+    assert d.train.x.shape == (20, 784) and d.test.x.shape == (7, 784)
+    np.testing.assert_allclose(d.test.x.numpy().reshape(7, 28, 28), want_x / 255.0, rtol=1e-6)
+    assert (d.test.y.numpy() == want_y).all()
+
+
+def test_cifar10_binary_and_python_formats(tmp_path):
+    rng = np.random.default_rng(0)
+    b = tmp_path / "cifar-10-batches-bin"
+    b.mkdir()
+    recs = {}
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        y = rng.integers(0, 10, 3).astype(np.uint8)
+        x = rng.integers(0, 256, (3, 3072)).astype(np.uint8)
+        recs[f] = (x, y)
+        (b / (f + ".bin")).write_bytes(np.concatenate([y[:, None], x], 1).tobytes())
+    d = load_dataset("cifar10", data_dir=tmp_path, input_shape=(3, 32, 32))
+    assert d.train.x.shape == (15, 3, 32, 32)
+    np.testing.assert_allclose(d.test.x.numpy().reshape(3, -1), recs["test_batch"][0] / 255.0,
+                               rtol=1e-6)
+    # the python distribution, read by the array-only unpickler
+    p = tmp_path / "py" / "cifar-10-batches-py"
+    p.mkdir(parents=True)
+    for f, (x, y) in recs.items():
+        (p / f).write_bytes(pickle.dumps({b"data": x, b"labels": [int(v) for v in y]}))
+    d2 = load_dataset("cifar10", data_dir=tmp_path / "py", input_shape=(3, 32, 32))
+    torch.testing.assert_close(d2.train.x, d.train.x)
+    assert (d2.test.y == d.test.y).all()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_python_cifar_refuses_non_array_pickles(tmp_path):
+    p = tmp_path / "cifar-10-batches-py"
+    p.mkdir()
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (p / f).write_bytes(pickle.dumps({b"data": _Evil(), b"labels": [0]}))
+    with pytest.raises(EpcError, match="refusing to unpickle"):
+        load_dataset("cifar10", data_dir=tmp_path, input_shape=(3, 32, 32))
+
+
+def test_bad_data_inputs(tmp_path):
+    with pytest.raises(EpcError, match="unknown data set"):
+        load_dataset("imagenet")
+    with pytest.raises(EpcError, match="no such directory"):
+        load_dataset("mnist", data_dir=tmp_path / "nope")
+    with pytest.raises(EpcError, match="not found"):
+        load_dataset("cifar10", data_dir=tmp_path)
+    b = tmp_path / "cifar-10-batches-bin"
+    b.mkdir()
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (b / (f + ".bin")).write_bytes(b"\x00" * 100)
+    with pytest.raises(EpcError, match="not a multiple"):
+        load_dataset("cifar10", data_dir=tmp_path)
+    with pytest.raises(EpcError, match="labels range"):
+        load_dataset("digits", num_classes=5)
+
+
+def test_fit_to_input_flattens_and_checks():
+    x = torch.rand(4, 1, 8, 8)
+    assert fit_to_input(x, (64,)).shape == (4, 64)
+    with pytest.raises(EpcError):
+        fit_to_input(x, (10,))

@@ -1,0 +1,152 @@
+"""epc train / eval / check-gradients through the CLI: metrics, checkpoints, resume, errors."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from epc.compiler.bundle import Bundle, read_bundle, write_bundle
+from epc.runtime import zoo
+from epc.runtime.api import evaluate, train
+from epc.runtime.cli import app
+from epc.targets.torch import emit
+
+torch.set_num_threads(1)
+try:
+    runner = CliRunner(mix_stderr=False)
+except TypeError:  # newer click: stderr is always separate
+    runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def mlp_path(tmp_path_factory):
+    p = tmp_path_factory.mktemp("m") / "mlp.epc"
+    emit(zoo.mlp((64, 32, 10), max_sweeps=60, nudge_sweeps=20), p, None)
+    return str(p)
+
+
+def _run(*args):
+    return runner.invoke(app(), [str(a) for a in args])
+
+
+def test_train_eval_metrics_checkpoint_plot(mlp_path, tmp_path):
+    ck, mj, png = tmp_path / "ck", tmp_path / "run.json", tmp_path / "curves.png"
+    r = _run("train", mlp_path, "--epochs", 3, "--seed", 0, "--lr", 5e-3, "--metrics-json", mj,
+             "--checkpoint", ck, "--plot", png, "-q")
+    assert r.exit_code == 0, r.output
+    m = json.loads(mj.read_text())
+    for k in ("train_accuracy", "test_accuracy", "epochs", "seconds", "unconverged_fraction",
+              "history"):
+        assert k in m
+    assert m["epochs"] == 3 and len(m["history"]) == 3
+    assert m["test_accuracy"] > 0.8  # 3 epochs of EP on digits (chance is 0.1)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    b = read_bundle(ck / "last.epc")
+    assert b.target == "torch" and b.docs["train_state"]["epoch"] == 3
+    # the checkpoint holds the trained weights: eval reproduces the reported accuracy
+    r = _run("eval", ck / "last.epc", "--json", tmp_path / "e.json")
+    assert r.exit_code == 0, r.output
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["accuracy"] == pytest.approx(m["test_accuracy"])
+    assert "accuracy" in r.stdout
+
+
+def test_resume_continues_exactly(mlp_path, tmp_path):
+    full = train(mlp_path, epochs=3, seed=1, checkpoint=str(tmp_path / "a"))
+    part = train(mlp_path, epochs=3, seed=1, checkpoint=str(tmp_path / "b"), stop_after=1)
+    assert part["epochs"] == 1
+    rest = train(mlp_path, epochs=3, seed=1, checkpoint=str(tmp_path / "b"), resume=True)
+    assert rest["epochs"] == 3
+    wa = read_bundle(tmp_path / "a" / "last.epc").graph.weights
+    wb = read_bundle(tmp_path / "b" / "last.epc").graph.weights
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k])
+    assert rest["test_accuracy"] == full["test_accuracy"]
+    assert [h["train_loss"] for h in rest["history"]] == [h["train_loss"] for h in full["history"]]
+
+
+def test_seeds_reproduce_and_differ(mlp_path):
+    a = train(mlp_path, epochs=1, seed=3)
+    b = train(mlp_path, epochs=1, seed=3)
+    c = train(mlp_path, epochs=1, seed=4)
+    assert a["history"][0]["train_loss"] == b["history"][0]["train_loss"]
+    assert a["history"][0]["train_loss"] != c["history"][0]["train_loss"]
+
+
+def test_sgd_sync_one_sided_warm_start_options(mlp_path):
+    m = train(mlp_path, epochs=1, optimizer="sgd", lr=0.05, schedule="sync",
+              nudge="one-sided", warm_start=True, clip=5.0, weight_decay=1e-4)
+    assert m["test_accuracy"] > 0.5
+
+
+def test_torch_dataset_api():
+    from torch.utils.data import TensorDataset
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 64, generator=g)
+    y = (x[:, 0] > 0.5).long()
+    tr, te = TensorDataset(x[:48], y[:48]), TensorDataset(x[48:], y[48:])
+    m = train(zoo.mlp((64, 16, 10)), dataset=(tr, te), epochs=1)
+    assert m["data"] == "custom" and m["train_samples"] == 48
+
+
+def _bad(tmp_path, args, match):
+    sentinel = tmp_path / "run.json"
+    sentinel.write_text("keep")
+    r = _run(*args, "--metrics-json", sentinel) if args[0] == "train" else _run(*args)
+    assert r.exit_code == 2, (args, r.output)
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("epc: error:") and match in err[0], err
+    assert sentinel.read_text() == "keep"
+
+
+def test_bad_inputs_one_line_exit_2(mlp_path, tmp_path):
+    _bad(tmp_path, ["train", mlp_path, "--data", "imagenet"], "unknown data set")
+    _bad(tmp_path, ["train", mlp_path, "--data", "mnist", "--data-dir", tmp_path / "no"],
+         "no such directory")
+    _bad(tmp_path, ["train", mlp_path, "--data", "cifar10", "--data-dir", tmp_path],
+         "CIFAR-10 not found")
+    _bad(tmp_path, ["train", mlp_path, "--beta", "0"], "--beta")
+    _bad(tmp_path, ["train", mlp_path, "--epochs", "-1"], "--epochs")
+    _bad(tmp_path, ["train", tmp_path / "missing.epc"], "no such file")
+    _bad(tmp_path, ["check-gradients", mlp_path, "--beta", "0"], "--beta")
+    # a bundle for another target
+    other = tmp_path / "other.epc"
+    write_bundle(other, Bundle(read_bundle(mlp_path).graph, target="neuromorphic"))
+    _bad(tmp_path, ["train", other], "target 'neuromorphic'")
+    _bad(tmp_path, ["eval", other], "target 'neuromorphic'")
+    # an incompatible checkpoint (a different architecture) leaves it untouched
+    ck = tmp_path / "ck"
+    emit(zoo.mlp((64, 20, 10)), tmp_path / "small.epc", None)
+    train(str(tmp_path / "small.epc"), epochs=1, checkpoint=str(ck))
+    before = (ck / "last.epc").read_bytes()
+    _bad(tmp_path, ["train", mlp_path, "--epochs", "1", "--checkpoint", ck, "--resume"],
+         "incompatible checkpoint")
+    assert (ck / "last.epc").read_bytes() == before
+    # labels beyond the output state's classes
+    emit(zoo.mlp((64, 16, 5)), tmp_path / "five.epc", None)
+    _bad(tmp_path, ["train", tmp_path / "five.epc"], "labels range")
+
+
+def test_divergence_is_named(mlp_path, tmp_path):
+    from epc.compiler.errors import EpcError
+    with pytest.raises(EpcError, match=r"diverged in epoch 1: .*(state|weight|gradient)"):
+        train(zoo.mlp((64, 32, 10), act=__import__("epc.compiler.ir", fromlist=["x"])
+                      .Activation.relu()), epochs=1, lr=1e6, optimizer="sgd", beta=50.0)
+
+
+def test_help_teaches():
+    for cmd in ("train", "eval", "check-gradients"):
+        r = _run(cmd, "--help")
+        assert r.exit_code == 0 and "Example" in r.stdout and "epc " + cmd in r.stdout
+
+
+def test_check_gradients_cli_table(mlp_path, tmp_path):
+    r = _run("check-gradients", mlp_path, "--samples", 16, "--json", tmp_path / "g.json")
+    assert r.exit_code == 0, r.output
+    j = json.loads((tmp_path / "g.json").read_text())
+    assert all(c["cosine"] > 0.99 for c in j["couplings"])
+    assert "cosine" in r.stdout and "c_h1" in r.stdout
