@@ -262,6 +262,12 @@ def main(argv=None) -> int:
     print("ep_vs_bp:", json.dumps(res["ep_vs_bp"]), flush=True)
     res["gflops"] = bench_gflops(tp_graphs, bs=64 if a.quick else 256)
     print("gflops:", json.dumps(res["gflops"]), flush=True)
+    from bench.compile_speed import bench_compile
+    res["compile"] = bench_compile(a.quick)
+    print("compile:", json.dumps(res["compile"]), flush=True)
+    from bench.neuromorphic import bench_simulator
+    res["neuromorphic"] = bench_simulator(a.quick)
+    print("neuromorphic:", json.dumps(res["neuromorphic"]), flush=True)
     res["seconds"] = time.perf_counter() - t0
     if a.json:
         atomic_write_bytes(a.json, (json.dumps(res, indent=1) + "\n").encode())

@@ -108,4 +108,8 @@ def lower(b: Bundle, where: str) -> Bundle:
 
 def load_for_runtime(path: str | os.PathLike) -> Bundle:
     """Read a bundle for the runtime; refuses other targets and unsupported graphs."""
+    from epc.targets.neuromorphic.api import is_program
+    if os.path.isfile(path) and is_program(path):
+        raise EpcError(f"{path}: a neuromorphic program, not a float bundle; run it with "
+                       f"`epc run` / `epc train`, or use the .epc bundle it was compiled from")
     return lower(read_bundle(path), str(path))
