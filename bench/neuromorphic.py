@@ -51,6 +51,7 @@ def _one(src: str, repeats: int) -> dict:
             "simulator_over_float_time": min(ts) / min(tf),
             "float_sweeps": int(r.sweeps), "sim_max_sweeps": m["max_sweeps"],
             "sim_median_sweeps": m["median_sweeps"], "sim_unsettled": m["unsettled"],
+            "sim_cycling": m["cycling"],
             "agreement": float((m["predictions"] == pf).mean()),
             "synops_per_inference": m["synops_per_inference"]}
 

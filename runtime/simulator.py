@@ -13,7 +13,10 @@ ISA.md documents:
 
 A phase sweeps its colour classes until no state changes (the integer fixed point), a
 state vector repeats (a cycle), or the sweep cap. Each sample stops on its own: a sample's
-result never depends on the rest of its batch. Learning applies the EP update from the two
+result never depends on the rest of its batch. Max-pools acting on settled states follow
+the program's winner rules (ISA.md, "Max-pool winners"): after `pool_freeze` sweeps a
+still-moving sample's winners are frozen, and `pool=free` nudged phases (and then the
+learning step) keep the free phase's winners. Learning applies the EP update from the two
 nudged equilibria to the integer mantissas with stochastic rounding driven by the
 program's counter-mode PRNG, so a training run is reproducible from the program alone.
 """
@@ -137,6 +140,23 @@ def _adj(op: SynOp, ir, g: torch.Tensor, ctx, W: dict):
     raise EpcError(f"unknown synapse op {op.kind}")
 
 
+def _pads_symmetric(pads) -> bool:
+    return pads[0] == pads[2] and pads[1] == pads[3]
+
+
+def _gather_pool(op: SynOp, x: torch.Tensor, idx: torch.Tensor):
+    """A max-pool with frozen winners: the value at each window's recorded index (linear).
+    Indices are torch's max_pool2d ones: into the input plane, or into the -inf padded
+    plane for asymmetric padding, exactly as compiler.ops records them."""
+    if _pads_symmetric(op.pads):
+        xp, pad = x, (op.pads[0], op.pads[1])
+    else:
+        xp = TF.pad(x, (op.pads[1], op.pads[3], op.pads[0], op.pads[2]), value=-math.inf)
+        pad = (0, 0)
+    y = xp.flatten(2).gather(2, idx.flatten(2)).reshape(idx.shape)
+    return y, (xp, idx, pad)
+
+
 @dataclass
 class Stats:
     """Counters of one simulator run."""
@@ -163,6 +183,9 @@ class PhaseResult:
     sweeps: np.ndarray          # per sample: sweeps run (the last one changed nothing if settled)
     settled: np.ndarray         # bool per sample: reached the integer fixed point
     cycled: np.ndarray          # bool per sample: a state vector repeated (a cycle)
+    routing: dict | None = None  # per pooled synapse: max-pool winners per sample at the end
+                                 # (the frozen ones where frozen); None without such pools
+    froze: np.ndarray | None = None   # bool per sample: winners were frozen in this phase
 
 
 class Simulator:
@@ -212,6 +235,10 @@ class Simulator:
         self.feedback = {g: [c for c in self.chains if c.src == g and c.feedback]
                          for g in self.groups}
         self.macs = {c.name: self._chain_macs(c) for c in self.chains}
+        # synapses whose max-pool acts on a settled state: the winner rules apply to them
+        # (pools on clamped inputs or teacher groups see a constant source)
+        self.pooled = [c for c in self.chains if c.has_max and c.kind != "teacher"
+                       and c.src in self.groups and self.groups[c.src].role != "teacher"]
         rng = np.random.default_rng(12345)   # hash coefficients for cycle detection only
         self._hcoef = {g: torch.as_tensor(rng.integers(1, 2 ** 20, size=int(np.prod(
             self.mems[self.groups[g].mem].shape))).astype(np.float64)) for g in self.groups}
@@ -261,15 +288,34 @@ class Simulator:
             v = v.clamp(ACC_MIN, ACC_MAX)
         return round_shift(v, c.shift)
 
-    def _forward(self, c: _Chain, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+    def _forward(self, c: _Chain, x: torch.Tensor, route: list | None = None,
+                 W: dict | None = None) -> tuple[torch.Tensor, list]:
+        W = self.W if W is None else W
         ctxs = []
-        for op, ir in c.steps:
-            x, ctx = _fwd(op, ir, x, self.W)
+        for k, (op, ir) in enumerate(c.steps):
+            if route is not None and op.kind == "maxpool":
+                x, ctx = _gather_pool(op, x, route[k])
+            else:
+                x, ctx = _fwd(op, ir, x, W)
             ctxs.append(ctx)
         return x, ctxs
 
-    def _adjoint(self, c: _Chain, g: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-        if c.has_max:
+    def _adjoint(self, c: _Chain, g: torch.Tensor, src: torch.Tensor,
+                 route: list | None = None) -> torch.Tensor:
+        if c.has_max and route is not None:
+            # frozen winners: the transpose needs only shapes and the recorded indices
+            ctxs, shape = [], tuple(src.shape)
+            for k, (op, ir) in enumerate(c.steps):
+                if op.kind == "maxpool":
+                    pt, pl, pb, pr = op.pads
+                    sym = _pads_symmetric(op.pads)
+                    xshape = shape if sym else (*shape[:2], shape[2] + pt + pb, shape[3] + pl + pr)
+                    ctxs.append((torch.zeros(xshape, dtype=torch.float64), route[k],
+                                 (pt, pl) if sym else (0, 0)))
+                else:
+                    ctxs.append(shape if op.kind in ("conv", "flatten", "sumpool", "gsum") else None)
+                shape = self._out_shape(op, ir, shape)
+        elif c.has_max:
             _, ctxs = self._forward(c, src)
         else:
             ctxs, shape = [], tuple(src.shape)
@@ -289,18 +335,47 @@ class Simulator:
             self._shape_cache[key] = got
         return got
 
+    # ---- max-pool winners
+    def routing(self, s: dict) -> dict | None:
+        """The current winners (argmax, first index on ties) of every pooled synapse at `s`:
+        {synapse: [indices or None per op]}; None when the program has no pooled synapse."""
+        if not self.pooled:
+            return None
+        out = {}
+        for c in self.pooled:
+            _, ctxs = self._forward(c, s[c.src])
+            out[c.name] = [ctx[1] if op.kind == "maxpool" else None
+                           for (op, _), ctx in zip(c.steps, ctxs)]
+        return out
+
+    @staticmethod
+    def _route_take(route: dict | None, idx) -> dict | None:
+        if route is None:
+            return None
+        return {k: [None if t is None else t[idx] for t in v] for k, v in route.items()}
+
+    @staticmethod
+    def _route_put(dst: dict, at, src: dict) -> None:
+        for k, v in src.items():
+            for d, t in zip(dst[k], v):
+                if d is not None:
+                    d[at] = t
+
     # ---- one group
-    def _drive(self, name: str, s: dict, sign: int, y: torch.Tensor | None) -> torch.Tensor:
+    def _drive(self, name: str, s: dict, sign: int, y: torch.Tensor | None,
+               route: dict | None = None) -> torch.Tensor:
         grp = self.groups[name]
         n = next(iter(s.values())).shape[0]
         u = None
         for c in self.inbound[name]:
-            t = self._scale(self._forward(c, s[c.src])[0], c)
+            rc = route.get(c.name) if route is not None else None
+            t = self._scale(self._forward(c, s[c.src], rc)[0], c)
             u = t if u is None else u + t
             self.stats.synops += self.macs[c.name] * n
         if grp.role != "teacher":
             for c in self.feedback[name]:
-                t = self._scale(self._adjoint(c, s[c.dst], s[name]), c)
+                rc = route.get(c.name) if route is not None else None
+                t = self._scale(self._adjoint(c, s[c.dst], s[name], rc), c)
                 u = t if u is None else u + t
                 self.stats.synops += self.macs[c.name] * n
         shape = (n, *self.mems[grp.mem].shape)
@@ -340,8 +415,15 @@ class Simulator:
         return h.numpy()
 
     def settle(self, s: dict, phase: str, *, y: torch.Tensor | None = None,
-               sign: int = 0) -> PhaseResult:
-        """Run one phase on the batch `s` (a dict of [N, ...] integer tensors)."""
+               sign: int = 0, routing: dict | None = None) -> PhaseResult:
+        """Run one phase on the batch `s` (a dict of [N, ...] integer tensors).
+
+        `routing` (per sample, e.g. a free phase's `PhaseResult.routing`) freezes every
+        pooled synapse's winners from the first sweep; otherwise they follow the current
+        source and, for samples still moving after the program's `pool_freeze` sweeps, are
+        frozen there. Cycles are looked for only while winners are frozen (or when the
+        program never freezes them): before the freeze the float runtime keeps sweeping
+        too, and a repeat under live winners is what the freeze resolves."""
         ph = self.p.phase(phase)
         s = {k: v.clone() for k, v in s.items()}
         n = next(iter(s.values())).shape[0]
@@ -349,14 +431,32 @@ class Simulator:
         sweeps = np.zeros(n, dtype=np.int64)
         settled = np.zeros(n, dtype=bool)
         cycled = np.zeros(n, dtype=bool)
+        pooled = bool(self.pooled) and phase != "teacher"
+        froze = np.zeros(n, dtype=bool)
+        full_route = None
+        if pooled and routing is not None:
+            full_route = self._route_take(routing, slice(None))
+            froze[:] = True
+        freeze_at = self.p.pool_freeze if pooled and full_route is None else 0
+        route = full_route
+        detect = freeze_at == 0
         active = np.arange(n)
         sub = s
         ysub = y
         seen: list[dict] = [dict() for _ in range(n)]
         for k in range(1, ph.sweeps + 1):
+            if freeze_at and k == freeze_at + 1:
+                # still moving after pool_freeze sweeps: freeze the winners where they are
+                route = self.routing(sub)
+                full_route = {c: [None if t is None else
+                                  torch.zeros((n, *t.shape[1:]), dtype=t.dtype) for t in v]
+                              for c, v in route.items()}
+                self._route_put(full_route, torch.as_tensor(active), route)
+                froze[active] = True
+                detect = True
             before = {g: sub[g] for g in names}
             for cls in ph.classes:
-                new = {g: self._drive(g, sub, sign, ysub) for g in cls}
+                new = {g: self._drive(g, sub, sign, ysub, route) for g in cls}
                 sub = {**sub, **new}
             changed = torch.zeros(len(active), dtype=torch.bool)
             for g in names:
@@ -365,7 +465,7 @@ class Simulator:
             ch = changed.numpy()
             done = ~ch
             settled[active[done]] = True
-            if phase != "teacher":
+            if phase != "teacher" and detect:
                 hs = self._hash(sub, names)
                 for j in np.nonzero(ch)[0]:
                     i = active[j]
@@ -385,9 +485,16 @@ class Simulator:
                 kt = torch.as_tensor(np.nonzero(keep)[0])
                 sub = {key: v[kt] for key, v in sub.items()}
                 ysub = None if y is None else ysub[kt]
+                route = self._route_take(route, kt)
         if phase == "teacher":
             settled[:] = True
-        return PhaseResult(s, sweeps, settled, cycled)
+        out_route = None
+        if pooled:
+            out_route = self.routing(s)
+            if full_route is not None and froze.any():
+                at = torch.as_tensor(np.nonzero(froze)[0])
+                self._route_put(out_route, at, self._route_take(full_route, at))
+        return PhaseResult(s, sweeps, settled, cycled, out_route, froze)
 
     # ---- inference
     def init_states(self, x: np.ndarray | torch.Tensor) -> dict:
@@ -422,19 +529,21 @@ class Simulator:
         return y.reshape(len(labels), *shape)
 
     # ---- learning
-    def _corr(self, c: _Chain, s: dict) -> dict[str, torch.Tensor]:
-        """d<s_dst, chain(s_src)>/dM_eff summed over the batch: exact integer correlations."""
+    def _corr(self, c: _Chain, s: dict, routing: dict | None = None) -> dict[str, torch.Tensor]:
+        """d<s_dst, chain(s_src)>/dM_eff summed over the batch: exact integer correlations
+        (with `routing`, the chain's max-pools use those winners)."""
         leaves = {w: self.W[w].clone().requires_grad_(True) for w, _ in c.weights}
         W = {**self.W, **leaves}
-        x = s[c.src]
-        for op, ir in c.steps:
-            x, _ = _fwd(op, ir, x, W)
+        rc = routing.get(c.name) if routing is not None else None
+        x, _ = self._forward(c, s[c.src], rc, W)
         phi = (x * s[c.dst]).sum()
         gs = torch.autograd.grad(phi, list(leaves.values()))
         return dict(zip(leaves, gs))
 
-    def learn_step(self, sp: dict, sm: dict, *, lr_shift: int | None = None) -> None:
-        """Apply the EP update from the nudged equilibria s+ and s- to the integer memories."""
+    def learn_step(self, sp: dict, sm: dict, *, lr_shift: int | None = None,
+                   routing: dict | None = None) -> None:
+        """Apply the EP update from the nudged equilibria s+ and s- to the integer memories
+        (`routing`: the max-pool winners both phases held, ISA.md `pool=free`)."""
         p = self.p
         lr = p.lr_shift if lr_shift is None else int(lr_shift)
         F = self.F
@@ -444,7 +553,7 @@ class Simulator:
         for c in self.chains:
             if c.name not in learn:
                 continue
-            gp, gm = self._corr(c, sp), self._corr(c, sm)
+            gp, gm = self._corr(c, sp, routing), self._corr(c, sm, routing)
             S = c.shift
             for w, emin in c.weights:
                 d = (gp[w] - gm[w]) * c.mult
@@ -520,9 +629,12 @@ class Simulator:
             self.p.beta_q = int(beta_q)
         y = self.label_target(labels)
         free = self.free(x)
-        sp = self.settle(free.states, "nudge+", y=y, sign=+1)
-        sm = self.settle(free.states, "nudge-", y=y, sign=-1)
-        self.learn_step(sp.states, sm.states, lr_shift=lr_shift)
+        hp, hm = self.p.phase("nudge+").hold_pool, self.p.phase("nudge-").hold_pool
+        sp = self.settle(free.states, "nudge+", y=y, sign=+1, routing=free.routing if hp else None)
+        sm = self.settle(free.states, "nudge-", y=y, sign=-1, routing=free.routing if hm else None)
+        # the gradient is taken on the piece both phases settled on, when they shared one
+        self.learn_step(sp.states, sm.states, lr_shift=lr_shift,
+                        routing=free.routing if hp and hm else None)
         return free, sp, sm
 
 

@@ -359,3 +359,74 @@ def test_on_chip_learning_is_reproducible_and_learns(tmp_path):
     assert all(np.abs(m.data).max() <= (1 << (m.bits - 1)) - 1 for m in t.memories if m.kind == "weight")
     m3 = api.train_program(tmp_path / "u.nc", seed=1, **kw)
     assert m3["test_accuracy"] != m1["test_accuracy"] or m3["history"] != m1["history"]
+
+
+# --------------------------------------------------------------------------- max-pool rules
+@pytest.fixture(scope="module")
+def conv():
+    """The example conv net (two max-pools on settled states), trained briefly by backprop."""
+    torch.manual_seed(0)
+    g = compile_source(os.path.join(EX, "conv_digits.onnx"), CompileOptions()).graph
+    xtr, ytr, xte, yte = _digits(g.inputs[0].shape)
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.Hardtanh(0, 1), nn.MaxPool2d(2),
+                        nn.Conv2d(32, 64, 3, padding=1), nn.Hardtanh(0, 1), nn.MaxPool2d(2),
+                        nn.Flatten(), nn.Linear(256, 10))
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    x, y = torch.as_tensor(xtr, dtype=torch.float32), torch.as_tensor(ytr)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.mse_loss(net(x), nn.functional.one_hot(y, 10).float()).backward()
+        opt.step()
+    W = {"conv1.weight": net[0].weight, "conv2.weight": net[3].weight, "fc.weight": net[7].weight,
+         "h1.bias": net[0].bias.reshape(-1, 1, 1), "h2.bias": net[3].bias.reshape(-1, 1, 1),
+         "out.bias": net[7].bias}
+    for k, v in W.items():
+        assert g.weights[k].shape == tuple(v.shape)
+        g.weights[k] = v.detach().numpy().astype(np.float32) * (1.0 if k == "out.bias" else 0.3)
+    return g, xte[:48], yte[:48]
+
+
+def test_conv_maxpool_settles_with_the_winner_rules_and_matches_float(conv, tmp_path):
+    g, x, y = conv
+    from epc.runtime.api import make_engine
+    eng, _, _ = make_engine(g, dtype="float64")
+    pf = eng.predict(eng.settle(eng.prepare(torch.as_tensor(x))).states).numpy()
+    assert (pf == y).mean() > 0.4          # well above chance (0.1): a meaningful net
+    prog = api.compile_program(g, tmp_path / "c8.nca")
+    assert prog.pool_freeze == eng.pool_freeze == 20
+    assert [ph.hold_pool for ph in prog.phases] == [False, True, True]
+    text = (tmp_path / "c8.nca").read_text()
+    assert text.startswith(".epc-nc 2") and "pool_freeze=20" in text and "pool=free" in text
+    assert to_bytes(api.load_program(tmp_path / "c8.nca")) == to_bytes(prog)
+    sim = Simulator(prog)
+    pi, r = sim.predict(x)
+    assert r.settled.all() and not r.cycled.any()
+    assert r.sweeps.max() <= prog.phase("free").sweeps
+    assert (pi == pf).mean() >= 0.95
+    # the rules are what makes it settle: with live winners throughout, samples keep moving
+    prog.pool_freeze = 0
+    r0 = Simulator(prog).free(x)
+    assert (~r0.settled).sum() > len(x) // 2
+    # frozen winners per sample do not depend on batching, and a nudged phase keeps them
+    prog.pool_freeze = 20
+    a, b = Simulator(prog).free(x[:20]), Simulator(prog).free(x[:7])
+    for name in a.states:
+        assert torch.equal(a.states[name][:7], b.states[name])
+    for k, v in a.routing.items():
+        for ta, tb in zip(v, b.routing[k]):
+            assert (ta is None and tb is None) or torch.equal(ta[:7], tb)
+    sp = Simulator(prog).settle(a.states, "nudge+", y=sim.label_target(y[:20]), sign=1,
+                                routing=a.routing)
+    assert sp.froze.all()
+    for k, v in sp.routing.items():
+        for ta, tb in zip(v, a.routing[k]):
+            assert (ta is None and tb is None) or torch.equal(ta, tb)
+
+
+def test_version_2_fields_are_refused_in_a_version_1_program(small_prog):
+    text = disassemble(api.load_program(small_prog))
+    assert text.startswith(".epc-nc 1\n") and "pool" not in text   # an MLP stays version 1
+    text = re.sub(r"(\.config [^\n]*)", r"\1 pool_freeze=20", text, count=1)
+    with pytest.raises(EpcError, match="pool_freeze= needs program format version 2"):
+        assemble(text)

@@ -57,6 +57,11 @@ def load_program(path) -> Program:
         raise EpcError(f"{path}: no such file")
     if os.path.isdir(path):
         raise EpcError(f"{path}: is a directory, expected a neuromorphic program")
+    from epc.compiler.bundle import is_bundle
+    if is_bundle(path):
+        raise EpcError(f"{path}: an epc bundle (a float graph), not a neuromorphic program; "
+                       f"use `epc eval`, or compile it with `epc compile {path} --target "
+                       f"neuromorphic`")
     with open(path, "rb") as f:
         buf = f.read()
     if buf.startswith(MAGIC):
@@ -90,13 +95,21 @@ def _dataset(name: str, input_shape, *, data_dir=None, resize=None, num_classes=
 
 
 def _calibration_acts(graph: Graph, name: str, data_dir, resize, seed: int) -> dict:
-    from .floatref import FloatEP
+    """Free equilibria of the float runtime (float64, its own settling rules, max-pool
+    winner freezing included) on a sample of the training split: state name -> array,
+    clamped inputs and teacher states included."""
+    from epc.runtime.api import make_engine
     out = graph.output_state()
     xtr, _, _, _ = _dataset(name, graph.inputs[0].shape, data_dir=data_dir, resize=resize,
                             num_classes=int(np.prod(out.shape)))
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(xtr), size=min(CALIB_SAMPLES, len(xtr)), replace=False)
-    return FloatEP(graph).activations(xtr[np.sort(idx)])
+    eng, _, _ = make_engine(graph, dtype="float64")
+    batch = eng.prepare(torch.as_tensor(xtr[np.sort(idx)], dtype=torch.float64))
+    r = eng.settle(batch)
+    acts = {k: v.detach().cpu().numpy() for k, v in batch["clamped"].items()}
+    acts.update({k: v.detach().cpu().numpy() for k, v in r.states.items()})
+    return acts
 
 
 # --------------------------------------------------------------------------- compile
@@ -133,9 +146,10 @@ def inspect_program(path, fmt: str = "text") -> str:
     prog = load_program(path)
     res = resource_report(prog)
     if fmt == "json":
-        d = {"program": prog.name, "version": 1, "frac_bits": prog.frac_bits,
+        from .isa import format_version
+        d = {"program": prog.name, "version": format_version(prog), "frac_bits": prog.frac_bits,
              "beta": prog.beta, "lr_shift": prog.lr_shift, "seed": prog.seed,
-             "rng_step": prog.rng_step, "meta": prog.meta,
+             "rng_step": prog.rng_step, "pool_freeze": prog.pool_freeze, "meta": prog.meta,
              "memories": [{"name": m.name, "kind": m.kind, "type": m.type_str(),
                            "shape": list(m.shape), "bytes": m.nbytes} for m in prog.memories],
              "groups": [{"name": g.name, "lo": g.lo, "hi": g.hi, "act": g.act, "role": g.role,
@@ -143,7 +157,8 @@ def inspect_program(path, fmt: str = "text") -> str:
              "synapses": [{"name": s.name, "src": s.src, "dst": s.dst, "kind": s.kind,
                            "feedback": s.feedback, "learn": s.learn,
                            "ops": [o.kind for o in s.ops]} for s in prog.synapses],
-             "phases": [{"name": p.name, "sweeps": p.sweeps, "classes": p.classes}
+             "phases": [{"name": p.name, "sweeps": p.sweeps, "classes": p.classes,
+                         "pool": "free" if p.hold_pool else "live"}
                         for p in prog.phases],
              "resources": res}
         return json.dumps(d, indent=1) + "\n"

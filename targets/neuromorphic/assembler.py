@@ -6,7 +6,7 @@ text -> binary -> text unchanged. Syntax (one statement per line, `;` starts a c
 
     .epc-nc 1                               header: format version
     .program NAME
-    .config frac_bits=8 beta_q=2048 lr_shift=9 seed=0 rng_step=0
+    .config frac_bits=8 beta_q=2048 lr_shift=9 seed=0 rng_step=0 [pool_freeze=20]
     .meta KEY "VALUE"
     .input x
     .mem NAME KIND sBITS|uBITS [d0,d1,...]  KIND: input state weight exp bias
@@ -20,7 +20,7 @@ text -> binary -> text unchanged. Syntax (one statement per line, `;` starts a c
       rmul=1 rshift=2 | gsum keep=1 rmul=1 rshift=6 | flatten | identity
     .end
     .cost NAME GROUP target=label|TEACHER_GROUP wq=256
-    .phase teacher|free|nudge+|nudge- sweeps=N
+    .phase teacher|free|nudge+|nudge- sweeps=N [pool=free]
       update G1 G2 ...                      one colour class, updated as a block
     .end
     .learn NAME ...                         synapses and bias memories the learning step updates
@@ -35,7 +35,7 @@ import numpy as np
 from epc.compiler.errors import EpcError
 
 from .isa import (ASM_HEADER, ISA_VERSION, CostSpec, Group, Memory, Phase, Program, SynOp,
-                  Synapse)
+                  Synapse, format_version)
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.+\-]*$")
 WORDS_PER_LINE = 24
@@ -67,9 +67,11 @@ def disassemble(prog: Program, *, data: bool = True, elide_over: int | None = No
     """The assembly text. data=False omits memory contents (a skeleton: the binary codec
     stores the words separately); elide_over=N replaces data blocks over N words with a
     one-line summary (for `epc inspect`; such text does not assemble)."""
-    out = [f"{ASM_HEADER} {ISA_VERSION}", f".program {prog.name}",
+    # the version-2 fields are written only when used, so older programs print unchanged
+    out = [f"{ASM_HEADER} {format_version(prog)}", f".program {prog.name}",
            f".config frac_bits={prog.frac_bits} beta_q={prog.beta_q} lr_shift={prog.lr_shift} "
-           f"seed={prog.seed} rng_step={prog.rng_step}"]
+           f"seed={prog.seed} rng_step={prog.rng_step}"
+           + (f" pool_freeze={prog.pool_freeze}" if prog.pool_freeze else "")]
     for k in sorted(prog.meta):
         out.append(f".meta {k} {json.dumps(str(prog.meta[k]))}")
     for name in prog.inputs:
@@ -109,7 +111,7 @@ def disassemble(prog: Program, *, data: bool = True, elide_over: int | None = No
     out.append("")
     out.append("; ---- sequence")
     for ph in prog.phases:
-        out.append(f".phase {ph.name} sweeps={ph.sweeps}")
+        out.append(f".phase {ph.name} sweeps={ph.sweeps}" + (" pool=free" if ph.hold_pool else ""))
         for cls in ph.classes:
             out.append("  update " + " ".join(cls))
         out.append(".end")
@@ -166,6 +168,11 @@ class _Parser:
         extra = [k for k in d if k not in keys and k not in optional]
         if extra:
             raise self.err(lineno, f"{what}: unknown field {extra[0]}=")
+
+    def v2(self, lineno: int, what: str) -> None:
+        if self.version < 2:
+            raise self.err(lineno, f"{what} needs program format version 2 (the header says "
+                                   f"{self.version})")
 
     def block(self, start: int, what: str) -> list[tuple[int, str]]:
         body = []
@@ -225,6 +232,7 @@ class _Parser:
         if ver < 1:
             raise self.err(i, f"bad program format version {ver}")
         self.pos = 1
+        self.version = ver
         p = Program(name="")
         datas: dict[str, tuple[int, list[int]]] = {}
         while self.pos < len(self.lines):
@@ -238,7 +246,11 @@ class _Parser:
                 p.name = self.name(i, toks[1], ".program")
             elif d0 == ".config":
                 d = self.kv(i, toks[1:], ".config")
-                self.need(i, d, ("frac_bits", "beta_q", "lr_shift", "seed", "rng_step"), ".config")
+                self.need(i, d, ("frac_bits", "beta_q", "lr_shift", "seed", "rng_step"), ".config",
+                          ("pool_freeze",))
+                if "pool_freeze" in d:
+                    self.v2(i, ".config pool_freeze=")
+                    p.pool_freeze = self.integer(i, d["pool_freeze"], ".config")
                 p.frac_bits = self.integer(i, d["frac_bits"], ".config")
                 p.beta_q = self.integer(i, d["beta_q"], ".config")
                 p.lr_shift = self.integer(i, d["lr_shift"], ".config")
@@ -314,18 +326,23 @@ class _Parser:
                 p.costs.append(CostSpec(self.name(i, toks[1], ".cost"), toks[2], d["target"],
                                         self.integer(i, d["wq"], w)))
             elif d0 == ".phase":
-                if len(toks) != 3:
-                    raise self.err(i, ".phase: expected NAME sweeps=N")
+                if len(toks) not in (3, 4):
+                    raise self.err(i, ".phase: expected NAME sweeps=N [pool=free|live]")
                 w = f".phase {toks[1]}"
                 d = self.kv(i, toks[2:], w)
-                self.need(i, d, ("sweeps",), w)
+                self.need(i, d, ("sweeps",), w, ("pool",))
+                if d.get("pool", "live") not in ("free", "live"):
+                    raise self.err(i, f"{w}: pool={d['pool']} (supported: free, live)")
+                if "pool" in d:
+                    self.v2(i, f"{w} pool=")
                 classes = []
                 for j, l in self.block(i, w):
                     t = l.split()
                     if t[0] != "update" or len(t) < 2:
                         raise self.err(j, f"{w}: expected 'update GROUP ...', got {l!r}")
                     classes.append(t[1:])
-                p.phases.append(Phase(toks[1], self.integer(i, d["sweeps"], w), classes))
+                p.phases.append(Phase(toks[1], self.integer(i, d["sweeps"], w), classes,
+                                      d.get("pool") == "free"))
             elif d0 == ".learn":
                 p.learn = toks[1:]
             elif d0 == ".end":

@@ -3,7 +3,7 @@
 Layout (little endian):
 
     offset 0   magic      6 bytes  b"EPCNC\\0"
-           6   version    u16      ISA_VERSION of the writer
+           6   version    u16      format version (isa.format_version of the program)
            8   flags      u16      0 (reserved)
           10   text_len   u32      bytes of the compressed skeleton
           14   data_len   u32      bytes of the packed memory words
@@ -27,7 +27,7 @@ import numpy as np
 from epc.compiler.errors import EpcError
 
 from .assembler import assemble, disassemble
-from .isa import ISA_VERSION, MAGIC, Program
+from .isa import ISA_VERSION, MAGIC, Program, format_version
 
 _HEAD = struct.Struct("<6sHHII")
 
@@ -51,7 +51,7 @@ def unpack_words(buf: bytes, n: int, bits: int, signed: bool) -> np.ndarray:
 def to_bytes(prog: Program) -> bytes:
     text = zlib.compress(disassemble(prog, data=False).encode("utf-8"), 9)
     data = b"".join(pack_words(m.data, m.bits) for m in prog.memories if m.data is not None)
-    body = _HEAD.pack(MAGIC, ISA_VERSION, 0, len(text), len(data)) + text + data
+    body = _HEAD.pack(MAGIC, format_version(prog), 0, len(text), len(data)) + text + data
     return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
 
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-ISA_VERSION = 1            # of the program format (assembly and binary); bump on changes
+ISA_VERSION = 2            # newest program format read (assembly and binary); bump on changes
+# version 2 adds the max-pool winner rules (`.config pool_freeze=N`, `.phase ... pool=free`);
+# a program that uses neither is written as version 1, byte for byte as before
 MAGIC = b"EPCNC\x00"       # first bytes of a binary program
 ASM_HEADER = ".epc-nc"     # first token of an assembly program
 
@@ -154,6 +156,8 @@ class Phase:
     name: str
     sweeps: int
     classes: list[list[str]] = field(default_factory=list)
+    hold_pool: bool = False   # `pool=free`: max-pools keep the free phase's winners (nudged
+                              # phases only; the learning step then uses them too)
 
 
 @dataclass
@@ -164,6 +168,8 @@ class Program:
     lr_shift: int = 10                  # learning rate 2^-lr_shift (see ISA.md)
     seed: int = 0                       # PRNG seed for stochastic rounding
     rng_step: int = 0                   # PRNG counter (learning steps taken)
+    pool_freeze: int = 0                # freeze max-pool winners after this many sweeps of
+                                        # a settling phase (0: never)
     inputs: list[str] = field(default_factory=list)     # input memories
     memories: list[Memory] = field(default_factory=list)
     groups: list[Group] = field(default_factory=list)
@@ -197,6 +203,13 @@ class Program:
     @property
     def beta(self) -> float:
         return self.beta_q / (1 << BETA_FRAC)
+
+
+def format_version(prog: Program) -> int:
+    """The oldest format version that expresses `prog` (what the writers put in headers)."""
+    if prog.pool_freeze or any(ph.hold_pool for ph in prog.phases):
+        return 2
+    return 1
 
 
 def bits_for_signed(lo: int, hi: int) -> int:

@@ -29,6 +29,7 @@ FREE_INT_BITS = 8           # identity/relu states: F + 8 bits
 BIAS_BITS = 16
 EXP_BITS = 8
 DEFAULT_BETA = 0.5
+POOL_FREEZE = 20            # the float runtime's default (Engine pool_freeze)
 
 
 def _q_state(x: float, F: int) -> int:
@@ -195,8 +196,13 @@ def _reciprocal(area: int) -> tuple[int, int]:
 def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
                    per_channel: bool = False, acts: dict | None = None,
                    beta: float = DEFAULT_BETA, lr_shift: int | None = None,
-                   seed: int = 0) -> Program:
-    """Lower an energy graph to a Program (not yet validated: see validate.py)."""
+                   seed: int = 0, pool_freeze: int | None = POOL_FREEZE,
+                   hold_pool: bool = True) -> Program:
+    """Lower an energy graph to a Program (not yet validated: see validate.py).
+
+    pool_freeze / hold_pool: the float runtime's max-pool winner rules (Engine.settle's
+    `freeze_after`, training's `freeze_pool`); written into the program only when a
+    max-pool acts on a settled state, so programs without one are unchanged."""
     if not g.is_energy:
         raise EpcError(f"graph {g.name}: the neuromorphic target needs an energy graph "
                        f"(compile the model first)")
@@ -306,6 +312,11 @@ def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
     p.phases.append(Phase("free", int(g.schedule.max_sweeps), classes))
     p.phases.append(Phase("nudge+", int(g.schedule.nudge_sweeps), [list(c) for c in classes]))
     p.phases.append(Phase("nudge-", int(g.schedule.nudge_sweeps), [list(c) for c in classes]))
+    settled_set = set(settled)
+    if any(s.src in settled_set and any(o.kind == "maxpool" for o in s.ops) for s in p.synapses):
+        p.pool_freeze = int(pool_freeze or 0)
+        for ph in p.phases:
+            ph.hold_pool = bool(hold_pool) and ph.name in ("nudge+", "nudge-")
     p.learn = [s.name for s in p.synapses if s.learn and any(o.w for o in s.ops)]
     p.learn += [gr.bias for gr in p.groups if gr.bias and gr.role != "teacher"]
     if lr_shift is None:

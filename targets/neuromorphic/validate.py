@@ -42,6 +42,8 @@ def validate(prog: Program, source: str = "program") -> Program:
         fail(".config", f"lr_shift={prog.lr_shift} out of range 0..48")
     if not 0 <= prog.seed <= 0xFFFFFFFF or prog.rng_step < 0:
         fail(".config", "seed must be a 32-bit unsigned value and rng_step >= 0")
+    if not 0 <= prog.pool_freeze <= MAX_SWEEP_CAP:
+        fail(".config", f"pool_freeze={prog.pool_freeze} out of range 0..{MAX_SWEEP_CAP}")
 
     mems = {}
     for m in prog.memories:
@@ -251,6 +253,8 @@ def validate(prog: Program, source: str = "program") -> Program:
             miss = sorted(want - set(names)) or sorted(set(names) - want)
             fail(w, f"must update exactly the {'teacher' if ph.name == 'teacher' else 'settled'} "
                     f"groups once per sweep (check {miss[0]})")
+        if ph.hold_pool and ph.name not in ("nudge+", "nudge-"):
+            fail(w, "pool=free (keep the free phase's max-pool winners) is for nudged phases")
         if ph.name == "teacher" and ph.sweeps != 1:
             fail(w, "the teacher pass is one feedforward sweep (sweeps=1)")
     for need in ("free", "nudge+", "nudge-"):
