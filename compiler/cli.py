@@ -108,11 +108,17 @@ def compile_cmd(
     identity_skip: str = typer.Option("identity", "--identity-skip",
                                       help="Same-shape residual skips: identity (no weights) "
                                            "| learned (1x1, initialised to the identity)."),
-    schedule: str = typer.Option("colour", "--schedule",
-                                 help="colour: block updates by colour class; sync: all at once."),
-    max_sweeps: int = typer.Option(100, "--max-sweeps", help="Free-phase sweep cap."),
-    nudge_sweeps: int = typer.Option(40, "--nudge-sweeps", help="Sweep cap of each nudged phase."),
-    tol: float = typer.Option(1e-4, "--tol", help="Settling tolerance (max |delta s|)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule",
+                                           help="colour: block updates by colour class "
+                                                "[default]; sync: all at once."),
+    max_sweeps: Optional[int] = typer.Option(None, "--max-sweeps",
+                                             help="Free-phase sweep cap [default: 100]."),
+    nudge_sweeps: Optional[int] = typer.Option(None, "--nudge-sweeps",
+                                               help="Sweep cap of each nudged phase "
+                                                    "[default: 40]."),
+    tol: Optional[float] = typer.Option(None, "--tol",
+                                        help="Settling tolerance, max |delta s| "
+                                             "[default: 1e-4]."),
     print_after_all: bool = typer.Option(False, "--print-after-all",
                                          help="Print the IR after every pass (to stdout)."),
     print_after: Optional[List[str]] = typer.Option(None, "--print-after",
@@ -152,12 +158,18 @@ def compile_cmd(
         raise EpcError(f"bad --cost {cost!r}: use mse or ce")
     if neuron not in ("rate", "bernoulli"):
         raise EpcError(f"bad --neuron {neuron!r}: use rate or bernoulli")
-    if schedule not in ("colour", "color", "sync"):
+    if schedule not in (None, "colour", "color", "sync"):
         raise EpcError(f"bad --schedule {schedule!r}: use colour or sync")
+    # Given explicitly, these also override the schedule of an already compiled input.
+    sched = {k: v for k, v in (("mode", "colour" if schedule == "color" else schedule),
+                               ("max_sweeps", max_sweeps), ("nudge_sweeps", nudge_sweeps),
+                               ("tol", tol)) if v is not None}
     if identity_skip not in ("identity", "learned"):
         raise EpcError(f"bad --identity-skip {identity_skip!r}: use identity or learned")
-    if max_sweeps < 1 or nudge_sweeps < 1:
+    if sched.get("max_sweeps", 1) < 1 or sched.get("nudge_sweeps", 1) < 1:
         raise EpcError("--max-sweeps and --nudge-sweeps must be at least 1")
+    if sched.get("tol", 0.0) < 0:
+        raise EpcError("--tol must be >= 0")
     if not 0.0 <= mix <= 1.0:
         raise EpcError(f"bad --mix {mix}: must be between 0 and 1")
     if temperature <= 0:
@@ -168,12 +180,12 @@ def compile_cmd(
               else [t.strip() for t in taps.split(",") if t.strip()]),
         tap_weight=tap_weight, teacher=teacher, teacher_temperature=temperature,
         teacher_mix=mix, neuron=neuron, identity_skip=identity_skip,
-        schedule="colour" if schedule == "color" else schedule, max_sweeps=max_sweeps,
-        nudge_sweeps=nudge_sweeps, tol=tol)
+        **{("schedule" if k == "mode" else k): v for k, v in sched.items()})
     out_path = output or _default_output(source, target)
     res = compile_source(source, opts, input_shape=_parse_shape(input_shape),
                          verify_model=verify, print_after=set(print_after or ()),
-                         print_after_all=print_after_all, out=sys.stdout)
+                         print_after_all=print_after_all, out=sys.stdout,
+                         schedule_overrides=sched)
     g = res.graph
     if target == Target.neuromorphic:
         from epc.targets.neuromorphic.api import compile_program

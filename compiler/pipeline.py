@@ -6,6 +6,7 @@ them to the passes (the passes themselves never load files). The CLI and the Pyt
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -119,7 +120,12 @@ STRUCTURAL = ("taps", "teacher")
 def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
                    input_shape: tuple[int, ...] | None = None, verify_model: bool = False,
                    print_after: set[str] | None = None, print_after_all: bool = False,
-                   out: TextIO | None = None) -> CompileResult:
+                   out: TextIO | None = None,
+                   schedule_overrides: dict | None = None) -> CompileResult:
+    """Load `src` and compile it. A feedforward source runs the pass pipeline; an already
+    compiled graph (a bundle, e.g. a trained checkpoint) passes through unchanged except
+    for `schedule_overrides` (mode, max_sweeps, nudge_sweeps, tol), which replace the
+    fields of its schedule."""
     opts = opts or CompileOptions()
     t0 = time.perf_counter()
     source = src if isinstance(src, Source) else load_source(src, input_shape=input_shape)
@@ -136,6 +142,8 @@ def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
             raise EpcError(f"{src}: IR text carries no weights; compile from the bundle (.epc) "
                            f"or the source model")
         from .verify import verify
+        if schedule_overrides and g.schedule is not None:
+            g.schedule = dataclasses.replace(g.schedule, **schedule_overrides)
         verify(g)
         if verify_model:
             raise EpcError(f"{src}: --verify compares with a source model (ONNX or PyTorch); "

@@ -248,3 +248,17 @@ def test_console_script_has_no_traceback(tmp_path):
                         str(tmp_path / "missing.onnx")], capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [f"epc: error: {tmp_path / 'missing.onnx'}: no such file"]
+
+
+def test_schedule_flags_override_a_compiled_bundle(run_cli, examples, tmp_path):
+    """Recompiling a (trained) bundle keeps it, but explicit schedule flags apply."""
+    a, b = tmp_path / "a.epc", tmp_path / "b.epc"
+    assert run_cli("compile", examples / "conv_digits.onnx", "-o", a)[0] == 0
+    code, _, err = run_cli("compile", a, "-o", b, "--max-sweeps", "200", "--tol", "1e-05",
+                           "--schedule", "sync")
+    assert code == 0, err
+    ga, gb = read_bundle(a).graph, read_bundle(b).graph
+    assert (gb.schedule.max_sweeps, gb.schedule.tol, gb.schedule.mode) == (200, 1e-5, "sync")
+    assert gb.schedule.nudge_sweeps == ga.schedule.nudge_sweeps
+    assert gb.schedule.classes == ga.schedule.classes
+    _one_error_line(*run_cli("compile", a, "-o", b, "--max-sweeps", "0"), "at least 1")
