@@ -122,7 +122,17 @@ def register(app: typer.Typer) -> None:
         weight_decay: float = typer.Option(0.0, help="L2 weight decay"),
         cosine: bool = typer.Option(True, help="cosine learning-rate decay to 0"),
         clip: Optional[float] = typer.Option(None, help="clip the gradient norm to this"),
-        beta: float = typer.Option(0.2, help="nudging strength (nonzero)"),
+        beta: Optional[float] = typer.Option(None, help="nudging strength (nonzero) "
+                                              "[default: 0.2; a program's own for "
+                                              "neuromorphic programs]"),
+        lr_shift: Optional[int] = typer.Option(None, "--lr-shift",
+                                               help="neuromorphic programs: learning rate "
+                                                    "2^-N of on-chip learning [default: the "
+                                                    "program's]"),
+        output: Optional[str] = typer.Option(None, "-o", "--output",
+                                             help="neuromorphic programs: write the trained "
+                                                  "program here (float bundles: use "
+                                                  "--checkpoint DIR)"),
         nudge: str = typer.Option("symmetric", help="symmetric | one-sided"),
         seed: int = typer.Option(0, help="seed of shuffling (runs are reproducible)"),
         schedule: Optional[str] = typer.Option(None, help="colour | sync (default: compiled)"),
@@ -148,11 +158,16 @@ def register(app: typer.Typer) -> None:
             if not hasattr(nm, "train_program"):
                 raise EpcError(f"{model}: neuromorphic training is not available in this epc")
             m = nm.train_program(model, data=data, epochs=epochs, seed=seed,
-                                 metrics_json=metrics_json, data_dir=data_dir, resize=resize)
+                                 metrics_json=metrics_json, data_dir=data_dir, resize=resize,
+                                 lr_shift=lr_shift, beta=beta, out=output,
+                                 batch_size=batch_size, progress=not quiet)
             if isinstance(m, dict):
                 typer.echo(_summary(m))
             return
         from .api import train
+        if output is not None or lr_shift is not None:
+            raise EpcError(f"{model}: --output and --lr-shift apply to neuromorphic programs; "
+                           f"a float bundle keeps its trained weights with --checkpoint DIR")
         cb, prog = _progress_bar(epochs, quiet)
 
         def on_epoch(rec):
@@ -166,7 +181,8 @@ def register(app: typer.Typer) -> None:
 
         kw = dict(data=data, data_dir=data_dir, resize=resize, channels=channels, epochs=epochs,
                   batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
-                  weight_decay=weight_decay, cosine=cosine, clip=clip, beta=beta, nudge=nudge,
+                  weight_decay=weight_decay, cosine=cosine, clip=clip,
+                  beta=0.2 if beta is None else beta, nudge=nudge,
                   seed=seed, schedule=schedule, max_sweeps=max_sweeps,
                   nudge_sweeps=nudge_sweeps, tol=tol, warm_start=warm_start,
                   freeze_pool=freeze_pool, device=device,
