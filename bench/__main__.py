@@ -268,6 +268,12 @@ def main(argv=None) -> int:
     from bench.neuromorphic import bench_simulator
     res["neuromorphic"] = bench_simulator(a.quick)
     print("neuromorphic:", json.dumps(res["neuromorphic"]), flush=True)
+    from bench.accuracy import bench_accuracy
+    res["accuracy"] = (bench_accuracy(["mlp_digits"], epochs=2) if a.quick
+                       else bench_accuracy())
+    from bench.parity import bench_parity
+    res["parity"] = (bench_parity(["mlp_digits"], epochs=2, onchip_epochs=1) if a.quick
+                     else bench_parity())
     res["seconds"] = time.perf_counter() - t0
     if a.json:
         atomic_write_bytes(a.json, (json.dumps(res, indent=1) + "\n").encode())

@@ -87,8 +87,8 @@ def _write_json(path, obj) -> None:
 
 def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize=None,
           channels: int | None = None, dataset=None, epochs: int = 30, batch_size: int = 32,
-          optimizer: str = "adam", lr: float = 2e-3, momentum: float = 0.9,
-          weight_decay: float = 0.0, cosine: bool = True, clip: float | None = None,
+          optimizer: str = "adam", lr: float = 5e-4, momentum: float = 0.9,
+          weight_decay: float = 1e-3, cosine: bool = True, clip: float | None = None,
           beta: float = 0.2, nudge: str = "symmetric", seed: int = 0,
           schedule: str | None = None, max_sweeps: int | None = None,
           nudge_sweeps: int | None = None, tol: float | None = None, warm_start: bool = False,

@@ -117,9 +117,11 @@ def register(app: typer.Typer) -> None:
         epochs: int = typer.Option(30, help="total epochs of the run"),
         batch_size: int = typer.Option(32, help="samples per EP step"),
         optimizer: str = typer.Option("adam", help="adam | sgd (with --momentum)"),
-        lr: float = typer.Option(2e-3, help="peak learning rate"),
+        lr: float = typer.Option(
+            5e-4, help="peak learning rate (digits: 5e-4 to 1e-3 for MLPs, 3e-4 for conv)"),
         momentum: float = typer.Option(0.9, help="SGD momentum"),
-        weight_decay: float = typer.Option(0.0, help="L2 weight decay"),
+        weight_decay: float = typer.Option(
+            1e-3, help="L2 weight decay (curbs overfitting of the settled network)"),
         cosine: bool = typer.Option(True, help="cosine learning-rate decay to 0"),
         clip: Optional[float] = typer.Option(None, help="clip the gradient norm to this"),
         beta: Optional[float] = typer.Option(None, help="nudging strength (nonzero) "

@@ -1,0 +1,140 @@
+"""Neuromorphic parity and on-chip learning on digits (the neuromorphic issue's targets).
+
+For each example network: train it with float EP exactly as `bench.accuracy` does (same
+settings, seed and thread count), then quantize the trained graph to an 8-bit program and
+to a 4-bit program calibrated on digits, and run the test set through the bit-exact
+simulator. Reported per program: accuracy, the gap to the float runtime in points,
+prediction agreement with the float runtime, max / median sweeps to the integer fixed
+point, unsettled and cycling samples and overflows. Then on-chip learning: the untrained
+MLP compiled to an 8-bit program and trained in the simulator (integer only) for 20
+epochs, compared with the float EP run.
+
+    python -m bench.parity --json parity.json          # MLP and conv net (several minutes)
+    python -m bench.parity --models mlp_digits --onchip-epochs 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from epc.compiler.bundle import atomic_write_bytes
+
+from bench.accuracy import ROOT, RUNS
+
+# The conv net's integer settling needs a higher sweep cap than the default 100 (one
+# slow test sample); the float runtime is unaffected (it converges well within 100).
+MAX_SWEEPS = {"conv_digits": 200}
+ONCHIP_LR_SHIFT = 9
+
+
+def _float_predictions(graph, x: np.ndarray) -> np.ndarray:
+    import torch
+    from epc.runtime.api import make_engine
+    eng, _, _ = make_engine(graph, dtype="float32")
+    out = []
+    for i in range(0, len(x), 256):  # the batches `epc eval` settles
+        r = eng.settle(eng.prepare(torch.as_tensor(x[i:i + 256], dtype=torch.float32)))
+        out.append(eng.predict(r.states).cpu().numpy())
+    return np.concatenate(out)
+
+
+def _program_figures(prog, xte, yte, pf) -> dict:
+    from epc.targets.neuromorphic.api import evaluate_program
+    m = evaluate_program(prog, xte, yte)
+    return {"test_accuracy": m["test_accuracy"],
+            "agreement": float((m["predictions"] == pf).mean()),
+            "max_sweeps": m["max_sweeps"], "median_sweeps": m["median_sweeps"],
+            "unsettled": m["unsettled"], "cycling": m["cycling"], "overflows": m["overflows"]}
+
+
+def parity(name: str, epochs: int, seed: int, threads: int, tmp: str) -> dict:
+    from epc.compiler.options import CompileOptions
+    from epc.compiler.pipeline import compile_source
+    from epc.runtime import api
+    from epc.targets.neuromorphic.api import _dataset, compile_program
+    from epc.targets.torch import emit
+
+    extra, _ = RUNS[name]
+    path = os.path.join(tmp, f"{name}.epc")
+    emit(compile_source(os.path.join(ROOT, "examples", f"{name}.onnx"),
+                        CompileOptions()).graph, path)
+    ckpt = os.path.join(tmp, f"{name}_ckpt")
+    m = api.train(path, epochs=epochs, seed=seed, threads=threads, checkpoint=ckpt, **extra)
+    trained = os.path.join(ckpt, "last.epc")
+    over = {"max_sweeps": MAX_SWEEPS[name]} if name in MAX_SWEEPS else None
+    g = compile_source(trained, schedule_overrides=over).graph
+    _, _, xte, yte = _dataset("digits", g.inputs[0].shape, num_classes=10)
+    pf = _float_predictions(g, xte)
+    out = {"float_test_accuracy": float((pf == yte).mean()),
+           "float_train": {"test_accuracy": m["test_accuracy"], "epochs": epochs,
+                           "settings": extra or "defaults"}}
+    for key, kw in (("w8", {}), ("w4_calibrated", {"weight_bits": 4, "calibrate": "digits"})):
+        prog = compile_program(g, os.path.join(tmp, f"{name}_{key}.nc"), **kw)
+        rec = _program_figures(prog, xte, yte, pf)
+        rec["points_below_float"] = 100 * (out["float_test_accuracy"] - rec["test_accuracy"])
+        out[key] = rec
+    return out
+
+
+def onchip(epochs: int, seed: int, float_acc: float | None, tmp: str) -> dict:
+    from epc.compiler.options import CompileOptions
+    from epc.compiler.pipeline import compile_source
+    from epc.targets.neuromorphic.api import compile_program, train_program
+
+    g = compile_source(os.path.join(ROOT, "examples", "mlp_digits.onnx"), CompileOptions()).graph
+    path = os.path.join(tmp, "mlp_untrained_w8.nc")
+    compile_program(g, path)
+    t0 = time.perf_counter()
+    m = train_program(path, epochs=epochs, seed=seed, lr_shift=ONCHIP_LR_SHIFT, progress=False)
+    rec = {"epochs": epochs, "lr_shift": ONCHIP_LR_SHIFT, "test_accuracy": m["test_accuracy"],
+           "seconds": time.perf_counter() - t0}
+    if float_acc is not None:
+        rec["float_ep_test_accuracy"] = float_acc
+        rec["points_below_float"] = 100 * (float_acc - m["test_accuracy"])
+    return rec
+
+
+def bench_parity(models=None, epochs: int = 30, onchip_epochs: int = 20, seed: int = 0,
+                 threads: int = 1) -> dict:
+    import torch
+    before = torch.get_num_threads()
+    res = {"epochs": epochs, "seed": seed, "threads": threads, "models": {}}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in models or ["mlp_digits", "conv_digits"]:
+                res["models"][name] = parity(name, epochs, seed, threads, tmp)
+                print(f"parity {name}: {json.dumps(res['models'][name])}", flush=True)
+            if onchip_epochs:
+                f = res["models"].get("mlp_digits", {}).get("float_train", {})
+                res["onchip_mlp_digits"] = onchip(onchip_epochs, seed,
+                                                  f.get("test_accuracy"), tmp)
+                print(f"onchip: {json.dumps(res['onchip_mlp_digits'])}", flush=True)
+    finally:  # api.train sets the process-wide thread count; give it back
+        torch.set_num_threads(before)
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.parity", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--models", nargs="*", choices=["mlp_digits", "conv_digits"], default=None)
+    ap.add_argument("--epochs", type=int, default=30, help="float EP epochs")
+    ap.add_argument("--onchip-epochs", type=int, default=20, help="0 skips on-chip learning")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    a = ap.parse_args(argv)
+    res = bench_parity(a.models, a.epochs, a.onchip_epochs, a.seed, a.threads)
+    if a.json:
+        atomic_write_bytes(a.json, (json.dumps(res, indent=1) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
