@@ -430,3 +430,82 @@ def test_version_2_fields_are_refused_in_a_version_1_program(small_prog):
     text = re.sub(r"(\.config [^\n]*)", r"\1 pool_freeze=20", text, count=1)
     with pytest.raises(EpcError, match="pool_freeze= needs program format version 2"):
         assemble(text)
+
+
+# --------------------------------------------------------------------------- calibration
+def test_compensated_rounding_lowers_the_output_error_on_real_inputs(mlp, conv):
+    from epc.targets.neuromorphic.calibrate import op_input_columns, round_compensated
+    from epc.targets.neuromorphic.quantize import quantize_weight
+    g, (xtr, _, _, _) = mlp
+    c = g.couplings[0]                                    # input -> h1, dense
+    w = np.asarray(g.weights[c.ops[0].weight], dtype=np.float64)
+    m, e = quantize_weight(w, 4, False)
+    cols = op_input_columns(c, 0, xtr[:256], g.weights)
+    assert len(cols) == 1 and cols[0].shape == (256, 64)
+    np.testing.assert_array_equal(cols[0], xtr[:256])     # a dense op sees the input itself
+    mc = round_compensated(w, e, 7, cols)
+    assert mc.shape == w.shape and np.abs(mc).max() <= 7
+    step = 2.0 ** float(e[0])
+    out_err = [float(((((mq * step) - w) @ xtr.T) ** 2).sum()) for mq in (m, mc)]
+    assert out_err[1] < 0.5 * out_err[0]                  # on all of train, not just the 256
+    # a conv: the columns are the im2col patches the conv multiplies
+    gc, xc, _ = conv
+    cc = gc.couplings[0]
+    op = cc.ops[0]
+    wc = np.asarray(gc.weights[op.weight], dtype=np.float64)
+    colc = op_input_columns(cc, 0, xc, gc.weights)[0]
+    y = torch.nn.functional.conv2d(torch.as_tensor(xc), torch.as_tensor(wc), stride=op.stride,
+                                   padding=(op.pads[0], op.pads[1]))
+    y2 = (colc @ wc.reshape(wc.shape[0], -1).T).reshape(len(xc), y.shape[2], y.shape[3], -1)
+    np.testing.assert_allclose(y2.transpose(0, 3, 1, 2), y.numpy(), atol=1e-9)
+
+
+def test_bias_correction_removes_the_mean_drive_error(mlp):
+    """Checked against numpy: the correction of h1's bias is minus the mean of the forward
+    error (W_q - W) x plus the feedback error (W2_q - W2)^T y over the calibration samples."""
+    from epc.targets.neuromorphic.calibrate import bias_corrections
+    g, (xtr, _, _, _) = mlp
+    c1, c2 = g.couplings
+    h, o = g.states
+    acts = api._calibration_acts(g, "digits", None, None, 0)
+    w1, w2 = (np.asarray(g.weights[c.ops[0].weight], dtype=np.float64) for c in (c1, c2))
+    rounded = {c1.ops[0].weight: np.round(w1 * 8) / 8, c2.ops[0].weight: np.round(w2 * 8) / 8}
+    corr = bias_corrections(g, acts, rounded)
+    x, hs, ys = acts[c1.src], acts[h.name], acts[o.name]
+    d1, d2 = rounded[c1.ops[0].weight] - w1, rounded[c2.ops[0].weight] - w2
+    np.testing.assert_allclose(corr[h.bias], -((x @ d1.T).mean(0) + (ys @ d2).mean(0)),
+                               atol=1e-12)
+    np.testing.assert_allclose(corr[o.bias], -(hs @ d2.T).mean(0), atol=1e-12)
+    assert np.abs(corr[h.bias]).max() > 1e-4              # a real shift, not a no-op
+
+
+def test_calibrated_4bit_program_beats_plain_rounding(mlp, tmp_path):
+    g, (_, _, xte, yte) = mlp
+    plain = quantize_graph(g, weight_bits=4)
+    cal = api.compile_program(g, tmp_path / "m4.nc", weight_bits=4, calibrate="digits")
+    assert cal.meta["scales"] == "calibrated"
+    a_plain = api.evaluate_program(validate(plain), xte, yte)["test_accuracy"]
+    a_cal = api.evaluate_program(cal, xte, yte)["test_accuracy"]
+    pf = _float_predictions(g, xte)
+    assert a_cal >= a_plain and a_cal >= (pf == yte).mean() - 0.01
+
+
+def test_per_channel_exponents_of_a_dead_row_stay_within_the_span(mlp, tmp_path):
+    """Weight decay leaves dead neurons with near-zero rows; their tiny exponents must not
+    scale the other rows up in the accumulator (this once failed validation, 2^31.8)."""
+    import copy
+    from epc.targets.neuromorphic.quantize import MAX_EXP_SPAN, quantize_weight
+    g, (_, _, xte, yte) = mlp
+    g = copy.deepcopy(g)
+    wname = g.couplings[0].ops[0].weight
+    w = np.array(g.weights[wname], dtype=np.float32)
+    w[:4] *= 1e-5                                          # four dead rows
+    g.weights[wname] = w
+    _, e = quantize_weight(w, 4, True)
+    assert e.max() - e.min() == MAX_EXP_SPAN
+    assert (e[4:] > e.max() - MAX_EXP_SPAN).all()          # live rows keep their own
+    prog = api.compile_program(g, tmp_path / "pc.nc", weight_bits=4, per_channel=True,
+                               calibrate="digits")
+    m = api.evaluate_program(prog, xte, yte)
+    acc_f = (_float_predictions(g, xte) == yte).mean()
+    assert m["overflows"] == 0 and m["test_accuracy"] >= acc_f - 0.02

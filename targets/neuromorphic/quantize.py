@@ -5,9 +5,11 @@ weight (or per output channel); states become fixed point with `frac_bits` fract
 bits; biases and the nudge strength use the same state scale. Exponents are chosen from
 the weights alone (least squared weight error among the candidates near the max-abs
 exponent) or, given calibration activations, to minimise the error of each synapse's
-forward and feedback outputs on real equilibria. Everything the core cannot express
-(softmax costs, hard sigmoids with a slope, spiking neurons, average pools with a
-position-dependent divisor) is refused here with an EpcError naming the entity.
+forward and feedback outputs on real equilibria; with calibration, the mantissas are then
+rounded with error compensation and the biases corrected (calibrate.py). Everything the
+core cannot express (softmax costs, hard sigmoids with a slope, spiking neurons, average
+pools with a position-dependent divisor) is refused here with an EpcError naming the
+entity.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from epc.compiler.errors import EpcError
 from epc.compiler.ir import (AvgPool, ChannelScale, Conv, Dense, Flatten, GlobalAvgPool, Graph,
                              Identity, MaxPool)
 
+from .calibrate import bias_corrections, op_input_columns, round_compensated
 from .isa import (BETA_FRAC, COST_WEIGHT_FRAC, CostSpec, Group, Memory, Phase, Program,
                   SynOp, Synapse, bits_for_signed, bits_for_unsigned)
 
@@ -28,6 +31,7 @@ INPUT_INT_BITS = 8          # input memories: signed, F + 8 bits (range +-128)
 FREE_INT_BITS = 8           # identity/relu states: F + 8 bits
 BIAS_BITS = 16
 EXP_BITS = 8
+MAX_EXP_SPAN = 8            # per-channel exponents: at most this far below the largest
 DEFAULT_BETA = 0.5
 POOL_FREEZE = 20            # the float runtime's default (Engine pool_freeze)
 
@@ -127,7 +131,11 @@ def quantize_weight(w: np.ndarray, bits: int, per_channel: bool,
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best_e = np.where(better, e, best_e)
-        e = best_e.astype(np.int64)
+        # The core aligns a synapse's products to its smallest exponent, so one near-zero
+        # row (a dead neuron whose weights decayed) with a tiny exponent scales every other
+        # row up in the accumulator; floor the exponents MAX_EXP_SPAN below the largest.
+        # Such a row keeps a few mantissa levels at the floor, which is all it carries.
+        e = np.maximum(best_e, best_e.max() - MAX_EXP_SPAN).astype(np.int64)
     else:
         best = None
         for e0 in _candidates(float(np.abs(w).max()) if w.size else 0.0, qmax):
@@ -220,6 +228,7 @@ def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
     for inp in g.inputs:
         p.memories.append(Memory(inp.name, "input", True, F + INPUT_INT_BITS, tuple(inp.shape)))
         p.inputs.append(inp.name)
+    bias_mems: dict[str, Memory] = {}
     for st in g.states:
         mem, lo, hi, act = _lower_state(st, F)
         p.memories.append(mem)
@@ -229,24 +238,34 @@ def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
             bq = np.floor(b * (1 << F) + 0.5).astype(np.int64)
             bits = max(BIAS_BITS, bits_for_signed(int(bq.min(initial=0)), int(bq.max(initial=0))))
             bname = f"b.{st.name}"
-            p.memories.append(Memory(bname, "bias", True, bits, tuple(b.shape), bq))
+            bias_mems[st.bias] = Memory(bname, "bias", True, bits, tuple(b.shape), bq)
+            p.memories.append(bias_mems[st.bias])
             grp.bias = bname
         p.groups.append(grp)
 
     # weights: one memory per weight name (shared weights stay shared)
     done: dict[str, tuple[str, str]] = {}
+    rounded: dict[str, np.ndarray] = {}      # dequantized weights, for bias correction
     shapes = {x.name: tuple(x.shape) for x in list(g.inputs) + list(g.states)}
     for c in g.couplings:
         where = f"coupling {c.name}"
         shape = shapes[c.src]
         lowered: list[SynOp] = []
-        for op in c.ops:
+        calibrated = acts is not None and c.src in acts and c.dst in acts
+        for k, op in enumerate(c.ops):
             if isinstance(op, (Dense, Conv, ChannelScale)):
                 if op.weight not in done:
                     w = np.asarray(g.weights[op.weight], dtype=np.float64)
                     err = (_calib_err_fn(g, c, op.weight, acts, per_channel)
-                           if acts is not None and c.src in acts and c.dst in acts else None)
+                           if calibrated else None)
+                    # the exponents (scale grid) first, judged with plain rounding; then,
+                    # calibrated, the mantissas re-rounded on that grid with compensation
                     m, e = quantize_weight(w, weight_bits, per_channel, err)
+                    cols = (op_input_columns(c, k, acts[c.src], g.weights)
+                            if calibrated and not isinstance(op, ChannelScale) else None)
+                    if cols is not None:
+                        m = round_compensated(w, e, (1 << (weight_bits - 1)) - 1, cols)
+                    rounded[op.weight] = m * 2.0 ** _bshape(e, w)
                     wn, en = f"w.{op.weight}", f"e.{op.weight}"
                     p.memories.append(Memory(wn, "weight", True, weight_bits, tuple(w.shape), m))
                     p.memories.append(Memory(en, "exp", True, EXP_BITS, (int(e.size),), e))
@@ -286,6 +305,14 @@ def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
             shape = O.out_shape(op, [shape], g.weights)
         p.synapses.append(Synapse(c.name, c.src, c.dst, lowered, c.kind, bool(c.feedback),
                                   learn=c.kind != "teacher"))
+
+    if acts is not None:
+        for bname, delta in bias_corrections(g, acts, rounded).items():
+            bm = bias_mems[bname]
+            b = np.asarray(g.weights[bname], dtype=np.float64) + delta
+            bm.data = np.floor(b * (1 << F) + 0.5).astype(np.int64)
+            bm.bits = max(BIAS_BITS, bits_for_signed(int(bm.data.min(initial=0)),
+                                                     int(bm.data.max(initial=0))))
 
     for cost in g.costs:
         if cost.kind != "mse":
