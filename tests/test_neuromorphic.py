@@ -504,6 +504,11 @@ def test_per_channel_exponents_of_a_dead_row_stay_within_the_span(mlp, tmp_path)
     _, e = quantize_weight(w, 4, True)
     assert e.max() - e.min() == MAX_EXP_SPAN
     assert (e[4:] > e.max() - MAX_EXP_SPAN).all()          # live rows keep their own
+    wz = w.copy()
+    wz[4] = 0.0                                            # an all-zero row sets no scale
+    _, ez = quantize_weight(wz, 4, True)
+    np.testing.assert_array_equal(np.delete(ez, 4), np.delete(e, 4))
+    assert ez[4] == e[5:].max()
     prog = api.compile_program(g, tmp_path / "pc.nc", weight_bits=4, per_channel=True,
                                calibrate="digits")
     m = api.evaluate_program(prog, xte, yte)

@@ -135,7 +135,11 @@ def quantize_weight(w: np.ndarray, bits: int, per_channel: bool,
         # row (a dead neuron whose weights decayed) with a tiny exponent scales every other
         # row up in the accumulator; floor the exponents MAX_EXP_SPAN below the largest.
         # Such a row keeps a few mantissa levels at the floor, which is all it carries.
-        e = np.maximum(best_e, best_e.max() - MAX_EXP_SPAN).astype(np.int64)
+        # An all-zero row has no scale of its own (its mantissas are 0 whatever it gets).
+        live = rows > 0
+        top = best_e[live].max() if live.any() else best_e.max()
+        best_e = np.where(live, best_e, top)
+        e = np.maximum(best_e, top - MAX_EXP_SPAN).astype(np.int64)
     else:
         best = None
         for e0 in _candidates(float(np.abs(w).max()) if w.size else 0.0, qmax):
