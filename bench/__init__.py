@@ -7,7 +7,9 @@ Everything is measured side by side in one run on this machine:
 * throughput: EP training samples/s of the runtime vs a straightforward baseline written
   here the way published EP code does it (synchronous updates, each state's drive by
   autograd of Phi w.r.t. the state, EP weight gradient by autograd of Phi), same nets, same
-  fixed sweep counts (tolerance 0, so both do exactly the same number of sweeps).
+  fixed sweep counts (tolerance 0, so both do exactly the same number of sweeps). The
+  runtime settles the two nudged phases as one batch (`Engine.settle_pair`), as its
+  trainer does; the baseline settles them one after the other, as published code does.
 * ep_vs_bp: one EP training epoch (runtime defaults) vs one backprop epoch of the same
   architecture (the feedforward pass of the energy graph, autograd, same optimiser).
 * gflops: multiply-accumulates executed by the settle loop per second vs the measured

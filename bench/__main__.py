@@ -132,8 +132,9 @@ def bench_throughput(graphs: dict, batches: int, bs: int = 64, free_sweeps: int 
             for x, y in zip(xs, ys):
                 batch = eng.prepare(x)
                 f = eng.settle(batch, max_sweeps=free_sweeps, tol=0.0)
-                p = eng.settle(batch, f.states, beta=beta, labels=y, max_sweeps=nudge_sweeps, tol=0.0)
-                m = eng.settle(batch, f.states, beta=-beta, labels=y, max_sweeps=nudge_sweeps, tol=0.0)
+                # the runtime settles the +-beta phases together, as its trainer does
+                p, m = eng.settle_pair(batch, f.states, beta=beta, labels=y,
+                                       max_sweeps=nudge_sweeps, tol=0.0)
                 opt.step(ep_gradient(eng, batch, p.states, m.states, beta))
 
         base = AutogradBaseline(eng)

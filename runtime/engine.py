@@ -326,9 +326,15 @@ class Engine:
         S = dict(self.zeros(n) if states is None else states)
         const = batch["const"]
         targets = {}
-        if beta != 0.0:
+        # beta: a number, or one per sample ([n] tensor, see settle_pair)
+        nudged = torch.is_tensor(beta) or beta != 0.0
+        bview = {}
+        if nudged:
             for c in self.cost_list:
                 targets[c.name] = self.cost_target(c, batch, labels)
+            for j in self.settled:
+                bview[j] = (beta.reshape((n,) + (1,) * len(self.shapes[j]))
+                            if torch.is_tensor(beta) else beta)
         ctx: dict[str, tuple[int, object]] = {}
         ver = {j: 0 for j in self.settled}
         shape_ctx = {}
@@ -362,9 +368,9 @@ class Engine:
                         if cx is None:
                             cx = shape_ctx[l.name] = self._shape_ctx(l, n)
                 u = u + self.link_adjoint(l, S[l.dst], cx)
-            if beta != 0.0:
+            if nudged:
                 for c in self.costs[j]:
-                    u = u - (beta * c.weight) * self.cost_grad(c, S[j], targets[c.name])
+                    u = u - (bview[j] * c.weight) * self.cost_grad(c, S[j], targets[c.name])
             return O.activate(self.acts[j], u)
 
         groups = self.classes if mode == "colour" else [self.settled]
@@ -397,6 +403,41 @@ class Engine:
                 break
         unconv = int((~(res <= tol)).sum())
         return SettleResult(S, sweeps, res, unconv, tr, routing)
+
+    def settle_pair(self, batch: dict, states: dict, *, beta: float, labels: Tensor,
+                    max_sweeps: int | None = None, tol: float | None = None,
+                    mode: str | None = None,
+                    routing: dict | None = None) -> tuple[SettleResult, SettleResult]:
+        """The +beta and -beta nudged phases of symmetric EP, settled as one batch of 2n.
+
+        Each half makes exactly the updates its own `settle` would (the samples do not
+        interact); the pair stops when both halves have settled, so one half may take a
+        few sweeps more than alone, which only brings it closer to its fixed point. On a
+        CPU, small layers cost about the same per sweep at 2n as at n, so this nearly
+        halves the time of the nudged phases."""
+        n = batch["n"]
+        two = lambda t: torch.cat([t, t])   # noqa: E731
+        b2 = {"n": 2 * n, "const": {k: two(v) for k, v in batch["const"].items()},
+              "clamped": {k: two(v) for k, v in batch["clamped"].items()}}
+        signs = torch.full((2 * n,), float(beta), dtype=self.dtype, device=self.device)
+        signs[n:] = -float(beta)
+        r2 = None
+        if routing is not None:
+            r2 = {}
+            for name, frozen in routing.items():
+                ops = next(l.ops for l in self.links if l.name == name)
+                r2[name] = [(two(fc[0]), two(fc[1]), fc[2]) if isinstance(op, MaxPool) else fc
+                            for op, fc in zip(ops, frozen)]
+        r = self.settle(b2, {j: two(v) for j, v in states.items() if j in self.settled},
+                        beta=signs, labels=two(labels),
+                        max_sweeps=max_sweeps, tol=tol, mode=mode, routing=r2)
+        tol = self.tol if tol is None else tol
+        out = []
+        for half in (slice(0, n), slice(n, 2 * n)):
+            res = r.residual[half]
+            out.append(SettleResult({j: v[half] for j, v in r.states.items()}, r.sweeps, res,
+                                    int((~(res <= tol)).sum()), None, routing))
+        return out[0], out[1]
 
     # ------------------------------------------------------------------ checks
     def check_finite(self, states: dict) -> str | None:

@@ -159,14 +159,15 @@ class Trainer:
                            f"phase; lower --lr or --beta, or add --clip")
         nsw = cfg.nudge_sweeps if cfg.nudge_sweeps is not None else eng.nudge_sweeps
         rt = (free.routing or eng.routing(free.states, batch)) if cfg.freeze_pool else None
-        plus = eng.settle(batch, free.states, beta=cfg.beta, labels=yb, max_sweeps=nsw,
-                          tol=cfg.tol, mode=cfg.mode, routing=rt)
         if cfg.nudge == "symmetric":
-            minus = eng.settle(batch, free.states, beta=-cfg.beta, labels=yb, max_sweeps=nsw,
-                               tol=cfg.tol, mode=cfg.mode, routing=rt)
+            plus, minus = eng.settle_pair(batch, free.states, beta=cfg.beta, labels=yb,
+                                          max_sweeps=nsw, tol=cfg.tol, mode=cfg.mode,
+                                          routing=rt)
             grads = ep_gradient(eng, batch, plus.states, minus.states, cfg.beta, routing=rt)
             nudged_sweeps = (plus.sweeps + minus.sweeps) / 2
         else:
+            plus = eng.settle(batch, free.states, beta=cfg.beta, labels=yb, max_sweeps=nsw,
+                              tol=cfg.tol, mode=cfg.mode, routing=rt)
             grads = ep_gradient(eng, batch, plus.states, free.states, cfg.beta, one_sided=True,
                                 routing=rt)
             nudged_sweeps = plus.sweeps
