@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     res["neuromorphic"] = bench_simulator(a.quick)
     print("neuromorphic:", json.dumps(res["neuromorphic"]), flush=True)
     from bench.accuracy import bench_accuracy
-    res["accuracy"] = (bench_accuracy(["mlp_digits"], epochs=2) if a.quick
+    res["accuracy"] = (bench_accuracy(["mlp_digits"], epochs=2, seeds=[0]) if a.quick
                        else bench_accuracy())
     from bench.parity import bench_parity
     res["parity"] = (bench_parity(["mlp_digits"], epochs=2, onchip_epochs=1) if a.quick

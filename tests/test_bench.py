@@ -7,10 +7,14 @@ from bench.parity import main as parity_main
 
 def test_accuracy_bench_smoke(tmp_path):
     out = tmp_path / "acc.json"
-    assert main(["--models", "mlp_digits", "--epochs", "3", "--json", str(out)]) == 0
+    assert main(["--models", "mlp_digits", "--epochs", "3", "--seeds", "0", "1",
+                 "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     rec = res["models"]["mlp_digits"]
     assert res["epochs"] == 3 and rec["settings"] == "defaults"
+    assert [r["seed"] for r in rec["runs"]] == [0, 1]
+    accs = [r["test_accuracy"] for r in rec["runs"]]
+    assert rec["test_accuracy"] == sum(accs) / 2 and rec["test_accuracy_min"] == min(accs)
     # three epochs of EP from the untrained example already separate digits (chance 0.1)
     assert 0.8 < rec["test_accuracy"] <= 1.0
     assert rec["target"] == 0.985 and rec["target_met"] == (rec["test_accuracy"] >= 0.985)

@@ -434,30 +434,31 @@ def test_version_2_fields_are_refused_in_a_version_1_program(small_prog):
 
 # --------------------------------------------------------------------------- calibration
 def test_compensated_rounding_lowers_the_output_error_on_real_inputs(mlp, conv):
-    from epc.targets.neuromorphic.calibrate import op_input_columns, round_compensated
+    from epc.targets.neuromorphic.calibrate import op_input_grams, round_compensated
     from epc.targets.neuromorphic.quantize import quantize_weight
     g, (xtr, _, _, _) = mlp
     c = g.couplings[0]                                    # input -> h1, dense
     w = np.asarray(g.weights[c.ops[0].weight], dtype=np.float64)
     m, e = quantize_weight(w, 4, False)
-    cols = op_input_columns(c, 0, xtr[:256], g.weights)
-    assert len(cols) == 1 and cols[0].shape == (256, 64)
-    np.testing.assert_array_equal(cols[0], xtr[:256])     # a dense op sees the input itself
-    mc = round_compensated(w, e, 7, cols)
+    grams = op_input_grams(c, 0, xtr[:256], g.weights)
+    assert len(grams) == 1
+    np.testing.assert_allclose(grams[0], xtr[:256].T @ xtr[:256], rtol=1e-12)
+    mc = round_compensated(w, e, 7, grams)
     assert mc.shape == w.shape and np.abs(mc).max() <= 7
     step = 2.0 ** float(e[0])
     out_err = [float(((((mq * step) - w) @ xtr.T) ** 2).sum()) for mq in (m, mc)]
     assert out_err[1] < 0.5 * out_err[0]                  # on all of train, not just the 256
-    # a conv: the columns are the im2col patches the conv multiplies
+    # a conv: w H w^T per output channel is the energy of that channel's conv output
     gc, xc, _ = conv
     cc = gc.couplings[0]
     op = cc.ops[0]
     wc = np.asarray(gc.weights[op.weight], dtype=np.float64)
-    colc = op_input_columns(cc, 0, xc, gc.weights)[0]
+    hc = op_input_grams(cc, 0, xc, gc.weights, chunk=5)[0]
     y = torch.nn.functional.conv2d(torch.as_tensor(xc), torch.as_tensor(wc), stride=op.stride,
                                    padding=(op.pads[0], op.pads[1]))
-    y2 = (colc @ wc.reshape(wc.shape[0], -1).T).reshape(len(xc), y.shape[2], y.shape[3], -1)
-    np.testing.assert_allclose(y2.transpose(0, 3, 1, 2), y.numpy(), atol=1e-9)
+    rows = wc.reshape(wc.shape[0], -1)
+    np.testing.assert_allclose(np.einsum("oi,ij,oj->o", rows, hc, rows),
+                               (y.numpy() ** 2).sum((0, 2, 3)), rtol=1e-9)
 
 
 def test_bias_correction_removes_the_mean_drive_error(mlp):

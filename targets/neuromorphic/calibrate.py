@@ -34,31 +34,41 @@ def _t(a) -> torch.Tensor:
     return torch.as_tensor(np.asarray(a), dtype=torch.float64)
 
 
-def op_input_columns(coupling, k: int, x_src: np.ndarray, weights: dict) -> list[np.ndarray] | None:
-    """The input of the k-th op of a coupling as column matrices [samples, fan_in], one per
-    conv group (one for a dense); None where the op is not a plain dense or conv."""
+def op_input_grams(coupling, k: int, x_src: np.ndarray, weights: dict,
+                   chunk: int = 16) -> list[np.ndarray] | None:
+    """H = X^T X of the k-th op of a coupling on the calibration inputs, where X holds the
+    op's input as rows [samples (x positions for a conv), fan_in]: one per conv group, one
+    for a dense; None where the op is not a plain dense or conv. Accumulated over chunks
+    of samples, so a conv on 32x32 images never holds its whole im2col matrix."""
     op = coupling.ops[k]
-    base = {n: _t(w) for n, w in weights.items()}
-    x, _ = O.chain_forward(coupling.ops[:k], _t(x_src), base)
-    if isinstance(op, Dense):
-        return [x.reshape(x.shape[0], -1).numpy()]
-    if not isinstance(op, Conv):
+    if not isinstance(op, (Dense, Conv)):
         return None
-    pt, pl, pb, pr = op.pads
+    base = {n: _t(w) for n, w in weights.items()}
     w = np.asarray(weights[op.weight])
-    xp = F.pad(x, (pl, pr, pt, pb))
-    cin_g = w.shape[1]
-    out = []
-    for gi in range(op.groups):
-        cols = F.unfold(xp[:, gi * cin_g:(gi + 1) * cin_g], tuple(w.shape[2:]),
-                        dilation=tuple(op.dilation), stride=tuple(op.stride))  # [N, fan_in, L]
-        out.append(cols.transpose(1, 2).reshape(-1, cols.shape[1]).numpy())
-    return out
+    groups = op.groups if isinstance(op, Conv) else 1
+    fan = int(np.prod(w.shape[1:]))
+    grams = [np.zeros((fan, fan)) for _ in range(groups)]
+    for i in range(0, len(x_src), chunk):
+        x, _ = O.chain_forward(coupling.ops[:k], _t(x_src[i:i + chunk]), base)
+        if isinstance(op, Dense):
+            rows = x.reshape(x.shape[0], -1).numpy()
+            grams[0] += rows.T @ rows
+            continue
+        pt, pl, pb, pr = op.pads
+        xp = F.pad(x, (pl, pr, pt, pb))
+        cin_g = w.shape[1]
+        for gi in range(groups):
+            cols = F.unfold(xp[:, gi * cin_g:(gi + 1) * cin_g], tuple(w.shape[2:]),
+                            dilation=tuple(op.dilation), stride=tuple(op.stride))
+            rows = cols.transpose(1, 2).reshape(-1, cols.shape[1]).numpy()  # [N*L, fan_in]
+            grams[gi] += rows.T @ rows
+    return grams
 
 
-def _round_rows(w: np.ndarray, x: np.ndarray, step: np.ndarray, qmax: int) -> np.ndarray:
-    """Mantissas of w [rows, fan_in] on the grid `step` [rows] that keep w @ x^T close."""
-    h = x.T @ x
+def _round_rows(w: np.ndarray, h: np.ndarray, step: np.ndarray, qmax: int) -> np.ndarray:
+    """Mantissas of w [rows, fan_in] on the grid `step` [rows] that keep w @ x^T close,
+    for inputs x with Gram matrix h = X^T X."""
+    h = h.copy()
     d = np.diag(h).copy()
     dead = d <= 0
     h[dead, dead] = 1.0          # an input that is always 0: plain rounding, no propagation
@@ -77,17 +87,17 @@ def _round_rows(w: np.ndarray, x: np.ndarray, step: np.ndarray, qmax: int) -> np
 
 
 def round_compensated(w: np.ndarray, exps: np.ndarray, qmax: int,
-                      columns: list[np.ndarray]) -> np.ndarray:
+                      grams: list[np.ndarray]) -> np.ndarray:
     """Mantissas (int64, w's shape) of a dense [out, in] or conv [out, in/g, kh, kw] weight
-    with exponents `exps` ([1] or [out]), rounded to keep the op's output on `columns`."""
+    with exponents `exps` ([1] or [out]), rounded to keep the op's output on the inputs
+    whose Gram matrices (one per group, from `op_input_grams`) are `grams`."""
     rows = w.reshape(w.shape[0], -1)
     step = (2.0 ** exps.astype(np.float64)).reshape(-1) * np.ones(w.shape[0])
-    groups = len(columns)
-    per = w.shape[0] // groups
+    per = w.shape[0] // len(grams)
     q = np.zeros_like(rows)
-    for gi, x in enumerate(columns):
+    for gi, h in enumerate(grams):
         sl = slice(gi * per, (gi + 1) * per)
-        q[sl] = _round_rows(rows[sl], x, step[sl], qmax)
+        q[sl] = _round_rows(rows[sl], h, step[sl], qmax)
     return q.astype(np.int64).reshape(w.shape)
 
 

@@ -23,7 +23,7 @@ from epc.compiler.errors import EpcError
 from epc.compiler.ir import (AvgPool, ChannelScale, Conv, Dense, Flatten, GlobalAvgPool, Graph,
                              Identity, MaxPool)
 
-from .calibrate import bias_corrections, op_input_columns, round_compensated
+from .calibrate import bias_corrections, op_input_grams, round_compensated
 from .isa import (BETA_FRAC, COST_WEIGHT_FRAC, CostSpec, Group, Memory, Phase, Program,
                   SynOp, Synapse, bits_for_signed, bits_for_unsigned)
 
@@ -265,10 +265,10 @@ def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
                     # the exponents (scale grid) first, judged with plain rounding; then,
                     # calibrated, the mantissas re-rounded on that grid with compensation
                     m, e = quantize_weight(w, weight_bits, per_channel, err)
-                    cols = (op_input_columns(c, k, acts[c.src], g.weights)
-                            if calibrated and not isinstance(op, ChannelScale) else None)
-                    if cols is not None:
-                        m = round_compensated(w, e, (1 << (weight_bits - 1)) - 1, cols)
+                    grams = (op_input_grams(c, k, acts[c.src], g.weights)
+                             if calibrated else None)
+                    if grams is not None:
+                        m = round_compensated(w, e, (1 << (weight_bits - 1)) - 1, grams)
                     rounded[op.weight] = m * 2.0 ** _bshape(e, w)
                     wn, en = f"w.{op.weight}", f"e.{op.weight}"
                     p.memories.append(Memory(wn, "weight", True, weight_bits, tuple(w.shape), m))
