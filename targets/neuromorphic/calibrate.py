@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from epc.compiler import ops as O
 from epc.compiler.ir import Conv, Dense, Graph
+from epc.runtime.learn import _reduce_to
 
 DAMP = 0.01  # ridge added to H, as a share of its mean diagonal (H is often singular)
 
@@ -126,11 +127,8 @@ def bias_corrections(g: Graph, acts: dict, rounded: dict) -> dict[str, np.ndarra
     for st in g.states:
         if st.bias and st.name in err:
             b = np.asarray(g.weights[st.bias])
-            e = err[st.name].mean(0)                    # over samples
-            while e.dim() > b.ndim:                     # a bias broadcast over leading axes
-                e = e.mean(0)
-            for i in range(b.ndim):                     # and over its size-1 axes
-                if b.shape[i] == 1 and e.shape[i] != 1:
-                    e = e.mean(i, keepdim=True)
-            out[st.bias] = -e.reshape(b.shape).numpy()
+            e = err[st.name]
+            # the mean over samples and the positions each bias entry covers: the sum the
+            # EP bias gradient takes, over the number of terms summed into each entry
+            out[st.bias] = -(_reduce_to(e, b.shape) * (b.size / e.numel())).numpy()
     return out

@@ -85,6 +85,12 @@ def _lower_state(st, F: int) -> tuple[Memory, int, int, str]:
     return Memory(st.name, "state", True, bits, tuple(st.shape)), lo, hi, "clip"
 
 
+def _quant_bias(b: np.ndarray, F: int) -> tuple[np.ndarray, int]:
+    """A bias at state scale (F fractional bits) and the width its memory needs."""
+    bq = np.floor(b * (1 << F) + 0.5).astype(np.int64)
+    return bq, max(BIAS_BITS, bits_for_signed(int(bq.min(initial=0)), int(bq.max(initial=0))))
+
+
 # --------------------------------------------------------------------------- weights
 def _candidates(maxabs: float, qmax: int) -> list[int]:
     if maxabs <= 0:
@@ -239,8 +245,7 @@ def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
         grp = Group(st.name, mem.name, lo, hi, st.role, None, act)
         if st.bias:
             b = np.asarray(g.weights[st.bias], dtype=np.float64)
-            bq = np.floor(b * (1 << F) + 0.5).astype(np.int64)
-            bits = max(BIAS_BITS, bits_for_signed(int(bq.min(initial=0)), int(bq.max(initial=0))))
+            bq, bits = _quant_bias(b, F)
             bname = f"b.{st.name}"
             bias_mems[st.bias] = Memory(bname, "bias", True, bits, tuple(b.shape), bq)
             p.memories.append(bias_mems[st.bias])
@@ -313,10 +318,7 @@ def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
     if acts is not None:
         for bname, delta in bias_corrections(g, acts, rounded).items():
             bm = bias_mems[bname]
-            b = np.asarray(g.weights[bname], dtype=np.float64) + delta
-            bm.data = np.floor(b * (1 << F) + 0.5).astype(np.int64)
-            bm.bits = max(BIAS_BITS, bits_for_signed(int(bm.data.min(initial=0)),
-                                                     int(bm.data.max(initial=0))))
+            bm.data, bm.bits = _quant_bias(np.asarray(g.weights[bname], np.float64) + delta, F)
 
     for cost in g.costs:
         if cost.kind != "mse":
