@@ -3,8 +3,8 @@
 Each example ONNX file is compiled by the real pipeline (`--target torch`) and trained
 for 30 epochs, once per seed (0, 1, 2 by default), with the settings the README quotes:
 the CLI defaults (Adam, lr 5e-4, weight decay 1e-3, beta 0.2 symmetric, batch 32,
-cosine) for the MLPs, and `--lr 3e-4` for the conv net. Test accuracy on the fixed `train_test_split(test_size=0.2,
-random_state=0)` split of scikit-learn's digits; 1 test sample is 0.28 points.
+cosine) for the MLPs, and `--lr 3e-4` for the conv net. Test accuracy on the fixed
+`train_test_split(test_size=0.2, random_state=0)` split of scikit-learn's digits; 1 test sample is 0.28 points.
 
     python -m bench.accuracy --json acc.json            # all three, seeds 0 1 2 (~15 min)
     python -m bench.accuracy --models mlp_digits --epochs 2 --seeds 0
@@ -12,6 +12,7 @@ random_state=0)` split of scikit-learn's digits; 1 test sample is 0.28 points.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -30,29 +31,41 @@ RUNS = {
 }
 
 
-def bench_accuracy(models=None, epochs: int = 30, seeds=(0, 1, 2), threads: int = 1) -> dict:
+@contextlib.contextmanager
+def keep_threads():
+    """api.train sets the process-wide torch thread count; give it back afterwards."""
     import torch
-
-    threads_before = torch.get_num_threads()
+    before = torch.get_num_threads()
     try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def example_bundle(name: str, tmp: str) -> str:
+    """Compile examples/<name>.onnx for the torch target into `tmp`; the bundle's path."""
+    from epc.compiler.options import CompileOptions
+    from epc.compiler.pipeline import compile_source
+    from epc.targets.torch import emit
+    path = os.path.join(tmp, f"{name}.epc")
+    emit(compile_source(os.path.join(ROOT, "examples", f"{name}.onnx"),
+                        CompileOptions()).graph, path)
+    return path
+
+
+def bench_accuracy(models=None, epochs: int = 30, seeds=(0, 1, 2), threads: int = 1) -> dict:
+    with keep_threads():
         return _run(models, epochs, list(seeds), threads)
-    finally:  # api.train sets the process-wide thread count; give it back
-        torch.set_num_threads(threads_before)
 
 
 def _run(models, epochs: int, seeds: list, threads: int) -> dict:
-    from epc.compiler.options import CompileOptions
-    from epc.compiler.pipeline import compile_source
     from epc.runtime import api
-    from epc.targets.torch import emit
 
     out = {"epochs": epochs, "seeds": seeds, "threads": threads, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in models or list(RUNS):
             extra, target = RUNS[name]
-            src = os.path.join(ROOT, "examples", f"{name}.onnx")
-            path = os.path.join(tmp, f"{name}.epc")
-            emit(compile_source(src, CompileOptions()).graph, path)
+            path = example_bundle(name, tmp)
             runs = []
             for seed in seeds:
                 t0 = time.perf_counter()

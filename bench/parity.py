@@ -1,9 +1,10 @@
 """Neuromorphic parity and on-chip learning on digits (the neuromorphic issue's targets).
 
 For each example network: train it with float EP exactly as `bench.accuracy` does (same
-settings, seed and thread count), then quantize the trained graph to an 8-bit program and
-to 4-bit programs calibrated on digits (one exponent per coupling, and per output
-channel), and run the test set through the bit-exact simulator. Reported per program: accuracy, the gap to the float runtime in points,
+settings, seed and thread count), then quantize the trained graph to 8-bit programs (scales
+from the weights, and calibrated on digits) and to 4-bit programs calibrated on digits (one
+exponent per coupling, and per output channel), and run the test set through the bit-exact
+simulator. Reported per program: accuracy, the gap to the float runtime in points,
 prediction agreement with the float runtime, max / median sweeps to the integer fixed
 point, unsettled and cycling samples and overflows. Then on-chip learning: the untrained
 MLP compiled to an 8-bit program and trained in the simulator (integer only) for 20
@@ -25,11 +26,10 @@ import numpy as np
 
 from epc.compiler.bundle import atomic_write_bytes
 
-from bench.accuracy import ROOT, RUNS
+from bench.accuracy import ROOT, RUNS, example_bundle, keep_threads
 
 # The conv net's integer settling needs a higher sweep cap than the default 100 (a few
-# slow test samples, up to ~220 sweeps; none cycles); the float runtime converges within
-# 100 on the same net.
+# slow test samples, up to ~220 sweeps; none cycles).
 MAX_SWEEPS = {"conv_digits": 300}
 PROGRAMS = (("w8", {}),
             ("w8_calibrated", {"calibrate": "digits"}),
@@ -60,16 +60,12 @@ def _program_figures(prog, xte, yte, pf) -> dict:
 
 
 def parity(name: str, epochs: int, seed: int, threads: int, tmp: str) -> dict:
-    from epc.compiler.options import CompileOptions
     from epc.compiler.pipeline import compile_source
     from epc.runtime import api
     from epc.targets.neuromorphic.api import _dataset, compile_program
-    from epc.targets.torch import emit
 
     extra, _ = RUNS[name]
-    path = os.path.join(tmp, f"{name}.epc")
-    emit(compile_source(os.path.join(ROOT, "examples", f"{name}.onnx"),
-                        CompileOptions()).graph, path)
+    path = example_bundle(name, tmp)
     ckpt = os.path.join(tmp, f"{name}_ckpt")
     m = api.train(path, epochs=epochs, seed=seed, threads=threads, checkpoint=ckpt, **extra)
     trained = os.path.join(ckpt, "last.epc")
@@ -108,10 +104,8 @@ def onchip(epochs: int, seed: int, float_acc: float | None, tmp: str) -> dict:
 
 def bench_parity(models=None, epochs: int = 30, onchip_epochs: int = 20, seed: int = 0,
                  threads: int = 1) -> dict:
-    import torch
-    before = torch.get_num_threads()
     res = {"epochs": epochs, "seed": seed, "threads": threads, "models": {}}
-    try:
+    with keep_threads():
         with tempfile.TemporaryDirectory() as tmp:
             for name in models or ["mlp_digits", "conv_digits"]:
                 res["models"][name] = parity(name, epochs, seed, threads, tmp)
@@ -121,8 +115,6 @@ def bench_parity(models=None, epochs: int = 30, onchip_epochs: int = 20, seed: i
                 res["onchip_mlp_digits"] = onchip(onchip_epochs, seed,
                                                   f.get("test_accuracy"), tmp)
                 print(f"onchip: {json.dumps(res['onchip_mlp_digits'])}", flush=True)
-    finally:  # api.train sets the process-wide thread count; give it back
-        torch.set_num_threads(before)
     return res
 
 
