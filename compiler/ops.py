@@ -91,6 +91,14 @@ def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- linear ops
+def maxpool_input(op: MaxPool, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The tensor a max-pool scans and the symmetric padding F.max_pool2d applies to it
+    (asymmetric padding is applied here, with -inf, so the pool itself pads nothing)."""
+    if _symmetric(op.pads):
+        return x, (op.pads[0], op.pads[1])
+    return F.pad(x, (op.pads[1], op.pads[3], op.pads[0], op.pads[2]), value=-math.inf), (0, 0)
+
+
 def forward(op, x: torch.Tensor, weights: Weights) -> tuple[torch.Tensor, Any]:
     """Apply a linear op to a batch. Returns (y, ctx) where ctx feeds `adjoint`."""
     if isinstance(op, Dense):
@@ -103,11 +111,7 @@ def forward(op, x: torch.Tensor, weights: Weights) -> tuple[torch.Tensor, Any]:
         xp = F.pad(x, (op.pads[1], op.pads[3], op.pads[0], op.pads[2]))
         return F.conv2d(xp, w, None, op.stride, 0, op.dilation, op.groups), x.shape
     if isinstance(op, MaxPool):
-        if _symmetric(op.pads):
-            xp, pad = x, (op.pads[0], op.pads[1])
-        else:
-            xp, pad = F.pad(x, (op.pads[1], op.pads[3], op.pads[0], op.pads[2]),
-                            value=-math.inf), (0, 0)
+        xp, pad = maxpool_input(op, x)
         y, idx = F.max_pool2d(xp, op.kernel, op.stride, pad, op.dilation, op.ceil_mode,
                               return_indices=True)
         return y, (xp, idx, pad)
@@ -192,6 +196,19 @@ def activate(act: Activation, u: torch.Tensor) -> torch.Tensor:
         return torch.clamp(u, act.lo, act.hi)
     if act.kind == "hardsigmoid":
         return torch.clamp(act.alpha * u + act.beta, 0.0, 1.0)
+    raise EpcError(f"unknown activation {act.kind}")
+
+
+def activate_(act: Activation, u: torch.Tensor) -> torch.Tensor:
+    """`activate` in place on u (the same arithmetic); returns u."""
+    if act.kind == "identity":
+        return u
+    if act.kind == "relu":
+        return u.relu_()
+    if act.kind == "clip":
+        return u.clamp_(act.lo, act.hi)
+    if act.kind == "hardsigmoid":
+        return u.mul_(act.alpha).add_(act.beta).clamp_(0.0, 1.0)
     raise EpcError(f"unknown activation {act.kind}")
 
 

@@ -167,8 +167,19 @@ def _source_outputs(source: Source, x: np.ndarray) -> np.ndarray:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         sess = ort.InferenceSession(source.path, so, providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        return sess.run(None, {name: x.astype(np.float32)})[0].astype(np.float64)
+        inp = sess.get_inputs()[0]
+        x = x.astype(np.float32)
+        fixed = inp.shape[0] if inp.shape else None
+        if not (isinstance(fixed, int) and fixed > 0) or fixed == len(x):
+            return sess.run(None, {inp.name: x})[0].astype(np.float64)
+        # a model exported with a fixed batch size (often 1): run it that many at a time,
+        # the last chunk filled up with repeated rows
+        outs = []
+        for i in range(0, len(x), fixed):
+            chunk = x[i:i + fixed]
+            pad = np.concatenate([chunk, np.repeat(chunk[:1], fixed - len(chunk), 0)])
+            outs.append(sess.run(None, {inp.name: pad})[0][:len(chunk)])
+        return np.concatenate(outs).astype(np.float64)
     if source.kind == "torch":
         import torch
         m = source.module.eval().double()

@@ -9,7 +9,8 @@ list of matmuls / convolutions with no graph walking and no autograd:
                   - beta * sum_{costs on j} weight * dC/ds_j )
 
 Dense couplings (optionally after a flatten) run as plain matmuls; other chains go through
-`compiler.ops.chain_forward` / `chain_adjoint`, whose contexts (e.g. max-pool argmax) are
+`runtime.kernels.chain_forward` (the reference ops, with faster equal kernels where torch's
+are slow) and `compiler.ops.chain_adjoint`, whose contexts (e.g. max-pool argmax) are
 cached per coupling and reused while the source state has not changed. Terms that only
 depend on clamped inputs (input couplings, biases) are computed once per batch.
 
@@ -31,6 +32,8 @@ import torch
 from epc.compiler import ops as O
 from epc.compiler.errors import EpcError
 from epc.compiler.ir import Dense, Flatten, Graph, Identity, MaxPool, op_weights
+
+from . import kernels as K
 
 Tensor = torch.Tensor
 EXPLODE = 1e6   # |state| above this in an unbounded state counts as divergence
@@ -117,6 +120,7 @@ class Engine:
                 c.name, c.src, c.dst, list(c.ops), c.kind, bool(c.feedback), fast, w,
                 tuple(graph.shape_of(c.src)), any(isinstance(op, MaxPool) for op in c.ops),
                 [x for op in c.ops for x in op_weights(op).values()]))
+        self.link_by_name = {l.name: l for l in self.links}
         teacher_states = {s.name for s in graph.states if s.role == "teacher"}
         clamped = set(self.inputs) | teacher_states
         self.input_links: dict[str, list[Link]] = {j: [] for j in self.settled}
@@ -158,7 +162,7 @@ class Engine:
             return x.reshape(x.shape[0], -1) @ P[l.weight].t(), None
         if l.fast == "identity":
             return x, None
-        return O.chain_forward(l.ops, x, P)
+        return K.chain_forward(l.ops, x, P)
 
     def _routed_forward(self, l: Link, x: Tensor, P: dict, frozen: list):
         """The chain with every max-pool selecting the positions frozen in `frozen` (a linear map)."""
@@ -330,7 +334,8 @@ class Engine:
         max_sweeps = self.max_sweeps if max_sweeps is None else max_sweeps
         tol = self.tol if tol is None else tol
         S = dict(self.zeros(n) if states is None else states)
-        const = batch["const"]
+        const, clamped = batch["const"], batch["clamped"]
+        cur = batch                 # the batch restricted to the rows still settling
         targets = {}
         # beta: a number, or one per sample ([n] tensor, see settle_pair)
         nudged = torch.is_tensor(beta) or beta != 0.0
@@ -341,25 +346,43 @@ class Engine:
             for j in self.settled:
                 bview[j] = (beta.reshape((n,) + (1,) * len(self.shapes[j]))
                             if torch.is_tensor(beta) else beta)
+        # beta * weight of every cost term, per state (constant over the sweeps)
+        bw = {j: [bview[j] * c.weight for c in self.costs[j]] for j in bview}
         ctx: dict[str, tuple[int, object]] = {}
         ver = {j: 0 for j in self.settled}
         shape_ctx = {}
 
         P = self.params
 
+        # a drive accumulates into the fresh tensor its first term creates, in place (the
+        # same operations without an allocation each: the allocations of 0.5 MB conv states
+        # cost more than the arithmetic); not when autograd runs through the settling
+        inplace = not (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (*S.values(), *clamped.values(), *P.values())))
+
         def drive(j: str) -> Tensor:
             u = const[j]
+            own = False     # u is this drive's own tensor (not const[j])
             for l in self.inbound[j]:
                 if l.fast == "dense":   # fused multiply-add: one kernel, no temporary
-                    u = torch.addmm(u, S[l.src], P[l.weight].t())
+                    if own:
+                        u.addmm_(S[l.src], P[l.weight].t())
+                    else:
+                        u, own = torch.addmm(u, S[l.src], P[l.weight].t()), inplace
                     continue
                 y, cx = self.link_forward(l, S[l.src], routing=routing)
                 if l.fast == "chain":
                     ctx[l.name] = (ver[l.src], cx)
-                u = u + y
+                if own:
+                    u.add_(y)
+                else:
+                    u, own = u + y, inplace
             for l in self.feedback[j]:
                 if l.fast == "dense":
-                    u = torch.addmm(u, S[l.dst], P[l.weight])
+                    if own:
+                        u.addmm_(S[l.dst], P[l.weight])
+                    else:
+                        u, own = torch.addmm(u, S[l.dst], P[l.weight]), inplace
                     continue
                 cx = None
                 if l.fast == "chain":
@@ -373,60 +396,138 @@ class Engine:
                         cx = shape_ctx.get(l.name)
                         if cx is None:
                             cx = shape_ctx[l.name] = self._shape_ctx(l, n)
-                u = u + self.link_adjoint(l, S[l.dst], cx)
+                y = self.link_adjoint(l, S[l.dst], cx)
+                if own:
+                    u.add_(y)
+                else:
+                    u, own = u + y, inplace
             if nudged:
-                for c in self.costs[j]:
-                    u = u - (bview[j] * c.weight) * self.cost_grad(c, S[j], targets[c.name])
-            return O.activate(self.acts[j], u)
+                for c, f in zip(self.costs[j], bw[j]):
+                    y = f * self.cost_grad(c, S[j], targets[c.name])
+                    if own:
+                        u.sub_(y)
+                    else:
+                        u, own = u - y, inplace
+            return O.activate_(self.acts[j], u) if own else O.activate(self.acts[j], u)
+
+        # every state's change in a sweep lands in one [n, total] buffer, so the residual
+        # is one abs and one max whatever the number of states (per sample: at the end)
+        widths = {j: math.prod(self.shapes[j]) for j in self.settled}
+
+        def delta_buffer(n: int):
+            buf = torch.zeros((n, sum(widths.values())), dtype=self.dtype, device=self.device)
+            cols, at = {}, 0
+            for j in self.settled:
+                cols[j] = buf[:, at:at + widths[j]].view((n,) + self.shapes[j])
+                at += widths[j]
+            return buf, cols
+
+        delta, cols = delta_buffer(n)
+        # parts: where each unfinished part's rows are in the (compacted) batch
+        rows_of = dict(enumerate(parts)) if parts is not None else {}
+        finished: dict[int, SettleResult] = {}
+
+        def part_maxima(d: Tensor) -> dict[int, float]:
+            m = d.shape[0] // len(rows_of)
+            if all(sl.start == k * m and sl.stop == (k + 1) * m
+                   for k, sl in enumerate(rows_of.values())) and m * len(rows_of) == d.shape[0]:
+                # equal consecutive parts (settle_pair): one reduction, one sync
+                return dict(zip(rows_of, d.view(len(rows_of), -1).amax(1).tolist()))
+            return {i: float(d[sl].max()) for i, sl in rows_of.items()}
 
         groups = self.classes if mode == "colour" else [self.settled]
-        res = torch.zeros(n, dtype=self.dtype, device=self.device)
         tr = [] if trace else None
-        finished: dict[int, SettleResult] = {}
         sweeps = 0
+        compacted = False
         pooled = any(l.needs_ctx for l in self.links)
         if freeze_after == "auto":
             freeze_after = self.pool_freeze
         for sweep in range(max_sweeps):
             if (freeze_after is not None and sweep == freeze_after and routing is None
                     and pooled):
-                routing = self.routing(S, batch)
+                routing = self.routing(S, cur)
                 ctx.clear()
-            moved = []
             for cls in groups:
                 new = {j: drive(j) for j in cls}
                 for j, v in new.items():
-                    moved.append((v - S[j]).abs_().reshape(n, -1).amax(1))
+                    # detached: the residual is bookkeeping, also when autograd runs through
+                    torch.sub(v.detach(), S[j].detach(), out=cols[j])
                     S[j] = v
                     ver[j] += 1
-            res = torch.stack(moved).amax(0)    # per sample: the largest |delta s| this sweep
+            d = delta.abs_()
             sweeps = sweep + 1
-            rmax = float(res.detach().max())
+            if parts is None:
+                rmax = float(d.max())
+            else:
+                pm = part_maxima(d)
+                rmax = max(pm.values())
             if tr is not None:
-                tr.append({"residual": rmax, "energy": float(self.energy(S, batch, routing).mean())})
+                tr.append({"residual": rmax, "energy": float(self.energy(S, cur, routing).mean())})
             if parts is not None:
-                for i, sl in enumerate(parts):
-                    rp = float(res[sl].max())
-                    if i not in finished and (rp <= tol or not np.isfinite(rp)):
-                        finished[i] = self._part(S, res, sl, sweeps, tol, routing)
-                if len(finished) == len(parts):
+                done = [i for i, r in pm.items() if r <= tol or not math.isfinite(r)]
+                for i in done:
+                    finished[i] = self._part(S, d, rows_of.pop(i), sweeps, tol)
+                if not rows_of:
                     break
-            if not np.isfinite(rmax):
+                if done and sweeps < max_sweeps:
+                    # drop the finished parts' rows: the rest settles on as it would alone,
+                    # and the sweeps no longer pay for samples whose result is taken
+                    keep = list(rows_of.values())
+                    rows = (slice(keep[0].start, keep[-1].stop) if all(
+                        a.stop == b.start for a, b in zip(keep, keep[1:])) else
+                        torch.cat([torch.arange(sl.start, sl.stop, device=self.device)
+                                   for sl in keep]))
+                    take = ((lambda t: t[rows]) if isinstance(rows, slice)
+                            else (lambda t: t.index_select(0, rows)))
+                    S = {j: take(v) for j, v in S.items()}
+                    const = {j: take(v) for j, v in const.items()}
+                    clamped = {k: take(v) for k, v in clamped.items()}
+                    targets = {k: take(v) for k, v in targets.items()}
+                    bw = {j: [take(f) if torch.is_tensor(f) else f for f in fs]
+                          for j, fs in bw.items()}
+                    routing = self._routing_rows(routing, take)
+                    ctx.clear()
+                    shape_ctx.clear()
+                    at = 0
+                    for i, sl in list(rows_of.items()):
+                        rows_of[i] = slice(at, at + sl.stop - sl.start)
+                        at += sl.stop - sl.start
+                    n = at
+                    cur = {"n": n, "const": const, "clamped": clamped}
+                    delta, cols = delta_buffer(n)
+                    compacted = True
+                continue
+            if not math.isfinite(rmax):
                 break
             if rmax <= tol:
                 break
-        unconv = int((~(res <= tol)).sum())
-        out = SettleResult(S, sweeps, res, unconv, tr, routing)
-        if parts is not None:
-            out.parts = [finished.get(i) or self._part(S, res, sl, sweeps, tol, routing)
-                         for i, sl in enumerate(parts)]
+        if parts is None:
+            res = delta.amax(1)    # per sample: the largest |delta s| of the last sweep
+            return SettleResult(S, sweeps, res, n - int((res <= tol).sum()), tr, routing)
+        for i, sl in rows_of.items():   # parts still settling at the sweep cap
+            finished[i] = self._part(S, delta, sl, sweeps, tol)
+        got = [finished[i] for i in range(len(parts))]
+        res_all = torch.cat([p.residual for p in got])
+        out = SettleResult({j: torch.cat([p.states[j] for p in got]) for j in self.settled},
+                           sweeps, res_all, sum(p.unconverged for p in got), tr,
+                           None if compacted else routing)
+        out.parts = got
         return out
 
-    def _part(self, S: dict, res: Tensor, sl: slice, sweeps: int, tol: float,
-              routing) -> SettleResult:
-        r = res[sl].clone()
-        return SettleResult({j: v[sl].clone() for j, v in S.items()}, sweeps, r,
-                            int((~(r <= tol)).sum()), None, routing)
+    def _part(self, S: dict, d: Tensor, sl: slice, sweeps: int, tol: float) -> SettleResult:
+        """One part's result from the states and |delta s| buffer `d` of its last sweep
+        (views: the loop never writes into a state tensor, it replaces them)."""
+        r = d[sl].amax(1)
+        return SettleResult({j: v[sl] for j, v in S.items()}, sweeps, r,
+                            r.shape[0] - int((r <= tol).sum()), None, None)
+
+    def _routing_rows(self, routing: dict | None, take) -> dict | None:
+        """Frozen max-pool selections with `take` applied to their batch rows."""
+        if routing is None:
+            return None
+        return {name: [(take(fc[0]), take(fc[1]), fc[2]) if isinstance(op, MaxPool) else fc
+                       for op, fc in zip(self.link_by_name[name].ops, frozen)]
+                for name, frozen in routing.items()}
 
     def settle_pair(self, batch: dict, states: dict, *, beta: float, labels: Tensor,
                     max_sweeps: int | None = None, tol: float | None = None,
@@ -437,20 +538,15 @@ class Engine:
         Each half makes exactly the updates its own `settle` would (the samples do not
         interact) and ends at the sweep where it alone would end (`parts`), so the two
         results equal two separate settles. On a CPU, small layers cost about the same per
-        sweep at 2n as at n, so this saves time in the nudged phases."""
+        sweep at 2n as at n, so this saves time in the nudged phases; once one half has
+        settled, the other goes on alone at n."""
         n = batch["n"]
         two = lambda t: torch.cat([t, t])   # noqa: E731
         b2 = {"n": 2 * n, "const": {k: two(v) for k, v in batch["const"].items()},
               "clamped": {k: two(v) for k, v in batch["clamped"].items()}}
         signs = torch.full((2 * n,), float(beta), dtype=self.dtype, device=self.device)
         signs[n:] = -float(beta)
-        r2 = None
-        if routing is not None:
-            r2 = {}
-            for name, frozen in routing.items():
-                ops = next(l.ops for l in self.links if l.name == name)
-                r2[name] = [(two(fc[0]), two(fc[1]), fc[2]) if isinstance(op, MaxPool) else fc
-                            for op, fc in zip(ops, frozen)]
+        r2 = self._routing_rows(routing, two)
         r = self.settle(b2, {j: two(v) for j, v in states.items() if j in self.settled},
                         beta=signs, labels=two(labels), max_sweeps=max_sweeps, tol=tol,
                         mode=mode, routing=r2, parts=[slice(0, n), slice(n, 2 * n)])
@@ -461,6 +557,11 @@ class Engine:
     # ------------------------------------------------------------------ checks
     def check_finite(self, states: dict) -> str | None:
         """Name of the first state that holds NaN/Inf or exploded, else None."""
+        # one reduction per state and one sync in the common case: every state fine
+        peaks = torch.stack([states[j].detach().abs().amax() for j in self.settled]).tolist()
+        if all(p <= EXPLODE or (self.acts[j].bounded and math.isfinite(p))
+               for j, p in zip(self.settled, peaks)):
+            return None
         for j in self.settled:
             v = states[j]
             if not torch.isfinite(v).all():

@@ -29,7 +29,7 @@ from epc.compiler.errors import EpcError
 
 from .data import Data
 from .engine import Engine
-from .learn import Optimizer, ep_gradient
+from .learn import NonFiniteGradient, Optimizer, ep_gradient
 
 
 @dataclass
@@ -171,16 +171,17 @@ class Trainer:
             grads = ep_gradient(eng, batch, plus.states, free.states, cfg.beta, one_sided=True,
                                 routing=rt)
             nudged_sweeps = plus.sweeps
-        for name, g in grads.items():
-            if not torch.isfinite(g).all():
-                raise Diverged(f"training diverged in epoch {epoch + 1}: the gradient of "
-                               f"{name} holds NaN/Inf; lower --lr or --beta, or add --clip")
-        gnorm = self.opt.step(grads)
+        try:
+            gnorm = self.opt.step(grads)
+        except NonFiniteGradient as e:
+            raise Diverged(f"training diverged in epoch {epoch + 1}: the gradient of "
+                           f"{e.name} holds NaN/Inf; lower --lr or --beta, or add --clip")
         if self.warm is not None:
             for j in eng.settled:
                 self.warm[j][idx] = free.states[j].detach().to("cpu")
-        return {"correct": int((eng.predict(free.states) == yb).sum()),
-                "loss": float(eng.loss(free.states, batch, yb).sum()),
+        correct, loss = torch.stack([(eng.predict(free.states) == yb).sum().to(eng.dtype),
+                                     eng.loss(free.states, batch, yb).sum()]).tolist()
+        return {"correct": int(correct), "loss": loss,
                 "unconverged": free.unconverged, "free_sweeps": free.sweeps,
                 "nudged_sweeps": nudged_sweeps, "grad_norm": gnorm}
 

@@ -1,8 +1,15 @@
 """Smoke tests of the accuracy and parity benchmarks (the full runs live in `python -m bench`)."""
 import json
 
+import pytest
+import torch
+
+from bench.__main__ import AutogradBaseline
 from bench.accuracy import main
 from bench.parity import main as parity_main
+from epc.runtime import zoo
+from epc.runtime.engine import Engine
+from epc.runtime.learn import ep_gradient
 
 
 def test_accuracy_bench_smoke(tmp_path):
@@ -35,3 +42,40 @@ def test_parity_bench_smoke(tmp_path):
         assert r["overflows"] == 0 and r["cycling"] == 0 and r["unsettled"] == 0
     oc = res["onchip_mlp_digits"]
     assert oc["epochs"] == 1 and 0.5 < oc["test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("graph", [lambda: zoo.mlp((64, 32, 16, 10)),
+                                   lambda: zoo.convnet(channels=(4, 6))], ids=["mlp", "conv"])
+def test_throughput_baseline_computes_what_the_runtime_computes(graph):
+    """The autograd baseline of the throughput bench (drives = autograd of Phi over the
+    reference ops) makes the runtime's synchronous updates and its EP gradient, so the
+    speed-up compares equal work."""
+    eng = Engine(graph(), dtype=torch.float64, mode="sync", pool_freeze=None)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((8,) + eng.input_shapes[eng.inputs[0]], generator=g, dtype=torch.float64)
+    y = torch.arange(8) % 10
+    batch = eng.prepare(x)
+    base = AutogradBaseline(eng)
+    s0 = base.settle(batch, eng.zeros(8), 0.0, y, 12)
+    r0 = eng.settle(batch, max_sweeps=12, tol=0.0)
+    sp = base.settle(batch, dict(s0), 0.3, y, 5)
+    sm = base.settle(batch, dict(s0), -0.3, y, 5)
+    rp, rm = (eng.settle(batch, r0.states, beta=b, labels=y, max_sweeps=5, tol=0.0)
+              for b in (0.3, -0.3))
+    for a, b in ((s0, r0.states), (sp, rp.states), (sm, rm.states)):
+        for j in eng.settled:
+            torch.testing.assert_close(a[j], b[j], rtol=0, atol=1e-12)
+    assert max(float((sp[j] - s0[j]).abs().max()) for j in eng.settled) > 1e-4
+    grads = ep_gradient(eng, batch, rp.states, rm.states, 0.3)
+    before = {k: v.clone() for k, v in eng.params.items()}
+
+    class Record:
+        def step(self, gr):
+            self.grads = gr
+
+    rec = Record()
+    base.step(x, y, 12, 5, 0.3, rec)
+    assert set(rec.grads) == set(grads)
+    for k, v in grads.items():
+        torch.testing.assert_close(rec.grads[k], v, rtol=1e-9, atol=1e-12)
+    assert all(torch.equal(eng.params[k], before[k]) for k in before)

@@ -131,6 +131,22 @@ def test_legacy_export_matches_ort_and_torch(family, tmp_path):
         assert any(isinstance(n.op, Conv) and n.op.groups == 8 for n in g.nodes)
 
 
+def test_verify_runs_a_model_exported_with_a_fixed_batch_of_one(tmp_path):
+    """torch.onnx.export without dynamic axes fixes the batch at the example's size (often
+    1); --verify feeds several inputs, so it runs such a model one chunk at a time."""
+    from epc.compiler.pipeline import compile_source
+    model, shape = make("vgg_bn")
+    path = str(tmp_path / "fixed.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.zeros(1, *shape),), path, dynamo=False,
+                          opset_version=17, input_names=["x"])
+    dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_value == 1 and not dims[0].dim_param
+    res = compile_source(path, CompileOptions(), verify_model=True)
+    assert res.verify_error < RTOL
+
+
 @pytest.mark.parametrize("opset", [9, 11, 13, 17])
 def test_opsets_of_the_legacy_exporter(opset, tmp_path):
     # Clip takes min/max as attributes before opset 11 and as inputs after; Dropout, Softmax,

@@ -150,6 +150,41 @@ def test_settle_pair_equals_the_two_nudged_phases_apart(name):
             torch.testing.assert_close(a.states[j], b.states[j], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["mlp", "conv_max"])
+def test_settled_parts_leave_the_batch_and_the_rest_ends_as_alone(name):
+    """Three parts that settle at different sweeps, the middle one first (so the rows left
+    are not contiguous): each part ends in the state, residual and sweep count of a settle
+    of its rows alone, and the whole result is the parts in batch order."""
+    eng = Engine(GRAPHS[name](), dtype=torch.float64)
+    x = _batch(eng, 12)["clamped"][eng.inputs[0]]
+    kw = dict(max_sweeps=500, tol=1e-9)
+    alone = [eng.settle(eng.prepare(x[i:i + 1]), **kw).sweeps for i in range(12)]
+    order = sorted(range(12), key=lambda i: alone[i])
+    xs = x[order[4:8] + order[:4] + order[8:]]           # fastest samples in the middle
+    parts = [slice(0, 4), slice(4, 8), slice(8, 12)]
+    r = eng.settle(eng.prepare(xs), parts=parts, **kw)
+    sep = [eng.settle(eng.prepare(xs[sl]), **kw) for sl in parts]
+    assert sep[1].sweeps < min(sep[0].sweeps, sep[2].sweeps)   # the case this tests
+    for a, b, sl in zip(sep, r.parts, parts):
+        assert a.sweeps == b.sweeps and a.unconverged == b.unconverged == 0
+        torch.testing.assert_close(a.residual, b.residual, rtol=0, atol=1e-12)
+        for j in eng.settled:
+            torch.testing.assert_close(a.states[j], b.states[j], rtol=0, atol=1e-12)
+            torch.testing.assert_close(r.states[j][sl], b.states[j], rtol=0, atol=0)
+    assert r.sweeps == max(a.sweeps for a in sep)
+    # the middle part settles at the very sweep cap: the others end there unsettled, with
+    # the residual of that last sweep
+    kw["max_sweeps"] = sep[1].sweeps
+    r = eng.settle(eng.prepare(xs), parts=parts, **kw)
+    for sl, b in zip(parts, r.parts):
+        a = eng.settle(eng.prepare(xs[sl]), **kw)
+        assert a.sweeps == b.sweeps == kw["max_sweeps"] and a.unconverged == b.unconverged
+        torch.testing.assert_close(a.residual, b.residual, rtol=0, atol=1e-12)
+        for j in eng.settled:
+            torch.testing.assert_close(a.states[j], b.states[j], rtol=0, atol=1e-12)
+    assert r.parts[0].unconverged > 0 and r.parts[1].unconverged == 0
+
+
 # --------------------------------------------------------------------------- data
 def test_digits_split_and_shapes():
     d = load_dataset("digits", input_shape=(64,))

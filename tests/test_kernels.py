@@ -1,0 +1,101 @@
+"""The engine's faster kernels against the reference ops (equal bit for bit, ties
+included), and the optimiser's flat update against the per-weight formulas."""
+import math
+
+import pytest
+import torch
+
+from epc.compiler import ops as O
+from epc.compiler.ir import MaxPool
+from epc.runtime import kernels as K
+from epc.runtime.learn import NonFiniteGradient, Optimizer
+
+POOLS = [
+    MaxPool([2, 2], [2, 2]),
+    MaxPool([3, 3], [2, 2], pads=[1, 1, 1, 1]),
+    MaxPool([2, 2], [2, 2], pads=[0, 0, 1, 1]),          # asymmetric: padded with -inf
+    MaxPool([3, 3], [1, 1], dilation=[2, 2]),
+    MaxPool([2, 2], [2, 2], ceil_mode=True),
+    MaxPool([1, 3], [1, 2]),
+]
+
+
+@pytest.mark.parametrize("op", POOLS, ids=lambda op: f"k{op.kernel}s{op.stride}p{op.pads}"
+                         f"d{op.dilation}c{int(op.ceil_mode)}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_maxpool_kernel_equals_reference(op, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((5, 7, 9, 9), generator=g, dtype=dtype)
+    # clipped states: wide regions of exact ties at 0 and 1 decide which index wins
+    for t in (x, x.mul(3).sub(1).clamp(0, 1), torch.zeros_like(x)):
+        y, (xp, idx, pad) = K.maxpool_forward(op, t)
+        y0, (xp0, idx0, pad0) = O.forward(op, t, {})
+        assert torch.equal(y, y0) and torch.equal(idx, idx0) and pad == pad0
+        assert torch.equal(xp, xp0) and y.is_contiguous() and idx.is_contiguous()
+        gy = torch.rand(y.shape, generator=g, dtype=dtype)
+        assert torch.equal(O.adjoint(op, gy, (xp, idx, pad), {}),
+                           O.adjoint(op, gy, (xp0, idx0, pad0), {}))
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"w1": torch.randn(16, 8, generator=g), "b1": torch.randn(16, generator=g),
+            "w2": torch.randn(3, 16, generator=g), "frozen": torch.randn(4, generator=g)}
+
+
+def _loop_reference(kind, steps, grads, **kw):
+    """The textbook per-weight update, written out with the same operation order."""
+    P = _params()
+    m = {k: torch.zeros_like(v) for k, v in P.items()}
+    v = {k: torch.zeros_like(p) for k, p in P.items()}
+    lr, wd, b1, b2, eps = kw["lr"], kw["weight_decay"], 0.9, 0.999, 1e-8
+    for t in range(1, steps + 1):
+        for k, g in grads[t - 1].items():
+            g = g * 1.0
+            g = g + P[k] * wd
+            if kind == "sgd":
+                m[k] = m[k] * kw["momentum"] + g
+                P[k] = P[k] - m[k] * lr
+            else:
+                m[k] = m[k] * b1 + g * (1 - b1)
+                v[k] = v[k] * b2 + g * g * (1 - b2)
+                mh, vh = m[k] / (1 - b1 ** t), v[k] / (1 - b2 ** t)
+                P[k] = P[k] - (mh * lr) / (vh.sqrt() + eps)
+    return P
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+@pytest.mark.parametrize("partial", [False, True])
+def test_flat_optimiser_matches_the_per_weight_update(kind, partial):
+    names = ["w1", "b1", "w2"]
+    g = torch.Generator().manual_seed(1)
+    grads = [{k: torch.randn(_params()[k].shape, generator=g) for k in names}
+             for _ in range(4)]
+    if partial:   # a weight without a gradient is left alone, moments included
+        for gr in grads[1:3]:
+            del gr["b1"]
+    kw = dict(lr=1e-2, weight_decay=1e-3, momentum=0.9)
+    P = _params()
+    opt = Optimizer(P, names, kind=kind, cosine=False, **kw)
+    frozen = P["frozen"]
+    for gr in grads:
+        opt.step(gr)
+    ref = _loop_reference(kind, 4, grads, **kw)
+    for k in names:
+        torch.testing.assert_close(P[k], ref[k], rtol=1e-6, atol=1e-7)
+    assert P["frozen"] is frozen and torch.equal(frozen, _params()["frozen"])
+    # the named tensors are views of the one flat buffer the update runs on
+    base = opt.flat.untyped_storage().data_ptr()
+    assert all(P[k].untyped_storage().data_ptr() == base for k in names)
+    assert math.isclose(float(opt.flat.sum()), sum(float(P[k].sum()) for k in names),
+                        rel_tol=1e-5)
+
+
+def test_non_finite_gradient_changes_nothing():
+    P = _params()
+    opt = Optimizer(P, ["w1", "b1"], lr=1e-2)
+    before = {k: v.clone() for k, v in P.items()}
+    bad = {"w1": torch.zeros(16, 8), "b1": torch.full((16,), float("nan"))}
+    with pytest.raises(NonFiniteGradient, match="b1"):
+        opt.step(bad)
+    assert all(torch.equal(P[k], before[k]) for k in P) and opt.step_count == 0
