@@ -10,8 +10,14 @@ Everything is measured side by side in one run on this machine:
   fixed sweep counts (tolerance 0, so both do exactly the same number of sweeps). The
   runtime settles the two nudged phases as one batch (`Engine.settle_pair`), as its
   trainer does; the baseline settles them one after the other, as published code does.
+  The baseline applies every coupling with the reference ops (plain torch calls,
+  `compiler.ops`); the runtime uses its faster equal kernels (`runtime.kernels`).
+  tests/test_bench.py checks that both compute the same states and EP gradient.
 * ep_vs_bp: one EP training epoch (runtime defaults) vs one backprop epoch of the same
-  architecture (the feedforward pass of the energy graph, autograd, same optimiser).
+  architecture (the feedforward pass of the energy graph, autograd, Adam).
+* Timed pairs (runtime/baseline, EP/BP) run alternately five times after a warm-up; a
+  ratio is the median over the pairs, so load that comes and goes on a shared machine
+  hits both sides of a pair alike.
 * gflops: multiply-accumulates executed by the settle loop per second vs the measured
   float32 matmul peak of this machine.
 * compile: loading a ResNet-18-sized ONNX file and running the pass pipeline (seconds).

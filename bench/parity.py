@@ -64,8 +64,8 @@ def parity(name: str, epochs: int, seed: int, threads: int, tmp: str) -> dict:
     from epc.runtime import api
     from epc.targets.neuromorphic.api import _dataset, compile_program
 
-    extra, _ = RUNS[name]
-    path = example_bundle(name, tmp)
+    example, options, extra, _ = RUNS[name]
+    path = example_bundle(example, tmp, options, tag=name)
     ckpt = os.path.join(tmp, f"{name}_ckpt")
     m = api.train(path, epochs=epochs, seed=seed, threads=threads, checkpoint=ckpt, **extra)
     trained = os.path.join(ckpt, "last.epc")

@@ -93,6 +93,11 @@ def compile_cmd(
     feedback: bool = typer.Option(True, "--feedback/--no-feedback",
                                   help="Tie a transpose feedback to every coupling (EP needs "
                                        "it; --no-feedback is for debugging)."),
+    pool_first: bool = typer.Option(False, "--pool-first",
+                                    help="Move each max-pool in front of its activation "
+                                         "(same function): states are the pooled maps, and "
+                                         "max-pool winners no longer flip while settling "
+                                         "(see README, conv nets)."),
     cost: str = typer.Option("mse", "--cost", help="Label cost on the linear output: mse | ce."),
     taps: Optional[str] = typer.Option(None, "--taps",
                                        help="Auxiliary error taps: 'auto' or comma-separated "
@@ -176,6 +181,7 @@ def compile_cmd(
         raise EpcError(f"bad --temperature {temperature}: must be positive")
     opts = CompileOptions(
         activation=parse_activation(activation), feedback=feedback, cost=cost,
+        pool_first=pool_first,
         taps=(None if taps is None else "auto" if taps == "auto"
               else [t.strip() for t in taps.split(",") if t.strip()]),
         tap_weight=tap_weight, teacher=teacher, teacher_temperature=temperature,

@@ -30,6 +30,7 @@ def parse_activation(spec: str) -> Activation:
 class CompileOptions:
     activation: Activation = field(default_factory=lambda: Activation.clip(0.0, 1.0))
     feedback: bool = True                 # symmetrize: tied feedback on every coupling
+    pool_first: bool = False              # pool_first: act(maxpool(u)) for maxpool(act(u))
     identity_skip: str = "identity"       # residual: 'identity' (weightless) or 'learned' (1x1)
     cost: str = "mse"                     # label cost on the output state: mse | ce
     taps: str | list[str] | None = None   # None, 'auto' or state names

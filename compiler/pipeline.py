@@ -114,7 +114,7 @@ class CompileResult:
 
 
 # Options that change the structure of the network: refused for already compiled inputs.
-STRUCTURAL = ("taps", "teacher")
+STRUCTURAL = ("taps", "teacher", "pool_first")
 
 
 def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
@@ -136,7 +136,8 @@ def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
         # An already compiled (maybe trained) graph: it passes through unchanged.
         given = [k for k in STRUCTURAL if getattr(opts, k)]
         if given:
-            raise EpcError(f"{src}: already compiled; --{given[0]} applies to feedforward "
+            flag = given[0].replace("_", "-")
+            raise EpcError(f"{src}: already compiled; --{flag} applies to feedforward "
                            f"sources (ONNX or PyTorch)")
         if any(not isinstance(w, np.ndarray) for w in g.weights.values()):
             raise EpcError(f"{src}: IR text carries no weights; compile from the bundle (.epc) "

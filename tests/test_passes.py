@@ -26,8 +26,8 @@ from epc.compiler.ir import (Act, Activation, Add, AvgPool, BatchNorm, Bias, Cha
                              MaxPool, Node, Softmax)
 from epc.compiler.options import CompileOptions
 from epc.compiler.passes import PASS_NAMES, build_pipeline
-from epc.compiler.passes import (canonicalize, residual, schedule, symmetrize, taps, teacher,
-                                 to_energy)
+from epc.compiler.passes import (canonicalize, pool_first, residual, schedule, symmetrize, taps,
+                                 teacher, to_energy)
 from epc.compiler.passes.manager import PassManager
 from epc.compiler.reference import forward_sweep, run_feedforward
 from epc.compiler.text import parse, print_graph
@@ -137,6 +137,24 @@ def convnet() -> Graph:
     return b.done()
 
 
+def relu_pool_net() -> Graph:
+    """conv -> relu -> maxpool 3x3/2 (padded) -> conv -> hardsigmoid -> maxpool 2x2 -> dense;
+    plus a relu read by a pool and by the next op too (that pair must stay as it is)."""
+    b = Builder("relu_pool_net", (2, 9, 9), seed=9)
+    b.conv("conv1", 4)
+    b.act("relu1")
+    b.node("pool1", MaxPool([3, 3], [2, 2], [1, 1, 1, 1]))
+    b.conv("conv2", 5)
+    b.act("hs2", Activation.hardsigmoid(0.2, 0.5))
+    b.node("pool2", MaxPool([2, 2], [2, 2]))
+    r3 = b.act("relu3", Activation.clip(0.0, 6.0))
+    p3 = b.node("pool3", MaxPool([1, 1], [1, 1]))
+    b.node("join", Add(), [p3, r3])
+    b.node("flat", Flatten())
+    b.dense("fc", 5)
+    return b.done()
+
+
 def resnet() -> Graph:
     """Stem, a block with an identity shortcut, a block with a projection shortcut (BN)."""
     b = Builder("resnet", (3, 8, 8), seed=3)
@@ -228,7 +246,7 @@ def maxpool_after_add() -> Graph:
 
 
 MODELS = {"mlp": mlp, "convnet": convnet, "resnet": resnet, "bn_after_add": bn_after_add,
-          "mobile": mobile, "affine_chain": affine_chain}
+          "mobile": mobile, "affine_chain": affine_chain, "relu_pool_net": relu_pool_net}
 
 
 def compile_(ff: Graph, **kw) -> Graph:
@@ -267,10 +285,11 @@ def ff_logits(ff: Graph, x: dict) -> np.ndarray:
 
 # =========================================================================== pipeline API
 def test_pipeline_order():
-    assert PASS_NAMES == ("canonicalize", "to_energy", "symmetrize", "residual", "taps",
-                          "teacher", "schedule")
+    assert PASS_NAMES == ("canonicalize", "pool_first", "to_energy", "symmetrize", "residual",
+                          "taps", "teacher", "schedule")
     assert [p.name for p in build_pipeline(CompileOptions())] == list(PASS_NAMES)
-    for mod in (canonicalize, to_energy, symmetrize, residual, taps, teacher, schedule):
+    for mod in (canonicalize, pool_first, to_energy, symmetrize, residual, taps, teacher,
+                schedule):
         assert "Requires" in mod.__doc__ and "Ensures" in mod.__doc__
 
 
@@ -283,6 +302,7 @@ GOLDEN_CASES = {
                                      "schedule": "sync"}),
     "mlp5_taps_teacher": (lambda: mlp(depth=5, width=6), {"taps": "auto", "teacher": "source",
                                                           "cost": "ce", "neuron": "bernoulli"}),
+    "relu_pool_net_pool_first": (relu_pool_net, {"pool_first": True}),
 }
 
 
@@ -347,6 +367,32 @@ def test_forward_sweep_reproduces_source(name, skip):
     x = random_input(ff, n=4, scale=4.0)
     got = forward_sweep(eg, x, lift_bounds=True)[eg.output_state().name]
     assert rel_err(got, ff_logits(ff, x)) < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_pool_first_preserves_semantics_and_pools_before_activations(name):
+    ff = MODELS[name]()
+    cg = canonicalize.run(ff, CompileOptions())
+    assert print_graph(pool_first.run(cg, CompileOptions())) == print_graph(cg)  # off: as is
+    before = print_graph(cg)
+    pg = pool_first.run(cg, CompileOptions(pool_first=True))
+    assert print_graph(cg) == before and problems(pg) == []
+    x = random_input(ff, scale=3.0)
+    assert rel_err(run_feedforward(pg, x)[pg.outputs[0]], ff_logits(ff, x)) < 1e-6
+    eg = compile_(ff, pool_first=True)
+    got = forward_sweep(eg, x, lift_bounds=True)[eg.output_state().name]
+    assert rel_err(got, ff_logits(ff, x)) < 1e-6
+    if name == "relu_pool_net":
+        kinds = [n.op.kind for n in pg.nodes]
+        assert kinds[:6] == ["conv", "bias", "maxpool", "act", "conv", "bias"]
+        assert kinds[6:8] == ["maxpool", "act"]
+        # relu3 is read by pool3 and by the join: it stays before its pool
+        assert pg.node("pool3").inputs == ["relu3"]
+        # states are the pooled maps
+        shapes = {s.name: tuple(s.shape) for s in eg.states}
+        plain = {s.name: tuple(s.shape) for s in compile_(ff).states}
+        assert sorted(shapes.values()) != sorted(plain.values())
+        assert (4, 5, 5) in shapes.values() and (4, 9, 9) in plain.values()
 
 
 def test_bn_folds_into_conv_and_dense():
@@ -668,6 +714,21 @@ def test_maxpool_after_residual_add_is_refused():
     with pytest.raises(EpcError) as e:
         compile_(maxpool_after_add())
     assert "pool" in str(e.value) and "maxpool" in str(e.value)
+
+
+def test_pool_first_leaves_a_pool_after_a_residual_join_behind_its_activation():
+    """add -> relu -> maxpool: the pool stays after the activation (a max-pool of a sum has
+    no coupling form), and the graph compiles as without the option."""
+    b = Builder("join_relu_pool", (2, 6, 6), seed=4)
+    c1 = b.conv("c1", 2, bias=False)
+    b.conv("c2", 2, bias=False, src="x")
+    b.node("add", Add(), [c1, "c2"])
+    b.act("relu")
+    b.node("pool", MaxPool([2, 2], [2, 2]))
+    b.node("flat", Flatten())
+    b.dense("fc", 3)
+    ff = b.done()
+    assert print_graph(compile_(ff, pool_first=True)) == print_graph(compile_(ff))
 
 
 def test_softmax_inside_is_refused():
