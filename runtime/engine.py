@@ -241,7 +241,7 @@ class Engine:
             if labels is None:
                 raise EpcError(f"cost {c.name} needs labels")
             shape = self.shapes[c.state]
-            k = int(np.prod(shape))
+            k = math.prod(shape)
             return torch.nn.functional.one_hot(labels.to(self.device), k).to(self.dtype) \
                 .reshape((labels.shape[0],) + shape)
         return batch["clamped"][c.target]
@@ -314,7 +314,9 @@ class Engine:
 
         `parts` (used by settle_pair): slices of the batch that stop independently: each
         part's states are taken at the first sweep where that part has settled, exactly
-        as a settle of that part alone would end; the result's `parts` holds them.
+        as a settle of that part alone would end, and its rows leave the batch; the
+        result's `parts` holds the per-part results (its own `states` and `residual` are
+        not assembled: empty and None).
 
         `routing` (from `Engine.routing` at the free fixed point) freezes every max-pool's
         selection, so the nudged phases settle a bilinear energy: the piece of the
@@ -466,7 +468,7 @@ class Engine:
             if parts is not None:
                 done = [i for i, r in pm.items() if r <= tol or not math.isfinite(r)]
                 for i in done:
-                    finished[i] = self._part(S, d, rows_of.pop(i), sweeps, tol)
+                    finished[i] = self._part(S, d, rows_of.pop(i), sweeps)
                 if not rows_of:
                     break
                 if done and sweeps < max_sweeps:
@@ -505,21 +507,24 @@ class Engine:
             res = delta.amax(1)    # per sample: the largest |delta s| of the last sweep
             return SettleResult(S, sweeps, res, n - int((res <= tol).sum()), tr, routing)
         for i, sl in rows_of.items():   # parts still settling at the sweep cap
-            finished[i] = self._part(S, delta, sl, sweeps, tol)
+            finished[i] = self._part(S, delta, sl, sweeps)
         got = [finished[i] for i in range(len(parts))]
-        res_all = torch.cat([p.residual for p in got])
-        out = SettleResult({j: torch.cat([p.states[j] for p in got]) for j in self.settled},
-                           sweeps, res_all, sum(p.unconverged for p in got), tr,
-                           None if compacted else routing)
+        # unconverged counts of all parts with one sync
+        counts = torch.stack([(p.residual > tol).logical_or_(p.residual.isnan()).sum()
+                              for p in got]).tolist()
+        for p, c in zip(got, counts):
+            p.unconverged = int(c)
+        # the whole batch's states are not assembled: callers of `parts` use the parts
+        out = SettleResult({}, sweeps, None, sum(counts), tr, None if compacted else routing)
         out.parts = got
         return out
 
-    def _part(self, S: dict, d: Tensor, sl: slice, sweeps: int, tol: float) -> SettleResult:
+    def _part(self, S: dict, d: Tensor, sl: slice, sweeps: int) -> SettleResult:
         """One part's result from the states and |delta s| buffer `d` of its last sweep
-        (views: the loop never writes into a state tensor, it replaces them)."""
-        r = d[sl].amax(1)
-        return SettleResult({j: v[sl] for j, v in S.items()}, sweeps, r,
-                            r.shape[0] - int((r <= tol).sum()), None, None)
+        (views: the loop never writes into a state tensor, it replaces them); its
+        `unconverged` is filled in at the end of the settle."""
+        return SettleResult({j: v[sl] for j, v in S.items()}, sweeps, d[sl].amax(1), 0, None,
+                            None)
 
     def _routing_rows(self, routing: dict | None, take) -> dict | None:
         """Frozen max-pool selections with `take` applied to their batch rows."""

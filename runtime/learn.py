@@ -105,8 +105,8 @@ class Optimizer:
 
     The optimised tensors are moved into one flat buffer: `params[k]` is replaced, in the
     caller's dict, by a view of it holding the same values. An update is then about ten
-    element-wise calls whatever the number of weights (looping over an MLP's four small
-    tensors cost a tenth of its EP step). Callers must index `params` by name, not keep
+    element-wise calls on that buffer whatever the number of weights (looping over an
+    MLP's four small tensors cost a tenth of its EP step). Callers must index `params` by name, not keep
     tensors taken from it before the optimiser was made.
 
     State is a dict of named arrays (`state_arrays` / `load_state_arrays`), so a checkpoint
@@ -154,15 +154,16 @@ class Optimizer:
         NaN/Inf (the norm is then not finite) raises NonFiniteGradient and changes nothing.
         Weights without a gradient in `grads` are left alone (their moments too)."""
         names = [k for k in self.names if grads.get(k) is not None]
+        if not names:
+            self.step_count += 1
+            return 0.0
         if len(names) == len(self.names):      # the usual case: one flat update
-            gs = [torch.cat([grads[k].reshape(-1) for k in names])] if names else []
-            ps, ms, vs = [self.flat], [self.m_flat], [self.v_flat]
+            parts = [(self.flat, torch.cat([grads[k].reshape(-1) for k in names]),
+                      self.m_flat, self.v_flat)]
         else:
-            gs = [grads[k] for k in names]
-            ps = [self.params[k] for k in names]
-            ms = [self.m[k] for k in names]
-            vs = [self.v[k] for k in names] if self.kind == "adam" else []
-        norm = math.sqrt(sum(torch.stack([(g * g).sum() for g in gs]).tolist())) if gs else 0.0
+            parts = [(self.params[k], grads[k], self.m[k], self.v.get(k)) for k in names]
+        gs = [g for _, g, _, _ in parts]
+        norm = math.sqrt(sum(torch.stack([(g * g).sum() for g in gs]).tolist()))
         if not math.isfinite(norm):
             bad = next((k for k in names if not torch.isfinite(grads[k]).all()), None)
             if bad is not None:
@@ -174,26 +175,26 @@ class Optimizer:
             factor = self.clip / (norm + 1e-12)
         lr = self.current_lr()
         self.step_count += 1
-        if not gs:
-            return norm
-        b1, b2 = self.betas
-        gs = torch._foreach_mul(gs, factor)
-        if self.wd:
-            gs = torch._foreach_add(gs, torch._foreach_mul(ps, self.wd))
-        if self.kind == "sgd":
-            torch._foreach_mul_(ms, self.momentum)
-            torch._foreach_add_(ms, gs)
-            torch._foreach_sub_(ps, torch._foreach_mul(ms, lr))
-        else:
-            torch._foreach_mul_(ms, b1)
-            torch._foreach_add_(ms, gs, alpha=1 - b1)
-            torch._foreach_mul_(vs, b2)
-            torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
-            mh = torch._foreach_div(ms, 1 - b1 ** self.step_count)
-            vh = torch._foreach_div(vs, 1 - b2 ** self.step_count)
-            den = torch._foreach_add(torch._foreach_sqrt(vh), self.eps)
-            torch._foreach_sub_(ps, torch._foreach_div(torch._foreach_mul(mh, lr), den))
+        for p, g, m, v in parts:
+            self._update(p, g, m, v, factor, lr)
         return norm
+
+    def _update(self, p: Tensor, g: Tensor, m: Tensor, v: Tensor | None, factor: float,
+                lr: float) -> None:
+        """One step on one tensor (the flat buffer, or one weight), in place."""
+        g = g * factor
+        if self.wd:
+            g = g + p * self.wd
+        if self.kind == "sgd":
+            m.mul_(self.momentum).add_(g)
+            p.sub_(m * lr)
+            return
+        b1, b2 = self.betas
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        mh = m / (1 - b1 ** self.step_count)
+        vh = v / (1 - b2 ** self.step_count)
+        p.sub_((mh * lr) / (vh.sqrt().add_(self.eps)))
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         out = {"opt.step": np.array([self.step_count], dtype=np.int64)}
