@@ -79,3 +79,23 @@ def test_throughput_baseline_computes_what_the_runtime_computes(graph):
     for k, v in grads.items():
         torch.testing.assert_close(rec.grads[k], v, rtol=1e-9, atol=1e-12)
     assert all(torch.equal(eng.params[k], before[k]) for k in before)
+
+
+def test_timing_sections_smoke(tmp_path):
+    """`python -m bench --quick --only ...`: the timing sections run and report what the
+    README quotes (ratios from side-by-side pairs)."""
+    from bench.__main__ import main as bench_main
+    out = tmp_path / "b.json"
+    assert bench_main(["--quick", "--only", "sweeps", "throughput", "ep_vs_bp", "gflops",
+                       "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res) >= {"sweeps", "throughput", "ep_vs_bp", "gflops"}
+    assert "accuracy" not in res and "parity" not in res
+    sw = res["sweeps"]["chain5"]
+    assert sw["colour"]["sweeps"] < sw["sync"]["sweeps"]
+    tp = res["throughput"]["mlp_digits"]
+    assert len(tp["speedup_all"]) == 5 and tp["speedup"] > 0
+    assert tp["runtime_samples_per_s"] > 0 and tp["baseline_samples_per_s"] > 0
+    eb = res["ep_vs_bp"]["mlp_digits"]
+    assert len(eb["ratio_all"]) == 5 and eb["ep_epoch_s"] > 0 and eb["bp_epoch_s"] > 0
+    assert 0 < res["gflops"]["models"]["mlp_digits"]["fraction_of_peak"]
