@@ -313,7 +313,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--only", nargs="+", choices=SECTIONS, default=None, metavar="SECTION",
                     help=f"run only these sections ({', '.join(SECTIONS)}); default all. "
-                         f"The timing sections take ~5 min, accuracy and parity the rest")
+                         f"The timing sections take ~1 min, accuracy and parity the rest")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
