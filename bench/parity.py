@@ -39,15 +39,14 @@ PROGRAMS = (("w8", {}),
 ONCHIP_LR_SHIFT = 9
 
 
-def _float_predictions(graph, x: np.ndarray) -> np.ndarray:
+def _float_run(graph, x: np.ndarray, y: np.ndarray) -> dict:
+    """The float runtime on the test set as `epc eval` runs it (accuracy, predictions)."""
     import torch
     from epc.runtime.api import make_engine
+    from epc.runtime.train import evaluate
     eng, _, _ = make_engine(graph, dtype="float32")
-    out = []
-    for i in range(0, len(x), 256):  # the batches `epc eval` settles
-        r = eng.settle(eng.prepare(torch.as_tensor(x[i:i + 256], dtype=torch.float32)))
-        out.append(eng.predict(r.states).cpu().numpy())
-    return np.concatenate(out)
+    return evaluate(eng, torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y),
+                    predictions=True)
 
 
 def _program_figures(prog, xte, yte, pf) -> dict:
@@ -72,8 +71,9 @@ def parity(name: str, epochs: int, seed: int, threads: int, tmp: str) -> dict:
     over = {"max_sweeps": MAX_SWEEPS[name]} if name in MAX_SWEEPS else None
     g = compile_source(trained, schedule_overrides=over).graph
     _, _, xte, yte = _dataset("digits", g.inputs[0].shape, num_classes=10)
-    pf = _float_predictions(g, xte)
-    out = {"float_test_accuracy": float((pf == yte).mean()),
+    fl = _float_run(g, xte, yte)
+    pf = fl["predictions"]
+    out = {"float_test_accuracy": fl["accuracy"],
            "float_train": {"test_accuracy": m["test_accuracy"], "epochs": epochs,
                            "settings": extra or "defaults"}}
     for key, kw in PROGRAMS:

@@ -389,6 +389,17 @@ class Graph:
                 return n
         raise KeyError(name)
 
+    def uses(self, value: str) -> int:
+        """How many places read node value `value` (a node reading it twice counts twice;
+        graph outputs count)."""
+        return sum(n.inputs.count(value) for n in self.nodes) + self.outputs.count(value)
+
+    def rewire(self, old: str, new: str) -> None:
+        """Every read of node value `old` (node inputs, graph outputs) now reads `new`."""
+        for n in self.nodes:
+            n.inputs = [new if x == old else x for x in n.inputs]
+        self.outputs = [new if o == old else o for o in self.outputs]
+
     def shape_of(self, name: str) -> Shape:
         """Shape of an input, state or node value."""
         for coll in (self.inputs, self.states, self.nodes):

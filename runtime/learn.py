@@ -106,8 +106,8 @@ class Optimizer:
     The optimised tensors are moved into one flat buffer: `params[k]` is replaced, in the
     caller's dict, by a view of it holding the same values. An update is then about ten
     element-wise calls on that buffer whatever the number of weights (looping over an
-    MLP's four small tensors cost a tenth of its EP step). Callers must index `params` by name, not keep
-    tensors taken from it before the optimiser was made.
+    MLP's four small tensors cost a tenth of its EP step). Callers must index `params` by
+    name, not keep tensors taken from it before the optimiser was made.
 
     State is a dict of named arrays (`state_arrays` / `load_state_arrays`), so a checkpoint
     restores it bit for bit.

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from epc.compiler.bundle import Bundle, read_bundle, write_bundle
@@ -95,9 +96,11 @@ def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256,
              max_sweeps: int | None = None, tol: float | None = None,
-             mode: str | None = None) -> dict:
-    """Free-phase accuracy, loss and convergence over a split."""
+             mode: str | None = None, predictions: bool = False) -> dict:
+    """Free-phase accuracy, loss and convergence over a split (and, with `predictions`,
+    the predicted class of every sample, as a numpy array)."""
     correct, loss, unconv, sweeps, nb = 0, 0.0, 0, 0, 0
+    preds = []
     n = x.shape[0]
     for i in range(0, n, batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size].to(eng.device)
@@ -106,14 +109,20 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
         bad = eng.check_finite(r.states)
         if bad:
             raise Diverged(f"evaluation diverged: {bad}")
-        correct += int((eng.predict(r.states) == yb).sum())
+        p = eng.predict(r.states)
+        if predictions:
+            preds.append(p.cpu().numpy())
+        correct += int((p == yb).sum())
         loss += float(eng.loss(r.states, batch, yb).sum())
         unconv += r.unconverged
         sweeps += r.sweeps
         nb += 1
-    return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1),
-            "unconverged_fraction": unconv / max(n, 1), "mean_sweeps": sweeps / max(nb, 1),
-            "samples": n}
+    out = {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1),
+           "unconverged_fraction": unconv / max(n, 1), "mean_sweeps": sweeps / max(nb, 1),
+           "samples": n}
+    if predictions:
+        out["predictions"] = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+    return out
 
 
 @dataclass

@@ -25,18 +25,6 @@ from ..options import CompileOptions
 
 
 # --------------------------------------------------------------------------- helpers
-def _rewire(g: Graph, old: str, new: str) -> None:
-    """Every use of value `old` (node inputs, graph outputs) now reads `new`."""
-    for n in g.nodes:
-        n.inputs = [new if x == old else x for x in n.inputs]
-    g.outputs = [new if o == old else o for o in g.outputs]
-
-
-def _uses(g: Graph, value: str) -> int:
-    """How many places read `value` (a node reading it twice counts twice; outputs count)."""
-    return sum(n.inputs.count(value) for n in g.nodes) + g.outputs.count(value)
-
-
 def _weight_refs(g: Graph, wname: str) -> int:
     return sum(1 for n in g.nodes for w in op_weights(n.op).values() if w == wname)
 
@@ -73,10 +61,10 @@ def _drop_passthrough(g: Graph) -> None:
     for n in list(g.nodes):
         drop = isinstance(n.op, (Identity, Dropout))
         if isinstance(n.op, Softmax):
-            drop = n.name in g.outputs and _uses(g, n.name) == g.outputs.count(n.name)
+            drop = n.name in g.outputs and g.uses(n.name) == g.outputs.count(n.name)
         if drop:
             g.nodes.remove(n)
-            _rewire(g, n.name, n.inputs[0])
+            g.rewire(n.name, n.inputs[0])
 
 
 def _split_batchnorm(g: Graph) -> None:
@@ -111,11 +99,11 @@ def _single_chain(g: Graph, node: Node) -> list[Node] | None:
     prev = _producer(g, node.inputs[0])
     chain: list[Node] = []
     if prev is not None and isinstance(prev.op, Bias):
-        if _uses(g, prev.name) != 1:
+        if g.uses(prev.name) != 1:
             return None
         chain.insert(0, prev)
         prev = _producer(g, prev.inputs[0])
-    if prev is None or not isinstance(prev.op, (Conv, Dense)) or _uses(g, prev.name) != 1:
+    if prev is None or not isinstance(prev.op, (Conv, Dense)) or g.uses(prev.name) != 1:
         return None
     return [prev] + chain
 
@@ -139,7 +127,7 @@ def _fold_channel_scales(g: Graph) -> None:
             g.weights[bname] = _f32(bw * k.reshape(_channel_shape(len(b.shape))))
             b.op.weight = bname
         g.nodes.remove(n)
-        _rewire(g, n.name, n.inputs[0])
+        g.rewire(n.name, n.inputs[0])
 
 
 def _merge_biases(g: Graph) -> None:
@@ -150,7 +138,7 @@ def _merge_biases(g: Graph) -> None:
             if not isinstance(n.op, Bias):
                 continue
             prev = _producer(g, n.inputs[0])
-            if prev is None or not isinstance(prev.op, Bias) or _uses(g, prev.name) != 1:
+            if prev is None or not isinstance(prev.op, Bias) or g.uses(prev.name) != 1:
                 continue
             a = np.asarray(g.weights[prev.op.weight], dtype=np.float64)
             b = np.asarray(g.weights[n.op.weight], dtype=np.float64)

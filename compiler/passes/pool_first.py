@@ -28,10 +28,6 @@ from ..ir import Act, Bias, Graph, MaxPool
 from ..options import CompileOptions
 
 
-def _uses(g: Graph, value: str) -> int:
-    return sum(n.inputs.count(value) for n in g.nodes) + g.outputs.count(value)
-
-
 def _one_state_chain(g: Graph, value: str, by_name: dict) -> bool:
     """`value` is reached from one state (an activation or an input) through single-input
     ops, with biases constant over each channel."""
@@ -58,14 +54,11 @@ def run(g: Graph, opts: CompileOptions) -> Graph:
         if not isinstance(pool.op, MaxPool):
             continue
         act = by_name.get(pool.inputs[0])
-        if (act is None or not isinstance(act.op, Act) or _uses(g, act.name) != 1
+        if (act is None or not isinstance(act.op, Act) or g.uses(act.name) != 1
                 or not _one_state_chain(g, act.inputs[0], by_name)):
             continue
-        # consumers of the pool now read the activation, which reads the pool
-        for n in g.nodes:
-            if n is not pool:
-                n.inputs = [act.name if x == pool.name else x for x in n.inputs]
-        g.outputs = [act.name if o == pool.name else o for o in g.outputs]
+        # readers of the pool now read the activation, which reads the pool
+        g.rewire(pool.name, act.name)
         j = g.nodes.index(act)
         pool.inputs, act.inputs = list(act.inputs), [pool.name]
         act.shape = pool.shape
