@@ -23,8 +23,11 @@ Everything is measured side by side in one run on this machine:
 * compile: loading a ResNet-18-sized ONNX file and running the pass pipeline (seconds).
 * neuromorphic: the bit-exact integer simulator's inference speed vs the float runtime on
   the same network (ratio).
-* accuracy: digits test accuracy after 30 epochs of EP from the untrained example models
-  (`python -m bench.accuracy` runs it alone; several minutes on 2 cores).
+* accuracy: digits test accuracy after 30 epochs of EP from the untrained example models,
+  each beside the backprop reference: the same architecture trained by backprop with the
+  same epochs, seeds, batch size and split, best of six Adam settings (bench/backprop.py),
+  and the test samples every backprop run gets wrong (`python -m bench.accuracy` runs it
+  alone; ~17 minutes here).
 * parity: the trained MLP and conv net as 8-bit and calibrated 4-bit programs in the
   simulator vs the float runtime, and on-chip learning of the untrained MLP
   (`python -m bench.parity` runs it alone).

@@ -20,6 +20,8 @@ from epc.runtime.engine import Engine
 from epc.runtime.learn import Optimizer, ep_gradient
 from epc.runtime.train import Trainer, TrainConfig
 
+from bench.backprop import bp_epoch_seconds
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -184,24 +186,6 @@ def _median_ratio(num: list[float], den: list[float]) -> float:
 
 
 # --------------------------------------------------------------------------- EP vs BP
-def _ff_forward(eng: Engine, x, P):
-    """The feedforward pass of the energy graph (source activations), differentiable."""
-    from epc.compiler.reference import coupling_order
-    vals = {eng.inputs[0]: x}
-    for j in coupling_order(eng.graph):
-        st = eng.states[j]
-        if st.role == "teacher":
-            continue
-        u = None
-        for l in eng.input_links[j] + eng.inbound[j]:
-            y = eng.link_forward(l, vals[l.src], P)[0]
-            u = y if u is None else u + y
-        if st.bias:
-            u = u + P[st.bias]
-        vals[j] = O.activate(O.lift_bounds(st.source_act), u)
-    return vals[eng.output]
-
-
 def bench_ep_vs_bp(graphs: dict, reps: int = 5) -> dict:
     """One training epoch of EP (the trainer, default settings) and of backprop (Adam, the
     feedforward net), each from the same initial weights, alternately `reps` times after a
@@ -220,11 +204,11 @@ def bench_ep_vs_bp(graphs: dict, reps: int = 5) -> dict:
             # the trainer's own clock, which stops before its per-epoch test evaluation
             return tr.state.history[0]["seconds"]
 
-        ep_epoch(), _bp_epoch(Engine(g), d, cfg.batch_size)
+        ep_epoch(), bp_epoch_seconds(Engine(g), d, cfg.batch_size)
         ep_ts, bp_ts = [], []
         for _ in range(reps):
             ep_ts.append(ep_epoch())
-            bp_ts.append(_bp_epoch(Engine(g), d, cfg.batch_size))
+            bp_ts.append(bp_epoch_seconds(Engine(g), d, cfg.batch_size))
         h = last["history"]
         out[name] = {"ep_epoch_s": float(np.median(ep_ts)), "bp_epoch_s": float(np.median(bp_ts)),
                      "ratio_ep_over_bp": _median_ratio(ep_ts, bp_ts),
@@ -232,23 +216,6 @@ def bench_ep_vs_bp(graphs: dict, reps: int = 5) -> dict:
                      "ep_mean_free_sweeps": h["mean_free_sweeps"],
                      "ep_mean_nudged_sweeps": h["mean_nudged_sweeps"]}
     return out
-
-
-def _bp_epoch(eng: Engine, d, batch_size: int) -> float:
-    """Seconds of one backprop epoch (cross-entropy, Adam) on the feedforward net."""
-    P = {k: v.clone().requires_grad_(True) for k, v in eng.params.items()}
-    opt = torch.optim.Adam([P[k] for k in eng.learnable], lr=1e-3)
-    perm = torch.randperm(d.train.x.shape[0], generator=torch.Generator().manual_seed(0))
-    t0 = time.perf_counter()
-    for i in range(0, len(perm), batch_size):
-        idx = perm[i:i + batch_size]
-        with torch.enable_grad():
-            logits = _ff_forward(eng, d.train.x[idx], P)
-            loss = torch.nn.functional.cross_entropy(logits, d.train.y[idx])
-            opt.zero_grad()
-            loss.backward()
-        opt.step()
-    return time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------- GFLOP/s

@@ -5,9 +5,18 @@ for 30 epochs, once per seed (0, 1, 2 by default), with the settings the README 
 the CLI defaults (Adam, lr 5e-4, weight decay 1e-3, beta 0.2 symmetric, batch 32,
 cosine) for the MLPs, and `--lr 3e-4` for the conv net, which also runs compiled with
 `--pool-first` (conv_digits_pool_first). Test accuracy on the fixed
-`train_test_split(test_size=0.2, random_state=0)` split of scikit-learn's digits; 1 test sample is 0.28 points.
+`train_test_split(test_size=0.2, random_state=0)` split of scikit-learn's digits; one test
+sample is 0.28 points.
 
-    python -m bench.accuracy --json acc.json            # all three, seeds 0 1 2 (~15 min)
+Next to each EP figure stands the backprop reference (bench/backprop.py): the same
+architecture (the feedforward net the example was compiled from), trained by backprop
+with Adam at 1e-3, 2e-3 and 5e-3, each with L2 weight decay 0 and 1e-3 (cosine), the same
+epochs, seeds, batch size and split; its figure is the best mean over the seeds among those
+six settings, and `always_wrong` lists the test samples every backprop run misclassified.
+It runs twice: with the source model's ReLUs (`backprop`) and with the energy form's
+clipped activations, the ones EP trains with (`backprop.energy_activations`).
+
+    python -m bench.accuracy --json acc.json            # all runs, seeds 0 1 2 (~17 min)
     python -m bench.accuracy --models mlp_digits --epochs 2 --seeds 0
 """
 from __future__ import annotations
@@ -58,28 +67,77 @@ def example_bundle(name: str, tmp: str, options: dict | None = None,
     return path
 
 
-def bench_accuracy(models=None, epochs: int = 30, seeds=(0, 1, 2), threads: int = 1) -> dict:
+def misclassified(bundle: str) -> list[int]:
+    """Indices of the digits test samples a trained bundle misclassifies (free phase, the
+    trainer's evaluation settings), to set beside backprop's `always_wrong`."""
+    from epc.runtime.api import make_engine
+    from epc.runtime.data import load_dataset
+    from epc.runtime.train import evaluate
+    eng = make_engine(bundle)[0]
+    d = load_dataset("digits", input_shape=eng.input_shapes[eng.inputs[0]])
+    pred = evaluate(eng, d.test.x, d.test.y, predictions=True)["predictions"]
+    return [int(i) for i in (pred != d.test.y.numpy()).nonzero()[0]]
+
+
+def bench_accuracy(models=None, epochs: int = 30, seeds=(0, 1, 2), threads: int = 1,
+                   backprop: bool = True, bp_lrs=None, bp_wds=None) -> dict:
     with keep_threads():
-        return _run(models, epochs, list(seeds), threads)
+        return _run(models, epochs, list(seeds), threads, backprop, bp_lrs, bp_wds)
 
 
-def _run(models, epochs: int, seeds: list, threads: int) -> dict:
+def _backprop(example: str, epochs: int, seeds: list, threads: int, lrs, wds) -> dict:
+    """Backprop's accuracy on the example's architecture (bench.backprop), same data split,
+    epochs, seeds and batch size as the EP runs: with the source model's activations and
+    with the energy form's (`energy_activations`)."""
+    import torch
+    from epc.compiler.options import CompileOptions
+    from epc.compiler.pipeline import compile_source
+    from epc.runtime.data import load_dataset
+    from epc.runtime.engine import Engine
+
+    from bench.backprop import BP_LRS, BP_WDS, backprop_reference
+    torch.set_num_threads(threads)
+    g = compile_source(os.path.join(ROOT, "examples", f"{example}.onnx"), CompileOptions()).graph
+    eng = Engine(g)
+    d = load_dataset("digits", input_shape=eng.input_shapes[eng.inputs[0]])
+    out = {}
+    for energy_acts in (False, True):
+        tag = "energy activations" if energy_acts else "source activations"
+        out[tag] = backprop_reference(
+            g, d, epochs=epochs, seeds=seeds, lrs=lrs or BP_LRS,
+            wds=BP_WDS if wds is None else wds, energy_acts=energy_acts,
+            log=lambda m: print(f"accuracy {example} {tag} {m}", flush=True))
+    res = out["source activations"]
+    res["energy_activations"] = out["energy activations"]
+    return res
+
+
+def _run(models, epochs: int, seeds: list, threads: int, backprop: bool, bp_lrs,
+         bp_wds) -> dict:
     from epc.runtime import api
 
     out = {"epochs": epochs, "seeds": seeds, "threads": threads, "models": {}}
+    # the backprop reference per example file: the pool-first run computes the same function
+    bp_of: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in models or list(RUNS):
             example, options, extra, target = RUNS[name]
+            if backprop and example not in bp_of:
+                bp_of[example] = _backprop(example, epochs, seeds, threads, bp_lrs, bp_wds)
             path = example_bundle(example, tmp, options, tag=name)
             runs = []
             for seed in seeds:
                 t0 = time.perf_counter()
-                m = api.train(path, epochs=epochs, seed=seed, threads=threads, **extra)
+                ck = os.path.join(tmp, f"{name}_seed{seed}")
+                m = api.train(path, epochs=epochs, seed=seed, threads=threads, checkpoint=ck,
+                              **extra)
+                secs = time.perf_counter() - t0
                 runs.append({"seed": seed, "test_accuracy": m["test_accuracy"],
                              "best_test_accuracy": max(h["test_accuracy"] for h in m["history"]),
                              "train_accuracy": m["train_accuracy"],
                              "unconverged_fraction": m["unconverged_fraction"],
-                             "seconds": time.perf_counter() - t0})
+                             "test_errors": misclassified(m["checkpoint"]),
+                             "seconds": secs})
                 print(f"accuracy {name} seed {seed}: {json.dumps(runs[-1])}", flush=True)
             accs = [r["test_accuracy"] for r in runs]
             mean = sum(accs) / len(accs)
@@ -91,8 +149,18 @@ def _run(models, epochs: int, seeds: list, threads: int) -> dict:
                                    "test_accuracy_min": min(accs),
                                    "test_accuracy_max": max(accs), "runs": runs,
                                    "target": target, "target_met": mean >= target}
+            if backprop:
+                bp = bp_of[example]
+                out["models"][name]["backprop"] = bp
+                out["models"][name]["ep_minus_backprop"] = mean - bp["test_accuracy"]
+                out["models"][name]["ep_minus_backprop_energy_activations"] = (
+                    mean - bp["energy_activations"]["test_accuracy"])
             print(f"accuracy {name}: mean {mean:.4f} (min {min(accs):.4f}, max "
-                  f"{max(accs):.4f}) target {target}", flush=True)
+                  f"{max(accs):.4f}) target {target}"
+                  + (f"; backprop {bp_of[example]['test_accuracy']:.4f}, with the energy "
+                     f"activations {bp_of[example]['energy_activations']['test_accuracy']:.4f}"
+                     if backprop else ""),
+                  flush=True)
     return out
 
 
@@ -108,8 +176,18 @@ def main(argv=None) -> int:
                     help="torch CPU threads (default 1: the run is bit-reproducible; with more "
                          "threads the summation order changes and the final accuracy moves "
                          "by a few test samples)")
+    ap.add_argument("--no-backprop", action="store_true",
+                    help="skip the backprop reference (the same architecture trained by "
+                         "backprop: Adam at each of --bp-lrs x --bp-wds, cosine, same "
+                         "epochs, seeds, batch size and split)")
+    ap.add_argument("--bp-lrs", type=float, nargs="+", default=None,
+                    help="backprop learning rates (default 1e-3 2e-3 5e-3); the reference is "
+                         "the best mean over the seeds among all settings")
+    ap.add_argument("--bp-wds", type=float, nargs="+", default=None,
+                    help="backprop L2 weight decays (default 0 1e-3)")
     a = ap.parse_args(argv)
-    res = bench_accuracy(a.models, a.epochs, a.seeds, a.threads)
+    res = bench_accuracy(a.models, a.epochs, a.seeds, a.threads, not a.no_backprop,
+                         a.bp_lrs, a.bp_wds)
     if a.json:
         atomic_write_bytes(a.json, (json.dumps(res, indent=1) + "\n").encode())
     return 0

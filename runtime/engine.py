@@ -112,6 +112,8 @@ class Engine:
         self.output = graph.output_state().name
         self.shapes = {s.name: tuple(s.shape) for s in graph.states}
         self.shapes.update(self.input_shapes)
+        # per-sample size of each settled state: its columns in settle's residual buffer
+        self.widths = {j: math.prod(self.shapes[j]) for j in self.settled}
         self.classes = [list(c) for c in sched.classes if c]
         self.links: list[Link] = []
         for c in graph.couplings:
@@ -414,7 +416,7 @@ class Engine:
 
         # every state's change in a sweep lands in one [n, total] buffer, so the residual
         # is one abs and one max whatever the number of states (per sample: at the end)
-        widths = {j: math.prod(self.shapes[j]) for j in self.settled}
+        widths = self.widths
 
         def delta_buffer(n: int):
             buf = torch.zeros((n, sum(widths.values())), dtype=self.dtype, device=self.device)

@@ -1,13 +1,20 @@
 """Smoke tests of the accuracy and parity benchmarks (the full runs live in `python -m bench`)."""
 import json
+import os
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
 from bench.__main__ import AutogradBaseline
 from bench.accuracy import main
+from bench.backprop import ff_forward
 from bench.parity import main as parity_main
+from epc.compiler.options import CompileOptions
+from epc.compiler.pipeline import compile_source
 from epc.runtime import zoo
+from epc.runtime.data import load_dataset
 from epc.runtime.engine import Engine
 from epc.runtime.learn import ep_gradient
 
@@ -15,16 +22,52 @@ from epc.runtime.learn import ep_gradient
 def test_accuracy_bench_smoke(tmp_path):
     out = tmp_path / "acc.json"
     assert main(["--models", "mlp_digits", "--epochs", "3", "--seeds", "0", "1",
-                 "--json", str(out)]) == 0
+                 "--bp-lrs", "2e-3", "5e-3", "--bp-wds", "0", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     rec = res["models"]["mlp_digits"]
     assert res["epochs"] == 3 and rec["settings"] == "defaults"
     assert [r["seed"] for r in rec["runs"]] == [0, 1]
     accs = [r["test_accuracy"] for r in rec["runs"]]
+    for r in rec["runs"]:   # the misclassified test samples, from the trained checkpoint
+        assert len(r["test_errors"]) == round((1 - r["test_accuracy"]) * 360)
     assert rec["test_accuracy"] == sum(accs) / 2 and rec["test_accuracy_min"] == min(accs)
     # three epochs of EP from the untrained example already separate digits (chance 0.1)
     assert 0.8 < rec["test_accuracy"] <= 1.0
     assert rec["target"] == 0.985 and rec["target_met"] == (rec["test_accuracy"] >= 0.985)
+    # the backprop reference: same architecture, seeds and epochs, best lr by mean
+    bp = rec["backprop"]
+    assert sorted({r["lr"] for r in bp["runs"]}) == [2e-3, 5e-3] and len(bp["runs"]) == 4
+    means = {lr: sum(r["test_accuracy"] for r in bp["runs"] if r["lr"] == lr) / 2
+             for lr in (2e-3, 5e-3)}
+    assert bp["lr"] == max(means, key=means.get) and bp["test_accuracy"] == means[bp["lr"]]
+    assert 0.8 < bp["test_accuracy"] <= 1.0 and bp["epochs"] == 3
+    for r in bp["runs"]:
+        assert len(r["test_errors"]) == round((1 - r["test_accuracy"]) * 360)
+        assert set(bp["always_wrong"]) <= set(r["test_errors"])
+    assert rec["ep_minus_backprop"] == pytest.approx(rec["test_accuracy"] - bp["test_accuracy"])
+    bpe = bp["energy_activations"]
+    assert bp["activations"] == "source model" and bpe["activations"] == "energy form"
+    assert len(bpe["runs"]) == 4 and 0.8 < bpe["test_accuracy"] <= 1.0
+    assert rec["ep_minus_backprop_energy_activations"] == pytest.approx(
+        rec["test_accuracy"] - bpe["test_accuracy"])
+
+
+@pytest.mark.parametrize("name", ["mlp3_digits", "conv_digits"])
+def test_backprop_reference_runs_the_network_the_example_file_holds(name):
+    """bench.backprop trains the feedforward form of the compiled graph: on the untrained
+    example it must compute what onnxruntime computes from the ONNX file."""
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", f"{name}.onnx")
+    eng = Engine(compile_source(path, CompileOptions()).graph)
+    x = load_dataset("digits", input_shape=eng.input_shapes[eng.inputs[0]]).test.x[:64]
+    want = ort.InferenceSession(path).run(None, {"input": x.numpy()})[0]
+    got = ff_forward(eng, x, eng.params).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # with the energy form's activations (clip to [0, 1]) it is a different function once
+    # pre-activations pass 1 (weights scaled up; at init they seldom do)
+    acts = {eng.states[j].act.kind for j in eng.settled if j != eng.output}
+    big = {k: v * 4 for k, v in eng.params.items()}
+    relu, clipped = ff_forward(eng, x, big), ff_forward(eng, x, big, energy_acts=True)
+    assert acts == {"clip"} and not torch.allclose(relu, clipped, atol=1e-2)
 
 
 def test_parity_bench_smoke(tmp_path):

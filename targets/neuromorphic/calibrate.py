@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from epc.compiler import ops as O
-from epc.compiler.ir import Conv, Dense, Graph
+from epc.compiler.ir import Conv, Dense, Graph, op_weights
 from epc.runtime.learn import _reduce_to
 
 DAMP = 0.01  # ridge added to H, as a share of its mean diagonal (H is often singular)
@@ -44,7 +44,8 @@ def op_input_grams(coupling, k: int, x_src: np.ndarray, weights: dict,
     op = coupling.ops[k]
     if not isinstance(op, (Dense, Conv)):
         return None
-    base = {n: _t(w) for n, w in weights.items()}
+    # only the weights of the ops in front of this one, converted once for all chunks
+    base = {n: _t(weights[n]) for o in coupling.ops[:k] for n in op_weights(o).values()}
     w = np.asarray(weights[op.weight])
     groups = op.groups if isinstance(op, Conv) else 1
     fan = int(np.prod(w.shape[1:]))
