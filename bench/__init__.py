@@ -26,8 +26,9 @@ Everything is measured side by side in one run on this machine:
 * accuracy: digits test accuracy after 30 epochs of EP from the untrained example models,
   each beside the backprop reference: the same architecture trained by backprop with the
   same epochs, seeds, batch size and split, best of six Adam settings (bench/backprop.py),
-  and the test samples every backprop run gets wrong (`python -m bench.accuracy` runs it
-  alone; ~17 minutes here).
+  once with the source ReLUs and once with the energy form's clipped activations, and the
+  test samples every run gets wrong (`python -m bench.accuracy` runs it alone; ~17 minutes
+  here).
 * parity: the trained MLP and conv net as 8-bit and calibrated 4-bit programs in the
   simulator vs the float runtime, and on-chip learning of the untrained MLP
   (`python -m bench.parity` runs it alone).
