@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from epc.compiler import ops as O
+from epc.compiler.reference import feedforward_states
+from epc.runtime import kernels as K
 from epc.runtime.engine import Engine
 
 # learning rates and L2 weight decays (added to the gradient, as EP's optimiser does) tried
@@ -29,22 +30,12 @@ BP_WDS = (0.0, 1e-3)
 
 
 def ff_forward(eng: Engine, x, P, energy_acts: bool = False):
-    """The feedforward pass of the energy graph, differentiable: with the source model's
-    activations (ReLU where the energy form clips), or with the energy form's own
-    (`energy_acts`: the bounded activations EP trains with)."""
-    from epc.compiler.reference import coupling_order
-    vals = {eng.inputs[0]: x}
-    for j in coupling_order(eng.graph):
-        st = eng.states[j]
-        if st.role == "teacher":
-            continue
-        u = None
-        for l in eng.input_links[j] + eng.inbound[j]:
-            y = eng.link_forward(l, vals[l.src], P)[0]
-            u = y if u is None else u + y
-        if st.bias:
-            u = u + P[st.bias]
-        vals[j] = O.activate(st.act if energy_acts else O.lift_bounds(st.source_act), u)
+    """The feedforward pass of the energy graph (`compiler.reference.feedforward_states`
+    with the runtime's kernels), differentiable: with the source model's activations (ReLU
+    where the energy form clips, ReLU6 stays ReLU6), or with the energy form's own
+    (`energy_acts`: the bounded activations EP trains with). Teacher states are skipped."""
+    vals = feedforward_states(eng.graph, {eng.inputs[0]: x}, P, source_acts=not energy_acts,
+                              chain_forward=K.chain_forward, skip_roles=("teacher",))
     return vals[eng.output]
 
 

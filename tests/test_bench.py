@@ -70,6 +70,20 @@ def test_backprop_reference_runs_the_network_the_example_file_holds(name):
     assert acts == {"clip"} and not torch.allclose(relu, clipped, atol=1e-2)
 
 
+def test_backprop_reference_keeps_relu6():
+    """A ReLU6 network (mobilenet_cifar) is trained by the backprop reference as ReLU6: its
+    feedforward form matches onnxruntime where pre-activations pass 6 (inputs scaled up)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples",
+                        "mobilenet_cifar.onnx")
+    eng = Engine(compile_source(path, CompileOptions()).graph)
+    x = torch.rand((8,) + eng.input_shapes[eng.inputs[0]],
+                   generator=torch.Generator().manual_seed(0)) * 20
+    want = ort.InferenceSession(path).run(None, {"input": x.numpy()})[0]
+    got = ff_forward(eng, x, eng.params).numpy()
+    assert {eng.states[j].source_act.kind for j in eng.settled} == {"clip", "identity"}
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def test_parity_bench_smoke(tmp_path):
     out = tmp_path / "parity.json"
     assert parity_main(["--models", "mlp_digits", "--epochs", "2", "--onchip-epochs", "1",
