@@ -39,20 +39,28 @@ def ff_forward(eng: Engine, x, P, energy_acts: bool = False):
     return vals[eng.output]
 
 
+def _epoch(eng: Engine, d, P: dict, opt, perm, batch_size: int, energy_acts: bool = False,
+           sched=None) -> None:
+    """One backprop epoch over the training samples in `perm` order (cross-entropy)."""
+    for i in range(0, len(perm), batch_size):
+        idx = perm[i:i + batch_size]
+        with torch.enable_grad():
+            logits = ff_forward(eng, d.train.x[idx], P, energy_acts)
+            loss = torch.nn.functional.cross_entropy(logits, d.train.y[idx])
+            opt.zero_grad()
+            loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
 def bp_epoch_seconds(eng: Engine, d, batch_size: int) -> float:
     """Seconds of one backprop epoch (cross-entropy, Adam) on the feedforward net."""
     P = {k: v.clone().requires_grad_(True) for k, v in eng.params.items()}
     opt = torch.optim.Adam([P[k] for k in eng.learnable], lr=1e-3)
     perm = torch.randperm(d.train.x.shape[0], generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
-    for i in range(0, len(perm), batch_size):
-        idx = perm[i:i + batch_size]
-        with torch.enable_grad():
-            logits = ff_forward(eng, d.train.x[idx], P)
-            loss = torch.nn.functional.cross_entropy(logits, d.train.y[idx])
-            opt.zero_grad()
-            loss.backward()
-        opt.step()
+    _epoch(eng, d, P, opt, perm, batch_size)
     return time.perf_counter() - t0
 
 
@@ -73,15 +81,7 @@ def train_backprop(graph, d, *, epochs: int, seed: int, lr: float,
     t0 = time.perf_counter()
     for _ in range(epochs):
         perm = torch.randperm(d.train.x.shape[0], generator=gen)
-        for i in range(0, len(perm), batch_size):
-            idx = perm[i:i + batch_size]
-            with torch.enable_grad():
-                logits = ff_forward(eng, d.train.x[idx], P, energy_acts)
-                loss = torch.nn.functional.cross_entropy(logits, d.train.y[idx])
-                opt.zero_grad()
-                loss.backward()
-            opt.step()
-            sched.step()
+        _epoch(eng, d, P, opt, perm, batch_size, energy_acts, sched)
     with torch.no_grad():
         wrong = ff_forward(eng, d.test.x, P, energy_acts).argmax(1) != d.test.y
         train_acc = (ff_forward(eng, d.train.x, P, energy_acts).argmax(1)
