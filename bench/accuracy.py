@@ -67,16 +67,31 @@ def example_bundle(name: str, tmp: str, options: dict | None = None,
     return path
 
 
-def misclassified(bundle: str) -> list[int]:
-    """Indices of the digits test samples a trained bundle misclassifies (free phase, the
-    trainer's evaluation settings), to set beside backprop's `always_wrong`."""
+def float_run(src, x, y) -> dict:
+    """The float runtime (a bundle path or graph) on samples x, labels y as `epc eval` runs
+    it: accuracy, loss, convergence and every sample's prediction."""
+    import torch
     from epc.runtime.api import make_engine
-    from epc.runtime.data import load_dataset
     from epc.runtime.train import evaluate
-    eng = make_engine(bundle)[0]
-    d = load_dataset("digits", input_shape=eng.input_shapes[eng.inputs[0]])
-    pred = evaluate(eng, d.test.x, d.test.y, predictions=True)["predictions"]
+    eng, _, _ = make_engine(src, dtype="float32")
+    return evaluate(eng, torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y),
+                    predictions=True)
+
+
+def misclassified(bundle: str, d) -> list[int]:
+    """Indices of the test samples of data set `d` a trained bundle misclassifies (free
+    phase, the trainer's evaluation settings), to set beside backprop's `always_wrong`."""
+    pred = float_run(bundle, d.test.x, d.test.y)["predictions"]
     return [int(i) for i in (pred != d.test.y.numpy()).nonzero()[0]]
+
+
+def _digits_for(example: str):
+    """The example compiled with default options, and digits shaped for its input."""
+    from epc.compiler.options import CompileOptions
+    from epc.compiler.pipeline import compile_source
+    from epc.runtime.data import load_dataset
+    g = compile_source(os.path.join(ROOT, "examples", f"{example}.onnx"), CompileOptions()).graph
+    return g, load_dataset("digits", input_shape=tuple(g.inputs[0].shape))
 
 
 def bench_accuracy(models=None, epochs: int = 30, seeds=(0, 1, 2), threads: int = 1,
@@ -85,21 +100,14 @@ def bench_accuracy(models=None, epochs: int = 30, seeds=(0, 1, 2), threads: int 
         return _run(models, epochs, list(seeds), threads, backprop, bp_lrs, bp_wds)
 
 
-def _backprop(example: str, epochs: int, seeds: list, threads: int, lrs, wds) -> dict:
-    """Backprop's accuracy on the example's architecture (bench.backprop), same data split,
-    epochs, seeds and batch size as the EP runs: with the source model's activations and
-    with the energy form's (`energy_activations`)."""
+def _backprop(example: str, g, d, epochs: int, seeds: list, threads: int, lrs, wds) -> dict:
+    """Backprop's accuracy on the example's architecture `g` (bench.backprop), data `d`,
+    same epochs, seeds and batch size as the EP runs: with the source model's activations
+    and with the energy form's (`energy_activations`)."""
     import torch
-    from epc.compiler.options import CompileOptions
-    from epc.compiler.pipeline import compile_source
-    from epc.runtime.data import load_dataset
-    from epc.runtime.engine import Engine
 
     from bench.backprop import BP_LRS, BP_WDS, backprop_reference
     torch.set_num_threads(threads)
-    g = compile_source(os.path.join(ROOT, "examples", f"{example}.onnx"), CompileOptions()).graph
-    eng = Engine(g)
-    d = load_dataset("digits", input_shape=eng.input_shapes[eng.inputs[0]])
     out = {}
     for energy_acts in (False, True):
         tag = "energy activations" if energy_acts else "source activations"
@@ -119,11 +127,15 @@ def _run(models, epochs: int, seeds: list, threads: int, backprop: bool, bp_lrs,
     out = {"epochs": epochs, "seeds": seeds, "threads": threads, "models": {}}
     # the backprop reference per example file: the pool-first run computes the same function
     bp_of: dict[str, dict] = {}
+    data_of: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in models or list(RUNS):
             example, options, extra, target = RUNS[name]
-            if backprop and example not in bp_of:
-                bp_of[example] = _backprop(example, epochs, seeds, threads, bp_lrs, bp_wds)
+            if example not in data_of:
+                g, data_of[example] = _digits_for(example)
+                if backprop:
+                    bp_of[example] = _backprop(example, g, data_of[example], epochs, seeds,
+                                               threads, bp_lrs, bp_wds)
             path = example_bundle(example, tmp, options, tag=name)
             runs = []
             for seed in seeds:
@@ -136,7 +148,7 @@ def _run(models, epochs: int, seeds: list, threads: int, backprop: bool, bp_lrs,
                              "best_test_accuracy": max(h["test_accuracy"] for h in m["history"]),
                              "train_accuracy": m["train_accuracy"],
                              "unconverged_fraction": m["unconverged_fraction"],
-                             "test_errors": misclassified(m["checkpoint"]),
+                             "test_errors": misclassified(m["checkpoint"], data_of[example]),
                              "seconds": secs})
                 print(f"accuracy {name} seed {seed}: {json.dumps(runs[-1])}", flush=True)
             accs = [r["test_accuracy"] for r in runs]

@@ -22,11 +22,9 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 from epc.compiler.bundle import atomic_write_bytes
 
-from bench.accuracy import ROOT, RUNS, example_bundle, keep_threads
+from bench.accuracy import ROOT, RUNS, example_bundle, float_run, keep_threads
 
 # The conv net's integer settling needs a higher sweep cap than the default 100 (a few
 # slow test samples, up to ~220 sweeps; none cycles).
@@ -37,16 +35,6 @@ PROGRAMS = (("w8", {}),
             ("w4_calibrated_per_channel", {"weight_bits": 4, "calibrate": "digits",
                                            "per_channel": True}))
 ONCHIP_LR_SHIFT = 9
-
-
-def _float_run(graph, x: np.ndarray, y: np.ndarray) -> dict:
-    """The float runtime on the test set as `epc eval` runs it (accuracy, predictions)."""
-    import torch
-    from epc.runtime.api import make_engine
-    from epc.runtime.train import evaluate
-    eng, _, _ = make_engine(graph, dtype="float32")
-    return evaluate(eng, torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y),
-                    predictions=True)
 
 
 def _program_figures(prog, xte, yte, pf) -> dict:
@@ -71,7 +59,7 @@ def parity(name: str, epochs: int, seed: int, threads: int, tmp: str) -> dict:
     over = {"max_sweeps": MAX_SWEEPS[name]} if name in MAX_SWEEPS else None
     g = compile_source(trained, schedule_overrides=over).graph
     _, _, xte, yte = _dataset("digits", g.inputs[0].shape, num_classes=10)
-    fl = _float_run(g, xte, yte)
+    fl = float_run(g, xte, yte)
     pf = fl["predictions"]
     out = {"float_test_accuracy": fl["accuracy"],
            "float_train": {"test_accuracy": m["test_accuracy"], "epochs": epochs,
