@@ -357,6 +357,8 @@ class Engine:
         shape_ctx = {}
 
         P = self.params
+        # the transposed dense weights, taken once per settle rather than once per drive
+        WT = {l.weight: P[l.weight].t() for l in self.links if l.fast == "dense"}
 
         # a drive accumulates into the fresh tensor its first term creates, in place (the
         # same operations without an allocation each: the allocations of 0.5 MB conv states
@@ -370,9 +372,9 @@ class Engine:
             for l in self.inbound[j]:
                 if l.fast == "dense":   # fused multiply-add: one kernel, no temporary
                     if own:
-                        u.addmm_(S[l.src], P[l.weight].t())
+                        u.addmm_(S[l.src], WT[l.weight])
                     else:
-                        u, own = torch.addmm(u, S[l.src], P[l.weight].t()), inplace
+                        u, own = torch.addmm(u, S[l.src], WT[l.weight]), inplace
                     continue
                 y, cx = self.link_forward(l, S[l.src], routing=routing)
                 if l.fast == "chain":
@@ -454,8 +456,11 @@ class Engine:
             for cls in groups:
                 new = {j: drive(j) for j in cls}
                 for j, v in new.items():
-                    # detached: the residual is bookkeeping, also when autograd runs through
-                    torch.sub(v.detach(), S[j].detach(), out=cols[j])
+                    # detached when autograd runs through: the residual is bookkeeping
+                    if inplace:
+                        torch.sub(v, S[j], out=cols[j])
+                    else:
+                        torch.sub(v.detach(), S[j].detach(), out=cols[j])
                     S[j] = v
                     ver[j] += 1
             d = delta.abs_()

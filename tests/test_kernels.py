@@ -99,3 +99,31 @@ def test_non_finite_gradient_changes_nothing():
     with pytest.raises(NonFiniteGradient, match="b1"):
         opt.step(bad)
     assert all(torch.equal(P[k], before[k]) for k in P) and opt.step_count == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adam_sqrt_floor_changes_no_bit(dtype):
+    """The floor under vh (which keeps torch's sqrt off its slow path for zeros and
+    denormals) must leave every update bit-identical to the plain sqrt(vh) + eps."""
+    g = torch.Generator().manual_seed(2)
+    shape = (64, 50)
+    grads = []
+    for t in range(6):
+        x = torch.randn(shape, generator=g, dtype=dtype)
+        x[:20] = 0.0                                         # weights never reached
+        x[20:30] *= 10.0 ** -torch.randint(10, 30, (10, 1), generator=g).to(dtype)  # g*g tiny
+        x[30:34] = 1e-300 if dtype == torch.float64 else 1e-40  # denormal gradients
+        grads.append({"w": x})
+    runs = []
+    for floor in (True, False):
+        # zero weights: every update, however small, shows in the weights' bits
+        P = {"w": torch.zeros(shape, dtype=dtype)}
+        opt = Optimizer(P, ["w"], lr=1e-3, weight_decay=0.0, cosine=False)
+        assert opt.sqrt_floor > 0
+        if not floor:
+            opt.sqrt_floor = 0.0
+        for gr in grads:
+            opt.step(gr)
+        runs.append((P["w"].clone(), opt.v_flat.clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert bool((runs[0][1] == 0).any())     # the slow-path inputs really occurred
