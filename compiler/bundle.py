@@ -42,12 +42,30 @@ class Bundle:
     docs: dict[str, object] = field(default_factory=dict)         # extra/*.json
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the new one."""
+    """Write `data` to `path` so that readers see either the old file or the new one.
+
+    The file gets the permissions a plain open() would give it (0666 less the umask), or
+    keeps those of the file it replaces; mkstemp's temporary is 0600, which would leave
+    every checkpoint, metrics file and plot unreadable to anyone else.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -262,3 +262,29 @@ def test_schedule_flags_override_a_compiled_bundle(run_cli, examples, tmp_path):
     assert gb.schedule.nudge_sweeps == ga.schedule.nudge_sweeps
     assert gb.schedule.classes == ga.schedule.classes
     _one_error_line(*run_cli("compile", a, "-o", b, "--max-sweeps", "0"), "at least 1")
+
+
+def test_atomic_write_modes_and_interruption(tmp_path, monkeypatch):
+    import os
+
+    from epc.compiler import bundle
+    old = os.umask(0o027)
+    try:
+        p = tmp_path / "sub" / "run.json"
+        bundle.atomic_write_bytes(p, b"one")
+        assert p.read_bytes() == b"one"
+        assert p.stat().st_mode & 0o777 == 0o640        # what open() gives, not mkstemp's 0600
+        os.chmod(p, 0o604)
+        bundle.atomic_write_bytes(p, b"two")
+        assert p.read_bytes() == b"two" and p.stat().st_mode & 0o777 == 0o604   # kept
+    finally:
+        os.umask(old)
+
+    def fail(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bundle.os, "replace", fail)
+    with pytest.raises(KeyboardInterrupt):
+        bundle.atomic_write_bytes(p, b"three")
+    assert p.read_bytes() == b"two"                   # the old file survives whole
+    assert sorted(x.name for x in p.parent.iterdir()) == ["run.json"]   # no temporary left
