@@ -79,6 +79,8 @@ class AutogradBaseline:
     not the runtime's kernels."""
 
     def __init__(self, eng: Engine):
+        if eng.readouts:
+            raise ValueError("the autograd baseline implements heads inside the energy only")
         self.eng = eng
 
     def phi(self, S: dict, batch: dict, P: dict | None = None):

@@ -99,6 +99,11 @@ def compile_cmd(
                                          "max-pool winners no longer flip while settling "
                                          "(see README, conv nets)."),
     cost: str = typer.Option("mse", "--cost", help="Label cost on the linear output: mse | ce."),
+    readout: bool = typer.Option(False, "--readout",
+                                 help="Take the output (and tap) heads out of the energy: "
+                                      "a linear readout of the last hidden state, no "
+                                      "feedback, its cost nudging that state (Laborieux et "
+                                      "al. 2021; pair with --cost ce). torch target only."),
     taps: Optional[str] = typer.Option(None, "--taps",
                                        help="Auxiliary error taps: 'auto' or comma-separated "
                                             "state names (see `epc inspect`)."),
@@ -181,7 +186,7 @@ def compile_cmd(
         raise EpcError(f"bad --temperature {temperature}: must be positive")
     opts = CompileOptions(
         activation=parse_activation(activation), feedback=feedback, cost=cost,
-        pool_first=pool_first,
+        pool_first=pool_first, readout=readout,
         taps=(None if taps is None else "auto" if taps == "auto"
               else [t.strip() for t in taps.split(",") if t.strip()]),
         tap_weight=tap_weight, teacher=teacher, teacher_temperature=temperature,

@@ -73,7 +73,8 @@ def to_json(g: Graph, *, with_stats: bool = False) -> dict:
         "outputs": list(g.outputs),
         "states": [{"name": s.name, "shape": list(s.shape), "activation": _act(s.act),
                     "source_activation": _act(s.source_act), "neuron": s.neuron,
-                    "role": s.role, "bias": s.bias} for s in g.states],
+                    "role": s.role, "bias": s.bias, "readout": s.readout}
+                   for s in g.states],
         "couplings": [{"name": c.name, "src": c.src, "dst": c.dst, "kind": c.kind,
                        "feedback": c.feedback, "ops": [_op_json(op) for op in c.ops],
                        "weights": [w for op in c.ops for w in op_weights(op).values()]}
@@ -110,6 +111,8 @@ def to_dot(g: Graph) -> str:
             label = f"{s.name} {list(s.shape)}\\n{s.act.kind}"
             if s.name in colour:
                 label += f" / colour {colour[s.name]}"
+            if s.readout:
+                label += " / readout"
             lines.append(f"  {_q(s.name)} [shape=ellipse, style=filled, "
                          f"fillcolor={_ROLE_COLOUR.get(s.role, 'white')}, label={_q(label)}];")
         for c in g.couplings:

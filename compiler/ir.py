@@ -264,6 +264,10 @@ class State:
     role:        'hidden' | 'output' (label readout) | 'tap' (auxiliary error readout) |
                  'teacher' (frozen, computed feedforward, never settled).
     bias:        weight name of b_j (broadcastable to shape), or None.
+    readout:     outside the energy (an output or tap head, `epc compile --readout`): the
+                 state is its inbound couplings' value plus bias, with no term in Phi and no
+                 feedback to its sources; its costs nudge the sources through the
+                 couplings' adjoints (the linear readout of Laborieux et al. 2021).
     """
 
     name: str
@@ -273,6 +277,7 @@ class State:
     neuron: str = "rate"
     role: str = "hidden"
     bias: str | None = None
+    readout: bool = False
 
 
 COUPLING_KINDS = ("forward", "residual", "tap", "teacher")

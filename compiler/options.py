@@ -33,6 +33,7 @@ class CompileOptions:
     pool_first: bool = False              # pool_first: act(maxpool(u)) for maxpool(act(u))
     identity_skip: str = "identity"       # residual: 'identity' (weightless) or 'learned' (1x1)
     cost: str = "mse"                     # label cost on the output state: mse | ce
+    readout: bool = False                 # readout: output/tap heads outside the energy
     taps: str | list[str] | None = None   # None, 'auto' or state names
     tap_weight: float = 0.3
     teacher: str | None = None            # None, 'source' or a path to a teacher model

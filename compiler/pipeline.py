@@ -114,7 +114,7 @@ class CompileResult:
 
 
 # Options that change the structure of the network: refused for already compiled inputs.
-STRUCTURAL = ("taps", "teacher", "pool_first")
+STRUCTURAL = ("taps", "teacher", "pool_first", "readout")
 
 
 def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,

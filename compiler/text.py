@@ -127,6 +127,8 @@ def print_graph(g: Graph) -> str:
                  ("role", _Bare(s.role))]
         if s.bias:
             pairs.append(("bias", _Ref(s.bias)))
+        if s.readout:       # printed only when set: dumps of other graphs are unchanged
+            pairs.append(("readout", True))
         out.append(f"  state {_name(s.name)} : {_shape(s.shape)} {_attrs(pairs)}")
     for c in g.couplings:
         out.append(f"  coupling {_name(c.name)} : {_name(c.src)} -> {_name(c.dst)} "
@@ -440,7 +442,8 @@ class _Parser:
             source_act=self.typed(a, "source_act", Activation, t),
             neuron=str(self.typed(a, "neuron", str, t)),
             role=str(self.typed(a, "role", str, t)),
-            bias=str(bias[0]) if bias else None))
+            bias=str(bias[0]) if bias else None,
+            readout=bool(self.typed(a, "readout", bool, t)) if "readout" in a else False))
 
     def ent_coupling(self, g, t):
         n = self.name()

@@ -119,6 +119,23 @@ def problems(g: Graph) -> list[str]:
             if tuple(shape) != tuple(g.shape_of(c.dst)):
                 errs.append(f"coupling {c.name}: chain maps {list(g.shape_of(c.src))} to "
                             f"{list(shape)}, but {c.dst} is {list(g.shape_of(c.dst))}")
+    readouts = {s.name for s in g.states if s.readout}
+    for s in g.states:
+        if not s.readout:
+            continue
+        if s.role not in ("output", "tap"):
+            errs.append(f"state {s.name}: a readout must be an output or tap state, "
+                        f"not {s.role}")
+        if s.act.kind != "identity":
+            errs.append(f"state {s.name}: a readout is linear (act identity), "
+                        f"not {s.act.kind}")
+    for c in g.couplings:
+        if c.src in readouts:
+            errs.append(f"coupling {c.name}: readout state {c.src} feeds {c.dst} (a readout "
+                        f"is outside the energy and drives nothing)")
+        if c.dst in readouts and (c.feedback or c.src in readouts):
+            errs.append(f"coupling {c.name}: into readout {c.dst} it must have no feedback "
+                        f"and come from a settled state or an input")
     for c in g.costs:
         if c.state not in state_names:
             errs.append(f"cost {c.name}: unknown state {c.state}")

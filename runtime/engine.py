@@ -14,6 +14,13 @@ are slow) and `compiler.ops.chain_adjoint`, whose contexts (e.g. max-pool argmax
 cached per coupling and reused while the source state has not changed. Terms that only
 depend on clamped inputs (input couplings, biases) are computed once per batch.
 
+A readout head (`epc compile --readout`) is outside the energy: it is updated as its
+inbound couplings' value plus bias, never nudged itself, and each of its costs nudges the
+states feeding it through the couplings' adjoints, evaluated at the current states:
+
+    s_j <- act_j( ... - beta * sum_{readouts r fed by j} L_r^T( weight * dC/do_r ) ),
+    o_r = sum_{c: dst=r} L_c(s_src) + b_r
+
 Settling follows the compiled schedule: colour classes updated in order (block
 Gauss-Seidel, the default) or all states at once from the previous sweep ('sync'). It stops
 when every sample's largest state change in a sweep is below `tol`, or at the sweep cap,
@@ -151,6 +158,16 @@ class Engine:
             if c.state not in self.states or self.states[c.state].role == "teacher":
                 raise EpcError(f"cost {c.name}: state {c.state} is not a settled state")
         self.acts = {j: self.states[j].act for j in self.states}
+        # readout heads (outside the energy) and, per settled state, the links into them
+        # through which their costs nudge it
+        self.readouts = [j for j in self.settled if self.states[j].readout]
+        self.is_readout = frozenset(self.readouts)
+        self.readout_links: dict[str, list[Link]] = {j: [] for j in self.settled}
+        for r in self.readouts:
+            for l in self.inbound[r]:
+                if l.src in self.is_readout:
+                    raise EpcError(f"coupling {l.name}: readout {l.src} feeds readout {r}")
+                self.readout_links[l.src].append(l)
         self.num_classes = int(np.prod(self.shapes[self.output]))
 
     # ------------------------------------------------------------------ coupling maps
@@ -291,6 +308,8 @@ class Engine:
         n = batch["n"]
         total = torch.zeros(n, dtype=self.dtype, device=self.device)
         for j in self.settled:
+            if j in self.is_readout:      # outside the energy
+                continue
             for l in self.input_links[j] + self.inbound[j]:
                 y = self.link_forward(l, vals[l.src], P, routing)[0]
                 total = total + (vals[j] * y).reshape(n, -1).sum(1)
@@ -302,7 +321,8 @@ class Engine:
     def energy(self, states: dict, batch: dict, routing: dict | None = None) -> Tensor:
         """E per sample."""
         n = batch["n"]
-        sq = sum(0.5 * (states[j] ** 2).reshape(n, -1).sum(1) for j in self.settled)
+        sq = sum(0.5 * (states[j] ** 2).reshape(n, -1).sum(1) for j in self.settled
+                 if j not in self.is_readout)
         return sq - self.phi(states, batch, per_sample=True, routing=routing)
 
     # ------------------------------------------------------------------ settling
@@ -366,6 +386,14 @@ class Engine:
         inplace = not (torch.is_grad_enabled() and any(
             t.requires_grad for t in (*S.values(), *clamped.values(), *P.values())))
 
+        def readout_value(r: str) -> tuple[Tensor, dict]:
+            """A readout's value at the current states, and its links' contexts."""
+            o, cxs = const[r], {}
+            for l in self.inbound[r]:
+                y, cxs[l.name] = self.link_forward(l, S[l.src], routing=routing)
+                o = o + y
+            return o, cxs
+
         def drive(j: str) -> Tensor:
             u = const[j]
             own = False     # u is this drive's own tensor (not const[j])
@@ -407,7 +435,21 @@ class Engine:
                     u.add_(y)
                 else:
                     u, own = u + y, inplace
-            if nudged:
+            if nudged and self.readout_links[j]:
+                for l in self.readout_links[j]:
+                    o, cxs = readout_value(l.dst)
+                    g = None
+                    for c, f in zip(self.costs[l.dst], bw[l.dst]):
+                        y = f * self.cost_grad(c, o, targets[c.name])
+                        g = y if g is None else g + y
+                    if g is None:
+                        continue
+                    y = self.link_adjoint(l, g, cxs[l.name])
+                    if own:
+                        u.sub_(y)
+                    else:
+                        u, own = u - y, inplace
+            if nudged and j not in self.is_readout:    # a readout is never nudged itself
                 for c, f in zip(self.costs[j], bw[j]):
                     y = f * self.cost_grad(c, S[j], targets[c.name])
                     if own:

@@ -31,15 +31,27 @@ def _autograd_sweep(eng: Engine, batch: dict, s: dict, P: dict, mode: str,
     """One free sweep whose drives are autograd gradients of Phi (differentiable)."""
     S = dict(s)
     groups = eng.classes if mode == "colour" else [eng.settled]
-    for cls in groups:
-        # fresh aliases: the drive is the partial derivative of Phi w.r.t. the direct
-        # occurrence of s_j, not the total one through states updated earlier this sweep
-        leaves = {j: S[j].clone() for j in cls}
-        S.update(leaves)
-        phi = eng.phi(S, batch, P, routing=routing)
-        drives = torch.autograd.grad(phi, [leaves[j] for j in cls], create_graph=True)
-        for j, u in zip(cls, drives):
-            S[j] = O.activate(eng.acts[j], u)
+    for group in groups:
+        # readout heads are not in Phi: their value is their couplings' plus bias, from the
+        # states before this block (their sources are in other colour classes)
+        heads = {}
+        for r in (j for j in group if j in eng.is_readout):
+            vals = {**batch["clamped"], **S}
+            u = sum(eng.link_forward(l, vals[l.src], P, routing)[0]
+                    for l in eng.input_links[r] + eng.inbound[r])
+            b = eng.states[r].bias
+            heads[r] = u + P[b] if b else u
+        cls = [j for j in group if j not in eng.is_readout]
+        if cls:
+            # fresh aliases: the drive is the partial derivative of Phi w.r.t. the direct
+            # occurrence of s_j, not the total one through states updated earlier this sweep
+            leaves = {j: S[j].clone() for j in cls}
+            S.update(leaves)
+            phi = eng.phi(S, batch, P, routing=routing)
+            drives = torch.autograd.grad(phi, [leaves[j] for j in cls], create_graph=True)
+            for j, u in zip(cls, drives):
+                S[j] = O.activate(eng.acts[j], u)
+        S.update(heads)
     return S
 
 
@@ -111,10 +123,11 @@ def check_gradients(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, beta: floa
     if nudge == "symmetric":
         minus = eng.settle(batch, free.states, beta=-beta, labels=y, max_sweeps=max_sweeps,
                            tol=tol, mode=mode, routing=rt)
-        ep = ep_gradient(eng, batch, plus.states, minus.states, beta, routing=rt)
+        ep = ep_gradient(eng, batch, plus.states, minus.states, beta, routing=rt, labels=y)
     else:
         minus = None
-        ep = ep_gradient(eng, batch, plus.states, free.states, beta, one_sided=True, routing=rt)
+        ep = ep_gradient(eng, batch, plus.states, free.states, beta, one_sided=True, routing=rt,
+                         labels=y)
     true, info = implicit_gradient(eng, batch, free.states, y, mode="colour", routing=rt)
     rows = []
     learn = set(eng.learnable)

@@ -10,6 +10,11 @@ autograd gradient of <s_dst, L(s_src)> w.r.t. the chain's weights, taken once pe
 the difference of the two phases (outside the settling loop). dPhi/db_j = s_j summed over
 the axes b_j broadcasts over. Weights shared by several couplings accumulate.
 
+A readout head (outside the energy, `epc compile --readout`) enters the nudged energy only
+through beta * C(o), so the same difference quotient gives its weights dC/dtheta at the
+nudged states: the mean over the +beta and -beta phases (symmetric), at the +beta phase
+(one-sided). That needs the labels.
+
 The optimisers (SGD with momentum, Adam) are written out here rather than taken from
 torch.optim so that their whole state is a flat dict of named arrays that a checkpoint
 bundle stores and a resumed run restores exactly.
@@ -52,6 +57,8 @@ def phi_grad_diff(eng: Engine, batch: dict, sa: dict, sb: dict,
 
     clamped = batch["clamped"]
     for j in eng.settled:
+        if j in eng.is_readout:           # not in Phi: see readout_gradient
+            continue
         for l in eng.input_links[j] + eng.inbound[j]:
             if not any(w in learn for w in l.weights):
                 continue
@@ -79,15 +86,59 @@ def phi_grad_diff(eng: Engine, batch: dict, sa: dict, sb: dict,
     return out
 
 
+def readout_gradient(eng: Engine, batch: dict, phases: list[tuple[dict, float]],
+                     labels: Tensor | None, routing: dict | None = None) -> dict[str, Tensor]:
+    """sum over (states, share) in `phases` of share * dC/dtheta for every readout head's
+    learnable weights, summed over the batch; o is re-evaluated at each phase's states."""
+    P = eng.params
+    learn = set(eng.learnable)
+    out: dict[str, Tensor] = {}
+    for r in eng.readouts:
+        links = eng.input_links[r] + eng.inbound[r]
+        ws = list(dict.fromkeys(w for l in links for w in l.weights if w in learn))
+        b = eng.states[r].bias
+        if not eng.costs[r] or not (ws or (b and b in learn)):
+            continue
+        leaves = {w: P[w].detach().requires_grad_(True) for w in ws}
+        PP = dict(P)
+        PP.update(leaves)
+        total, gsum = 0.0, 0.0
+        with torch.enable_grad():
+            for s, share in phases:
+                vals = dict(batch["clamped"])
+                vals.update(s)
+                ys = [eng.link_forward(l, vals[l.src], PP, routing)[0] for l in links]
+                o = sum(y.detach() for y in ys)
+                if b:
+                    o = o + P[b]
+                g = sum(c.weight * eng.cost_grad(c, o, eng.cost_target(c, batch, labels))
+                        for c in eng.costs[r])
+                total = total + share * sum((g * y).sum() for y in ys)
+                gsum = gsum + share * g
+            grads = torch.autograd.grad(total, [leaves[w] for w in ws]) if ws else []
+        for w, gw in zip(ws, grads):
+            out[w] = out[w] + gw if w in out else gw
+        if b and b in learn:
+            out[b] = _reduce_to(gsum, tuple(P[b].shape))
+    return out
+
+
 def ep_gradient(eng: Engine, batch: dict, s_plus: dict, s_minus: dict, beta: float,
-                one_sided: bool = False, routing: dict | None = None) -> dict[str, Tensor]:
+                one_sided: bool = False, routing: dict | None = None,
+                labels: Tensor | None = None) -> dict[str, Tensor]:
     """The EP estimate of dL/dtheta (L averaged over the batch).
 
     Symmetric: s_minus is the -beta phase; one-sided: s_minus is the free fixed point.
+    `labels` are needed when the graph has readout heads with label costs.
     """
     n = batch["n"]
     scale = -1.0 / ((beta if one_sided else 2.0 * beta) * n)
-    return {k: v * scale for k, v in phi_grad_diff(eng, batch, s_plus, s_minus, routing).items()}
+    out = {k: v * scale for k, v in phi_grad_diff(eng, batch, s_plus, s_minus, routing).items()}
+    if eng.readouts:
+        phases = [(s_plus, 1.0)] if one_sided else [(s_plus, 0.5), (s_minus, 0.5)]
+        for k, v in readout_gradient(eng, batch, phases, labels, routing).items():
+            out[k] = out[k] + v / n if k in out else v / n
+    return out
 
 
 # =========================================================================== optimisers

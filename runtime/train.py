@@ -171,13 +171,14 @@ class Trainer:
             plus, minus = eng.settle_pair(batch, free.states, beta=cfg.beta, labels=yb,
                                           max_sweeps=nsw, tol=cfg.tol, mode=cfg.mode,
                                           routing=rt)
-            grads = ep_gradient(eng, batch, plus.states, minus.states, cfg.beta, routing=rt)
+            grads = ep_gradient(eng, batch, plus.states, minus.states, cfg.beta, routing=rt,
+                                labels=yb)
             nudged_sweeps = (plus.sweeps + minus.sweeps) / 2
         else:
             plus = eng.settle(batch, free.states, beta=cfg.beta, labels=yb, max_sweeps=nsw,
                               tol=cfg.tol, mode=cfg.mode, routing=rt)
             grads = ep_gradient(eng, batch, plus.states, free.states, cfg.beta, one_sided=True,
-                                routing=rt)
+                                routing=rt, labels=yb)
             nudged_sweeps = plus.sweeps
         try:
             gnorm = self.opt.step(grads)

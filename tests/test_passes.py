@@ -26,8 +26,8 @@ from epc.compiler.ir import (Act, Activation, Add, AvgPool, BatchNorm, Bias, Cha
                              MaxPool, Node, Softmax)
 from epc.compiler.options import CompileOptions
 from epc.compiler.passes import PASS_NAMES, build_pipeline
-from epc.compiler.passes import (canonicalize, pool_first, residual, schedule, symmetrize, taps,
-                                 teacher, to_energy)
+from epc.compiler.passes import (canonicalize, pool_first, readout, residual, schedule,
+                                 symmetrize, taps, teacher, to_energy)
 from epc.compiler.passes.manager import PassManager
 from epc.compiler.reference import forward_sweep, run_feedforward
 from epc.compiler.text import parse, print_graph
@@ -286,10 +286,10 @@ def ff_logits(ff: Graph, x: dict) -> np.ndarray:
 # =========================================================================== pipeline API
 def test_pipeline_order():
     assert PASS_NAMES == ("canonicalize", "pool_first", "to_energy", "symmetrize", "residual",
-                          "taps", "teacher", "schedule")
+                          "taps", "teacher", "readout", "schedule")
     assert [p.name for p in build_pipeline(CompileOptions())] == list(PASS_NAMES)
     for mod in (canonicalize, pool_first, to_energy, symmetrize, residual, taps, teacher,
-                schedule):
+                readout, schedule):
         assert "Requires" in mod.__doc__ and "Ensures" in mod.__doc__
 
 
@@ -303,6 +303,8 @@ GOLDEN_CASES = {
     "mlp5_taps_teacher": (lambda: mlp(depth=5, width=6), {"taps": "auto", "teacher": "source",
                                                           "cost": "ce", "neuron": "bernoulli"}),
     "relu_pool_net_pool_first": (relu_pool_net, {"pool_first": True}),
+    "mlp5_taps_readout_ce": (lambda: mlp(depth=5, width=6), {"taps": "auto", "readout": True,
+                                                             "cost": "ce"}),
 }
 
 

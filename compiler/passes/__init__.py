@@ -6,16 +6,16 @@ modified) and documents what it requires and ensures.
 from __future__ import annotations
 
 from ..options import CompileOptions
-from . import (canonicalize, pool_first, residual, schedule, symmetrize, taps, teacher,
-               to_energy)
+from . import (canonicalize, pool_first, readout, residual, schedule, symmetrize, taps,
+               teacher, to_energy)
 from .manager import Pass, PassManager
 
 PASS_NAMES: tuple[str, ...] = ("canonicalize", "pool_first", "to_energy", "symmetrize",
-                               "residual", "taps", "teacher", "schedule")
+                               "residual", "taps", "teacher", "readout", "schedule")
 
 _MODULES = {"canonicalize": canonicalize, "pool_first": pool_first, "to_energy": to_energy,
             "symmetrize": symmetrize, "residual": residual, "taps": taps, "teacher": teacher,
-            "schedule": schedule}
+            "readout": readout, "schedule": schedule}
 
 
 def build_pipeline(opts: CompileOptions | None = None) -> list[Pass]:

@@ -226,6 +226,11 @@ def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
                        f"(compile the model first)")
     if g.schedule is None:
         raise EpcError(f"graph {g.name}: no schedule; run the schedule pass first")
+    heads = [s.name for s in g.states if s.readout]
+    if heads:
+        raise EpcError(f"graph {g.name}: readout head {heads[0]} (compiled with --readout) "
+                       f"cannot run on the neuromorphic target: the core settles every state "
+                       f"in its energy; compile without --readout")
     if not 2 <= weight_bits <= 16:
         raise EpcError(f"--weight-bits {weight_bits}: supported 2..16 (4-8 recommended)")
     if not 1 <= frac_bits <= 16:
