@@ -103,7 +103,7 @@ def compile_cmd(
                                  help="Take the output (and tap) heads out of the energy: "
                                       "a linear readout of the last hidden state, no "
                                       "feedback, its cost nudging that state (Laborieux et "
-                                      "al. 2021; pair with --cost ce). torch target only."),
+                                      "al. 2021 use it with --cost ce). torch target only."),
     taps: Optional[str] = typer.Option(None, "--taps",
                                        help="Auxiliary error taps: 'auto' or comma-separated "
                                             "state names (see `epc inspect`)."),
