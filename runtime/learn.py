@@ -33,7 +33,7 @@ from .engine import Engine
 Tensor = torch.Tensor
 
 
-def _reduce_to(x: Tensor, shape: tuple) -> Tensor:
+def reduce_to_shape(x: Tensor, shape: tuple) -> Tensor:
     """Sum a batched tensor [N, *s] down to a bias shape that broadcasts to s."""
     x = x.sum(0)
     lead = x.dim() - len(shape)
@@ -82,7 +82,7 @@ def phi_grad_diff(eng: Engine, batch: dict, sa: dict, sb: dict,
                 acc(w, g)
         b = eng.states[j].bias
         if b and b in learn:
-            acc(b, _reduce_to(sa[j] - sb[j], tuple(P[b].shape)))
+            acc(b, reduce_to_shape(sa[j] - sb[j], tuple(P[b].shape)))
     return out
 
 
@@ -119,7 +119,7 @@ def readout_gradient(eng: Engine, batch: dict, phases: list[tuple[dict, float]],
         for w, gw in zip(ws, grads):
             out[w] = out[w] + gw if w in out else gw
         if b and b in learn:
-            out[b] = _reduce_to(gsum, tuple(P[b].shape))
+            out[b] = reduce_to_shape(gsum, tuple(P[b].shape))
     return out
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from epc.compiler import ops as O
 from epc.compiler.ir import Conv, Dense, Graph, op_weights
-from epc.runtime.learn import _reduce_to
+from epc.runtime.learn import reduce_to_shape
 
 DAMP = 0.01  # ridge added to H, as a share of its mean diagonal (H is often singular)
 
@@ -131,5 +131,5 @@ def bias_corrections(g: Graph, acts: dict, rounded: dict) -> dict[str, np.ndarra
             e = err[st.name]
             # the mean over samples and the positions each bias entry covers: the sum the
             # EP bias gradient takes, over the number of terms summed into each entry
-            out[st.bias] = -(_reduce_to(e, b.shape) * (b.size / e.numel())).numpy()
+            out[st.bias] = -(reduce_to_shape(e, b.shape) * (b.size / e.numel())).numpy()
     return out
