@@ -180,6 +180,11 @@ def register(app: typer.Typer) -> None:
                 prog.console.print(line)
             elif not quiet:
                 typer.echo(line)
+            if rec.get("dead_states"):
+                typer.echo(f"epc: warning: after epoch {rec['epoch']}, no unit of "
+                           f"{', '.join(rec['dead_states'])} varies across the test samples "
+                           f"(a dead layer passes no signal either way); lower --lr",
+                           err=True)
 
         kw = dict(data=data, data_dir=data_dir, resize=resize, channels=channels, epochs=epochs,
                   batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
@@ -233,6 +238,9 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"{r['model']} on {r['data']} ({r['split']}, {r['samples']} samples): "
                    f"accuracy {r['accuracy']:.2%}, loss {r['loss']:.4f}, mean sweeps "
                    f"{r['mean_sweeps']:.1f}, unconverged {r['unconverged_fraction']:.1%}")
+        if r["dead_states"]:
+            typer.echo(f"epc: warning: no unit of {', '.join(r['dead_states'])} varies across "
+                       f"these samples (a dead layer)", err=True)
 
     @app.command("check-gradients", help=GRAD_HELP)
     @_guard

@@ -84,6 +84,9 @@ class TrainConfig:
                    "nudge_sweeps", "tol", "warm_start", "freeze_pool", "pool_freeze")
 
 
+DEAD_SPAN = 1e-6   # a state whose every unit stays within this over a split is dead
+
+
 class Diverged(EpcError):
     pass
 
@@ -98,9 +101,17 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
              max_sweeps: int | None = None, tol: float | None = None,
              mode: str | None = None, predictions: bool = False) -> dict:
     """Free-phase accuracy, loss and convergence over a split (and, with `predictions`,
-    the predicted class of every sample, as a numpy array)."""
+    the predicted class of every sample, as a numpy array).
+
+    `dead_states`: the hidden and output states none of whose units varies by more than
+    DEAD_SPAN across the samples. Such a state carries nothing forward and passes no EP
+    signal back (e.g. clipped at 0 everywhere, or saturated, after too high an lr).
+    """
     correct, loss, unconv, sweeps, nb = 0, 0.0, 0, 0, 0
     preds = []
+    watch = [j for j in eng.settled if eng.states[j].role in ("hidden", "output")]
+    lo: dict[str, torch.Tensor] = {}
+    hi: dict[str, torch.Tensor] = {}
     n = x.shape[0]
     for i in range(0, n, batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size].to(eng.device)
@@ -109,6 +120,10 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
         bad = eng.check_finite(r.states)
         if bad:
             raise Diverged(f"evaluation diverged: {bad}")
+        for j in watch:
+            a, b = r.states[j].amin(0), r.states[j].amax(0)
+            lo[j] = torch.minimum(lo[j], a) if j in lo else a
+            hi[j] = torch.maximum(hi[j], b) if j in hi else b
         p = eng.predict(r.states)
         if predictions:
             preds.append(p.cpu().numpy())
@@ -117,9 +132,11 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
         unconv += r.unconverged
         sweeps += r.sweeps
         nb += 1
+    spans = (torch.stack([(hi[j] - lo[j]).amax() for j in watch]).tolist()
+             if watch and lo else [])
     out = {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1),
            "unconverged_fraction": unconv / max(n, 1), "mean_sweeps": sweeps / max(nb, 1),
-           "samples": n}
+           "samples": n, "dead_states": [j for j, s in zip(watch, spans) if s <= DEAD_SPAN]}
     if predictions:
         out["predictions"] = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
     return out
@@ -233,6 +250,7 @@ class Trainer:
                    "test_unconverged_fraction": te["unconverged_fraction"],
                    "mean_free_sweeps": tot["free_sweeps"] / tot["batches"],
                    "mean_nudged_sweeps": tot["nudged_sweeps"] / tot["batches"],
+                   "dead_states": te["dead_states"],
                    "lr": self.opt.current_lr(), "seconds": train_secs,
                    "eval_seconds": time.perf_counter() - t0 - train_secs}
             self.state.history.append(rec)

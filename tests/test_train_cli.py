@@ -150,3 +150,25 @@ def test_check_gradients_cli_table(mlp_path, tmp_path):
     j = json.loads((tmp_path / "g.json").read_text())
     assert all(c["cosine"] > 0.99 for c in j["couplings"])
     assert "cosine" in r.stdout and "c_h1" in r.stdout
+
+
+def test_a_dead_layer_is_reported(run_cli, examples, tmp_path):
+    """Too high a learning rate clips mlp3's last hidden layer to a constant: every epoch
+    record names it, the CLI warns on stderr, `epc eval` too; a sane run names nothing."""
+    import json
+    b = tmp_path / "m.epc"
+    assert run_cli("compile", examples / "mlp3_digits.onnx", "--target", "torch", "-o", b,
+                   "-q")[0] == 0
+    code, out, err = run_cli("train", b, "--epochs", "2", "--lr", "0.05", "-q",
+                             "--metrics-json", tmp_path / "dead.json",
+                             "--checkpoint", tmp_path / "ck")
+    assert code == 0
+    hist = json.loads((tmp_path / "dead.json").read_text())["history"]
+    assert hist[-1]["dead_states"] == ["h3", "out"]
+    assert "epc: warning: after epoch 2, no unit of h3, out varies" in err
+    code, out, err = run_cli("eval", tmp_path / "ck" / "last.epc")
+    assert code == 0 and "no unit of h3, out varies" in err
+    code, out, err = run_cli("train", b, "--epochs", "1", "-q",
+                             "--metrics-json", tmp_path / "ok.json")
+    assert code == 0 and "warning" not in err
+    assert json.loads((tmp_path / "ok.json").read_text())["history"][0]["dead_states"] == []
