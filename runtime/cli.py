@@ -146,7 +146,9 @@ def register(app: typer.Typer) -> None:
         freeze_pool: bool = typer.Option(True, help="nudged phases keep the free phase's "
                                                     "max-pool winners"),
         device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | mps"),
-        threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+        threads: Optional[int] = typer.Option(
+            None, help="torch CPU threads (default: torch's, one per core); small nets train "
+                       "as fast on 1, and runs sharing a small machine should each use 1"),
         checkpoint: Optional[str] = typer.Option(None, help="keep DIR/last.epc (every epoch)"),
         resume: bool = typer.Option(False, help="continue the run in --checkpoint DIR exactly"),
         stop_after: Optional[int] = typer.Option(None, help="stop after N epochs of this "
