@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -309,11 +310,17 @@ def main(argv=None) -> int:
     from bench.neuromorphic import bench_simulator
     section("neuromorphic", lambda: bench_simulator(a.quick))
     from bench.accuracy import bench_accuracy
-    section("accuracy", lambda: bench_accuracy(["mlp_digits"], epochs=2, seeds=[0])
-            if a.quick else bench_accuracy())
     from bench.parity import bench_parity
-    section("parity", lambda: bench_parity(["mlp_digits"], epochs=2, onchip_epochs=1)
-            if a.quick else bench_parity())
+    # the parity section quantizes the float runs the accuracy section trains (seed 0):
+    # they are kept and handed over rather than trained twice
+    with tempfile.TemporaryDirectory() as kept_dir:
+        keep = (kept_dir, {})
+        section("accuracy", lambda: bench_accuracy(["mlp_digits"], epochs=2, seeds=[0],
+                                                   keep=keep)
+                if a.quick else bench_accuracy(keep=keep))
+        section("parity", lambda: bench_parity(["mlp_digits"], epochs=2, onchip_epochs=1,
+                                               trained=keep[1])
+                if a.quick else bench_parity(trained=keep[1]))
     res["seconds"] = time.perf_counter() - t0
     if a.json:
         atomic_write_bytes(a.json, (json.dumps(res, indent=1) + "\n").encode())

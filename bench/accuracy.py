@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -95,9 +96,13 @@ def _digits_for(example: str):
 
 
 def bench_accuracy(models=None, epochs: int = 30, seeds=(0, 1, 2), threads: int = 1,
-                   backprop: bool = True, bp_lrs=None, bp_wds=None) -> dict:
+                   backprop: bool = True, bp_lrs=None, bp_wds=None,
+                   keep: tuple[str, dict] | None = None) -> dict:
+    """`keep` = (directory, dict): every trained bundle is copied into the directory and
+    the dict maps (run name, seed, epochs, threads) to (bundle path, test accuracy), so
+    that bench.parity can use these runs instead of training them again."""
     with keep_threads():
-        return _run(models, epochs, list(seeds), threads, backprop, bp_lrs, bp_wds)
+        return _run(models, epochs, list(seeds), threads, backprop, bp_lrs, bp_wds, keep)
 
 
 def _backprop(example: str, g, d, epochs: int, seeds: list, threads: int, lrs, wds) -> dict:
@@ -121,7 +126,7 @@ def _backprop(example: str, g, d, epochs: int, seeds: list, threads: int, lrs, w
 
 
 def _run(models, epochs: int, seeds: list, threads: int, backprop: bool, bp_lrs,
-         bp_wds) -> dict:
+         bp_wds, keep: tuple[str, dict] | None = None) -> dict:
     from epc.runtime import api
 
     out = {"epochs": epochs, "seeds": seeds, "threads": threads, "models": {}}
@@ -144,6 +149,10 @@ def _run(models, epochs: int, seeds: list, threads: int, backprop: bool, bp_lrs,
                 m = api.train(path, epochs=epochs, seed=seed, threads=threads, checkpoint=ck,
                               **extra)
                 secs = time.perf_counter() - t0
+                if keep is not None:
+                    kept = os.path.join(keep[0], f"{name}_seed{seed}.epc")
+                    shutil.copyfile(m["checkpoint"], kept)
+                    keep[1][(name, seed, epochs, threads)] = (kept, m["test_accuracy"])
                 runs.append({"seed": seed, "test_accuracy": m["test_accuracy"],
                              "best_test_accuracy": max(h["test_accuracy"] for h in m["history"]),
                              "train_accuracy": m["train_accuracy"],

@@ -46,24 +46,32 @@ def _program_figures(prog, xte, yte, pf) -> dict:
             "unsettled": m["unsettled"], "cycling": m["cycling"], "overflows": m["overflows"]}
 
 
-def parity(name: str, epochs: int, seed: int, threads: int, tmp: str) -> dict:
+def parity(name: str, epochs: int, seed: int, threads: int, tmp: str,
+           done: tuple[str, float] | None = None) -> dict:
+    """`done`: (trained bundle, its test accuracy) of this very run made elsewhere
+    (bench.accuracy trains it with the same settings), used instead of training again."""
     from epc.compiler.pipeline import compile_source
     from epc.runtime import api
     from epc.targets.neuromorphic.api import _dataset, compile_program
 
     example, options, extra, _ = RUNS[name]
-    path = example_bundle(example, tmp, options, tag=name)
-    ckpt = os.path.join(tmp, f"{name}_ckpt")
-    m = api.train(path, epochs=epochs, seed=seed, threads=threads, checkpoint=ckpt, **extra)
-    trained = os.path.join(ckpt, "last.epc")
+    if done is None:
+        path = example_bundle(example, tmp, options, tag=name)
+        ckpt = os.path.join(tmp, f"{name}_ckpt")
+        m = api.train(path, epochs=epochs, seed=seed, threads=threads, checkpoint=ckpt,
+                      **extra)
+        trained, float_acc = os.path.join(ckpt, "last.epc"), m["test_accuracy"]
+    else:
+        trained, float_acc = done
     over = {"max_sweeps": MAX_SWEEPS[name]} if name in MAX_SWEEPS else None
     g = compile_source(trained, schedule_overrides=over).graph
     _, _, xte, yte = _dataset("digits", g.inputs[0].shape, num_classes=10)
     fl = float_run(g, xte, yte)
     pf = fl["predictions"]
     out = {"float_test_accuracy": fl["accuracy"],
-           "float_train": {"test_accuracy": m["test_accuracy"], "epochs": epochs,
-                           "settings": extra or "defaults"}}
+           "float_train": {"test_accuracy": float_acc, "epochs": epochs,
+                           "settings": extra or "defaults",
+                           "reused_from_accuracy_run": done is not None}}
     for key, kw in PROGRAMS:
         prog = compile_program(g, os.path.join(tmp, f"{name}_{key}.nc"), **kw)
         rec = _program_figures(prog, xte, yte, pf)
@@ -91,12 +99,15 @@ def onchip(epochs: int, seed: int, float_acc: float | None, tmp: str) -> dict:
 
 
 def bench_parity(models=None, epochs: int = 30, onchip_epochs: int = 20, seed: int = 0,
-                 threads: int = 1) -> dict:
+                 threads: int = 1, trained: dict | None = None) -> dict:
+    """`trained`: bench_accuracy's `keep` dict; a float run it already made with these
+    settings is used rather than trained again."""
     res = {"epochs": epochs, "seed": seed, "threads": threads, "models": {}}
     with keep_threads():
         with tempfile.TemporaryDirectory() as tmp:
             for name in models or ["mlp_digits", "conv_digits"]:
-                res["models"][name] = parity(name, epochs, seed, threads, tmp)
+                done = (trained or {}).get((name, seed, epochs, threads))
+                res["models"][name] = parity(name, epochs, seed, threads, tmp, done)
                 print(f"parity {name}: {json.dumps(res['models'][name])}", flush=True)
             if onchip_epochs:
                 f = res["models"].get("mlp_digits", {}).get("float_train", {})

@@ -99,6 +99,22 @@ def test_parity_bench_smoke(tmp_path):
         assert r["overflows"] == 0 and r["cycling"] == 0 and r["unsettled"] == 0
     oc = res["onchip_mlp_digits"]
     assert oc["epochs"] == 1 and 0.5 < oc["test_accuracy"] <= 1.0
+    assert rec["float_train"]["reused_from_accuracy_run"] is False
+
+
+def test_full_bench_hands_accuracy_runs_to_parity(tmp_path):
+    """In one `python -m bench`, parity quantizes the float run the accuracy section
+    trained (same settings, seed 0) instead of training it again."""
+    from bench.__main__ import main as bench_main
+    out = tmp_path / "b.json"
+    assert bench_main(["--quick", "--only", "accuracy", "parity", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    run = res["accuracy"]["models"]["mlp_digits"]["runs"][0]
+    par = res["parity"]["models"]["mlp_digits"]
+    assert par["float_train"]["reused_from_accuracy_run"] is True
+    assert par["float_train"]["test_accuracy"] == run["test_accuracy"]
+    # the reused bundle is the trained one: the float runtime's accuracy on it is the same
+    assert par["float_test_accuracy"] == run["test_accuracy"]
 
 
 @pytest.mark.parametrize("graph", [lambda: zoo.mlp((64, 32, 16, 10)),
