@@ -104,7 +104,7 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
     the predicted class of every sample, as a numpy array).
 
     `dead_states`: the hidden and output states none of whose units varies by more than
-    DEAD_SPAN across the samples. Such a state carries nothing forward and passes no EP
+    DEAD_SPAN across the samples (empty for fewer than two samples). Such a state carries nothing forward and passes no EP
     signal back (e.g. clipped at 0 everywhere, or saturated, after too high an lr).
     """
     correct, loss, unconv, sweeps, nb = 0, 0.0, 0, 0, 0
@@ -132,8 +132,9 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
         unconv += r.unconverged
         sweeps += r.sweeps
         nb += 1
+    # (one sample cannot vary: no verdict below two)
     spans = (torch.stack([(hi[j] - lo[j]).amax() for j in watch]).tolist()
-             if watch and lo else [])
+             if watch and lo and n >= 2 else [])
     out = {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1),
            "unconverged_fraction": unconv / max(n, 1), "mean_sweeps": sweeps / max(nb, 1),
            "samples": n, "dead_states": [j for j, s in zip(watch, spans) if s <= DEAD_SPAN]}

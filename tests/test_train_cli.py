@@ -168,6 +168,14 @@ def test_a_dead_layer_is_reported(run_cli, examples, tmp_path):
     assert "epc: warning: after epoch 2, no unit of h3, out varies" in err
     code, out, err = run_cli("eval", tmp_path / "ck" / "last.epc")
     assert code == 0 and "no unit of h3, out varies" in err
+    # one sample cannot vary: no verdict
+    from epc.runtime.api import make_engine
+    from epc.runtime.data import load_dataset
+    from epc.runtime.train import evaluate
+    eng, _, _ = make_engine(str(tmp_path / "ck" / "last.epc"))
+    d = load_dataset("digits", input_shape=(64,))
+    assert evaluate(eng, d.test.x[:2], d.test.y[:2])["dead_states"] == ["h3", "out"]
+    assert evaluate(eng, d.test.x[:1], d.test.y[:1])["dead_states"] == []
     code, out, err = run_cli("train", b, "--epochs", "1", "-q",
                              "--metrics-json", tmp_path / "ok.json")
     assert code == 0 and "warning" not in err
