@@ -443,7 +443,7 @@ class _Parser:
             neuron=str(self.typed(a, "neuron", str, t)),
             role=str(self.typed(a, "role", str, t)),
             bias=str(bias[0]) if bias else None,
-            readout=bool(self.typed(a, "readout", bool, t)) if "readout" in a else False))
+            readout=self.typed(a, "readout", bool, t, default=False)))
 
     def ent_coupling(self, g, t):
         n = self.name()

@@ -205,6 +205,17 @@ class Engine:
         return {l.name: self.link_forward(l, vals[l.src])[1] for l in self.links
                 if l.needs_ctx and l.dst in self.inbound}
 
+    def readout(self, r: str, vals: dict, P: dict | None = None,
+                routing: dict | None = None) -> Tensor:
+        """A readout head's value: its inbound couplings (from states and inputs, read from
+        `vals`) plus its bias, differentiable in `P`. (The settle loop keeps its own form:
+        input drive and bias precomputed, the couplings' contexts kept for the adjoint.)"""
+        P = self.params if P is None else P
+        o = sum(self.link_forward(l, vals[l.src], P, routing)[0]
+                for l in self.input_links[r] + self.inbound[r])
+        b = self.states[r].bias
+        return o + P[b] if b else o
+
     def link_adjoint(self, l: Link, g: Tensor, ctx, P: dict | None = None) -> Tensor:
         P = self.params if P is None else P
         if l.fast == "dense":

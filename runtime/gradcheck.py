@@ -34,13 +34,8 @@ def _autograd_sweep(eng: Engine, batch: dict, s: dict, P: dict, mode: str,
     for group in groups:
         # readout heads are not in Phi: their value is their couplings' plus bias, from the
         # states before this block (their sources are in other colour classes)
-        heads = {}
-        for r in (j for j in group if j in eng.is_readout):
-            vals = {**batch["clamped"], **S}
-            u = sum(eng.link_forward(l, vals[l.src], P, routing)[0]
-                    for l in eng.input_links[r] + eng.inbound[r])
-            b = eng.states[r].bias
-            heads[r] = u + P[b] if b else u
+        vals = {**batch["clamped"], **S}
+        heads = {r: eng.readout(r, vals, P, routing) for r in group if r in eng.is_readout}
         cls = [j for j in group if j not in eng.is_readout]
         if cls:
             # fresh aliases: the drive is the partial derivative of Phi w.r.t. the direct

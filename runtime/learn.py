@@ -94,8 +94,8 @@ def readout_gradient(eng: Engine, batch: dict, phases: list[tuple[dict, float]],
     learn = set(eng.learnable)
     out: dict[str, Tensor] = {}
     for r in eng.readouts:
-        links = eng.input_links[r] + eng.inbound[r]
-        ws = list(dict.fromkeys(w for l in links for w in l.weights if w in learn))
+        ws = list(dict.fromkeys(
+            w for l in eng.input_links[r] + eng.inbound[r] for w in l.weights if w in learn))
         b = eng.states[r].bias
         if not eng.costs[r] or not (ws or (b and b in learn)):
             continue
@@ -105,20 +105,17 @@ def readout_gradient(eng: Engine, batch: dict, phases: list[tuple[dict, float]],
         total, gsum = 0.0, 0.0
         with torch.enable_grad():
             for s, share in phases:
-                vals = dict(batch["clamped"])
-                vals.update(s)
-                ys = [eng.link_forward(l, vals[l.src], PP, routing)[0] for l in links]
-                o = sum(y.detach() for y in ys)
-                if b:
-                    o = o + P[b]
-                g = sum(c.weight * eng.cost_grad(c, o, eng.cost_target(c, batch, labels))
+                # dC/dW = <dC/do, do/dW>: autograd through o with dC/do held fixed
+                o = eng.readout(r, {**batch["clamped"], **s}, PP, routing)
+                od = o.detach()
+                g = sum(c.weight * eng.cost_grad(c, od, eng.cost_target(c, batch, labels))
                         for c in eng.costs[r])
-                total = total + share * sum((g * y).sum() for y in ys)
+                total = total + share * (g * o).sum()
                 gsum = gsum + share * g
             grads = torch.autograd.grad(total, [leaves[w] for w in ws]) if ws else []
         for w, gw in zip(ws, grads):
             out[w] = out[w] + gw if w in out else gw
-        if b and b in learn:
+        if b and b in learn:          # dC/db = dC/do, summed where b broadcasts
             out[b] = reduce_to_shape(gsum, tuple(P[b].shape))
     return out
 

@@ -104,8 +104,9 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
     the predicted class of every sample, as a numpy array).
 
     `dead_states`: the hidden and output states none of whose units varies by more than
-    DEAD_SPAN across the samples (empty for fewer than two samples). Such a state carries nothing forward and passes no EP
-    signal back (e.g. clipped at 0 everywhere, or saturated, after too high an lr).
+    DEAD_SPAN across the samples (empty for fewer than two samples). Such a state carries
+    nothing forward and passes no EP signal back (e.g. clipped at 0 everywhere, or
+    saturated, after too high an lr).
     """
     correct, loss, unconv, sweeps, nb = 0, 0.0, 0, 0, 0
     preds = []
