@@ -92,7 +92,8 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
           beta: float = 0.2, nudge: str = "symmetric", seed: int = 0,
           schedule: str | None = None, max_sweeps: int | None = None,
           nudge_sweeps: int | None = None, tol: float | None = None, warm_start: bool = False,
-          freeze_pool: bool = True, device: str | None = None, threads: int | None = None,
+          freeze_pool: bool = True, augment: str | None = None,
+          device: str | None = None, threads: int | None = None,
           checkpoint: str | None = None, resume: bool = False, stop_after: int | None = None,
           metrics_json: str | None = None, plot: str | None = None,
           progress: Callable | None = None, on_epoch: Callable | None = None) -> dict:
@@ -101,12 +102,14 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
     Metrics: train_accuracy (running accuracy of the last epoch's free phases),
     test_accuracy, test_loss, epochs, seconds, unconverged_fraction (last epoch, free
     phase), samples_per_second and `history` (one record per epoch).
+    `augment` ('crop:N', 'flip' or both, comma-separated) augments image training batches
+    (runtime/augment.py).
     """
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                       momentum=momentum, weight_decay=weight_decay, cosine=cosine, clip=clip,
                       beta=beta, nudge=nudge, seed=seed, mode=schedule, max_sweeps=max_sweeps,
                       nudge_sweeps=nudge_sweeps, tol=tol, warm_start=warm_start,
-                      freeze_pool=freeze_pool).check()
+                      freeze_pool=freeze_pool, augment=augment).check()
     if resume and not checkpoint:
         raise EpcError("--resume needs --checkpoint DIR (the run's checkpoint directory)")
     if stop_after is not None and stop_after < 1:

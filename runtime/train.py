@@ -4,7 +4,8 @@ One training step on a batch: settle free (beta = 0) from zeros (or from the sam
 free fixed point with warm start), settle at +beta and at -beta from the free fixed point
 (symmetric nudging; one-sided settles only +beta and uses the free point), form the EP
 estimate (runtime/learn.py) and apply the optimiser. Predictions are the argmax of the
-output state at the free fixed point.
+output state at the free fixed point. With `augment` (runtime/augment.py) each training
+batch is shifted / mirrored as it is drawn; evaluation sees the data as it is.
 
 Runs are reproducible: the epoch's shuffle comes from a generator seeded with
 (seed, epoch), the optimiser state is a set of named arrays, and a checkpoint
@@ -27,6 +28,7 @@ import torch
 from epc.compiler.bundle import Bundle, read_bundle, write_bundle
 from epc.compiler.errors import EpcError
 
+from .augment import Augment, epoch_generator
 from .data import Data
 from .engine import Engine
 from .learn import NonFiniteGradient, Optimizer, ep_gradient
@@ -53,6 +55,7 @@ class TrainConfig:
     freeze_pool: bool = True         # nudged phases keep the free phase's max-pool winners
     pool_freeze: int | None = 20     # freeze max-pool winners after this many free sweeps
     eval_batch_size: int = 256
+    augment: str | None = None       # training-set augmentation, e.g. 'crop:4,flip'
 
     def check(self) -> "TrainConfig":
         if self.epochs < 0:
@@ -76,12 +79,17 @@ class TrainConfig:
                 raise EpcError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
         if self.tol is not None and not self.tol >= 0:
             raise EpcError(f"--tol must be >= 0, got {self.tol}")
+        aug = Augment.parse(self.augment)
+        self.augment = aug.spec() if aug else None
         return self
 
     # fields whose change makes a checkpoint's continuation differ from the original run
     RESUME_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
                    "cosine", "clip", "beta", "nudge", "seed", "mode", "max_sweeps",
-                   "nudge_sweeps", "tol", "warm_start", "freeze_pool", "pool_freeze")
+                   "nudge_sweeps", "tol", "warm_start", "freeze_pool", "pool_freeze",
+                   "augment")
+    # what a checkpoint written before a key existed ran with
+    RESUME_DEFAULTS = {"augment": None}
 
 
 DEAD_SPAN = 1e-6   # a state whose every unit stays within this over a split is dead
@@ -167,6 +175,9 @@ class Trainer:
             self.warm = {j: torch.zeros((n,) + eng.shapes[j], dtype=eng.dtype)
                          for j in eng.settled}
         self.sweep_trace: list[dict] = []
+        self.augment = Augment.parse(cfg.augment)
+        if self.augment is not None:
+            self.augment.check(tuple(data.train.x.shape[1:]))
 
     # ------------------------------------------------------------------ one step
     def step(self, xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor, epoch: int) -> dict:
@@ -225,11 +236,13 @@ class Trainer:
             e = self.state.epoch
             t0 = time.perf_counter()
             perm = _epoch_perm(n, cfg.seed, e)
+            gen = epoch_generator(cfg.seed, e) if self.augment is not None else None
             tot = {"correct": 0, "loss": 0.0, "unconverged": 0, "free_sweeps": 0,
                    "nudged_sweeps": 0.0, "batches": 0, "seen": 0}
             for i in range(0, n, cfg.batch_size):
                 idx = perm[i:i + cfg.batch_size]
-                r = self.step(tr.x[idx], tr.y[idx], idx, e)
+                xb = tr.x[idx] if gen is None else self.augment(tr.x[idx], gen)
+                r = self.step(xb, tr.y[idx], idx, e)
                 for k in ("correct", "loss", "unconverged", "free_sweeps", "nudged_sweeps"):
                     tot[k] += r[k]
                 tot["batches"] += 1
@@ -284,7 +297,7 @@ class Trainer:
         if not isinstance(ts, dict) or "config" not in ts:
             raise EpcError(f"{where}: incompatible checkpoint: no training state "
                            f"(not written by epc train --checkpoint)")
-        old = ts["config"]
+        old = {**TrainConfig.RESUME_DEFAULTS, **ts["config"]}
         diff = [k for k in TrainConfig.RESUME_KEYS
                 if k in old and old[k] != getattr(self.cfg, k)]
         if diff:
