@@ -196,6 +196,10 @@ def register(app: typer.Typer) -> None:
                            f"{', '.join(rec['dead_states'])} varies across the test samples "
                            f"(a dead layer passes no signal either way); lower --lr",
                            err=True)
+            elif rec.get("constant_prediction") is not None:
+                typer.echo(f"epc: warning: after epoch {rec['epoch']}, every test sample is "
+                           f"predicted as class {rec['constant_prediction']}: the output no "
+                           f"longer depends on the input (the network collapsed)", err=True)
 
         kw = dict(data=data, data_dir=data_dir, resize=resize, channels=channels, epochs=epochs,
                   batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
@@ -252,6 +256,10 @@ def register(app: typer.Typer) -> None:
         if r["dead_states"]:
             typer.echo(f"epc: warning: no unit of {', '.join(r['dead_states'])} varies across "
                        f"these samples (a dead layer)", err=True)
+        elif r["constant_prediction"] is not None:
+            typer.echo(f"epc: warning: every sample is predicted as class "
+                       f"{r['constant_prediction']}: the output does not depend on the input "
+                       f"(a collapsed network)", err=True)
 
     @app.command("check-gradients", help=GRAD_HELP)
     @_guard

@@ -104,6 +104,13 @@ def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def _add_counts(counts: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Running per-class counts (grown to the largest class seen)."""
+    c = torch.bincount(classes.reshape(-1).cpu(), minlength=counts.numel())
+    return c if counts.numel() == 0 else c + torch.nn.functional.pad(
+        counts, (0, c.numel() - counts.numel()))
+
+
 @torch.no_grad()
 def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256,
              max_sweeps: int | None = None, tol: float | None = None,
@@ -115,9 +122,16 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
     DEAD_SPAN across the samples (empty for fewer than two samples). Such a state carries
     nothing forward and passes no EP signal back (e.g. clipped at 0 everywhere, or
     saturated, after too high an lr).
+
+    `constant_prediction`: the class every sample was predicted as, when the labels hold
+    at least two classes but the predictions one (else None): the network's output no
+    longer depends on its input, even where its states still vary a little (a collapsed
+    deep net keeps a spread of ~1e-5, above DEAD_SPAN).
     """
     correct, loss, unconv, sweeps, nb = 0, 0.0, 0, 0, 0
     preds = []
+    pred_counts = torch.zeros(0, dtype=torch.int64)
+    label_counts = torch.zeros(0, dtype=torch.int64)
     watch = [j for j in eng.settled if eng.states[j].role in ("hidden", "output")]
     lo: dict[str, torch.Tensor] = {}
     hi: dict[str, torch.Tensor] = {}
@@ -136,6 +150,8 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
         p = eng.predict(r.states)
         if predictions:
             preds.append(p.cpu().numpy())
+        pred_counts = _add_counts(pred_counts, p)
+        label_counts = _add_counts(label_counts, yb)
         correct += int((p == yb).sum())
         loss += float(eng.loss(r.states, batch, yb).sum())
         unconv += r.unconverged
@@ -146,7 +162,9 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
              if watch and lo and n >= 2 else [])
     out = {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1),
            "unconverged_fraction": unconv / max(n, 1), "mean_sweeps": sweeps / max(nb, 1),
-           "samples": n, "dead_states": [j for j, s in zip(watch, spans) if s <= DEAD_SPAN]}
+           "samples": n, "dead_states": [j for j, s in zip(watch, spans) if s <= DEAD_SPAN],
+           "constant_prediction": (int(pred_counts.argmax()) if int((label_counts > 0).sum()) >= 2
+                                   and int((pred_counts > 0).sum()) == 1 else None)}
     if predictions:
         out["predictions"] = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
     return out
@@ -266,6 +284,7 @@ class Trainer:
                    "mean_free_sweeps": tot["free_sweeps"] / tot["batches"],
                    "mean_nudged_sweeps": tot["nudged_sweeps"] / tot["batches"],
                    "dead_states": te["dead_states"],
+                   "constant_prediction": te["constant_prediction"],
                    "lr": self.opt.current_lr(), "seconds": train_secs,
                    "eval_seconds": time.perf_counter() - t0 - train_secs}
             self.state.history.append(rec)

@@ -165,6 +165,7 @@ def test_a_dead_layer_is_reported(run_cli, examples, tmp_path):
     assert code == 0
     hist = json.loads((tmp_path / "dead.json").read_text())["history"]
     assert hist[-1]["dead_states"] == ["h3", "out"]
+    assert isinstance(hist[-1]["constant_prediction"], int)   # a dead output: one class
     assert "epc: warning: after epoch 2, no unit of h3, out varies" in err
     code, out, err = run_cli("eval", tmp_path / "ck" / "last.epc")
     assert code == 0 and "no unit of h3, out varies" in err
@@ -179,4 +180,28 @@ def test_a_dead_layer_is_reported(run_cli, examples, tmp_path):
     code, out, err = run_cli("train", b, "--epochs", "1", "-q",
                              "--metrics-json", tmp_path / "ok.json")
     assert code == 0 and "warning" not in err
-    assert json.loads((tmp_path / "ok.json").read_text())["history"][0]["dead_states"] == []
+    ok = json.loads((tmp_path / "ok.json").read_text())["history"][0]
+    assert ok["dead_states"] == [] and ok["constant_prediction"] is None
+
+
+def test_a_collapsed_network_is_reported(run_cli, tmp_path):
+    """Output units that still vary across samples but never change the argmax (what a
+    deep net that collapsed during training looks like): no dead state, yet `epc eval`
+    warns that every sample gets the same class; labels of one class alone do not."""
+    from epc.runtime.api import make_engine
+    from epc.runtime.data import load_dataset
+    from epc.runtime.train import evaluate
+    g = zoo.mlp((64, 16, 10))
+    out_w = next(c.ops[0].weight for c in g.couplings if c.dst == "out")
+    g.weights[out_w] = g.weights[out_w] * 1e-2
+    g.weights["out.b"] = np.where(np.arange(10) == 3, 1.0, 0.0).astype(np.float32)
+    p = tmp_path / "collapsed.epc"
+    emit(g, p, None)
+    eng, _, _ = make_engine(str(p))
+    d = load_dataset("digits", input_shape=(64,))
+    r = evaluate(eng, d.test.x, d.test.y, batch_size=100)
+    assert r["dead_states"] == [] and r["constant_prediction"] == 3
+    one_class = d.test.y == 5
+    assert evaluate(eng, d.test.x[one_class], d.test.y[one_class])["constant_prediction"] is None
+    code, out, err = run_cli("eval", p)
+    assert code == 0 and "every sample is predicted as class 3" in err
