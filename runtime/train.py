@@ -160,11 +160,11 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
     # (one sample cannot vary: no verdict below two)
     spans = (torch.stack([(hi[j] - lo[j]).amax() for j in watch]).tolist()
              if watch and lo and n >= 2 else [])
+    one_class = int((label_counts > 0).sum()) >= 2 and int((pred_counts > 0).sum()) == 1
     out = {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1),
            "unconverged_fraction": unconv / max(n, 1), "mean_sweeps": sweeps / max(nb, 1),
            "samples": n, "dead_states": [j for j, s in zip(watch, spans) if s <= DEAD_SPAN],
-           "constant_prediction": (int(pred_counts.argmax()) if int((label_counts > 0).sum()) >= 2
-                                   and int((pred_counts > 0).sum()) == 1 else None)}
+           "constant_prediction": int(pred_counts.argmax()) if one_class else None}
     if predictions:
         out["predictions"] = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
     return out
