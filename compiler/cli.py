@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import os
 import sys
 from enum import Enum
@@ -118,6 +119,13 @@ def compile_cmd(
     identity_skip: str = typer.Option("identity", "--identity-skip",
                                       help="Same-shape residual skips: identity (no weights) "
                                            "| learned (1x1, initialised to the identity)."),
+    skip_gain: float = typer.Option(
+        1.0, "--skip-gain",
+        help="Scale every skip between two states by G at initialisation (identity skips "
+             "become learned maps G*I). With feedback, a ResNet's skips chain its states "
+             "both ways; at gain 1 a chain of 3+ is non-convex and the states saturate "
+             "(README: ResNet-13); G < 0.55 keeps a chain of 6 convex. 1 = the source "
+             "model's function (what --verify checks)."),
     schedule: Optional[str] = typer.Option(None, "--schedule",
                                            help="colour: block updates by colour class "
                                                 "[default]; sync: all at once."),
@@ -176,6 +184,8 @@ def compile_cmd(
                                ("tol", tol)) if v is not None}
     if identity_skip not in ("identity", "learned"):
         raise EpcError(f"bad --identity-skip {identity_skip!r}: use identity or learned")
+    if not (math.isfinite(skip_gain) and skip_gain > 0):
+        raise EpcError(f"bad --skip-gain {skip_gain}: must be a positive number")
     if sched.get("max_sweeps", 1) < 1 or sched.get("nudge_sweeps", 1) < 1:
         raise EpcError("--max-sweeps and --nudge-sweeps must be at least 1")
     if sched.get("tol", 0.0) < 0:
@@ -190,7 +200,7 @@ def compile_cmd(
         taps=(None if taps is None else "auto" if taps == "auto"
               else [t.strip() for t in taps.split(",") if t.strip()]),
         tap_weight=tap_weight, teacher=teacher, teacher_temperature=temperature,
-        teacher_mix=mix, neuron=neuron, identity_skip=identity_skip,
+        teacher_mix=mix, neuron=neuron, identity_skip=identity_skip, skip_gain=skip_gain,
         **{("schedule" if k == "mode" else k): v for k, v in sched.items()})
     out_path = output or _default_output(source, target)
     res = compile_source(source, opts, input_shape=_parse_shape(input_shape),

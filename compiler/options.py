@@ -32,6 +32,7 @@ class CompileOptions:
     feedback: bool = True                 # symmetrize: tied feedback on every coupling
     pool_first: bool = False              # pool_first: act(maxpool(u)) for maxpool(act(u))
     identity_skip: str = "identity"       # residual: 'identity' (weightless) or 'learned' (1x1)
+    skip_gain: float = 1.0                # residual: state-to-state skips scaled at init
     cost: str = "mse"                     # label cost on the output state: mse | ce
     readout: bool = False                 # readout: output/tap heads outside the energy
     taps: str | list[str] | None = None   # None, 'auto' or state names

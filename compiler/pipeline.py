@@ -134,7 +134,8 @@ def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
     g = source.graph
     if g.is_energy:
         # An already compiled (maybe trained) graph: it passes through unchanged.
-        given = [k for k in STRUCTURAL if getattr(opts, k)]
+        given = [k for k in STRUCTURAL if getattr(opts, k)] + \
+            (["skip_gain"] if opts.skip_gain != 1.0 else [])
         if given:
             flag = given[0].replace("_", "-")
             raise EpcError(f"{src}: already compiled; --{flag} applies to feedforward "
@@ -152,6 +153,10 @@ def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
         return CompileResult(g, source, time.perf_counter() - t0)
     if any(not isinstance(w, np.ndarray) for w in g.weights.values()):
         raise EpcError(f"{src}: IR text carries no weights; compile from a bundle or model")
+    if verify_model and opts.skip_gain != 1.0:
+        raise EpcError(f"{src}: --verify checks that the compiled graph computes the source "
+                       f"model, and --skip-gain {opts.skip_gain:g} changes that function "
+                       f"(its skips are scaled); verify without it")
     opts.teacher_graph = _teacher_graph(opts, source)
     energy = compile_graph(g, opts, print_after=print_after, print_after_all=print_after_all,
                            out=out)

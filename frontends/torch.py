@@ -989,7 +989,11 @@ def build_module_from_spec(spec: str, input_shape: tuple[int, ...]
         module = obj
     elif callable(obj):
         try:
-            module = obj()
+            # an untrained factory initialises its weights from torch's global generator:
+            # seed it (and restore it after) so compiling one spec twice gives one bundle
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                module = obj()
         except Exception as e:  # noqa: BLE001 - user factory failing
             raise EpcError(f"{spec}: calling {spec.rpartition(':')[2]}() failed: "
                            f"{_first_line(e)}")

@@ -99,6 +99,19 @@ def test_compile_accepts_a_bundle(run_cli, examples, tmp_path):
     assert print_graph(read_bundle(a).graph) == print_graph(read_bundle(b).graph)
     _one_error_line(*run_cli("compile", a, "--taps", "auto", "-o", tmp_path / "c.epc"),
                     "already compiled")
+    _one_error_line(*run_cli("compile", a, "--skip-gain", "0.5", "-o", tmp_path / "c.epc"),
+                    "already compiled; --skip-gain")
+
+
+def test_skip_gain_refuses_verify_and_bad_values(run_cli, examples, tmp_path):
+    r13 = examples / "resnet13.onnx"
+    _one_error_line(*run_cli("compile", r13, "--skip-gain", "0.5", "--verify",
+                             "-o", tmp_path / "a.epc"), "--skip-gain 0.5 changes")
+    _one_error_line(*run_cli("compile", r13, "--skip-gain", "0", "-o", tmp_path / "a.epc"),
+                    "bad --skip-gain")
+    assert not (tmp_path / "a.epc").exists()
+    code, _, err = run_cli("compile", r13, "--skip-gain", "0.5", "-o", tmp_path / "b.epc")
+    assert code == 0, err
 
 
 # --------------------------------------------------------------------------- bad input

@@ -544,6 +544,45 @@ def test_learned_identity_skip_is_identity_at_init():
     np.testing.assert_array_equal(eg.weights[skip.ops[0].weight], np.eye(6))
 
 
+def test_skip_gain_scales_the_skips_between_states():
+    """--skip-gain G: an identity skip becomes a learned map G*I, a projection skip's weight
+    is G times the gain-1 one, the main paths keep theirs, and the skip's output is G
+    times what it was."""
+    one, half = compile_(resnet()), compile_(resnet(), skip_gain=0.5)
+    ident = [c for c in half.couplings if c.src == "h1" and c.dst == "h3"][0]
+    assert ident.kind == "residual" and isinstance(ident.ops[0], Conv)
+    np.testing.assert_array_equal(half.weights[ident.ops[0].weight][:, :, 0, 0],
+                                  0.5 * np.eye(4))
+    for c in half.couplings:
+        c1 = one.coupling(c.name)
+        if c.kind == "residual" and c.name != ident.name:            # the projection
+            np.testing.assert_array_equal(half.weights[c.ops[0].weight],
+                                          0.5 * one.weights[c1.ops[0].weight])
+        elif c.kind == "forward":
+            for op, op1 in zip(c.ops, c1.ops):
+                if getattr(op, "weight", None):
+                    np.testing.assert_array_equal(half.weights[op.weight],
+                                                  one.weights[op1.weight])
+    # the skip's output: G times the identity's / the projection's at gain 1
+    import torch
+    from epc.runtime import kernels as K
+    x = torch.rand(2, *half.shape_of(ident.src), dtype=torch.float64)
+    P1 = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in one.weights.items()}
+    P2 = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in half.weights.items()}
+    for c in half.couplings:
+        if c.kind == "residual":
+            xs = torch.rand(2, *half.shape_of(c.src), dtype=torch.float64)
+            y1 = K.chain_forward(one.coupling(c.name).ops, xs, P1)[0]
+            y2 = K.chain_forward(c.ops, xs, P2)[0]
+            torch.testing.assert_close(y2, 0.5 * y1)
+    # 1-D states: a dense map; skips from an input keep their gain
+    eg = compile_(chain_skip(3, 1, 3), skip_gain=0.25)
+    skip = [c for c in eg.couplings if c.kind == "residual"][0]
+    np.testing.assert_array_equal(eg.weights[skip.ops[0].weight], 0.25 * np.eye(6))
+    with pytest.raises(EpcError, match="skip gain"):
+        compile_(resnet(), skip_gain=0.0)
+
+
 def test_same_source_twice():
     """Add(dense(h), h): both couplings come from h; the weighted one is the main path."""
     b = Builder("same_src", (4,), seed=11)

@@ -447,6 +447,23 @@ def test_spec_loader_file_and_module(tmp_path, monkeypatch):
     assert _rel_err(got, want) < RTOL
 
 
+def test_spec_factory_builds_the_same_weights_every_time(tmp_path):
+    """An untrained factory draws its weights from torch's global generator: the spec
+    loader seeds it, so one spec compiles to one set of weights, and leaves the caller's
+    generator where it was."""
+    path = tmp_path / "usermodel_seeded.py"
+    path.write_text(MODEL_FILE)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = load_torch_spec(f"{path}:make", (1, 1, 8, 8))
+    assert torch.equal(torch.rand(1), before)          # the global stream is untouched
+    b = load_torch_spec(f"{path}:make", (1, 1, 8, 8))
+    assert set(a.weights) == set(b.weights)
+    for k in a.weights:
+        np.testing.assert_array_equal(a.weights[k], b.weights[k])
+
+
 @pytest.mark.parametrize("spec, needle", [
     ("no_such_module_xyz:make", "cannot import module no_such_module_xyz"),
     ("{dir}/missing.py:make", "no such file"),

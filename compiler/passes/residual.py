@@ -10,6 +10,17 @@ skip instead gets a learned map initialised to the identity matrix (a 1x1 conv f
 [C, H, W] state, a dense layer for a 1-D state), so the compiled network still computes
 the source model exactly at initialisation.
 
+opts.skip_gain G != 1 scales every skip between two states by G at initialisation: an
+identity skip becomes a learned map initialised to G times the identity, a weighted skip
+(a projection) has its first weight multiplied by G (the chains are linear once in energy
+form, so the skip's output scales by G). Why: with symmetric feedback the skips of a
+ResNet chain the states they join in both directions, and a chain of n states coupled
+with gain 1 makes the energy non-convex along it (the least eigenvalue of I - A is
+1 - 2 cos(pi / (n + 1)) < 0 for n >= 3), so the free phase runs into the activation bounds;
+G < 1 / (2 cos(pi / (n + 1))) keeps such a chain convex. Skips from an input carry no
+feedback, form no chain and keep their gain. The compiled graph then no longer computes
+the source model (`--verify` refuses the combination).
+
 Requires: an energy-form graph whose non-teacher, non-tap couplings form a DAG.
 Ensures:  every state with an inbound coupling of kind 'forward' or 'residual' has exactly
           one inbound 'forward' coupling (from its deepest source); all its other such
@@ -63,6 +74,9 @@ def run(g: Graph, opts: CompileOptions) -> Graph:
         raise EpcError(f"graph {g.name}: residual needs an energy-form graph (run to_energy)")
     if opts.identity_skip not in ("identity", "learned"):
         raise EpcError(f"bad identity skip {opts.identity_skip!r} (supported: identity, learned)")
+    gain = float(opts.skip_gain)
+    if not (np.isfinite(gain) and gain > 0):
+        raise EpcError(f"bad skip gain {opts.skip_gain!r}: must be a positive number")
     g = g.copy()
     depth = depths(g)
     for s in g.states:
@@ -84,4 +98,32 @@ def run(g: Graph, opts: CompileOptions) -> Graph:
                     op.weight = g.fresh_name(f"{c.name}.weight")
                     g.weights[op.weight] = w
                     c.ops = [op]
+    if gain != 1.0:
+        inputs = {i.name for i in g.inputs}
+        for c in g.couplings:
+            if c.kind == "residual" and c.src not in inputs:
+                _scale_skip(g, c, gain)
     return g
+
+
+def _scale_skip(g: Graph, c: Coupling, gain: float) -> None:
+    """Multiply the skip coupling c's output by `gain` (see the module docstring)."""
+    if all(isinstance(op, Identity) for op in c.ops):
+        made = _identity_weight(g.shape_of(c.src))
+        if made is None:
+            raise EpcError(f"coupling {c.name}: --skip-gain needs a [C, H, W] or 1-D state "
+                           f"to give the identity skip a weight, not {list(g.shape_of(c.src))}")
+        op, w = made
+        op.weight = g.fresh_name(f"{c.name}.weight")
+        g.weights[op.weight] = w * np.float32(gain)
+        c.ops = [op]
+        return
+    op = next(op for op in c.ops if op_weights(op))     # energy form: Conv, Dense, ...
+    name = op.weight
+    shared = any(name in op_weights(o).values() for d in g.couplings if d is not c
+                 for o in d.ops)
+    if shared:      # scale a copy: the other coupling keeps its weight
+        op.weight = g.fresh_name(f"{c.name}.weight")
+        g.weights[op.weight] = g.weights[name] * np.float32(gain)
+    else:
+        g.weights[name] = g.weights[name] * np.float32(gain)
