@@ -88,6 +88,8 @@ Example:
   epc train r13.epc --data cifar10 --data-dir ~/cifar --augment crop:4,flip --device cuda
 """
 
+UNSETTLED_WARN = 0.5   # warn when at least this share of an epoch's free phases hit the cap
+
 EVAL_HELP = """Evaluate a (trained) bundle: free-phase accuracy, loss and convergence.
 
 Example:
@@ -200,6 +202,11 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"epc: warning: after epoch {rec['epoch']}, every test sample is "
                            f"predicted as class {rec['constant_prediction']}: the output no "
                            f"longer depends on the input (the network collapsed)", err=True)
+            if rec.get("unconverged_fraction", 0.0) >= UNSETTLED_WARN:
+                typer.echo(f"epc: warning: in epoch {rec['epoch']}, "
+                           f"{rec['unconverged_fraction']:.0%} of the free phases stopped at "
+                           f"the sweep cap before the tolerance (EP's estimate assumes settled "
+                           f"phases); raise --max-sweeps", err=True)
 
         kw = dict(data=data, data_dir=data_dir, resize=resize, channels=channels, epochs=epochs,
                   batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,

@@ -131,6 +131,15 @@ def test_bad_inputs_one_line_exit_2(mlp_path, tmp_path):
     _bad(tmp_path, ["train", tmp_path / "five.epc"], "labels range")
 
 
+def test_unsettled_epochs_are_warned_about(mlp_path):
+    r = _run("train", mlp_path, "--epochs", "1", "--max-sweeps", "2", "-q")
+    assert r.exit_code == 0, r.output
+    assert "epc: warning: in epoch 1, 100% of the free phases stopped at the sweep cap" \
+        in r.stderr and "--max-sweeps" in r.stderr
+    r = _run("train", mlp_path, "--epochs", "1", "-q")
+    assert r.exit_code == 0 and "sweep cap" not in r.stderr
+
+
 def test_divergence_is_named(mlp_path, tmp_path):
     from epc.compiler.errors import EpcError
     with pytest.raises(EpcError, match=r"diverged in epoch 1: .*(state|weight|gradient)"):

@@ -25,7 +25,9 @@ Requires: an energy-form graph whose non-teacher, non-tap couplings form a DAG.
 Ensures:  every state with an inbound coupling of kind 'forward' or 'residual' has exactly
           one inbound 'forward' coupling (from its deepest source); all its other such
           inbound couplings have kind 'residual'. States without inbound couplings (bias
-          only) have none. Tap and teacher couplings are untouched.
+          only) have none. Tap and teacher couplings are untouched. With skip_gain G != 1
+          every residual coupling from a state carries a weight and computes G times its
+          output at G = 1.
 """
 from __future__ import annotations
 
