@@ -20,6 +20,13 @@ from ..verify import problems
 PassFn = Callable[[Graph, CompileOptions], Graph]
 
 
+def require_energy(g: Graph, pass_name: str) -> None:
+    """The precondition every pass after to_energy shares: the graph is in energy form."""
+    if not g.is_energy:
+        raise EpcError(f"graph {g.name}: {pass_name} needs an energy-form graph "
+                       f"(run to_energy)")
+
+
 @dataclass
 class Pass:
     name: str

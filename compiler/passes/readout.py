@@ -25,11 +25,11 @@ from __future__ import annotations
 from ..errors import EpcError
 from ..ir import Graph
 from ..options import CompileOptions
+from .manager import require_energy
 
 
 def run(g: Graph, opts: CompileOptions) -> Graph:
-    if not g.is_energy:
-        raise EpcError(f"graph {g.name}: readout needs an energy-form graph (run to_energy)")
+    require_energy(g, "readout")
     g = g.copy()
     if not opts.readout:
         return g

@@ -37,6 +37,7 @@ import numpy as np
 from ..errors import EpcError
 from ..ir import Conv, Coupling, Dense, Graph, Identity, op_weights
 from ..options import CompileOptions
+from .manager import require_energy
 
 MAIN_KINDS = ("forward", "residual")
 
@@ -72,8 +73,7 @@ def _identity_weight(shape) -> tuple[object, np.ndarray] | None:
 
 
 def run(g: Graph, opts: CompileOptions) -> Graph:
-    if not g.is_energy:
-        raise EpcError(f"graph {g.name}: residual needs an energy-form graph (run to_energy)")
+    require_energy(g, "residual")
     if opts.identity_skip not in ("identity", "learned"):
         raise EpcError(f"bad identity skip {opts.identity_skip!r} (supported: identity, learned)")
     gain = float(opts.skip_gain)

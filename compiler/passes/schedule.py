@@ -34,6 +34,7 @@ import networkx as nx
 from ..errors import EpcError
 from ..ir import Graph, Schedule
 from ..options import CompileOptions
+from .manager import require_energy
 
 STRATEGIES = ("DSATUR", "largest_first", "smallest_last")
 
@@ -90,8 +91,7 @@ def classes(g: Graph) -> list[list[str]]:
 
 
 def run(g: Graph, opts: CompileOptions) -> Graph:
-    if not g.is_energy:
-        raise EpcError(f"graph {g.name}: schedule needs an energy-form graph (run to_energy)")
+    require_energy(g, "schedule")
     if opts.schedule not in ("colour", "sync"):
         raise EpcError(f"bad schedule {opts.schedule!r} (supported: colour, sync)")
     g = g.copy()

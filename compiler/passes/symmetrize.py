@@ -14,14 +14,13 @@ Ensures:  feedback is True on every coupling whose source is a state and whose k
 """
 from __future__ import annotations
 
-from ..errors import EpcError
 from ..ir import Graph
 from ..options import CompileOptions
+from .manager import require_energy
 
 
 def run(g: Graph, opts: CompileOptions) -> Graph:
-    if not g.is_energy:
-        raise EpcError(f"graph {g.name}: symmetrize needs an energy-form graph (run to_energy)")
+    require_energy(g, "symmetrize")
     g = g.copy()
     if not opts.feedback:
         return g

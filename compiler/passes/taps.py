@@ -36,6 +36,7 @@ import numpy as np
 from ..errors import EpcError
 from ..ir import Activation, Coupling, Cost, Dense, Flatten, GlobalAvgPool, Graph, State
 from ..options import CompileOptions
+from .manager import require_energy
 from .residual import depths
 
 MAX_AUTO_TAPS = 4
@@ -85,8 +86,7 @@ def selected(g: Graph, spec) -> list[str]:
 
 
 def run(g: Graph, opts: CompileOptions) -> Graph:
-    if not g.is_energy:
-        raise EpcError(f"graph {g.name}: taps needs an energy-form graph (run to_energy)")
+    require_energy(g, "taps")
     g = g.copy()
     names = selected(g, opts.taps)
     if not names:

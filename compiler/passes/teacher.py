@@ -31,6 +31,7 @@ import dataclasses
 from ..errors import EpcError
 from ..ir import Cost, Graph, Teacher, op_weights
 from ..options import CompileOptions
+from .manager import require_energy
 from . import canonicalize, to_energy
 
 
@@ -53,8 +54,7 @@ def _teacher_energy(tg: Graph, opts: CompileOptions) -> Graph:
 def run(g: Graph, opts: CompileOptions) -> Graph:
     if opts.teacher is None:
         return g.copy()
-    if not g.is_energy:
-        raise EpcError(f"graph {g.name}: teacher needs an energy-form graph (run to_energy)")
+    require_energy(g, "teacher")
     if not 0.0 <= opts.teacher_mix <= 1.0:
         raise EpcError(f"--teacher-mix {opts.teacher_mix}: must be in [0, 1]")
     if not opts.teacher_temperature > 0:
