@@ -113,8 +113,9 @@ class CompileResult:
     verify_error: float | None = None
 
 
-# Options that change the structure of the network: refused for already compiled inputs.
-STRUCTURAL = ("taps", "teacher", "pool_first", "readout")
+# Options that change the network (its structure or its initial weights): refused for
+# already compiled inputs when given (set, and not to their default).
+STRUCTURAL = ("taps", "teacher", "pool_first", "readout", "skip_gain")
 
 
 def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
@@ -134,8 +135,9 @@ def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
     g = source.graph
     if g.is_energy:
         # An already compiled (maybe trained) graph: it passes through unchanged.
-        given = [k for k in STRUCTURAL if getattr(opts, k)] + \
-            (["skip_gain"] if opts.skip_gain != 1.0 else [])
+        default = CompileOptions()
+        given = [k for k in STRUCTURAL
+                 if getattr(opts, k) and getattr(opts, k) != getattr(default, k)]
         if given:
             flag = given[0].replace("_", "-")
             raise EpcError(f"{src}: already compiled; --{flag} applies to feedforward "
