@@ -104,13 +104,6 @@ def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def _add_counts(counts: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Running per-class counts (grown to the largest class seen)."""
-    c = torch.bincount(classes.reshape(-1).cpu(), minlength=counts.numel())
-    return c if counts.numel() == 0 else c + torch.nn.functional.pad(
-        counts, (0, c.numel() - counts.numel()))
-
-
 @torch.no_grad()
 def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256,
              max_sweeps: int | None = None, tol: float | None = None,
@@ -130,8 +123,8 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
     """
     correct, loss, unconv, sweeps, nb = 0, 0.0, 0, 0, 0
     preds = []
-    pred_counts = torch.zeros(0, dtype=torch.int64)
-    label_counts = torch.zeros(0, dtype=torch.int64)
+    predicted: set[int] = set()      # the classes predicted / labelled so far
+    labelled: set[int] = set()
     watch = [j for j in eng.settled if eng.states[j].role in ("hidden", "output")]
     lo: dict[str, torch.Tensor] = {}
     hi: dict[str, torch.Tensor] = {}
@@ -150,8 +143,8 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
         p = eng.predict(r.states)
         if predictions:
             preds.append(p.cpu().numpy())
-        pred_counts = _add_counts(pred_counts, p)
-        label_counts = _add_counts(label_counts, yb)
+        predicted.update(p.unique().tolist())
+        labelled.update(yb.unique().tolist())
         correct += int((p == yb).sum())
         loss += float(eng.loss(r.states, batch, yb).sum())
         unconv += r.unconverged
@@ -160,11 +153,11 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
     # (one sample cannot vary: no verdict below two)
     spans = (torch.stack([(hi[j] - lo[j]).amax() for j in watch]).tolist()
              if watch and lo and n >= 2 else [])
-    one_class = int((label_counts > 0).sum()) >= 2 and int((pred_counts > 0).sum()) == 1
+    one_class = len(labelled) >= 2 and len(predicted) == 1
     out = {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1),
            "unconverged_fraction": unconv / max(n, 1), "mean_sweeps": sweeps / max(nb, 1),
            "samples": n, "dead_states": [j for j, s in zip(watch, spans) if s <= DEAD_SPAN],
-           "constant_prediction": int(pred_counts.argmax()) if one_class else None}
+           "constant_prediction": next(iter(predicted)) if one_class else None}
     if predictions:
         out["predictions"] = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
     return out
