@@ -65,6 +65,10 @@ def _progress_bar(epochs: int, quiet: bool):
     state = {"task": None, "epoch": -1}
 
     def cb(epoch, seen, total, loss, acc):
+        # started at the first batch, not before the data loads: a run refused for bad
+        # input prints its error line alone, without the bar's empty frame
+        if not prog.live.is_started:
+            prog.start()
         if state["epoch"] != epoch:
             state["epoch"] = epoch
             state["task"] = prog.add_task("train", total=total, epoch=epoch + 1, loss=loss, acc=acc)
@@ -217,11 +221,11 @@ def register(app: typer.Typer) -> None:
                   freeze_pool=freeze_pool, augment=augment, device=device,
                   threads=threads, checkpoint=checkpoint, resume=resume, stop_after=stop_after,
                   metrics_json=metrics_json, plot=plot, progress=cb, on_epoch=on_epoch)
-        if prog is not None:
-            with prog:
-                m = train(model, **kw)
-        else:
+        try:
             m = train(model, **kw)
+        finally:
+            if prog is not None and prog.live.is_started:
+                prog.stop()
         typer.echo(_summary(m))
 
     @app.command("eval", help=EVAL_HELP)

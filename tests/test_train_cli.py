@@ -100,6 +100,7 @@ def _bad(tmp_path, args, match):
     assert r.exit_code == 2, (args, r.output)
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("epc: error:") and match in err[0], err
+    assert r.stdout == "", r.stdout     # no progress bar frame before the error
     assert sentinel.read_text() == "keep"
 
 
