@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import math
 import os
 import sys
 from enum import Enum
@@ -172,33 +171,15 @@ def compile_cmd(
     from .options import CompileOptions, parse_activation
     from .pipeline import compile_source
 
-    if cost not in ("mse", "ce"):
-        raise EpcError(f"bad --cost {cost!r}: use mse or ce")
-    if neuron not in ("rate", "bernoulli"):
-        raise EpcError(f"bad --neuron {neuron!r}: use rate or bernoulli")
-    if schedule not in (None, "colour", "color", "sync"):
-        raise EpcError(f"bad --schedule {schedule!r}: use colour or sync")
+    # option values are checked by CompileOptions.check() (shared with the Python API).
     # Given explicitly, these also override the schedule of an already compiled input.
     sched = {k: v for k, v in (("mode", "colour" if schedule == "color" else schedule),
                                ("max_sweeps", max_sweeps), ("nudge_sweeps", nudge_sweeps),
                                ("tol", tol)) if v is not None}
-    if identity_skip not in ("identity", "learned"):
-        raise EpcError(f"bad --identity-skip {identity_skip!r}: use identity or learned")
-    if not (math.isfinite(skip_gain) and skip_gain > 0):
-        raise EpcError(f"bad --skip-gain {skip_gain}: must be a positive number")
-    if sched.get("max_sweeps", 1) < 1 or sched.get("nudge_sweeps", 1) < 1:
-        raise EpcError("--max-sweeps and --nudge-sweeps must be at least 1")
-    if sched.get("tol", 0.0) < 0:
-        raise EpcError("--tol must be >= 0")
-    if not 0.0 <= mix <= 1.0:
-        raise EpcError(f"bad --mix {mix}: must be between 0 and 1")
-    if temperature <= 0:
-        raise EpcError(f"bad --temperature {temperature}: must be positive")
     opts = CompileOptions(
         activation=parse_activation(activation), feedback=feedback, cost=cost,
         pool_first=pool_first, readout=readout,
-        taps=(None if taps is None else "auto" if taps == "auto"
-              else [t.strip() for t in taps.split(",") if t.strip()]),
+        taps=taps,
         tap_weight=tap_weight, teacher=teacher, teacher_temperature=temperature,
         teacher_mix=mix, neuron=neuron, identity_skip=identity_skip, skip_gain=skip_gain,
         **{("schedule" if k == "mode" else k): v for k, v in sched.items()})

@@ -1,6 +1,7 @@
 """Compile options: everything `epc compile` flags can set, in one dataclass."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .errors import EpcError
@@ -47,3 +48,42 @@ class CompileOptions:
     tol: float = 1e-4
     source_path: str | None = None        # the file compiled (teacher 'source' provenance)
     teacher_graph: object = None          # feedforward Graph of the teacher, set by the driver
+
+    def check(self) -> "CompileOptions":
+        """Refuse bad option values before any pass runs, naming the `epc compile` flag
+        (the CLI and the Python API share these checks); normalises 'color' to 'colour',
+        an activation given as text to an Activation and a comma list of taps to a list."""
+        if isinstance(self.activation, str):
+            self.activation = parse_activation(self.activation)
+        if not isinstance(self.activation, Activation):
+            raise EpcError(f"bad --activation {self.activation!r}: use clip:C, clip:LO:HI, "
+                           f"hardsigmoid or relu")
+        choices = (("cost", "cost", ("mse", "ce")), ("neuron", "neuron", ("rate", "bernoulli")),
+                   ("schedule", "schedule", ("colour", "sync")),
+                   ("identity_skip", "identity-skip", ("identity", "learned")))
+        if self.schedule == "color":
+            self.schedule = "colour"
+        for field_name, flag, allowed in choices:
+            v = getattr(self, field_name)
+            if v not in allowed:
+                raise EpcError(f"bad --{flag} {v!r}: use {' or '.join(allowed)}")
+        if isinstance(self.taps, str) and self.taps != "auto":
+            self.taps = [t.strip() for t in self.taps.split(",") if t.strip()]
+        if not (self.taps is None or self.taps == "auto" or (
+                isinstance(self.taps, (list, tuple)) and all(isinstance(t, str) for t in self.taps))):
+            raise EpcError(f"bad --taps {self.taps!r}: use auto or a comma-separated list of "
+                           f"state names")
+        for name, flag, ok, what in (
+                ("skip_gain", "skip-gain", lambda v: v > 0, "a positive number"),
+                ("tap_weight", "tap-weight", lambda v: v > 0, "a positive number"),
+                ("teacher_temperature", "temperature", lambda v: v > 0, "a positive number"),
+                ("teacher_mix", "mix", lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
+                ("tol", "tol", lambda v: v >= 0, "a number >= 0")):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and ok(v)):
+                raise EpcError(f"bad --{flag} {v}: must be {what}")
+        for name in ("max_sweeps", "nudge_sweeps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise EpcError(f"bad --{name.replace('_', '-')} {v}: must be an integer >= 1")
+        return self

@@ -127,7 +127,7 @@ def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
     compiled graph (a bundle, e.g. a trained checkpoint) passes through unchanged except
     for `schedule_overrides` (mode, max_sweeps, nudge_sweeps, tol), which replace the
     fields of its schedule."""
-    opts = opts or CompileOptions()
+    opts = (opts or CompileOptions()).check()
     t0 = time.perf_counter()
     source = src if isinstance(src, Source) else load_source(src, input_shape=input_shape)
     src = source.path

@@ -274,7 +274,7 @@ def test_schedule_flags_override_a_compiled_bundle(run_cli, examples, tmp_path):
     assert (gb.schedule.max_sweeps, gb.schedule.tol, gb.schedule.mode) == (200, 1e-5, "sync")
     assert gb.schedule.nudge_sweeps == ga.schedule.nudge_sweeps
     assert gb.schedule.classes == ga.schedule.classes
-    _one_error_line(*run_cli("compile", a, "-o", b, "--max-sweeps", "0"), "at least 1")
+    _one_error_line(*run_cli("compile", a, "-o", b, "--max-sweeps", "0"), "bad --max-sweeps 0")
 
 
 def test_atomic_write_modes_and_interruption(tmp_path, monkeypatch):
@@ -301,3 +301,28 @@ def test_atomic_write_modes_and_interruption(tmp_path, monkeypatch):
         bundle.atomic_write_bytes(p, b"three")
     assert p.read_bytes() == b"two"                   # the old file survives whole
     assert sorted(x.name for x in p.parent.iterdir()) == ["run.json"]   # no temporary left
+
+
+BAD_OPTIONS = [  # (Python API keyword, value, the CLI flag, its value)
+    ("cost", "l1", "--cost", "l1"), ("neuron", "spiking", "--neuron", "spiking"),
+    ("schedule", "async", "--schedule", "async"), ("tol", -1.0, "--tol", "-1"),
+    ("max_sweeps", 0, "--max-sweeps", "0"), ("nudge_sweeps", 0, "--nudge-sweeps", "0"),
+    ("teacher_mix", 1.5, "--mix", "1.5"), ("teacher_temperature", 0.0, "--temperature", "0"),
+    ("tap_weight", -0.3, "--tap-weight", "-0.3"), ("skip_gain", 0.0, "--skip-gain", "0"),
+    ("identity_skip", "zero", "--identity-skip", "zero"),
+]
+
+
+@pytest.mark.parametrize("kw,value,flag,text", BAD_OPTIONS)
+def test_bad_compile_options_named_by_cli_and_api(run_cli, examples, tmp_path, kw, value,
+                                                  flag, text):
+    """One check (CompileOptions.check) serves both: the flag is named, nothing is written,
+    and the API raises EpcError before any pass (not 'IR invalid after pass ...')."""
+    import epc
+    from epc.compiler.errors import EpcError
+    src = examples / "mlp_digits.onnx"
+    out = tmp_path / "m.epc"
+    _one_error_line(*run_cli("compile", src, flag, text, "-o", out), f"bad {flag}")
+    assert not out.exists()
+    with pytest.raises(EpcError, match=f"^bad {flag} "):
+        epc.compile(str(src), **{kw: value})
