@@ -182,13 +182,14 @@ def _cifar(root: Path, which: str):
 def parse_resize(spec) -> tuple[int, int] | None:
     if spec is None or spec == "":
         return None
-    if isinstance(spec, int):
-        return (spec, spec)
-    if isinstance(spec, (tuple, list)) and len(spec) == 2:
-        return (int(spec[0]), int(spec[1]))
     try:
-        parts = [int(p) for p in str(spec).lower().split("x")]
-    except ValueError:
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            parts = [spec]
+        elif isinstance(spec, (tuple, list)):
+            parts = [int(p) for p in spec]
+        else:
+            parts = [int(p) for p in str(spec).lower().split("x")]
+    except (TypeError, ValueError):
         parts = []
     if len(parts) == 1:
         parts = parts * 2
@@ -202,6 +203,9 @@ def fit_to_input(x: torch.Tensor, input_shape: tuple, *, resize=None, channels: 
     """Adapt images [N, C, H, W] (or any [N, ...]) to a graph's per-sample input shape."""
     input_shape = tuple(int(d) for d in input_shape)
     size = parse_resize(resize)
+    if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int)
+                                 or channels < 1):
+        raise EpcError(f"bad --channels {channels!r}: must be an integer >= 1")
     if x.dim() == 4:
         if size is not None and tuple(x.shape[2:]) != size:
             x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)

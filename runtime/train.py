@@ -69,8 +69,15 @@ class TrainConfig:
             raise EpcError(f"--nudge {self.nudge!r} (supported: symmetric, one-sided)")
         if self.optimizer not in ("adam", "sgd"):
             raise EpcError(f"--optimizer {self.optimizer!r} (supported: adam, sgd)")
-        if not self.lr > 0:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
             raise EpcError(f"--lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise EpcError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise EpcError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.clip is not None and not (self.clip > 0 and math.isfinite(self.clip)):
+            raise EpcError(f"--clip must be > 0 (the largest gradient norm kept), got "
+                           f"{self.clip}")
         if self.mode not in (None, "colour", "sync"):
             raise EpcError(f"--schedule {self.mode!r} (supported: colour, sync)")
         for k in ("max_sweeps", "nudge_sweeps"):

@@ -271,6 +271,12 @@ def test_python_cifar_refuses_non_array_pickles(tmp_path):
 def test_bad_data_inputs(tmp_path):
     with pytest.raises(EpcError, match="unknown data set"):
         load_dataset("imagenet")
+    # the Python API's numeric forms get the CLI's checks (not a torch RuntimeError)
+    for resize in (-1, 0, (8, 0), "0x8"):
+        with pytest.raises(EpcError, match="bad --resize"):
+            load_dataset("digits", input_shape=(1, 8, 8), resize=resize)
+    with pytest.raises(EpcError, match="bad --channels"):
+        load_dataset("digits", input_shape=(1, 8, 8), channels=0)
     with pytest.raises(EpcError, match="no such directory"):
         load_dataset("mnist", data_dir=tmp_path / "nope")
     with pytest.raises(EpcError, match="not found"):

@@ -112,6 +112,11 @@ def test_bad_inputs_one_line_exit_2(mlp_path, tmp_path):
          "CIFAR-10 not found")
     _bad(tmp_path, ["train", mlp_path, "--beta", "0"], "--beta")
     _bad(tmp_path, ["train", mlp_path, "--epochs", "-1"], "--epochs")
+    _bad(tmp_path, ["train", mlp_path, "--clip", "-1"], "--clip")
+    _bad(tmp_path, ["train", mlp_path, "--momentum", "1.5", "--optimizer", "sgd"], "--momentum")
+    _bad(tmp_path, ["train", mlp_path, "--weight-decay", "-0.1"], "--weight-decay")
+    _bad(tmp_path, ["train", mlp_path, "--channels", "0"], "--channels")
+    _bad(tmp_path, ["train", mlp_path, "--resize", "0"], "--resize")
     _bad(tmp_path, ["train", tmp_path / "missing.epc"], "no such file")
     _bad(tmp_path, ["check-gradients", mlp_path, "--beta", "0"], "--beta")
     # a bundle for another target
