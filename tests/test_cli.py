@@ -17,7 +17,7 @@ from epc.compiler.bundle import read_bundle
 from epc.compiler.text import parse, print_graph
 
 EXAMPLE_NAMES = ["mlp_digits", "mlp3_digits", "conv_digits", "vgg_cifar", "resnet13",
-                 "mobilenet_cifar"]
+                 "hopfield_resnet13", "mobilenet_cifar"]
 
 
 def _one_error_line(code, out, err, *needles):
@@ -101,6 +101,24 @@ def test_compile_accepts_a_bundle(run_cli, examples, tmp_path):
                     "already compiled")
     _one_error_line(*run_cli("compile", a, "--skip-gain", "0.5", "-o", tmp_path / "c.epc"),
                     "already compiled; --skip-gain")
+
+
+def test_torch_target_notes_gain_one_identity_skips(run_cli, examples, tmp_path):
+    r13 = examples / "resnet13.onnx"
+    code, _, err = run_cli("compile", r13, "--target", "torch", "-o", tmp_path / "a.epc")
+    assert code == 0, err
+    note = "note: 3 identity skip(s) of gain 1 join states (h2->h4, h6->h8, h10->h12)"
+    assert note in err
+    # learned identities start at gain 1 too; scaled skips or no identity skips: no note
+    code, _, err = run_cli("compile", r13, "--target", "torch", "--identity-skip", "learned",
+                           "-o", tmp_path / "b.epc")
+    assert code == 0 and note in err, err
+    code, _, err = run_cli("compile", r13, "--target", "torch", "--skip-gain", "0.5",
+                           "-o", tmp_path / "b.epc")
+    assert code == 0 and "note:" not in err, err
+    code, _, err = run_cli("compile", examples / "hopfield_resnet13.onnx", "--target", "torch",
+                           "-o", tmp_path / "c.epc")
+    assert code == 0 and "note:" not in err, err
 
 
 def test_skip_gain_refuses_verify_and_bad_values(run_cli, examples, tmp_path):
