@@ -128,6 +128,62 @@ def resnet13() -> nn.Module:
     return ResNet(blocks=(2, 2, 2), widths=(16, 32, 64), stem=False)
 
 
+class HopfieldBlock(nn.Module):
+    """One block of the Hopfield-ResNet layout (Vinayak & Srinivasan 2025, the seed paper
+    on deep EP): a = ReLU(conv3x3(x)), b = ReLU(conv3x3 stride 2 (a) + conv1x1 stride 2 (x)).
+    Every skip is a learned projection (no identity skips, no batch norm), and the weights
+    start scaled down: `gain` (3x3 convs) and `skip_gain` (1x1) times PyTorch's default
+    U(+-1/sqrt(fan_in)), biases halved, the paper's initialisation."""
+
+    def __init__(self, cin: int, cout: int, gain: float = 0.6, skip_gain: float = 0.7):
+        super().__init__()
+        self.conv_a = nn.Conv2d(cin, cout, 3, 1, 1)
+        self.conv_b = nn.Conv2d(cout, cout, 3, 2, 1)
+        self.skip = nn.Conv2d(cin, cout, 1, 2, 0, bias=False)   # b's bias is conv_b's
+        with torch.no_grad():
+            for conv, g in ((self.conv_a, gain), (self.conv_b, gain), (self.skip, skip_gain)):
+                conv.weight.mul_(g)
+                if conv.bias is not None:
+                    conv.bias.mul_(0.5)
+
+    def forward(self, x):
+        a = torch.relu(self.conv_a(x))
+        return torch.relu(self.conv_b(a) + self.skip(x))
+
+
+class HopfieldResNet(nn.Module):
+    """Four Hopfield blocks (8 hidden states, 12 convolutions) and a linear classifier on
+    the flattened last state: 13 weight layers, the seed paper's Hopfield-ResNet13 at
+    reduced widths (the paper: 128/256/512/512)."""
+
+    def __init__(self, widths=(32, 64, 128, 128), in_ch: int = 3, size: int = 32,
+                 classes: int = 10):
+        super().__init__()
+        blocks, c = [], in_ch
+        for w in widths:
+            blocks.append(HopfieldBlock(c, w))
+            c, size = w, (size + 1) // 2
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c * size * size, classes)
+        with torch.no_grad():
+            self.fc.weight.mul_(0.8)
+            self.fc.bias.mul_(0.5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.blocks(x), 1))
+
+
+def hopfield_resnet13() -> nn.Module:
+    """Hopfield-ResNet13 for 3x32x32 images (CIFAR)."""
+    return HopfieldResNet()
+
+
+def hopfield_resnet13_digits() -> nn.Module:
+    """The same layout for 3x8x8 inputs (states 8x8, 4x4, 4x4, 2x2, 2x2, then 1x1): digits
+    with `--channels 3`, as the ResNet-13 runs on digits in README use."""
+    return HopfieldResNet(in_ch=3, size=8)
+
+
 def resnet18_imagenet_shape(classes: int = 1000) -> nn.Module:
     """ResNet-18 layout (64..512 channels, stem 7x7/2 + max pool) for load-time measurements."""
     m = ResNet(blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), classes=classes,
@@ -163,6 +219,7 @@ MODELS = {
     "conv_digits": (conv_digits, (1, 8, 8)),
     "vgg_cifar": (vgg_cifar, (3, 32, 32)),
     "resnet13": (resnet13, (3, 32, 32)),
+    "hopfield_resnet13": (hopfield_resnet13, (3, 32, 32)),
     "mobilenet_cifar": (mobilenet_cifar, (3, 32, 32)),
 }
 

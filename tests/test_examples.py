@@ -21,7 +21,8 @@ _spec.loader.exec_module(be)
 
 SHAPES = {"mlp_digits": (64,), "mlp3_digits": (64,), "conv_digits": (1, 8, 8),
           "conv_digits_teacher": (1, 8, 8), "vgg_cifar": (3, 32, 32),
-          "resnet13": (3, 32, 32), "mobilenet_cifar": (3, 32, 32)}
+          "resnet13": (3, 32, 32), "hopfield_resnet13": (3, 32, 32),
+          "mobilenet_cifar": (3, 32, 32)}
 
 
 def test_committed_files_are_what_the_script_builds(tmp_path):
@@ -56,6 +57,15 @@ def test_architectures():
     assert len(convs) - len(projections) == 12 and len(projections) == 3
     assert sum(isinstance(o, Dense) for o in res) == 1
     assert sum(o.kind == "add" for o in res) == 6
+    # Hopfield-ResNet13: 4 blocks of two 3x3 convs and a 1x1 stride-2 projection skip (no
+    # identity skip, no BN) + the classifier: 13 weight layers counting the projections
+    hop = ops("hopfield_resnet13")
+    convs = [o for o in hop if isinstance(o, Conv)]
+    assert len(convs) == 12 and sum(o.pads == [0, 0, 0, 0] for o in convs) == 4
+    assert sum(o.stride == [2, 2] for o in convs) == 8
+    assert sum(isinstance(o, Dense) for o in hop) == 1
+    assert sum(o.kind == "add" for o in hop) == 4
+    assert not any(isinstance(o, BatchNorm) for o in hop)
     # every conv is followed by a BatchNorm with non-trivial running statistics
     g = load_onnx(os.path.join(EX, "vgg_cifar.onnx"))
     bns = [n.op for n in g.nodes if isinstance(n.op, BatchNorm)]
