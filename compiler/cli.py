@@ -210,11 +210,11 @@ def compile_cmd(
         _err(msg)
         skips = _state_identity_skips(g)
         if skips and target == Target.torch:
+            more = ", ..." if len(skips) > 3 else ""
             _err(f"epc: note: {len(skips)} identity skip(s) of gain 1 join states "
-                 f"({', '.join(skips[:3])}{', ...' if len(skips) > 3 else ''}); with symmetric "
-                 f"feedback, chained skips of gain 1 make the energy non-convex; EP training of the ResNet-13 "
-                 f"example collapsed at gain 1 but learned with --skip-gain 0.5 "
-                 f"(README: Deep nets)")
+                 f"({', '.join(skips[:3])}{more}); with symmetric feedback, chained skips of "
+                 f"gain 1 make the energy non-convex; EP training of the ResNet-13 example "
+                 f"collapsed at gain 1 but learned with --skip-gain 0.5 (README: Deep nets)")
 
 
 def _state_identity_skips(g) -> list[str]:

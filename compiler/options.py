@@ -69,8 +69,9 @@ class CompileOptions:
                 raise EpcError(f"bad --{flag} {v!r}: use {' or '.join(allowed)}")
         if isinstance(self.taps, str) and self.taps != "auto":
             self.taps = [t.strip() for t in self.taps.split(",") if t.strip()]
-        if not (self.taps is None or self.taps == "auto" or (
-                isinstance(self.taps, (list, tuple)) and all(isinstance(t, str) for t in self.taps))):
+        names = isinstance(self.taps, (list, tuple)) and all(isinstance(t, str)
+                                                             for t in self.taps)
+        if not (self.taps is None or self.taps == "auto" or names):
             raise EpcError(f"bad --taps {self.taps!r}: use auto or a comma-separated list of "
                            f"state names")
         for name, flag, ok, what in (
