@@ -194,7 +194,7 @@ def register(app: typer.Typer) -> None:
                     f"{rec['test_accuracy']:.2%}, loss {rec['train_loss']:.4f}, "
                     f"{rec['seconds']:.1f}s, unconverged {rec['unconverged_fraction']:.1%}")
             if prog is not None:
-                prog.console.print(line)
+                prog.console.print(line, soft_wrap=True, markup=False)  # whole line in logs
             elif not quiet:
                 typer.echo(line)
             if rec.get("dead_states"):

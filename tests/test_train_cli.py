@@ -220,3 +220,13 @@ def test_a_collapsed_network_is_reported(run_cli, tmp_path):
     assert evaluate(eng, d.test.x[one_class], d.test.y[one_class])["constant_prediction"] is None
     code, out, err = run_cli("eval", p)
     assert code == 0 and "every sample is predicted as class 3" in err
+
+
+def test_epoch_lines_are_not_wrapped_in_logs(mlp_path):
+    """Each epoch's summary is one line whatever the console width (rich wrapped it at 80
+    columns in a log file, putting the unconverged figure on a line of its own)."""
+    r = runner.invoke(app(), ["train", mlp_path, "--epochs", "1"], env={"COLUMNS": "40"})
+    assert r.exit_code == 0, r.output
+    lines = [l for l in r.stdout.splitlines() if l.startswith("epoch 1: ")]
+    assert len(lines) == 1 and "test acc" in lines[0] and "unconverged" in lines[0] \
+        and lines[0].rstrip().endswith("%"), r.stdout
