@@ -301,6 +301,8 @@ def register(app: typer.Typer) -> None:
                             schedule=schedule, freeze_pool=freeze_pool, device=device,
                             threads=threads, json_path=json_out)
         typer.echo(gradient_table(r))
+        for w in r.get("warnings", []):
+            typer.echo(f"epc: warning: {w}", err=True)
 
 
 def gradient_table(r: dict) -> str:

@@ -141,11 +141,23 @@ def check_gradients(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, beta: floa
             biases.append({"name": bn, "state": j,
                            **_compare(ep.get(bn, torch.zeros_like(true[bn])), true[bn])})
     phases = [free, plus] + ([minus] if minus else [])
+    unsettled = max(p.unconverged for p in phases)
+    warnings = []
+    if unsettled:
+        warnings.append(f"{unsettled} of {int(x.shape[0])} samples did not settle to --tol "
+                        f"{tol:g} within --max-sweeps {max_sweeps} in some phase; both "
+                        f"gradients assume settled phases (the implicit one a fixed point): "
+                        f"raise --max-sweeps")
+    if not (math.isfinite(info["adjoint_residual"]) and all(
+            math.isfinite(r["true_norm"]) for r in rows + biases)):
+        warnings.append("the implicit gradient is not finite (its adjoint iteration diverged "
+                        "at a state that is not a stable fixed point); the table compares "
+                        "nothing")
     return {"beta": beta, "nudge": nudge, "mode": mode, "freeze_pool": freeze_pool,
             "pool_frozen_in_free_phase": free.routing is not None, "samples": int(x.shape[0]),
             "dtype": str(dt).replace("torch.", ""),
             "tol": tol, "sweeps": {"free": free.sweeps, "plus": plus.sweeps,
                                    "minus": minus.sweeps if minus else None},
-            "unconverged": max(p.unconverged for p in phases),
+            "unconverged": unsettled, "warnings": warnings,
             "implicit": info, "couplings": rows, "biases": biases,
             "min_cosine": min([r["cosine"] for r in rows + biases], default=1.0)}
