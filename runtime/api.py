@@ -175,13 +175,26 @@ def evaluate(src: Any, *, data: str = "digits", data_dir: str | None = None, res
     if batch_size < 1:
         raise EpcError(f"--batch-size must be >= 1, got {batch_size}")
     _set_threads(threads)
-    eng, _, name = make_engine(src, device=device, schedule=schedule)
+    eng, b, name = make_engine(src, device=device, schedule=schedule)
+    # a checkpoint settles as its training run did (the test accuracy it reported used
+    # these), unless the caller says otherwise
+    ts = b.docs.get("train_state")
+    trained = ts.get("config", {}) if isinstance(ts, dict) else {}
+    given = {"mode": schedule, "max_sweeps": max_sweeps, "tol": tol}
+    settling = {k: v if v is not None else trained.get(k) for k, v in given.items()}
+    if settling["mode"] is not None:
+        eng.mode = settling["mode"]
     d = _data_for(eng, data, data_dir, resize, channels, dataset)
     s = d.test if split == "test" else d.train
     t0 = time.perf_counter()
-    r = _evaluate(eng, s.x, s.y, batch_size=batch_size, max_sweeps=max_sweeps, tol=tol,
-                  mode=schedule)
-    r.update({"model": name, "data": d.name, "split": split, "seconds": time.perf_counter() - t0})
+    r = _evaluate(eng, s.x, s.y, batch_size=batch_size, max_sweeps=settling["max_sweeps"],
+                  tol=settling["tol"], mode=settling["mode"])
+    r.update({"model": name, "data": d.name, "split": split, "seconds": time.perf_counter() - t0,
+              "settling": {"mode": eng.mode,
+                           "max_sweeps": settling["max_sweeps"] or eng.max_sweeps,
+                           "tol": eng.tol if settling["tol"] is None else settling["tol"],
+                           "from_training": sorted(k for k, v in given.items()
+                                                   if v is None and trained.get(k) is not None)}})
     if json_path:
         _write_json(json_path, r)
     return r

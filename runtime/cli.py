@@ -96,6 +96,9 @@ UNSETTLED_WARN = 0.5   # warn when at least this share of an epoch's free phases
 
 EVAL_HELP = """Evaluate a (trained) bundle: free-phase accuracy, loss and convergence.
 
+A checkpoint of `epc train` settles as its training run did (its --schedule, --max-sweeps
+and --tol), so the accuracy it reported is reproduced; give those flags to override.
+
 Example:
 
   epc eval ckpt/last.epc --data digits
@@ -261,9 +264,12 @@ def register(app: typer.Typer) -> None:
                      split=split, batch_size=batch_size, schedule=schedule,
                      max_sweeps=max_sweeps, tol=tol, device=device, threads=threads,
                      json_path=json_out)
+        st = r["settling"]
+        as_trained = ", ".join(f"{k.replace('_', '-')} {st[k]}" for k in st["from_training"])
         typer.echo(f"{r['model']} on {r['data']} ({r['split']}, {r['samples']} samples): "
                    f"accuracy {r['accuracy']:.2%}, loss {r['loss']:.4f}, mean sweeps "
-                   f"{r['mean_sweeps']:.1f}, unconverged {r['unconverged_fraction']:.1%}")
+                   f"{r['mean_sweeps']:.1f}, unconverged {r['unconverged_fraction']:.1%}"
+                   + (f" (settled as in training: {as_trained})" if as_trained else ""))
         if r["dead_states"]:
             typer.echo(f"epc: warning: no unit of {', '.join(r['dead_states'])} varies across "
                        f"these samples (a dead layer)", err=True)

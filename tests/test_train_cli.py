@@ -230,3 +230,22 @@ def test_epoch_lines_are_not_wrapped_in_logs(mlp_path):
     lines = [l for l in r.stdout.splitlines() if l.startswith("epoch 1: ")]
     assert len(lines) == 1 and "test acc" in lines[0] and "unconverged" in lines[0] \
         and lines[0].rstrip().endswith("%"), r.stdout
+
+
+def test_eval_settles_a_checkpoint_as_its_training_did(mlp_path, tmp_path):
+    """A run trained with its own sweep cap: `epc eval` of its checkpoint uses that cap by
+    default and reproduces the reported test loss exactly; an explicit flag overrides."""
+    ck = tmp_path / "ck"
+    m = train(mlp_path, epochs=1, seed=0, max_sweeps=5, checkpoint=str(ck))
+    e = evaluate(str(ck / "last.epc"))
+    assert e["settling"]["from_training"] == ["max_sweeps"]
+    assert e["settling"]["max_sweeps"] == 5
+    assert e["loss"] == m["history"][-1]["test_loss"]
+    assert e["accuracy"] == m["test_accuracy"]
+    e60 = evaluate(str(ck / "last.epc"), max_sweeps=60)
+    assert e60["settling"]["from_training"] == [] and e60["settling"]["max_sweeps"] == 60
+    assert e60["loss"] != e["loss"]
+    r = _run("eval", ck / "last.epc")
+    assert r.exit_code == 0 and "settled as in training: max-sweeps 5" in r.stdout, r.output
+    # a bundle that was never trained settles by its compiled schedule
+    assert evaluate(mlp_path)["settling"]["from_training"] == []
