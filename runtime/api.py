@@ -101,7 +101,8 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
 
     Metrics: train_accuracy (running accuracy of the last epoch's free phases),
     test_accuracy, test_loss, epochs, seconds, unconverged_fraction (last epoch, free
-    phase), samples_per_second and `history` (one record per epoch).
+    phase), samples_per_second and `history` (one record per epoch). `metrics_json` is
+    rewritten after every epoch with `in_progress` true, and once more at the end.
     `augment` ('crop:N', 'flip' or both, comma-separated) augments image training batches
     (runtime/augment.py).
     """
@@ -125,13 +126,40 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
             raise EpcError(f"{where}: incompatible checkpoint: target {ck.target!r}, not 'torch'")
         trainer.restore(ck, where)
 
+    t0 = time.perf_counter()
+    ntrain = d.train.x.shape[0]
+
+    def metrics_of(st, last: dict, in_progress: bool) -> dict:
+        train_secs = sum(h["seconds"] for h in st.history)
+        m = {
+            "model": name, "data": d.name, "device": str(eng.device),
+            "epochs": st.epoch, "in_progress": in_progress, "seconds": st.seconds,
+            "seconds_this_run": time.perf_counter() - t0,
+            "train_accuracy": last["train_accuracy"], "test_accuracy": last["test_accuracy"],
+            "test_loss": last.get("test_loss"),
+            "unconverged_fraction": last["unconverged_fraction"],
+            "best_test_accuracy": max([h["test_accuracy"] for h in st.history],
+                                      default=last["test_accuracy"]),
+            "samples_per_second": (ntrain * len(st.history) / train_secs) if train_secs > 0
+            else None,
+            "train_samples": ntrain, "test_samples": int(d.test.x.shape[0]),
+            "config": {k: getattr(cfg, k) for k in TrainConfig.RESUME_KEYS},
+            "history": st.history,
+        }
+        if checkpoint:
+            m["checkpoint"] = str(Path(checkpoint) / "last.epc")
+        return m
+
     def epoch_done(tr: Trainer, rec: dict):
         if checkpoint:
             save_checkpoint(tr, base, checkpoint)
+        if metrics_json:
+            # rewritten (atomically) after every epoch: a long run can be followed, and an
+            # interrupted one keeps its history; "in_progress" is false once the run ends
+            _write_json(metrics_json, metrics_of(tr.state, rec, in_progress=True))
         if on_epoch:
             on_epoch(rec)
 
-    t0 = time.perf_counter()
     st = trainer.run(progress=progress, on_epoch=epoch_done, stop_after=stop_after)
     last = st.history[-1] if st.history else None
     if last is None:  # zero epochs: report the model as it is
@@ -141,21 +169,7 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
                        max_sweeps=cfg.max_sweeps, tol=cfg.tol, mode=cfg.mode)
         last = {"train_accuracy": tr["accuracy"], "test_accuracy": te["accuracy"],
                 "test_loss": te["loss"], "unconverged_fraction": tr["unconverged_fraction"]}
-    ntrain = d.train.x.shape[0]
-    train_secs = sum(h["seconds"] for h in st.history)
-    metrics = {
-        "model": name, "data": d.name, "device": str(eng.device),
-        "epochs": st.epoch, "seconds": st.seconds, "seconds_this_run": time.perf_counter() - t0,
-        "train_accuracy": last["train_accuracy"], "test_accuracy": last["test_accuracy"],
-        "test_loss": last.get("test_loss"), "unconverged_fraction": last["unconverged_fraction"],
-        "best_test_accuracy": max([h["test_accuracy"] for h in st.history], default=last["test_accuracy"]),
-        "samples_per_second": (ntrain * len(st.history) / train_secs) if train_secs > 0 else None,
-        "train_samples": ntrain, "test_samples": int(d.test.x.shape[0]),
-        "config": {k: getattr(cfg, k) for k in TrainConfig.RESUME_KEYS},
-        "history": st.history,
-    }
-    if checkpoint:
-        metrics["checkpoint"] = str(Path(checkpoint) / "last.epc")
+    metrics = metrics_of(st, last, in_progress=False)
     if metrics_json:
         _write_json(metrics_json, metrics)
     if plot:

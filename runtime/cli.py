@@ -168,7 +168,8 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, help="continue the run in --checkpoint DIR exactly"),
         stop_after: Optional[int] = typer.Option(None, help="stop after N epochs of this "
                                                             "invocation (resume later)"),
-        metrics_json: Optional[str] = typer.Option(None, help="write metrics + history here"),
+        metrics_json: Optional[str] = typer.Option(None, help="write metrics + history here "
+                                                    "(rewritten after every epoch)"),
         plot: Optional[str] = typer.Option(None, help="write learning/settling curves (PNG)"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     ):

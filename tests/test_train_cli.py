@@ -249,3 +249,24 @@ def test_eval_settles_a_checkpoint_as_its_training_did(mlp_path, tmp_path):
     assert r.exit_code == 0 and "settled as in training: max-sweeps 5" in r.stdout, r.output
     # a bundle that was never trained settles by its compiled schedule
     assert evaluate(mlp_path)["settling"]["from_training"] == []
+
+
+def test_metrics_file_follows_the_run_and_survives_an_interruption(mlp_path, tmp_path):
+    mj = tmp_path / "run.json"
+    seen = []
+
+    def on_epoch(rec):
+        m = json.loads(mj.read_text())
+        seen.append((m["epochs"], len(m["history"]), m["in_progress"]))
+        if rec["epoch"] == 2:
+            raise KeyboardInterrupt     # the user stops the run during epoch 3's start
+
+    with pytest.raises(KeyboardInterrupt):
+        train(mlp_path, epochs=4, seed=0, metrics_json=str(mj), on_epoch=on_epoch)
+    assert seen == [(1, 1, True), (2, 2, True)]
+    m = json.loads(mj.read_text())      # what the interrupted run leaves: two whole epochs
+    assert m["in_progress"] and m["epochs"] == 2 and len(m["history"]) == 2
+    done = train(mlp_path, epochs=2, seed=0, metrics_json=str(mj))
+    m = json.loads(mj.read_text())
+    assert not m["in_progress"] and m["epochs"] == 2
+    assert m["history"] == json.loads(json.dumps(done["history"]))
