@@ -266,7 +266,8 @@ def register(app: typer.Typer) -> None:
                      max_sweeps=max_sweeps, tol=tol, device=device, threads=threads,
                      json_path=json_out)
         st = r["settling"]
-        as_trained = ", ".join(f"{k.replace('_', '-')} {st[k]}" for k in st["from_training"])
+        flag = {"mode": "schedule", "max_sweeps": "max-sweeps", "tol": "tol"}
+        as_trained = ", ".join(f"{flag[k]} {st[k]}" for k in st["from_training"])
         typer.echo(f"{r['model']} on {r['data']} ({r['split']}, {r['samples']} samples): "
                    f"accuracy {r['accuracy']:.2%}, loss {r['loss']:.4f}, mean sweeps "
                    f"{r['mean_sweeps']:.1f}, unconverged {r['unconverged_fraction']:.1%}"
