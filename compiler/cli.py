@@ -169,6 +169,7 @@ def compile_cmd(
       epc compile mlp.epc --target neuromorphic --weight-bits 4 --calibrate digits -o mlp4.nc
     """
     from .options import CompileOptions, parse_activation
+    from .passes.residual import unit_gain_skips
     from .pipeline import compile_source
 
     # option values are checked by CompileOptions.check() (shared with the Python API).
@@ -208,34 +209,14 @@ def compile_cmd(
         if res.verify_error is not None:
             msg += f"; verify: max relative error {res.verify_error:.2e} (limit 1e-4) OK"
         _err(msg)
-        skips = _state_identity_skips(g)
-        if skips and target == Target.torch:
+        skips = ([f"{c.src}->{c.dst}" for c in unit_gain_skips(g)]
+                 if target == Target.torch else [])
+        if skips:
             more = ", ..." if len(skips) > 3 else ""
             _err(f"epc: note: {len(skips)} identity skip(s) of gain 1 join states "
                  f"({', '.join(skips[:3])}{more}); with symmetric feedback, chained skips of "
                  f"gain 1 make the energy non-convex; EP training of the ResNet-13 example "
                  f"collapsed at gain 1 but learned with --skip-gain 0.5 (README: Deep nets)")
-
-
-def _state_identity_skips(g) -> list[str]:
-    """Skips of gain 1 from one state to another ('h2->h4'): weightless identities, or
-    learned maps that are still exactly the identity (--identity-skip learned); after
-    --skip-gain G != 1 their weight is G times the identity and they are not listed."""
-    import numpy as np
-
-    from .ir import Conv, Dense, Identity
-    states = {s.name for s in g.states}
-
-    def gain_one(c) -> bool:
-        if all(isinstance(op, Identity) for op in c.ops):
-            return True
-        if len(c.ops) == 1 and isinstance(c.ops[0], (Conv, Dense)):
-            w = np.asarray(g.weights[c.ops[0].weight])
-            return (w.shape[0] == int(np.prod(w.shape[1:]))
-                    and np.array_equal(w.reshape(w.shape[0], -1), np.eye(w.shape[0])))
-        return False
-    return [f"{c.src}->{c.dst}" for c in g.couplings
-            if c.kind == "residual" and c.src in states and gain_one(c)]
 
 
 @app.command("inspect")

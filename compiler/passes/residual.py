@@ -108,6 +108,22 @@ def run(g: Graph, opts: CompileOptions) -> Graph:
     return g
 
 
+def unit_gain_skips(g: Graph) -> list[Coupling]:
+    """The skips between two states still at gain 1: weightless identities, or learned
+    maps equal to the identity `_identity_weight` starts them at (--identity-skip learned).
+    After skip_gain G != 1 there are none. `epc compile` notes them (README: Deep nets)."""
+    inputs = {i.name for i in g.inputs}
+
+    def gain_one(c: Coupling) -> bool:
+        if all(isinstance(op, Identity) for op in c.ops):
+            return True
+        made = _identity_weight(g.shape_of(c.src))
+        return (made is not None and len(c.ops) == 1 and type(c.ops[0]) is type(made[0])
+                and np.array_equal(g.weights[c.ops[0].weight], made[1]))
+    return [c for c in g.couplings
+            if c.kind == "residual" and c.src not in inputs and gain_one(c)]
+
+
 def _scale_skip(g: Graph, c: Coupling, gain: float) -> None:
     """Multiply the skip coupling c's output by `gain` (see the module docstring)."""
     if all(isinstance(op, Identity) for op in c.ops):
