@@ -205,7 +205,8 @@ def evaluate(src: Any, *, data: str = "digits", data_dir: str | None = None, res
                   tol=settling["tol"], mode=settling["mode"])
     r.update({"model": name, "data": d.name, "split": split, "seconds": time.perf_counter() - t0,
               "settling": {"mode": eng.mode,
-                           "max_sweeps": settling["max_sweeps"] or eng.max_sweeps,
+                           "max_sweeps": (eng.max_sweeps if settling["max_sweeps"] is None
+                                          else settling["max_sweeps"]),
                            "tol": eng.tol if settling["tol"] is None else settling["tol"],
                            "from_training": sorted(k for k, v in given.items()
                                                    if v is None and trained.get(k) is not None)}})
