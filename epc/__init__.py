@@ -19,7 +19,7 @@ from typing import Any
 from epc.compiler.bundle import Bundle, read_bundle, write_bundle
 from epc.compiler.errors import EpcError
 from epc.compiler.ir import Graph
-from epc.compiler.options import CompileOptions, parse_activation
+from epc.compiler.options import CompileOptions
 from epc.compiler.text import parse, print_graph
 
 __version__ = "0.1.0"
@@ -38,9 +38,7 @@ def compile(source: Any, *, target: str | None = None, output: str | None = None
     import sys
 
     from epc.compiler.pipeline import compile_source, torch_source
-    if isinstance(options.get("activation"), str):
-        options["activation"] = parse_activation(options["activation"])
-    opts = CompileOptions(**options)
+    opts = CompileOptions(**options)     # compile_source checks it (activation text too)
     src = source
     if not isinstance(source, str):
         if example_input is None:
