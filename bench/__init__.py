@@ -27,9 +27,9 @@ Everything is measured side by side in one run on this machine:
   each beside the backprop reference: the same architecture trained by backprop with the
   same epochs, seeds, batch size and split, best of six Adam settings (bench/backprop.py),
   once with the source ReLUs and once with the energy form's clipped activations, and the
-  test samples every run gets wrong (`python -m bench.accuracy` runs it alone; ~17 minutes
+  test samples every run gets wrong (`python -m bench.accuracy` runs it alone; ~23 minutes
   here).
-* parity: the trained MLP and conv net as 8-bit and calibrated 4-bit programs in the
+* parity: the trained MLP and conv nets as 8-bit and calibrated 4-bit programs in the
   simulator vs the float runtime, and on-chip learning of the untrained MLP
   (`python -m bench.parity` runs it alone).
 """

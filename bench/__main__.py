@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --------------------------------------------------------------------------- models
 def models(quick: bool) -> dict:
     """Example models compiled by the real pipeline when present, else hand-built ones."""
-    names = ["mlp_digits", "mlp3_digits", "conv_digits"]
+    names = ["mlp_digits", "mlp3_digits", "conv_digits", "conv1_digits"]
     out = {}
     try:
         from epc.compiler.options import CompileOptions

@@ -3,10 +3,10 @@
 Each example ONNX file is compiled by the real pipeline (`--target torch`) and trained
 for 30 epochs, once per seed (0, 1, 2 by default), with the settings the README quotes:
 the CLI defaults (Adam, lr 5e-4, weight decay 1e-3, beta 0.2 symmetric, batch 32,
-cosine) for the MLPs, and `--lr 3e-4` for the conv net, which also runs compiled with
-`--pool-first` (conv_digits_pool_first). Test accuracy on the fixed
-`train_test_split(test_size=0.2, random_state=0)` split of scikit-learn's digits; one test
-sample is 0.28 points.
+cosine) for the MLPs and the one-layer conv net (conv1_digits), and `--lr 3e-4` for the
+two-layer conv net (conv_digits); both conv nets also run compiled with `--pool-first`
+(`*_pool_first`). Test accuracy on the fixed `train_test_split(test_size=0.2,
+random_state=0)` split of scikit-learn's digits; one test sample is 0.28 points.
 
 Next to each EP figure stands the backprop reference (bench/backprop.py): the same
 architecture (the feedforward net the example was compiled from), trained by backprop
@@ -16,7 +16,7 @@ six settings, and `always_wrong` lists the test samples every backprop run miscl
 It runs twice: with the source model's ReLUs (`backprop`) and with the energy form's
 clipped activations, the ones EP trains with (`backprop.energy_activations`).
 
-    python -m bench.accuracy --json acc.json            # all runs, seeds 0 1 2 (~17 min)
+    python -m bench.accuracy --json acc.json            # all runs, seeds 0 1 2 (~23 min)
     python -m bench.accuracy --models mlp_digits --epochs 2 --seeds 0
 """
 from __future__ import annotations
@@ -41,6 +41,9 @@ RUNS = {
     "conv_digits": ("conv_digits", {}, {"lr": 3e-4}, 0.990),
     # the same net compiled with --pool-first (states are the pooled maps)
     "conv_digits_pool_first": ("conv_digits", {"pool_first": True}, {"lr": 3e-4}, 0.990),
+    # one conv layer: the convolution is the input coupling, the CLI defaults
+    "conv1_digits": ("conv1_digits", {}, {}, 0.990),
+    "conv1_digits_pool_first": ("conv1_digits", {"pool_first": True}, {}, 0.990),
 }
 
 

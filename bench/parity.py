@@ -1,16 +1,16 @@
 """Neuromorphic parity and on-chip learning on digits (the neuromorphic issue's targets).
 
-For each example network: train it with float EP exactly as `bench.accuracy` does (same
-settings, seed and thread count), then quantize the trained graph to 8-bit programs (scales
-from the weights, and calibrated on digits) and to 4-bit programs calibrated on digits (one
-exponent per coupling, and per output channel), and run the test set through the bit-exact
-simulator. Reported per program: accuracy, the gap to the float runtime in points,
+For each example digits network (the MLP and both conv nets): train it with float EP
+exactly as `bench.accuracy` does (same settings, seed and thread count), then quantize
+the trained graph to 8-bit programs (scales from the weights, and calibrated on digits)
+and to 4-bit programs calibrated on digits (one exponent per coupling, and per output
+channel), and run the test set through the bit-exact simulator. Reported per program: accuracy, the gap to the float runtime in points,
 prediction agreement with the float runtime, max / median sweeps to the integer fixed
 point, unsettled and cycling samples and overflows. Then on-chip learning: the untrained
 MLP compiled to an 8-bit program and trained in the simulator (integer only) for 20
 epochs, compared with the float EP run.
 
-    python -m bench.parity --json parity.json          # MLP and conv net (several minutes)
+    python -m bench.parity --json parity.json          # MLP and conv nets (several minutes)
     python -m bench.parity --models mlp_digits --onchip-epochs 3
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ PROGRAMS = (("w8", {}),
             ("w4_calibrated_per_channel", {"weight_bits": 4, "calibrate": "digits",
                                            "per_channel": True}))
 ONCHIP_LR_SHIFT = 9
+PARITY_MODELS = ["mlp_digits", "conv_digits", "conv1_digits"]
 
 
 def _program_figures(prog, xte, yte, pf) -> dict:
@@ -105,7 +106,7 @@ def bench_parity(models=None, epochs: int = 30, onchip_epochs: int = 20, seed: i
     res = {"epochs": epochs, "seed": seed, "threads": threads, "models": {}}
     with keep_threads():
         with tempfile.TemporaryDirectory() as tmp:
-            for name in models or ["mlp_digits", "conv_digits"]:
+            for name in models or PARITY_MODELS:
                 done = (trained or {}).get((name, seed, epochs, threads))
                 res["models"][name] = parity(name, epochs, seed, threads, tmp, done)
                 print(f"parity {name}: {json.dumps(res['models'][name])}", flush=True)
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.parity", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None, help="write results here")
-    ap.add_argument("--models", nargs="*", choices=["mlp_digits", "conv_digits"], default=None)
+    ap.add_argument("--models", nargs="*", choices=PARITY_MODELS, default=None)
     ap.add_argument("--epochs", type=int, default=30, help="float EP epochs")
     ap.add_argument("--onchip-epochs", type=int, default=20, help="0 skips on-chip learning")
     ap.add_argument("--seed", type=int, default=0)

@@ -52,6 +52,16 @@ def conv_digits() -> nn.Module:
         flatten=nn.Flatten(), fc=nn.Linear(64 * 2 * 2, 10)))
 
 
+def conv1_digits() -> nn.Module:
+    """One convolutional layer (64 filters 3x3), a 2x2 max-pool and a linear readout.
+    Compiled, its convolution is the input coupling (a constant drive while a phase
+    settles) and the pool sits in the coupling to the output, so EP settles one 64x8x8
+    state and the output; in conv_digits a convolution couples two settled states."""
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(1, 64, 3, padding=1), relu1=nn.ReLU(), pool1=nn.MaxPool2d(2),
+        flatten=nn.Flatten(), fc=nn.Linear(64 * 4 * 4, 10)))
+
+
 def _conv_bn_relu(cin: int, cout: int, relu6: bool = False, stride: int = 1,
                   groups: int = 1, k: int = 3) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False),
@@ -217,6 +227,7 @@ MODELS = {
     "mlp_digits": (mlp_digits, (64,)),
     "mlp3_digits": (mlp3_digits, (64,)),
     "conv_digits": (conv_digits, (1, 8, 8)),
+    "conv1_digits": (conv1_digits, (1, 8, 8)),
     "vgg_cifar": (vgg_cifar, (3, 32, 32)),
     "resnet13": (resnet13, (3, 32, 32)),
     "hopfield_resnet13": (hopfield_resnet13, (3, 32, 32)),

@@ -52,7 +52,7 @@ def test_accuracy_bench_smoke(tmp_path):
         rec["test_accuracy"] - bpe["test_accuracy"])
 
 
-@pytest.mark.parametrize("name", ["mlp3_digits", "conv_digits"])
+@pytest.mark.parametrize("name", ["mlp3_digits", "conv_digits", "conv1_digits"])
 def test_backprop_reference_runs_the_network_the_example_file_holds(name):
     """bench.backprop trains the feedforward form of the compiled graph: on the untrained
     example it must compute what onnxruntime computes from the ONNX file."""

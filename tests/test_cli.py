@@ -16,8 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 from epc.compiler.bundle import read_bundle
 from epc.compiler.text import parse, print_graph
 
-EXAMPLE_NAMES = ["mlp_digits", "mlp3_digits", "conv_digits", "vgg_cifar", "resnet13",
-                 "hopfield_resnet13", "mobilenet_cifar"]
+EXAMPLE_NAMES = ["mlp_digits", "mlp3_digits", "conv_digits", "conv1_digits", "vgg_cifar",
+                 "resnet13", "hopfield_resnet13", "mobilenet_cifar"]
 
 
 def _one_error_line(code, out, err, *needles):

@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from epc.compiler.ir import Act, BatchNorm, Conv, Dense
+from epc.compiler.ir import Act, BatchNorm, Conv, Dense, MaxPool
 from epc.frontends.onnx import load_onnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +20,7 @@ be = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(be)
 
 SHAPES = {"mlp_digits": (64,), "mlp3_digits": (64,), "conv_digits": (1, 8, 8),
+          "conv1_digits": (1, 8, 8),
           "conv_digits_teacher": (1, 8, 8), "vgg_cifar": (3, 32, 32),
           "resnet13": (3, 32, 32), "hopfield_resnet13": (3, 32, 32),
           "mobilenet_cifar": (3, 32, 32)}
@@ -50,6 +51,11 @@ def test_architectures():
 
     mlp3 = ops("mlp3_digits")
     assert [o.kind for o in mlp3 if isinstance(o, Dense)] == ["dense"] * 4
+    # conv1_digits: one 3x3 conv of 64 filters, one 2x2 max-pool, the readout
+    g1 = load_onnx(os.path.join(EX, "conv1_digits.onnx"))
+    c1 = [n.op for n in g1.nodes if isinstance(n.op, (Conv, MaxPool, Dense))]
+    assert [type(o) for o in c1] == [Conv, MaxPool, Dense]
+    assert g1.weights[c1[0].weight].shape == (64, 1, 3, 3) and c1[1].kernel == [2, 2]
     res = ops("resnet13")
     convs = [o for o in res if isinstance(o, Conv)]
     projections = [o for o in convs if o.pads == [0, 0, 0, 0]]   # 1x1 shortcuts

@@ -97,10 +97,10 @@ def _compiled(name):
     return compile_source(path, CompileOptions()).graph
 
 
-@pytest.mark.parametrize("name", ["mlp_digits", "mlp3_digits", "conv_digits"])
+@pytest.mark.parametrize("name", ["mlp_digits", "mlp3_digits", "conv_digits", "conv1_digits"])
 def test_real_examples_at_initialisation(name):
     g = _compiled(name)
-    r = check_gradients(g, beta=0.01, samples=16 if name == "conv_digits" else 32)
+    r = check_gradients(g, beta=0.01, samples=16 if name.startswith("conv") else 32)
     assert r["unconverged"] == 0
     assert _min_cos(r) >= 0.99, r["couplings"]
 
