@@ -1,14 +1,14 @@
 """Neuromorphic parity and on-chip learning on digits (the neuromorphic issue's targets).
 
 For each example digits network (the MLP and both conv nets): train it with float EP
-exactly as `bench.accuracy` does (same settings, seed and thread count), then quantize
-the trained graph to 8-bit programs (scales from the weights, and calibrated on digits)
-and to 4-bit programs calibrated on digits (one exponent per coupling, and per output
-channel), and run the test set through the bit-exact simulator. Reported per program: accuracy, the gap to the float runtime in points,
-prediction agreement with the float runtime, max / median sweeps to the integer fixed
-point, unsettled and cycling samples and overflows. Then on-chip learning: the untrained
-MLP compiled to an 8-bit program and trained in the simulator (integer only) for 20
-epochs, compared with the float EP run.
+exactly as `bench.accuracy` does (same settings, seed and thread count), then quantize the
+trained graph to 8-bit programs (scales from the weights, and calibrated on digits) and to
+4-bit programs calibrated on digits (one exponent per coupling, and per output channel),
+and run the test set through the bit-exact simulator. Reported per program: accuracy, the
+gap to the float runtime in points, prediction agreement with the float runtime, max /
+median sweeps to the integer fixed point, unsettled and cycling samples and overflows.
+Then on-chip learning: the untrained MLP compiled to an 8-bit program and trained in the
+simulator (integer only) for 20 epochs, compared with the float EP run.
 
     python -m bench.parity --json parity.json          # MLP and conv nets (several minutes)
     python -m bench.parity --models mlp_digits --onchip-epochs 3

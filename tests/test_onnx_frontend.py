@@ -96,8 +96,9 @@ def make(family: str, seed: int = 0):
 
 
 # --------------------------------------------------------------------------- examples
-EXAMPLE_FILES = ["mlp_digits", "mlp3_digits", "conv_digits", "conv1_digits", "conv_digits_teacher",
-                 "vgg_cifar", "resnet13", "hopfield_resnet13", "mobilenet_cifar"]
+EXAMPLE_FILES = ["mlp_digits", "mlp3_digits", "conv_digits", "conv1_digits",
+                 "conv_digits_teacher", "vgg_cifar", "resnet13", "hopfield_resnet13",
+                 "mobilenet_cifar"]
 
 
 @pytest.mark.parametrize("name", EXAMPLE_FILES)
