@@ -72,6 +72,24 @@ def _identity_weight(shape) -> tuple[object, np.ndarray] | None:
     return None
 
 
+def _is_identity(c: Coupling) -> bool:
+    return all(isinstance(op, Identity) for op in c.ops)
+
+
+def _learn_identity(g: Graph, c: Coupling, gain: float = 1.0) -> bool:
+    """Give the identity skip c a learned map initialised to gain times the identity (a
+    1x1 conv for a [C, H, W] state, a dense layer for a 1-D one); False, and c unchanged,
+    for a state of another rank."""
+    made = _identity_weight(g.shape_of(c.src))
+    if made is None:
+        return False
+    op, w = made
+    op.weight = g.fresh_name(f"{c.name}.weight")
+    g.weights[op.weight] = w * np.float32(gain)
+    c.ops = [op]
+    return True
+
+
 def run(g: Graph, opts: CompileOptions) -> Graph:
     require_energy(g, "residual")
     if opts.identity_skip not in ("identity", "learned"):
@@ -90,16 +108,11 @@ def run(g: Graph, opts: CompileOptions) -> Graph:
                                         -kc[0]))[1]
         for _, c in inb:
             c.kind = "forward" if c is main else "residual"
-            if c is main or not all(isinstance(op, Identity) for op in c.ops):
+            if c is main or not _is_identity(c):
                 continue
             c.ops = [Identity()]
             if opts.identity_skip == "learned":
-                made = _identity_weight(g.shape_of(c.src))
-                if made is not None:
-                    op, w = made
-                    op.weight = g.fresh_name(f"{c.name}.weight")
-                    g.weights[op.weight] = w
-                    c.ops = [op]
+                _learn_identity(g, c)
     if gain != 1.0:
         inputs = {i.name for i in g.inputs}
         for c in g.couplings:
@@ -115,7 +128,7 @@ def unit_gain_skips(g: Graph) -> list[Coupling]:
     inputs = {i.name for i in g.inputs}
 
     def gain_one(c: Coupling) -> bool:
-        if all(isinstance(op, Identity) for op in c.ops):
+        if _is_identity(c):
             return True
         made = _identity_weight(g.shape_of(c.src))
         return (made is not None and len(c.ops) == 1 and type(c.ops[0]) is type(made[0])
@@ -126,15 +139,10 @@ def unit_gain_skips(g: Graph) -> list[Coupling]:
 
 def _scale_skip(g: Graph, c: Coupling, gain: float) -> None:
     """Multiply the skip coupling c's output by `gain` (see the module docstring)."""
-    if all(isinstance(op, Identity) for op in c.ops):
-        made = _identity_weight(g.shape_of(c.src))
-        if made is None:
+    if _is_identity(c):
+        if not _learn_identity(g, c, gain):
             raise EpcError(f"coupling {c.name}: --skip-gain needs a [C, H, W] or 1-D state "
                            f"to give the identity skip a weight, not {list(g.shape_of(c.src))}")
-        op, w = made
-        op.weight = g.fresh_name(f"{c.name}.weight")
-        g.weights[op.weight] = w * np.float32(gain)
-        c.ops = [op]
         return
     op = next(op for op in c.ops if op_weights(op))     # energy form: Conv, Dense, ...
     name = op.weight
