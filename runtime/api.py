@@ -195,19 +195,19 @@ def evaluate(src: Any, *, data: str = "digits", data_dir: str | None = None, res
     ts = b.docs.get("train_state")
     trained = ts.get("config", {}) if isinstance(ts, dict) else {}
     given = {"mode": schedule, "max_sweeps": max_sweeps, "tol": tol}
-    settling = {k: v if v is not None else trained.get(k) for k, v in given.items()}
-    if settling["mode"] is not None:
-        eng.mode = settling["mode"]
+    # each setting: given, else the training run's, else the bundle's schedule
+    settling = {}
+    for k, own in (("mode", eng.mode), ("max_sweeps", eng.max_sweeps), ("tol", eng.tol)):
+        v = given[k] if given[k] is not None else trained.get(k)
+        settling[k] = own if v is None else v
+    eng.mode = settling["mode"]
     d = _data_for(eng, data, data_dir, resize, channels, dataset)
     s = d.test if split == "test" else d.train
     t0 = time.perf_counter()
     r = _evaluate(eng, s.x, s.y, batch_size=batch_size, max_sweeps=settling["max_sweeps"],
                   tol=settling["tol"], mode=settling["mode"])
     r.update({"model": name, "data": d.name, "split": split, "seconds": time.perf_counter() - t0,
-              "settling": {"mode": eng.mode,
-                           "max_sweeps": (eng.max_sweeps if settling["max_sweeps"] is None
-                                          else settling["max_sweeps"]),
-                           "tol": eng.tol if settling["tol"] is None else settling["tol"],
+              "settling": {**settling,
                            "from_training": sorted(k for k, v in given.items()
                                                    if v is None and trained.get(k) is not None)}})
     if json_path:
