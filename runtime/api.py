@@ -89,7 +89,7 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
           channels: int | None = None, dataset=None, epochs: int = 30, batch_size: int = 32,
           optimizer: str = "adam", lr: float = 5e-4, momentum: float = 0.9,
           weight_decay: float = 1e-3, cosine: bool = True, clip: float | None = None,
-          beta: float = 0.2, nudge: str = "symmetric", seed: int = 0,
+          beta: float = 0.2, nudge: str = "symmetric", gradient: str = "ep", seed: int = 0,
           schedule: str | None = None, max_sweeps: int | None = None,
           nudge_sweeps: int | None = None, tol: float | None = None, warm_start: bool = False,
           freeze_pool: bool = True, augment: str | None = None,
@@ -104,12 +104,15 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
     phase), samples_per_second and `history` (one record per epoch). `metrics_json` is
     rewritten after every epoch with `in_progress` true, and once more at the end.
     `augment` ('crop:N', 'flip' or both, comma-separated) augments image training batches
-    (runtime/augment.py).
+    (runtime/augment.py). `gradient='implicit'` trains with the exact gradient at the free
+    fixed point instead of the EP estimate (a reference; each epoch record counts the
+    `skipped_steps` whose adjoint iteration did not converge, which apply no update).
     """
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                       momentum=momentum, weight_decay=weight_decay, cosine=cosine, clip=clip,
-                      beta=beta, nudge=nudge, seed=seed, mode=schedule, max_sweeps=max_sweeps,
-                      nudge_sweeps=nudge_sweeps, tol=tol, warm_start=warm_start,
+                      beta=beta, nudge=nudge, gradient=gradient, seed=seed, mode=schedule,
+                      max_sweeps=max_sweeps, nudge_sweeps=nudge_sweeps, tol=tol,
+                      warm_start=warm_start,
                       freeze_pool=freeze_pool, augment=augment).check()
     if resume and not checkpoint:
         raise EpcError("--resume needs --checkpoint DIR (the run's checkpoint directory)")
@@ -138,6 +141,7 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
             "train_accuracy": last["train_accuracy"], "test_accuracy": last["test_accuracy"],
             "test_loss": last.get("test_loss"),
             "unconverged_fraction": last["unconverged_fraction"],
+            "skipped_steps": sum(h.get("skipped_steps", 0) for h in st.history),
             "best_test_accuracy": max([h["test_accuracy"] for h in st.history],
                                       default=last["test_accuracy"]),
             "samples_per_second": (ntrain * len(st.history) / train_secs) if train_secs > 0

@@ -90,9 +90,16 @@ Example:
   epc train mlp.epc --epochs 30 --checkpoint ckpt/ --resume   # continue an interrupted run
 
   epc train r13.epc --data cifar10 --data-dir ~/cifar --augment crop:4,flip --device cuda
+
+  epc train mlp.epc --gradient implicit   # the same model trained by its exact gradient
+
+--gradient implicit replaces the EP estimate by the exact gradient of the loss at the free
+fixed point (recurrent backprop, as check-gradients computes it): several times slower, a
+reference that tells EP's estimation error apart from what the energy model can learn.
 """
 
 UNSETTLED_WARN = 0.5   # warn when at least this share of an epoch's free phases hit the cap
+SKIPPED_WARN = 0.25    # warn when at least this share of an epoch's steps applied no update
 
 EVAL_HELP = """Evaluate a (trained) bundle: free-phase accuracy, loss and convergence.
 
@@ -147,6 +154,10 @@ def register(app: typer.Typer) -> None:
                                                   "program here (float bundles: use "
                                                   "--checkpoint DIR)"),
         nudge: str = typer.Option("symmetric", help="symmetric | one-sided"),
+        gradient: str = typer.Option(
+            "ep", help="ep (the estimate from the nudged phases) | implicit (the exact "
+                       "gradient at the free fixed point, a slower reference; steps whose "
+                       "adjoint iteration does not converge are skipped and counted)"),
         seed: int = typer.Option(0, help="seed of shuffling (runs are reproducible)"),
         schedule: Optional[str] = typer.Option(None, help="colour | sync (default: compiled)"),
         max_sweeps: Optional[int] = typer.Option(None, help="free-phase sweep cap"),
@@ -180,6 +191,9 @@ def register(app: typer.Typer) -> None:
             if augment is not None:
                 raise EpcError(f"{model}: --augment applies to float bundles; on-chip "
                                f"learning reads the data set as it is")
+            if gradient != "ep":
+                raise EpcError(f"{model}: --gradient {gradient} applies to float bundles; "
+                               f"on-chip learning is EP")
             m = nm.train_program(model, data=data, epochs=epochs, seed=seed,
                                  metrics_json=metrics_json, data_dir=data_dir, resize=resize,
                                  lr_shift=lr_shift, beta=beta, out=output,
@@ -210,6 +224,11 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"epc: warning: after epoch {rec['epoch']}, every test sample is "
                            f"predicted as class {rec['constant_prediction']}: the output no "
                            f"longer depends on the input (the network collapsed)", err=True)
+            if rec.get("skipped_steps", 0) >= SKIPPED_WARN * rec.get("steps", 1):
+                typer.echo(f"epc: warning: in epoch {rec['epoch']}, {rec['skipped_steps']} of "
+                           f"{rec['steps']} steps applied no update: the implicit gradient's "
+                           f"adjoint iteration did not converge (the free phase ended off a "
+                           f"stable fixed point)", err=True)
             if rec.get("unconverged_fraction", 0.0) >= UNSETTLED_WARN:
                 typer.echo(f"epc: warning: in epoch {rec['epoch']}, "
                            f"{rec['unconverged_fraction']:.0%} of the free phases stopped at "
@@ -219,7 +238,7 @@ def register(app: typer.Typer) -> None:
         kw = dict(data=data, data_dir=data_dir, resize=resize, channels=channels, epochs=epochs,
                   batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
                   weight_decay=weight_decay, cosine=cosine, clip=clip,
-                  beta=0.2 if beta is None else beta, nudge=nudge,
+                  beta=0.2 if beta is None else beta, nudge=nudge, gradient=gradient,
                   seed=seed, schedule=schedule, max_sweeps=max_sweeps,
                   nudge_sweeps=nudge_sweeps, tol=tol, warm_start=warm_start,
                   freeze_pool=freeze_pool, augment=augment, device=device,
@@ -334,7 +353,9 @@ def gradient_table(r: dict) -> str:
 def _summary(m: dict) -> str:
     return (f"trained {m.get('epochs')} epochs in {m.get('seconds', 0):.1f}s: train acc "
             f"{m.get('train_accuracy', 0):.2%}, test acc {m.get('test_accuracy', 0):.2%}, "
-            f"unconverged {m.get('unconverged_fraction', 0):.1%}")
+            f"unconverged {m.get('unconverged_fraction', 0):.1%}"
+            + (f", {m['skipped_steps']} steps skipped (implicit gradient not converged)"
+               if m.get("skipped_steps") else ""))
 
 
 def app() -> typer.Typer:

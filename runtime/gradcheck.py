@@ -53,7 +53,11 @@ def _autograd_sweep(eng: Engine, batch: dict, s: dict, P: dict, mode: str,
 def implicit_gradient(eng: Engine, batch: dict, s_star: dict, labels: torch.Tensor, *,
                       mode: str = "colour", iters: int = 2000, tol: float = 1e-9,
                       routing: dict | None = None) -> tuple[dict, dict]:
-    """dL/dtheta at the free fixed point (L averaged over the batch). Returns (grads, info).
+    """dL/dtheta at the free fixed point (L averaged over the batch). Returns (grads, info):
+    info holds the adjoint iterations run, the last change of v (`adjoint_residual`) and
+    `converged` (the change fell below `tol` times |v|; false when the iteration hit
+    `iters` or diverged: s* is then no stable fixed point of the sweep and the gradient
+    is not to be trusted).
 
     With `routing`, max-pools keep those selections (the linear piece the fixed point lies
     on); without, autograd differentiates max-pool at its argmax at s*.
@@ -73,6 +77,7 @@ def implicit_gradient(eng: Engine, batch: dict, s_star: dict, labels: torch.Tens
         v = [x.clone() for x in g]
         delta = math.inf
         it = 0
+        converged = False
         for it in range(1, iters + 1):
             jv = torch.autograd.grad(outs, ins, grad_outputs=v, retain_graph=True,
                                      allow_unused=True)
@@ -81,12 +86,15 @@ def implicit_gradient(eng: Engine, batch: dict, s_star: dict, labels: torch.Tens
             scale = max(float(a.abs().max()) for a in nv) + 1e-30
             v = nv
             if delta <= tol * scale:
+                converged = True
+                break
+            if not math.isfinite(delta):
                 break
         grads = torch.autograd.grad(outs, [theta[k] for k in names], grad_outputs=v,
                                     allow_unused=True)
     out = {k: (torch.zeros_like(theta[k]) if x is None else x.detach())
            for k, x in zip(names, grads)}
-    return out, {"iterations": it, "adjoint_residual": delta}
+    return out, {"iterations": it, "adjoint_residual": delta, "converged": converged}
 
 
 def _compare(a: torch.Tensor, b: torch.Tensor) -> dict:

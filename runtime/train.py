@@ -3,7 +3,10 @@
 One training step on a batch: settle free (beta = 0) from zeros (or from the sample's last
 free fixed point with warm start), settle at +beta and at -beta from the free fixed point
 (symmetric nudging; one-sided settles only +beta and uses the free point), form the EP
-estimate (runtime/learn.py) and apply the optimiser. Predictions are the argmax of the
+estimate (runtime/learn.py) and apply the optimiser. With `gradient='implicit'` the step
+instead takes the exact gradient of the loss at the free fixed point (recurrent backprop,
+runtime/gradcheck.py): a slower reference that trains the same energy model, to tell EP's
+estimation error from what the model itself can learn. Predictions are the argmax of the
 output state at the free fixed point. With `augment` (runtime/augment.py) each training
 batch is shifted / mirrored as it is drawn; evaluation sees the data as it is.
 
@@ -31,7 +34,14 @@ from epc.compiler.errors import EpcError
 from .augment import Augment, epoch_generator
 from .data import Data
 from .engine import Engine
+from .gradcheck import implicit_gradient
 from .learn import NonFiniteGradient, Optimizer, ep_gradient
+
+# the implicit gradient's adjoint iteration in training: it converges geometrically at the
+# rate of the sweep's contraction around the fixed point; a step whose iteration has not
+# converged after IMPLICIT_ITERS (the fixed point is not a stable one) is skipped
+IMPLICIT_ITERS = 500
+IMPLICIT_TOL = 1e-6
 
 
 @dataclass
@@ -56,6 +66,7 @@ class TrainConfig:
     pool_freeze: int | None = 20     # freeze max-pool winners after this many free sweeps
     eval_batch_size: int = 256
     augment: str | None = None       # training-set augmentation, e.g. 'crop:4,flip'
+    gradient: str = "ep"             # ep | implicit (the exact gradient, a reference)
 
     def check(self) -> "TrainConfig":
         if self.epochs < 0:
@@ -65,6 +76,8 @@ class TrainConfig:
         if not (self.beta != 0 and math.isfinite(self.beta)):
             raise EpcError(f"--beta must be a nonzero finite number, got {self.beta} (EP "
                            f"estimates the gradient from the difference of nudged phases)")
+        if self.gradient not in ("ep", "implicit"):
+            raise EpcError(f"--gradient {self.gradient!r} (supported: ep, implicit)")
         if self.nudge not in ("symmetric", "one-sided"):
             raise EpcError(f"--nudge {self.nudge!r} (supported: symmetric, one-sided)")
         if self.optimizer not in ("adam", "sgd"):
@@ -94,9 +107,9 @@ class TrainConfig:
     RESUME_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
                    "cosine", "clip", "beta", "nudge", "seed", "mode", "max_sweeps",
                    "nudge_sweeps", "tol", "warm_start", "freeze_pool", "pool_freeze",
-                   "augment")
+                   "augment", "gradient")
     # what a checkpoint written before a key existed ran with
-    RESUME_DEFAULTS = {"augment": None}
+    RESUME_DEFAULTS = {"augment": None, "gradient": "ep"}
 
 
 DEAD_SPAN = 1e-6   # a state whose every unit stays within this over a split is dead
@@ -215,7 +228,16 @@ class Trainer:
                            f"phase; lower --lr or --beta, or add --clip")
         nsw = cfg.nudge_sweeps if cfg.nudge_sweeps is not None else eng.nudge_sweeps
         rt = (free.routing or eng.routing(free.states, batch)) if cfg.freeze_pool else None
-        if cfg.nudge == "symmetric":
+        skipped = 0
+        if cfg.gradient == "implicit":
+            # differentiated on the max-pool selections of the free point, as EP nudges
+            grads, info = implicit_gradient(eng, batch, free.states, yb, mode="colour",
+                                            routing=rt or free.routing, iters=IMPLICIT_ITERS,
+                                            tol=IMPLICIT_TOL)
+            nudged_sweeps = 0.0
+            if not info["converged"]:
+                grads, skipped = None, 1
+        elif cfg.nudge == "symmetric":
             plus, minus = eng.settle_pair(batch, free.states, beta=cfg.beta, labels=yb,
                                           max_sweeps=nsw, tol=cfg.tol, mode=cfg.mode,
                                           routing=rt)
@@ -229,7 +251,7 @@ class Trainer:
                                 routing=rt, labels=yb)
             nudged_sweeps = plus.sweeps
         try:
-            gnorm = self.opt.step(grads)
+            gnorm = self.opt.step(grads) if grads is not None else float("nan")
         except NonFiniteGradient as e:
             raise Diverged(f"training diverged in epoch {epoch + 1}: the gradient of "
                            f"{e.name} holds NaN/Inf; lower --lr or --beta, or add --clip")
@@ -240,7 +262,7 @@ class Trainer:
                                      eng.loss(free.states, batch, yb).sum()]).tolist()
         return {"correct": int(correct), "loss": loss,
                 "unconverged": free.unconverged, "free_sweeps": free.sweeps,
-                "nudged_sweeps": nudged_sweeps, "grad_norm": gnorm}
+                "nudged_sweeps": nudged_sweeps, "grad_norm": gnorm, "skipped": skipped}
 
     # ------------------------------------------------------------------ epochs
     def run(self, *, progress: Callable | None = None, on_epoch: Callable | None = None,
@@ -256,12 +278,13 @@ class Trainer:
             perm = _epoch_perm(n, cfg.seed, e)
             gen = epoch_generator(cfg.seed, e) if self.augment is not None else None
             tot = {"correct": 0, "loss": 0.0, "unconverged": 0, "free_sweeps": 0,
-                   "nudged_sweeps": 0.0, "batches": 0, "seen": 0}
+                   "nudged_sweeps": 0.0, "skipped": 0, "batches": 0, "seen": 0}
             for i in range(0, n, cfg.batch_size):
                 idx = perm[i:i + cfg.batch_size]
                 xb = tr.x[idx] if gen is None else self.augment(tr.x[idx], gen)
                 r = self.step(xb, tr.y[idx], idx, e)
-                for k in ("correct", "loss", "unconverged", "free_sweeps", "nudged_sweeps"):
+                for k in ("correct", "loss", "unconverged", "free_sweeps", "nudged_sweeps",
+                          "skipped"):
                     tot[k] += r[k]
                 tot["batches"] += 1
                 tot["seen"] += len(idx)
@@ -283,6 +306,7 @@ class Trainer:
                    "test_unconverged_fraction": te["unconverged_fraction"],
                    "mean_free_sweeps": tot["free_sweeps"] / tot["batches"],
                    "mean_nudged_sweeps": tot["nudged_sweeps"] / tot["batches"],
+                   "skipped_steps": tot["skipped"], "steps": tot["batches"],
                    "dead_states": te["dead_states"],
                    "constant_prediction": te["constant_prediction"],
                    "lr": self.opt.current_lr(), "seconds": train_secs,

@@ -52,6 +52,22 @@ def test_accuracy_bench_smoke(tmp_path):
         rec["test_accuracy"] - bpe["test_accuracy"])
 
 
+def test_accuracy_bench_implicit_reference(tmp_path):
+    """--implicit trains the same compiled model with its exact gradient, same seeds."""
+    out = tmp_path / "acc.json"
+    assert main(["--models", "mlp_digits", "--epochs", "2", "--seeds", "0", "--no-backprop",
+                 "--implicit", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())["models"]["mlp_digits"]
+    imp = rec["implicit"]
+    assert [r["seed"] for r in imp["runs"]] == [0]
+    r = imp["runs"][0]
+    assert 0.8 < r["test_accuracy"] <= 1.0 and imp["test_accuracy"] == r["test_accuracy"]
+    assert r["steps"] == 90 and r["skipped_steps"] == 0    # 2 epochs of ceil(1437 / 32)
+    assert len(r["test_errors"]) == round((1 - r["test_accuracy"]) * 360)
+    assert rec["ep_minus_implicit"] == pytest.approx(rec["test_accuracy"] - r["test_accuracy"])
+    assert "backprop" not in rec
+
+
 @pytest.mark.parametrize("name", ["mlp3_digits", "conv_digits", "conv1_digits"])
 def test_backprop_reference_runs_the_network_the_example_file_holds(name):
     """bench.backprop trains the feedforward form of the compiled graph: on the untrained
