@@ -25,6 +25,12 @@ from epc.compiler.errors import EpcError
 from .engine import Engine
 from .learn import ep_gradient
 
+# the adjoint iteration is declared divergent when its change has grown DIVERGED-fold over
+# the smallest seen, after at least DIVERGE_AFTER iterations (a contraction's change can
+# rise a little before it decays, not by orders of magnitude)
+DIVERGED = 1e3
+DIVERGE_AFTER = 20
+
 
 def _autograd_sweep(eng: Engine, batch: dict, s: dict, P: dict, mode: str,
                     routing: dict | None = None) -> dict:
@@ -56,8 +62,8 @@ def implicit_gradient(eng: Engine, batch: dict, s_star: dict, labels: torch.Tens
     """dL/dtheta at the free fixed point (L averaged over the batch). Returns (grads, info):
     info holds the adjoint iterations run, the last change of v (`adjoint_residual`) and
     `converged` (the change fell below `tol` times |v|; false when the iteration hit
-    `iters` or diverged: s* is then no stable fixed point of the sweep and the gradient
-    is not to be trusted).
+    `iters` or diverged, i.e. its change grew DIVERGED-fold: s* is then no stable fixed
+    point of the sweep and the gradient is not to be trusted).
 
     With `routing`, max-pools keep those selections (the linear piece the fixed point lies
     on); without, autograd differentiates max-pool at its argmax at s*.
@@ -75,7 +81,7 @@ def implicit_gradient(eng: Engine, batch: dict, s_star: dict, labels: torch.Tens
         outs = [s1[j] for j in eng.settled]
         ins = [s0[j] for j in eng.settled]
         v = [x.clone() for x in g]
-        delta = math.inf
+        delta = best = math.inf
         it = 0
         converged = False
         for it in range(1, iters + 1):
@@ -88,7 +94,10 @@ def implicit_gradient(eng: Engine, batch: dict, s_star: dict, labels: torch.Tens
             if delta <= tol * scale:
                 converged = True
                 break
-            if not math.isfinite(delta):
+            best = min(best, delta)
+            # growing a thousandfold from its smallest: the sweep expands around s*, the
+            # iteration diverges (geometrically); stop instead of running out the budget
+            if not math.isfinite(delta) or (it > DIVERGE_AFTER and delta > DIVERGED * best):
                 break
         grads = torch.autograd.grad(outs, [theta[k] for k in names], grad_outputs=v,
                                     allow_unused=True)
@@ -161,6 +170,12 @@ def check_gradients(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, beta: floa
         warnings.append("the implicit gradient is not finite (its adjoint iteration diverged "
                         "at a state that is not a stable fixed point); the table compares "
                         "nothing")
+    elif not info["converged"]:
+        warnings.append(f"the implicit gradient's adjoint iteration did not converge "
+                        f"({info['iterations']} iterations, last change "
+                        f"{info['adjoint_residual']:.3g}): the free state is not a stable "
+                        f"fixed point of the sweep, and the 'true' column is not the "
+                        f"gradient")
     return {"beta": beta, "nudge": nudge, "mode": mode, "freeze_pool": freeze_pool,
             "pool_frozen_in_free_phase": free.routing is not None, "samples": int(x.shape[0]),
             "dtype": str(dt).replace("torch.", ""),

@@ -141,3 +141,35 @@ def test_unsettled_phases_are_warned_about(tmp_path):
                                 "--max-sweeps", "2"])
     assert res.exit_code == 0
     assert "epc: warning:" in res.stderr and "did not settle" in res.stderr
+
+
+def test_a_diverging_adjoint_iteration_stops_early_and_says_so(monkeypatch):
+    """Around a state where the sweep expands (linear states, couplings scaled up), the
+    adjoint iteration cannot converge: it stops once its change has grown a thousandfold,
+    long before the iteration budget, and reports `converged` false; check-gradients then
+    warns that its 'true' column is not the gradient."""
+    from epc.compiler.ir import Activation
+    from epc.runtime import gradcheck
+    from epc.runtime.data import load_dataset
+    from epc.runtime.gradcheck import DIVERGE_AFTER
+    g = zoo.mlp((64, 32, 32, 10), act=Activation.identity())
+    for k in ("h2.w", "out.w"):
+        g.weights[k] = g.weights[k] * 8.0
+    eng = Engine(g)
+    d = load_dataset("digits", input_shape=(64,))
+    batch = eng.prepare(d.train.x[:8])
+    zeros = {j: torch.zeros((8,) + eng.shapes[j]) for j in eng.settled}
+    _, info = implicit_gradient(eng, batch, zeros, d.train.y[:8], iters=2000, tol=1e-9)
+    assert not info["converged"]
+    assert DIVERGE_AFTER < info["iterations"] < 200, info
+    # a contracting net converges, and says so
+    eng = Engine(zoo.mlp((64, 32, 10)))
+    batch = eng.prepare(d.train.x[:8])
+    free = eng.settle(batch, max_sweeps=2000, tol=1e-7)
+    _, info = implicit_gradient(eng, batch, free.states, d.train.y[:8])
+    assert info["converged"] and info["iterations"] < 2000
+    # check-gradients does not show an unconverged 'true' column as if it held
+    capped = lambda *a, **k: implicit_gradient(*a, **{**k, "iters": 1})  # noqa: E731
+    monkeypatch.setattr(gradcheck, "implicit_gradient", capped)
+    r = engine_check(eng, d.train.x[:8], d.train.y[:8], beta=0.01)
+    assert any("adjoint iteration did not converge" in w for w in r["warnings"]), r["warnings"]
