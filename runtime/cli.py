@@ -40,6 +40,19 @@ def _guard(fn):
     return wrapper
 
 
+def _warn_health(r: dict, when: str, samples: str, advice: str = "") -> None:
+    """The stderr warning for an evaluation (an epoch record of `epc train`, the result of
+    `epc eval`) that found a dead state or a collapsed network."""
+    if r.get("dead_states"):
+        typer.echo(f"epc: warning: {when}no unit of {', '.join(r['dead_states'])} varies "
+                   f"across {samples} (a dead layer passes no signal either way){advice}",
+                   err=True)
+    elif r.get("constant_prediction") is not None:
+        typer.echo(f"epc: warning: {when}every one of {samples} is predicted as class "
+                   f"{r['constant_prediction']}: the output no longer depends on the input "
+                   f"(the network collapsed)", err=True)
+
+
 def _neuromorphic(path: str):
     """The neuromorphic API if `path` is a neuromorphic program, else None."""
     try:
@@ -215,15 +228,8 @@ def register(app: typer.Typer) -> None:
                 prog.console.print(line, soft_wrap=True, markup=False)  # whole line in logs
             elif not quiet:
                 typer.echo(line)
-            if rec.get("dead_states"):
-                typer.echo(f"epc: warning: after epoch {rec['epoch']}, no unit of "
-                           f"{', '.join(rec['dead_states'])} varies across the test samples "
-                           f"(a dead layer passes no signal either way); lower --lr",
-                           err=True)
-            elif rec.get("constant_prediction") is not None:
-                typer.echo(f"epc: warning: after epoch {rec['epoch']}, every test sample is "
-                           f"predicted as class {rec['constant_prediction']}: the output no "
-                           f"longer depends on the input (the network collapsed)", err=True)
+            _warn_health(rec, f"after epoch {rec['epoch']}, ", "the test samples",
+                         "; lower --lr")
             if rec.get("skipped_steps", 0) >= SKIPPED_WARN * rec.get("steps", 1):
                 typer.echo(f"epc: warning: in epoch {rec['epoch']}, {rec['skipped_steps']} of "
                            f"{rec['steps']} steps applied no update: the implicit gradient's "
@@ -291,13 +297,7 @@ def register(app: typer.Typer) -> None:
                    f"accuracy {r['accuracy']:.2%}, loss {r['loss']:.4f}, mean sweeps "
                    f"{r['mean_sweeps']:.1f}, unconverged {r['unconverged_fraction']:.1%}"
                    + (f" (settled as in training: {as_trained})" if as_trained else ""))
-        if r["dead_states"]:
-            typer.echo(f"epc: warning: no unit of {', '.join(r['dead_states'])} varies across "
-                       f"these samples (a dead layer)", err=True)
-        elif r["constant_prediction"] is not None:
-            typer.echo(f"epc: warning: every sample is predicted as class "
-                       f"{r['constant_prediction']}: the output does not depend on the input "
-                       f"(a collapsed network)", err=True)
+        _warn_health(r, "", "these samples")
 
     @app.command("check-gradients", help=GRAD_HELP)
     @_guard

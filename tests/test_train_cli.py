@@ -219,7 +219,7 @@ def test_a_collapsed_network_is_reported(run_cli, tmp_path):
     one_class = d.test.y == 5
     assert evaluate(eng, d.test.x[one_class], d.test.y[one_class])["constant_prediction"] is None
     code, out, err = run_cli("eval", p)
-    assert code == 0 and "every sample is predicted as class 3" in err
+    assert code == 0 and "every one of these samples is predicted as class 3" in err
 
 
 def test_epoch_lines_are_not_wrapped_in_logs(mlp_path):
