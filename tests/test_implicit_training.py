@@ -123,3 +123,15 @@ def test_a_neuromorphic_program_refuses_the_implicit_gradient(run_cli, examples,
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("epc: error:"), lines
     assert "on-chip learning is EP" in lines[0]
+
+
+@pytest.mark.parametrize("options", [{"readout": True, "taps": "auto"},
+                                     {"taps": "auto", "teacher": "source"}])
+def test_implicit_training_takes_heads_taps_and_teachers(examples, options):
+    """The exact gradient covers every cost EP's estimate does: readout heads (outside the
+    energy), tap costs and the distillation cost of a teacher; one epoch learns."""
+    import epc
+    g = epc.compile(str(examples / "mlp3_digits.onnx"), **options)
+    m = train(g, epochs=1, gradient="implicit", lr=2e-3)
+    assert m["skipped_steps"] <= 4, m["skipped_steps"]      # of 45 (2 here with the heads)
+    assert m["test_accuracy"] > 0.5, m["test_accuracy"]     # chance is 0.1
