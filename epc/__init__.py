@@ -76,19 +76,23 @@ def inspect(graph_or_path: Any, fmt: str = "text") -> Any:
     return {"text": print_graph, "json": to_json, "dot": to_dot, "stats": stats}[fmt](g)
 
 
-def train(*args: Any, **kwargs: Any):
-    from epc.runtime.api import train as _train
-    return _train(*args, **kwargs)
+# train / evaluate / check_gradients are the runtime's own functions (their signatures and
+# docstrings, for help()), imported on first use: `import epc` stays light (no torch) for
+# compiling and inspecting
+_RUNTIME = ("train", "evaluate", "check_gradients")
 
 
-def evaluate(*args: Any, **kwargs: Any):
-    from epc.runtime.api import evaluate as _evaluate
-    return _evaluate(*args, **kwargs)
+def __getattr__(name: str) -> Any:
+    if name in _RUNTIME:
+        from epc.runtime import api
+        fn = getattr(api, name)
+        globals()[name] = fn
+        return fn
+    raise AttributeError(f"module 'epc' has no attribute {name!r}")
 
 
-def check_gradients(*args: Any, **kwargs: Any):
-    from epc.runtime.api import check_gradients as _check
-    return _check(*args, **kwargs)
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_RUNTIME))
 
 
 __all__ = ["compile", "load", "save", "inspect", "train", "evaluate", "check_gradients",
