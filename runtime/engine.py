@@ -311,8 +311,15 @@ class Engine:
 
     # ------------------------------------------------------------------ energy
     def phi(self, states: dict, batch: dict, P: dict | None = None,
-            per_sample: bool = False, routing: dict | None = None) -> Tensor:
-        """Phi over settled couplings and biases (summed over the batch unless per_sample)."""
+            per_sample: bool = False, routing: dict | None = None,
+            two_way_only: bool = False) -> Tensor:
+        """Phi over settled couplings and biases (summed over the batch unless per_sample).
+
+        `two_way_only` leaves out the couplings without feedback (inputs' couplings, and all
+        of them under `--no-feedback`): such a coupling drives its destination and nothing
+        drives back, which no energy term expresses, so a caller that differentiates Phi
+        for the settle loop's drives adds their values itself (runtime/gradcheck.py).
+        """
         P = self.params if P is None else P
         vals = dict(batch["clamped"])
         vals.update(states)
@@ -322,6 +329,8 @@ class Engine:
             if j in self.is_readout:      # outside the energy
                 continue
             for l in self.input_links[j] + self.inbound[j]:
+                if two_way_only and not l.feedback:
+                    continue
                 y = self.link_forward(l, vals[l.src], P, routing)[0]
                 total = total + (vals[j] * y).reshape(n, -1).sum(1)
             b = self.states[j].bias

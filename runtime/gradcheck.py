@@ -3,7 +3,8 @@
 The true gradient is that of L = sum_costs weight * C at the free fixed point s*(theta),
 by implicit differentiation (recurrent backprop). Let F(s, theta) be one free colour sweep
 in which each state's drive is dPhi/ds_j computed by *autograd through Phi* (independent
-of the runtime's explicit adjoints). At the fixed point s* = F(s*, theta), so
+of the runtime's explicit adjoints; couplings without feedback, which drive their
+destination only, add their value instead). At the fixed point s* = F(s*, theta), so
 
     dL/dtheta = v^T dF/dtheta,   v = dL/ds + (dF/ds)^T v,
 
@@ -48,9 +49,19 @@ def _autograd_sweep(eng: Engine, batch: dict, s: dict, P: dict, mode: str,
             # occurrence of s_j, not the total one through states updated earlier this sweep
             leaves = {j: S[j].clone() for j in cls}
             S.update(leaves)
-            phi = eng.phi(S, batch, P, routing=routing)
-            drives = torch.autograd.grad(phi, [leaves[j] for j in cls], create_graph=True)
+            # the two-way couplings' part of the drive by autograd of their energy terms;
+            # one-way couplings (from inputs; all under --no-feedback) add their values
+            phi = eng.phi(S, batch, P, routing=routing, two_way_only=True)
+            drives = torch.autograd.grad(phi, [leaves[j] for j in cls], create_graph=True,
+                                         allow_unused=True)
+            vals = {**batch["clamped"], **S}
             for j, u in zip(cls, drives):
+                for l in eng.input_links[j] + eng.inbound[j]:
+                    if not l.feedback:
+                        y = eng.link_forward(l, vals[l.src], P, routing)[0]
+                        u = y if u is None else u + y
+                if u is None:
+                    u = torch.zeros_like(leaves[j])
                 S[j] = O.activate(eng.acts[j], u)
         S.update(heads)
     return S

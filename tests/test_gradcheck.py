@@ -48,9 +48,14 @@ def test_one_sided_is_worse_than_symmetric():
     assert err(sym) < err(one)
 
 
-def test_implicit_gradient_matches_backprop_through_long_settling():
-    """The reference itself: implicit diff == autograd through many unrolled sweeps."""
+@pytest.mark.parametrize("feedback", [True, False])
+def test_implicit_gradient_matches_backprop_through_long_settling(feedback):
+    """The reference itself: implicit diff == autograd through many unrolled sweeps of the
+    runtime's settling; also for a graph compiled without feedback (`--no-feedback`), whose
+    settling is the feedforward pass and whose implicit gradient is backprop's."""
     g = zoo.mlp((64, 16, 10))
+    for c in g.couplings:
+        c.feedback = c.feedback and feedback
     eng = Engine(g, dtype=torch.float64)
     x = torch.rand(8, 64, dtype=torch.float64)
     y = torch.randint(0, 10, (8,))
