@@ -238,8 +238,9 @@ def register(app: typer.Typer) -> None:
             if rec.get("unconverged_fraction", 0.0) >= UNSETTLED_WARN:
                 typer.echo(f"epc: warning: in epoch {rec['epoch']}, "
                            f"{rec['unconverged_fraction']:.0%} of the free phases stopped at "
-                           f"the sweep cap before the tolerance (EP's estimate assumes settled "
-                           f"phases); raise --max-sweeps", err=True)
+                           f"the sweep cap before the tolerance (EP's estimate, and the "
+                           f"implicit gradient, assume settled phases); raise --max-sweeps",
+                           err=True)
 
         kw = dict(data=data, data_dir=data_dir, resize=resize, channels=channels, epochs=epochs,
                   batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
