@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to the committed example models, a CLI runner."""
+"""Shared fixtures: paths to the committed example models, CLI runners, a small bundle."""
 from __future__ import annotations
 
 import os
@@ -29,3 +29,31 @@ def run_cli(capsys):
 @pytest.fixture
 def examples() -> Path:
     return EXAMPLES
+
+
+@pytest.fixture
+def cli():
+    """Run a runtime command (`train`, `eval`, `check-gradients`) through its standalone
+    CLI, whose errors exit 2 with one line; returns click's Result (exit_code, stdout,
+    stderr). `env` sets environment variables for the run (e.g. COLUMNS)."""
+    from typer.testing import CliRunner
+
+    from epc.runtime.cli import app
+    try:
+        runner = CliRunner(mix_stderr=False)
+    except TypeError:  # newer click: stderr is always separate
+        runner = CliRunner()
+
+    def run(*args, env: dict | None = None):
+        return runner.invoke(app(), [str(a) for a in args], env=env)
+    return run
+
+
+@pytest.fixture(scope="module")
+def mlp_path(tmp_path_factory) -> str:
+    """A small torch bundle (64-32-10 MLP, caps of 60 free / 20 nudged sweeps)."""
+    from epc.runtime import zoo
+    from epc.targets.torch import emit
+    p = tmp_path_factory.mktemp("m") / "mlp.epc"
+    emit(zoo.mlp((64, 32, 10), max_sweeps=60, nudge_sweeps=20), p, None)
+    return str(p)

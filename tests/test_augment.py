@@ -5,14 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from epc.compiler.bundle import read_bundle
 from epc.compiler.errors import EpcError
 from epc.runtime import zoo
 from epc.runtime.api import train
 from epc.runtime.augment import Augment, epoch_generator
-from epc.runtime.cli import app
 from epc.targets.torch import emit
 
 torch.set_num_threads(1)
@@ -116,17 +114,13 @@ def test_augmented_run_resumes_exactly_and_differs_from_plain(conv_path, tmp_pat
               **{**kw, "augment": "crop:2"})
 
 
-def test_cli_errors_one_line(conv_path, tmp_path):
-    try:
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:
-        runner = CliRunner()
+def test_cli_errors_one_line(cli, conv_path, tmp_path):
     mlp = tmp_path / "mlp.epc"
     emit(zoo.mlp((64, 16, 10)), mlp, None)
     for model, spec, match in ((mlp, "crop:1", "needs image inputs"),
                                (conv_path, "shear", "bad item 'shear'"),
                                (conv_path, "crop:9", "not smaller than")):
-        r = runner.invoke(app(), ["train", str(model), "--epochs", "1", "--augment", spec])
+        r = cli("train", model, "--epochs", "1", "--augment", spec)
         err = r.stderr.strip().splitlines()
         assert r.exit_code == 2 and len(err) == 1 and err[0].startswith("epc: error:"), r.output
         assert match in err[0]

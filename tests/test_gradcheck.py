@@ -125,25 +125,17 @@ def test_hopfield_resnet13_gradient_does_not_vanish():
     assert len(norms) == 13 and max(norms) / min(norms) < 100, norms
 
 
-def test_unsettled_phases_are_warned_about(tmp_path):
+def test_unsettled_phases_are_warned_about(cli, tmp_path):
     """A sweep cap too low for the tolerance leaves phases unsettled, where neither the EP
     estimate nor the implicit gradient means anything: the result says so (and the CLI
     prints it on stderr) instead of showing a table as if it held."""
-    from typer.testing import CliRunner
-
-    from epc.runtime.cli import app
     from epc.targets.torch import emit
     r = check_gradients(zoo.mlp((64, 16, 10)), beta=0.01, samples=8, max_sweeps=2)
     assert r["unconverged"] > 0
     assert any("did not settle" in w and "--max-sweeps 2" in w for w in r["warnings"])
     p = tmp_path / "m.epc"
     emit(zoo.mlp((64, 16, 10)), p, None)
-    try:
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:  # newer click: stderr is always separate
-        runner = CliRunner()
-    res = runner.invoke(app(), ["check-gradients", str(p), "--samples", "8",
-                                "--max-sweeps", "2"])
+    res = cli("check-gradients", p, "--samples", "8", "--max-sweeps", "2")
     assert res.exit_code == 0
     assert "epc: warning:" in res.stderr and "did not settle" in res.stderr
 

@@ -12,39 +12,17 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from epc.compiler.bundle import read_bundle
 from epc.runtime import train as T
-from epc.runtime import zoo
 from epc.runtime.api import train
-from epc.runtime.cli import app
 from epc.runtime.data import load_dataset
 from epc.runtime.engine import Engine
-from epc.targets.torch import emit
 
-torch.set_num_threads(1)
-try:
-    runner = CliRunner(mix_stderr=False)
-except TypeError:  # newer click: stderr is always separate
-    runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def mlp_path(tmp_path_factory):
-    p = tmp_path_factory.mktemp("m") / "mlp.epc"
-    emit(zoo.mlp((64, 32, 10), max_sweeps=60, nudge_sweeps=20), p, None)
-    return str(p)
-
-
-def _run(*args):
-    return runner.invoke(app(), [str(a) for a in args])
-
-
-def test_implicit_training_learns_and_reports(mlp_path, tmp_path):
+def test_implicit_training_learns_and_reports(cli, mlp_path, tmp_path):
     mj = tmp_path / "run.json"
-    r = _run("train", mlp_path, "--gradient", "implicit", "--epochs", 2, "--lr", 5e-3,
-             "--metrics-json", mj, "-q")
+    r = cli("train", mlp_path, "--gradient", "implicit", "--epochs", 2, "--lr", 5e-3,
+            "--metrics-json", mj, "-q")
     assert r.exit_code == 0, r.output
     m = json.loads(mj.read_text())
     assert m["config"]["gradient"] == "implicit"
@@ -82,13 +60,13 @@ def test_first_update_agrees_with_ep_where_ep_is_exact(mlp_path):
         assert float(a.norm() / b.norm()) == pytest.approx(1.0, abs=0.01), k
 
 
-def test_a_step_whose_adjoint_does_not_converge_applies_nothing(mlp_path, monkeypatch,
-                                                                 tmp_path):
+def test_a_step_whose_adjoint_does_not_converge_applies_nothing(cli, mlp_path, monkeypatch,
+                                                                tmp_path):
     monkeypatch.setattr(T, "IMPLICIT_ITERS", 1)     # no iteration converges in one step
     before = read_bundle(mlp_path).graph.weights
     mj, ck = tmp_path / "run.json", tmp_path / "ck"
-    r = _run("train", mlp_path, "--gradient", "implicit", "--epochs", 1, "--metrics-json", mj,
-             "--checkpoint", ck, "-q")
+    r = cli("train", mlp_path, "--gradient", "implicit", "--epochs", 1, "--metrics-json", mj,
+            "--checkpoint", ck, "-q")
     assert r.exit_code == 0, r.output
     m = json.loads(mj.read_text())
     assert m["skipped_steps"] == 45 and m["history"][0]["steps"] == 45
@@ -99,9 +77,9 @@ def test_a_step_whose_adjoint_does_not_converge_applies_nothing(mlp_path, monkey
     assert "45 steps skipped" in r.stdout
 
 
-def test_bad_gradient_requests_get_one_error_line(mlp_path, tmp_path):
+def test_bad_gradient_requests_get_one_error_line(cli, mlp_path, tmp_path):
     def bad(args, match):
-        r = _run(*args)
+        r = cli(*args)
         assert r.exit_code == 2, (args, r.output)
         err = r.stderr.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("epc: error:") and match in err[0], err
@@ -114,12 +92,12 @@ def test_bad_gradient_requests_get_one_error_line(mlp_path, tmp_path):
          "implicit"], "gradient='ep'")
 
 
-def test_a_neuromorphic_program_refuses_the_implicit_gradient(run_cli, examples, tmp_path):
+def test_a_neuromorphic_program_refuses_the_implicit_gradient(cli, run_cli, examples, tmp_path):
     nm = tmp_path / "mlp.nc"
     code, _, err = run_cli("compile", examples / "mlp_digits.onnx", "--target",
                            "neuromorphic", "-o", nm)
     assert code == 0, err
-    r = _run("train", nm, "--gradient", "implicit", "--epochs", 1)
+    r = cli("train", nm, "--gradient", "implicit", "--epochs", 1)
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("epc: error:"), lines
     assert "on-chip learning is EP" in lines[0]

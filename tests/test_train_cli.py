@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from epc.compiler.bundle import Bundle, read_bundle, write_bundle
 from epc.runtime import zoo
@@ -15,28 +14,10 @@ from epc.runtime.api import evaluate, train
 from epc.runtime.cli import app
 from epc.targets.torch import emit
 
-torch.set_num_threads(1)
-try:
-    runner = CliRunner(mix_stderr=False)
-except TypeError:  # newer click: stderr is always separate
-    runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def mlp_path(tmp_path_factory):
-    p = tmp_path_factory.mktemp("m") / "mlp.epc"
-    emit(zoo.mlp((64, 32, 10), max_sweeps=60, nudge_sweeps=20), p, None)
-    return str(p)
-
-
-def _run(*args):
-    return runner.invoke(app(), [str(a) for a in args])
-
-
-def test_train_eval_metrics_checkpoint_plot(mlp_path, tmp_path):
+def test_train_eval_metrics_checkpoint_plot(cli, mlp_path, tmp_path):
     ck, mj, png = tmp_path / "ck", tmp_path / "run.json", tmp_path / "curves.png"
-    r = _run("train", mlp_path, "--epochs", 3, "--seed", 0, "--lr", 5e-3, "--metrics-json", mj,
-             "--checkpoint", ck, "--plot", png, "-q")
+    r = cli("train", mlp_path, "--epochs", 3, "--seed", 0, "--lr", 5e-3, "--metrics-json", mj,
+            "--checkpoint", ck, "--plot", png, "-q")
     assert r.exit_code == 0, r.output
     m = json.loads(mj.read_text())
     for k in ("train_accuracy", "test_accuracy", "epochs", "seconds", "unconverged_fraction",
@@ -48,7 +29,7 @@ def test_train_eval_metrics_checkpoint_plot(mlp_path, tmp_path):
     b = read_bundle(ck / "last.epc")
     assert b.target == "torch" and b.docs["train_state"]["epoch"] == 3
     # the checkpoint holds the trained weights: eval reproduces the reported accuracy
-    r = _run("eval", ck / "last.epc", "--json", tmp_path / "e.json")
+    r = cli("eval", ck / "last.epc", "--json", tmp_path / "e.json")
     assert r.exit_code == 0, r.output
     e = json.loads((tmp_path / "e.json").read_text())
     assert e["accuracy"] == pytest.approx(m["test_accuracy"])
@@ -93,10 +74,10 @@ def test_torch_dataset_api():
     assert m["data"] == "custom" and m["train_samples"] == 48
 
 
-def _bad(tmp_path, args, match):
+def _bad(run, tmp_path, args, match):
     sentinel = tmp_path / "run.json"
     sentinel.write_text("keep")
-    r = _run(*args, "--metrics-json", sentinel) if args[0] == "train" else _run(*args)
+    r = run(*args, "--metrics-json", sentinel) if args[0] == "train" else run(*args)
     assert r.exit_code == 2, (args, r.output)
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("epc: error:") and match in err[0], err
@@ -104,45 +85,46 @@ def _bad(tmp_path, args, match):
     assert sentinel.read_text() == "keep"
 
 
-def test_bad_inputs_one_line_exit_2(mlp_path, tmp_path):
-    _bad(tmp_path, ["train", mlp_path, "--data", "imagenet"], "unknown data set")
-    _bad(tmp_path, ["train", mlp_path, "--data", "mnist", "--data-dir", tmp_path / "no"],
+def test_bad_inputs_one_line_exit_2(cli, mlp_path, tmp_path):
+    _bad(cli, tmp_path, ["train", mlp_path, "--data", "imagenet"], "unknown data set")
+    _bad(cli, tmp_path, ["train", mlp_path, "--data", "mnist", "--data-dir", tmp_path / "no"],
          "no such directory")
-    _bad(tmp_path, ["train", mlp_path, "--data", "cifar10", "--data-dir", tmp_path],
+    _bad(cli, tmp_path, ["train", mlp_path, "--data", "cifar10", "--data-dir", tmp_path],
          "CIFAR-10 not found")
-    _bad(tmp_path, ["train", mlp_path, "--beta", "0"], "--beta")
-    _bad(tmp_path, ["train", mlp_path, "--epochs", "-1"], "--epochs")
-    _bad(tmp_path, ["train", mlp_path, "--clip", "-1"], "--clip")
-    _bad(tmp_path, ["train", mlp_path, "--momentum", "1.5", "--optimizer", "sgd"], "--momentum")
-    _bad(tmp_path, ["train", mlp_path, "--weight-decay", "-0.1"], "--weight-decay")
-    _bad(tmp_path, ["train", mlp_path, "--channels", "0"], "--channels")
-    _bad(tmp_path, ["train", mlp_path, "--resize", "0"], "--resize")
-    _bad(tmp_path, ["train", tmp_path / "missing.epc"], "no such file")
-    _bad(tmp_path, ["check-gradients", mlp_path, "--beta", "0"], "--beta")
+    _bad(cli, tmp_path, ["train", mlp_path, "--beta", "0"], "--beta")
+    _bad(cli, tmp_path, ["train", mlp_path, "--epochs", "-1"], "--epochs")
+    _bad(cli, tmp_path, ["train", mlp_path, "--clip", "-1"], "--clip")
+    _bad(cli, tmp_path, ["train", mlp_path, "--momentum", "1.5", "--optimizer", "sgd"],
+         "--momentum")
+    _bad(cli, tmp_path, ["train", mlp_path, "--weight-decay", "-0.1"], "--weight-decay")
+    _bad(cli, tmp_path, ["train", mlp_path, "--channels", "0"], "--channels")
+    _bad(cli, tmp_path, ["train", mlp_path, "--resize", "0"], "--resize")
+    _bad(cli, tmp_path, ["train", tmp_path / "missing.epc"], "no such file")
+    _bad(cli, tmp_path, ["check-gradients", mlp_path, "--beta", "0"], "--beta")
     # a bundle for another target
     other = tmp_path / "other.epc"
     write_bundle(other, Bundle(read_bundle(mlp_path).graph, target="neuromorphic"))
-    _bad(tmp_path, ["train", other], "target 'neuromorphic'")
-    _bad(tmp_path, ["eval", other], "target 'neuromorphic'")
+    _bad(cli, tmp_path, ["train", other], "target 'neuromorphic'")
+    _bad(cli, tmp_path, ["eval", other], "target 'neuromorphic'")
     # an incompatible checkpoint (a different architecture) leaves it untouched
     ck = tmp_path / "ck"
     emit(zoo.mlp((64, 20, 10)), tmp_path / "small.epc", None)
     train(str(tmp_path / "small.epc"), epochs=1, checkpoint=str(ck))
     before = (ck / "last.epc").read_bytes()
-    _bad(tmp_path, ["train", mlp_path, "--epochs", "1", "--checkpoint", ck, "--resume"],
+    _bad(cli, tmp_path, ["train", mlp_path, "--epochs", "1", "--checkpoint", ck, "--resume"],
          "incompatible checkpoint")
     assert (ck / "last.epc").read_bytes() == before
     # labels beyond the output state's classes
     emit(zoo.mlp((64, 16, 5)), tmp_path / "five.epc", None)
-    _bad(tmp_path, ["train", tmp_path / "five.epc"], "labels range")
+    _bad(cli, tmp_path, ["train", tmp_path / "five.epc"], "labels range")
 
 
-def test_unsettled_epochs_are_warned_about(mlp_path):
-    r = _run("train", mlp_path, "--epochs", "1", "--max-sweeps", "2", "-q")
+def test_unsettled_epochs_are_warned_about(cli, mlp_path):
+    r = cli("train", mlp_path, "--epochs", "1", "--max-sweeps", "2", "-q")
     assert r.exit_code == 0, r.output
     assert "epc: warning: in epoch 1, 100% of the free phases stopped at the sweep cap" \
         in r.stderr and "--max-sweeps" in r.stderr
-    r = _run("train", mlp_path, "--epochs", "1", "-q")
+    r = cli("train", mlp_path, "--epochs", "1", "-q")
     assert r.exit_code == 0 and "sweep cap" not in r.stderr
 
 
@@ -153,14 +135,14 @@ def test_divergence_is_named(mlp_path, tmp_path):
                       .Activation.relu()), epochs=1, lr=1e6, optimizer="sgd", beta=50.0)
 
 
-def test_help_teaches():
+def test_help_teaches(cli):
     for cmd in ("train", "eval", "check-gradients"):
-        r = _run(cmd, "--help")
+        r = cli(cmd, "--help")
         assert r.exit_code == 0 and "Example" in r.stdout and "epc " + cmd in r.stdout
 
 
-def test_check_gradients_cli_table(mlp_path, tmp_path):
-    r = _run("check-gradients", mlp_path, "--samples", 16, "--json", tmp_path / "g.json")
+def test_check_gradients_cli_table(cli, mlp_path, tmp_path):
+    r = cli("check-gradients", mlp_path, "--samples", 16, "--json", tmp_path / "g.json")
     assert r.exit_code == 0, r.output
     j = json.loads((tmp_path / "g.json").read_text())
     assert all(c["cosine"] > 0.99 for c in j["couplings"])
@@ -222,17 +204,17 @@ def test_a_collapsed_network_is_reported(run_cli, tmp_path):
     assert code == 0 and "every one of these samples is predicted as class 3" in err
 
 
-def test_epoch_lines_are_not_wrapped_in_logs(mlp_path):
+def test_epoch_lines_are_not_wrapped_in_logs(cli, mlp_path):
     """Each epoch's summary is one line whatever the console width (rich wrapped it at 80
     columns in a log file, putting the unconverged figure on a line of its own)."""
-    r = runner.invoke(app(), ["train", mlp_path, "--epochs", "1"], env={"COLUMNS": "40"})
+    r = cli("train", mlp_path, "--epochs", "1", env={"COLUMNS": "40"})
     assert r.exit_code == 0, r.output
     lines = [l for l in r.stdout.splitlines() if l.startswith("epoch 1: ")]
     assert len(lines) == 1 and "test acc" in lines[0] and "unconverged" in lines[0] \
         and lines[0].rstrip().endswith("%"), r.stdout
 
 
-def test_eval_settles_a_checkpoint_as_its_training_did(mlp_path, tmp_path):
+def test_eval_settles_a_checkpoint_as_its_training_did(cli, mlp_path, tmp_path):
     """A run trained with its own sweep cap: `epc eval` of its checkpoint uses that cap by
     default and reproduces the reported test loss exactly; an explicit flag overrides."""
     ck = tmp_path / "ck"
@@ -245,7 +227,7 @@ def test_eval_settles_a_checkpoint_as_its_training_did(mlp_path, tmp_path):
     e60 = evaluate(str(ck / "last.epc"), max_sweeps=60)
     assert e60["settling"]["from_training"] == [] and e60["settling"]["max_sweeps"] == 60
     assert e60["loss"] != e["loss"]
-    r = _run("eval", ck / "last.epc")
+    r = cli("eval", ck / "last.epc")
     assert r.exit_code == 0 and "settled as in training: max-sweeps 5" in r.stdout, r.output
     # a bundle that was never trained settles by its compiled schedule
     assert evaluate(mlp_path)["settling"]["from_training"] == []
