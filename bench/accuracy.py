@@ -137,24 +137,34 @@ def _backprop(example: str, g, d, epochs: int, seeds: list, threads: int, lrs, w
     return res
 
 
+def _train_run(path: str, seed: int, epochs: int, threads: int, extra: dict, data, ck: str,
+               gradient: str = "ep") -> tuple[dict, dict]:
+    """One training run of the compiled model `path` (checkpoint directory `ck`): its record
+    for the JSON (`seconds` is the training alone) and the run's metrics."""
+    from epc.runtime import api
+    t0 = time.perf_counter()
+    m = api.train(path, epochs=epochs, seed=seed, threads=threads, checkpoint=ck,
+                  gradient=gradient, **extra)
+    secs = time.perf_counter() - t0
+    return {"seed": seed, "test_accuracy": m["test_accuracy"],
+            "best_test_accuracy": max(h["test_accuracy"] for h in m["history"]),
+            "train_accuracy": m["train_accuracy"],
+            "unconverged_fraction": m["unconverged_fraction"],
+            "skipped_steps": m["skipped_steps"], "steps": sum(h["steps"] for h in m["history"]),
+            "test_errors": misclassified(m["checkpoint"], data), "seconds": secs}, m
+
+
 def _implicit(name: str, path: str, epochs: int, seeds: list, threads: int, extra: dict,
               data) -> dict:
     """The compiled model `path` trained with its exact gradient instead of EP's estimate,
     at the run's settings, once per seed."""
-    from epc.runtime import api
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            t0 = time.perf_counter()
-            m = api.train(path, epochs=epochs, seed=seed, threads=threads, gradient="implicit",
-                          checkpoint=os.path.join(tmp, f"s{seed}"), **extra)
-            runs.append({"seed": seed, "test_accuracy": m["test_accuracy"],
-                         "train_accuracy": m["train_accuracy"],
-                         "skipped_steps": m["skipped_steps"],
-                         "steps": sum(h["steps"] for h in m["history"]),
-                         "test_errors": misclassified(m["checkpoint"], data),
-                         "seconds": time.perf_counter() - t0})
-            print(f"accuracy {name} implicit gradient seed {seed}: {json.dumps(runs[-1])}",
+            rec, _ = _train_run(path, seed, epochs, threads, extra, data,
+                                os.path.join(tmp, f"s{seed}"), gradient="implicit")
+            runs.append(rec)
+            print(f"accuracy {name} implicit gradient seed {seed}: {json.dumps(rec)}",
                   flush=True)
     accs = [r["test_accuracy"] for r in runs]
     return {"test_accuracy": sum(accs) / len(accs), "runs": runs}
@@ -162,8 +172,6 @@ def _implicit(name: str, path: str, epochs: int, seeds: list, threads: int, extr
 
 def _run(models, epochs: int, seeds: list, threads: int, backprop: bool, bp_lrs,
          bp_wds, keep: tuple[str, dict] | None = None, implicit: bool = False) -> dict:
-    from epc.runtime import api
-
     out = {"epochs": epochs, "seeds": seeds, "threads": threads, "models": {}}
     # the backprop reference per example file: the pool-first run computes the same function
     bp_of: dict[str, dict] = {}
@@ -179,22 +187,14 @@ def _run(models, epochs: int, seeds: list, threads: int, backprop: bool, bp_lrs,
             path = example_bundle(example, tmp, options, tag=name)
             runs = []
             for seed in seeds:
-                t0 = time.perf_counter()
-                ck = os.path.join(tmp, f"{name}_seed{seed}")
-                m = api.train(path, epochs=epochs, seed=seed, threads=threads, checkpoint=ck,
-                              **extra)
-                secs = time.perf_counter() - t0
+                rec, m = _train_run(path, seed, epochs, threads, extra, data_of[example],
+                                    os.path.join(tmp, f"{name}_seed{seed}"))
                 if keep is not None:
                     kept = os.path.join(keep[0], f"{name}_seed{seed}.epc")
                     shutil.copyfile(m["checkpoint"], kept)
                     keep[1][(name, seed, epochs, threads)] = (kept, m["test_accuracy"])
-                runs.append({"seed": seed, "test_accuracy": m["test_accuracy"],
-                             "best_test_accuracy": max(h["test_accuracy"] for h in m["history"]),
-                             "train_accuracy": m["train_accuracy"],
-                             "unconverged_fraction": m["unconverged_fraction"],
-                             "test_errors": misclassified(m["checkpoint"], data_of[example]),
-                             "seconds": secs})
-                print(f"accuracy {name} seed {seed}: {json.dumps(runs[-1])}", flush=True)
+                runs.append(rec)
+                print(f"accuracy {name} seed {seed}: {json.dumps(rec)}", flush=True)
             accs = [r["test_accuracy"] for r in runs]
             mean = sum(accs) / len(accs)
             # the target is judged on the mean over seeds: one run moves by a few test
