@@ -20,8 +20,9 @@ With `--implicit`, each run also trains the same compiled energy model with its 
 gradient (`epc train --gradient implicit`: the loss gradient at the free fixed point by
 implicit differentiation) at the same settings and seeds: where EP and this reference end
 alike, EP's estimate is not what separates it from backprop; the model and its settling
-are. Steps whose adjoint iteration did not converge (no stable fixed point) apply no update
-and are counted (`skipped_steps`).
+are. Samples whose adjoint iteration does not converge (no stable fixed point) are left out
+of their step's gradient and counted (`excluded_samples`); a step with none left applies no
+update (`skipped_steps`).
 
     python -m bench.accuracy --json acc.json            # all runs, seeds 0 1 2 (~23 min)
     python -m bench.accuracy --models mlp_digits --epochs 2 --seeds 0
@@ -151,6 +152,7 @@ def _train_run(path: str, seed: int, epochs: int, threads: int, extra: dict, dat
             "train_accuracy": m["train_accuracy"],
             "unconverged_fraction": m["unconverged_fraction"],
             "skipped_steps": m["skipped_steps"], "steps": sum(h["steps"] for h in m["history"]),
+            "excluded_samples": m["excluded_samples"],
             "test_errors": misclassified(m["checkpoint"], data), "seconds": secs}, m
 
 

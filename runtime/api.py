@@ -105,8 +105,9 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
     rewritten after every epoch with `in_progress` true, and once more at the end.
     `augment` ('crop:N', 'flip' or both, comma-separated) augments image training batches
     (runtime/augment.py). `gradient='implicit'` trains with the exact gradient at the free
-    fixed point instead of the EP estimate (a reference; each epoch record counts the
-    `skipped_steps` whose adjoint iteration did not converge, which apply no update).
+    fixed point instead of the EP estimate (a reference; samples whose adjoint iteration
+    does not converge are left out of their step's gradient: each epoch record counts its
+    `excluded_samples` and the `skipped_steps` that had none left and applied no update).
     """
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                       momentum=momentum, weight_decay=weight_decay, cosine=cosine, clip=clip,
@@ -142,6 +143,7 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
             "test_loss": last.get("test_loss"),
             "unconverged_fraction": last["unconverged_fraction"],
             "skipped_steps": sum(h.get("skipped_steps", 0) for h in st.history),
+            "excluded_samples": sum(h.get("excluded_samples", 0) for h in st.history),
             "best_test_accuracy": max([h["test_accuracy"] for h in st.history],
                                       default=last["test_accuracy"]),
             "samples_per_second": (ntrain * len(st.history) / train_secs) if train_secs > 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from typing import Optional
 
@@ -112,7 +113,7 @@ reference that tells EP's estimation error apart from what the energy model can 
 """
 
 UNSETTLED_WARN = 0.5   # warn when at least this share of an epoch's free phases hit the cap
-SKIPPED_WARN = 0.25    # warn when at least this share of an epoch's steps applied no update
+EXCLUDED_WARN = 0.25   # warn when at least this share of an epoch's samples had no exact gradient
 
 EVAL_HELP = """Evaluate a (trained) bundle: free-phase accuracy, loss and convergence.
 
@@ -169,8 +170,9 @@ def register(app: typer.Typer) -> None:
         nudge: str = typer.Option("symmetric", help="symmetric | one-sided"),
         gradient: str = typer.Option(
             "ep", help="ep (the estimate from the nudged phases) | implicit (the exact "
-                       "gradient at the free fixed point, a slower reference; steps whose "
-                       "adjoint iteration does not converge are skipped and counted)"),
+                       "gradient at the free fixed point, a slower reference; samples whose "
+                       "adjoint iteration does not converge are left out of their step's "
+                       "gradient and counted)"),
         seed: int = typer.Option(0, help="seed of shuffling (runs are reproducible)"),
         schedule: Optional[str] = typer.Option(None, help="colour | sync (default: compiled)"),
         max_sweeps: Optional[int] = typer.Option(None, help="free-phase sweep cap"),
@@ -230,11 +232,12 @@ def register(app: typer.Typer) -> None:
                 typer.echo(line)
             _warn_health(rec, f"after epoch {rec['epoch']}, ", "the test samples",
                          "; lower --lr")
-            if rec.get("skipped_steps", 0) >= SKIPPED_WARN * rec.get("steps", 1):
-                typer.echo(f"epc: warning: in epoch {rec['epoch']}, {rec['skipped_steps']} of "
-                           f"{rec['steps']} steps applied no update: the implicit gradient's "
-                           f"adjoint iteration did not converge (the free phase ended off a "
-                           f"stable fixed point)", err=True)
+            if rec.get("excluded_samples", 0) >= EXCLUDED_WARN * rec.get("samples", math.inf):
+                typer.echo(f"epc: warning: in epoch {rec['epoch']}, {rec['excluded_samples']} of "
+                           f"{rec['samples']} samples were left out of the implicit gradient "
+                           f"and {rec['skipped_steps']} of {rec['steps']} steps applied no "
+                           f"update: their adjoint iteration did not converge (the free phase "
+                           f"ended off a stable fixed point)", err=True)
             if rec.get("unconverged_fraction", 0.0) >= UNSETTLED_WARN:
                 typer.echo(f"epc: warning: in epoch {rec['epoch']}, "
                            f"{rec['unconverged_fraction']:.0%} of the free phases stopped at "
@@ -355,8 +358,9 @@ def _summary(m: dict) -> str:
     return (f"trained {m.get('epochs')} epochs in {m.get('seconds', 0):.1f}s: train acc "
             f"{m.get('train_accuracy', 0):.2%}, test acc {m.get('test_accuracy', 0):.2%}, "
             f"unconverged {m.get('unconverged_fraction', 0):.1%}"
-            + (f", {m['skipped_steps']} steps skipped (implicit gradient not converged)"
-               if m.get("skipped_steps") else ""))
+            + (f", {m['excluded_samples']} samples left out of the implicit gradient and "
+               f"{m.get('skipped_steps', 0)} steps skipped (adjoint iteration not converged)"
+               if m.get("excluded_samples") else ""))
 
 
 def app() -> typer.Typer:

@@ -69,7 +69,8 @@ def _autograd_sweep(eng: Engine, batch: dict, s: dict, P: dict, mode: str,
 
 def implicit_gradient(eng: Engine, batch: dict, s_star: dict, labels: torch.Tensor, *,
                       mode: str = "colour", iters: int = 2000, tol: float = 1e-9,
-                      routing: dict | None = None) -> tuple[dict, dict]:
+                      routing: dict | None = None,
+                      drop_samples: bool = False) -> tuple[dict, dict]:
     """dL/dtheta at the free fixed point (L averaged over the batch). Returns (grads, info):
     info holds the adjoint iterations run, the last change of v (`adjoint_residual`) and
     `converged` (the change fell below `tol` times |v|; false when the iteration hit
@@ -78,11 +79,21 @@ def implicit_gradient(eng: Engine, batch: dict, s_star: dict, labels: torch.Tens
 
     With `routing`, max-pools keep those selections (the linear piece the fixed point lies
     on); without, autograd differentiates max-pool at its argmax at s*.
+
+    `drop_samples` (the trainer's use): the adjoint system is block-diagonal over the batch
+    (samples do not interact in a sweep), so each sample's block converges or diverges on
+    its own. A sample whose iteration diverges, or has not converged when `iters` run out,
+    is left out: its rows of dL/ds and of v are zeroed (a zero block stays exactly zero)
+    and the others go on. The gradient is then that of L averaged over the samples kept;
+    info adds `kept` (a bool [n] tensor) and `dropped`, and `converged` means every kept
+    sample converged and at least one was kept. Without it, one unstable sample makes the
+    whole batch's iteration diverge.
     """
     names = list(eng.learnable)
     P = dict(eng.params)
     theta = {k: P[k].detach().clone().requires_grad_(True) for k in names}
     P.update(theta)
+    n = batch["n"]
     with torch.enable_grad():
         s0 = {j: s_star[j].detach().clone().requires_grad_(True) for j in eng.settled}
         s1 = _autograd_sweep(eng, batch, s0, P, mode, routing)
@@ -95,10 +106,31 @@ def implicit_gradient(eng: Engine, batch: dict, s_star: dict, labels: torch.Tens
         delta = best = math.inf
         it = 0
         converged = False
+        # per sample (drop_samples): still in the gradient, smallest change seen
+        kept = torch.ones(n, dtype=torch.bool, device=eng.device)
+        best_i = torch.full((n,), math.inf, dtype=eng.dtype, device=eng.device)
+        d_i, done_i = best_i, torch.zeros_like(kept)
         for it in range(1, iters + 1):
             jv = torch.autograd.grad(outs, ins, grad_outputs=v, retain_graph=True,
                                      allow_unused=True)
             nv = [a + (torch.zeros_like(a) if b is None else b) for a, b in zip(g, jv)]
+            if drop_samples:
+                d_i = _per_sample_max([(a - b).abs() for a, b in zip(nv, v)], n)
+                done_i = d_i <= tol * (_per_sample_max([a.abs() for a in nv], n) + 1e-30)
+                bad = ~torch.isfinite(d_i)
+                if it > DIVERGE_AFTER:
+                    bad |= d_i > DIVERGED * best_i
+                bad &= kept
+                best_i = torch.minimum(best_i, d_i)
+                v = nv
+                any_bad, finished = torch.stack([bad.any(), (done_i | ~kept | bad).all()]).tolist()
+                if any_bad:
+                    kept &= ~bad
+                    _zero_rows(g, bad)
+                    _zero_rows(v, bad)
+                if finished:
+                    break
+                continue
             delta = max(float((a - b).abs().max()) for a, b in zip(nv, v))
             scale = max(float(a.abs().max()) for a in nv) + 1e-30
             v = nv
@@ -110,11 +142,37 @@ def implicit_gradient(eng: Engine, batch: dict, s_star: dict, labels: torch.Tens
             # iteration diverges (geometrically); stop instead of running out the budget
             if not math.isfinite(delta) or (it > DIVERGE_AFTER and delta > DIVERGED * best):
                 break
+        factor = 1.0
+        if drop_samples:
+            # samples still short of the tolerance when the budget ran out are left out too
+            late = kept & ~done_i
+            kept &= done_i
+            _zero_rows(v, late)
+            nkept = int(kept.sum())
+            converged = nkept > 0
+            delta = float(torch.where(kept, d_i, 0.0).max()) if nkept else math.inf
+            factor = n / nkept if nkept else 0.0
         grads = torch.autograd.grad(outs, [theta[k] for k in names], grad_outputs=v,
                                     allow_unused=True)
-    out = {k: (torch.zeros_like(theta[k]) if x is None else x.detach())
+    out = {k: torch.zeros_like(theta[k]) if x is None else x.detach()
            for k, x in zip(names, grads)}
-    return out, {"iterations": it, "adjoint_residual": delta, "converged": converged}
+    if factor != 1.0:
+        out = {k: x * factor for k, x in out.items()}
+    info = {"iterations": it, "adjoint_residual": delta, "converged": converged}
+    if drop_samples:
+        info.update(kept=kept, dropped=n - nkept)
+    return out, info
+
+
+def _per_sample_max(ts: list[torch.Tensor], n: int) -> torch.Tensor:
+    """The largest entry of each sample's rows over a list of [n, ...] tensors: [n]."""
+    return torch.stack([t.reshape(n, -1).amax(1) for t in ts]).amax(0)
+
+
+def _zero_rows(ts: list[torch.Tensor], rows: torch.Tensor) -> None:
+    """Zero (in place) the rows of each [n, ...] tensor where `rows` [n] is true."""
+    for t in ts:
+        t.masked_fill_(rows.reshape((-1,) + (1,) * (t.dim() - 1)), 0.0)
 
 
 def _compare(a: torch.Tensor, b: torch.Tensor) -> dict:

@@ -174,7 +174,8 @@ class Optimizer:
         self.lr, self.momentum, self.wd = lr, momentum, weight_decay
         self.betas, self.eps, self.clip = betas, eps, clip
         self.cosine, self.total_steps, self.lr_min = cosine, max(1, total_steps), lr_min
-        self.step_count = 0
+        self.step_count = 0      # updates applied (Adam's bias correction counts these)
+        self.skipped_count = 0   # steps that applied nothing (they still move the schedule)
         self.sizes = [params[k].numel() for k in self.names]
         like = next(iter(params.values())) if params else torch.zeros(0)
         self.flat = (torch.cat([params[k].detach().reshape(-1) for k in self.names])
@@ -197,8 +198,13 @@ class Optimizer:
     def current_lr(self) -> float:
         if not self.cosine:
             return self.lr
-        t = min(self.step_count, self.total_steps) / self.total_steps
+        t = min(self.step_count + self.skipped_count, self.total_steps) / self.total_steps
         return self.lr_min + 0.5 * (self.lr - self.lr_min) * (1 + math.cos(math.pi * t))
+
+    def skip(self) -> None:
+        """A step that applies no update (the trainer's implicit gradient had no sample left):
+        the learning-rate schedule moves on as it would have, the moments do not."""
+        self.skipped_count += 1
 
     @torch.no_grad()
     def step(self, grads: dict[str, Tensor]) -> float:
@@ -257,7 +263,8 @@ class Optimizer:
         p.sub_((mh * lr) / (vh.sqrt_().add_(self.eps)))
 
     def state_arrays(self) -> dict[str, np.ndarray]:
-        out = {"opt.step": np.array([self.step_count], dtype=np.int64)}
+        out = {"opt.step": np.array([self.step_count], dtype=np.int64),
+               "opt.skipped": np.array([self.skipped_count], dtype=np.int64)}
         for k in self.names:
             out[f"opt.m.{k}"] = self.m[k].detach().cpu().numpy()
             if self.kind == "adam":
@@ -267,6 +274,8 @@ class Optimizer:
     def load_state_arrays(self, arrays: dict[str, np.ndarray], where: str) -> None:
         try:
             self.step_count = int(arrays["opt.step"][0])
+            # checkpoints written before skipped steps were counted: none were
+            self.skipped_count = int(arrays.get("opt.skipped", [0])[0])
             for k in self.names:
                 self.m[k].copy_(torch.as_tensor(arrays[f"opt.m.{k}"]))
                 if self.kind == "adam":

@@ -38,8 +38,9 @@ from .gradcheck import implicit_gradient
 from .learn import NonFiniteGradient, Optimizer, ep_gradient
 
 # the implicit gradient's adjoint iteration in training: it converges geometrically at the
-# rate of the sweep's contraction around the fixed point; a step whose iteration has not
-# converged after IMPLICIT_ITERS (the fixed point is not a stable one) is skipped
+# rate of the sweep's contraction around the fixed point; a sample whose iteration diverges
+# or has not converged after IMPLICIT_ITERS (its free state is not a stable fixed point) is
+# left out of that step's loss, and a step with no sample left applies nothing
 IMPLICIT_ITERS = 500
 IMPLICIT_TOL = 1e-6
 
@@ -226,16 +227,18 @@ class Trainer:
         if bad:
             raise Diverged(f"training diverged in epoch {epoch + 1}: {bad} after the free "
                            f"phase; lower --lr or --beta, or add --clip")
-        nsw = cfg.nudge_sweeps if cfg.nudge_sweeps is not None else eng.nudge_sweeps
         rt = (free.routing or eng.routing(free.states, batch)) if cfg.freeze_pool else None
-        skipped = 0
+        nsw = cfg.nudge_sweeps if cfg.nudge_sweeps is not None else eng.nudge_sweeps
+        skipped = excluded = 0
         if cfg.gradient == "implicit":
-            # differentiated on the max-pool selections of the free point, as EP nudges
+            # differentiated on the max-pool selections of the free point, as EP nudges;
+            # samples whose adjoint iteration does not converge are left out of the loss
             grads, info = implicit_gradient(eng, batch, free.states, yb, mode="colour",
                                             routing=rt or free.routing, iters=IMPLICIT_ITERS,
-                                            tol=IMPLICIT_TOL)
+                                            tol=IMPLICIT_TOL, drop_samples=True)
             nudged_sweeps = 0.0
-            if not info["converged"]:
+            excluded = info["dropped"]
+            if not info["converged"]:      # no sample kept
                 grads, skipped = None, 1
         elif cfg.nudge == "symmetric":
             plus, minus = eng.settle_pair(batch, free.states, beta=cfg.beta, labels=yb,
@@ -251,7 +254,11 @@ class Trainer:
                                 routing=rt, labels=yb)
             nudged_sweeps = plus.sweeps
         try:
-            gnorm = self.opt.step(grads) if grads is not None else float("nan")
+            if grads is None:
+                self.opt.skip()
+                gnorm = float("nan")
+            else:
+                gnorm = self.opt.step(grads)
         except NonFiniteGradient as e:
             raise Diverged(f"training diverged in epoch {epoch + 1}: the gradient of "
                            f"{e.name} holds NaN/Inf; lower --lr or --beta, or add --clip")
@@ -262,7 +269,8 @@ class Trainer:
                                      eng.loss(free.states, batch, yb).sum()]).tolist()
         return {"correct": int(correct), "loss": loss,
                 "unconverged": free.unconverged, "free_sweeps": free.sweeps,
-                "nudged_sweeps": nudged_sweeps, "grad_norm": gnorm, "skipped": skipped}
+                "nudged_sweeps": nudged_sweeps, "grad_norm": gnorm, "skipped": skipped,
+                "excluded": excluded}
 
     # ------------------------------------------------------------------ epochs
     def run(self, *, progress: Callable | None = None, on_epoch: Callable | None = None,
@@ -278,13 +286,14 @@ class Trainer:
             perm = _epoch_perm(n, cfg.seed, e)
             gen = epoch_generator(cfg.seed, e) if self.augment is not None else None
             tot = {"correct": 0, "loss": 0.0, "unconverged": 0, "free_sweeps": 0,
-                   "nudged_sweeps": 0.0, "skipped": 0, "batches": 0, "seen": 0}
+                   "nudged_sweeps": 0.0, "skipped": 0, "excluded": 0, "batches": 0,
+                   "seen": 0}
             for i in range(0, n, cfg.batch_size):
                 idx = perm[i:i + cfg.batch_size]
                 xb = tr.x[idx] if gen is None else self.augment(tr.x[idx], gen)
                 r = self.step(xb, tr.y[idx], idx, e)
                 for k in ("correct", "loss", "unconverged", "free_sweeps", "nudged_sweeps",
-                          "skipped"):
+                          "skipped", "excluded"):
                     tot[k] += r[k]
                 tot["batches"] += 1
                 tot["seen"] += len(idx)
@@ -307,6 +316,7 @@ class Trainer:
                    "mean_free_sweeps": tot["free_sweeps"] / tot["batches"],
                    "mean_nudged_sweeps": tot["nudged_sweeps"] / tot["batches"],
                    "skipped_steps": tot["skipped"], "steps": tot["batches"],
+                   "samples": tot["seen"], "excluded_samples": tot["excluded"],
                    "dead_states": te["dead_states"],
                    "constant_prediction": te["constant_prediction"],
                    "lr": self.opt.current_lr(), "seconds": train_secs,

@@ -170,3 +170,40 @@ def test_a_diverging_adjoint_iteration_stops_early_and_says_so(monkeypatch):
     monkeypatch.setattr(gradcheck, "implicit_gradient", capped)
     r = engine_check(eng, d.train.x[:8], d.train.y[:8], beta=0.01)
     assert any("adjoint iteration did not converge" in w for w in r["warnings"]), r["warnings"]
+
+
+def test_drop_samples_leaves_out_only_the_samples_off_a_stable_fixed_point():
+    """The adjoint system is block-diagonal over the batch. In a net whose feedback loop
+    expands wherever its hidden units are unclipped, a blank image (hidden drive at the
+    middle of [0, 1]) sits on an unstable point, while digits, driven far below 0 by
+    negative input weights, saturate every hidden unit (a nilpotent sweep Jacobian). With
+    `drop_samples` the blank samples are left out and the gradient is exactly the one of
+    the digits alone; without it the whole batch's iteration diverges."""
+    from epc.runtime.data import load_dataset
+    g = zoo.mlp((64, 32, 10))
+    g.weights["h1.w"] = -abs(g.weights["h1.w"]) * 20.0
+    g.weights["h1.b"] = g.weights["h1.b"] * 0.0 + 0.5
+    g.weights["out.w"] = g.weights["out.w"] * 8.0      # loop gain |W|^2 far above 1
+    eng = Engine(g)
+    d = load_dataset("digits", input_shape=(64,))
+    digits, labels = d.train.x[:6], d.train.y[:6]
+    x = torch.cat([digits, torch.zeros(3, 64)])
+    y = torch.cat([labels, labels[:3]])
+
+    def states(n):    # hidden units at 0.5 with out = 0: the blanks' drive stays at 0.5
+        return {"h1": torch.full((n, 32), 0.5), "out": torch.zeros(n, 10)}
+
+    mixed, info = implicit_gradient(eng, eng.prepare(x), states(9), y, drop_samples=True)
+    assert info["converged"] and info["dropped"] == 3
+    assert info["kept"].tolist() == [True] * 6 + [False] * 3
+    alone, ainfo = implicit_gradient(eng, eng.prepare(digits), states(6), labels)
+    assert ainfo["converged"]
+    # (the saturated hidden layer passes nothing on: only the output bias has a gradient)
+    assert alone["out.b"].abs().max() > 0.01
+    for k in alone:
+        torch.testing.assert_close(mixed[k], alone[k], rtol=1e-5, atol=1e-7)
+    _, whole = implicit_gradient(eng, eng.prepare(x), states(9), y)
+    assert not whole["converged"]
+    # no sample left: nothing to differentiate, and it says so
+    _, none = implicit_gradient(eng, eng.prepare(x[6:]), states(3), y[6:], drop_samples=True)
+    assert not none["converged"] and none["dropped"] == 3

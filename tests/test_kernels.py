@@ -101,6 +101,30 @@ def test_non_finite_gradient_changes_nothing():
     assert all(torch.equal(P[k], before[k]) for k in P) and opt.step_count == 0
 
 
+def test_a_skipped_step_moves_the_schedule_not_the_moments():
+    """A step with no gradient (the implicit trainer with no sample left) advances the
+    cosine schedule as a step would, while Adam's moments and bias correction count only
+    the updates applied; a checkpoint carries both counts, an older one reads as none
+    skipped."""
+    grads = {"w1": torch.ones(16, 8), "b1": torch.ones(16)}
+    P, Q = _params(), _params()
+    a = Optimizer(P, ["w1", "b1"], lr=1e-2, cosine=True, total_steps=4)
+    b = Optimizer(Q, ["w1", "b1"], lr=1e-2, cosine=True, total_steps=4)
+    a.step(grads)
+    a.skip()
+    b.step(grads)
+    b.step(grads)
+    assert a.current_lr() == b.current_lr() < 1e-2
+    assert a.step_count == 1 and a.skipped_count == 1
+    assert torch.allclose(a.m["w1"], torch.full((16, 8), 0.1))    # one update's moment
+    c = Optimizer(_params(), ["w1", "b1"], lr=1e-2, cosine=True, total_steps=4)
+    c.load_state_arrays(a.state_arrays(), "ck")
+    assert (c.step_count, c.skipped_count, c.current_lr()) == (1, 1, a.current_lr())
+    old = {k: v for k, v in a.state_arrays().items() if k != "opt.skipped"}
+    c.load_state_arrays(old, "ck")
+    assert c.skipped_count == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_adam_sqrt_floor_changes_no_bit(dtype):
     """The floor under vh (which keeps torch's sqrt off its slow path for zeros and
