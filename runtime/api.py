@@ -26,7 +26,7 @@ from epc.compiler.errors import EpcError
 from epc.compiler.ir import Graph
 
 from .data import Data, load_dataset
-from .engine import Engine
+from .engine import Engine, schedule_mode
 from .train import (Trainer, TrainConfig, evaluate as _evaluate, load_checkpoint,
                     save_checkpoint)
 
@@ -200,7 +200,7 @@ def evaluate(src: Any, *, data: str = "digits", data_dir: str | None = None, res
     # these), unless the caller says otherwise
     ts = b.docs.get("train_state")
     trained = ts.get("config", {}) if isinstance(ts, dict) else {}
-    given = {"mode": schedule, "max_sweeps": max_sweeps, "tol": tol}
+    given = {"mode": schedule_mode(schedule), "max_sweeps": max_sweeps, "tol": tol}
     # each setting: given, else the training run's, else the bundle's schedule
     settling = {}
     for k, own in (("mode", eng.mode), ("max_sweeps", eng.max_sweeps), ("tol", eng.tol)):
@@ -240,7 +240,7 @@ def check_gradients(src: Any, *, data: str = "digits", data_dir: str | None = No
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(d.train.x.shape[0], generator=g)[:samples]
     r = _check(eng, d.train.x[idx], d.train.y[idx], beta=beta, nudge=nudge, tol=tol,
-               max_sweeps=max_sweeps, mode=schedule, freeze_pool=freeze_pool)
+               max_sweeps=max_sweeps, mode=schedule_mode(schedule), freeze_pool=freeze_pool)
     r.update({"model": name, "data": d.name, "seed": seed})
     if json_path:
         _write_json(json_path, r)

@@ -46,6 +46,12 @@ Tensor = torch.Tensor
 EXPLODE = 1e6   # |state| above this in an unbounded state counts as divergence
 
 
+def schedule_mode(mode: str | None) -> str | None:
+    """A `--schedule` value as the runtime names it: 'color' is taken for 'colour' (as
+    `epc compile` takes it); anything else unchanged, for the caller to check."""
+    return "colour" if mode == "color" else mode
+
+
 @dataclass
 class Link:
     """A coupling prepared for the hot loop."""
@@ -101,7 +107,7 @@ class Engine:
         self.device = torch.device(device)
         self.dtype = dtype
         sched = graph.schedule
-        self.mode = mode or sched.mode
+        self.mode = schedule_mode(mode) or sched.mode
         if self.mode not in ("colour", "sync"):
             raise EpcError(f"unknown schedule mode {self.mode!r} (supported: colour, sync)")
         self.max_sweeps, self.nudge_sweeps, self.tol = sched.max_sweeps, sched.nudge_sweeps, sched.tol

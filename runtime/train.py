@@ -33,7 +33,7 @@ from epc.compiler.errors import EpcError
 
 from .augment import Augment, epoch_generator
 from .data import Data
-from .engine import Engine
+from .engine import Engine, schedule_mode
 from .gradcheck import implicit_gradient
 from .learn import NonFiniteGradient, Optimizer, ep_gradient
 
@@ -92,6 +92,7 @@ class TrainConfig:
         if self.clip is not None and not (self.clip > 0 and math.isfinite(self.clip)):
             raise EpcError(f"--clip must be > 0 (the largest gradient norm kept), got "
                            f"{self.clip}")
+        self.mode = schedule_mode(self.mode)
         if self.mode not in (None, "colour", "sync"):
             raise EpcError(f"--schedule {self.mode!r} (supported: colour, sync)")
         for k in ("max_sweeps", "nudge_sweeps"):

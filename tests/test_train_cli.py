@@ -214,6 +214,20 @@ def test_epoch_lines_are_not_wrapped_in_logs(cli, mlp_path):
         and lines[0].rstrip().endswith("%"), r.stdout
 
 
+def test_color_is_taken_for_colour_by_every_command(cli, mlp_path):
+    """`epc compile --schedule color` is accepted; so are train, eval and check-gradients,
+    and the run is the colour schedule's, bit for bit."""
+    from epc.runtime.api import check_gradients
+    a = train(mlp_path, epochs=1, seed=0, schedule="colour", stop_after=1)
+    b = train(mlp_path, epochs=1, seed=0, schedule="color", stop_after=1)
+    assert a["history"][0]["train_loss"] == b["history"][0]["train_loss"]
+    assert b["config"]["mode"] == "colour"
+    assert evaluate(mlp_path, schedule="color")["settling"]["mode"] == "colour"
+    assert check_gradients(mlp_path, schedule="color", samples=4)["mode"] == "colour"
+    r = cli("eval", mlp_path, "--schedule", "color")
+    assert r.exit_code == 0, r.output
+
+
 def test_eval_settles_a_checkpoint_as_its_training_did(cli, mlp_path, tmp_path):
     """A run trained with its own sweep cap: `epc eval` of its checkpoint uses that cap by
     default and reproduces the reported test loss exactly; an explicit flag overrides."""
