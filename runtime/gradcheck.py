@@ -123,7 +123,9 @@ def implicit_gradient(eng: Engine, batch: dict, s_star: dict, labels: torch.Tens
                 bad &= kept
                 best_i = torch.minimum(best_i, d_i)
                 v = nv
-                any_bad, finished = torch.stack([bad.any(), (done_i | ~kept | bad).all()]).tolist()
+                # one sync: any sample to drop now, and has every kept one converged
+                any_bad, finished = torch.stack([bad.any(),
+                                                 (done_i | ~kept | bad).all()]).tolist()
                 if any_bad:
                     kept &= ~bad
                     _zero_rows(g, bad)

@@ -228,8 +228,8 @@ class Trainer:
         if bad:
             raise Diverged(f"training diverged in epoch {epoch + 1}: {bad} after the free "
                            f"phase; lower --lr or --beta, or add --clip")
-        rt = (free.routing or eng.routing(free.states, batch)) if cfg.freeze_pool else None
         nsw = cfg.nudge_sweeps if cfg.nudge_sweeps is not None else eng.nudge_sweeps
+        rt = (free.routing or eng.routing(free.states, batch)) if cfg.freeze_pool else None
         skipped = excluded = 0
         if cfg.gradient == "implicit":
             # differentiated on the max-pool selections of the free point, as EP nudges;
