@@ -150,6 +150,9 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
             else None,
             "train_samples": ntrain, "test_samples": int(d.test.x.shape[0]),
             "config": {k: getattr(cfg, k) for k in TrainConfig.RESUME_KEYS},
+            # what else decides the bits of a run: the thread count changes the order of
+            # torch's parallel sums, and so the last bits of every result
+            "threads": torch.get_num_threads(), "torch_version": torch.__version__,
             "history": st.history,
         }
         if checkpoint:

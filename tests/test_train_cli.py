@@ -24,6 +24,7 @@ def test_train_eval_metrics_checkpoint_plot(cli, mlp_path, tmp_path):
               "history"):
         assert k in m
     assert m["epochs"] == 3 and len(m["history"]) == 3
+    assert m["threads"] == torch.get_num_threads() and m["torch_version"] == torch.__version__
     assert m["test_accuracy"] > 0.8  # 3 epochs of EP on digits (chance is 0.1)
     assert png.read_bytes()[:4] == b"\x89PNG"
     b = read_bundle(ck / "last.epc")
