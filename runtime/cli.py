@@ -112,6 +112,14 @@ fixed point (recurrent backprop, as check-gradients computes it): several times 
 reference that tells EP's estimation error apart from what the energy model can learn.
 """
 
+# one torch thread unless asked: the example nets run as fast or within ~25% on one thread
+# of an idle 2-core machine, while more threads than free cores run 10-40x slower (OpenMP
+# threads wait on each other), and the count decides the last bits of a run
+THREADS_DEFAULT = 1
+THREADS_HELP = ("torch CPU threads; 1 makes a run's bits independent of the core count and "
+                "is as fast for small nets; raise it for large conv nets on an idle "
+                "many-core machine (each count sums in its own order)")
+
 UNSETTLED_WARN = 0.5   # warn when at least this share of an epoch's free phases hit the cap
 EXCLUDED_WARN = 0.25   # warn when at least this share of an epoch's samples had no exact gradient
 
@@ -187,9 +195,7 @@ def register(app: typer.Typer) -> None:
                        "zero fill) and/or flip (mirror left-right, p=1/2), e.g. crop:4,flip "
                        "for CIFAR; train accuracy is then on augmented samples"),
         device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | mps"),
-        threads: Optional[int] = typer.Option(
-            None, help="torch CPU threads (default: torch's, one per core); small nets train "
-                       "as fast on 1, and runs sharing a small machine should each use 1"),
+        threads: int = typer.Option(THREADS_DEFAULT, help=THREADS_HELP),
         checkpoint: Optional[str] = typer.Option(None, help="keep DIR/last.epc (every epoch)"),
         resume: bool = typer.Option(False, help="continue the run in --checkpoint DIR exactly"),
         stop_after: Optional[int] = typer.Option(None, help="stop after N epochs of this "
@@ -275,7 +281,7 @@ def register(app: typer.Typer) -> None:
         max_sweeps: Optional[int] = typer.Option(None, help="sweep cap"),
         tol: Optional[float] = typer.Option(None, help="settling tolerance"),
         device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | mps"),
-        threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+        threads: int = typer.Option(THREADS_DEFAULT, help=THREADS_HELP),
         json_out: Optional[str] = typer.Option(None, "--json", help="write the result as JSON"),
     ):
         nm = _neuromorphic(model)
@@ -322,7 +328,7 @@ def register(app: typer.Typer) -> None:
         freeze_pool: bool = typer.Option(True, help="nudged phases keep the free phase's "
                                                     "max-pool winners"),
         device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | mps"),
-        threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+        threads: int = typer.Option(THREADS_DEFAULT, help=THREADS_HELP),
         json_out: Optional[str] = typer.Option(None, "--json", help="write the table as JSON"),
     ):
         from .api import check_gradients

@@ -229,6 +229,23 @@ def test_color_is_taken_for_colour_by_every_command(cli, mlp_path):
     assert r.exit_code == 0, r.output
 
 
+def test_the_cli_runs_on_one_thread_unless_asked(cli, mlp_path, tmp_path):
+    """The commands own their process: one torch thread by default, whatever torch would
+    pick, and `--threads N` where asked; the metrics say which."""
+    mj = tmp_path / "run.json"
+    try:
+        torch.set_num_threads(2)
+        r = cli("train", mlp_path, "--epochs", 1, "--stop-after", 1, "--metrics-json", mj, "-q")
+        assert r.exit_code == 0, r.output
+        assert json.loads(mj.read_text())["threads"] == 1
+        r = cli("train", mlp_path, "--epochs", 1, "--stop-after", 1, "--metrics-json", mj, "-q",
+                "--threads", 2)
+        assert r.exit_code == 0, r.output
+        assert json.loads(mj.read_text())["threads"] == 2
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_eval_settles_a_checkpoint_as_its_training_did(cli, mlp_path, tmp_path):
     """A run trained with its own sweep cap: `epc eval` of its checkpoint uses that cap by
     default and reproduces the reported test loss exactly; an explicit flag overrides."""
