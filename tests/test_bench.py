@@ -63,6 +63,7 @@ def test_accuracy_bench_implicit_reference(tmp_path):
     r = imp["runs"][0]
     assert 0.8 < r["test_accuracy"] <= 1.0 and imp["test_accuracy"] == r["test_accuracy"]
     assert r["steps"] == 90 and r["skipped_steps"] == 0    # 2 epochs of ceil(1437 / 32)
+    assert r["excluded_samples"] == 0       # the MLP's every sample has a stable fixed point
     assert len(r["test_errors"]) == round((1 - r["test_accuracy"]) * 360)
     assert rec["ep_minus_implicit"] == pytest.approx(rec["test_accuracy"] - r["test_accuracy"])
     assert "backprop" not in rec
