@@ -103,57 +103,51 @@ def implicit_gradient(eng: Engine, batch: dict, s_star: dict, labels: torch.Tens
         outs = [s1[j] for j in eng.settled]
         ins = [s0[j] for j in eng.settled]
         v = [x.clone() for x in g]
-        delta = best = math.inf
+        # the blocks tracked: each sample (drop_samples) or the batch as one; per block its
+        # last change d of v, smallest change seen, converged, and still in the gradient.
+        # The tests are made in float64, on the float32 maxima as the batch's always were.
+        blocks = n if drop_samples else 1
+        d = torch.full((blocks,), math.inf, dtype=torch.float64, device=eng.device)
+        best = d.clone()
+        done = torch.zeros(blocks, dtype=torch.bool, device=eng.device)
+        kept = torch.ones_like(done)
         it = 0
-        converged = False
-        # per sample (drop_samples): still in the gradient, smallest change seen
-        kept = torch.ones(n, dtype=torch.bool, device=eng.device)
-        best_i = torch.full((n,), math.inf, dtype=eng.dtype, device=eng.device)
-        d_i, done_i = best_i, torch.zeros_like(kept)
         for it in range(1, iters + 1):
             jv = torch.autograd.grad(outs, ins, grad_outputs=v, retain_graph=True,
                                      allow_unused=True)
             nv = [a + (torch.zeros_like(a) if b is None else b) for a, b in zip(g, jv)]
-            if drop_samples:
-                d_i = _per_sample_max([(a - b).abs() for a, b in zip(nv, v)], n)
-                done_i = d_i <= tol * (_per_sample_max([a.abs() for a in nv], n) + 1e-30)
-                bad = ~torch.isfinite(d_i)
-                if it > DIVERGE_AFTER:
-                    bad |= d_i > DIVERGED * best_i
-                bad &= kept
-                best_i = torch.minimum(best_i, d_i)
-                v = nv
-                # one sync: any sample to drop now, and has every kept one converged
-                any_bad, finished = torch.stack([bad.any(),
-                                                 (done_i | ~kept | bad).all()]).tolist()
-                if any_bad:
-                    kept &= ~bad
+            d = _block_max([(a - b).abs() for a, b in zip(nv, v)], blocks)
+            done = d <= tol * (_block_max([a.abs() for a in nv], blocks) + 1e-30)
+            # growing a thousandfold from its smallest: the sweep expands around s*, the
+            # iteration diverges (geometrically); stop that block instead of running out
+            # the budget (a converged block is not divergent)
+            bad = ~torch.isfinite(d)
+            if it > DIVERGE_AFTER:
+                bad |= d > DIVERGED * best
+            bad &= kept & ~done
+            best = torch.minimum(best, d)
+            v = nv
+            # one sync: any block to stop now, and has every block still in converged
+            any_bad, finished = torch.stack([bad.any(),
+                                             (done | ~kept | bad).all()]).tolist()
+            if any_bad:
+                kept &= ~bad
+                if drop_samples:      # the diverging samples leave; the rest go on
                     _zero_rows(g, bad)
                     _zero_rows(v, bad)
-                if finished:
-                    break
-                continue
-            delta = max(float((a - b).abs().max()) for a, b in zip(nv, v))
-            scale = max(float(a.abs().max()) for a in nv) + 1e-30
-            v = nv
-            if delta <= tol * scale:
-                converged = True
-                break
-            best = min(best, delta)
-            # growing a thousandfold from its smallest: the sweep expands around s*, the
-            # iteration diverges (geometrically); stop instead of running out the budget
-            if not math.isfinite(delta) or (it > DIVERGE_AFTER and delta > DIVERGED * best):
+            if finished:
                 break
         factor = 1.0
         if drop_samples:
             # samples still short of the tolerance when the budget ran out are left out too
-            late = kept & ~done_i
-            kept &= done_i
-            _zero_rows(v, late)
+            _zero_rows(v, kept & ~done)
+            kept &= done
             nkept = int(kept.sum())
             converged = nkept > 0
-            delta = float(torch.where(kept, d_i, 0.0).max()) if nkept else math.inf
+            delta = float(torch.where(kept, d, 0.0).max()) if nkept else math.inf
             factor = n / nkept if nkept else 0.0
+        else:
+            converged, delta = bool(kept[0] and done[0]), float(d[0])
         grads = torch.autograd.grad(outs, [theta[k] for k in names], grad_outputs=v,
                                     allow_unused=True)
     out = {k: torch.zeros_like(theta[k]) if x is None else x.detach()
@@ -166,9 +160,10 @@ def implicit_gradient(eng: Engine, batch: dict, s_star: dict, labels: torch.Tens
     return out, info
 
 
-def _per_sample_max(ts: list[torch.Tensor], n: int) -> torch.Tensor:
-    """The largest entry of each sample's rows over a list of [n, ...] tensors: [n]."""
-    return torch.stack([t.reshape(n, -1).amax(1) for t in ts]).amax(0)
+def _block_max(ts: list[torch.Tensor], blocks: int) -> torch.Tensor:
+    """The largest entry of each block of rows over a list of [n, ...] tensors (blocks = n:
+    per sample; 1: over the batch), as float64: [blocks]."""
+    return torch.stack([t.reshape(blocks, -1).amax(1) for t in ts]).amax(0).double()
 
 
 def _zero_rows(ts: list[torch.Tensor], rows: torch.Tensor) -> None:
