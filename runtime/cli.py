@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import sys
 from typing import Optional
 
 import typer

@@ -1,7 +1,6 @@
 """Shared fixtures: paths to the committed example models, CLI runners, a small bundle."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
