@@ -84,6 +84,13 @@ class AutogradBaseline:
             raise ValueError("the autograd baseline implements heads inside the energy only")
         self.eng = eng
 
+    def zeros(self, n: int) -> dict:
+        """Initial states in torch's default layout: the baseline does not take the
+        runtime's channels-last state layout (that is one of the runtime's speed-ups)."""
+        eng = self.eng
+        return {j: torch.zeros((n,) + eng.shapes[j], dtype=eng.dtype, device=eng.device)
+                for j in eng.settled}
+
     def phi(self, S: dict, batch: dict, P: dict | None = None):
         """Phi = sum over couplings c -> j of <s_j, L_c(s_src)> plus <s_j, b_j>."""
         eng = self.eng
@@ -116,7 +123,7 @@ class AutogradBaseline:
     def step(self, x, y, free_sweeps, nudge_sweeps, beta, opt):
         eng = self.eng
         batch = eng.prepare(x)
-        s0 = self.settle(batch, eng.zeros(batch["n"]), 0.0, y, free_sweeps)
+        s0 = self.settle(batch, self.zeros(batch["n"]), 0.0, y, free_sweeps)
         sp = self.settle(batch, dict(s0), beta, y, nudge_sweeps)
         sm = self.settle(batch, dict(s0), -beta, y, nudge_sweeps)
         P = eng.params

@@ -21,6 +21,12 @@ states feeding it through the couplings' adjoints, evaluated at the current stat
     s_j <- act_j( ... - beta * sum_{readouts r fed by j} L_r^T( weight * dC/do_r ) ),
     o_r = sum_{c: dst=r} L_c(s_src) + b_r
 
+Image states ([C, H, W]) live channels-last on CPU (`channels_last`, on by default there):
+oneDNN's convolutions and torch's max-pool kernels vectorise over channels in that layout,
+and keeping the states in it removes the layout conversions each pool otherwise pays for
+(conv_digits: a free sweep ~20% faster). Results equal the NCHW layout's up to the order
+of the float sums inside the convolutions.
+
 Settling follows the compiled schedule: colour classes updated in order (block
 Gauss-Seidel, the default) or all states at once from the previous sweep ('sync'). It stops
 when every sample's largest state change in a sweep is below `tol`, or at the sweep cap,
@@ -38,7 +44,7 @@ import torch
 
 from epc.compiler import ops as O
 from epc.compiler.errors import EpcError
-from epc.compiler.ir import Dense, Flatten, Graph, Identity, MaxPool, op_weights
+from epc.compiler.ir import Conv, Dense, Flatten, Graph, Identity, MaxPool, op_weights
 
 from . import kernels as K
 
@@ -96,7 +102,7 @@ class Engine:
 
     def __init__(self, graph: Graph, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, mode: str | None = None,
-                 pool_freeze: int | None = 20):
+                 pool_freeze: int | None = 20, channels_last: bool | None = None):
         if not graph.is_energy:
             raise EpcError(f"graph {graph.name} is not in energy form; compile it first "
                            f"(epc compile MODEL --target torch)")
@@ -127,6 +133,12 @@ class Engine:
         self.shapes.update(self.input_shapes)
         # per-sample size of each settled state: its columns in settle's residual buffer
         self.widths = {j: math.prod(self.shapes[j]) for j in self.settled}
+        # None: channels-last image states on CPU (see the module docstring); on CUDA
+        # the layout is left to the caller until it has been measured there
+        if channels_last is None:
+            channels_last = self.device.type == "cpu"
+        self.channels_last = frozenset(
+            j for j in self.settled if channels_last and len(self.shapes[j]) == 3)
         self.classes = [list(c) for c in sched.classes if c]
         self.links: list[Link] = []
         for c in graph.couplings:
@@ -194,10 +206,10 @@ class Engine:
         ctxs = []
         for op, fc in zip(l.ops, frozen):
             if isinstance(op, MaxPool):
-                _, idx, pad = fc
+                idx, pad = fc[1], fc[2]
                 xp = x if O._symmetric(op.pads) else torch.nn.functional.pad(
                     x, (op.pads[1], op.pads[3], op.pads[0], op.pads[2]), value=-math.inf)
-                x = xp.flatten(2).gather(2, idx.flatten(2)).reshape(idx.shape)
+                x = K.maxpool_gather(xp, idx, fc[3] if len(fc) > 3 else None)
                 ctxs.append((xp, idx, pad))
             else:
                 x, c = O.forward(op, x, P)
@@ -208,8 +220,14 @@ class Engine:
         """Max-pool selections of every pooling chain at `states` (to freeze for nudging)."""
         vals = dict(batch["clamped"])
         vals.update(states)
-        return {l.name: self.link_forward(l, vals[l.src])[1] for l in self.links
-                if l.needs_ctx and l.dst in self.inbound}
+        out = {}
+        for l in self.links:
+            if l.needs_ctx and l.dst in self.inbound:
+                ctxs = self.link_forward(l, vals[l.src])[1]
+                # a frozen pool also keeps the offsets its gather reads (kernels.GatherIndex)
+                out[l.name] = [(c[0], c[1], c[2], K.gather_index(c[0], c[1]))
+                               if isinstance(op, MaxPool) else c for op, c in zip(l.ops, ctxs)]
+        return out
 
     def readout(self, r: str, vals: dict, P: dict | None = None,
                 routing: dict | None = None) -> Tensor:
@@ -230,7 +248,7 @@ class Engine:
             return (g @ P[l.weight]).reshape((g.shape[0],) + l.src_shape)
         if l.fast == "identity":
             return g
-        return O.chain_adjoint(l.ops, g, ctx, P)
+        return K.chain_adjoint(l.ops, g, ctx, P)
 
     def _shape_ctx(self, l: Link, n: int):
         """Contexts of a chain whose adjoint depends only on shapes (computed on zeros)."""
@@ -264,12 +282,32 @@ class Engine:
             b = self.states[j].bias
             if b:
                 u = u + P[b]
-            const[j] = u
+            const[j] = self.to_layout(j, u)
         return {"clamped": vals, "const": const, "n": n}
 
     def zeros(self, n: int) -> dict[str, Tensor]:
-        return {j: torch.zeros((n,) + self.shapes[j], dtype=self.dtype, device=self.device)
+        return {j: self.to_layout(j, torch.zeros((n,) + self.shapes[j], dtype=self.dtype,
+                                                 device=self.device))
                 for j in self.settled}
+
+    def loop_params(self, P: dict) -> dict:
+        """P with the convolution kernels of chains that touch a channels-last state made
+        channels-last (differentiably: autograd may run through a settle)."""
+        if not self.channels_last:
+            return P
+        out = dict(P)
+        for l in self.links:
+            if l.fast == "chain" and (l.src in self.channels_last or l.dst in self.channels_last):
+                for op in l.ops:
+                    if isinstance(op, Conv):
+                        out[op.weight] = P[op.weight].contiguous(memory_format=torch.channels_last)
+        return out
+
+    def to_layout(self, j: str, v: Tensor) -> Tensor:
+        """State j's values in the memory layout the settle loop keeps it in."""
+        if j in self.channels_last:
+            return v.contiguous(memory_format=torch.channels_last)
+        return v
 
     # ------------------------------------------------------------------ costs
     def cost_target(self, c, batch: dict, labels: Tensor | None) -> Tensor:
@@ -405,6 +443,10 @@ class Engine:
         P = self.params
         # the transposed dense weights, taken once per settle rather than once per drive
         WT = {l.weight: P[l.weight].t() for l in self.links if l.fast == "dense"}
+        # the chains' weights as the loop applies them: with channels-last states, conv
+        # kernels channels-last too (oneDNN converts an NCHW kernel on every call;
+        # the results are the same bits)
+        PL = self.loop_params(P)
 
         # a drive accumulates into the fresh tensor its first term creates, in place (the
         # same operations without an allocation each: the allocations of 0.5 MB conv states
@@ -416,7 +458,7 @@ class Engine:
             """A readout's value at the current states, and its links' contexts."""
             o, cxs = const[r], {}
             for l in self.inbound[r]:
-                y, cxs[l.name] = self.link_forward(l, S[l.src], routing=routing)
+                y, cxs[l.name] = self.link_forward(l, S[l.src], PL, routing)
                 o = o + y
             return o, cxs
 
@@ -430,7 +472,7 @@ class Engine:
                     else:
                         u, own = torch.addmm(u, S[l.src], WT[l.weight]), inplace
                     continue
-                y, cx = self.link_forward(l, S[l.src], routing=routing)
+                y, cx = self.link_forward(l, S[l.src], PL, routing)
                 if l.fast == "chain":
                     ctx[l.name] = (ver[l.src], cx)
                 if own:
@@ -449,14 +491,14 @@ class Engine:
                     if l.needs_ctx:
                         hit = ctx.get(l.name)
                         if hit is None or hit[0] != ver[j]:
-                            hit = (ver[j], self.link_forward(l, S[j], routing=routing)[1])
+                            hit = (ver[j], self.link_forward(l, S[j], PL, routing)[1])
                             ctx[l.name] = hit
                         cx = hit[1]
                     else:
                         cx = shape_ctx.get(l.name)
                         if cx is None:
                             cx = shape_ctx[l.name] = self._shape_ctx(l, n)
-                y = self.link_adjoint(l, S[l.dst], cx)
+                y = self.link_adjoint(l, S[l.dst], cx, PL)
                 if own:
                     u.add_(y)
                 else:
@@ -470,7 +512,7 @@ class Engine:
                         g = y if g is None else g + y
                     if g is None:
                         continue
-                    y = self.link_adjoint(l, g, cxs[l.name])
+                    y = self.link_adjoint(l, g, cxs[l.name], PL)
                     if own:
                         u.sub_(y)
                     else:
@@ -492,7 +534,12 @@ class Engine:
             buf = torch.zeros((n, sum(widths.values())), dtype=self.dtype, device=self.device)
             cols, at = {}, 0
             for j in self.settled:
-                cols[j] = buf[:, at:at + widths[j]].view((n,) + self.shapes[j])
+                col = buf[:, at:at + widths[j]]
+                if j in self.channels_last:   # written in the state's own layout
+                    c, h, w = self.shapes[j]
+                    cols[j] = col.view(n, h, w, c).permute(0, 3, 1, 2)
+                else:
+                    cols[j] = col.view((n,) + self.shapes[j])
                 at += widths[j]
             return buf, cols
 
@@ -605,7 +652,13 @@ class Engine:
         """Frozen max-pool selections with `take` applied to their batch rows."""
         if routing is None:
             return None
-        return {name: [(take(fc[0]), take(fc[1]), fc[2]) if isinstance(op, MaxPool) else fc
+        def rows(fc):   # a frozen max-pool: (xp, idx, pad[, GatherIndex])
+            out = (take(fc[0]), take(fc[1]), fc[2])
+            if len(fc) > 3:
+                out += (K.GatherIndex(fc[3].channels_last, take(fc[3].index)),)
+            return out
+
+        return {name: [rows(fc) if isinstance(op, MaxPool) else fc
                        for op, fc in zip(self.link_by_name[name].ops, frozen)]
                 for name, frozen in routing.items()}
 

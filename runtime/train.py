@@ -219,7 +219,7 @@ class Trainer:
         yb = yb.to(eng.device)
         init = None
         if self.warm is not None:
-            init = {j: self.warm[j][idx].to(eng.device) for j in eng.settled}
+            init = {j: eng.to_layout(j, self.warm[j][idx].to(eng.device)) for j in eng.settled}
         free = eng.settle(batch, init, max_sweeps=cfg.max_sweeps, tol=cfg.tol, mode=cfg.mode,
                           trace=not self.sweep_trace)
         if free.trace:

@@ -146,7 +146,7 @@ def test_throughput_baseline_computes_what_the_runtime_computes(graph):
     y = torch.arange(8) % 10
     batch = eng.prepare(x)
     base = AutogradBaseline(eng)
-    s0 = base.settle(batch, eng.zeros(8), 0.0, y, 12)
+    s0 = base.settle(batch, base.zeros(8), 0.0, y, 12)
     r0 = eng.settle(batch, max_sweeps=12, tol=0.0)
     sp = base.settle(batch, dict(s0), 0.3, y, 5)
     sm = base.settle(batch, dict(s0), -0.3, y, 5)

@@ -151,3 +151,62 @@ def test_adam_sqrt_floor_changes_no_bit(dtype):
         runs.append((P["w"].clone(), opt.v_flat.clone()))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert bool((runs[0][1] == 0).any())     # the slow-path inputs really occurred
+
+
+CL = torch.channels_last
+
+
+@pytest.mark.parametrize("op", POOLS, ids=lambda op: f"k{op.kernel}s{op.stride}p{op.pads}"
+                         f"d{op.dilation}c{int(op.ceil_mode)}")
+def test_maxpool_on_channels_last_states_and_frozen_gather(op):
+    """A channels-last input is pooled in place (values and indices as the reference's,
+    ties included, and channels-last); a frozen selection's gather reads exactly the
+    pooled values, in either layout, with offsets built for either layout."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand((5, 7, 9, 9), generator=g, dtype=torch.float64)
+    for t in (x, x.mul(3).sub(1).clamp(0, 1), torch.zeros_like(x)):
+        y0, ctx0 = O.forward(op, t, {})
+        xp0, idx0 = ctx0[:2]
+        y, ctx = K.maxpool_forward(op, t.contiguous(memory_format=CL))
+        xp, idx = ctx[:2]
+        assert K.is_channels_last(y) and K.is_channels_last(idx) and K.is_channels_last(xp)
+        assert torch.equal(y, y0) and torch.equal(idx, idx0) and ctx[2] == ctx0[2]
+        # the unpool of an NCHW gradient at a channels-last argmax, as the reference's
+        gy = torch.rand(y.shape, generator=g, dtype=torch.float64)
+        got = K.chain_adjoint([op], gy, [ctx], {})
+        assert torch.equal(got, O.adjoint(op, gy, ctx0, {}))
+        assert K.is_channels_last(got) or not O._symmetric(op.pads)   # (else a crop view)
+        for src in (xp0, xp):
+            for built in (None, K.gather_index(xp0, idx0), K.gather_index(xp, idx)):
+                assert torch.equal(K.maxpool_gather(src, idx, built), y0)
+
+
+CONVS = [  # (stride, pads, dilation, groups, input size): output padding 0 and 1 both
+    ([1, 1], [1, 1, 1, 1], [1, 1], 1, 8),
+    ([2, 2], [1, 1, 1, 1], [1, 1], 1, 8),
+    ([2, 2], [0, 0, 0, 0], [1, 1], 2, 9),
+    ([1, 1], [2, 2, 2, 2], [2, 2], 1, 7),
+    ([2, 1], [1, 0, 1, 0], [1, 1], 4, 8),
+    ([1, 1], [0, 1, 1, 0], [1, 1], 1, 6),            # asymmetric: the reference path
+]
+
+
+@pytest.mark.parametrize("spec", CONVS, ids=lambda s: f"s{s[0]}p{s[1]}d{s[2]}g{s[3]}n{s[4]}")
+def test_conv_adjoint_is_the_reference_transpose(spec):
+    """The engine's transposed conv: on NCHW the reference's bits; on channels-last the
+    same up to float sum order, and channels-last (where the reference turns NCHW)."""
+    from epc.compiler.ir import Conv
+    stride, pads, dil, groups, size = spec
+    g = torch.Generator().manual_seed(3)
+    op = Conv("w", stride=stride, pads=pads, dilation=dil, groups=groups)
+    W = {"w": torch.randn(8, 8 // groups, 3, 3, generator=g, dtype=torch.float64)}
+    x = torch.rand((3, 8, size, size), generator=g, dtype=torch.float64)
+    y, ctx = O.forward(op, x, W)
+    gy = torch.rand(y.shape, generator=g, dtype=torch.float64)
+    ref = O.adjoint(op, gy, ctx, W)
+    assert ref.shape == x.shape
+    assert torch.equal(K.conv_adjoint(op, gy, ctx, W), ref)
+    got = K.chain_adjoint([op], gy.contiguous(memory_format=CL), [ctx], W)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    if O._symmetric(pads):
+        assert K.is_channels_last(got)

@@ -296,3 +296,53 @@ def test_fit_to_input_flattens_and_checks():
     assert fit_to_input(x, (64,)).shape == (4, 64)
     with pytest.raises(EpcError):
         fit_to_input(x, (10,))
+
+
+def _pool_on_state(g):
+    """zoo.convnet with h1 -> h2 rewritten as pool(h1) then conv (the ONNX nets' order: a
+    max-pool applied to a settled state)."""
+    from epc.compiler.ir import Conv, MaxPool
+    g.states[0].shape = (4, 8, 8)
+    g.coupling("c_h1").ops = [Conv("h1.w", pads=[1, 1, 1, 1])]
+    g.coupling("c_h2").ops = [MaxPool([2, 2], [2, 2]), Conv("h2.w", pads=[1, 1, 1, 1]),
+                              MaxPool([2, 2], [2, 2])]
+    return g
+
+
+def _conv_resnet():
+    """A conv ResNet (identity and projection shortcuts, batch norm, a strided conv),
+    compiled by the real pipeline from tests/test_passes.py's builder."""
+    from test_passes import compile_, resnet
+    return compile_(resnet())
+
+
+LAYOUT_GRAPHS = {**{k: GRAPHS[k] for k in ("conv_max", "conv_avg", "tap")},
+                 "pool_on_state": lambda: _pool_on_state(zoo.convnet(channels=(4, 6))),
+                 "conv_resnet": _conv_resnet}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUT_GRAPHS))
+def test_channels_last_states_settle_as_nchw(name):
+    """Image states live channels-last on CPU by default; free, frozen-routing and nudged
+    (pair) settles reach what the NCHW layout reaches, to float64 rounding."""
+    g = LAYOUT_GRAPHS[name]()
+    cl, nchw = Engine(g, dtype=torch.float64), Engine(g, dtype=torch.float64, channels_last=False)
+    assert cl.channels_last == {j for j in cl.settled if len(cl.shapes[j]) == 3} != set()
+    assert not nchw.channels_last
+    batch, batch0 = _batch(cl, 12), _batch(nchw, 12)
+    y = torch.arange(12) % cl.num_classes
+    kw = dict(max_sweeps=40, tol=0.0)
+    a, b = cl.settle(batch, freeze_after=15, **kw), nchw.settle(batch0, freeze_after=15, **kw)
+    for j in cl.channels_last:
+        assert a.states[j].is_contiguous(memory_format=torch.channels_last)
+        assert not a.states[j].is_contiguous() and b.states[j].is_contiguous()
+    rt = cl.routing(a.states, batch) if any(l.needs_ctx for l in cl.links) else None
+    rt0 = nchw.routing(b.states, batch0) if rt is not None else None
+    pa = cl.settle_pair(batch, a.states, beta=0.3, labels=y, routing=rt, **kw)
+    pb = nchw.settle_pair(batch0, b.states, beta=0.3, labels=y, routing=rt0, **kw)
+    for ra, rb in ((a, b), *zip(pa, pb)):
+        assert ra.sweeps == rb.sweeps
+        for j in cl.settled:
+            torch.testing.assert_close(ra.states[j], rb.states[j], rtol=0, atol=1e-11)
+        torch.testing.assert_close(ra.residual, rb.residual, rtol=0, atol=1e-11)
+    assert max(float((pa[0].states[j] - a.states[j]).abs().max()) for j in cl.settled) > 1e-4
