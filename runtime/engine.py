@@ -24,8 +24,8 @@ states feeding it through the couplings' adjoints, evaluated at the current stat
 Image states ([C, H, W]) live channels-last on CPU (`channels_last`, on by default there):
 oneDNN's convolutions and torch's max-pool kernels vectorise over channels in that layout,
 and keeping the states in it removes the layout conversions each pool otherwise pays for
-(conv_digits: a free sweep ~20% faster). Results equal the NCHW layout's up to the order
-of the float sums inside the convolutions.
+(conv_digits: a free sweep with live max-pools ~15% faster). Results equal the NCHW
+layout's up to the order of the float sums inside the convolutions.
 
 Settling follows the compiled schedule: colour classes updated in order (block
 Gauss-Seidel, the default) or all states at once from the previous sweep ('sync'). It stops
