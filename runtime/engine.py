@@ -148,6 +148,10 @@ class Engine:
                 tuple(graph.shape_of(c.src)), any(isinstance(op, MaxPool) for op in c.ops),
                 [x for op in c.ops for x in op_weights(op).values()]))
         self.link_by_name = {l.name: l for l in self.links}
+        # conv kernels that act on channels-last states in the loop (see loop_params)
+        self.cl_kernels = sorted({op.weight for l in self.links if l.fast == "chain"
+                                  and {l.src, l.dst} & self.channels_last
+                                  for op in l.ops if isinstance(op, Conv)})
         teacher_states = {s.name for s in graph.states if s.role == "teacher"}
         clamped = set(self.inputs) | teacher_states
         self.input_links: dict[str, list[Link]] = {j: [] for j in self.settled}
@@ -206,10 +210,9 @@ class Engine:
         ctxs = []
         for op, fc in zip(l.ops, frozen):
             if isinstance(op, MaxPool):
-                idx, pad = fc[1], fc[2]
-                xp = x if O._symmetric(op.pads) else torch.nn.functional.pad(
-                    x, (op.pads[1], op.pads[3], op.pads[0], op.pads[2]), value=-math.inf)
-                x = K.maxpool_gather(xp, idx, fc[3] if len(fc) > 3 else None)
+                _, idx, _, index = fc          # as `routing` froze it
+                xp, pad = O.maxpool_input(op, x)
+                x = K.maxpool_gather(xp, idx, index)
                 ctxs.append((xp, idx, pad))
             else:
                 x, c = O.forward(op, x, P)
@@ -224,7 +227,7 @@ class Engine:
         for l in self.links:
             if l.needs_ctx and l.dst in self.inbound:
                 ctxs = self.link_forward(l, vals[l.src])[1]
-                # a frozen pool also keeps the offsets its gather reads (kernels.GatherIndex)
+                # a frozen pool: (xp, idx, pad) and the offsets its gather reads
                 out[l.name] = [(c[0], c[1], c[2], K.gather_index(c[0], c[1]))
                                if isinstance(op, MaxPool) else c for op, c in zip(l.ops, ctxs)]
         return out
@@ -293,14 +296,11 @@ class Engine:
     def loop_params(self, P: dict) -> dict:
         """P with the convolution kernels of chains that touch a channels-last state made
         channels-last (differentiably: autograd may run through a settle)."""
-        if not self.channels_last:
+        if not self.cl_kernels:
             return P
         out = dict(P)
-        for l in self.links:
-            if l.fast == "chain" and (l.src in self.channels_last or l.dst in self.channels_last):
-                for op in l.ops:
-                    if isinstance(op, Conv):
-                        out[op.weight] = P[op.weight].contiguous(memory_format=torch.channels_last)
+        for w in self.cl_kernels:
+            out[w] = P[w].contiguous(memory_format=torch.channels_last)
         return out
 
     def to_layout(self, j: str, v: Tensor) -> Tensor:
@@ -652,11 +652,10 @@ class Engine:
         """Frozen max-pool selections with `take` applied to their batch rows."""
         if routing is None:
             return None
-        def rows(fc):   # a frozen max-pool: (xp, idx, pad[, GatherIndex])
-            out = (take(fc[0]), take(fc[1]), fc[2])
-            if len(fc) > 3:
-                out += (K.GatherIndex(fc[3].channels_last, take(fc[3].index)),)
-            return out
+        def rows(fc):   # a frozen max-pool, as `routing` builds it
+            xp, idx, pad, index = fc
+            return (take(xp), take(idx), pad,
+                    K.GatherIndex(index.channels_last, take(index.index)))
 
         return {name: [rows(fc) if isinstance(op, MaxPool) else fc
                        for op, fc in zip(self.link_by_name[name].ops, frozen)]
