@@ -196,7 +196,7 @@ class Engine:
     def link_forward(self, l: Link, x: Tensor, P: dict | None = None, routing: dict | None = None):
         P = self.params if P is None else P
         if routing is not None and l.name in routing:
-            return self._routed_forward(l, x, P, routing[l.name])
+            return self._routed_forward(l.ops, x, P, routing[l.name])
         if l.fast == "dense":
             return x @ P[l.weight].t(), None
         if l.fast == "flat_dense":
@@ -205,10 +205,11 @@ class Engine:
             return x, None
         return K.chain_forward(l.ops, x, P)
 
-    def _routed_forward(self, l: Link, x: Tensor, P: dict, frozen: list):
-        """The chain with every max-pool selecting the positions frozen in `frozen` (a linear map)."""
+    def _routed_forward(self, ops: list, x: Tensor, P: dict, frozen: list):
+        """The chain `ops` (a link's ops or a prefix of them) with every max-pool selecting
+        the positions frozen in `frozen` (a linear map)."""
         ctxs = []
-        for op, fc in zip(l.ops, frozen):
+        for op, fc in zip(ops, frozen):
             if isinstance(op, MaxPool):
                 _, idx, _, index = fc          # as `routing` froze it
                 xp, pad = O.maxpool_input(op, x)
@@ -219,6 +220,27 @@ class Engine:
                 ctxs.append(c)
         return x, ctxs
 
+    def link_prefix(self, l: Link, x: Tensor, P: dict | None = None,
+                    routing: dict | None = None) -> tuple[Tensor, list]:
+        """A chain link applied up to, not including, its last op: the value that op takes
+        and the contexts of the ops before it (max-pools as `routing` froze them)."""
+        P = self.params if P is None else P
+        if routing is not None and l.name in routing:
+            return self._routed_forward(l.ops[:-1], x, P, routing[l.name])
+        return K.chain_forward(l.ops[:-1], x, P)
+
+    def link_contexts(self, l: Link, x: Tensor, P: dict | None = None,
+                      routing: dict | None = None) -> list:
+        """The contexts `link_adjoint` takes for a chain link at source value x, as
+        `link_forward` returns them. A trailing conv or dense op is not applied: its
+        context is only its input's shape (a conv) or nothing (a dense), so the contexts
+        of a max-pool -> conv chain cost the pool, not the convolution too."""
+        last = l.ops[-1]
+        if not isinstance(last, (Conv, Dense)):
+            return self.link_forward(l, x, P, routing)[1]
+        y, ctxs = self.link_prefix(l, x, P, routing)
+        return ctxs + [y.shape if isinstance(last, Conv) else None]
+
     def routing(self, states: dict, batch: dict) -> dict:
         """Max-pool selections of every pooling chain at `states` (to freeze for nudging)."""
         vals = dict(batch["clamped"])
@@ -226,7 +248,7 @@ class Engine:
         out = {}
         for l in self.links:
             if l.needs_ctx and l.dst in self.inbound:
-                ctxs = self.link_forward(l, vals[l.src])[1]
+                ctxs = self.link_contexts(l, vals[l.src])
                 # a frozen pool: (xp, idx, pad) and the offsets its gather reads
                 out[l.name] = [(c[0], c[1], c[2], K.gather_index(c[0], c[1]))
                                if isinstance(op, MaxPool) else c for op, c in zip(l.ops, ctxs)]
@@ -491,7 +513,7 @@ class Engine:
                     if l.needs_ctx:
                         hit = ctx.get(l.name)
                         if hit is None or hit[0] != ver[j]:
-                            hit = (ver[j], self.link_forward(l, S[j], PL, routing)[1])
+                            hit = (ver[j], self.link_contexts(l, S[j], PL, routing))
                             ctx[l.name] = hit
                         cx = hit[1]
                     else:

@@ -5,10 +5,12 @@ EP estimate (per weight, averaged over the batch):
     symmetric:  grad = -( dPhi/dtheta(s+) - dPhi/dtheta(s-) ) / (2 beta)
     one-sided:  grad = -( dPhi/dtheta(s+) - dPhi/dtheta(s*) ) / beta
 
-dPhi/dW of a dense coupling is s_dst^T s_src (a matmul); for any other chain it is the
-autograd gradient of <s_dst, L(s_src)> w.r.t. the chain's weights, taken once per batch on
-the difference of the two phases (outside the settling loop). dPhi/db_j = s_j summed over
-the axes b_j broadcasts over. Weights shared by several couplings accumulate.
+dPhi/dW of a dense coupling is s_dst^T s_src (a matmul). A chain whose one learnable
+weight is its last op's (max-pool -> conv, a conv alone, flatten -> dense) takes that op's
+weight gradient at the chain's prefix, for both phases in one call (the chain's op itself
+is never applied). Any other chain takes the autograd gradient of <s_dst, L(s_src)> w.r.t.
+its weights. Either runs once per batch, outside the settling loop. dPhi/db_j = s_j summed
+over the axes b_j broadcasts over. Weights shared by several couplings accumulate.
 
 A readout head (outside the energy, `epc compile --readout`) enters the nudged energy only
 through beta * C(o), so the same difference quotient gives its weights dC/dtheta at the
@@ -25,8 +27,11 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from epc.compiler import ops as O
 from epc.compiler.errors import EpcError
+from epc.compiler.ir import Conv, Dense, op_weights
 
 from .engine import Engine
 
@@ -70,6 +75,11 @@ def phi_grad_diff(eng: Engine, batch: dict, sa: dict, sb: dict,
                 acc(l.weight, sa[j].t() @ xa2 - sb[j].t() @ xb2)
                 continue
             ws = [w for w in dict.fromkeys(l.weights) if w in learn]
+            if l.fast == "chain" and _last_op_learns_alone(l, learn):
+                g = _last_op_grad_diff(eng, l, xa, xb, sa[j], sb[j], routing)
+                if g is not None:
+                    acc(ws[0], g)
+                    continue
             leaves = {w: P[w].detach().requires_grad_(True) for w in ws}
             PP = dict(P)
             PP.update(leaves)
@@ -84,6 +94,45 @@ def phi_grad_diff(eng: Engine, batch: dict, sa: dict, sb: dict,
         if b and b in learn:
             acc(b, reduce_to_shape(sa[j] - sb[j], tuple(P[b].shape)))
     return out
+
+
+def _last_op_learns_alone(l, learn: set) -> bool:
+    """The chain's one learnable weight belongs to its last op, a conv or a dense."""
+    last = l.ops[-1]
+    return (isinstance(last, (Conv, Dense)) and last.weight in learn
+            and not any(w in learn for op in l.ops[:-1] for w in op_weights(op).values()))
+
+
+def _last_op_grad_diff(eng: Engine, l, xa: Tensor, xb: Tensor, ga: Tensor, gb: Tensor,
+                       routing: dict | None) -> Tensor | None:
+    """dPhi/dW(a) - dPhi/dW(b) of a chain whose learnable weight is its last op's.
+
+    Phi holds <s_j, W * p(x)> with p the ops before W (none learnable), so dPhi/dW is the op's
+    weight gradient with input p(x) and output gradient s_j: the convolution (or matmul)
+    itself is never applied, unlike autograd through Phi, which runs it forward first.
+    The two phases are one call: the weight gradient is linear in the batch, so the
+    difference is the gradient over both phases stacked, with -s_j for the second; when
+    the source is the same tensor in both (a clamped input) it is one call on
+    s_j(a) - s_j(b). Returns None where this form does not apply (then autograd does)."""
+    P = eng.params
+    op = l.ops[-1]
+    pa = eng.link_prefix(l, xa, P, routing)[0]
+    if xa is xb:
+        x, g = pa, ga - gb
+    else:
+        pb = eng.link_prefix(l, xb, P, routing)[0]
+        x, g = torch.cat([pa, pb]), torch.cat([ga, -gb])
+    if isinstance(op, Dense):
+        return g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+    if x.dim() != 4:
+        return None
+    pads = op.pads
+    if O._symmetric(pads):
+        pad = (pads[0], pads[1])
+    else:
+        x, pad = F.pad(x, (pads[1], pads[3], pads[0], pads[2])), (0, 0)
+    return torch.nn.grad.conv2d_weight(x, P[op.weight].shape, g, op.stride, pad,
+                                       op.dilation, op.groups)
 
 
 def readout_gradient(eng: Engine, batch: dict, phases: list[tuple[dict, float]],

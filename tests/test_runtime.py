@@ -25,8 +25,28 @@ def _batch(eng, n=16, seed=0):
     return eng.prepare(torch.rand((n,) + shape, generator=g, dtype=torch.float64))
 
 
+def _pool_then_conv(asymmetric: bool = False):
+    """zoo.convnet in the order of the ONNX conv nets (conv_digits): h1 -> max-pool -> conv
+    -> h2 and h2 -> max-pool -> flatten -> dense -> out, so each chain with feedback ends
+    in its weighted op. `asymmetric`: h2's conv is 2x2, padded on one side only."""
+    from epc.compiler.ir import Conv, Dense, Flatten, MaxPool
+    g = zoo.convnet(channels=(4, 6))
+    g.states[0].shape, g.states[1].shape = (4, 8, 8), (6, 4, 4)
+    g.coupling("c_h1").ops = [Conv("h1.w", pads=[1, 1, 1, 1])]
+    conv = Conv("h2.w", pads=[1, 1, 1, 1])
+    if asymmetric:
+        g.weights["h2.w"] = (np.random.default_rng(3).uniform(-0.5, 0.5, (6, 4, 2, 2))
+                             .astype(np.float32))
+        conv = Conv("h2.w", pads=[0, 0, 1, 1])
+    g.coupling("c_h2").ops = [MaxPool([2, 2], [2, 2]), conv]
+    g.coupling("c_out").ops = [MaxPool([2, 2], [2, 2]), Flatten(), Dense("out.w")]
+    return g
+
+
 GRAPHS = {
     "mlp": lambda: zoo.mlp((64, 32, 10)),
+    "pool_conv": _pool_then_conv,
+    "pool_conv_asym": lambda: _pool_then_conv(asymmetric=True),
     "conv_max": lambda: zoo.convnet(channels=(4, 6)),
     "conv_avg": lambda: zoo.convnet(channels=(4, 6), pool="avg"),
     "resnet": lambda: zoo.resnet(width=16),
@@ -346,3 +366,69 @@ def test_channels_last_states_settle_as_nchw(name):
             torch.testing.assert_close(ra.states[j], rb.states[j], rtol=0, atol=1e-11)
         torch.testing.assert_close(ra.residual, rb.residual, rtol=0, atol=1e-11)
     assert max(float((pa[0].states[j] - a.states[j]).abs().max()) for j in cl.settled) > 1e-4
+
+
+def _mobile():
+    """Depthwise and pointwise convs, a learnable channel scale before a dense readout
+    (a chain with two learnable weights), compiled from tests/test_passes.py's builder."""
+    from test_passes import compile_, mobile
+    return compile_(mobile())
+
+
+GRAD_GRAPHS = {**{k: GRAPHS[k] for k in ("conv_max", "pool_conv", "pool_conv_asym")},
+               "conv_resnet": _conv_resnet, "mobile": _mobile}
+# chain couplings (input ones included) whose one learnable weight is their last op's
+DIRECT_CHAINS = {"conv_max": 0, "pool_conv": 3, "pool_conv_asym": 3, "conv_resnet": 7,
+                 "mobile": 3}
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("name", sorted(GRAD_GRAPHS))
+def test_direct_weight_gradients_equal_autograd_through_phi(name, channels_last, monkeypatch):
+    """A chain whose one learnable weight is its last op (max-pool -> conv, a conv, flatten ->
+    dense) gets dPhi/dW(s+) - dPhi/dW(s-) from the op's weight gradient, without applying
+    the op; it equals autograd through Phi, with live and with frozen max-pools."""
+    from epc.runtime import learn
+    eng = Engine(GRAD_GRAPHS[name](), dtype=torch.float64, channels_last=channels_last)
+    batch = _batch(eng, 12)
+    y = torch.arange(12) % eng.num_classes
+    free = eng.settle(batch, max_sweeps=30, tol=0.0)
+    rt = eng.routing(free.states, batch) if any(l.needs_ctx for l in eng.links) else None
+    plus, minus = eng.settle_pair(batch, free.states, beta=0.3, labels=y, routing=rt,
+                                  max_sweeps=20, tol=0.0)
+    direct = learn._last_op_grad_diff
+    for routing in (None, rt) if rt is not None else (None,):
+        took = []
+
+        def counted(*a, **kw):
+            g = direct(*a, **kw)
+            took.append(g is not None)
+            return g
+
+        monkeypatch.setattr(learn, "_last_op_grad_diff", counted)
+        fast = learn.phi_grad_diff(eng, batch, plus.states, minus.states, routing)
+        monkeypatch.setattr(learn, "_last_op_learns_alone", lambda l, learn_: False)
+        auto = learn.phi_grad_diff(eng, batch, plus.states, minus.states, routing)
+        monkeypatch.undo()
+        # every conv / dense-ended chain took the direct form (conv_max's end in a pool)
+        assert took == [True] * DIRECT_CHAINS[name]
+        assert fast.keys() == auto.keys() == set(eng.learnable)
+        for k in fast:
+            torch.testing.assert_close(fast[k], auto[k], rtol=1e-10, atol=1e-12)
+
+
+def test_direct_weight_gradient_only_where_the_last_op_learns_alone():
+    from epc.compiler.ir import ChannelScale, Conv, Flatten, MaxPool
+    from epc.runtime.engine import Link
+    from epc.runtime.learn import _last_op_learns_alone
+
+    def link(*ops):
+        return Link("c", "a", "b", list(ops), "forward", True, "chain", None, (2, 4, 4),
+                    any(isinstance(o, MaxPool) for o in ops))
+    conv = Conv("w", pads=[1, 1, 1, 1])
+    assert _last_op_learns_alone(link(MaxPool([2, 2], [2, 2]), conv), {"w"})
+    assert _last_op_learns_alone(link(ChannelScale("cs"), conv), {"w"})      # cs frozen
+    assert not _last_op_learns_alone(link(ChannelScale("cs"), conv), {"w", "cs"})
+    assert not _last_op_learns_alone(link(conv, MaxPool([2, 2], [2, 2])), {"w"})
+    assert not _last_op_learns_alone(link(conv), set())                       # w frozen
+    assert not _last_op_learns_alone(link(conv, Flatten()), {"w"})
