@@ -13,6 +13,10 @@ Everything is measured side by side in one run on this machine:
   The baseline applies every coupling with the reference ops (plain torch calls,
   `compiler.ops`); the runtime uses its faster equal kernels (`runtime.kernels`).
   tests/test_bench.py checks that both compute the same states and EP gradient.
+  `runtime_conv_fraction` is the share of the runtime's time spent in convolution kernels
+  (one profiled epoch), and `speedup_ceiling_convs` the baseline's time over that
+  convolution time: the ratio the runtime would reach if everything but the convolutions
+  it shares with the baseline took no time (null for nets without convolutions).
 * ep_vs_bp: one EP training epoch (runtime defaults) vs one backprop epoch of the same
   architecture (the feedforward pass of the energy graph, autograd, Adam).
 * Timed pairs (runtime/baseline, EP/BP) run alternately five times after a warm-up; a

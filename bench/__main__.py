@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -165,12 +166,47 @@ def bench_throughput(graphs: dict, batches: int, bs: int = 64, free_sweeps: int 
 
         tr, tb = _side_by_side(runtime_epoch, baseline_epoch, reps)
         ns = batches * bs
+        conv = _conv_seconds(runtime_epoch)
         out[name] = {"runtime_samples_per_s": ns / float(np.median(tr)),
                      "baseline_samples_per_s": ns / float(np.median(tb)),
                      "speedup": _median_ratio(tb, tr), "speedup_all": _ratios(tb, tr),
+                     "runtime_conv_fraction": conv / float(np.median(tr)),
+                     "speedup_ceiling_convs": (float(np.median(tb)) / conv) if conv else None,
                      "free_sweeps": free_sweeps, "nudge_sweeps": nudge_sweeps,
                      "batch_size": bs}
     return out
+
+
+def _conv_seconds(fn) -> float:
+    """Seconds `fn` spends in convolution kernels (forward, transposed, weight gradient),
+    from one run under torch.profiler: the sum of their self times, so that nested calls
+    (conv2d -> convolution -> mkldnn_convolution) count once. The baseline runs the same
+    convolutions, so baseline time / this is the most the runtime could gain over it if
+    everything else it does took no time."""
+    from torch.profiler import ProfilerActivity, profile
+    with _profiler_banner_dropped(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if "conv" in e.key) / 1e6
+
+
+@contextlib.contextmanager
+def _profiler_banner_dropped():
+    """Run the block with file descriptor 2 in a temporary file, then pass on what it
+    wrote except the profiler's own 'USDT: ... profiler_start/stop' lines (printed by its
+    C++ library, which no setting turns off)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            rest = [ln for ln in tmp.read().decode(errors="replace").splitlines(True)
+                    if not (ln.startswith("USDT:") and "profiler_st" in ln)]
+            sys.stderr.write("".join(rest))
 
 
 def _side_by_side(fa, fb, reps: int) -> tuple[list[float], list[float]]:

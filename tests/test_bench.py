@@ -186,6 +186,7 @@ def test_timing_sections_smoke(tmp_path):
     tp = res["throughput"]["mlp_digits"]
     assert len(tp["speedup_all"]) == 5 and tp["speedup"] > 0
     assert tp["runtime_samples_per_s"] > 0 and tp["baseline_samples_per_s"] > 0
+    assert tp["runtime_conv_fraction"] == 0 and tp["speedup_ceiling_convs"] is None  # an MLP
     eb = res["ep_vs_bp"]["mlp_digits"]
     assert len(eb["ratio_all"]) == 5 and eb["ep_epoch_s"] > 0 and eb["bp_epoch_s"] > 0
     assert 0 < res["gflops"]["models"]["mlp_digits"]["fraction_of_peak"]
