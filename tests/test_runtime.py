@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from epc.compiler import ops as O
 from epc.compiler.errors import EpcError
 from epc.compiler.reference import forward_sweep
 from epc.runtime import zoo
@@ -121,7 +120,7 @@ def test_teacher_states_are_the_feedforward_pass():
 def test_routing_freeze_makes_pool_on_state_settle():
     """A max-pool applied to a state (pool after the activation, as ONNX nets have it) makes
     argmax routing cycle; freezing the winners after a few sweeps settles every sample."""
-    from epc.compiler.ir import Conv, Coupling, MaxPool
+    from epc.compiler.ir import Conv, MaxPool
     g = zoo.convnet(channels=(4, 6))
     # rewrite h1 -> h2 as pool(h1) then conv: pool applied to the state itself
     c = g.coupling("c_h2")
