@@ -276,9 +276,10 @@ class Engine:
         return K.chain_adjoint(l.ops, g, ctx, P)
 
     def _shape_ctx(self, l: Link, n: int):
-        """Contexts of a chain whose adjoint depends only on shapes (computed on zeros)."""
+        """Contexts of a chain whose adjoint depends only on shapes (computed on zeros; a
+        trailing conv or dense op is not applied, see `link_contexts`)."""
         x = torch.zeros((n,) + l.src_shape, dtype=self.dtype, device=self.device)
-        return O.chain_forward(l.ops, x, self.params)[1]
+        return self.link_contexts(l, x)
 
     # ------------------------------------------------------------------ batch setup
     def prepare(self, inputs: dict[str, Tensor] | Tensor) -> dict:
