@@ -91,6 +91,14 @@ def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- linear ops
+def conv_input(op: Conv, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The tensor a convolution reads and the symmetric padding F.conv2d applies to it
+    (asymmetric padding is applied here, with zeros, so the conv itself pads nothing)."""
+    if _symmetric(op.pads):
+        return x, (op.pads[0], op.pads[1])
+    return F.pad(x, (op.pads[1], op.pads[3], op.pads[0], op.pads[2])), (0, 0)
+
+
 def maxpool_input(op: MaxPool, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """The tensor a max-pool scans and the symmetric padding F.max_pool2d applies to it
     (asymmetric padding is applied here, with -inf, so the pool itself pads nothing)."""
@@ -104,12 +112,9 @@ def forward(op, x: torch.Tensor, weights: Weights) -> tuple[torch.Tensor, Any]:
     if isinstance(op, Dense):
         return x @ _w(weights, op.weight, x).t(), None
     if isinstance(op, Conv):
-        w = _w(weights, op.weight, x)
-        if _symmetric(op.pads):
-            y = F.conv2d(x, w, None, op.stride, (op.pads[0], op.pads[1]), op.dilation, op.groups)
-            return y, x.shape
-        xp = F.pad(x, (op.pads[1], op.pads[3], op.pads[0], op.pads[2]))
-        return F.conv2d(xp, w, None, op.stride, 0, op.dilation, op.groups), x.shape
+        xp, pad = conv_input(op, x)
+        return (F.conv2d(xp, _w(weights, op.weight, x), None, op.stride, pad, op.dilation,
+                         op.groups), x.shape)
     if isinstance(op, MaxPool):
         xp, pad = maxpool_input(op, x)
         y, idx = F.max_pool2d(xp, op.kernel, op.stride, pad, op.dilation, op.ceil_mode,

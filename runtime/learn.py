@@ -27,7 +27,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from epc.compiler import ops as O
 from epc.compiler.errors import EpcError
@@ -126,11 +125,7 @@ def _last_op_grad_diff(eng: Engine, l, xa: Tensor, xb: Tensor, ga: Tensor, gb: T
         return g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
     if x.dim() != 4:
         return None
-    pads = op.pads
-    if O._symmetric(pads):
-        pad = (pads[0], pads[1])
-    else:
-        x, pad = F.pad(x, (pads[1], pads[3], pads[0], pads[2])), (0, 0)
+    x, pad = O.conv_input(op, x)
     return torch.nn.grad.conv2d_weight(x, P[op.weight].shape, g, op.stride, pad,
                                        op.dilation, op.groups)
 
