@@ -36,4 +36,8 @@ Everything is measured side by side in one run on this machine:
 * parity: the trained MLP and conv nets as 8-bit and calibrated 4-bit programs in the
   simulator vs the float runtime, and on-chip learning of the untrained MLP
   (`python -m bench.parity` runs it alone).
+
+The bench keeps freed tensor memory for reuse as `epc train` does (runtime/memory.py), for
+the runtime and the baseline alike; `machine.allocator` records it, and `--system-malloc`
+runs everything under the C library's own thresholds instead.
 """

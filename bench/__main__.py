@@ -16,7 +16,7 @@ import torch
 
 from epc.compiler import ops as O
 from epc.compiler.bundle import atomic_write_bytes
-from epc.runtime import zoo
+from epc.runtime import memory, zoo
 from epc.runtime.data import load_dataset
 from epc.runtime.engine import Engine
 from epc.runtime.learn import Optimizer, ep_gradient
@@ -326,7 +326,14 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", choices=SECTIONS, default=None, metavar="SECTION",
                     help=f"run only these sections ({', '.join(SECTIONS)}); default all. "
                          f"The timing sections take ~1 min, accuracy and parity the rest")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="keep the C library's own malloc thresholds (by default the bench, "
+                         "like `epc train`, keeps freed tensor memory for reuse: "
+                         "runtime/memory.py); both sides of every ratio run under the same one")
     a = ap.parse_args(argv)
+    if a.system_malloc:
+        os.environ[memory.OPT_OUT] = "1"    # also for the runs the accuracy section starts
+    allocator = memory.retain_freed_memory()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     graphs = models(a.quick)
@@ -334,7 +341,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     res = {"machine": {"python": sys.version.split()[0], "torch": torch.__version__,
                        "platform": platform.platform(), "threads": a.threads,
-                       "cpus": os.cpu_count()},
+                       "cpus": os.cpu_count(), "allocator": allocator},
            "quick": a.quick}
     tp_graphs = {k: v for k, v in graphs.items() if k != "chain5"}
 

@@ -26,6 +26,7 @@ from epc.compiler.ir import Graph
 
 from .data import Data, load_dataset
 from .engine import Engine, schedule_mode
+from .memory import retain_freed_memory
 from .train import (Trainer, TrainConfig, evaluate as _evaluate, load_checkpoint,
                     save_checkpoint)
 
@@ -73,7 +74,10 @@ def _data_for(eng: Engine, data: str, data_dir, resize, channels, dataset) -> Da
                         dataset=dataset)
 
 
-def _set_threads(threads: int | None):
+def _configure_process(threads: int | None):
+    """The process-wide settings a run takes: torch's thread count, and freed tensor memory
+    kept for reuse (runtime/memory.py: a conv net's settling stops page-faulting)."""
+    retain_freed_memory()
     if threads is not None:
         if threads < 1:
             raise EpcError(f"--threads must be >= 1, got {threads}")
@@ -118,7 +122,7 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
         raise EpcError("--resume needs --checkpoint DIR (the run's checkpoint directory)")
     if stop_after is not None and stop_after < 1:
         raise EpcError(f"--stop-after must be >= 1, got {stop_after}")
-    _set_threads(threads)
+    _configure_process(threads)
     torch.manual_seed(seed)
     eng, base, name = make_engine(src, device=device, schedule=schedule)
     d = _data_for(eng, data, data_dir, resize, channels, dataset)
@@ -152,6 +156,8 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
             # what else decides the bits of a run: the thread count changes the order of
             # torch's parallel sums, and so the last bits of every result
             "threads": torch.get_num_threads(), "torch_version": torch.__version__,
+            # where tensors live; it changes timings, never bits
+            "allocator": retain_freed_memory(),
             "history": st.history,
         }
         if checkpoint:
@@ -196,7 +202,7 @@ def evaluate(src: Any, *, data: str = "digits", data_dir: str | None = None, res
         raise EpcError(f"--split {split!r} (supported: test, train)")
     if batch_size < 1:
         raise EpcError(f"--batch-size must be >= 1, got {batch_size}")
-    _set_threads(threads)
+    _configure_process(threads)
     eng, b, name = make_engine(src, device=device, schedule=schedule)
     # a checkpoint settles as its training run did (the test accuracy it reported used
     # these), unless the caller says otherwise
@@ -236,7 +242,7 @@ def check_gradients(src: Any, *, data: str = "digits", data_dir: str | None = No
         raise EpcError(f"--beta must be a nonzero finite number, got {beta}")
     if samples < 1:
         raise EpcError(f"--samples must be >= 1, got {samples}")
-    _set_threads(threads)
+    _configure_process(threads)
     eng, _, name = make_engine(src, device=device, dtype=dtype, schedule=schedule)
     d = _data_for(eng, data, data_dir, resize, channels, dataset)
     g = torch.Generator().manual_seed(seed)

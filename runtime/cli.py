@@ -109,6 +109,10 @@ Example:
 --gradient implicit replaces the EP estimate by the exact gradient of the loss at the free
 fixed point (recurrent backprop, as check-gradients computes it): several times slower, a
 reference that tells EP's estimation error apart from what the energy model can learn.
+
+Freed tensor memory stays in the process for the next sweep (glibc: a conv net's settling
+no longer page-faults; the metrics' "allocator" says what was in effect, and
+EPC_SYSTEM_MALLOC=1 keeps the C library's own behaviour). Results are the same bits.
 """
 
 # one torch thread unless asked: the example nets run as fast or within ~25% on one thread
