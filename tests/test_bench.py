@@ -190,3 +190,6 @@ def test_timing_sections_smoke(tmp_path):
     eb = res["ep_vs_bp"]["mlp_digits"]
     assert len(eb["ratio_all"]) == 5 and eb["ep_epoch_s"] > 0 and eb["bp_epoch_s"] > 0
     assert 0 < res["gflops"]["models"]["mlp_digits"]["fraction_of_peak"]
+    # the allocator both sides ran under (runtime/memory.py), the same as `epc train`'s
+    from epc.runtime.memory import retain_freed_memory
+    assert res["machine"]["allocator"] == retain_freed_memory()
