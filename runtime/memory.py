@@ -7,10 +7,11 @@ the top of its heap back to the kernel whenever more than its trim threshold (tw
 adaptive value) is free there. Both make the next sweep fault the same pages in again,
 zero-filled by the kernel: measured on `conv1_digits` (one [64, 8, 8] state) at batch 64,
 2,800-6,900 minor faults per training step, and steps 1.1-1.5x slower than under the
-thresholds below, with which it faults almost none (0-200). A ResNet-13 step on 32x32 inputs at
-batch 32 faults 23,000-27,000 pages under glibc's defaults and 1,500-2,600 under these (a
-few percent of its time: its convolutions dominate). What glibc does depends on the
-history of the process's allocations, so it also makes timings vary from run to run.
+thresholds below, with which it faults almost none (0-200). A ResNet-13 step on 32x32
+inputs at batch 32 faults 23,000-27,000 pages under glibc's defaults and 1,500-2,600
+under these (a few percent of its time: its convolutions dominate). What glibc does
+depends on the history of the process's allocations, so it also makes timings vary from
+run to run.
 
 `retain_freed_memory()` fixes both thresholds (mallopt), which also turns the adaptation
 off: blocks under MMAP_THRESHOLD come from the heap, and the heap keeps up to

@@ -52,10 +52,17 @@ print(json.dumps({"allocator": what, "faults_per_step": faults, "digest": digest
 """
 
 
-def _steps(mode: str, env: dict | None = None) -> dict:
-    p = subprocess.run([sys.executable, "-c", STEPS, mode, str(EXAMPLES / "conv1_digits.onnx")],
-                       capture_output=True, text=True, env={**os.environ, **(env or {})},
-                       timeout=300)
+def _env(**extra: str) -> dict:
+    """This process's environment without the opt-out (a caller's would skew the cases)."""
+    env = {k: v for k, v in os.environ.items() if k != memory.OPT_OUT}
+    env.update(extra)
+    return env
+
+
+def _steps(mode: str) -> dict:
+    model = str(EXAMPLES / "conv1_digits.onnx")
+    p = subprocess.run([sys.executable, "-c", STEPS, mode, model], capture_output=True,
+                       text=True, env=_env(), timeout=300)
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -75,7 +82,7 @@ def test_opt_out_keeps_the_system_malloc():
     code = "from epc.runtime import memory; print(memory.retain_freed_memory())"
     for value, opted_out in (("1", True), ("0", False), ("", False)):
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env={**os.environ, memory.OPT_OUT: value}, timeout=60)
+                           env=_env(**{memory.OPT_OUT: value}), timeout=60)
         assert p.returncode == 0, p.stderr
         said = p.stdout.strip()
         assert (said == f"system malloc ({memory.OPT_OUT} is set)") == opted_out, said
