@@ -75,10 +75,8 @@ def phi_grad_diff(eng: Engine, batch: dict, sa: dict, sb: dict,
                 continue
             ws = [w for w in dict.fromkeys(l.weights) if w in learn]
             if l.fast == "chain" and _last_op_learns_alone(l, learn):
-                g = _last_op_grad_diff(eng, l, xa, xb, sa[j], sb[j], routing)
-                if g is not None:
-                    acc(ws[0], g)
-                    continue
+                acc(ws[0], _last_op_grad_diff(eng, l, xa, xb, sa[j], sb[j], routing))
+                continue
             leaves = {w: P[w].detach().requires_grad_(True) for w in ws}
             PP = dict(P)
             PP.update(leaves)
@@ -103,7 +101,7 @@ def _last_op_learns_alone(l, learn: set) -> bool:
 
 
 def _last_op_grad_diff(eng: Engine, l, xa: Tensor, xb: Tensor, ga: Tensor, gb: Tensor,
-                       routing: dict | None) -> Tensor | None:
+                       routing: dict | None) -> Tensor:
     """dPhi/dW(a) - dPhi/dW(b) of a chain whose learnable weight is its last op's.
 
     Phi holds <s_j, W * p(x)> with p the ops before W (none learnable), so dPhi/dW is the op's
@@ -112,7 +110,7 @@ def _last_op_grad_diff(eng: Engine, l, xa: Tensor, xb: Tensor, ga: Tensor, gb: T
     The two phases are one call: the weight gradient is linear in the batch, so the
     difference is the gradient over both phases stacked, with -s_j for the second; when
     the source is the same tensor in both (a clamped input) it is one call on
-    s_j(a) - s_j(b). Returns None where this form does not apply (then autograd does)."""
+    s_j(a) - s_j(b)."""
     P = eng.params
     op = l.ops[-1]
     pa = eng.link_prefix(l, xa, P, routing)[0]
@@ -123,8 +121,7 @@ def _last_op_grad_diff(eng: Engine, l, xa: Tensor, xb: Tensor, ga: Tensor, gb: T
         x, g = torch.cat([pa, pb]), torch.cat([ga, -gb])
     if isinstance(op, Dense):
         return g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-    if x.dim() != 4:
-        return None
+    # a Conv is 2-D (compiler.ir) and its input batched: x is [N, C, H, W]
     x, pad = O.conv_input(op, x)
     return torch.nn.grad.conv2d_weight(x, P[op.weight].shape, g, op.stride, pad,
                                        op.dilation, op.groups)
