@@ -331,8 +331,10 @@ def main(argv=None) -> int:
                          "like `epc train`, keeps freed tensor memory for reuse: "
                          "runtime/memory.py); both sides of every ratio run under the same one")
     a = ap.parse_args(argv)
+    # the first retain_freed_memory call decides for the whole process, the accuracy
+    # section's training runs included; the opt-out is the variable it reads
     if a.system_malloc:
-        os.environ[memory.OPT_OUT] = "1"    # also for the runs the accuracy section starts
+        os.environ[memory.OPT_OUT] = "1"
     allocator = memory.retain_freed_memory()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)

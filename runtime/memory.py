@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 MMAP_THRESHOLD = 32 << 20     # glibc's own ceiling for its adaptive threshold
@@ -35,8 +36,6 @@ _M_TRIM_THRESHOLD = -1       # mallopt parameter numbers, from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 
 OPT_OUT = "EPC_SYSTEM_MALLOC"
-
-_applied: list[str] = []      # what the first call did (the setting is per process)
 
 
 def _glibc():
@@ -51,22 +50,17 @@ def _glibc():
     return libc
 
 
+@functools.cache      # the setting is per process: the first call decides, later ones report
 def retain_freed_memory() -> str:
     """Apply the thresholds once per process; returns what is in effect, in words (the
     metrics file and the bench record it)."""
-    if _applied:
-        return _applied[0]
     if os.environ.get(OPT_OUT, "") not in ("", "0"):
-        what = f"system malloc ({OPT_OUT} is set)"
-    else:
-        libc = _glibc()
-        if libc is None:
-            what = "system malloc (not glibc)"
-        elif (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-              and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1):
-            what = (f"glibc malloc, mmap_threshold {MMAP_THRESHOLD >> 20} MiB, "
-                    f"trim_threshold {TRIM_THRESHOLD >> 20} MiB")
-        else:
-            what = "system malloc (mallopt refused the thresholds)"
-    _applied.append(what)
-    return what
+        return f"system malloc ({OPT_OUT} is set)"
+    libc = _glibc()
+    if libc is None:
+        return "system malloc (not glibc)"
+    if (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+            and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1):
+        return (f"glibc malloc, mmap_threshold {MMAP_THRESHOLD >> 20} MiB, "
+                f"trim_threshold {TRIM_THRESHOLD >> 20} MiB")
+    return "system malloc (mallopt refused the thresholds)"
