@@ -153,7 +153,9 @@ def register(app: typer.Typer) -> None:
     @_guard
     def train_cmd(
         model: str = typer.Argument(..., help="bundle (epc compile --target torch) or IR bundle"),
-        data: str = typer.Option("digits", help="digits | mnist | cifar10 | cifar100"),
+        data: str = typer.Option("digits", help="digits | mnist | fashion-mnist | cifar10 | "
+                                  "cifar100 (fashion-mnist without --data-dir: "
+                                  "/usr/share/datasets/fashion-mnist)"),
         data_dir: Optional[str] = typer.Option(None, help="directory holding mnist/cifar files"),
         resize: Optional[str] = typer.Option(None, help="resize images to H or HxW (e.g. 32)"),
         channels: Optional[int] = typer.Option(None, help="replicate/average image channels to C"),
@@ -274,7 +276,9 @@ def register(app: typer.Typer) -> None:
     @_guard
     def eval_cmd(
         model: str = typer.Argument(..., help="trained bundle (e.g. ckpt/last.epc)"),
-        data: str = typer.Option("digits", help="digits | mnist | cifar10 | cifar100"),
+        data: str = typer.Option("digits", help="digits | mnist | fashion-mnist | cifar10 | "
+                                  "cifar100 (fashion-mnist without --data-dir: "
+                                  "/usr/share/datasets/fashion-mnist)"),
         data_dir: Optional[str] = typer.Option(None, help="directory holding mnist/cifar files"),
         resize: Optional[str] = typer.Option(None, help="resize images to H or HxW"),
         channels: Optional[int] = typer.Option(None, help="replicate/average channels to C"),
@@ -316,7 +320,9 @@ def register(app: typer.Typer) -> None:
     @_guard
     def grads_cmd(
         model: str = typer.Argument(..., help="bundle (torch or IR)"),
-        data: str = typer.Option("digits", help="digits | mnist | cifar10 | cifar100"),
+        data: str = typer.Option("digits", help="digits | mnist | fashion-mnist | cifar10 | "
+                                  "cifar100 (fashion-mnist without --data-dir: "
+                                  "/usr/share/datasets/fashion-mnist)"),
         data_dir: Optional[str] = typer.Option(None, help="directory holding mnist/cifar files"),
         resize: Optional[str] = typer.Option(None, help="resize images to H or HxW"),
         channels: Optional[int] = typer.Option(None, help="replicate/average channels to C"),

@@ -3,6 +3,9 @@
 * digits: scikit-learn's bundled 8x8 digits, pixels / 16 into [0, 1], split with
   train_test_split(test_size=0.2, random_state=0) (1437 train / 360 test).
 * mnist: the idx files (train-images-idx3-ubyte, ... ; gzipped or not) in a directory.
+* fashion-mnist: Zalando's Fashion-MNIST, the same idx format (60,000 train / 10,000 test
+  28x28 images, 10 classes), read from --data-dir or, without one, from the directory the
+  Debian package `dataset-fashion-mnist` installs (/usr/share/datasets/fashion-mnist).
 * cifar10 / cifar100: the binary distributions (cifar-10-batches-bin/data_batch_*.bin,
   cifar-100-binary/train.bin) or the python distribution, read by an unpickler that only
   reconstructs numpy arrays, lists, dicts, strings and numbers (never arbitrary objects).
@@ -26,7 +29,9 @@ import torch
 
 from epc.compiler.errors import EpcError
 
-DATASETS = ("digits", "mnist", "cifar10", "cifar100")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100")
+# Where `apt-get install dataset-fashion-mnist` puts the idx files (used without --data-dir).
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 @dataclass
@@ -85,7 +90,7 @@ def _find(root: Path, names: list[str]) -> Path | None:
     return None
 
 
-def _mnist(root: Path):
+def _mnist(root: Path, title: str = "MNIST"):
     out = []
     for split in ("train", "t10k"):
         ip = _find(root, [f"{split}-images-idx3-ubyte", f"{split}-images.idx3-ubyte",
@@ -93,7 +98,7 @@ def _mnist(root: Path):
         lp = _find(root, [f"{split}-labels-idx1-ubyte", f"{split}-labels.idx1-ubyte",
                           f"MNIST/raw/{split}-labels-idx1-ubyte"])
         if ip is None or lp is None:
-            raise EpcError(f"{root}: MNIST idx files not found (expected "
+            raise EpcError(f"{root}: {title} idx files not found (expected "
                            f"{split}-images-idx3-ubyte[.gz] and {split}-labels-idx1-ubyte[.gz])")
         x, y = _idx(ip), _idx(lp)
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
@@ -265,12 +270,21 @@ def load_dataset(name: str = "digits", *, data_dir=None, input_shape=None, resiz
         if name == "digits":
             arrays = _digits()
         else:
+            if data_dir is None and name == "fashion-mnist":
+                if not Path(FASHION_MNIST_DIR).is_dir():
+                    raise EpcError(f"Fashion-MNIST not found in {FASHION_MNIST_DIR}: install it "
+                                   f"with `apt-get install dataset-fashion-mnist` or pass "
+                                   f"--data-dir DIR holding its idx files")
+                data_dir = FASHION_MNIST_DIR
             if data_dir is None:
                 raise EpcError(f"data set {name} is read from a local directory: pass --data-dir")
             root = Path(os.path.expanduser(str(data_dir)))
             if not root.is_dir():
                 raise EpcError(f"--data-dir {data_dir}: no such directory")
-            arrays = _mnist(root) if name == "mnist" else _cifar(root, name)
+            if name in ("mnist", "fashion-mnist"):
+                arrays = _mnist(root, "MNIST" if name == "mnist" else "Fashion-MNIST")
+            else:
+                arrays = _cifar(root, name)
         xtr, ytr, xte, yte = arrays
         tr = Split(torch.as_tensor(np.ascontiguousarray(xtr)), torch.as_tensor(ytr))
         te = Split(torch.as_tensor(np.ascontiguousarray(xte)), torch.as_tensor(yte))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,6 +249,38 @@ def test_mnist_idx_gz_and_plain(tmp_path):
     np.testing.assert_allclose(d.test.x.numpy().reshape(7, 28, 28), want_x / 255.0, rtol=1e-6)
     assert (d.test.y.numpy() == want_y).all()
 
+
+
+def test_fashion_mnist_from_a_directory_and_its_default(tmp_path, monkeypatch):
+    from epc.runtime import data as D
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 12), ("t10k", 5)):
+        for kind, arr in (("images-idx3", rng.integers(0, 256, (n, 28, 28))),
+                          ("labels-idx1", rng.integers(0, 10, n))):
+            (tmp_path / f"{split}-{kind}-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(arr)))
+    d = load_dataset("fashion-mnist", data_dir=tmp_path, input_shape=(1, 28, 28))
+    assert d.name == "fashion-mnist" and d.train.x.shape == (12, 1, 28, 28)
+    # without --data-dir it reads the Debian package's directory, and says how to get it
+    monkeypatch.setattr(D, "FASHION_MNIST_DIR", str(tmp_path))
+    assert load_dataset("fashion-mnist", input_shape=(784,)).test.x.shape == (5, 784)
+    monkeypatch.setattr(D, "FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    with pytest.raises(EpcError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EpcError, match="Fashion-MNIST idx files not found"):
+        load_dataset("fashion-mnist", data_dir=tmp_path / "empty")
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_fashion_mnist_installed_set_is_the_real_benchmark():
+    d = load_dataset("fashion-mnist", input_shape=(784,))
+    assert d.train.x.shape == (60000, 784) and d.test.x.shape == (10000, 784)
+    assert d.num_classes == 10
+    # the published set is balanced: 6,000 training and 1,000 test images per class
+    assert torch.bincount(d.train.y).tolist() == [6000] * 10
+    assert torch.bincount(d.test.y).tolist() == [1000] * 10
+    assert 0.0 <= float(d.train.x.min()) and float(d.train.x.max()) == 1.0
 
 def test_cifar10_binary_and_python_formats(tmp_path):
     rng = np.random.default_rng(0)

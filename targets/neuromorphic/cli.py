@@ -19,7 +19,8 @@ def register(app: typer.Typer) -> None:
                                       "`epc compile --target neuromorphic`) or assembly text "
                                       "(.nca)."),
         data: str = typer.Option("digits", "--data", help="Data set: digits (built in), "
-                                 "mnist, cifar10, cifar100 (from --data-dir)."),
+                                 "mnist, fashion-mnist, cifar10, cifar100 (from --data-dir; "
+                                 "fashion-mnist defaults to /usr/share/datasets/fashion-mnist)."),
         data_dir: Optional[str] = typer.Option(None, "--data-dir",
                                                help="Directory holding mnist/cifar files."),
         resize: Optional[str] = typer.Option(None, "--resize", help="Resize images to H or "
