@@ -81,7 +81,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    np.save(buf, np.asarray(arr, order="C"), allow_pickle=False)  # (ascontiguousarray: 0-d -> 1-d)
     return buf.getvalue()
 
 
@@ -95,7 +95,9 @@ def bundle_bytes(b: Bundle) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
         z.writestr("manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
-        z.writestr("graph.ir", print_graph(g))
+        # declarations only: the data is in weights/, and the text stays readable by any
+        # version-1 reader (no seeded(...) recipes)
+        z.writestr("graph.ir", print_graph(g, weights="shapes"))
         for name in sorted(g.weights):
             z.writestr(f"weights/{name}.npy", _npy_bytes(g.weights[name]))
         for name in sorted(b.arrays):

@@ -350,6 +350,32 @@ class WeightSpec:
     dtype: str = "f32"
 
 
+@dataclass(frozen=True)
+class Seeded:
+    """Weight data drawn from a seed: the text IR's `= seeded(7)` / `= seeded(7, lo=0.5, hi=1.5)`.
+
+    Uniform in [lo, hi) when both are given, else in +-1/sqrt(fan_in) with fan_in the
+    product of the dimensions after the first (1 for a vector): torch's default bound for
+    Linear and Conv weights. Drawn in float64 by numpy's legacy RandomState(seed), whose
+    stream numpy keeps fixed across versions, then cast to the weight's dtype. Why: a pass
+    test written as text needs real, reproducible weights without pages of numbers.
+    """
+
+    seed: int
+    lo: float | None = None
+    hi: float | None = None
+
+    def make(self, shape: Shape, dtype=np.float32) -> np.ndarray:
+        shape = tuple(int(d) for d in shape)
+        if self.lo is None:
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            lo, hi = -1.0 / np.sqrt(max(fan_in, 1)), 1.0 / np.sqrt(max(fan_in, 1))
+        else:
+            lo, hi = float(self.lo), float(self.hi)
+        data = np.random.RandomState(self.seed).uniform(lo, hi, size=shape)
+        return np.array(data.astype(dtype), order="C")   # (ascontiguousarray makes 0-d 1-d)
+
+
 @dataclass
 class Graph:
     name: str
@@ -363,6 +389,9 @@ class Graph:
     schedule: Schedule | None = None
     attrs: dict[str, str] = field(default_factory=dict)   # provenance (source file, frontend)
     weights: dict[str, Union[np.ndarray, WeightSpec]] = field(default_factory=dict)
+    # weights the text IR gave as `seeded(...)`: printed as that recipe again while the data
+    # is still what the recipe makes (a pass that rewrites a weight loses its recipe)
+    seeds: dict[str, Seeded] = field(default_factory=dict)
 
     # ---- form
     @property

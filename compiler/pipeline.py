@@ -19,7 +19,7 @@ from .errors import EpcError
 from .ir import Graph, Softmax
 from .options import CompileOptions
 from .passes.manager import PassManager
-from .text import HEADER, parse
+from .text import looks_like_ir, parse
 
 VERIFY_RTOL = 1e-4
 
@@ -60,8 +60,8 @@ def load_source(src: str, *, input_shape: tuple[int, ...] | None = None) -> Sour
         b = read_bundle(src)
         return Source(b.graph, "bundle", src, meta={"target": b.target, **b.meta})
     with open(src, "rb") as f:
-        head = f.read(64)
-    if head.lstrip().startswith(HEADER.encode()):
+        head = f.read(4096)         # IR text may open with comment lines
+    if looks_like_ir(head):
         try:
             text = open(src, encoding="utf-8").read()
         except UnicodeDecodeError as e:
@@ -92,6 +92,15 @@ def _teacher_graph(opts: CompileOptions, source: Source) -> Graph | None:
         raise EpcError(f"{opts.teacher}: a teacher must be a feedforward model (ONNX file), "
                        f"not a compiled graph")
     return t.graph
+
+
+def _need_weight_data(g: Graph, src: str) -> None:
+    """Compiling needs every weight's data: a text IR that only declares one is refused."""
+    missing = [n for n, w in g.weights.items() if not isinstance(w, np.ndarray)]
+    if missing:
+        raise EpcError(f"{src}: weight {missing[0]} has no data in the IR text; give it as "
+                       f"`= seeded(N)` or a literal tensor, or compile from the bundle (.epc) "
+                       f"or the source model")
 
 
 def compile_graph(ff: Graph, opts: CompileOptions, *, print_after: set[str] | None = None,
@@ -142,9 +151,7 @@ def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
             flag = given[0].replace("_", "-")
             raise EpcError(f"{src}: already compiled; --{flag} applies to feedforward "
                            f"sources (ONNX or PyTorch)")
-        if any(not isinstance(w, np.ndarray) for w in g.weights.values()):
-            raise EpcError(f"{src}: IR text carries no weights; compile from the bundle (.epc) "
-                           f"or the source model")
+        _need_weight_data(g, src)
         from .verify import verify
         if schedule_overrides and g.schedule is not None:
             g.schedule = dataclasses.replace(g.schedule, **schedule_overrides)
@@ -153,8 +160,7 @@ def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
             raise EpcError(f"{src}: --verify compares with a source model (ONNX or PyTorch); "
                            f"this input is already compiled")
         return CompileResult(g, source, time.perf_counter() - t0)
-    if any(not isinstance(w, np.ndarray) for w in g.weights.values()):
-        raise EpcError(f"{src}: IR text carries no weights; compile from a bundle or model")
+    _need_weight_data(g, src)
     if verify_model and opts.skip_gain != 1.0:
         raise EpcError(f"{src}: --verify checks that the compiled graph computes the source "
                        f"model, and --skip-gain {opts.skip_gain:g} changes that function "

@@ -20,8 +20,27 @@
 
 Attribute values: integers, floats (Python repr, so they round-trip), true/false, strings
 in double quotes, bare names, weight references @name, lists [a, b] and activation calls
-kind(field=value, ...). `#` starts a comment. `print_graph(parse(text)) == text` for any
-text the printer produced.
+kind(field=value, ...). `#` starts a comment.
+
+A weight is declared by dtype and shape; its data usually lives beside the text (in the
+bundle). The text can also carry it, so that a small graph is a self-contained file (a pass
+test, an `epc opt` input):
+
+    weight fc1.weight : f32[3, 2] = seeded(7)                    # drawn from a seed
+    weight bn.var : f32[3] = seeded(8, lo=0.5, hi=1.5)           # uniform in [lo, hi)
+    weight fc1.bias : f32[3] = [0.5, -1.0, 0.25]                 # a literal tensor
+
+`seeded` is defined by ir.Seeded (uniform in +-1/sqrt(fan_in) unless lo/hi are given). A
+literal is nested lists matching the shape (lines may break inside its brackets); float32
+values are printed with the fewest digits that read back to the same float32.
+
+`print_graph(g, weights=...)` chooses how weights are written:
+  'shapes'  declarations only (the bundle's graph.ir, which any version-1 reader reads);
+  'seeded'  (default) declarations, plus `= seeded(...)` for weights the text gave that way
+            whose data is still exactly what the recipe makes;
+  'inline'  as 'seeded', and every other weight holding data as a literal: the text then
+            carries all the data (exact: parse gives back the same arrays).
+`print_graph(parse(text), weights=m) == text` for any text printed with mode m.
 """
 from __future__ import annotations
 
@@ -34,7 +53,7 @@ import numpy as np
 
 from .errors import IRSyntaxError
 from .ir import (FORMAT_VERSION, OP_TYPES, Activation, Act, Coupling, Cost, Graph, Input,
-                 Node, Schedule, State, Teacher, WeightSpec)
+                 Node, Schedule, Seeded, State, Teacher, WeightSpec)
 
 HEADER = "epc-ir"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -98,15 +117,65 @@ def _shape(shape) -> str:
     return "[" + ", ".join(str(int(d)) for d in shape) + "]"
 
 
+# the IR's dtype names and their numpy types (the dtypes a weight can be written in)
+DTYPES = {"f32": np.float32, "f64": np.float64, "i64": np.int64, "i32": np.int32,
+          "i16": np.int16, "i8": np.int8, "u8": np.uint8}
+_DTYPE_NAMES = {np.dtype(t).name: k for k, t in DTYPES.items()}
+WEIGHT_MODES = ("shapes", "seeded", "inline")
+
+
 def _dtype(w) -> str:
     if isinstance(w, WeightSpec):
         return w.dtype
-    return {"float32": "f32", "float64": "f64", "int64": "i64", "int32": "i32", "int8": "i8",
-            "int16": "i16", "uint8": "u8"}.get(str(w.dtype), str(w.dtype))
+    return _DTYPE_NAMES.get(str(w.dtype), str(w.dtype))
 
 
-def print_graph(g: Graph) -> str:
-    """The graph as IR text (weights declared by shape, their data lives in the bundle)."""
+def _seeded(r: Seeded) -> str:
+    if r.lo is None:
+        return f"seeded({r.seed})"
+    return f"seeded({r.seed}, lo={_value(float(r.lo))}, hi={_value(float(r.hi))})"
+
+
+def _number(x, dtype: np.dtype) -> str:
+    if dtype == np.float32:
+        # numpy's shortest float32 digits; a string that would not read back to the same
+        # float32 through a float64 (a double rounding) is written as the exact float64
+        s = str(np.float32(x))
+        return s if np.float32(float(s)) == np.float32(x) else repr(float(x))
+    if np.issubdtype(dtype, np.floating):
+        return repr(float(x))
+    return str(int(x))
+
+
+def _literal(arr: np.ndarray) -> str:
+    dt = arr.dtype
+
+    def rec(a) -> str:
+        if a.ndim == 0:
+            return _number(a[()], dt)
+        return "[" + ", ".join(rec(x) for x in a) + "]"
+    return rec(np.asarray(arr))
+
+
+def _weight_data(g: Graph, name: str, w, mode: str) -> str:
+    """' = ...' after a weight declaration, or '' (see the module docstring's modes)."""
+    if mode == "shapes" or isinstance(w, WeightSpec):
+        return ""
+    recipe = g.seeds.get(name)
+    if recipe is not None and np.array_equal(recipe.make(w.shape, w.dtype), w):
+        return " = " + _seeded(recipe)
+    if mode == "inline":
+        if _dtype(w) not in DTYPES:
+            raise ValueError(f"weight {name}: dtype {w.dtype} cannot be written in the IR")
+        return " = " + _literal(w)
+    return ""
+
+
+def print_graph(g: Graph, *, weights: str = "seeded") -> str:
+    """The graph as IR text; `weights` says how weight data is written ('shapes', 'seeded'
+    or 'inline': see the module docstring)."""
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights={weights!r}: use one of {', '.join(WEIGHT_MODES)}")
     out = [f"{HEADER} {FORMAT_VERSION}", f"graph {_name(g.name)} {{"]
     for k, v in g.attrs.items():
         out.append(f"  attr {_name(k)} = {_value(v)}")
@@ -114,7 +183,8 @@ def print_graph(g: Graph) -> str:
         out.append(f"  input {_name(i.name)} : {_shape(i.shape)}")
     for name in sorted(g.weights):
         w = g.weights[name]
-        out.append(f"  weight {_name(name)} : {_dtype(w)}{_shape(w.shape)}")
+        out.append(f"  weight {_name(name)} : {_dtype(w)}{_shape(w.shape)}"
+                   + _weight_data(g, name, w, weights))
     for n in g.nodes:
         args = ", ".join(_name(x) for x in n.inputs)
         pairs = _op_pairs(n.op)
@@ -166,7 +236,7 @@ _TOKEN_RE = re.compile(r"""
   | (?P<header>epc-ir\b)
   | (?P<arrow>->)
   | (?P<string>"(?:[^"\\]|\\.)*")
-  | (?P<number>[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|[-+]?inf|nan)
+  | (?P<number>[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|[-+]?inf\b|nan\b)
   | (?P<name>[A-Za-z_][A-Za-z0-9_.]*)
   | (?P<punct>[\[\](){}=,:@])
 """, re.VERBOSE)
@@ -405,8 +475,90 @@ class _Parser:
     def ent_weight(self, g, t):
         n = self.name()
         self.expect(":")
+        dt_tok = self.peek()
         dt = self.name("a dtype such as f32")
-        g.weights[n] = WeightSpec(self.shape(), dt)
+        shape = self.shape()
+        if not self.accept("="):
+            g.weights[n] = WeightSpec(shape, dt)
+            return
+        if dt not in DTYPES:
+            self.error(f"weight data needs a dtype of {', '.join(DTYPES)}, not {dt!r}", dt_tok)
+        dtype = np.dtype(DTYPES[dt])
+        vt = self.peek()
+        if vt.kind == "name" and vt.text == "seeded":
+            recipe = self.seeded()
+            if not np.issubdtype(dtype, np.floating):
+                self.error(f"seeded weights are floating point, not {dt}", vt)
+            g.weights[n] = recipe.make(shape, dtype)
+            g.seeds[n] = recipe
+            return
+        g.weights[n] = self.literal(n, shape, dtype, vt)
+
+    def seeded(self) -> Seeded:
+        """seeded(SEED) or seeded(SEED, lo=X, hi=Y)."""
+        head = self.next()
+        self.expect("(")
+        st = self.peek()
+        seed = self.int_()
+        if not 0 <= seed < 2 ** 32:
+            self.error("a seed is an integer in [0, 2**32)", st)
+        bounds = {}
+        while self.accept(","):
+            kt = self.peek()
+            k = self.name("lo or hi")
+            if k not in ("lo", "hi") or k in bounds:
+                self.error("seeded takes lo= and hi= once each", kt)
+            self.expect("=")
+            vt = self.peek()
+            v = self.value()
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+                self.error(f"{k} must be a finite number", vt)
+            bounds[k] = float(v)
+        self.expect(")")
+        if len(bounds) == 1:
+            self.error("seeded needs both lo= and hi=, or neither", head)
+        if bounds and not bounds["lo"] < bounds["hi"]:
+            self.error("seeded needs lo < hi", head)
+        return Seeded(seed, bounds.get("lo"), bounds.get("hi"))
+
+    def literal(self, name: str, shape: tuple[int, ...], dtype: np.dtype, at: _Tok) -> np.ndarray:
+        """Nested lists of numbers matching `shape` (newlines allowed inside brackets)."""
+        integer = not np.issubdtype(dtype, np.floating)
+
+        def number():
+            t = self.peek()
+            if t.kind != "number" or (integer and not re.fullmatch(r"[-+]?\d+", t.text)):
+                self.error(f"weight {name}: expected {'an integer' if integer else 'a number'}")
+            self.next()
+            return int(t.text) if re.fullmatch(r"[-+]?\d+", t.text) else float(t.text)
+
+        def rec(depth: int):
+            if depth == len(shape):
+                return number()
+            self.expect("[")
+            items = []
+            self.skip_nl()
+            if not self.accept("]"):
+                while True:
+                    items.append(rec(depth + 1))
+                    self.skip_nl()
+                    if self.accept("]"):
+                        break
+                    self.expect(",")
+                    self.skip_nl()
+            if len(items) != shape[depth]:
+                self.error(f"weight {name}: {len(items)} entries at depth {depth}, its shape "
+                           f"{list(shape)} says {shape[depth]}", at)
+            return items
+        data = rec(0)
+        if integer:
+            info = np.iinfo(dtype)
+            if not all(info.min <= v <= info.max for v in np.array(data, object).reshape(-1)):
+                self.error(f"weight {name}: a value does not fit {dtype.name}", at)
+            out = np.array(data, dtype=dtype)
+        else:
+            out = np.array(data, dtype=np.float64).astype(dtype)
+        return np.array(out.reshape(shape), order="C")  # ascontiguousarray makes 0-d 1-d
 
     def ent_node(self, g, t):
         n = self.name()
@@ -504,15 +656,29 @@ class _Parser:
 
 
 def parse(text: str, source: str = "<text>") -> Graph:
-    """Parse IR text. Weights come back as WeightSpec placeholders (shape and dtype)."""
+    """Parse IR text. A weight the text gives data for (seeded or a literal) comes back as
+    an array, a weight only declared as a WeightSpec placeholder (shape and dtype)."""
     return _Parser(text, source).graph()
 
 
+def looks_like_ir(head: bytes) -> bool:
+    """Whether a file starting with `head` is IR text: its first line that is neither
+    blank nor a `#` comment starts with the header."""
+    for line in head.splitlines():
+        line = line.strip()
+        if line and not line.startswith(b"#"):
+            return line.startswith(HEADER.encode())
+    return False
+
+
 def attach_weights(g: Graph, tensors: dict[str, np.ndarray]) -> Graph:
-    """Replace the WeightSpec placeholders of a parsed graph by data (shapes must match)."""
+    """Give a parsed graph's weights the data in `tensors` (shapes must match); a weight
+    with neither data in `tensors` nor in the text is an error."""
     from .errors import EpcError
     for name, spec in list(g.weights.items()):
         if name not in tensors:
+            if not isinstance(spec, WeightSpec):
+                continue            # the text carried it (seeded or a literal)
             raise EpcError(f"weight {name} is declared but has no data")
         arr = tensors[name]
         if tuple(arr.shape) != tuple(spec.shape):
