@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 from pathlib import Path
 
 import networkx as nx
@@ -25,7 +26,7 @@ from epc.compiler.ir import (Act, Activation, Add, AvgPool, BatchNorm, Bias, Cha
                              Dense, Dropout, Flatten, GlobalAvgPool, Graph, Identity, Input,
                              MaxPool, Node, Softmax)
 from epc.compiler.options import CompileOptions
-from epc.compiler.passes import PASS_NAMES, build_pipeline
+from epc.compiler.passes import PASS_NAMES, PASSES, build_pipeline, opt_text, run_passes
 from epc.compiler.passes import (canonicalize, pool_first, readout, residual, schedule,
                                  symmetrize, taps, teacher, to_energy)
 from epc.compiler.passes.manager import PassManager
@@ -257,10 +258,10 @@ def compile_(ff: Graph, **kw) -> Graph:
 
 
 def stages(ff: Graph, opts: CompileOptions) -> list[tuple[str, Graph]]:
-    """The graph after each pass, running the pass functions one by one."""
+    """The graph after each pass, running the passes (conditions checked) one by one."""
     out, g = [], ff
     for p in build_pipeline(opts):
-        g = p.fn(g, opts)
+        g = p.run(g, opts)
         out.append((p.name, g))
     return out
 
@@ -294,6 +295,16 @@ def test_pipeline_order():
 
 
 # =========================================================================== goldens
+# The passes each golden case runs (the others are off under its options and are not
+# printed): every pass runs in at least one case.
+ALWAYS = ["canonicalize", "to_energy", "symmetrize", "residual", "schedule"]
+GOLDEN_RAN = {
+    "mlp": ALWAYS, "convnet": ALWAYS, "resnet": ALWAYS,
+    "resnet_learned_taps": ALWAYS[:4] + ["taps", "schedule"],
+    "mlp5_taps_teacher": ALWAYS[:4] + ["taps", "teacher", "schedule"],
+    "relu_pool_net_pool_first": ["canonicalize", "pool_first"] + ALWAYS[1:],
+    "mlp5_taps_readout_ce": ALWAYS[:4] + ["taps", "readout", "schedule"],
+}
 GOLDEN_CASES = {
     "mlp": (mlp, {}),
     "convnet": (convnet, {}),
@@ -325,8 +336,33 @@ def test_golden_dumps(case):
     assert path.exists(), f"missing golden {path}; run with EPC_UPDATE_GOLDEN=1"
     want = path.read_text()
     assert text == want, f"IR dump of {case} differs from {path} (EPC_UPDATE_GOLDEN=1 to update)"
-    for name in PASS_NAMES:
-        assert f"// ----- IR after {name}\n" in text
+    # --print-after-all prints exactly the passes that ran, in order; a pass that left the
+    # IR as printed just before is one '(unchanged)' line, not a second copy
+    assert re.findall(r"^// ----- IR after (\w+)", text, re.M) == GOLDEN_RAN[case]
+    bodies = re.split(r"^// ----- IR after .*\n", text, flags=re.M)[1:]
+    assert all(a != b for a, b in zip(bodies, bodies[1:]) if a and b)
+
+
+def test_print_after_all_skips_passes_that_are_off_and_marks_unchanged_ones():
+    """mlp under default options: pool_first, taps, teacher and readout are off and do not
+    run; residual runs and changes nothing (no skips). --print-after of a pass that is off
+    says so in one line."""
+    ff, opts = mlp(), CompileOptions()
+    buf = io.StringIO()
+    pm = PassManager(build_pipeline(opts), print_after_all=True, out=buf)
+    pm.run(ff, opts)
+    assert [r.name for r in pm.records] == ALWAYS
+    assert pm.skipped == ["pool_first", "taps", "teacher", "readout"]
+    text = buf.getvalue()
+    assert "// ----- IR after residual (unchanged)\n// ----- IR after schedule\n" in text
+    assert text.count("epc-ir 1\n") == 4
+    buf = io.StringIO()
+    PassManager(build_pipeline(opts), print_after={"pool_first", "residual"},
+                out=buf).run(ff, opts)
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "// ----- pool_first did not run (--pool-first is off)"
+    assert lines[1] == "// ----- IR after residual" and lines[2] == "epc-ir 1"
+    assert "(unchanged)" not in buf.getvalue()     # to_energy's IR was not printed
 
 
 def test_goldens_cover_every_pass_effect():
@@ -785,3 +821,127 @@ def test_energy_graph_is_refused_by_canonicalize():
     eg = compile_(mlp())
     with pytest.raises(EpcError, match="energy form"):
         canonicalize.run(eg, CompileOptions())
+
+
+# =========================================================================== conditions
+def test_preconditions_name_the_graph_and_the_pass():
+    eg = compile_(mlp())
+    with pytest.raises(EpcError, match="^graph mlp: canonicalize: needs a feedforward graph, "
+                                       "this one is already in energy form$"):
+        run_passes(eg, ["canonicalize"])
+    with pytest.raises(EpcError, match="^graph mlp: symmetrize: needs an energy-form graph"):
+        run_passes(mlp(), ["symmetrize"])
+    with pytest.raises(EpcError, match=r"^graph mlp: to_energy: node bn1 \(batchnorm\) is not "
+                                       r"canonical \(run canonicalize first\) \(and 2 more\)$"):
+        run_passes(mlp(), ["to_energy"])
+    ff = canonicalize.run(mlp(), CompileOptions())
+    ff.outputs.append(ff.outputs[0])
+    with pytest.raises(EpcError, match="to_energy: 2 outputs; epc compiles models with exactly"):
+        run_passes(ff, ["to_energy"])
+    weightless = parse(print_graph(mlp(), weights="shapes"))
+    with pytest.raises(EpcError, match="canonicalize: weight bn1.mean is declared without data"):
+        run_passes(weightless, ["canonicalize"])
+    looped = compile_(mlp())
+    looped.couplings[0].src = "h2"          # h2 -> h1 -> h2
+    with pytest.raises(EpcError, match="residual: its forward and residual couplings form a "
+                                       "cycle"):
+        run_passes(looped, ["residual"])
+    with pytest.raises(EpcError, match="teacher: already has teacher teacher"):
+        run_passes(compile_(mlp(), teacher="source"), ["teacher"],
+                   CompileOptions(teacher="t.onnx", teacher_graph=mlp()))
+
+
+def _sabotaged(name: str):
+    """The pass `name` with its transform broken the way a bug would break it."""
+    p = PASSES[name]
+
+    def feedback_off(g):
+        c = next(c for c in g.couplings if c.feedback)
+        c.feedback = False
+        return g
+
+    def mark_teacher_feedback(g):
+        next(c for c in g.couplings if c.kind == "teacher"
+             and c.src.startswith("teacher.")).feedback = True
+        return g
+
+    def output_not_readout(g):
+        g.output_state().readout = False
+        return g
+
+    def forward_becomes_residual(g):
+        next(c for c in g.couplings if c.kind == "forward" and c.dst == "h3").kind = "residual"
+        return g
+
+    def input_class_last(g):        # still a colouring, so only the postcondition sees it
+        g.schedule.classes.reverse()
+        return g
+
+    def feedback_on(g):
+        next(c for c in g.couplings if c.src != "x").feedback = True
+        return g
+
+    def drop_last_cost(g):
+        g.costs.pop()
+        return g
+
+    breaks = {"canonicalize": lambda g: g, "pool_first": lambda g: g,
+              "to_energy": feedback_on, "symmetrize": feedback_off,
+              "residual": forward_becomes_residual, "taps": drop_last_cost,
+              "teacher": mark_teacher_feedback, "readout": output_not_readout,
+              "schedule": input_class_last}
+    broken = (lambda g, o: g.copy()) if name in ("canonicalize", "pool_first") else \
+        (lambda g, o: breaks[name](p.fn(g, o)))
+    return dataclasses.replace(p, fn=broken)
+
+
+@pytest.mark.parametrize("name", PASS_NAMES)
+def test_postconditions_catch_a_broken_pass(name):
+    """Each pass's ensures holds for the real pass and fails for a broken one."""
+    ff = resnet() if name == "residual" else relu_pool_net() if name == "pool_first" \
+        else mlp(depth=4, width=6)
+    opts = CompileOptions(pool_first=True, taps="auto", teacher="source", readout=True,
+                          cost="ce", teacher_graph=ff.copy())
+    g = ff
+    for p in build_pipeline(opts):
+        if p.name == name:
+            break
+        g = p.run(g, opts)
+    PASSES[name].run(g, opts)                                   # the real one: no error
+    with pytest.raises(EpcError, match=f"^internal error: pass {name} broke its "
+                                       f"postcondition: "):
+        _sabotaged(name).run(g, opts)
+
+
+# =========================================================================== run_passes
+def test_run_passes_runs_what_it_is_told():
+    ff = mlp()
+    before = print_graph(ff)
+    whole = run_passes(ff, None, CompileOptions(taps="auto"))
+    assert print_graph(whole) == print_graph(compile_(mlp(), taps="auto"))
+    assert print_graph(ff) == before                            # the input is untouched
+    cg = run_passes(ff, ["canonicalize"])
+    assert print_graph(cg) == print_graph(canonicalize.run(ff, CompileOptions()))
+    eg = run_passes(print_graph(cg, weights="inline"), ["to_energy", "schedule"])
+    assert eg.schedule and not any(c.feedback for c in eg.couplings)   # no symmetrize
+    with pytest.raises(EpcError, match="^unknown pass 'fold' \\(passes: canonicalize, "):
+        run_passes(ff, ["fold"])
+    with pytest.raises(EpcError, match="^pass pool_first is off under these options: it "
+                                       "runs with --pool-first$"):
+        run_passes(ff, ["canonicalize", "pool_first"])
+    with pytest.raises(EpcError, match="--teacher source takes the input as the teacher and "
+                                       "needs it feedforward"):
+        run_passes(eg, ["teacher"], CompileOptions(teacher="source"))
+    t = run_passes(ff, ["canonicalize", "to_energy", "teacher"],
+                   CompileOptions(teacher="source"))
+    assert t.teacher.source == "source" and t.teacher.output.startswith("teacher.")
+
+
+def test_opt_text_prints_the_result():
+    text = print_graph(mlp(), weights="inline")
+    out = opt_text(text, ["canonicalize"])
+    assert out == print_graph(canonicalize.run(parse(text), CompileOptions()))
+    inline = opt_text(text, ["canonicalize"], weights="inline")
+    assert print_graph(parse(inline), weights="inline") == inline
+    with pytest.raises(EpcError, match="^t.epir:1:1: expected the header"):
+        opt_text("graph g {}\n", ["canonicalize"], source_name="t.epir")

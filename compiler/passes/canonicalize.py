@@ -1,8 +1,9 @@
 """canonicalize: simplify a feedforward graph without changing what it computes.
 
-Requires: a feedforward-form graph (nodes, outputs; no states), valid per compiler.verify.
+Requires: a feedforward-form graph (nodes, outputs; no states), valid per compiler.verify,
+          whose weights hold data (folding rewrites them).
 Ensures:  a feedforward-form graph computing the same outputs (up to float32 rounding of
-          folded weights) in which
+          folded weights), with the same inputs and as many outputs, in which
           * no BatchNorm, Identity or Dropout node remains;
           * a BatchNorm or ChannelScale directly after a Conv/Dense (optionally through that
             op's Bias) whose intermediate values have no other consumer is folded into the
@@ -13,15 +14,18 @@ Ensures:  a feedforward-form graph computing the same outputs (up to float32 rou
             label cost of the energy form works on logits);
           * nodes that no output depends on are removed, and so are weights nothing
             refers to.
+The pass manager checks these conditions, except 'the same outputs' (tests/test_passes.py
+compares the two graphs' values).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..errors import EpcError
 from ..ir import (BatchNorm, Bias, ChannelScale, Conv, Dense, Dropout, Graph, Identity, Node,
                   Softmax, op_weights)
 from ..options import CompileOptions
+from . import conditions as C
+from .manager import Pass
 
 
 # --------------------------------------------------------------------------- helpers
@@ -166,10 +170,34 @@ def _drop_unused_weights(g: Graph) -> None:
 
 
 # --------------------------------------------------------------------------- pass
-def run(g: Graph, opts: CompileOptions) -> Graph:
-    if g.states or g.couplings:
-        raise EpcError(f"graph {g.name}: canonicalize needs a feedforward graph, this one is "
-                       f"already in energy form")
+def requires(g: Graph, opts: CompileOptions) -> list[str]:
+    return C.feedforward(g) or C.weight_data(g)
+
+
+def ensures(before: Graph, after: Graph, opts: CompileOptions) -> list[str]:
+    errs = C.feedforward(after) + C.canonical(after) + C.same_inputs(before, after)
+    if len(after.outputs) != len(before.outputs):
+        errs.append(f"{len(before.outputs)} outputs became {len(after.outputs)}")
+    live = set(after.outputs)
+    for n in reversed(after.nodes):
+        if n.name in live:
+            live.update(n.inputs)
+        else:
+            errs.append(f"node {n.name}: no output depends on it")
+    unused = set(after.weights) - set(after.weight_names())
+    if unused:
+        errs.append(f"weight {sorted(unused)[0]}: nothing refers to it")
+    for n in after.nodes:
+        if isinstance(n.op, ChannelScale) and _single_chain(after, n) is not None:
+            errs.append(f"node {n.name}: a channel scale left unfolded")
+        prev = _producer(after, n.inputs[0]) if n.inputs else None
+        if isinstance(n.op, Bias) and prev is not None and isinstance(prev.op, Bias) \
+                and after.uses(prev.name) == 1:
+            errs.append(f"node {n.name}: a bias after bias {prev.name} left unmerged")
+    return errs
+
+
+def transform(g: Graph, opts: CompileOptions) -> Graph:
     g = g.copy()
     _drop_passthrough(g)
     _dead_code(g)
@@ -180,4 +208,7 @@ def run(g: Graph, opts: CompileOptions) -> Graph:
     return g
 
 
-__all__ = ["run"]
+PASS = Pass("canonicalize", transform, requires, ensures)
+run = PASS.run
+
+__all__ = ["run", "PASS"]

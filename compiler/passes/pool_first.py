@@ -1,15 +1,19 @@
 """pool_first: move each max-pool in front of the activation that feeds it (opt-in).
 
-Requires: a canonical feedforward graph (after canonicalize).
-Ensures:  the same function. With `options.pool_first`, every `MaxPool` whose input is an
-          `Act` node read by nothing else, and whose pre-activation comes from one state
-          through single-input ops (no residual join, no bias that varies within a
-          channel: to_energy has no coupling form for a max-pool of those), now reads that
-          activation's input, and the activation follows the pool: act(maxpool(u))
-          instead of maxpool(act(u)). Every activation epc lowers (ReLU, clip, hard
-          sigmoid) is non-decreasing, and a non-decreasing function commutes with a max
-          (padding is -inf, which no valid window selects). Without the option the graph
-          is copied unchanged.
+Runs with: options.pool_first (`--pool-first`); off, the pass is the identity.
+Requires: a canonical feedforward graph (after canonicalize: no BatchNorm, Identity,
+          Dropout or output Softmax). Weights need only their shapes.
+Ensures:  the same function, the same nodes (names, ops), inputs and outputs, in another
+          order. Every `MaxPool` whose input is an `Act` node read by nothing else, and
+          whose pre-activation comes from one state through single-input ops (no residual
+          join, no bias that varies within a channel: to_energy has no coupling form for a
+          max-pool of those), now reads that activation's input, and the activation
+          follows the pool: act(maxpool(u)) instead of maxpool(act(u)); no such pair is
+          left. Every activation epc lowers (ReLU, clip, hard sigmoid) is non-decreasing,
+          and a non-decreasing function commutes with a max (padding is -inf, which no
+          valid window selects).
+The pass manager checks these conditions, except 'the same function' (tests/test_passes.py
+compares the two graphs' values).
 
 Why: to_energy makes a state of every activation. With the pool after the activation, the
 state is the full-resolution map and the max-pool sits inside the coupling to the next
@@ -26,6 +30,8 @@ import numpy as np
 
 from ..ir import Act, Bias, Graph, MaxPool
 from ..options import CompileOptions
+from . import conditions as C
+from .manager import Pass
 
 
 def _one_state_chain(g: Graph, value: str, by_name: dict) -> bool:
@@ -38,24 +44,52 @@ def _one_state_chain(g: Graph, value: str, by_name: dict) -> bool:
         if len(n.inputs) != 1:
             return False
         if isinstance(n.op, Bias):
-            shape = np.shape(g.weights[n.op.weight])
+            shape = tuple(g.weights[n.op.weight].shape)     # data or a declaration
             if len(shape) > 1 and int(np.prod(shape[1:])) != 1:
                 return False
         value = n.inputs[0]
     return True
 
 
-def run(g: Graph, opts: CompileOptions) -> Graph:
+def _movable(g: Graph, pool, by_name: dict):
+    """The activation node a max-pool can move in front of, or None."""
+    if not isinstance(pool.op, MaxPool):
+        return None
+    act = by_name.get(pool.inputs[0])
+    if (act is None or not isinstance(act.op, Act) or g.uses(act.name) != 1
+            or not _one_state_chain(g, act.inputs[0], by_name)):
+        return None
+    return act
+
+
+def enabled(opts: CompileOptions) -> bool:
+    return bool(opts.pool_first)
+
+
+def requires(g: Graph, opts: CompileOptions) -> list[str]:
+    return C.feedforward(g) or C.canonical(g)
+
+
+def ensures(before: Graph, after: Graph, opts: CompileOptions) -> list[str]:
+    errs = C.feedforward(after) + C.same_inputs(before, after)
+    key = lambda g: sorted((n.name, repr(n.op)) for n in g.nodes)  # noqa: E731
+    if key(after) != key(before) or after.outputs != before.outputs:
+        errs.append("the nodes or outputs changed (the pass only reorders)")
+    if enabled(opts):
+        by_name = {n.name: n for n in after.nodes}
+        errs += [f"node {n.name}: a max-pool left after activation {act.name}"
+                 for n in after.nodes if (act := _movable(after, n, by_name)) is not None]
+    return errs
+
+
+def transform(g: Graph, opts: CompileOptions) -> Graph:
     g = g.copy()
     if not opts.pool_first:
         return g
     by_name = {n.name: n for n in g.nodes}
     for i, pool in enumerate(g.nodes):
-        if not isinstance(pool.op, MaxPool):
-            continue
-        act = by_name.get(pool.inputs[0])
-        if (act is None or not isinstance(act.op, Act) or g.uses(act.name) != 1
-                or not _one_state_chain(g, act.inputs[0], by_name)):
+        act = _movable(g, pool, by_name)
+        if act is None:
             continue
         # readers of the pool now read the activation, which reads the pool
         g.rewire(pool.name, act.name)
@@ -66,4 +100,7 @@ def run(g: Graph, opts: CompileOptions) -> Graph:
     return g
 
 
-__all__ = ["run"]
+PASS = Pass("pool_first", transform, requires, ensures, enabled, "--pool-first")
+run = PASS.run
+
+__all__ = ["run", "PASS"]

@@ -21,13 +21,17 @@ G < 1 / (2 cos(pi / (n + 1))) keeps such a chain convex. Skips from an input car
 feedback, form no chain and keep their gain. The compiled graph then no longer computes
 the source model (`--verify` refuses the combination).
 
-Requires: an energy-form graph whose non-teacher, non-tap couplings form a DAG.
-Ensures:  every state with an inbound coupling of kind 'forward' or 'residual' has exactly
-          one inbound 'forward' coupling (from its deepest source); all its other such
-          inbound couplings have kind 'residual'. States without inbound couplings (bias
-          only) have none. Tap and teacher couplings are untouched. With skip_gain G != 1
-          every residual coupling from a state carries a weight and computes G times its
-          output at G = 1.
+Requires: an energy-form graph whose non-teacher, non-tap couplings form a DAG; with
+          skip_gain != 1 its weights hold data (projections are rescaled).
+Ensures:  the same states, costs and couplings (names, ends, in order); every state with an
+          inbound coupling of kind 'forward' or 'residual' has exactly one inbound
+          'forward' coupling (from its deepest source); all its other such inbound
+          couplings have kind 'residual', and none of those is a chain of two or more
+          identity ops. States without inbound couplings (bias only) have none. Tap and
+          teacher couplings are untouched. With skip_gain G != 1 every residual coupling
+          from a state carries a weight and computes G times its output at G = 1.
+The pass manager checks these conditions, except 'from its deepest source' and 'G times
+its output' (tests/test_passes.py and tests/passes/residual_*.epir check those).
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ import numpy as np
 from ..errors import EpcError
 from ..ir import Conv, Coupling, Dense, Graph, Identity, op_weights
 from ..options import CompileOptions
-from .manager import require_energy
+from . import conditions as C
+from .manager import Pass
 
 MAIN_KINDS = ("forward", "residual")
 
@@ -90,8 +95,39 @@ def _learn_identity(g: Graph, c: Coupling, gain: float = 1.0) -> bool:
     return True
 
 
-def run(g: Graph, opts: CompileOptions) -> Graph:
-    require_energy(g, "residual")
+def requires(g: Graph, opts: CompileOptions) -> list[str]:
+    errs = C.energy(g)
+    if errs:
+        return errs
+    dg = nx.DiGraph((c.src, c.dst) for c in g.couplings if c.kind in MAIN_KINDS)
+    if not nx.is_directed_acyclic_graph(dg):
+        return ["its forward and residual couplings form a cycle"]
+    return C.weight_data(g) if opts.skip_gain != 1.0 else []
+
+
+def ensures(before: Graph, after: Graph, opts: CompileOptions) -> list[str]:
+    errs = C.energy(after) + C.kept(before.states, after.states, "states")
+    errs += C.kept(before.costs, after.costs, "costs")
+    ends = lambda g: [(c.name, c.src, c.dst) for c in g.couplings]  # noqa: E731
+    if ends(after) != ends(before):
+        return errs + ["couplings were added, removed or rewired"]
+    inputs = {i.name for i in after.inputs}
+    for b, c in zip(before.couplings, after.couplings):
+        if c.kind not in MAIN_KINDS and c != b:
+            errs.append(f"coupling {c.name}: a {c.kind} coupling changed")
+        elif c.kind == "residual" and len(c.ops) > 1 and _is_identity(c):
+            errs.append(f"coupling {c.name}: an identity chain left uncollapsed")
+        elif c.kind == "residual" and opts.skip_gain != 1.0 and c.src not in inputs \
+                and not _has_weights(c):
+            errs.append(f"coupling {c.name}: a skip without a weight under skip_gain")
+    for s in after.states:
+        kinds = [c.kind for c in after.inbound(s.name) if c.kind in MAIN_KINDS]
+        if kinds and kinds.count("forward") != 1:
+            errs.append(f"state {s.name}: {kinds.count('forward')} forward couplings in")
+    return errs
+
+
+def transform(g: Graph, opts: CompileOptions) -> Graph:
     if opts.identity_skip not in ("identity", "learned"):
         raise EpcError(f"bad identity skip {opts.identity_skip!r} (supported: identity, learned)")
     gain = float(opts.skip_gain)
@@ -119,6 +155,10 @@ def run(g: Graph, opts: CompileOptions) -> Graph:
             if c.kind == "residual" and c.src not in inputs:
                 _scale_skip(g, c, gain)
     return g
+
+
+PASS = Pass("residual", transform, requires, ensures)
+run = PASS.run
 
 
 def unit_gain_skips(g: Graph) -> list[Coupling]:

@@ -25,7 +25,9 @@ only in mode 'colour'.
 Requires: an energy-form graph.
 Ensures:  graph.schedule = Schedule(opts.schedule, classes, opts.max_sweeps,
           opts.nudge_sweeps, opts.tol); every settled (non-teacher) state is in exactly one
-          class; in each class no two states share a coupling.
+          class; in each class no two states share a coupling (in mode 'sync' too); the
+          first class holds a state nearest the input; nothing but the schedule changes.
+The pass manager checks these conditions.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ import networkx as nx
 from ..errors import EpcError
 from ..ir import Graph, Schedule
 from ..options import CompileOptions
-from .manager import require_energy
+from . import conditions as C
+from .manager import Pass
 
 STRATEGIES = ("DSATUR", "largest_first", "smallest_last")
 
@@ -90,11 +93,43 @@ def classes(g: Graph) -> list[list[str]]:
     return out
 
 
-def run(g: Graph, opts: CompileOptions) -> Graph:
-    require_energy(g, "schedule")
+def requires(g: Graph, opts: CompileOptions) -> list[str]:
+    return C.energy(g)
+
+
+def ensures(before: Graph, after: Graph, opts: CompileOptions) -> list[str]:
+    errs = C.energy(after)
+    for what in ("states", "couplings", "costs"):
+        if getattr(after, what) != getattr(before, what):
+            errs.append(f"the {what} changed (this pass only adds the schedule)")
+    s = after.schedule
+    if s is None:
+        return errs + ["no schedule"]
+    if (s.mode, s.max_sweeps, s.nudge_sweeps, s.tol) != (
+            opts.schedule, opts.max_sweeps, opts.nudge_sweeps, opts.tol):
+        errs.append("the schedule's mode, caps or tolerance differ from the options")
+    colour = {n: k for k, cls in enumerate(s.classes) for n in cls}
+    listed = [n for cls in s.classes for n in cls]
+    if sorted(listed) != sorted(x.name for x in after.settled_states()):
+        errs.append("the classes do not hold every settled state exactly once")
+    errs += [f"coupled states {c.src} and {c.dst} share class {colour[c.src]}"
+             for c in after.couplings if c.src in colour and c.dst in colour
+             and c.src != c.dst and colour[c.src] == colour[c.dst]]
+    if s.classes:
+        dist = input_distance(after)
+        if min(dist[n] for n in s.classes[0]) != min(dist.values()):
+            errs.append("the first class holds no state nearest the input")
+    return errs
+
+
+def transform(g: Graph, opts: CompileOptions) -> Graph:
     if opts.schedule not in ("colour", "sync"):
         raise EpcError(f"bad schedule {opts.schedule!r} (supported: colour, sync)")
     g = g.copy()
     g.schedule = Schedule(opts.schedule, classes(g), int(opts.max_sweeps),
                           int(opts.nudge_sweeps), float(opts.tol))
     return g
+
+
+PASS = Pass("schedule", transform, requires, ensures)
+run = PASS.run

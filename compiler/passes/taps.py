@@ -22,9 +22,14 @@ Which states (opts.taps):
 * a list of names (or a comma-separated string): exactly those hidden states; an unknown
   name is an EpcError listing the hidden states.
 
-Requires: an energy-form graph with one output state of shape [num_classes] and a label
-          cost on it.
-Ensures:  the tap states, couplings, weights and costs described above.
+Runs with: options.taps (`--taps auto` or `--taps h2,h4`); without it the pass does not run.
+Requires: an energy-form graph with one output state, of shape [num_classes] when a
+          state is tapped.
+Ensures:  the graph's states, couplings and costs unchanged, followed by one tap per
+          selected hidden state: a state (role 'tap', identity act, 'rate', the output's
+          shape, a bias), one coupling into it (kind 'tap', feedback True, from that hidden
+          state) and one cost on it (weight opts.tap_weight), with the weights above.
+The pass manager checks these conditions, except the initial values (tests/test_passes.py).
 """
 from __future__ import annotations
 
@@ -36,7 +41,8 @@ import numpy as np
 from ..errors import EpcError
 from ..ir import Activation, Coupling, Cost, Dense, Flatten, GlobalAvgPool, Graph, State
 from ..options import CompileOptions
-from .manager import require_energy
+from . import conditions as C
+from .manager import Pass
 from .residual import depths
 
 MAX_AUTO_TAPS = 4
@@ -85,16 +91,55 @@ def selected(g: Graph, spec) -> list[str]:
     return list(dict.fromkeys(spec))
 
 
-def run(g: Graph, opts: CompileOptions) -> Graph:
-    require_energy(g, "taps")
+def enabled(opts: CompileOptions) -> bool:
+    return bool(opts.taps)
+
+
+def requires(g: Graph, opts: CompileOptions) -> list[str]:
+    errs = C.energy(g) or C.one_output_state(g)
+    out = None if errs else g.output_state()
+    if out is not None and len(out.shape) != 1 and selected(g, opts.taps):
+        errs.append(f"--taps needs a 1-D output state (class scores), {out.name} is "
+                    f"{list(out.shape)}")
+    return errs
+
+
+def ensures(before: Graph, after: Graph, opts: CompileOptions) -> list[str]:
+    errs = C.energy(after) + C.kept(before.states, after.states, "states")
+    errs += C.kept(before.couplings, after.couplings, "couplings")
+    errs += C.kept(before.costs, after.costs, "costs")
+    if errs:
+        return errs
+    taps = after.states[len(before.states):]
+    want = len(selected(before, opts.taps))
+    if len(taps) != want:
+        errs.append(f"{len(taps)} tap states for {want} selected hidden states")
+    hidden = {s.name for s in before.states if s.role == "hidden"}
+    out_shape = tuple(after.output_state().shape)
+    new_couplings = after.couplings[len(before.couplings):]
+    new_costs = after.costs[len(before.costs):]
+    for t in taps:
+        if (t.role, t.act.kind, t.neuron, tuple(t.shape)) != ("tap", "identity", "rate",
+                                                               out_shape) or not t.bias:
+            errs.append(f"state {t.name}: not a tap head (role, act, neuron, shape or bias)")
+        inb = [c for c in new_couplings if c.dst == t.name]
+        if len(inb) != 1 or inb[0].kind != "tap" or not inb[0].feedback \
+                or inb[0].src not in hidden:
+            errs.append(f"state {t.name}: expected one tap coupling in, from a hidden state")
+        costs = [k for k in new_costs if k.state == t.name]
+        if len(costs) != 1 or costs[0].weight != float(opts.tap_weight):
+            errs.append(f"state {t.name}: expected one cost of weight {opts.tap_weight}")
+    if len(new_couplings) != len(taps) or len(new_costs) != len(taps):
+        errs.append("couplings or costs added besides the taps'")
+    return errs
+
+
+def transform(g: Graph, opts: CompileOptions) -> Graph:
     g = g.copy()
     names = selected(g, opts.taps)
     if not names:
         return g
     out = g.output_state()
-    if len(out.shape) != 1:
-        raise EpcError(f"--taps needs a 1-D output state (class scores), {out.name} is "
-                       f"{list(out.shape)}")
     k = int(out.shape[0])
     label = [c for c in g.costs if c.state == out.name and c.target == "label"]
     kind = label[0].kind if label else opts.cost
@@ -119,3 +164,7 @@ def run(g: Graph, opts: CompileOptions) -> Graph:
         g.costs.append(Cost(g.fresh_name(f"{tap}.label"), tap, kind, "label",
                             float(opts.tap_weight), 1.0))
     return g
+
+
+PASS = Pass("taps", transform, requires, ensures, enabled, "--taps")
+run = PASS.run

@@ -16,9 +16,10 @@ of two or more terms (e.g. right after a residual Add), or of a constant that va
 a channel, is refused with an EpcError naming the node.
 
 Requires: a canonical feedforward graph (after canonicalize: no BatchNorm, Dropout,
-          Identity; Softmax only where it is not an output is an error here), one output.
+          Identity or output Softmax; a Softmax elsewhere is an error here) with one output,
+          whose weights hold data (constants are pushed through the linear ops).
 Ensures:  an energy-form graph:
-          * inputs unchanged; nodes and outputs empty;
+          * inputs unchanged; nodes and outputs empty; no teacher, no schedule;
           * one State per Act node, named h1..hN in feedforward order ('out' for the
             output): ReLU -> act = opts.activation,
             source_act = relu; Clip / HardSigmoid keep their own function (act = source_act);
@@ -35,6 +36,8 @@ Ensures:  an energy-form graph:
             with an identity or relu act (linear readouts) are 'rate', since a Bernoulli
             neuron's firing probability rho(u) must be bounded;
           * weights no longer referenced are removed.
+The pass manager checks these conditions except the names and the biases' values
+(tests/test_passes.py checks that one feedforward sweep of the result computes the source).
 """
 from __future__ import annotations
 
@@ -48,6 +51,8 @@ from ..errors import EpcError
 from ..ir import (Act, Activation, Add, BatchNorm, Bias, Coupling, Cost, Dropout, Graph,
                   Identity, MaxPool, Softmax, State, op_weights)
 from ..options import CompileOptions
+from . import conditions as C
+from .manager import Pass
 
 
 @dataclass
@@ -125,9 +130,6 @@ def _emit_state(g: Graph, name: str, form: LinearForm, act: Activation, source_a
 
 def convert(ff: Graph, opts: CompileOptions) -> Graph:
     """The energy form of the feedforward graph `ff` (which is not modified)."""
-    if len(ff.outputs) != 1:
-        raise EpcError(f"graph {ff.name}: {len(ff.outputs)} outputs; epc compiles models with "
-                       f"exactly one output")
     g = ff.copy()
     nodes, g.nodes, out_name = g.nodes, [], g.outputs[0]
     g.outputs = []
@@ -200,10 +202,50 @@ def convert(ff: Graph, opts: CompileOptions) -> Graph:
     return g
 
 
-def run(g: Graph, opts: CompileOptions) -> Graph:
-    if g.states or g.couplings:
-        raise EpcError(f"graph {g.name}: to_energy needs a feedforward graph, this one is "
-                       f"already in energy form")
+def requires(g: Graph, opts: CompileOptions) -> list[str]:
+    errs = C.feedforward(g) or C.canonical(g)
+    if not errs and len(g.outputs) != 1:
+        errs.append(f"{len(g.outputs)} outputs; epc compiles models with exactly one output")
+    return errs or C.weight_data(g)
+
+
+def _states_expected(ff: Graph) -> int:
+    """One state per non-identity Act node, plus 'out' when the output is not one."""
+    acts = {n.name for n in ff.nodes if isinstance(n.op, Act) and n.op.fn.kind != "identity"}
+    return len(acts) + (ff.outputs[0] not in acts)
+
+
+def ensures(before: Graph, after: Graph, opts: CompileOptions) -> list[str]:
+    errs = C.energy(after) + C.same_inputs(before, after) + C.one_output_state(after)
+    if errs:
+        return errs
+    if after.outputs or after.teacher or after.schedule:
+        errs.append("outputs, a teacher or a schedule in the result")
+    if len(after.states) != _states_expected(before):
+        errs.append(f"{len(after.states)} states for {_states_expected(before)} "
+                    f"nonlinearities and readouts")
+    out = after.output_state().name
+    errs += [f"state {s.name}: role {s.role}" for s in after.states
+             if s.role not in ("hidden", "output")]
+    errs += [f"state {s.name}: neuron {s.neuron} with an unbounded act" for s in after.states
+             if not s.act.bounded and s.neuron != "rate"]
+    errs += [f"coupling {c.name}: kind {c.kind}, feedback {c.feedback} (expected forward, "
+             f"no feedback)" for c in after.couplings if c.kind != "forward" or c.feedback]
+    if [(k.state, k.kind, k.target, k.weight) for k in after.costs] != \
+            [(out, opts.cost, "label", 1.0)]:
+        errs.append(f"costs {[k.name for k in after.costs]}: expected one {opts.cost} label "
+                    f"cost on {out}")
+    unused = set(after.weights) - set(after.weight_names())
+    if unused:
+        errs.append(f"weight {sorted(unused)[0]}: nothing refers to it")
+    return errs
+
+
+def transform(g: Graph, opts: CompileOptions) -> Graph:
     if opts.cost not in ("mse", "ce"):
         raise EpcError(f"bad cost {opts.cost!r} (supported: mse, ce)")
     return convert(g, opts)
+
+
+PASS = Pass("to_energy", transform, requires, ensures)
+run = PASS.run
