@@ -34,7 +34,7 @@ def models(quick: bool) -> dict:
     out = {}
     try:
         from epc.compiler.options import CompileOptions
-        from epc.compiler.pipeline import compile_source
+        from epc.api import compile_source
         for n in names:
             p = os.path.join(ROOT, "examples", f"{n}.onnx")
             if os.path.exists(p):

@@ -72,7 +72,7 @@ def example_bundle(name: str, tmp: str, options: dict | None = None,
     """Compile examples/<name>.onnx (with CompileOptions(**options)) for the torch target
     into `tmp`; the bundle's path."""
     from epc.compiler.options import CompileOptions
-    from epc.compiler.pipeline import compile_source
+    from epc.api import compile_source
     from epc.targets.torch import emit
     path = os.path.join(tmp, f"{tag or name}.epc")
     emit(compile_source(os.path.join(ROOT, "examples", f"{name}.onnx"),
@@ -101,7 +101,7 @@ def misclassified(bundle: str, d) -> list[int]:
 def _digits_for(example: str):
     """The example compiled with default options, and digits shaped for its input."""
     from epc.compiler.options import CompileOptions
-    from epc.compiler.pipeline import compile_source
+    from epc.api import compile_source
     from epc.runtime.data import load_dataset
     g = compile_source(os.path.join(ROOT, "examples", f"{example}.onnx"), CompileOptions()).graph
     return g, load_dataset("digits", input_shape=tuple(g.inputs[0].shape))

@@ -20,15 +20,15 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 def _one(src: str, repeats: int) -> dict:
     from epc.compiler.options import CompileOptions
-    from epc.compiler.pipeline import compile_source
+    from epc.api import compile_source
     from epc.runtime.api import make_engine
     from epc.runtime.simulator import Simulator
-    from epc.targets.neuromorphic.api import _dataset, evaluate_program
+    from epc.runtime.programs import evaluate_program, program_dataset
     from epc.targets.neuromorphic.quantize import quantize_graph
     from epc.targets.neuromorphic.validate import validate
 
     g = compile_source(src, CompileOptions()).graph
-    _, _, xte, yte = _dataset("digits", g.inputs[0].shape, num_classes=10)
+    _, _, xte, yte = program_dataset("digits", g.inputs[0].shape, num_classes=10)
     eng, _, _ = make_engine(g, dtype="float32")
     xt = torch.as_tensor(xte, dtype=torch.float32)
     tf = []

@@ -39,7 +39,7 @@ PARITY_MODELS = ["mlp_digits", "conv_digits", "conv1_digits"]
 
 
 def _program_figures(prog, xte, yte, pf) -> dict:
-    from epc.targets.neuromorphic.api import evaluate_program
+    from epc.runtime.programs import evaluate_program
     m = evaluate_program(prog, xte, yte)
     return {"test_accuracy": m["test_accuracy"],
             "agreement": float((m["predictions"] == pf).mean()),
@@ -51,9 +51,11 @@ def parity(name: str, epochs: int, seed: int, threads: int, tmp: str,
            done: tuple[str, float] | None = None) -> dict:
     """`done`: (trained bundle, its test accuracy) of this very run made elsewhere
     (bench.accuracy trains it with the same settings), used instead of training again."""
-    from epc.compiler.pipeline import compile_source
+    import epc
+    from epc.api import compile_source
     from epc.runtime import api
-    from epc.targets.neuromorphic.api import _dataset, compile_program
+    from epc.runtime.programs import program_dataset
+    from epc.targets.neuromorphic.api import load_program
 
     example, options, extra, _ = RUNS[name]
     if done is None:
@@ -66,7 +68,7 @@ def parity(name: str, epochs: int, seed: int, threads: int, tmp: str,
         trained, float_acc = done
     over = {"max_sweeps": MAX_SWEEPS[name]} if name in MAX_SWEEPS else None
     g = compile_source(trained, schedule_overrides=over).graph
-    _, _, xte, yte = _dataset("digits", g.inputs[0].shape, num_classes=10)
+    _, _, xte, yte = program_dataset("digits", g.inputs[0].shape, num_classes=10)
     fl = float_run(g, xte, yte)
     pf = fl["predictions"]
     out = {"float_test_accuracy": fl["accuracy"],
@@ -74,7 +76,9 @@ def parity(name: str, epochs: int, seed: int, threads: int, tmp: str,
                            "settings": extra or "defaults",
                            "reused_from_accuracy_run": done is not None}}
     for key, kw in PROGRAMS:
-        prog = compile_program(g, os.path.join(tmp, f"{name}_{key}.nc"), **kw)
+        nc = os.path.join(tmp, f"{name}_{key}.nc")
+        epc.compile(g, target="neuromorphic", output=nc, **kw)
+        prog = load_program(nc)
         rec = _program_figures(prog, xte, yte, pf)
         rec["points_below_float"] = 100 * (out["float_test_accuracy"] - rec["test_accuracy"])
         out[key] = rec
@@ -83,14 +87,15 @@ def parity(name: str, epochs: int, seed: int, threads: int, tmp: str,
 
 def onchip(epochs: int, seed: int, float_acc: float | None, tmp: str) -> dict:
     from epc.compiler.options import CompileOptions
-    from epc.compiler.pipeline import compile_source
-    from epc.targets.neuromorphic.api import compile_program, train_program
+    from epc.api import compile_source
+    from epc.runtime.programs import train_program
+    from epc.targets.neuromorphic.api import compile_program
 
     g = compile_source(os.path.join(ROOT, "examples", "mlp_digits.onnx"), CompileOptions()).graph
     path = os.path.join(tmp, "mlp_untrained_w8.nc")
     compile_program(g, path)
     t0 = time.perf_counter()
-    m = train_program(path, epochs=epochs, seed=seed, lr_shift=ONCHIP_LR_SHIFT, progress=False)
+    m = train_program(path, epochs=epochs, seed=seed, lr_shift=ONCHIP_LR_SHIFT)
     rec = {"epochs": epochs, "lr_shift": ONCHIP_LR_SHIFT, "test_accuracy": m["test_accuracy"],
            "seconds": time.perf_counter() - t0}
     if float_acc is not None:

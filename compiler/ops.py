@@ -266,3 +266,16 @@ def macs(op, in_shape: Shape, out_shape_: Shape, weights: Weights) -> int:
 
 
 ActivationFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def reduce_to_shape(x: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """Sum a batched tensor [N, *s] down to a bias shape that broadcasts to s (the adjoint
+    of broadcasting a bias: the runtime's bias gradient, the quantizer's bias correction)."""
+    x = x.sum(0)
+    lead = x.dim() - len(shape)
+    if lead > 0:
+        x = x.sum(tuple(range(lead)))
+    dims = tuple(i for i, d in enumerate(shape) if d == 1 and x.shape[i] != 1)
+    if dims:
+        x = x.sum(dims, keepdim=True)
+    return x.reshape(shape)

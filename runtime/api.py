@@ -1,4 +1,4 @@
-"""The runtime's Python API (mirrors `epc train`, `epc eval`, `epc check-gradients`).
+"""The runtime's entry points for float bundles: train, evaluate, check gradients.
 
     from epc.runtime.api import train, evaluate, check_gradients
     m = train("mlp.epc", data="digits", epochs=30, seed=0, checkpoint="ckpt")
@@ -6,7 +6,9 @@
     check_gradients("mlp.epc", data="digits", beta=0.01)["couplings"]
 
 Every function accepts a bundle path, a `Bundle` or an energy `Graph`; bundles may be
-target 'torch' or plain IR (lowered on the fly). `dataset=(train_ds, test_ds)` trains on
+target 'torch' or plain IR of an energy graph (lowered on the fly). The driver's `epc.train`,
+`epc.evaluate` and `epc.check_gradients` (epc/api.py: the CLI's options and defaults, and
+neuromorphic programs) call these. `dataset=(train_ds, test_ds)` trains on
 any pair of torch Datasets of (input, label) items instead of a named data set.
 """
 from __future__ import annotations
@@ -74,7 +76,7 @@ def _data_for(eng: Engine, data: str, data_dir, resize, channels, dataset) -> Da
                         dataset=dataset)
 
 
-def _configure_process(threads: int | None):
+def configure_process(threads: int | None):
     """The process-wide settings a run takes: torch's thread count, and freed tensor memory
     kept for reuse (runtime/memory.py: a conv net's settling stops page-faulting)."""
     retain_freed_memory()
@@ -122,7 +124,7 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
         raise EpcError("--resume needs --checkpoint DIR (the run's checkpoint directory)")
     if stop_after is not None and stop_after < 1:
         raise EpcError(f"--stop-after must be >= 1, got {stop_after}")
-    _configure_process(threads)
+    configure_process(threads)
     torch.manual_seed(seed)
     eng, base, name = make_engine(src, device=device, schedule=schedule)
     d = _data_for(eng, data, data_dir, resize, channels, dataset)
@@ -202,7 +204,7 @@ def evaluate(src: Any, *, data: str = "digits", data_dir: str | None = None, res
         raise EpcError(f"--split {split!r} (supported: test, train)")
     if batch_size < 1:
         raise EpcError(f"--batch-size must be >= 1, got {batch_size}")
-    _configure_process(threads)
+    configure_process(threads)
     eng, b, name = make_engine(src, device=device, schedule=schedule)
     # a checkpoint settles as its training run did (the test accuracy it reported used
     # these), unless the caller says otherwise
@@ -242,7 +244,7 @@ def check_gradients(src: Any, *, data: str = "digits", data_dir: str | None = No
         raise EpcError(f"--beta must be a nonzero finite number, got {beta}")
     if samples < 1:
         raise EpcError(f"--samples must be >= 1, got {samples}")
-    _configure_process(threads)
+    configure_process(threads)
     eng, _, name = make_engine(src, device=device, dtype=dtype, schedule=schedule)
     d = _data_for(eng, data, data_dir, resize, channels, dataset)
     g = torch.Generator().manual_seed(seed)

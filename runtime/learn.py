@@ -31,22 +31,11 @@ import torch
 from epc.compiler import ops as O
 from epc.compiler.errors import EpcError
 from epc.compiler.ir import Conv, Dense, op_weights
+from epc.compiler.ops import reduce_to_shape
 
 from .engine import Engine
 
 Tensor = torch.Tensor
-
-
-def reduce_to_shape(x: Tensor, shape: tuple) -> Tensor:
-    """Sum a batched tensor [N, *s] down to a bias shape that broadcasts to s."""
-    x = x.sum(0)
-    lead = x.dim() - len(shape)
-    if lead > 0:
-        x = x.sum(tuple(range(lead)))
-    dims = tuple(i for i, d in enumerate(shape) if d == 1 and x.shape[i] != 1)
-    if dims:
-        x = x.sum(dims, keepdim=True)
-    return x.reshape(shape)
 
 
 def phi_grad_diff(eng: Engine, batch: dict, sa: dict, sb: dict,

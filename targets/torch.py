@@ -4,9 +4,9 @@
 schedule and uses only ops, activations, costs and roles the runtime implements, and writes
 a bundle with target 'torch' (the runtime's input; `epc train`, `epc eval` and
 `epc check-gradients` read it). `load_for_runtime(path)` is the inverse used by the
-runtime: it accepts 'torch' bundles and plain IR bundles (target None; an energy-form IR is
-lowered on the fly, a feedforward one is compiled with default options when the compile
-pipeline is present) and refuses any other target with a clear message.
+runtime: it accepts 'torch' bundles and plain IR bundles of an energy graph (target None,
+lowered on the fly) and refuses any other target, and feedforward graphs (compiling is the
+driver's: `epc compile`), with a clear message.
 """
 from __future__ import annotations
 
@@ -94,22 +94,13 @@ def lower(b: Bundle, where: str) -> Bundle:
                        f"reads target 'torch' or plain IR bundles (recompile with "
                        f"--target torch)")
     g = b.graph
-    if b.target is None and not g.is_energy:
-        try:
-            from epc.compiler.options import CompileOptions
-            from epc.compiler.pipeline import compile_graph
-        except ImportError:
-            raise EpcError(f"{where}: a feedforward IR bundle; compile it first with "
-                           f"`epc compile {where} --target torch`")
-        g = compile_graph(g, CompileOptions())
+    if not g.is_energy:
+        raise EpcError(f"{where}: a feedforward graph; compile it first with "
+                       f"`epc compile {where} --target torch`")
     check_supported(g, where)
     return Bundle(g, target=TARGET, meta=dict(b.meta), arrays=dict(b.arrays), docs=dict(b.docs))
 
 
 def load_for_runtime(path: str | os.PathLike) -> Bundle:
     """Read a bundle for the runtime; refuses other targets and unsupported graphs."""
-    from epc.targets.neuromorphic.api import is_program
-    if os.path.isfile(path) and is_program(path):
-        raise EpcError(f"{path}: a neuromorphic program, not a float bundle; run it with "
-                       f"`epc run` / `epc train`, or use the .epc bundle it was compiled from")
     return lower(read_bundle(path), str(path))

@@ -15,8 +15,9 @@ torch.set_num_threads(1)
 
 @pytest.fixture
 def run_cli(capsys):
-    """Run `epc ARGS...` in-process; returns (exit status, stdout, stderr)."""
-    from epc.compiler.cli import main
+    """Run `epc ARGS...` in-process through the entry point; returns (exit status, stdout,
+    stderr)."""
+    from epc.cli import main
 
     def run(*args: str):
         code = main([str(a) for a in args])
@@ -32,19 +33,20 @@ def examples() -> Path:
 
 @pytest.fixture
 def cli():
-    """Run a runtime command (`train`, `eval`, `check-gradients`) through its standalone
-    CLI, whose errors exit 2 with one line; returns click's Result (exit_code, stdout,
-    stderr). `env` sets environment variables for the run (e.g. COLUMNS)."""
+    """Run `epc ARGS...` through click's test runner (stdout and stderr as a pipe sees
+    them, errors one line with their exit status, as from the console script); returns
+    click's Result (exit_code, stdout, stderr). `env` sets environment variables for the
+    run (e.g. COLUMNS)."""
     from typer.testing import CliRunner
 
-    from epc.runtime.cli import app
+    from epc.cli import app
     try:
         runner = CliRunner(mix_stderr=False)
     except TypeError:  # newer click: stderr is always separate
         runner = CliRunner()
 
     def run(*args, env: dict | None = None):
-        return runner.invoke(app(), [str(a) for a in args], env=env)
+        return runner.invoke(app, [str(a) for a in args], env=env)
     return run
 
 

@@ -12,7 +12,7 @@ from bench.accuracy import main
 from bench.backprop import ff_forward
 from bench.parity import main as parity_main
 from epc.compiler.options import CompileOptions
-from epc.compiler.pipeline import compile_source
+from epc.api import compile_source
 from epc.runtime import zoo
 from epc.runtime.data import load_dataset
 from epc.runtime.engine import Engine

@@ -276,7 +276,7 @@ def test_inspect_bad_inputs(run_cli, tmp_path):
 
 def test_console_script_has_no_traceback(tmp_path):
     """The installed `epc` entry point itself (not just main()): one line, exit 2."""
-    p = subprocess.run([sys.executable, "-m", "epc.compiler.cli", "compile",
+    p = subprocess.run([sys.executable, "-m", "epc", "compile",
                         str(tmp_path / "missing.onnx")], capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [f"epc: error: {tmp_path / 'missing.onnx'}: no such file"]
@@ -326,7 +326,7 @@ BAD_OPTIONS = [  # (Python API keyword, value, the CLI flag, its value)
     ("cost", "l1", "--cost", "l1"), ("neuron", "spiking", "--neuron", "spiking"),
     ("schedule", "async", "--schedule", "async"), ("tol", -1.0, "--tol", "-1"),
     ("max_sweeps", 0, "--max-sweeps", "0"), ("nudge_sweeps", 0, "--nudge-sweeps", "0"),
-    ("teacher_mix", 1.5, "--mix", "1.5"), ("teacher_temperature", 0.0, "--temperature", "0"),
+    ("mix", 1.5, "--mix", "1.5"), ("temperature", 0.0, "--temperature", "0"),
     ("tap_weight", -0.3, "--tap-weight", "-0.3"), ("skip_gain", 0.0, "--skip-gain", "0"),
     ("identity_skip", "zero", "--identity-skip", "zero"),
 ]

@@ -93,7 +93,7 @@ def test_json_shape_and_bad_beta(tmp_path):
 def _compiled(name):
     try:
         from epc.compiler.options import CompileOptions
-        from epc.compiler.pipeline import compile_source
+        from epc.api import compile_source
     except ImportError:
         pytest.skip("compile pipeline not available")
     path = os.path.join(ROOT, "examples", f"{name}.onnx")

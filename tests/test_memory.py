@@ -27,7 +27,7 @@ what = memory.retain_freed_memory() if sys.argv[1] == "retain" else "untouched"
 torch.set_num_threads(1)
 torch.manual_seed(0)
 from epc.compiler.options import CompileOptions
-from epc.compiler.pipeline import compile_source
+from epc.api import compile_source
 from epc.runtime.data import load_dataset
 from epc.runtime.engine import Engine
 from epc.runtime.learn import Optimizer, ep_gradient

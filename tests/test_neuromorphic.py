@@ -13,7 +13,8 @@ import torch
 
 from epc.compiler.errors import EpcError
 from epc.compiler.options import CompileOptions
-from epc.compiler.pipeline import compile_source
+from epc.api import compile_source
+from epc.runtime import programs
 from epc.runtime.simulator import Simulator
 from epc.targets.neuromorphic import api
 from epc.targets.neuromorphic.assembler import assemble, disassemble
@@ -27,8 +28,15 @@ EX = os.path.join(ROOT, "examples")
 
 
 def _digits(shape):
-    xtr, ytr, xte, yte = api._dataset("digits", shape, num_classes=10)
+    xtr, ytr, xte, yte = programs.program_dataset("digits", shape, num_classes=10)
     return xtr, ytr, xte, yte
+
+
+def _calibrated(g, path, **kw):
+    """A program calibrated on digits, compiled as `epc compile --calibrate digits` does."""
+    import epc
+    epc.compile(g, target="neuromorphic", output=path, calibrate="digits", **kw)
+    return api.load_program(path)
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +76,13 @@ def test_mlp_parity_8bit_and_4bit(mlp, tmp_path):
     acc_f = (pf == yte).mean()
     assert acc_f > 0.9
     prog = api.compile_program(g, tmp_path / "m8.nc")
-    m = api.evaluate_program(prog, xte, yte)
+    m = programs.evaluate_program(prog, xte, yte)
     assert abs(m["test_accuracy"] - acc_f) <= 0.003 + 1e-9
     assert (m["predictions"] == pf).mean() >= 0.99
     assert m["unsettled"] == 0 and m["overflows"] == 0
     assert 1 <= m["median_sweeps"] <= m["max_sweeps"] <= prog.phase("free").sweeps
-    p4 = api.compile_program(g, tmp_path / "m4.nc", weight_bits=4, calibrate="digits")
-    m4 = api.evaluate_program(p4, xte, yte)
+    p4 = _calibrated(g, tmp_path / "m4.nc", weight_bits=4)
+    m4 = programs.evaluate_program(p4, xte, yte)
     assert m4["test_accuracy"] >= acc_f - 0.015
     assert p4.mem(g.couplings[0].ops[0].weight.join(("w.", ""))).bits == 4
 
@@ -243,7 +251,7 @@ def test_assembly_and_binary_round_trip(mlp, tmp_path):
 
 
 def _cli(args, capsys):
-    from epc.compiler.cli import main
+    from epc.cli import main
     code = main(args)
     err = capsys.readouterr().err.strip().splitlines()
     return code, err
@@ -348,16 +356,16 @@ def test_nudge_and_learning_arithmetic(mlp):
 def test_on_chip_learning_is_reproducible_and_learns(tmp_path):
     g = compile_source(os.path.join(EX, "mlp_digits.onnx"), CompileOptions()).graph
     api.compile_program(g, tmp_path / "u.nc")
-    before = api.run_program(tmp_path / "u.nc", progress=False, limit=200)
-    kw = dict(epochs=1, lr_shift=10, beta=0.5, progress=False, limit=480)
-    m1 = api.train_program(tmp_path / "u.nc", out=tmp_path / "t1.nc", **kw)
-    m2 = api.train_program(tmp_path / "u.nc", out=tmp_path / "t2.nc", **kw)
+    before = programs.run_program(tmp_path / "u.nc", limit=200)
+    kw = dict(epochs=1, lr_shift=10, beta=0.5, limit=480)
+    m1 = programs.train_program(tmp_path / "u.nc", out=tmp_path / "t1.nc", **kw)
+    m2 = programs.train_program(tmp_path / "u.nc", out=tmp_path / "t2.nc", **kw)
     assert (tmp_path / "t1.nc").read_bytes() == (tmp_path / "t2.nc").read_bytes()
     assert m1["test_accuracy"] > before["test_accuracy"] + 0.3
     t = api.load_program(tmp_path / "t1.nc")
     assert t.rng_step == 15 and t.lr_shift == 10
     assert all(np.abs(m.data).max() <= (1 << (m.bits - 1)) - 1 for m in t.memories if m.kind == "weight")
-    m3 = api.train_program(tmp_path / "u.nc", seed=1, **kw)
+    m3 = programs.train_program(tmp_path / "u.nc", seed=1, **kw)
     assert m3["test_accuracy"] != m1["test_accuracy"] or m3["history"] != m1["history"]
 
 
@@ -468,7 +476,7 @@ def test_bias_correction_removes_the_mean_drive_error(mlp):
     g, (xtr, _, _, _) = mlp
     c1, c2 = g.couplings
     h, o = g.states
-    acts = api._calibration_acts(g, "digits", None, None, 0)
+    acts = programs.calibration_acts(g, "digits")
     w1, w2 = (np.asarray(g.weights[c.ops[0].weight], dtype=np.float64) for c in (c1, c2))
     rounded = {c1.ops[0].weight: np.round(w1 * 8) / 8, c2.ops[0].weight: np.round(w2 * 8) / 8}
     corr = bias_corrections(g, acts, rounded)
@@ -483,10 +491,10 @@ def test_bias_correction_removes_the_mean_drive_error(mlp):
 def test_calibrated_4bit_program_beats_plain_rounding(mlp, tmp_path):
     g, (_, _, xte, yte) = mlp
     plain = quantize_graph(g, weight_bits=4)
-    cal = api.compile_program(g, tmp_path / "m4.nc", weight_bits=4, calibrate="digits")
+    cal = _calibrated(g, tmp_path / "m4.nc", weight_bits=4)
     assert cal.meta["scales"] == "calibrated"
-    a_plain = api.evaluate_program(validate(plain), xte, yte)["test_accuracy"]
-    a_cal = api.evaluate_program(cal, xte, yte)["test_accuracy"]
+    a_plain = programs.evaluate_program(validate(plain), xte, yte)["test_accuracy"]
+    a_cal = programs.evaluate_program(cal, xte, yte)["test_accuracy"]
     pf = _float_predictions(g, xte)
     assert a_cal >= a_plain and a_cal >= (pf == yte).mean() - 0.01
 
@@ -510,8 +518,7 @@ def test_per_channel_exponents_of_a_dead_row_stay_within_the_span(mlp, tmp_path)
     _, ez = quantize_weight(wz, 4, True)
     np.testing.assert_array_equal(np.delete(ez, 4), np.delete(e, 4))
     assert ez[4] == e[5:].max()
-    prog = api.compile_program(g, tmp_path / "pc.nc", weight_bits=4, per_channel=True,
-                               calibrate="digits")
-    m = api.evaluate_program(prog, xte, yte)
+    prog = _calibrated(g, tmp_path / "pc.nc", weight_bits=4, per_channel=True)
+    m = programs.evaluate_program(prog, xte, yte)
     acc_f = (_float_predictions(g, xte) == yte).mean()
     assert m["overflows"] == 0 and m["test_accuracy"] >= acc_f - 0.02

@@ -135,7 +135,7 @@ def test_legacy_export_matches_ort_and_torch(family, tmp_path):
 def test_verify_runs_a_model_exported_with_a_fixed_batch_of_one(tmp_path):
     """torch.onnx.export without dynamic axes fixes the batch at the example's size (often
     1); --verify feeds several inputs, so it runs such a model one chunk at a time."""
-    from epc.compiler.pipeline import compile_source
+    from epc.api import compile_source
     model, shape = make("vgg_bn")
     path = str(tmp_path / "fixed.onnx")
     with warnings.catch_warnings():

@@ -12,7 +12,7 @@ import torch
 from epc.compiler.errors import EpcError
 from epc.compiler.options import CompileOptions
 from epc.compiler.passes import readout
-from epc.compiler.pipeline import compile_source
+from epc.api import compile_source
 from epc.compiler.text import parse, print_graph
 from epc.compiler.verify import problems
 from epc.runtime import zoo

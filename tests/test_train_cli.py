@@ -10,7 +10,6 @@ import torch
 from epc.compiler.bundle import Bundle, read_bundle, write_bundle
 from epc.runtime import zoo
 from epc.runtime.api import evaluate, train
-from epc.runtime.cli import app
 from epc.targets.torch import emit
 
 def test_train_eval_metrics_checkpoint_plot(cli, mlp_path, tmp_path):
@@ -305,29 +304,3 @@ def test_the_one_layer_conv_net_learns_its_filters(run_cli, examples, tmp_path):
     acc = evaluate(str(tmp_path / "ck" / "last.epc"))["accuracy"]
     assert acc == pytest.approx(m["test_accuracy"])
     assert acc - evaluate(str(tmp_path / "init_filters.epc"))["accuracy"] > 0.01
-
-
-def test_the_python_api_mirrors_the_train_eval_and_gradient_commands():
-    """`epc.train` / `epc.evaluate` / `epc.check_gradients` are the runtime's functions, with
-    their signatures and docstrings (help() shows them), taking every option of the
-    matching command; `import epc` alone does not import torch."""
-    import inspect
-    import subprocess
-    import sys
-
-    import typer.main
-
-    import epc
-    from epc.runtime import api
-    cli_only = {"model", "quiet", "output", "lr_shift"}   # the source, CLI / on-chip flags
-    renamed = {"json_out": "json_path"}                    # --json
-    cli = typer.main.get_command(app())
-    for cmd, fn in (("train", epc.train), ("eval", epc.evaluate),
-                    ("check-gradients", epc.check_gradients)):
-        assert fn is getattr(api, fn.__name__) and fn.__doc__
-        params = set(inspect.signature(fn).parameters)
-        options = {renamed.get(p.name, p.name) for p in cli.commands[cmd].params} - cli_only
-        assert len(options) >= 12 and options <= params, (cmd, options - params)
-    code = "import sys, epc; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.stdout.strip() == "False", out

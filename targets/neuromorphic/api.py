@@ -1,23 +1,19 @@
-"""Python API of the neuromorphic target (what `epc compile/inspect/run/train` call).
+"""Python API of the neuromorphic target: program files, and compiling an energy graph
+into a program.
 
-    compile_program(graph, "mlp.nc", weight_bits=8, calibrate="digits")
-    print(inspect_program("mlp.nc"))
-    run_program("mlp.nc", data="digits")["test_accuracy"]
-    train_program("mlp.nc", data="digits", epochs=20, out="mlp_trained.nc")
+    compile_program(graph, "mlp.nc", weight_bits=8)
+    prog = load_program("mlp.nc")
+    save_program(prog, "mlp.nca")
 
 A program file is binary (magic EPCNC, version, CRC32) unless its name ends in .nca or .s,
-which holds the assembly text; both load the same way.
+which holds the assembly text; both load the same way. Running and training programs is the
+runtime's (the simulator, runtime/programs.py); calibrating on real activations is the
+driver's orchestration (it settles the float runtime and hands the equilibria in).
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
-import time
 from typing import Callable
-
-import numpy as np
-import torch
 
 from epc.compiler.bundle import atomic_write_bytes
 from epc.compiler.errors import EpcError
@@ -30,7 +26,6 @@ from .quantize import quantize_graph
 from .validate import validate
 
 ASM_SUFFIXES = (".nca", ".s")
-CALIB_SAMPLES = 256
 
 
 # --------------------------------------------------------------------------- files
@@ -84,39 +79,17 @@ def save_program(prog: Program, path) -> None:
         atomic_write_bytes(path, to_bytes(prog))
 
 
-# --------------------------------------------------------------------------- data
-def _dataset(name: str, input_shape, *, data_dir=None, resize=None, num_classes=None):
-    """(xtr, ytr, xte, yte) as numpy float64 / int64, shaped to the program's input."""
-    from epc.runtime.data import load_dataset
-    d = load_dataset(name, data_dir=data_dir, input_shape=tuple(input_shape), resize=resize,
-                     num_classes=num_classes)
-    return (d.train.x.double().numpy(), d.train.y.numpy(), d.test.x.double().numpy(),
-            d.test.y.numpy())
-
-
-def _calibration_acts(graph: Graph, name: str, data_dir, resize, seed: int) -> dict:
-    """Free equilibria of the float runtime (float64, its own settling rules, max-pool
-    winner freezing included) on a sample of the training split: state name -> array,
-    clamped inputs and teacher states included."""
-    from epc.runtime.api import make_engine
-    out = graph.output_state()
-    xtr, _, _, _ = _dataset(name, graph.inputs[0].shape, data_dir=data_dir, resize=resize,
-                            num_classes=int(np.prod(out.shape)))
-    rng = np.random.default_rng(seed)
-    idx = rng.choice(len(xtr), size=min(CALIB_SAMPLES, len(xtr)), replace=False)
-    eng, _, _ = make_engine(graph, dtype="float64")
-    batch = eng.prepare(torch.as_tensor(xtr[np.sort(idx)], dtype=torch.float64))
-    r = eng.settle(batch)
-    acts = {k: v.detach().cpu().numpy() for k, v in batch["clamped"].items()}
-    acts.update({k: v.detach().cpu().numpy() for k, v in r.states.items()})
-    return acts
-
-
 # --------------------------------------------------------------------------- compile
 def compile_program(graph: Graph, out_path, *, weight_bits: int = 8, frac_bits: int = 8,
-                    per_channel: bool = False, calibrate: str | None = None,
-                    data_dir: str | None = None, resize=None, seed: int = 0) -> Program:
-    """Quantize an energy graph into a validated program and write it (atomically)."""
+                    per_channel: bool = False,
+                    calibration: Callable[[Graph], dict] | None = None,
+                    calibrated_on: str | None = None, seed: int = 0) -> Program:
+    """Quantize an energy graph into a validated program and write it (atomically).
+
+    `calibration`, if given, returns real activations of the graph (state name -> array of
+    free equilibria on a data sample, clamped inputs included); it is called only once the
+    graph is known to quantize, so a graph the core cannot express is refused before any
+    time goes into settling. `calibrated_on` names the data for the program's metadata."""
     from epc.compiler.verify import verify
     verify(graph)
     if not 4 <= weight_bits <= 8:
@@ -126,190 +99,11 @@ def compile_program(graph: Graph, out_path, *, weight_bits: int = 8, frac_bits: 
     # refuse what cannot be expressed before spending time on calibration
     quantize_graph(graph, weight_bits=weight_bits, frac_bits=frac_bits,
                    per_channel=per_channel, seed=seed)
-    acts = _calibration_acts(graph, calibrate, data_dir, resize, seed) if calibrate else None
+    acts = calibration(graph) if calibration is not None else None
     prog = quantize_graph(graph, weight_bits=weight_bits, frac_bits=frac_bits,
                           per_channel=per_channel, acts=acts, seed=seed)
-    if calibrate:
-        prog.meta["calibrated_on"] = calibrate
+    if calibrated_on:
+        prog.meta["calibrated_on"] = calibrated_on
     validate(prog, source=f"{out_path} (compiled from graph {graph.name})")
     save_program(prog, out_path)
     return prog
-
-
-# --------------------------------------------------------------------------- inspect
-def resource_report(prog: Program) -> dict:
-    from epc.runtime.simulator import resources
-    return resources(prog)
-
-
-def inspect_program(path, fmt: str = "text") -> str:
-    prog = load_program(path)
-    res = resource_report(prog)
-    if fmt == "json":
-        from .isa import format_version
-        d = {"program": prog.name, "version": format_version(prog), "frac_bits": prog.frac_bits,
-             "beta": prog.beta, "lr_shift": prog.lr_shift, "seed": prog.seed,
-             "rng_step": prog.rng_step, "pool_freeze": prog.pool_freeze, "meta": prog.meta,
-             "memories": [{"name": m.name, "kind": m.kind, "type": m.type_str(),
-                           "shape": list(m.shape), "bytes": m.nbytes} for m in prog.memories],
-             "groups": [{"name": g.name, "lo": g.lo, "hi": g.hi, "act": g.act, "role": g.role,
-                         "bias": g.bias} for g in prog.groups],
-             "synapses": [{"name": s.name, "src": s.src, "dst": s.dst, "kind": s.kind,
-                           "feedback": s.feedback, "learn": s.learn,
-                           "ops": [o.kind for o in s.ops]} for s in prog.synapses],
-             "phases": [{"name": p.name, "sweeps": p.sweeps, "classes": p.classes,
-                         "pool": "free" if p.hold_pool else "live"}
-                        for p in prog.phases],
-             "resources": res}
-        return json.dumps(d, indent=1) + "\n"
-    if fmt != "text":
-        raise EpcError(f"--format {fmt}: a neuromorphic program prints as text or json")
-    lines = [disassemble(prog, elide_over=64).rstrip("\n"), "", "; ---- resources"]
-    for k, v in res["memory_bytes"].items():
-        lines.append(f";   memory {k:<8} {v:>12,} bytes")
-    lines.append(f";   synaptic ops per sweep            {res['synops_per_sweep']:>14,}")
-    lines.append(f";   synaptic ops per inference (cap)  {res['synops_per_inference_max']:>14,}")
-    lines.append(f";   synaptic ops per learning step    {res['synops_per_learning_step_max']:>14,}"
-                 f"  (cap, per sample)")
-    lines.append(f";   parameters                        {res['parameters']:>14,}")
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------- run / train
-def _progress(enabled: bool) -> Callable[[str], None]:
-    def say(msg: str):
-        if enabled:
-            print(msg, file=sys.stderr, flush=True)
-    return say
-
-
-def _write_metrics(path, m: dict) -> None:
-    if path:
-        atomic_write_bytes(path, (json.dumps(m, indent=1, sort_keys=True) + "\n").encode())
-
-
-def evaluate_program(prog: Program, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256,
-                     sim=None) -> dict:
-    """Inference on (x, y): accuracy, sweeps, unsettled/cycling samples, overflows."""
-    from epc.runtime.simulator import Simulator
-    sim = sim or Simulator(prog)
-    before_ops = sim.stats.synops
-    preds, sweeps, settled, cycled = [], [], [], []
-    for i in range(0, len(x), batch_size):
-        p, r = sim.predict(x[i:i + batch_size])
-        preds.append(p)
-        sweeps.append(r.sweeps)
-        settled.append(r.settled)
-        cycled.append(r.cycled)
-    preds = np.concatenate(preds) if preds else np.zeros(0, np.int64)
-    sweeps = np.concatenate(sweeps) if sweeps else np.zeros(0, np.int64)
-    settled = np.concatenate(settled) if settled else np.zeros(0, bool)
-    cycled = np.concatenate(cycled) if cycled else np.zeros(0, bool)
-    n = max(len(x), 1)
-    return {"test_accuracy": float((preds == y).mean()) if len(y) else 0.0,
-            "predictions": preds, "max_sweeps": int(sweeps.max(initial=0)),
-            "median_sweeps": float(np.median(sweeps)) if len(sweeps) else 0.0,
-            "unsettled": int((~settled).sum()), "cycling": int(cycled.sum()),
-            "overflows": sim.stats.overflows, "overflow_detail": sim.stats.as_dict(),
-            "synops_per_inference": (sim.stats.synops - before_ops) / n, "samples": len(x)}
-
-
-def run_program(path, *, data: str = "digits", data_dir=None, resize=None,
-                limit: int | None = None, metrics_json=None, batch_size: int = 256,
-                progress: bool = True) -> dict:
-    """Run inference of a program in the bit-exact simulator on a data set's test split."""
-    prog = load_program(path)
-    if batch_size < 1:
-        raise EpcError(f"--batch-size must be >= 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise EpcError(f"--limit must be >= 1, got {limit}")
-    say = _progress(progress)
-    out = prog.output_group()
-    _, _, xte, yte = _dataset(data, prog.mem(prog.inputs[0]).shape, data_dir=data_dir,
-                              resize=resize, num_classes=int(np.prod(prog.mem(out.mem).shape)))
-    if limit:
-        xte, yte = xte[:limit], yte[:limit]
-    t0 = time.perf_counter()
-    m = evaluate_program(prog, xte, yte, batch_size=batch_size)
-    m.pop("predictions")
-    m["seconds"] = time.perf_counter() - t0
-    m["samples_per_second"] = len(xte) / max(m["seconds"], 1e-9)
-    m["resources"] = resource_report(prog)
-    m["program"] = str(path)
-    say(f"epc run: {path}: accuracy {m['test_accuracy']:.4f} on {len(xte)} samples, sweeps "
-        f"max {m['max_sweeps']} median {m['median_sweeps']:g}, unsettled {m['unsettled']} "
-        f"(cycling {m['cycling']}), overflows {m['overflows']}, {m['seconds']:.2f} s")
-    _write_metrics(metrics_json, m)
-    return m
-
-
-def train_program(path, *, data: str = "digits", epochs: int = 10, seed: int = 0,
-                  lr_shift: int | None = None, beta: float | None = None,
-                  metrics_json=None, out=None, data_dir=None, resize=None,
-                  progress: bool = True, batch_size: int = 32,
-                  limit: int | None = None) -> dict:
-    """On-chip EP learning in the simulator (integer only); writes the trained program to
-    `out` if given. lr_shift / beta override the program's (they are stored in `out`)."""
-    from epc.runtime.simulator import Simulator
-    from .isa import BETA_FRAC
-    prog = load_program(path)
-    if epochs < 0:
-        raise EpcError(f"--epochs must be >= 0, got {epochs}")
-    if batch_size < 1:
-        raise EpcError(f"--batch-size must be >= 1, got {batch_size}")
-    if lr_shift is not None:
-        if not 0 <= lr_shift <= 48:
-            raise EpcError(f"--lr-shift {lr_shift}: supported 0..48 (learning rate 2^-shift)")
-        prog.lr_shift = int(lr_shift)
-    if beta is not None:
-        bq = int(round(beta * (1 << BETA_FRAC)))
-        if not 0 < bq < (1 << (BETA_FRAC + 8)):
-            raise EpcError(f"--beta {beta}: must be positive and below 256 (resolution "
-                           f"2^-{BETA_FRAC})")
-        prog.beta_q = bq
-    if prog.beta_q <= 0:
-        raise EpcError(f"{path}: nudge strength beta is 0; pass --beta")
-    say = _progress(progress)
-    outg = prog.output_group()
-    xtr, ytr, xte, yte = _dataset(data, prog.mem(prog.inputs[0]).shape, data_dir=data_dir,
-                                  resize=resize, num_classes=int(np.prod(prog.mem(outg.mem).shape)))
-    if limit:
-        xtr, ytr = xtr[:limit], ytr[:limit]
-    sim = Simulator(prog)
-    rng = np.random.default_rng(seed)
-    history = []
-    t0 = time.perf_counter()
-    learn_ops = 0
-    steps = 0
-    for ep in range(epochs):
-        perm = rng.permutation(len(xtr))
-        correct, n_unsettled = 0, 0
-        for i in range(0, len(xtr), batch_size):
-            idx = perm[i:i + batch_size]
-            ops0 = sim.stats.synops
-            free, _, _ = sim.train_batch(xtr[idx], ytr[idx])
-            learn_ops += sim.stats.synops - ops0
-            steps += len(idx)
-            o = free.states[outg.name].reshape(len(idx), -1).argmax(1).numpy()
-            correct += int((o == ytr[idx]).sum())
-            n_unsettled += int((~free.settled).sum())
-        ev = evaluate_program(prog, xte, yte, sim=sim)
-        rec = {"epoch": ep + 1, "train_accuracy": correct / max(len(xtr), 1),
-               "test_accuracy": ev["test_accuracy"], "unsettled_train": n_unsettled,
-               "seconds": time.perf_counter() - t0}
-        history.append(rec)
-        say(f"epc train: epoch {ep + 1}/{epochs}: train {rec['train_accuracy']:.4f} "
-            f"test {rec['test_accuracy']:.4f} ({rec['seconds']:.1f} s)")
-    ev = evaluate_program(prog, xte, yte, sim=sim)
-    ev.pop("predictions")
-    m = {**ev, "epochs": epochs, "history": history, "seconds": time.perf_counter() - t0,
-         "train_accuracy": history[-1]["train_accuracy"] if history else None,
-         "synops_per_learning_step": learn_ops / max(steps, 1),
-         "lr_shift": prog.lr_shift, "beta": prog.beta, "rng_step": prog.rng_step,
-         "weight_saturations": sim.stats.overflow_weight, "program": str(path)}
-    if out:
-        validate(prog, source=str(out))
-        save_program(prog, out)
-        m["out"] = str(out)
-    _write_metrics(metrics_json, m)
-    return m

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from epc.compiler import ops as O
 from epc.compiler.ir import Conv, Dense, Graph, op_weights
-from epc.runtime.learn import reduce_to_shape
+from epc.compiler.ops import reduce_to_shape
 
 DAMP = 0.01  # ridge added to H, as a share of its mean diagonal (H is often singular)
 

@@ -1,0 +1,464 @@
+"""The Python API: one function per `epc` command, taking that command's options.
+
+    import epc
+    g = epc.compile("examples/mlp_digits.onnx", verify=True)          # epc compile
+    print(epc.inspect(g))                                               # epc inspect
+    epc.compile("examples/mlp_digits.onnx", target="torch", output="mlp.epc")
+    m = epc.train("mlp.epc", data="digits", epochs=30)                  # epc train
+    epc.evaluate("ckpt/last.epc", data="digits")["accuracy"]            # epc eval
+    epc.check_gradients("mlp.epc", data="digits", beta=0.01)            # epc check-gradients
+    epc.compile("mlp.epc", target="neuromorphic", output="mlp.nc")
+    epc.run("mlp.nc", data="digits")["test_accuracy"]                   # epc run
+
+The CLI (epc/cli.py) parses its flags and calls these functions, so both take the same
+options (`--max-sweeps` is `max_sweeps=`), with the same defaults, checks and error
+messages; the CLI adds only what it prints (summary lines, progress bars, `--quiet`).
+Two differences, both deliberate: `compile` writes a file only when given `output=` (the
+CLI's default output is SOURCE's stem), and every function also takes Python objects
+where the CLI takes files (an nn.Module with `example_input=`, a Graph, a pair of torch
+Datasets with `dataset=`). Accuracies in the returned metrics, and in every metrics JSON,
+are fractions in [0, 1], under keys ending in `accuracy`.
+
+This module is the driver: it loads sources (epc/sources.py), runs the compiler, emits a
+target, and hands training, evaluation and programs to the runtime. Nothing below it
+imports it (pyproject.toml's import-linter contracts, tests/test_layering.py).
+"""
+from __future__ import annotations
+
+import inspect as _inspect
+import json as _json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from epc.compiler.bundle import Bundle, read_bundle, write_bundle
+from epc.compiler.errors import EpcError
+from epc.compiler.ir import Activation, Graph
+from epc.compiler.options import CompileOptions
+
+from .sources import (Source, is_ir_text, load_source, read_ir_text, teacher_graph, torch_source,
+                      verify_against_source)
+
+TARGETS = ("ir", "torch", "neuromorphic")
+INSPECT_FORMATS = ("text", "json", "dot")
+
+
+# --------------------------------------------------------------------------- helpers
+def _choice(flag: str, value: Any, allowed: Iterable[str]) -> str:
+    value = getattr(value, "value", value)     # the CLI's enums carry their text
+    if value not in allowed:
+        raise EpcError(f"bad --{flag} {value!r}: use {' or '.join(allowed)}")
+    return value
+
+
+def parse_shape(spec: Any) -> tuple[int, ...] | None:
+    """--input-shape: '1,3,32,32' (or 1x3x32x32), or a tuple of ints from Python."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        try:
+            dims = tuple(int(d) for d in spec.replace("x", ",").split(","))
+        except ValueError:
+            raise EpcError(f"bad --input-shape {spec!r}: use comma-separated integers, "
+                           f"e.g. 1,3,32,32")
+    else:
+        try:
+            dims = tuple(int(d) for d in spec)
+        except (TypeError, ValueError):
+            raise EpcError(f"bad --input-shape {spec!r}: use comma-separated integers, "
+                           f"e.g. 1,3,32,32")
+    if not dims or any(d <= 0 for d in dims):
+        raise EpcError(f"bad --input-shape {spec!r}: dimensions must be positive")
+    return dims
+
+
+def _path(p: Any) -> str | None:
+    return None if p is None else os.fspath(p)
+
+
+def refuse_overwriting_inputs(output: str, *inputs: Any) -> None:
+    """No output may replace a file the command reads."""
+    for i in inputs:
+        if isinstance(i, (str, os.PathLike)) and os.path.exists(output) and os.path.exists(i) \
+                and os.path.samefile(output, i):
+            raise EpcError(f"{output}: is the input file; write the output elsewhere (-o)")
+
+
+def is_program(path: Any) -> bool:
+    """A path to a neuromorphic program (binary or assembly text)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        return False
+    from epc.targets.neuromorphic.api import is_program as _is_program
+    return _is_program(path)
+
+
+def _defaults(fn: Callable) -> dict:
+    return {k: p.default for k, p in _inspect.signature(fn).parameters.items()
+            if p.default is not _inspect.Parameter.empty}
+
+
+def _refuse_given(fn: Callable, values: dict, names: Iterable[str], why: Callable[[str], str]):
+    """Refuse options set away from their defaults that do not apply: an option accepted
+    and silently ignored would be a lie."""
+    dflt = _defaults(fn)
+    for name in names:
+        if values[name] != dflt[name]:
+            raise EpcError(why("--" + name.replace("_", "-")))
+
+
+# --------------------------------------------------------------------------- compile
+@dataclass
+class CompileResult:
+    graph: Graph
+    source: Source
+    seconds: float
+    verify_error: float | None = None
+    output: str | None = None        # the file written, if any
+    target: str = "ir"
+
+
+def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
+                   input_shape: tuple[int, ...] | None = None, verify_model: bool = False,
+                   print_after: set[str] | None = None, print_after_all: bool = False,
+                   out=None, schedule_overrides: dict | None = None) -> CompileResult:
+    """Load `src` and compile it with CompileOptions (what `compile` does before it emits a
+    target). A feedforward source runs the pass pipeline; an already compiled graph (a
+    bundle, e.g. a trained checkpoint) passes through unchanged except for
+    `schedule_overrides` (mode, max_sweeps, nudge_sweeps, tol), which replace the fields of
+    its schedule."""
+    from epc.compiler.pipeline import compile_graph, pass_through, require_weights
+    opts = (opts or CompileOptions()).check()
+    t0 = time.perf_counter()
+    source = src if isinstance(src, Source) else load_source(src, input_shape=input_shape)
+    where = source.path
+    opts.source_path = source.path
+    g = source.graph
+    if g.is_energy:
+        g = pass_through(g, opts, where=where, schedule_overrides=schedule_overrides)
+        if verify_model:
+            raise EpcError(f"{where}: --verify compares with a source model (ONNX or "
+                           f"PyTorch); this input is already compiled")
+        return CompileResult(g, source, time.perf_counter() - t0)
+    require_weights(g, where, "compile from a bundle or model")
+    if verify_model and opts.skip_gain != 1.0:
+        raise EpcError(f"{where}: --verify checks that the compiled graph computes the source "
+                       f"model, and --skip-gain {opts.skip_gain:g} changes that function "
+                       f"(its skips are scaled); verify without it")
+    opts.teacher_graph = teacher_graph(opts, source)
+    energy = compile_graph(g, opts, print_after=print_after, print_after_all=print_after_all,
+                           out=out)
+    res = CompileResult(energy, source, time.perf_counter() - t0)
+    if verify_model:
+        res.verify_error = verify_against_source(source, energy)
+    return res
+
+
+def default_output(source: str, target: str) -> str:
+    """The CLI's output file when -o is not given: SOURCE's stem + .epc (.nc for
+    neuromorphic programs), in the current directory."""
+    stem = (Path(source.split(":")[0]).stem if ":" in source and not os.path.exists(source)
+            else Path(source).stem)
+    return stem + (".nc" if target == "neuromorphic" else ".epc")
+
+
+def compile_result(source: Any, *, output: str | None = None, target: str = "ir",
+                   verify: bool = False, input_shape: Any = None,
+                   activation: "str | Activation" = "clip:1.0", feedback: bool = True,
+                   pool_first: bool = False, cost: str = "mse", readout: bool = False,
+                   taps: "str | list[str] | None" = None, tap_weight: float = 0.3,
+                   teacher: str | None = None, temperature: float = 4.0, mix: float = 0.5,
+                   neuron: str = "rate", identity_skip: str = "identity",
+                   skip_gain: float = 1.0, schedule: str | None = None,
+                   max_sweeps: int | None = None, nudge_sweeps: int | None = None,
+                   tol: float | None = None, print_after_all: bool = False,
+                   print_after: "list[str] | None" = None, weight_bits: int = 8,
+                   frac_bits: int = 8, per_channel: bool = False, calibrate: str | None = None,
+                   data_dir: str | None = None, resize: int | None = None,
+                   example_input: Any = None) -> CompileResult:
+    """`epc compile`, returning what happened (the graph, the source, timing, the --verify
+    error, the file written). `compile` is this, returning the graph."""
+    target = _choice("target", target, TARGETS)
+    output = _path(output)
+    if target != "neuromorphic":
+        _refuse_given(compile_result, locals(),
+                      ("weight_bits", "frac_bits", "per_channel", "calibrate", "data_dir",
+                       "resize"),
+                      lambda flag: f"{flag} applies to --target neuromorphic")
+    # given explicitly, the schedule flags also override an already compiled input's
+    sched = {k: v for k, v in (("mode", "colour" if schedule == "color" else schedule),
+                               ("max_sweeps", max_sweeps), ("nudge_sweeps", nudge_sweeps),
+                               ("tol", tol)) if v is not None}
+    opts = CompileOptions(
+        activation=activation, feedback=feedback, cost=cost, pool_first=pool_first,
+        readout=readout, taps=taps, tap_weight=tap_weight, teacher=teacher,
+        teacher_temperature=temperature, teacher_mix=mix, neuron=neuron,
+        identity_skip=identity_skip, skip_gain=skip_gain,
+        **{("schedule" if k == "mode" else k): v for k, v in sched.items()})
+    opts.check()           # bad option values are refused before any file is read
+    if isinstance(source, (str, os.PathLike)):
+        src: "str | Source" = os.fspath(source)
+    elif isinstance(source, Graph):     # a graph in memory: compiled, or passed through
+        src = Source(source.copy(), "graph", f"graph {source.name}")
+    elif example_input is None:
+        raise EpcError("compiling an nn.Module needs example_input=")
+    else:
+        src = torch_source(source, example_input)
+    if output is not None:
+        refuse_overwriting_inputs(output, src if isinstance(src, str) else None, teacher)
+    res = compile_source(src, opts, input_shape=parse_shape(input_shape),
+                         verify_model=verify, print_after=set(print_after or ()),
+                         print_after_all=print_after_all, out=sys.stdout,
+                         schedule_overrides=sched)
+    res.target = target
+    if output is not None:
+        _emit(res, output, opts, weight_bits=weight_bits, frac_bits=frac_bits,
+              per_channel=per_channel, calibrate=calibrate, data_dir=data_dir, resize=resize)
+        res.output = output
+    return res
+
+
+def _emit(res: CompileResult, output: str, opts: CompileOptions, *, weight_bits, frac_bits,
+          per_channel, calibrate, data_dir, resize) -> None:
+    g = res.graph
+    if res.target == "neuromorphic":
+        from epc.targets.neuromorphic.api import compile_program
+        calibration = None
+        if calibrate:
+            def calibration(graph: Graph) -> dict:
+                # real activations: the float runtime's free equilibria on the data
+                from epc.runtime.programs import calibration_acts
+                return calibration_acts(graph, calibrate, data_dir=data_dir, resize=resize)
+        compile_program(g, output, weight_bits=weight_bits, frac_bits=frac_bits,
+                        per_channel=per_channel, calibration=calibration,
+                        calibrated_on=calibrate)
+    elif res.target == "torch":
+        from epc.targets.torch import emit
+        emit(g, output, opts)
+    else:
+        write_bundle(output, Bundle(g, target=None, meta={"compiled_from": res.source.path}))
+
+
+def compile(source: Any, **options: Any) -> Graph:
+    """Compile an ONNX file, an epc bundle, a `module:factory` spec (with input_shape=), an
+    nn.Module (with example_input=) or a Graph into an EP energy graph; with `output=`, also write
+    it for `target` ('ir', 'torch' or 'neuromorphic'). Takes `epc compile`'s options;
+    returns the energy graph."""
+    unknown = sorted(set(options) - set(_inspect.signature(compile_result).parameters))
+    if unknown:
+        raise TypeError(f"compile() got an unexpected keyword argument {unknown[0]!r}")
+    return compile_result(source, **options).graph
+
+
+compile.__signature__ = _inspect.signature(compile_result).replace(return_annotation=Graph)
+
+
+# --------------------------------------------------------------------------- inspect
+def inspect(source: Any, *, format: str = "text", stats: bool = False) -> str:
+    """`epc inspect`: a graph (or a bundle, IR text or neuromorphic program file) as the
+    textual IR ('text'), JSON ('json') or Graphviz DOT ('dot'); `stats`: the statistics
+    (a table with 'text', a 'stats' entry with 'json'). Returns the text the command
+    prints."""
+    from epc.compiler.inspect import stats as graph_stats, stats_table, to_dot, to_json
+    from epc.compiler.text import print_graph
+    fmt = _choice("format", format, INSPECT_FORMATS)
+    if isinstance(source, Graph):
+        g = source
+    else:
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            raise EpcError(f"{path}: no such file")
+        if os.path.isdir(path):
+            raise EpcError(f"{path}: is a directory")
+        if is_program(path):
+            from epc.runtime.programs import inspect_program
+            return inspect_program(path, fmt)
+        from epc.compiler.bundle import is_bundle
+        if is_bundle(path):
+            g = read_bundle(path).graph
+        elif is_ir_text(path):
+            g = read_ir_text(path)
+        else:
+            raise EpcError(f"{path}: not an epc bundle, IR text or neuromorphic program "
+                           f"(compile models with `epc compile`)")
+    if fmt == "json":
+        return _json.dumps(to_json(g, with_stats=stats), indent=1) + "\n"
+    if fmt == "dot":
+        return to_dot(g)
+    return stats_table(graph_stats(g)) if stats else print_graph(g)
+
+
+def load(path: Any) -> Graph:
+    """Read a bundle's graph (weights attached)."""
+    return read_bundle(os.fspath(path)).graph
+
+
+def save(graph: Graph, path: Any, *, target: str | None = None) -> None:
+    """Write a graph as a bundle (atomically)."""
+    write_bundle(os.fspath(path), Bundle(graph, target=target))
+
+
+# --------------------------------------------------------------------------- train
+# what on-chip learning takes: every other option of `train` is the float runtime's
+PROGRAM_TRAIN_OPTIONS = ("data", "data_dir", "resize", "epochs", "batch_size", "beta",
+                         "lr_shift", "output", "seed", "threads", "metrics_json", "on_epoch")
+
+
+def _program_only_error(model: str) -> Callable[[str], str]:
+    return lambda flag: (f"{model}: {flag} applies to float bundles, not to neuromorphic "
+                         f"programs")
+
+
+def _float_only_error(model: str) -> Callable[[str], str]:
+    return lambda flag: (f"{model}: {flag} applies to neuromorphic programs; a float bundle "
+                         f"keeps its trained weights with --checkpoint DIR")
+
+
+def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
+          resize: str | None = None, channels: int | None = None, epochs: int = 30,
+          batch_size: int = 32, optimizer: str = "adam", lr: float = 5e-4,
+          momentum: float = 0.9, weight_decay: float = 1e-3, cosine: bool = True,
+          clip: float | None = None, beta: float | None = None, lr_shift: int | None = None,
+          output: str | None = None, nudge: str = "symmetric", gradient: str = "ep",
+          seed: int = 0, schedule: str | None = None, max_sweeps: int | None = None,
+          nudge_sweeps: int | None = None, tol: float | None = None,
+          warm_start: bool = False, freeze_pool: bool = True, augment: str | None = None,
+          device: str = "cpu", threads: int = 1, checkpoint: str | None = None,
+          resume: bool = False, stop_after: int | None = None,
+          metrics_json: str | None = None, plot: str | None = None, dataset: Any = None,
+          progress: Callable | None = None, on_epoch: Callable | None = None) -> dict:
+    """`epc train`: train a compiled network with Equilibrium Propagation, or a
+    neuromorphic program by on-chip learning in the simulator. Returns the metrics.
+
+    `model`: a bundle path (target torch or plain IR), a Bundle or an energy Graph; or a
+    program file (.nc/.nca), which takes only data, data_dir, resize, epochs, batch_size,
+    beta (default: the program's), lr_shift, output (the trained program), seed, threads,
+    metrics_json and on_epoch (no per-batch progress). For float bundles beta defaults
+    to 0.2.
+    `dataset=(train, test)`: torch Datasets of (input, label) instead of `data`.
+    `progress(epoch, seen, total, loss, accuracy)`: after every batch (float bundles);
+    `on_epoch(record)`: after every epoch.
+    """
+    given = dict(locals())
+    if is_program(model):
+        model = os.fspath(model)
+        if augment is not None:
+            raise EpcError(f"{model}: --augment applies to float bundles; on-chip learning "
+                           f"reads the data set as it is")
+        if gradient != "ep":
+            raise EpcError(f"{model}: --gradient {gradient} applies to float bundles; "
+                           f"on-chip learning is EP")
+        _refuse_given(train, given, [k for k in _defaults(train)
+                                     if k not in PROGRAM_TRAIN_OPTIONS],
+                      _program_only_error(model))
+        from epc.runtime.api import configure_process
+        from epc.runtime.programs import train_program
+        configure_process(threads)
+        if output is not None:
+            refuse_overwriting_inputs(os.fspath(output), model)
+        return train_program(model, data=data, epochs=epochs, seed=seed,
+                             metrics_json=_path(metrics_json), data_dir=data_dir,
+                             resize=resize, lr_shift=lr_shift, beta=beta, out=_path(output),
+                             batch_size=batch_size, on_epoch=on_epoch)
+    _refuse_given(train, given, ("output", "lr_shift"), _float_only_error(str(model)))
+    from epc.runtime.api import train as train_float
+    return train_float(_bundle_arg(model), data=data, data_dir=data_dir, resize=resize,
+                       channels=channels, dataset=dataset, epochs=epochs,
+                       batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
+                       weight_decay=weight_decay, cosine=cosine, clip=clip,
+                       beta=0.2 if beta is None else beta, nudge=nudge, gradient=gradient,
+                       seed=seed, schedule=schedule, max_sweeps=max_sweeps,
+                       nudge_sweeps=nudge_sweeps, tol=tol, warm_start=warm_start,
+                       freeze_pool=freeze_pool, augment=augment, device=device,
+                       threads=threads, checkpoint=_path(checkpoint), resume=resume,
+                       stop_after=stop_after, metrics_json=_path(metrics_json),
+                       plot=_path(plot), progress=progress, on_epoch=on_epoch)
+
+
+def _bundle_arg(model: Any) -> Any:
+    return os.fspath(model) if isinstance(model, os.PathLike) else model
+
+
+# --------------------------------------------------------------------------- eval
+# what evaluating a program takes (its test split, in the simulator)
+PROGRAM_EVAL_OPTIONS = ("data", "data_dir", "resize", "batch_size", "threads", "metrics_json")
+
+
+def evaluate(model: Any, *, data: str = "digits", data_dir: str | None = None,
+             resize: str | None = None, channels: int | None = None, split: str = "test",
+             batch_size: int = 256, schedule: str | None = None,
+             max_sweeps: int | None = None, tol: float | None = None, device: str = "cpu",
+             threads: int = 1, metrics_json: str | None = None, dataset: Any = None) -> dict:
+    """`epc eval`: free-phase accuracy, loss and convergence of a (trained) bundle on a
+    split; a checkpoint of `train` settles as its training run did unless schedule,
+    max_sweeps or tol say otherwise. A neuromorphic program is run in the simulator on
+    the test split (data, data_dir, resize, batch_size, threads, metrics_json apply).
+    Returns the result ('accuracy' a fraction)."""
+    given = dict(locals())
+    if is_program(model):
+        model = os.fspath(model)
+        _refuse_given(evaluate, given, [k for k in _defaults(evaluate)
+                                        if k not in PROGRAM_EVAL_OPTIONS],
+                      _program_only_error(model))
+        from epc.runtime.api import configure_process
+        from epc.runtime.programs import run_program
+        configure_process(threads)
+        r = run_program(model, data=data, data_dir=data_dir, resize=resize,
+                        batch_size=batch_size)
+        r.update({"accuracy": r["test_accuracy"], "split": "test"})
+        if metrics_json:
+            _write_json(metrics_json, r)
+        return r
+    from epc.runtime.api import evaluate as evaluate_float
+    return evaluate_float(_bundle_arg(model), data=data, data_dir=data_dir, resize=resize,
+                          channels=channels, dataset=dataset, split=split,
+                          batch_size=batch_size, schedule=schedule, max_sweeps=max_sweeps,
+                          tol=tol, device=device, threads=threads,
+                          json_path=_path(metrics_json))
+
+
+def _write_json(path: Any, obj: dict) -> None:
+    from epc.compiler.bundle import atomic_write_bytes
+    atomic_write_bytes(os.fspath(path),
+                       (_json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
+
+
+def _refuse_program(model: Any, command: str) -> None:
+    if is_program(model):
+        raise EpcError(f"{os.fspath(model)}: a neuromorphic program, not a float bundle; "
+                       f"`epc {command}` reads the .epc bundle it was compiled from")
+
+
+# --------------------------------------------------------------------------- check-gradients
+def check_gradients(model: Any, *, data: str = "digits", data_dir: str | None = None,
+                    resize: str | None = None, channels: int | None = None,
+                    beta: float = 0.01, nudge: str = "symmetric", samples: int = 64,
+                    seed: int = 0, tol: float = 1e-7, max_sweeps: int = 5000,
+                    dtype: str = "float64", schedule: str | None = None,
+                    freeze_pool: bool = True, device: str = "cpu", threads: int = 1,
+                    metrics_json: str | None = None, dataset: Any = None) -> dict:
+    """`epc check-gradients`: the EP estimate against the true gradient (implicit
+    differentiation at the free fixed point), coupling by coupling: cosine, norm ratio,
+    sign agreement. Returns the table as a dict (with 'warnings' where phases did not
+    settle)."""
+    _refuse_program(model, "check-gradients")
+    from epc.runtime.api import check_gradients as check_float
+    return check_float(_bundle_arg(model), data=data, data_dir=data_dir, resize=resize,
+                       channels=channels, dataset=dataset, beta=beta, nudge=nudge,
+                       samples=samples, seed=seed, tol=tol, max_sweeps=max_sweeps,
+                       dtype=dtype, schedule=schedule, freeze_pool=freeze_pool,
+                       device=device, threads=threads, json_path=_path(metrics_json))
+
+
+# --------------------------------------------------------------------------- run
+def run(program: Any, *, data: str = "digits", data_dir: str | None = None,
+        resize: str | None = None, limit: int | None = None, batch_size: int = 256,
+        metrics_json: str | None = None) -> dict:
+    """`epc run`: inference of a neuromorphic program in the bit-exact integer simulator on
+    the test split. Returns the metrics ('test_accuracy' a fraction, sweeps, unsettled and
+    cycling samples, overflows, resources)."""
+    from epc.runtime.programs import run_program
+    return run_program(os.fspath(program), data=data, data_dir=data_dir, resize=resize,
+                       limit=limit, batch_size=batch_size, metrics_json=_path(metrics_json))

@@ -1,0 +1,780 @@
+"""`epc`: the command line, a thin layer over the Python API (epc/api.py).
+
+Each command parses its flags, calls the API function of the same name with them, and
+prints: summary lines, progress, warnings. Options, defaults, checks and error messages
+are the API's.
+
+This is also the one error boundary: `EpcGroup.main` turns what escapes a command into
+its exit status and one line on stderr:
+
+* an EpcError (bad input: a file, a flag, a model) or a usage error: `epc: error: ...`,
+  exit status 2;
+* Ctrl-C: `epc: interrupted ...`, exit status 130;
+* anything else is a bug in epc, never passed off as bad input: one `epc: internal
+  error ...` line naming the file that holds the traceback, exit status 1
+  (EPC_DEBUG=1 lets the traceback through instead).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import traceback
+from enum import Enum
+from typing import Callable, List, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from . import api
+from epc.compiler.errors import EpcError
+
+from typer import Abort
+
+try:  # recent typer vendors its own click; older ones use click itself
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click.exceptions import ClickException
+    NoArgsIsHelpError = ()
+
+
+# --------------------------------------------------------------------------- the boundary
+class _Interrupted(Exception):
+    """Ctrl-C inside a command, carried past typer (which would turn it into a silent
+    exit status 130) to the boundary, with what the command has to say about it."""
+
+
+class EpcGroup(TyperGroup):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            raise _Interrupted(str(e) or "interrupted") from None
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        code = _guarded(lambda: super(EpcGroup, self).main(
+            args=args, prog_name=prog_name or "epc", complete_var=complete_var,
+            standalone_mode=False, **extra))
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _say(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _internal_error(e: BaseException) -> str:
+    """Keep the traceback in a file (the line on the terminal stays one line)."""
+    try:
+        fd, path = tempfile.mkstemp(prefix="epc-internal-error-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"epc {' '.join(sys.argv[1:])}\n\n")
+            traceback.print_exception(type(e), e, e.__traceback__, file=f)
+        where = f"the traceback is in {path}"
+    except OSError:
+        where = "rerun with EPC_DEBUG=1 for the traceback"
+    first = (str(e).strip().splitlines() or [""])[0]
+    return (f"epc: internal error ({type(e).__name__}{': ' + first if first else ''}); "
+            f"this is a bug in epc, please report it: {where}")
+
+
+def _guarded(run: Callable[[], object]) -> int:
+    try:
+        rv = run()
+        return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+    except EpcError as e:
+        _say(f"epc: error: {e}")
+        return 2
+    except NoArgsIsHelpError as e:     # `epc` or `epc compile` alone: show the help
+        e.show()
+        return 2
+    except ClickException as e:        # a usage error: unknown flag, bad value type
+        ctx = getattr(e, "ctx", None)
+        path = ctx.command_path if ctx is not None else "epc"
+        _say(f"epc: error: {e.format_message()} (see `{path} --help`)")
+        return e.exit_code
+    except _Interrupted as e:
+        _say(f"epc: {e}")
+        return 130
+    except (KeyboardInterrupt, Abort):
+        _say("epc: interrupted")
+        return 130
+    except Exception as e:             # a bug in epc
+        if os.environ.get("EPC_DEBUG", "") not in ("", "0"):
+            raise
+        _say(_internal_error(e))
+        return 1
+
+
+app = typer.Typer(
+    name="epc",
+    cls=EpcGroup,
+    help="epc compiles feedforward networks (ONNX files, PyTorch modules) into energy-based "
+         "networks trained by Equilibrium Propagation, and emits them for a batched PyTorch "
+         "runtime or a fixed-point neuromorphic core.\n\n"
+         "Typical session:\n\n"
+         "  epc compile examples/mlp_digits.onnx --target torch -o mlp.epc --verify\n\n"
+         "  epc inspect mlp.epc\n\n"
+         "  epc train mlp.epc --data digits --epochs 30\n\n"
+         "Accuracies print as percentages; in metrics JSON files (--metrics-json) and in "
+         "the Python API's results they are fractions in [0, 1], under keys ending in "
+         "'accuracy'. Every command is a function of the Python API with the same options: "
+         "`epc compile X --max-sweeps 7` is `epc.compile(X, max_sweeps=7)`.\n\n"
+         "Run `epc COMMAND --help` for each command's options and examples.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `epc` entry point: runs a command; with `argv` returns its exit status, without
+    (the console script) exits with it."""
+    cmd = typer.main.get_command(app)
+    return cmd.main(args=argv, prog_name="epc", standalone_mode=argv is None)
+
+
+def pct(x: float | None) -> str:
+    """Accuracies print one way: a percentage with two decimals."""
+    return "n/a" if x is None else f"{x:.2%}"
+
+
+# --------------------------------------------------------------------------- compile
+NO_DATA_DIR = "none: digits is built in; fashion-mnist is looked for where Debian installs it"
+
+
+class Target(str, Enum):
+    ir = "ir"
+    torch = "torch"
+    neuromorphic = "neuromorphic"
+
+
+class Format(str, Enum):
+    text = "text"
+    json = "json"
+    dot = "dot"
+
+
+@app.command("compile")
+def compile_cmd(
+    source: str = typer.Argument(..., help="An ONNX file, an epc bundle (.epc, e.g. a trained "
+                                 "checkpoint), or a PyTorch spec `pkg.module:factory` / "
+                                 "`file.py:factory` (imported only on request, needs --input-shape)."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Output file.",
+                                         show_default="SOURCE's stem + .epc, or .nc for "
+                                                      "--target neuromorphic, in the current "
+                                                      "directory"),
+    target: Target = typer.Option(Target.ir, "--target", "-t",
+                                  help="ir: the compiled IR bundle; torch: a bundle for the "
+                                       "PyTorch EP runtime; neuromorphic: a fixed-point program."),
+    verify: bool = typer.Option(False, "--verify", help="Check that one feedforward sweep of "
+                                "the compiled graph (feedback off, bounds lifted) reproduces "
+                                "the source model (onnxruntime / PyTorch) on random inputs; "
+                                "fail above 1e-4 relative error."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape",
+                                              help="Input shape for a PyTorch spec, batch "
+                                                   "first, e.g. 1,3,32,32.",
+                                              show_default="none: a spec needs one"),
+    activation: str = typer.Option("clip:1.0", "--activation",
+                                   help="What a ReLU becomes: clip:C = clip(u, 0, C) "
+                                        "(Hopfield-ResNet), clip:LO:HI, hardsigmoid, relu."),
+    feedback: bool = typer.Option(True, "--feedback/--no-feedback",
+                                  help="Tie a transpose feedback to every coupling (EP needs "
+                                       "it; --no-feedback is for debugging)."),
+    pool_first: bool = typer.Option(False, "--pool-first",
+                                    help="Move each max-pool in front of its activation "
+                                         "(same function): states are the pooled maps, and "
+                                         "max-pool winners no longer flip while settling "
+                                         "(see README, conv nets)."),
+    cost: str = typer.Option("mse", "--cost", help="Label cost on the linear output: mse | ce."),
+    readout: bool = typer.Option(False, "--readout",
+                                 help="Take the output (and tap) heads out of the energy: "
+                                      "a linear readout of the last hidden state, no "
+                                      "feedback, its cost nudging that state (Laborieux et "
+                                      "al. 2021 use it with --cost ce). torch target only."),
+    taps: Optional[str] = typer.Option(None, "--taps",
+                                       help="Auxiliary error taps: 'auto' or comma-separated "
+                                            "state names (see `epc inspect`).",
+                                       show_default="none"),
+    tap_weight: float = typer.Option(0.3, "--tap-weight", help="Cost weight of each tap."),
+    teacher: Optional[str] = typer.Option(None, "--teacher",
+                                          help="Knowledge distillation: 'source' (the model "
+                                               "being compiled, frozen) or a teacher ONNX file.",
+                                          show_default="none"),
+    temperature: float = typer.Option(4.0, "--temperature", help="Distillation temperature."),
+    mix: float = typer.Option(0.5, "--mix", help="Share of the teacher cost in the output cost."),
+    neuron: str = typer.Option("rate", "--neuron",
+                               help="Neuron model: rate (deterministic) | bernoulli (StochEP)."),
+    identity_skip: str = typer.Option("identity", "--identity-skip",
+                                      help="Same-shape residual skips: identity (no weights) "
+                                           "| learned (1x1, initialised to the identity)."),
+    skip_gain: float = typer.Option(
+        1.0, "--skip-gain",
+        help="Scale every skip between two states by G at initialisation (identity skips "
+             "become learned maps G*I). With feedback, a ResNet's skips chain its states "
+             "both ways; at gain 1 a chain of 3+ is non-convex and the states saturate "
+             "(README: ResNet-13); G < 0.55 keeps a chain of 6 convex. 1 = the source "
+             "model's function (what --verify checks)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule",
+                                           help="colour: block updates by colour class; "
+                                                "sync: all at once.",
+                                           show_default="colour; a compiled input keeps its "
+                                                        "own"),
+    max_sweeps: Optional[int] = typer.Option(None, "--max-sweeps", help="Free-phase sweep cap.",
+                                             show_default="100; a compiled input keeps its "
+                                                          "own"),
+    nudge_sweeps: Optional[int] = typer.Option(None, "--nudge-sweeps",
+                                               help="Sweep cap of each nudged phase.",
+                                               show_default="40; a compiled input keeps its "
+                                                            "own"),
+    tol: Optional[float] = typer.Option(None, "--tol",
+                                        help="Settling tolerance, max |delta s|.",
+                                        show_default="1e-4; a compiled input keeps its own"),
+    print_after_all: bool = typer.Option(False, "--print-after-all",
+                                         help="Print the IR after every pass (to stdout)."),
+    print_after: Optional[List[str]] = typer.Option(None, "--print-after",
+                                                    help="Print the IR after pass NAME "
+                                                         "(repeatable).",
+                                                    show_default="none"),
+    weight_bits: int = typer.Option(8, "--weight-bits",
+                                    help="neuromorphic: weight mantissa bits (4-8)."),
+    frac_bits: int = typer.Option(8, "--frac-bits",
+                                  help="neuromorphic: fractional bits of states (1.0 = 2^F)."),
+    per_channel: bool = typer.Option(False, "--per-channel",
+                                     help="neuromorphic: one weight exponent per output channel."),
+    calibrate: Optional[str] = typer.Option(None, "--calibrate",
+                                            help="neuromorphic: choose scales on real "
+                                                 "activations of this data set (e.g. digits).",
+                                            show_default="none: scales from the weights alone"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir",
+                                           help="Data directory for --calibrate (mnist, cifar).",
+                                           show_default=NO_DATA_DIR),
+    resize: Optional[int] = typer.Option(None, "--resize",
+                                         help="Resize calibration images to this size.",
+                                         show_default="the data set's own"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
+):
+    """Compile a feedforward network into an EP energy graph (and optionally a target).
+
+    Examples:
+
+      epc compile examples/resnet13.onnx -o r13.epc --verify
+
+      epc compile my_model.onnx --taps auto --teacher source --print-after-all
+
+      epc compile mypkg.models:resnet --input-shape 1,3,32,32 -o r.epc
+
+      epc compile examples/mlp_digits.onnx --target torch -o mlp.epc
+
+      epc compile mlp.epc --target neuromorphic --weight-bits 4 --calibrate digits -o mlp4.nc
+    """
+    out_path = output or api.default_output(source, target.value)
+    res = api.compile_result(
+        source, output=out_path, target=target.value, verify=verify, input_shape=input_shape,
+        activation=activation, feedback=feedback, pool_first=pool_first, cost=cost,
+        readout=readout, taps=taps, tap_weight=tap_weight, teacher=teacher,
+        temperature=temperature, mix=mix, neuron=neuron, identity_skip=identity_skip,
+        skip_gain=skip_gain, schedule=schedule, max_sweeps=max_sweeps,
+        nudge_sweeps=nudge_sweeps, tol=tol, print_after_all=print_after_all,
+        print_after=print_after, weight_bits=weight_bits, frac_bits=frac_bits,
+        per_channel=per_channel, calibrate=calibrate, data_dir=data_dir, resize=resize)
+    if quiet:
+        return
+    g = res.graph
+    where = out_path if output else (f"{out_path} (no -o given: SOURCE's stem, in "
+                                     f"{os.getcwd()})")
+    msg = (f"epc: wrote {where}: {len(g.states)} states, {len(g.couplings)} couplings, "
+           f"{g.num_parameters():,} parameters, "
+           f"{len(g.schedule.classes) if g.schedule else 0} colours ({res.seconds:.2f} s)")
+    if res.verify_error is not None:
+        msg += f"; verify: max relative error {res.verify_error:.2e} (limit 1e-4) OK"
+    _say(msg)
+    if target == Target.torch:
+        from epc.compiler.passes.residual import unit_gain_skips
+        skips = [f"{c.src}->{c.dst}" for c in unit_gain_skips(g)]
+        if skips:
+            more = ", ..." if len(skips) > 3 else ""
+            _say(f"epc: note: {len(skips)} identity skip(s) of gain 1 join states "
+                 f"({', '.join(skips[:3])}{more}); with symmetric feedback, chained skips of "
+                 f"gain 1 make the energy non-convex; EP training of the ResNet-13 example "
+                 f"collapsed at gain 1 but learned with --skip-gain 0.5 (README: Deep nets)")
+
+
+# --------------------------------------------------------------------------- inspect
+@app.command("inspect")
+def inspect_cmd(
+    path: str = typer.Argument(..., help="An epc bundle (.epc), an IR text file, or a "
+                                         "neuromorphic program (.nc, .nca)."),
+    fmt: Format = typer.Option(Format.text, "--format", "-f",
+                               help="text: the IR (parses back exactly); json: for scripts; "
+                                    "dot: Graphviz. A program prints as text (its assembly "
+                                    "and resources) or json."),
+    stats: bool = typer.Option(False, "--stats",
+                               help="States, couplings by kind, parameters, colours, MACs "
+                                    "per sweep (with --format json: added as 'stats'). A "
+                                    "program always shows its resources."),
+):
+    """Print a compiled graph: the textual IR, JSON or Graphviz DOT.
+
+    Examples:
+
+      epc inspect r13.epc
+
+      epc inspect r13.epc --format json | python -m json.tool
+
+      epc inspect r13.epc --format dot > r13.dot && dot -Tpng r13.dot -o r13.png
+
+      epc inspect r13.epc --stats
+
+      epc inspect mlp.nc
+    """
+    sys.stdout.write(api.inspect(path, format=fmt.value, stats=stats))
+
+
+# --------------------------------------------------------------------------- train
+# one torch thread unless asked: the example nets run as fast or within ~25% on one thread
+# of an idle 2-core machine, while more threads than free cores run 10-40x slower (OpenMP
+# threads wait on each other), and the count decides the last bits of a run
+THREADS_HELP = ("torch CPU threads; 1 makes a run's bits independent of the core count and "
+                "is as fast for small nets; raise it for large conv nets on an idle "
+                "many-core machine (each count sums in its own order)")
+DATA_HELP = ("digits (built in) | mnist | fashion-mnist | cifar10 | cifar100 (from --data-dir; "
+             "fashion-mnist without one: /usr/share/datasets/fashion-mnist)")
+AS_COMPILED = "the bundle's compiled schedule"
+
+UNSETTLED_WARN = 0.5   # warn when at least this share of an epoch's free phases hit the cap
+EXCLUDED_WARN = 0.25   # warn when at least this share of an epoch's samples had no exact gradient
+
+TRAIN_HELP = """Train a compiled network with Equilibrium Propagation.
+
+Settles each batch free, nudges it symmetrically at +beta/-beta towards the label (and any
+tap/teacher costs), and updates every coupling with the local EP estimate. Prints one line
+per epoch (with a progress bar on a terminal) and a summary; --metrics-json keeps every
+figure (accuracies as fractions).
+
+Example:
+
+  epc compile examples/mlp_digits.onnx --target torch -o mlp.epc
+
+  epc train mlp.epc --data digits --epochs 30 --seed 0 --metrics-json run.json --checkpoint ckpt/
+
+  epc train mlp.epc --epochs 30 --checkpoint ckpt/ --resume   # continue an interrupted run
+
+  epc train r13.epc --data cifar10 --data-dir ~/cifar --augment crop:4,flip --device cuda
+
+  epc train mlp.epc --gradient implicit   # the same model trained by its exact gradient
+
+  epc train mlp.nc --epochs 10 --lr-shift 10 -o mlp_trained.nc   # on-chip learning
+
+--gradient implicit replaces the EP estimate by the exact gradient of the loss at the free
+fixed point (recurrent backprop, as check-gradients computes it): several times slower, a
+reference that tells EP's estimation error apart from what the energy model can learn.
+
+A neuromorphic program (.nc, .nca) learns on chip, in the integer simulator: it takes
+--data, --data-dir, --resize, --epochs, --batch-size, --beta, --lr-shift, -o, --seed,
+--threads and --metrics-json; the other options are the float runtime's.
+
+Freed tensor memory stays in the process for the next sweep (glibc: a conv net's settling
+no longer page-faults; the metrics' "allocator" says what was in effect, and
+EPC_SYSTEM_MALLOC=1 keeps the C library's own behaviour). Results are the same bits.
+"""
+
+
+def _warn_health(r: dict, when: str, samples: str, advice: str = "") -> None:
+    """The stderr warning for an evaluation (an epoch record of `epc train`, the result of
+    `epc eval`) that found a dead state or a collapsed network."""
+    if r.get("dead_states"):
+        _say(f"epc: warning: {when}no unit of {', '.join(r['dead_states'])} varies "
+             f"across {samples} (a dead layer passes no signal either way){advice}")
+    elif r.get("constant_prediction") is not None:
+        _say(f"epc: warning: {when}every one of {samples} is predicted as class "
+             f"{r['constant_prediction']}: the output no longer depends on the input "
+             f"(the network collapsed)")
+
+
+class _EpochDisplay:
+    """What `epc train` shows while it runs: one line per epoch on stdout and, on a
+    terminal, a progress bar for the epoch under way (erased when it ends). Piped to a
+    file, the lines alone: a bar there would print every epoch a second time."""
+
+    def __init__(self, epochs: int, quiet: bool):
+        self.quiet, self.prog, self.task = quiet, None, None
+        if quiet:
+            return
+        from rich.console import Console
+        console = Console()
+        if not console.is_terminal:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn)
+        self.prog = Progress(TextColumn("epoch {task.fields[epoch]}/" + str(epochs)),
+                             BarColumn(), MofNCompleteColumn(),
+                             TextColumn("loss {task.fields[loss]:.4f}"),
+                             TextColumn("acc {task.fields[acc]:.2%}"), TimeElapsedColumn(),
+                             console=console, transient=True)
+
+    def batch(self, epoch: int, seen: int, total: int, loss: float, acc: float) -> None:
+        if self.prog is None:
+            return
+        # started at the first batch, not before the data loads: a run refused for bad
+        # input prints its error line alone, without the bar's empty frame
+        if not self.prog.live.is_started:
+            self.prog.start()
+        if self.task is None:
+            self.task = self.prog.add_task("train", total=total, epoch=epoch + 1, loss=loss,
+                                           acc=acc)
+        self.prog.update(self.task, completed=seen, total=total, epoch=epoch + 1, loss=loss,
+                         acc=acc)
+
+    def line(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.prog is not None:
+            if self.task is not None:         # the epoch's bar gives way to its line
+                self.prog.remove_task(self.task)
+                self.task = None
+            self.prog.console.print(text, soft_wrap=True, markup=False, highlight=False)
+        else:
+            typer.echo(text)
+
+    def close(self) -> None:
+        if self.prog is not None and self.prog.live.is_started:
+            self.prog.stop()
+
+
+def _float_epoch(show: _EpochDisplay) -> Callable[[dict], None]:
+    def on_epoch(rec: dict) -> None:
+        show.line(f"epoch {rec['epoch']}: train acc {pct(rec['train_accuracy'])}, test acc "
+                  f"{pct(rec['test_accuracy'])}, loss {rec['train_loss']:.4f}, "
+                  f"{rec['seconds']:.1f}s, unconverged {rec['unconverged_fraction']:.1%}")
+        _warn_health(rec, f"after epoch {rec['epoch']}, ", "the test samples", "; lower --lr")
+        if rec.get("excluded_samples", 0) >= EXCLUDED_WARN * rec.get("samples", math.inf):
+            _say(f"epc: warning: in epoch {rec['epoch']}, {rec['excluded_samples']} of "
+                 f"{rec['samples']} samples were left out of the implicit gradient "
+                 f"and {rec['skipped_steps']} of {rec['steps']} steps applied no "
+                 f"update: their adjoint iteration did not converge (the free phase "
+                 f"ended off a stable fixed point)")
+        if rec.get("unconverged_fraction", 0.0) >= UNSETTLED_WARN:
+            _say(f"epc: warning: in epoch {rec['epoch']}, "
+                 f"{rec['unconverged_fraction']:.0%} of the free phases stopped at "
+                 f"the sweep cap before the tolerance (EP's estimate, and the "
+                 f"implicit gradient, assume settled phases); raise --max-sweeps")
+    return on_epoch
+
+
+def _program_epoch(show: _EpochDisplay, epochs: int) -> Callable[[dict], None]:
+    def on_epoch(rec: dict) -> None:
+        show.line(f"epoch {rec['epoch']}/{epochs}: train acc {pct(rec['train_accuracy'])}, "
+                  f"test acc {pct(rec['test_accuracy'])}, {rec['seconds']:.1f}s, "
+                  f"unsettled {rec['unsettled_train']}")
+    return on_epoch
+
+
+def _train_summary(m: dict) -> str:
+    return (f"trained {m.get('epochs')} epochs in {m.get('seconds', 0):.1f}s: train acc "
+            f"{pct(m.get('train_accuracy'))}, test acc {pct(m.get('test_accuracy'))}, "
+            f"unconverged {m.get('unconverged_fraction', 0):.1%}"
+            + (f", {m['excluded_samples']} samples left out of the implicit gradient and "
+               f"{m.get('skipped_steps', 0)} steps skipped (adjoint iteration not converged)"
+               if m.get("excluded_samples") else ""))
+
+
+def _program_train_summary(m: dict) -> str:
+    return (f"trained {m['epochs']} epochs on chip in {m['seconds']:.1f}s: train acc "
+            f"{pct(m.get('train_accuracy'))}, test acc {pct(m['test_accuracy'])}, "
+            f"unsettled {m['unsettled']} of {m['samples']} test samples, weight saturations "
+            f"{m['weight_saturations']}" + (f"; wrote {m['out']}" if m.get("out") else ""))
+
+
+@app.command("train", help=TRAIN_HELP)
+def train_cmd(
+    model: str = typer.Argument(..., help="A bundle (epc compile --target torch, or an IR "
+                                          "bundle) or a neuromorphic program (.nc, .nca)."),
+    data: str = typer.Option("digits", help=DATA_HELP),
+    data_dir: Optional[str] = typer.Option(None, help="directory holding mnist/cifar files",
+                                           show_default=NO_DATA_DIR),
+    resize: Optional[str] = typer.Option(None, help="resize images to H or HxW (e.g. 32)",
+                                         show_default="the data set's own"),
+    channels: Optional[int] = typer.Option(None, help="replicate/average image channels to C",
+                                           show_default="the data set's own"),
+    epochs: int = typer.Option(30, help="total epochs of the run"),
+    batch_size: int = typer.Option(32, help="samples per EP step"),
+    optimizer: str = typer.Option("adam", help="adam | sgd (with --momentum)"),
+    lr: float = typer.Option(
+        5e-4, help="peak learning rate (digits: 5e-4 to 1e-3 for MLPs, 3e-4 for conv)"),
+    momentum: float = typer.Option(0.9, help="SGD momentum"),
+    weight_decay: float = typer.Option(
+        1e-3, help="L2 weight decay (curbs overfitting of the settled network)"),
+    cosine: bool = typer.Option(True, help="cosine learning-rate decay to 0"),
+    clip: Optional[float] = typer.Option(None, help="clip the gradient norm to this",
+                                         show_default="no clipping"),
+    beta: Optional[float] = typer.Option(None, help="nudging strength (nonzero)",
+                                         show_default="0.2; a neuromorphic program's own"),
+    lr_shift: Optional[int] = typer.Option(None, "--lr-shift",
+                                           help="neuromorphic programs: learning rate 2^-N "
+                                                "of on-chip learning",
+                                           show_default="the program's"),
+    output: Optional[str] = typer.Option(None, "-o", "--output",
+                                         help="neuromorphic programs: write the trained "
+                                              "program here (float bundles: use "
+                                              "--checkpoint DIR)",
+                                         show_default="not written"),
+    nudge: str = typer.Option("symmetric", help="symmetric | one-sided"),
+    gradient: str = typer.Option(
+        "ep", help="ep (the estimate from the nudged phases) | implicit (the exact "
+                   "gradient at the free fixed point, a slower reference; samples whose "
+                   "adjoint iteration does not converge are left out of their step's "
+                   "gradient and counted)"),
+    seed: int = typer.Option(0, help="seed of shuffling (runs are reproducible)"),
+    schedule: Optional[str] = typer.Option(None, help="colour | sync",
+                                           show_default=AS_COMPILED),
+    max_sweeps: Optional[int] = typer.Option(None, help="free-phase sweep cap",
+                                             show_default=AS_COMPILED),
+    nudge_sweeps: Optional[int] = typer.Option(None, help="nudged-phase sweep cap",
+                                               show_default=AS_COMPILED),
+    tol: Optional[float] = typer.Option(None, help="settling tolerance (max |delta s|)",
+                                        show_default=AS_COMPILED),
+    warm_start: bool = typer.Option(False, help="start each sample's free phase from its "
+                                                "last fixed point"),
+    freeze_pool: bool = typer.Option(True, help="nudged phases keep the free phase's "
+                                                "max-pool winners"),
+    augment: Optional[str] = typer.Option(
+        None, help="augment training images [C, H, W]: crop:N (shift by up to N pixels, "
+                   "zero fill) and/or flip (mirror left-right, p=1/2), e.g. crop:4,flip "
+                   "for CIFAR; train accuracy is then on augmented samples",
+        show_default="none"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | mps"),
+    threads: int = typer.Option(1, help=THREADS_HELP),
+    checkpoint: Optional[str] = typer.Option(None, help="keep DIR/last.epc (every epoch)",
+                                             show_default="none"),
+    resume: bool = typer.Option(False, help="continue the run in --checkpoint DIR exactly"),
+    stop_after: Optional[int] = typer.Option(None, help="stop after N epochs of this "
+                                                        "invocation (resume later)",
+                                             show_default="run to --epochs"),
+    metrics_json: Optional[str] = typer.Option(None, help="write metrics + history here "
+                                                          "(rewritten after every epoch; "
+                                                          "accuracies as fractions)",
+                                               show_default="none"),
+    plot: Optional[str] = typer.Option(None, help="write learning/settling curves (PNG)",
+                                       show_default="none"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress (epoch lines, bar)"),
+):
+    program = api.is_program(model)
+    show = _EpochDisplay(epochs, quiet)
+    try:
+        m = api.train(
+            model, data=data, data_dir=data_dir, resize=resize, channels=channels,
+            epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+            momentum=momentum, weight_decay=weight_decay, cosine=cosine, clip=clip,
+            beta=beta, lr_shift=lr_shift, output=output, nudge=nudge, gradient=gradient,
+            seed=seed, schedule=schedule, max_sweeps=max_sweeps, nudge_sweeps=nudge_sweeps,
+            tol=tol, warm_start=warm_start, freeze_pool=freeze_pool, augment=augment,
+            device=device, threads=threads, checkpoint=checkpoint, resume=resume,
+            stop_after=stop_after, metrics_json=metrics_json, plot=plot,
+            progress=None if program else show.batch,
+            on_epoch=_program_epoch(show, epochs) if program else _float_epoch(show))
+    except KeyboardInterrupt:
+        show.close()
+        if checkpoint and not program:
+            raise KeyboardInterrupt(f"interrupted; {os.path.join(checkpoint, 'last.epc')} "
+                                    f"holds the last completed epoch, if any: continue "
+                                    f"with --resume")
+        raise
+    finally:
+        show.close()
+    typer.echo(_program_train_summary(m) if program else _train_summary(m))
+
+
+# --------------------------------------------------------------------------- eval
+EVAL_HELP = """Evaluate a (trained) bundle: free-phase accuracy, loss and convergence.
+
+A checkpoint of `epc train` settles as its training run did (its --schedule, --max-sweeps
+and --tol), so the accuracy it reported is reproduced; give those flags to override. A
+neuromorphic program is run in the integer simulator on the test split (as `epc run`).
+
+Example:
+
+  epc eval ckpt/last.epc --data digits
+
+  epc eval ckpt/last.epc --metrics-json eval.json
+"""
+AS_TRAINED = "as trained, else the bundle's compiled schedule"
+
+
+@app.command("eval", help=EVAL_HELP)
+def eval_cmd(
+    model: str = typer.Argument(..., help="A trained bundle (e.g. ckpt/last.epc) or a "
+                                          "neuromorphic program."),
+    data: str = typer.Option("digits", help=DATA_HELP),
+    data_dir: Optional[str] = typer.Option(None, help="directory holding mnist/cifar files",
+                                           show_default=NO_DATA_DIR),
+    resize: Optional[str] = typer.Option(None, help="resize images to H or HxW",
+                                         show_default="the data set's own"),
+    channels: Optional[int] = typer.Option(None, help="replicate/average channels to C",
+                                           show_default="the data set's own"),
+    split: str = typer.Option("test", help="test | train"),
+    batch_size: int = typer.Option(256, help="samples per settle"),
+    schedule: Optional[str] = typer.Option(None, help="colour | sync", show_default=AS_TRAINED),
+    max_sweeps: Optional[int] = typer.Option(None, help="sweep cap", show_default=AS_TRAINED),
+    tol: Optional[float] = typer.Option(None, help="settling tolerance",
+                                        show_default=AS_TRAINED),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | mps"),
+    threads: int = typer.Option(1, help=THREADS_HELP),
+    metrics_json: Optional[str] = typer.Option(None, "--metrics-json", "--json",
+                                               help="write the result as JSON (accuracy as "
+                                                    "a fraction)",
+                                               show_default="none"),
+):
+    r = api.evaluate(model, data=data, data_dir=data_dir, resize=resize, channels=channels,
+                     split=split, batch_size=batch_size, schedule=schedule,
+                     max_sweeps=max_sweeps, tol=tol, device=device, threads=threads,
+                     metrics_json=metrics_json)
+    if "settling" not in r:          # a neuromorphic program, in the simulator
+        typer.echo(f"{model} on {data} (test, {r['samples']} samples, integer simulator): "
+                   f"accuracy {pct(r['accuracy'])}, sweeps max {r['max_sweeps']} median "
+                   f"{r['median_sweeps']:g}, unsettled {r['unsettled']} (cycling "
+                   f"{r['cycling']}), overflows {r['overflows']}")
+        return
+    st = r["settling"]
+    flag = {"mode": "schedule", "max_sweeps": "max-sweeps", "tol": "tol"}
+    as_trained = ", ".join(f"{flag[k]} {st[k]}" for k in st["from_training"])
+    typer.echo(f"{r['model']} on {r['data']} ({r['split']}, {r['samples']} samples): "
+               f"accuracy {pct(r['accuracy'])}, loss {r['loss']:.4f}, mean sweeps "
+               f"{r['mean_sweeps']:.1f}, unconverged {r['unconverged_fraction']:.1%}"
+               + (f" (settled as in training: {as_trained})" if as_trained else ""))
+    _warn_health(r, "", "these samples")
+
+
+# --------------------------------------------------------------------------- check-gradients
+GRAD_HELP = """Compare EP gradient estimates with the true gradient, coupling by coupling.
+
+The true gradient is that of the loss at the free fixed point by implicit differentiation
+(adjoint fixed-point iteration through one autograd sweep). Both EP phases are settled
+tightly (float64 by default). Prints cosine, norm ratio and sign agreement per coupling.
+
+Example:
+
+  epc check-gradients mlp.epc --data digits --beta 0.01 --metrics-json grads.json
+"""
+
+
+def gradient_table(r: dict) -> str:
+    rows = [("coupling", "kind", "cosine", "norm ratio", "sign agree", "|true|")]
+    for c in r["couplings"]:
+        rows.append((c["name"], c["kind"], f"{c['cosine']:.5f}", f"{c['norm_ratio']:.4f}",
+                     f"{c['sign_agreement']:.3f}", f"{c['true_norm']:.3e}"))
+    for b in r["biases"]:
+        rows.append((b["name"], "bias", f"{b['cosine']:.5f}", f"{b['norm_ratio']:.4f}",
+                     f"{b['sign_agreement']:.3f}", f"{b['true_norm']:.3e}"))
+    w = [max(len(x[i]) for x in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(x[i].ljust(w[i]) for i in range(len(w))) for x in rows]
+    lines.insert(1, "  ".join("-" * k for k in w))
+    sw = r["sweeps"]
+    lines.append(f"beta={r['beta']} ({r['nudge']}), {r['samples']} samples, {r['dtype']}, "
+                 f"sweeps free/+/-: {sw['free']}/{sw['plus']}/{sw['minus']}, unconverged "
+                 f"{r['unconverged']}, min cosine {r['min_cosine']:.5f}")
+    return "\n".join(lines)
+
+
+@app.command("check-gradients", help=GRAD_HELP)
+def grads_cmd(
+    model: str = typer.Argument(..., help="A bundle (torch or IR)."),
+    data: str = typer.Option("digits", help=DATA_HELP),
+    data_dir: Optional[str] = typer.Option(None, help="directory holding mnist/cifar files",
+                                           show_default=NO_DATA_DIR),
+    resize: Optional[str] = typer.Option(None, help="resize images to H or HxW",
+                                         show_default="the data set's own"),
+    channels: Optional[int] = typer.Option(None, help="replicate/average channels to C",
+                                           show_default="the data set's own"),
+    beta: float = typer.Option(0.01, help="nudging strength (nonzero)"),
+    nudge: str = typer.Option("symmetric", help="symmetric | one-sided"),
+    samples: int = typer.Option(64, help="training samples in the batch"),
+    seed: int = typer.Option(0, help="seed of the sample choice"),
+    tol: float = typer.Option(1e-7, help="settling tolerance of every phase"),
+    max_sweeps: int = typer.Option(5000, help="sweep cap of every phase"),
+    dtype: str = typer.Option("float64", help="float64 | float32"),
+    schedule: Optional[str] = typer.Option(None, help="colour | sync",
+                                           show_default=AS_COMPILED),
+    freeze_pool: bool = typer.Option(True, help="nudged phases keep the free phase's "
+                                                "max-pool winners"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | mps"),
+    threads: int = typer.Option(1, help=THREADS_HELP),
+    metrics_json: Optional[str] = typer.Option(None, "--metrics-json", "--json",
+                                               help="write the table as JSON",
+                                               show_default="none"),
+):
+    r = api.check_gradients(model, data=data, data_dir=data_dir, resize=resize,
+                            channels=channels, beta=beta, nudge=nudge, samples=samples,
+                            seed=seed, tol=tol, max_sweeps=max_sweeps, dtype=dtype,
+                            schedule=schedule, freeze_pool=freeze_pool, device=device,
+                            threads=threads, metrics_json=metrics_json)
+    typer.echo(gradient_table(r))
+    for w in r.get("warnings", []):
+        _say(f"epc: warning: {w}")
+
+
+# --------------------------------------------------------------------------- run
+@app.command("run")
+def run_cmd(
+    program: str = typer.Argument(..., help="A neuromorphic program: binary (.nc, from "
+                                  "`epc compile --target neuromorphic`) or assembly text "
+                                  "(.nca)."),
+    data: str = typer.Option("digits", "--data", help=DATA_HELP),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir",
+                                           help="Directory holding mnist/cifar files.",
+                                           show_default=NO_DATA_DIR),
+    resize: Optional[str] = typer.Option(None, "--resize", help="Resize images to H or "
+                                         "HxW to fit the program's input (e.g. 32).",
+                                         show_default="the data set's own"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N test "
+                                        "samples (quick checks of big programs).",
+                                        show_default="all"),
+    batch_size: int = typer.Option(256, "--batch-size", help="Samples simulated together "
+                                   "(results do not depend on it: each sample settles "
+                                   "on its own)."),
+    metrics_json: Optional[str] = typer.Option(None, "--metrics-json",
+                                               help="Write the metrics (test_accuracy as a "
+                                                    "fraction, max_sweeps, median_sweeps, "
+                                                    "unsettled, overflows, resources, ...) "
+                                                    "as JSON.",
+                                               show_default="none"),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
+):
+    """Run a neuromorphic program's inference in the bit-exact integer simulator.
+
+    Each test sample is clamped to the input memory (x * 2^F, rounded), every neuron
+    group starts at 0, and the free phase sweeps the colour classes until no state
+    changes (the integer fixed point), a state repeats (a cycle) or the sweep cap.
+    The prediction is the output group's argmax. Reported: accuracy, sweeps to the
+    fixed point (max, median), samples that did not settle (and how many cycled),
+    saturation counts, memory bytes and synaptic operations.
+
+    Examples:
+
+      epc compile examples/mlp_digits.onnx --target neuromorphic -o mlp.nc
+
+      epc run mlp.nc --data digits
+
+      epc run r13.nc --data cifar10 --data-dir ~/data --limit 64 --metrics-json m.json
+
+      epc run digits_conv.nc --data mnist --data-dir ~/mnist --resize 8
+    """
+    m = api.run(program, data=data, data_dir=data_dir, resize=resize, limit=limit,
+                batch_size=batch_size, metrics_json=metrics_json)
+    if not quiet:
+        _say(f"epc run: {program}: accuracy {pct(m['test_accuracy'])} on {m['samples']} "
+             f"samples, sweeps max {m['max_sweeps']} median {m['median_sweeps']:g}, "
+             f"unsettled {m['unsettled']} (cycling {m['cycling']}), overflows "
+             f"{m['overflows']}, {m['seconds']:.2f} s")
+    if as_json:
+        typer.echo(json.dumps(m, indent=1, default=str))
+
+
+if __name__ == "__main__":  # python -m epc.cli
+    main()

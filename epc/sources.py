@@ -1,0 +1,160 @@
+"""Loading what `epc compile` is given, and checking a compiled graph against it.
+
+A source is an ONNX file, an epc bundle (.epc, e.g. a trained checkpoint), an IR text file,
+a `module:factory` spec or an in-memory nn.Module. This is the only place that imports the
+frontends (the driver connects them to the compiler; libraries below never load files of
+another layer's kind), and `--verify` runs the source model itself (onnxruntime, PyTorch).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from epc.compiler.bundle import is_bundle, read_bundle
+from epc.compiler.errors import EpcError
+from epc.compiler.ir import Graph, Softmax
+from epc.compiler.options import CompileOptions
+from epc.compiler.text import looks_like_ir, parse
+
+VERIFY_RTOL = 1e-4
+
+
+@dataclass
+class Source:
+    """What was loaded: the graph and how to run the original model (for --verify)."""
+
+    graph: Graph
+    kind: str                      # 'onnx' | 'torch' | 'bundle' | 'text' | 'graph'
+    path: str
+    module: object = None          # the torch module, for kind 'torch'
+    meta: dict = field(default_factory=dict)
+
+
+def looks_like_torch_spec(src: str) -> bool:
+    # pkg.module:factory or path/to/file.py:factory; a Windows drive letter is not a spec
+    if os.path.exists(src) or ":" not in src:
+        return False
+    mod, _, attr = src.rpartition(":")
+    return bool(mod) and attr.isidentifier()
+
+
+def read_ir_text(path: str) -> Graph:
+    """Parse an IR text file (its first line is checked by the caller)."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except UnicodeDecodeError as e:
+        raise EpcError(f"{path}: not UTF-8 text ({e})")
+    return parse(text, source=path)
+
+
+def is_ir_text(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096)         # IR text may open with comment lines
+    return looks_like_ir(head)
+
+
+def load_source(src: str, *, input_shape: tuple[int, ...] | None = None) -> Source:
+    """Load an ONNX file, an epc bundle, an IR text file or a `module:factory` spec."""
+    if looks_like_torch_spec(src):
+        if not input_shape:
+            raise EpcError(f"{src}: a PyTorch module spec needs --input-shape, "
+                           f"e.g. --input-shape 1,3,32,32")
+        from epc.frontends.torch import build_module_from_spec
+        module, example = build_module_from_spec(src, input_shape)
+        return torch_source(module, example, name=src)
+    if not os.path.exists(src):
+        raise EpcError(f"{src}: no such file")
+    if os.path.isdir(src):
+        raise EpcError(f"{src}: is a directory, expected an ONNX file, an epc bundle or IR text")
+    if is_bundle(src):
+        b = read_bundle(src)
+        return Source(b.graph, "bundle", src, meta={"target": b.target, **b.meta})
+    if is_ir_text(src):
+        return Source(read_ir_text(src), "text", src)
+    from epc.frontends.onnx import load_onnx
+    return Source(load_onnx(src), "onnx", src)
+
+
+def torch_source(module, example_input, *, name: str | None = None) -> Source:
+    """A Source for an in-memory nn.Module (the Python API's path)."""
+    from epc.frontends.torch import load_torch
+    label = name or type(module).__name__
+    return Source(load_torch(module, example_input, source=label), "torch", label,
+                  module=module)
+
+
+def teacher_graph(opts: CompileOptions, source: Source) -> Graph | None:
+    """The frozen feedforward teacher of --teacher: the source itself or another model."""
+    if opts.teacher is None:
+        return None
+    if opts.teacher == "source":
+        if source.graph.is_energy:
+            raise EpcError(f"{source.path}: --teacher source needs a feedforward source "
+                           f"(ONNX or PyTorch), this is an already compiled graph")
+        return source.graph.copy()
+    t = load_source(opts.teacher)
+    if t.graph.is_energy:
+        raise EpcError(f"{opts.teacher}: a teacher must be a feedforward model (ONNX file), "
+                       f"not a compiled graph")
+    return t.graph
+
+
+# --------------------------------------------------------------------------- --verify
+def _source_outputs(source: Source, x: np.ndarray) -> np.ndarray:
+    if source.kind == "onnx":
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(source.path, so, providers=["CPUExecutionProvider"])
+        inp = sess.get_inputs()[0]
+        x = x.astype(np.float32)
+        fixed = inp.shape[0] if inp.shape else None
+        if not (isinstance(fixed, int) and fixed > 0) or fixed == len(x):
+            return sess.run(None, {inp.name: x})[0].astype(np.float64)
+        # a model exported with a fixed batch size (often 1): run it that many at a time,
+        # the last chunk filled up with repeated rows
+        outs = []
+        for i in range(0, len(x), fixed):
+            chunk = x[i:i + fixed]
+            pad = np.concatenate([chunk, np.repeat(chunk[:1], fixed - len(chunk), 0)])
+            outs.append(sess.run(None, {inp.name: pad})[0][:len(chunk)])
+        return np.concatenate(outs).astype(np.float64)
+    if source.kind == "torch":
+        import torch
+        m = source.module.eval().double()
+        try:
+            with torch.no_grad():
+                return m(torch.as_tensor(x, dtype=torch.float64)).numpy()
+        finally:
+            m.float()
+    raise EpcError(f"--verify needs an ONNX or PyTorch source, not {source.kind}")
+
+
+def verify_against_source(source: Source, energy: Graph, *, batch: int = 4,
+                          seed: int = 0) -> float:
+    """Largest relative error between one feedforward sweep of the energy graph (feedback
+    off, bounds lifted) and the source model on random inputs. Raises EpcError above
+    VERIFY_RTOL."""
+    import torch
+
+    from epc.compiler.reference import forward_sweep
+    inp = energy.inputs[0]
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, *inp.shape))
+    want = _source_outputs(source, x).reshape(batch, -1)
+    got_t = torch.as_tensor(forward_sweep(energy, {inp.name: x})[energy.output_state().name])
+    got_t = got_t.reshape(batch, -1)
+    last = source.graph.nodes[-1].op if source.graph.nodes else None
+    if isinstance(last, Softmax):  # canonicalize drops an output softmax: compare after it
+        got_t = torch.log_softmax(got_t, 1) if last.log else torch.softmax(got_t, 1)
+    got = got_t.numpy()
+    if got.shape != want.shape:
+        raise EpcError(f"--verify: compiled output has shape {list(got.shape[1:])}, source "
+                       f"model gives {list(want.shape[1:])}")
+    err = float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-12))
+    if not err <= VERIFY_RTOL:
+        raise EpcError(f"--verify failed: largest relative error {err:.3g} > {VERIFY_RTOL:g} "
+                       f"between the compiled graph and {source.path}")
+    return err
