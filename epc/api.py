@@ -79,12 +79,20 @@ def _path(p: Any) -> str | None:
     return None if p is None else os.fspath(p)
 
 
-def refuse_overwriting_inputs(output: str, *inputs: Any) -> None:
+def refuse_overwriting_inputs(output: Any, *inputs: Any, flag: str = "-o") -> None:
     """No output may replace a file the command reads."""
+    if output is None:
+        return
+    output = os.fspath(output)
     for i in inputs:
         if isinstance(i, (str, os.PathLike)) and os.path.exists(output) and os.path.exists(i) \
                 and os.path.samefile(output, i):
-            raise EpcError(f"{output}: is the input file; write the output elsewhere (-o)")
+            raise EpcError(f"{output}: is the input file; write the output elsewhere ({flag})")
+
+
+def _refuse_overwriting_model(model: Any, **outputs: Any) -> None:
+    for name, out in outputs.items():
+        refuse_overwriting_inputs(out, model, flag="--" + name.replace("_", "-"))
 
 
 def is_program(path: Any) -> bool:
@@ -342,6 +350,7 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
     `on_epoch(record)`: after every epoch.
     """
     given = dict(locals())
+    _refuse_overwriting_model(model, metrics_json=metrics_json, plot=plot, output=output)
     if is_program(model):
         model = os.fspath(model)
         if augment is not None:
@@ -356,8 +365,6 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
         from epc.runtime.api import configure_process
         from epc.runtime.programs import train_program
         configure_process(threads)
-        if output is not None:
-            refuse_overwriting_inputs(os.fspath(output), model)
         return train_program(model, data=data, epochs=epochs, seed=seed,
                              metrics_json=_path(metrics_json), data_dir=data_dir,
                              resize=resize, lr_shift=lr_shift, beta=beta, out=_path(output),
@@ -397,6 +404,7 @@ def evaluate(model: Any, *, data: str = "digits", data_dir: str | None = None,
     the test split (data, data_dir, resize, batch_size, threads, metrics_json apply).
     Returns the result ('accuracy' a fraction)."""
     given = dict(locals())
+    _refuse_overwriting_model(model, metrics_json=metrics_json)
     if is_program(model):
         model = os.fspath(model)
         _refuse_given(evaluate, given, [k for k in _defaults(evaluate)
@@ -444,6 +452,7 @@ def check_gradients(model: Any, *, data: str = "digits", data_dir: str | None = 
     sign agreement. Returns the table as a dict (with 'warnings' where phases did not
     settle)."""
     _refuse_program(model, "check-gradients")
+    _refuse_overwriting_model(model, metrics_json=metrics_json)
     from epc.runtime.api import check_gradients as check_float
     return check_float(_bundle_arg(model), data=data, data_dir=data_dir, resize=resize,
                        channels=channels, dataset=dataset, beta=beta, nudge=nudge,
@@ -460,5 +469,6 @@ def run(program: Any, *, data: str = "digits", data_dir: str | None = None,
     the test split. Returns the metrics ('test_accuracy' a fraction, sweeps, unsettled and
     cycling samples, overflows, resources)."""
     from epc.runtime.programs import run_program
+    _refuse_overwriting_model(program, metrics_json=metrics_json)
     return run_program(os.fspath(program), data=data, data_dir=data_dir, resize=resize,
                        limit=limit, batch_size=batch_size, metrics_json=_path(metrics_json))

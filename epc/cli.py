@@ -145,7 +145,7 @@ def pct(x: float | None) -> str:
 
 
 # --------------------------------------------------------------------------- compile
-NO_DATA_DIR = "none: digits is built in; fashion-mnist is looked for where Debian installs it"
+NO_DATA_DIR = "none: digits is built in, fashion-mnist read from where Debian installs it"
 
 
 class Target(str, Enum):
@@ -164,7 +164,8 @@ class Format(str, Enum):
 def compile_cmd(
     source: str = typer.Argument(..., help="An ONNX file, an epc bundle (.epc, e.g. a trained "
                                  "checkpoint), or a PyTorch spec `pkg.module:factory` / "
-                                 "`file.py:factory` (imported only on request, needs --input-shape)."),
+                                 "`file.py:factory` (imported only on request, needs "
+                                 "--input-shape)."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Output file.",
                                          show_default="SOURCE's stem + .epc, or .nc for "
                                                       "--target neuromorphic, in the current "
@@ -343,8 +344,8 @@ def inspect_cmd(
 THREADS_HELP = ("torch CPU threads; 1 makes a run's bits independent of the core count and "
                 "is as fast for small nets; raise it for large conv nets on an idle "
                 "many-core machine (each count sums in its own order)")
-DATA_HELP = ("digits (built in) | mnist | fashion-mnist | cifar10 | cifar100 (from --data-dir; "
-             "fashion-mnist without one: /usr/share/datasets/fashion-mnist)")
+DATA_HELP = ("digits (built in) | mnist | fashion-mnist | cifar10 | cifar100 (from "
+             "--data-dir; fashion-mnist without one: /usr/share/datasets/fashion-mnist)")
 AS_COMPILED = "the bundle's compiled schedule"
 
 UNSETTLED_WARN = 0.5   # warn when at least this share of an epoch's free phases hit the cap

@@ -133,6 +133,11 @@ def test_train_cli_and_api(run_cli, mlp_path, program, tmp_path):
     _same_error(run_cli, ("train", program, "--lr", "0.01"), lambda: epc.train(program, lr=0.01))
     _same_error(run_cli, ("train", mlp_path, "--lr-shift", "3"),
                 lambda: epc.train(mlp_path, lr_shift=3))
+    # no output replaces the model it reads
+    before = Path(mlp_path).read_bytes()
+    _same_error(run_cli, ("train", mlp_path, "--metrics-json", mlp_path),
+                lambda: epc.train(mlp_path, metrics_json=mlp_path))
+    assert Path(mlp_path).read_bytes() == before
 
 
 def test_train_a_program_cli_and_api(run_cli, program, tmp_path):

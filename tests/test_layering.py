@@ -61,7 +61,8 @@ def test_the_layering_contracts_hold(tmp_path):
 
 @pytest.mark.parametrize("module,line,broken", [
     # the compiler reaching up into the runtime, even from inside a function
-    ("epc/compiler/verify.py", "def _late():\n    import epc.runtime.engine", "nothing imports upwards"),
+    ("epc/compiler/verify.py", "def _late():\n    import epc.runtime.engine",
+     "nothing imports upwards"),
     # a target loading a source model
     ("epc/targets/torch.py", "from epc.frontends import onnx", "import no frontend"),
     # the runtime importing the driver
