@@ -233,20 +233,24 @@ def _emit(res: CompileResult, output: str, opts: CompileOptions, *, weight_bits,
     g = res.graph
     if res.target == "neuromorphic":
         from epc.targets.neuromorphic.api import compile_program
-        calibration = None
-        if calibrate:
-            def calibration(graph: Graph) -> dict:
-                # real activations: the float runtime's free equilibria on the data
-                from epc.runtime.programs import calibration_acts
-                return calibration_acts(graph, calibrate, data_dir=data_dir, resize=resize)
         compile_program(g, output, weight_bits=weight_bits, frac_bits=frac_bits,
-                        per_channel=per_channel, calibration=calibration,
-                        calibrated_on=calibrate)
+                        per_channel=per_channel,
+                        calibration=_calibration(calibrate, data_dir, resize) if calibrate
+                        else None, calibrated_on=calibrate)
     elif res.target == "torch":
         from epc.targets.torch import emit
         emit(g, output, opts)
     else:
         write_bundle(output, Bundle(g, target=None, meta={"compiled_from": res.source.path}))
+
+
+def _calibration(data: str, data_dir, resize) -> Callable[[Graph], dict]:
+    """--calibrate DATA: real activations, the float runtime's free equilibria on a sample
+    of DATA (the target asks for them once it knows the graph quantizes)."""
+    def acts(graph: Graph) -> dict:
+        from epc.runtime.programs import calibration_acts
+        return calibration_acts(graph, data, data_dir=data_dir, resize=resize)
+    return acts
 
 
 def compile(source: Any, **options: Any) -> Graph:
