@@ -18,7 +18,7 @@ from epc.compiler.bundle import Bundle, bundle_bytes, read_bundle, write_bundle
 from epc.compiler.errors import EpcError, IRSyntaxError
 from epc.compiler.ir import Seeded, WeightSpec
 from epc.compiler.options import CompileOptions
-from epc.compiler.pipeline import compile_source
+from epc.api import compile_source
 from epc.compiler.text import looks_like_ir, parse, print_graph
 
 TEXT = """epc-ir 1
