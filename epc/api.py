@@ -267,6 +267,59 @@ def compile(source: Any, **options: Any) -> Graph:
 compile.__signature__ = _inspect.signature(compile_result).replace(return_annotation=Graph)
 
 
+# --------------------------------------------------------------------------- opt
+OPT_WEIGHTS = ("shapes", "seeded", "inline")
+
+
+def opt(source: Any, *, passes: "list[str] | None" = None, output: str | None = None,
+        weights: str = "seeded", input_shape: Any = None,
+        activation: "str | Activation" = "clip:1.0", feedback: bool = True,
+        pool_first: bool = False, cost: str = "mse", readout: bool = False,
+        taps: "str | list[str] | None" = None, tap_weight: float = 0.3,
+        teacher: str | None = None, temperature: float = 4.0, mix: float = 0.5,
+        neuron: str = "rate", identity_skip: str = "identity", skip_gain: float = 1.0,
+        schedule: str | None = None, max_sweeps: int | None = None,
+        nudge_sweeps: int | None = None, tol: float | None = None,
+        print_after_all: bool = False) -> str:
+    """`epc opt`: run the named compiler passes, in the order given, on a graph (IR text,
+    an epc bundle, an ONNX file, a `module:factory` spec with input_shape=, or a Graph) and
+    return the result as IR text; `passes` None runs the whole pipeline, as `compile`
+    does. The options are `compile`'s, and a pass the options leave off is refused (e.g.
+    --pass pool_first needs --pool-first). `weights` is how the text writes weights:
+    'shapes' (declarations only), 'seeded' (also `= seeded(N)` recipes while the data is
+    still what they make) or 'inline' (every value). With `output=`, also writes the text
+    there (atomically)."""
+    from epc.compiler.bundle import atomic_write_bytes
+    from epc.compiler.passes import run_passes
+    from epc.compiler.text import print_graph
+    weights = _choice("weights", weights, OPT_WEIGHTS)
+    sched = {k: v for k, v in (("schedule", "colour" if schedule == "color" else schedule),
+                               ("max_sweeps", max_sweeps), ("nudge_sweeps", nudge_sweeps),
+                               ("tol", tol)) if v is not None}
+    opts = CompileOptions(
+        activation=activation, feedback=feedback, cost=cost, pool_first=pool_first,
+        readout=readout, taps=taps, tap_weight=tap_weight, teacher=teacher,
+        teacher_temperature=temperature, teacher_mix=mix, neuron=neuron,
+        identity_skip=identity_skip, skip_gain=skip_gain, **sched).check()
+    output = _path(output)
+    if isinstance(source, Graph):
+        src = Source(source.copy(), "graph", f"graph {source.name}")
+    else:
+        src = load_source(os.fspath(source), input_shape=parse_shape(input_shape))
+    if output is not None:
+        refuse_overwriting_inputs(output, None if isinstance(source, Graph) else src.path,
+                                  teacher)
+    opts.source_path = src.path
+    if teacher is not None and teacher != "source":
+        opts.teacher_graph = teacher_graph(opts, src)
+    g = run_passes(src.graph, passes, opts, source_name=src.path,
+                   print_after_all=print_after_all, out=sys.stdout, weights=weights)
+    text = print_graph(g, weights=weights)
+    if output is not None:
+        atomic_write_bytes(output, text.encode())
+    return text
+
+
 # --------------------------------------------------------------------------- inspect
 def inspect(source: Any, *, format: str = "text", stats: bool = False) -> str:
     """`epc inspect`: a graph (or a bundle, IR text or neuromorphic program file) as the

@@ -160,6 +160,72 @@ class Format(str, Enum):
     dot = "dot"
 
 
+# The compiler's options, shared by `compile` and `opt` (one definition, one help text)
+INPUT_SHAPE_OPT = typer.Option(None, "--input-shape",
+                               help="Input shape for a PyTorch spec, batch "
+                                    "first, e.g. 1,3,32,32.",
+                               show_default="none: a spec needs one")
+ACTIVATION_OPT = typer.Option("clip:1.0", "--activation",
+                              help="What a ReLU becomes: clip:C = clip(u, 0, C) "
+                                   "(Hopfield-ResNet), clip:LO:HI, hardsigmoid, relu.")
+FEEDBACK_OPT = typer.Option(True, "--feedback/--no-feedback",
+                            help="Tie a transpose feedback to every coupling (EP needs "
+                                 "it; --no-feedback is for debugging).")
+POOL_FIRST_OPT = typer.Option(False, "--pool-first",
+                              help="Move each max-pool in front of its activation "
+                                   "(same function): states are the pooled maps, and "
+                                   "max-pool winners no longer flip while settling "
+                                   "(see README, conv nets).")
+COST_OPT = typer.Option("mse", "--cost", help="Label cost on the linear output: mse | ce.")
+READOUT_OPT = typer.Option(False, "--readout",
+                           help="Take the output (and tap) heads out of the energy: "
+                                "a linear readout of the last hidden state, no "
+                                "feedback, its cost nudging that state (Laborieux et "
+                                "al. 2021 use it with --cost ce). torch target only.")
+TAPS_OPT = typer.Option(None, "--taps",
+                        help="Auxiliary error taps: 'auto' or comma-separated "
+                             "state names (see `epc inspect`).",
+                        show_default="none")
+TAP_WEIGHT_OPT = typer.Option(0.3, "--tap-weight", help="Cost weight of each tap.")
+TEACHER_OPT = typer.Option(None, "--teacher",
+                           help="Knowledge distillation: 'source' (the model "
+                                "being compiled, frozen) or a teacher ONNX file.",
+                           show_default="none")
+TEMPERATURE_OPT = typer.Option(4.0, "--temperature", help="Distillation temperature.")
+MIX_OPT = typer.Option(0.5, "--mix", help="Share of the teacher cost in the output cost.")
+NEURON_OPT = typer.Option("rate", "--neuron",
+                          help="Neuron model: rate (deterministic) | bernoulli (StochEP).")
+IDENTITY_SKIP_OPT = typer.Option("identity", "--identity-skip",
+                                 help="Same-shape residual skips: identity (no weights) "
+                                      "| learned (1x1, initialised to the identity).")
+SKIP_GAIN_OPT = typer.Option(
+    1.0, "--skip-gain",
+    help="Scale every skip between two states by G at initialisation (identity skips "
+         "become learned maps G*I). With feedback, a ResNet's skips chain its states "
+         "both ways; at gain 1 a chain of 3+ is non-convex and the states saturate "
+         "(README: ResNet-13); G < 0.55 keeps a chain of 6 convex. 1 = the source "
+         "model's function (what --verify checks).")
+SCHEDULE_OPT = typer.Option(None, "--schedule",
+                            help="colour: block updates by colour class; "
+                                 "sync: all at once.",
+                            show_default="colour; a compiled input keeps its "
+                                         "own")
+MAX_SWEEPS_OPT = typer.Option(None, "--max-sweeps", help="Free-phase sweep cap.",
+                              show_default="100; a compiled input keeps its "
+                                           "own")
+NUDGE_SWEEPS_OPT = typer.Option(None, "--nudge-sweeps",
+                                help="Sweep cap of each nudged phase.",
+                                show_default="40; a compiled input keeps its "
+                                             "own")
+TOL_OPT = typer.Option(None, "--tol",
+                       help="Settling tolerance, max |delta s|.",
+                       show_default="1e-4; a compiled input keeps its own")
+PRINT_AFTER_ALL_OPT = typer.Option(False, "--print-after-all",
+                                   help="Print the IR after every pass that runs (to "
+                                        "stdout); a pass that changes nothing prints one "
+                                        "line.")
+
+
 @app.command("compile")
 def compile_cmd(
     source: str = typer.Argument(..., help="An ONNX file, an epc bundle (.epc, e.g. a trained "
@@ -177,67 +243,25 @@ def compile_cmd(
                                 "the compiled graph (feedback off, bounds lifted) reproduces "
                                 "the source model (onnxruntime / PyTorch) on random inputs; "
                                 "fail above 1e-4 relative error."),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape",
-                                              help="Input shape for a PyTorch spec, batch "
-                                                   "first, e.g. 1,3,32,32.",
-                                              show_default="none: a spec needs one"),
-    activation: str = typer.Option("clip:1.0", "--activation",
-                                   help="What a ReLU becomes: clip:C = clip(u, 0, C) "
-                                        "(Hopfield-ResNet), clip:LO:HI, hardsigmoid, relu."),
-    feedback: bool = typer.Option(True, "--feedback/--no-feedback",
-                                  help="Tie a transpose feedback to every coupling (EP needs "
-                                       "it; --no-feedback is for debugging)."),
-    pool_first: bool = typer.Option(False, "--pool-first",
-                                    help="Move each max-pool in front of its activation "
-                                         "(same function): states are the pooled maps, and "
-                                         "max-pool winners no longer flip while settling "
-                                         "(see README, conv nets)."),
-    cost: str = typer.Option("mse", "--cost", help="Label cost on the linear output: mse | ce."),
-    readout: bool = typer.Option(False, "--readout",
-                                 help="Take the output (and tap) heads out of the energy: "
-                                      "a linear readout of the last hidden state, no "
-                                      "feedback, its cost nudging that state (Laborieux et "
-                                      "al. 2021 use it with --cost ce). torch target only."),
-    taps: Optional[str] = typer.Option(None, "--taps",
-                                       help="Auxiliary error taps: 'auto' or comma-separated "
-                                            "state names (see `epc inspect`).",
-                                       show_default="none"),
-    tap_weight: float = typer.Option(0.3, "--tap-weight", help="Cost weight of each tap."),
-    teacher: Optional[str] = typer.Option(None, "--teacher",
-                                          help="Knowledge distillation: 'source' (the model "
-                                               "being compiled, frozen) or a teacher ONNX file.",
-                                          show_default="none"),
-    temperature: float = typer.Option(4.0, "--temperature", help="Distillation temperature."),
-    mix: float = typer.Option(0.5, "--mix", help="Share of the teacher cost in the output cost."),
-    neuron: str = typer.Option("rate", "--neuron",
-                               help="Neuron model: rate (deterministic) | bernoulli (StochEP)."),
-    identity_skip: str = typer.Option("identity", "--identity-skip",
-                                      help="Same-shape residual skips: identity (no weights) "
-                                           "| learned (1x1, initialised to the identity)."),
-    skip_gain: float = typer.Option(
-        1.0, "--skip-gain",
-        help="Scale every skip between two states by G at initialisation (identity skips "
-             "become learned maps G*I). With feedback, a ResNet's skips chain its states "
-             "both ways; at gain 1 a chain of 3+ is non-convex and the states saturate "
-             "(README: ResNet-13); G < 0.55 keeps a chain of 6 convex. 1 = the source "
-             "model's function (what --verify checks)."),
-    schedule: Optional[str] = typer.Option(None, "--schedule",
-                                           help="colour: block updates by colour class; "
-                                                "sync: all at once.",
-                                           show_default="colour; a compiled input keeps its "
-                                                        "own"),
-    max_sweeps: Optional[int] = typer.Option(None, "--max-sweeps", help="Free-phase sweep cap.",
-                                             show_default="100; a compiled input keeps its "
-                                                          "own"),
-    nudge_sweeps: Optional[int] = typer.Option(None, "--nudge-sweeps",
-                                               help="Sweep cap of each nudged phase.",
-                                               show_default="40; a compiled input keeps its "
-                                                            "own"),
-    tol: Optional[float] = typer.Option(None, "--tol",
-                                        help="Settling tolerance, max |delta s|.",
-                                        show_default="1e-4; a compiled input keeps its own"),
-    print_after_all: bool = typer.Option(False, "--print-after-all",
-                                         help="Print the IR after every pass (to stdout)."),
+    input_shape: Optional[str] = INPUT_SHAPE_OPT,
+    activation: str = ACTIVATION_OPT,
+    feedback: bool = FEEDBACK_OPT,
+    pool_first: bool = POOL_FIRST_OPT,
+    cost: str = COST_OPT,
+    readout: bool = READOUT_OPT,
+    taps: Optional[str] = TAPS_OPT,
+    tap_weight: float = TAP_WEIGHT_OPT,
+    teacher: Optional[str] = TEACHER_OPT,
+    temperature: float = TEMPERATURE_OPT,
+    mix: float = MIX_OPT,
+    neuron: str = NEURON_OPT,
+    identity_skip: str = IDENTITY_SKIP_OPT,
+    skip_gain: float = SKIP_GAIN_OPT,
+    schedule: Optional[str] = SCHEDULE_OPT,
+    max_sweeps: Optional[int] = MAX_SWEEPS_OPT,
+    nudge_sweeps: Optional[int] = NUDGE_SWEEPS_OPT,
+    tol: Optional[float] = TOL_OPT,
+    print_after_all: bool = PRINT_AFTER_ALL_OPT,
     print_after: Optional[List[str]] = typer.Option(None, "--print-after",
                                                     help="Print the IR after pass NAME "
                                                          "(repeatable).",
@@ -304,6 +328,71 @@ def compile_cmd(
                  f"({', '.join(skips[:3])}{more}); with symmetric feedback, chained skips of "
                  f"gain 1 make the energy non-convex; EP training of the ResNet-13 example "
                  f"collapsed at gain 1 but learned with --skip-gain 0.5 (README: Deep nets)")
+
+
+# --------------------------------------------------------------------------- opt
+@app.command("opt")
+def opt_cmd(
+    source: str = typer.Argument(..., help="IR text (.epir), an epc bundle, an ONNX file or a "
+                                 "PyTorch spec `pkg.module:factory` (with --input-shape)."),
+    passes: Optional[List[str]] = typer.Option(None, "--pass", "-p",
+                                               help="A pass to run (repeatable, in the order "
+                                                    "given): canonicalize, pool_first, "
+                                                    "to_energy, symmetrize, residual, taps, "
+                                                    "teacher, readout, schedule.",
+                                               show_default="the whole pipeline, as compile "
+                                                            "runs it"),
+    output: Optional[str] = typer.Option(None, "-o", "--output",
+                                         help="Also write the resulting IR text here.",
+                                         show_default="stdout only"),
+    weights: str = typer.Option("seeded", "--weights",
+                                    help="How the text writes weights: shapes (declarations "
+                                         "only), seeded (also `= seeded(N)` recipes while the "
+                                         "data is what they make), inline (every value)."),
+    input_shape: Optional[str] = INPUT_SHAPE_OPT,
+    activation: str = ACTIVATION_OPT,
+    feedback: bool = FEEDBACK_OPT,
+    pool_first: bool = POOL_FIRST_OPT,
+    cost: str = COST_OPT,
+    readout: bool = READOUT_OPT,
+    taps: Optional[str] = TAPS_OPT,
+    tap_weight: float = TAP_WEIGHT_OPT,
+    teacher: Optional[str] = TEACHER_OPT,
+    temperature: float = TEMPERATURE_OPT,
+    mix: float = MIX_OPT,
+    neuron: str = NEURON_OPT,
+    identity_skip: str = IDENTITY_SKIP_OPT,
+    skip_gain: float = SKIP_GAIN_OPT,
+    schedule: Optional[str] = SCHEDULE_OPT,
+    max_sweeps: Optional[int] = MAX_SWEEPS_OPT,
+    nudge_sweeps: Optional[int] = NUDGE_SWEEPS_OPT,
+    tol: Optional[float] = TOL_OPT,
+    print_after_all: bool = PRINT_AFTER_ALL_OPT,
+):
+    """Run compiler passes on a graph and print the resulting IR text (the compiler's
+    workbench: each pass's tests in tests/passes/*.epir are `epc opt` runs).
+
+    A pass that the options leave off is refused (--pass pool_first needs --pool-first);
+    each pass's preconditions are checked and its result verified.
+
+    Examples:
+
+      epc opt tests/passes/residual_skips.epir --pass residual
+
+      epc opt net.epir --pass to_energy --pass symmetrize --weights inline
+
+      epc opt examples/mlp_digits.onnx --pass canonicalize
+
+      epc opt examples/resnet13.onnx --print-after-all --weights shapes > passes.txt
+    """
+    text = api.opt(source, passes=passes, output=output, weights=weights,
+                   input_shape=input_shape, activation=activation, feedback=feedback,
+                   pool_first=pool_first, cost=cost, readout=readout, taps=taps,
+                   tap_weight=tap_weight, teacher=teacher, temperature=temperature, mix=mix,
+                   neuron=neuron, identity_skip=identity_skip, skip_gain=skip_gain,
+                   schedule=schedule, max_sweeps=max_sweeps, nudge_sweeps=nudge_sweeps,
+                   tol=tol, print_after_all=print_after_all)
+    sys.stdout.write(text)
 
 
 # --------------------------------------------------------------------------- inspect

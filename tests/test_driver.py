@@ -25,11 +25,13 @@ from epc.compiler.bundle import read_bundle
 from epc.compiler.errors import EpcError
 from epc.compiler.text import print_graph
 
-COMMANDS = {"compile": api.compile_result, "inspect": api.inspect, "train": api.train,
-            "eval": api.evaluate, "check-gradients": api.check_gradients, "run": api.run}
+COMMANDS = {"compile": api.compile_result, "opt": api.opt, "inspect": api.inspect,
+            "train": api.train, "eval": api.evaluate, "check-gradients": api.check_gradients,
+            "run": api.run}
 # what only the CLI has (it decides what is printed) and what only Python can pass
 CLI_ONLY = {"quiet", "json"}                    # -q; `epc run --json` prints the metrics
 API_ONLY = {"example_input", "dataset", "progress", "on_epoch"}   # objects, callbacks
+PY_NAMES = {"pass": "passes"}     # `epc opt --pass` (repeatable): a keyword in Python
 
 
 def _cli_options(command: str) -> dict:
@@ -40,7 +42,8 @@ def _cli_options(command: str) -> dict:
         if p.param_type_name != "option" or p.name == "help":
             continue
         flag = max((o for o in p.opts if o.startswith("--")), key=len)
-        out[flag[2:].replace("-", "_")] = getattr(p.default, "value", p.default)
+        name = flag[2:].replace("-", "_")
+        out[PY_NAMES.get(name, name)] = getattr(p.default, "value", p.default)
     return out
 
 
@@ -104,6 +107,31 @@ def test_compile_cli_and_api(run_cli, mlp_path, tmp_path):
     with pytest.raises(TypeError, match="compile.. got an unexpected keyword argument 'bits'"):
         epc.compile(mlp_path, bits=4)
 
+
+def test_opt_cli_and_api(run_cli, examples, tmp_path):
+    """`epc opt` runs named passes on IR text (or any source) and prints IR text; the API
+    returns the same text, and both refuse a pass the options leave off."""
+    src = Path(__file__).parent / "passes" / "residual_skips.epir"
+    code, out, err = run_cli("opt", src, "--pass", "residual", "--identity-skip", "learned")
+    assert code == 0, err
+    assert out == epc.opt(src, passes=["residual"], identity_skip="learned")
+    assert "coupling c_h1__h3 : h1 -> h3 [kind=residual" in out
+    # the printed result parses back to the same text
+    from epc.compiler.text import parse
+    assert print_graph(parse(out)) == out
+    # a whole pipeline on an ONNX file, written to a file too
+    o = tmp_path / "mlp.epir"
+    code, out, _ = run_cli("opt", examples / "mlp_digits.onnx", "--weights", "shapes", "-o", o)
+    assert code == 0 and o.read_text() == out and "schedule [mode=colour" in out
+    _same_error(run_cli, ("opt", src, "--pass", "pool_first"),
+                lambda: epc.opt(src, passes=["pool_first"]))
+    _same_error(run_cli, ("opt", src, "--pass", "nosuch"), lambda: epc.opt(src, passes=["nosuch"]))
+    _same_error(run_cli, ("opt", src, "--weights", "all"), lambda: epc.opt(src, weights="all"))
+    # no output replaces its input
+    before = src.read_bytes()
+    _same_error(run_cli, ("opt", src, "--pass", "residual", "-o", src),
+                lambda: epc.opt(src, passes=["residual"], output=src))
+    assert src.read_bytes() == before
 
 def test_inspect_cli_and_api(run_cli, mlp_path, program, tmp_path):
     code, out, _ = run_cli("inspect", mlp_path, "--format", "json", "--stats")
