@@ -3,30 +3,30 @@
 `load_onnx(path)` reads the model (refusing external data that points outside the model's
 folder), checks it with onnx.checker and ONNX shape inference, folds every subgraph that
 only depends on constants (the Constant / Shape / Gather / Unsqueeze / Concat / Cast chains
-both torch exporters emit), and translates the remaining operators one by one into IR
-nodes. Shapes in the IR are per sample: the first dimension of the single data input is
-the batch (symbolic or any integer); every other dimension must be static. Each IR node's
-shape comes from `compiler.ops.out_shape` and is cross-checked against ONNX shape
-inference.
+both torch exporters emit), and translates the remaining operators one by one, each by a
+rule in `_RULES` that makes one call to the frontend Builder (frontends/builder.py, shared
+with the PyTorch frontend: it decides what the IR looks like, folds, and names). Shapes in
+the IR are per sample: the first dimension of the single data input is the batch
+(symbolic or any integer); every other dimension must be static. Each translated value's
+shape is cross-checked against ONNX shape inference.
 
 Anything outside the supported subset raises `EpcError` naming the file, the op type and
 the node, and listing what is supported.
 """
 from __future__ import annotations
 
+import ast
 import os
 
 import networkx as nx
 import numpy as np
 
-from epc.compiler import ops as O
 from epc.compiler.errors import EpcError
+from epc.compiler.ir import Graph
 from epc.compiler.verify import problems
-from epc.compiler.ir import (Act, Activation, Add, AvgPool, BatchNorm, Bias, ChannelScale, Conv,
-                             Dense, Dropout, Flatten, GlobalAvgPool, Graph, Identity, Input,
-                             MaxPool, Node, Softmax)
 
-from .common import NameTable, sanitize
+from .builder import Builder, Value
+from .common import sanitize
 
 MIN_OPSET, MAX_OPSET = 9, 23
 
@@ -56,16 +56,13 @@ def _label(node) -> str:
 
 
 class _Ctx:
-    """State of one import: constants, translated values, names, the graph being built."""
+    """State of one import: constants, translated values, the Builder."""
 
     def __init__(self, path: str, model, opset: int):
         self.path, self.model, self.opset = path, model, opset
         self.const: dict[str, np.ndarray] = {}
-        self.values: dict[str, tuple[str, tuple]] = {}   # onnx value -> (ir name, shape)
-        self.names = NameTable()   # one namespace for inputs, nodes and weights
-        self.weight_cache: dict[tuple, str] = {}
-        self.g = Graph(name="g")
-        self._shapes: dict[str, tuple] = {}                 # ir name -> per-sample shape
+        self.values: dict[str, Value] = {}                  # onnx value -> translated Value
+        self.b: Builder | None = None
         self.inferred_full: dict[str, tuple] = {}           # onnx value -> inferred dims
         self.sym_shapes: dict[str, list] = {}               # onnx value -> [BATCH, *dims]
         self.used: set[str] = set()
@@ -80,33 +77,8 @@ class _Ctx:
         return EpcError(f"{self.path}: unsupported {_label(node)}{detail}; epc supports: "
                         f"{SUPPORTED_OPS}")
 
-    # ---- weights and nodes
-    def weight(self, arr: np.ndarray, base: str, key=None) -> str:
-        """Register a float32 weight under a unique sanitized name (cached per key)."""
-        if key is not None and key in self.weight_cache:
-            return self.weight_cache[key]
-        name = self.names.unique(base, "w")
-        self.g.weights[name] = np.array(arr, dtype=np.float32, copy=True, order="C")
-        if key is not None:
-            self.weight_cache[key] = name
-        return name
-
-    def emit(self, node, op, ins: list[str], base: str | None = None) -> tuple[str, tuple]:
-        """Append an IR node; returns (name, per-sample shape)."""
-        name = self.names.unique(base or node.name or node.output[0], "n")
-        try:
-            shape = tuple(int(d) for d in
-                          O.out_shape(op, [self.shape_of(x) for x in ins], self.g.weights))
-        except EpcError as e:
-            raise self.fail(node, str(e)) from None
-        self.g.nodes.append(Node(name, op, list(ins), shape))
-        self._shapes[name] = shape
-        return name, shape
-
-    def shape_of(self, ir_name: str) -> tuple:
-        return self._shapes[ir_name]
-
-    def data(self, node, i: int) -> tuple[str, tuple]:
+    # ---- inputs of the node being translated
+    def data(self, node, i: int) -> Value:
         """The translated non-constant value of input i."""
         if i >= len(node.input) or not node.input[i]:
             raise self.fail(node, f"missing input {i}")
@@ -376,6 +348,9 @@ def _propagate_shape(ctx: _Ctx, node) -> None:
 
 
 # =========================================================================== translation
+# One rule per ONNX op: read the node's attributes and constant inputs, check what only
+# the ONNX form can get wrong, and make one Builder call (frontends/builder.py decides what
+# the IR looks like). Each returns the Value of the node's first output.
 def _attrs(node) -> dict:
     from onnx import helper
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -385,7 +360,34 @@ def _ints(v) -> list[int]:
     return [int(x) for x in v]
 
 
-def _auto_pads(ctx, node, auto_pad, in_hw, kernel, stride, dil) -> list[int]:
+def _scope(node) -> str:
+    """Where node came from: the module path a torch exporter recorded (the dynamo
+    exporter's name_scopes metadata, or a legacy node name '/stages/stages.0/conv1/Conv'),
+    else the node's own name (or its first output's)."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":   # ['', 'stages', 'stages.0', 'relu_1']
+            try:
+                scopes = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                break
+            if isinstance(scopes, list) and len(scopes) >= 2:
+                return str(scopes[-2])
+            break
+    if node.name.startswith("/"):
+        # legacy: one component per module, the op last; the child of a container shows
+        # as 'stages.0' under 'stages', any other child by its attribute name ('conv1')
+        path, prev = "", ""
+        for part in node.name.strip("/").split("/")[:-1]:
+            if prev and part.startswith(prev + "."):
+                path += part[len(prev):]
+            else:
+                path = f"{path}.{part}" if path else part
+            prev = part
+        return path
+    return node.name or node.output[0]
+
+
+def _auto_pads(ctx, node, auto_pad, in_hw, kernel, stride, dil) -> list[int] | None:
     if isinstance(auto_pad, bytes):
         auto_pad = auto_pad.decode()
     if auto_pad in ("", "NOTSET"):
@@ -405,294 +407,188 @@ def _auto_pads(ctx, node, auto_pad, in_hw, kernel, stride, dil) -> list[int]:
     raise ctx.fail(node, f"auto_pad {auto_pad!r} is not supported")
 
 
-def _need_rank(ctx, node, shape, rank, what):
-    if len(shape) != rank:
-        raise ctx.unsupported(node, f"{what} needs a per-sample rank-{rank} input, got "
-                                    f"{list(shape)}")
+def _window(ctx, node, a, x, kernel) -> tuple[list[int], list[int], list[int]]:
+    """(stride, dilation, pads) of a Conv / pool node over the [C, H, W] value x."""
+    stride = _ints(a.get("strides", [1, 1]))
+    dil = _ints(a.get("dilations", [1, 1]))
+    pads = _auto_pads(ctx, node, a.get("auto_pad", "NOTSET"), x.shape[1:], kernel, stride, dil)
+    return stride, dil, (pads if pads is not None else _ints(a.get("pads", [0, 0, 0, 0])))
 
 
 def _conv(ctx, node, a):
-    x, xs = ctx.data(node, 0)
+    x = ctx.data(node, 0)
     w = ctx.constant(node, 1, "weight")
     b = ctx.constant(node, 2, "bias", optional=True)
-    if w.ndim != 4 or len(xs) != 3:
+    if w.ndim != 4 or len(x.shape) != 3:
         raise ctx.unsupported(node, f"only 2-D convolution is supported; weight has rank "
-                                    f"{w.ndim}, input per-sample shape {list(xs)}")
+                                    f"{w.ndim}, input per-sample shape {list(x.shape)}")
     k = _ints(a.get("kernel_shape", w.shape[2:]))
     if k != list(w.shape[2:]):
         raise ctx.fail(node, f"kernel_shape {k} does not match weight {list(w.shape)}")
-    stride = _ints(a.get("strides", [1, 1]))
-    dil = _ints(a.get("dilations", [1, 1]))
-    pads = _auto_pads(ctx, node, a.get("auto_pad", "NOTSET"), xs[1:], k, stride, dil)
-    if pads is None:
-        pads = _ints(a.get("pads", [0, 0, 0, 0]))
-    op = Conv(ctx.weight(w, node.input[1], ("id", node.input[1])), stride, pads, dil,
-              int(a.get("group", 1)))
-    y, ys = ctx.emit(node, op, [x])
-    if b is not None:
-        bw = ctx.weight(b.reshape(-1, 1, 1), node.input[2], ("chw", node.input[2]))
-        y, ys = ctx.emit(node, Bias(bw), [y], base=y + ".bias")
-    return y
-
-
-def _bias_of(ctx, node, c: np.ndarray, shape: tuple, name: str, sign: float = 1.0):
-    """A constant addend as a Bias weight for a value of per-sample `shape`, or error."""
-    c = np.asarray(c, dtype=np.float64) * sign
-    cs = c.shape
-    if len(cs) == len(shape) + 1:
-        if cs[0] != 1:
-            raise ctx.unsupported(node, f"constant {list(cs)} varies along the batch axis")
-        c = c.reshape(cs[1:])
-    elif len(cs) > len(shape) + 1:
-        raise ctx.unsupported(node, f"constant {list(cs)} has a higher rank than the value")
-    c = c.reshape((1,) * (len(shape) - c.ndim) + c.shape)
-    if any(d not in (1, s) for d, s in zip(c.shape, shape)):
-        raise ctx.unsupported(node, f"constant {list(cs)} does not broadcast to the "
-                                    f"per-sample shape {list(shape)}")
-    if c.size == 1 or (len(shape) >= 1 and all(d == 1 for d in c.shape[1:])):
-        # per-channel (or scalar): keep the [C, 1, 1] / [F] form the IR uses for biases
-        c = np.broadcast_to(c, (shape[0],) + c.shape[1:]).copy()
-    return ctx.weight(c, name)
-
-
-def _channel_scale_of(ctx, node, c: np.ndarray, shape: tuple, invert: bool = False):
-    c = np.asarray(c, dtype=np.float64)
-    if invert:
-        if np.any(c == 0):
-            raise ctx.fail(node, "division by a constant containing zero")
-        c = 1.0 / c
-    cs = c.shape
-    if len(cs) == len(shape) + 1:
-        if cs[0] != 1:
-            raise ctx.unsupported(node, f"constant {list(cs)} varies along the batch axis")
-        c = c.reshape(cs[1:])
-    if c.ndim > len(shape):
-        raise ctx.unsupported(node, f"constant {list(cs)} has a higher rank than the value")
-    c = c.reshape((1,) * (len(shape) - c.ndim) + c.shape)
-    if c.size != 1 and (c.shape[0] not in (1, shape[0]) or any(d != 1 for d in c.shape[1:])):
-        raise ctx.unsupported(node, f"only scalar or per-channel constants are supported "
-                                    f"(constant {list(cs)}, value {list(shape)})")
-    vec = np.broadcast_to(c.reshape(-1), (shape[0],)).copy()
-    return ctx.weight(vec, node.input[1] if len(node.input) > 1 else "scale")
-
-
-def _binary(ctx, node, a):
-    t = node.op_type
-    ins = [x for x in node.input if x]
-    dyn = [x for x in ins if x in ctx.values]
-    consts = [x for x in ins if x in ctx.const]
-    if len(dyn) + len(consts) != len(ins):
-        raise ctx.fail(node, "an input is neither computed nor constant")
-    if t in ("Add", "Sum") and len(dyn) >= 2:
-        names = [ctx.values[x][0] for x in dyn]
-        shapes = {ctx.values[x][1] for x in dyn}
-        if len(shapes) != 1:
-            raise ctx.unsupported(node, f"adds values of different shapes "
-                                        f"{sorted(list(s) for s in shapes)} (no broadcasting)")
-        y, ys = ctx.emit(node, Add(), names)
-        if consts:
-            total = sum(np.asarray(ctx.const[c], np.float64) for c in consts)
-            y, ys = ctx.emit(node, Bias(_bias_of(ctx, node, total, ys, consts[0])), [y],
-                             base=y + ".bias")
-        return y
-    if len(dyn) != 1:
-        raise ctx.fail(node, "needs a computed input")
-    x, xs = ctx.values[dyn[0]]
-    if t == "Sum" and not consts:
-        return ctx.emit(node, Identity(), [x])[0]
-    if t in ("Sub", "Div") and node.input[0] not in ctx.values:
-        raise ctx.unsupported(node, f"{t} of a constant by a computed value")
-    if t in ("Add", "Sum", "Sub"):
-        total = sum(np.asarray(ctx.const[c], np.float64) for c in consts)
-        if np.all(total == 0) and t != "Sum":
-            pass  # still emit: keeps one IR node per source op
-        bw = _bias_of(ctx, node, total, xs, consts[0], sign=-1.0 if t == "Sub" else 1.0)
-        return ctx.emit(node, Bias(bw), [x])[0]
-    if t in ("Mul", "Div"):
-        if len(consts) != 1:
-            raise ctx.fail(node, "needs exactly one constant operand")
-        w = _channel_scale_of(ctx, node, ctx.const[consts[0]], xs, invert=(t == "Div"))
-        return ctx.emit(node, ChannelScale(w), [x])[0]
-    raise ctx.unsupported(node)
+    stride, dil, pads = _window(ctx, node, a, x, k)
+    return ctx.b.conv(x, w, b, stride=stride, pads=pads, dilation=dil,
+                      groups=int(a.get("group", 1)), name=node.input[1])
 
 
 def _gemm(ctx, node, a):
-    x, xs = ctx.data(node, 0)
-    _need_rank(ctx, node, xs, 1, "Gemm")
+    x = ctx.data(node, 0)
     if int(a.get("transA", 0)):
         raise ctx.unsupported(node, "transA=1 (the batch must be the first axis)")
     b = ctx.constant(node, 1, "weight matrix B")
     c = ctx.constant(node, 2, "bias C", optional=True)
     alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
     w = b if int(a.get("transB", 0)) else b.T
-    key = ("gemm", node.input[1], int(a.get("transB", 0)), alpha)
     if alpha != 1.0:
         w = w.astype(np.float64) * alpha
-    y, ys = ctx.emit(node, Dense(ctx.weight(w, node.input[1], key)), [x])
-    if c is not None and (beta != 0.0):
-        y, ys = ctx.emit(node, Bias(_bias_of(ctx, node, np.asarray(c, np.float64) * beta, ys,
-                                             node.input[2])), [y], base=y + ".bias")
-    return y
+    bias = None if c is None or beta == 0.0 else np.asarray(c, np.float64) * beta
+    return ctx.b.dense(x, w, bias, name=node.input[1])
 
 
 def _matmul(ctx, node, a):
-    x, xs = ctx.data(node, 0)
-    if len(xs) != 1:
-        raise ctx.unsupported(node, f"MatMul needs a [N, K] input, got per-sample shape "
-                                    f"{list(xs)}")
+    x = ctx.data(node, 0)
     b = ctx.constant(node, 1, "weight matrix")
     if b.ndim != 2:
         raise ctx.unsupported(node, f"MatMul weight must be 2-D, got {list(b.shape)}")
-    return ctx.emit(node, Dense(ctx.weight(b.T, node.input[1], ("matmul", node.input[1]))),
-                    [x])[0]
+    return ctx.b.dense(x, b.T, name=node.input[1])
+
+
+def _binary(ctx, node, a):
+    """Add / Sum / Sub / Mul / Div: a residual join of computed values, or a computed value
+    and constants (a bias or a per-channel scale)."""
+    t = node.op_type
+    ins = [x for x in node.input if x]
+    dyn = [ctx.values[x] for x in ins if x in ctx.values]
+    consts = [np.asarray(ctx.const[x], np.float64) for x in ins if x in ctx.const]
+    if len(dyn) + len(consts) != len(ins):
+        raise ctx.fail(node, "an input is neither computed nor constant")
+    if t in ("Sub", "Div", "Mul") and len(dyn) != 1:
+        raise ctx.unsupported(node, f"{t} of two computed values (only a residual Add/Sum "
+                                    f"joins computed values)")
+    if t in ("Sub", "Div") and node.input[0] not in ctx.values:
+        raise ctx.unsupported(node, f"{t} of a constant by a computed value")
+    if t in ("Mul", "Div"):
+        return ctx.b.mul_constant(dyn[0], consts[0], divide=t == "Div")
+    y = ctx.b.add(dyn)
+    if not consts:
+        return y
+    total = sum(consts)
+    return ctx.b.add_constant(y, -total if t == "Sub" else total)
 
 
 def _clip(ctx, node, a):
-    x, _ = ctx.data(node, 0)
+    x = ctx.data(node, 0)
     if ctx.opset < 11:
         lo, hi = a.get("min", -np.inf), a.get("max", np.inf)
     else:
         lo_c = ctx.constant(node, 1, "min", optional=True)
         hi_c = ctx.constant(node, 2, "max", optional=True)
-        lo = -np.inf if lo_c is None else float(np.asarray(lo_c).reshape(-1)[0])
-        hi = np.inf if hi_c is None else float(np.asarray(hi_c).reshape(-1)[0])
         for c in (lo_c, hi_c):
             if c is not None and np.asarray(c).size != 1:
                 raise ctx.unsupported(node, "min/max must be scalars")
-    lo, hi = float(lo), float(hi)
-    if np.isinf(lo) and lo < 0 and np.isinf(hi):
-        return ctx.emit(node, Identity(), [x])[0]
-    if lo == 0.0 and np.isinf(hi):
-        return ctx.emit(node, Act(Activation.relu()), [x])[0]
-    if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi:
-        raise ctx.unsupported(node, f"Clip({lo}, {hi}): both bounds must be finite "
-                                    f"(or min=0 without max, which is ReLU)")
-    return ctx.emit(node, Act(Activation.clip(lo, hi)), [x])[0]
+        lo = -np.inf if lo_c is None else float(np.asarray(lo_c).reshape(-1)[0])
+        hi = np.inf if hi_c is None else float(np.asarray(hi_c).reshape(-1)[0])
+    return ctx.b.clamp(x, lo, hi)
 
 
 def _batchnorm(ctx, node, a):
-    x, xs = ctx.data(node, 0)
+    x = ctx.data(node, 0)
     if int(a.get("training_mode", 0)):
         raise ctx.unsupported(node, "training_mode=1 (export the model in eval mode)")
-    if any(o for o in node.output[1:]) and any(
-            o in ctx.used for o in node.output[1:] if o):
+    if any(o and o in ctx.used for o in node.output[1:]):
         raise ctx.unsupported(node, "its running-statistics outputs are used (training mode)")
-    if len(xs) not in (1, 3):
-        raise ctx.unsupported(node, f"per-sample shape {list(xs)} (needs [C] or [C, H, W])")
-    ws = []
-    for i, what in enumerate(("scale", "shift", "mean", "var"), start=1):
-        v = ctx.constant(node, i, what)
-        if v.shape != (xs[0],):
-            raise ctx.fail(node, f"{what} has shape {list(v.shape)}, expected [{xs[0]}]")
-        ws.append(ctx.weight(v, node.input[i], ("id", node.input[i])))
-    return ctx.emit(node, BatchNorm(*ws, epsilon=float(a.get("epsilon", 1e-5))), [x])[0]
+    params = [ctx.constant(node, i, what)
+              for i, what in enumerate(("scale", "shift", "mean", "var"), start=1)]
+    return ctx.b.batchnorm(x, *params, epsilon=float(a.get("epsilon", 1e-5)))
 
 
 def _pool(ctx, node, a):
-    x, xs = ctx.data(node, 0)
-    if len(xs) != 3:
-        raise ctx.unsupported(node, f"only 2-D pooling is supported (per-sample shape "
-                                    f"{list(xs)})")
+    x = ctx.data(node, 0)
+    ctx.b.need_rank(x, 3, "pooling (2-D only)")
     if len(node.output) > 1 and node.output[1] and node.output[1] in ctx.used:
         raise ctx.unsupported(node, "the Indices output is used")
     k = _ints(a["kernel_shape"])
-    stride = _ints(a.get("strides", [1, 1]))
-    dil = _ints(a.get("dilations", [1, 1]))
-    pads = _auto_pads(ctx, node, a.get("auto_pad", "NOTSET"), xs[1:], k, stride, dil)
-    if pads is None:
-        pads = _ints(a.get("pads", [0, 0, 0, 0]))
+    stride, dil, pads = _window(ctx, node, a, x, k)
     ceil = bool(a.get("ceil_mode", 0))
     if node.op_type == "MaxPool":
         if int(a.get("storage_order", 0)) and len(node.output) > 1:
             raise ctx.unsupported(node, "storage_order=1")
-        eff = [(kk - 1) * d + 1 for kk, d in zip(k, dil)]
-        if any(2 * p > e for p, e in zip(pads, eff + eff)):
-            raise ctx.unsupported(node, f"padding {pads} larger than half the (dilated) "
-                                        f"kernel {eff}")
-        op = MaxPool(k, stride, pads, dil, ceil)
-    else:
-        if dil != [1, 1]:
-            raise ctx.unsupported(node, "dilated average pooling")
-        if pads[0] != pads[2] or pads[1] != pads[3]:
-            raise ctx.unsupported(node, f"asymmetric padding {pads} in average pooling")
-        if any(2 * p > kk for p, kk in zip(pads, k + k)):
-            raise ctx.unsupported(node, f"padding {pads} larger than half the kernel {k}")
-        op = AvgPool(k, stride, pads, bool(a.get("count_include_pad", 0)), ceil)
-    return ctx.emit(node, op, [x])[0]
+        return ctx.b.maxpool(x, k, stride, pads, dil, ceil)
+    if dil != [1, 1]:
+        raise ctx.unsupported(node, "dilated average pooling")
+    return ctx.b.avgpool(x, k, stride, pads, bool(a.get("count_include_pad", 0)), ceil)
 
 
 def _reduce_mean(ctx, node, a):
-    x, xs = ctx.data(node, 0)
+    x = ctx.data(node, 0)
     if ctx.opset >= 18:
         axes = ctx.constant(node, 1, "axes", optional=True)
         axes = None if axes is None else _ints(np.asarray(axes).reshape(-1))
     else:
         axes = _ints(a["axes"]) if "axes" in a else None
-    if axes is None or len(xs) != 3 or sorted(ax % 4 for ax in axes) != [2, 3]:
+    if axes is None or len(x.shape) != 3 or sorted(ax % 4 for ax in axes) != [2, 3]:
         raise ctx.unsupported(node, f"ReduceMean only over the spatial axes [2, 3] of an "
                                     f"[N, C, H, W] value (axes {axes}, per-sample shape "
-                                    f"{list(xs)})")
-    return ctx.emit(node, GlobalAvgPool(keepdims=bool(a.get("keepdims", 1))), [x])[0]
+                                    f"{list(x.shape)})")
+    return ctx.b.global_avgpool(x, keepdims=bool(a.get("keepdims", 1)))
 
 
 def _flatten(ctx, node, a):
-    x, xs = ctx.data(node, 0)
+    x = ctx.data(node, 0)
     axis = int(a.get("axis", 1))
     if axis < 0:
-        axis += len(xs) + 1
+        axis += len(x.shape) + 1
     if axis != 1:
         raise ctx.unsupported(node, f"Flatten with axis {a.get('axis', 1)} (only axis 1: keep "
                                     f"the batch, flatten the rest)")
-    return ctx.emit(node, Flatten(), [x])[0]
+    return ctx.b.flatten(x)
 
 
 def _reshape(ctx, node, a):
-    x, xs = ctx.data(node, 0)
-    target = ctx.constant(node, 1, "target shape")
-    target = [int(t) for t in np.asarray(target).reshape(-1)]
-    allowzero = int(a.get("allowzero", 0))
-    n = int(np.prod(xs))
-    batch_ok = len(target) >= 1 and (target[0] in (_BATCH, -1) or (target[0] == 0 and
-                                                                   not allowzero)
-                                     or target[0] == ctx.batch)
-    rest = target[1:]
-    if batch_ok and target[0] == -1 and -1 in rest:
-        batch_ok = False
-    if batch_ok and len(rest) == 1 and (rest[0] == n or (rest[0] == -1 and target[0] != -1)):
-        return ctx.emit(node, Flatten(), [x])[0]
-    if batch_ok and rest == list(xs):
-        return ctx.emit(node, Identity(), [x])[0]
+    """A Reshape that keeps the batch axis first (the target's first entry is the batch,
+    -1, or 0 = copy) and reshapes the rest; the Builder takes it from there."""
+    x = ctx.data(node, 0)
+    target = [int(t) for t in np.asarray(ctx.constant(node, 1, "target shape")).reshape(-1)]
+    keep_zero = not int(a.get("allowzero", 0))
+    n = int(np.prod(x.shape))
+    rest = [x.shape[i] if (t == 0 and keep_zero and i < len(x.shape)) else t
+            for i, t in enumerate(target[1:])]
+    batch_ok = bool(target) and (target[0] in (_BATCH, ctx.batch) or
+                                 (target[0] == 0 and keep_zero) or
+                                 (target[0] == -1 and -1 not in rest))
+    if batch_ok and rest.count(-1) == 1:
+        known = int(np.prod([t for t in rest if t != -1]))
+        rest = [n // known if t == -1 else t for t in rest] if known and n % known == 0 else []
+    if batch_ok and rest and min(rest) > 0 and int(np.prod(rest)) == n:
+        return ctx.b.reshape(x, rest)
     shown = ["N" if t == _BATCH else t for t in target]
-    raise ctx.unsupported(node, f"Reshape of per-sample {list(xs)} to {shown}: only "
+    raise ctx.unsupported(node, f"Reshape of per-sample {list(x.shape)} to {shown}: only "
                                 f"[N, -1] (flatten) is supported")
 
 
 def _softmax(ctx, node, a):
-    x, xs = ctx.data(node, 0)
+    x = ctx.data(node, 0)
     axis = int(a.get("axis", 1 if ctx.opset < 13 else -1))
-    if len(xs) != 1 or axis not in (1, -1):
+    if len(x.shape) != 1 or axis not in (1, -1):
         raise ctx.unsupported(node, f"{node.op_type} only over the class axis of an [N, C] "
-                                    f"value (axis {axis}, per-sample shape {list(xs)})")
-    return ctx.emit(node, Softmax(log=node.op_type == "LogSoftmax"), [x])[0]
+                                    f"value (axis {axis}, per-sample shape {list(x.shape)})")
+    return ctx.b.softmax(x, log=node.op_type == "LogSoftmax")
 
 
 def _dropout(ctx, node, a):
-    x, _ = ctx.data(node, 0)
+    x = ctx.data(node, 0)
     if len(node.input) > 2 and node.input[2]:
         tm = ctx.constant(node, 2, "training_mode")
         if bool(np.asarray(tm).reshape(-1)[0]):
             raise ctx.unsupported(node, "training_mode=true (only inference dropout)")
-    if ctx.opset < 7 and not int(a.get("is_test", 1)):
-        raise ctx.unsupported(node, "is_test=0")
     if len(node.output) > 1 and node.output[1] and node.output[1] in ctx.used:
         raise ctx.unsupported(node, "its mask output is used")
-    return ctx.emit(node, Dropout(), [x])[0]
+    return x   # the identity at inference
 
 
 def _cast(ctx, node, a):
     if int(a["to"]) not in _FLOAT_TYPES:
         raise ctx.unsupported(node, "Cast of a computed value to a non-float type")
-    return ctx.emit(node, Identity(), [ctx.data(node, 0)[0]])[0]
+    return ctx.data(node, 0)
 
 
 def _pad(ctx, node, a):
@@ -705,21 +601,23 @@ def _pad(ctx, node, a):
     return ctx.data(node, 0)
 
 
+def _global_avgpool(ctx, node, a):
+    return ctx.b.global_avgpool(ctx.data(node, 0), keepdims=True)
+
+
 _RULES = {
     "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul,
-    "Relu": lambda c, n, a: c.emit(n, Act(Activation.relu()), [c.data(n, 0)[0]])[0],
+    "Relu": lambda ctx, node, a: ctx.b.relu(ctx.data(node, 0)),
     "Clip": _clip,
-    "HardSigmoid": lambda c, n, a: c.emit(n, Act(Activation.hardsigmoid(
-        a.get("alpha", 0.2), a.get("beta", 0.5))), [c.data(n, 0)[0]])[0],
+    "HardSigmoid": lambda ctx, node, a: ctx.b.hardsigmoid(
+        ctx.data(node, 0), a.get("alpha", 0.2), a.get("beta", 0.5)),
     "BatchNormalization": _batchnorm,
     "Add": _binary, "Sum": _binary, "Sub": _binary, "Mul": _binary, "Div": _binary,
-    "MaxPool": _pool, "AveragePool": _pool,
-    "GlobalAveragePool": lambda c, n, a: (
-        _need_rank(c, n, c.data(n, 0)[1], 3, "GlobalAveragePool"),
-        c.emit(n, GlobalAvgPool(keepdims=True), [c.data(n, 0)[0]])[0])[1],
+    "MaxPool": _pool, "AveragePool": _pool, "GlobalAveragePool": _global_avgpool,
     "ReduceMean": _reduce_mean, "Flatten": _flatten, "Reshape": _reshape,
-    "Identity": None, "Pad": None,   # aliased, no IR node
-    "Dropout": _dropout, "Softmax": _softmax, "LogSoftmax": _softmax, "Cast": _cast,
+    "Softmax": _softmax, "LogSoftmax": _softmax,
+    "Identity": lambda ctx, node, a: ctx.data(node, 0),
+    "Dropout": _dropout, "Cast": _cast, "Pad": _pad,
 }
 
 
@@ -799,11 +697,8 @@ def load_onnx(path: str) -> Graph:
             raise EpcError(f"{path}: constant {name!r} contains NaN or Inf values")
 
     gname = sanitize(os.path.splitext(os.path.basename(path))[0], "model")
-    ctx.g = Graph(name=gname, attrs={"source": path, "frontend": "onnx", "opset": str(opset)})
-    ir_in = ctx.names.unique(in_name, "input")
-    ctx.g.inputs.append(Input(ir_in, in_shape))
-    ctx._shapes[ir_in] = in_shape
-    ctx.values[in_name] = (ir_in, in_shape)
+    ctx.b = b = Builder(gname, {"source": path, "frontend": "onnx", "opset": str(opset)})
+    ctx.values[in_name] = b.input(in_name, in_shape)
 
     for i, node in enumerate(g.node):
         if i not in needed or all(o in ctx.const for o in node.output if o):
@@ -814,10 +709,7 @@ def load_onnx(path: str) -> Graph:
             raise ctx.unsupported(node)
         if not any(x in ctx.values for x in node.input if x):
             raise ctx.unsupported(node, "its inputs could not be evaluated as constants")
-        if node.op_type in ("Identity", "Pad"):
-            ctx.values[node.output[0]] = (ctx.data(node, 0) if node.op_type == "Identity"
-                                          else _pad(ctx, node, _attrs(node)))
-            continue
+        b.at(_scope(node), lambda msg, node=node: ctx.unsupported(node, msg))
         try:
             y = _RULES[node.op_type](ctx, node, _attrs(node))
         except EpcError:
@@ -825,43 +717,30 @@ def load_onnx(path: str) -> Graph:
         except (KeyError, ValueError, IndexError, TypeError) as e:
             # a malformed node the checker let through (e.g. a constant of an odd shape)
             raise ctx.fail(node, f"cannot translate this node: {type(e).__name__}: {e}") from None
-        ctx.values[node.output[0]] = (y, ctx.shape_of(y))
+        ctx.values[node.output[0]] = y
         _cross_check(ctx, node, y)
 
     for o in g.output:
         if o.name not in ctx.values:
             raise EpcError(f"{path}: graph output {o.name!r} is a constant, not computed from "
                            f"the input")
-        name = ctx.values[o.name][0]
-        if name == ir_in:   # an output that is the input itself needs a node
-            name, _ = ctx.emit(g.node[producer[o.name]] if o.name in producer else g.node[0],
-                               Identity(), [ir_in], base=o.name)
-        ctx.g.outputs.append(name)
-    _check_softmax_placement(ctx)
-    errs = problems(ctx.g)
+        b.output(ctx.values[o.name])
+    graph = b.finish()
+    errs = problems(graph)
     if errs:   # a frontend bug, not the user's: still one line, naming the file
         raise EpcError(f"{path}: internal error: the imported IR is invalid: {'; '.join(errs[:3])}")
-    return ctx.g
+    return graph
 
 
-def _cross_check(ctx, node, y):
+def _cross_check(ctx, node, y: Value):
     dims = ctx.inferred_full.get(node.output[0])
     if not dims:
         return
-    mine = ctx.shape_of(y)
+    mine = y.shape
     theirs = dims[1:]
     if len(theirs) != len(mine) or any(t is not None and t != m for t, m in zip(theirs, mine)):
         raise ctx.fail(node, f"per-sample shape {list(mine)} computed by epc disagrees with "
                              f"ONNX shape inference {['?' if t is None else t for t in theirs]}")
-
-
-def _check_softmax_placement(ctx):
-    for n in ctx.g.nodes:
-        if isinstance(n.op, Softmax):
-            if n.name not in ctx.g.outputs or ctx.g.consumers(n.name):
-                kind = "LogSoftmax" if n.op.log else "Softmax"
-                raise EpcError(f"{ctx.path}: {kind} node '{n.name}' is not at the graph output; "
-                               f"epc supports Softmax/LogSoftmax only as the last op")
 
 
 __all__ = ["load_onnx", "SUPPORTED_OPS", "MIN_OPSET", "MAX_OPSET"]

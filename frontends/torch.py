@@ -8,16 +8,18 @@ pooling). The ATen graph is then walked once, in its topological order:
 * every value is either an **activation** (depends on the user input; becomes an IR value)
   or a **constant** (parameters, buffers, lifted tensors and anything computed from them
   alone, which we evaluate eagerly, so `W.t()`, `torch.ones(...)` and the like just fold);
-* each ATen op applied to an activation is mapped to IR nodes (conv -> Conv + Bias, addmm
-  -> Dense + Bias, batch norm -> BatchNorm, ...); metadata ops (clone, dropout, detach,
-  ...) are skipped;
+* each ATen op applied to an activation has a handler in `_HANDLERS` that makes one call to
+  the frontend Builder (frontends/builder.py, shared with the ONNX frontend: it decides what
+  the IR looks like, folds batch norms and scales into the Conv/Dense before them, and names
+  nodes after the module path that made them); metadata ops (clone, dropout, detach, ...)
+  return their input;
 * anything else is refused with an EpcError that names the ATen op, the exported node, the
   `nn.Module` it came from and the user's source line, and lists what is supported.
 
-Every IR node's shape comes from `compiler.ops.out_shape` and is checked against the shape
-torch recorded for the exported node. Weights become float32 arrays named after their
-state_dict entries (sanitized, unique). `load_torch_spec` / `build_module_from_spec` are the
-CLI path: they import the user's `module:factory` (only when called) and build the model.
+Every translated value's shape is checked against the shape torch recorded for the exported
+node. Weights become float32 arrays; a Conv/Linear weight keeps its state_dict name
+(sanitized, unique). `load_torch_spec` / `build_module_from_spec` are the CLI path: they
+import the user's `module:factory` (only when called) and build the model.
 
 We use torch.export only (no torch.fx.symbolic_trace fallback): symbolic tracing yields
 torch-function graphs that would need a second translator, and what export cannot capture
@@ -41,13 +43,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from epc.compiler import ops as O
 from epc.compiler.errors import EpcError
-from epc.compiler.ir import (Act, Activation, Add, AvgPool, BatchNorm, Bias, ChannelScale, Conv,
-                             Dense, Flatten, GlobalAvgPool, Graph, Identity, Input, MaxPool,
-                             Node, Softmax)
+from epc.compiler.ir import Graph
 from epc.compiler.verify import problems
 
+from .builder import Builder, Value
 from .common import sanitize
 
 SUPPORTED = ("Linear, Conv2d (groups, stride, padding, dilation), BatchNorm2d/BatchNorm1d "
@@ -73,14 +73,6 @@ _IGNORED = {"_assert_tensor_metadata", "_assert_scalar", "_assert_async",
 
 # --------------------------------------------------------------------------- values
 @dataclass
-class _Val:
-    """An activation: an IR value (graph input or node output) with per-sample shape."""
-
-    name: str
-    shape: tuple[int, ...]
-
-
-@dataclass
 class _Const:
     """A value computed from parameters/buffers/constants only; hint names its origin."""
 
@@ -89,7 +81,7 @@ class _Const:
 
 
 def _is_act(x) -> bool:
-    if isinstance(x, _Val):
+    if isinstance(x, Value):
         return True
     if isinstance(x, (list, tuple)):
         return any(_is_act(y) for y in x)
@@ -110,29 +102,24 @@ def _hint(args) -> str | None:
     return hints.pop() if len(hints) == 1 else None
 
 
+def _array(c) -> np.ndarray:
+    """A constant (a _Const, a tensor or a Python number) as a numpy array, its own dtype."""
+    v = c.value if isinstance(c, _Const) else c
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().numpy()
+    return np.asarray(v, dtype=np.float64)
+
+
 # --------------------------------------------------------------------------- translator
 class _Lowering:
-    def __init__(self, ep, batch: int, graph: Graph, module: torch.nn.Module):
+    """Walks the exported ATen graph once, in order, feeding a Builder."""
+
+    def __init__(self, ep, batch: int, builder: Builder):
         self.ep = ep
         self.batch = batch
-        self.g = graph
+        self.b = builder
         self.env: dict[Any, Any] = {}
-        self.names: set[str] = set()
-        self.producer: dict[str, Node] = {}      # IR value name -> node producing it
         self.fx_node = None
-        self.leaf = {sanitize(k) for k, m in module.named_modules()
-                     if k and not any(True for _ in m.children())}
-        self.weight_src: dict[str, np.ndarray] = {}
-
-    # ---- naming
-    def unique(self, base: str) -> str:
-        base = sanitize(base)
-        name, i = base, 1
-        while name in self.names:
-            name = f"{base}_{i}"
-            i += 1
-        self.names.add(name)
-        return name
 
     def module_path(self, node) -> tuple[str, str]:
         """(module path, class name) of the innermost module that made node."""
@@ -142,17 +129,6 @@ class _Lowering:
         path, cls = list(stack.values())[-1]
         cls = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
         return path or "", cls.rsplit(".", 1)[-1]
-
-    def base_name(self, node, suffix: str = "") -> str:
-        path, _ = self.module_path(node)
-        path = sanitize(path) if path else ""
-        if path and path in self.leaf:
-            base = path
-        elif path:
-            base = f"{path}.{node.name}"
-        else:
-            base = node.name
-        return base + suffix
 
     def where(self, node) -> str:
         path, cls = self.module_path(node)
@@ -170,108 +146,22 @@ class _Lowering:
         where = f" ({self.where(node)})" if node is not None else ""
         return EpcError(f"torch frontend: {msg}: aten op {op}{where}; supported: {SUPPORTED}")
 
-    # ---- weights
-    def weight(self, value, hint: str | None, fallback: str) -> str:
-        """Register a float32 weight; the same tensor under the same hint is shared."""
-        arr = np.ascontiguousarray(
-            value.detach().to(torch.float32).cpu().numpy() if isinstance(value, torch.Tensor)
-            else np.asarray(value, dtype=np.float32), dtype=np.float32)
-        base = sanitize(hint or fallback)
-        name, i = base, 1
-        while name in self.g.weights:
-            old = self.g.weights[name]
-            if old.shape == arr.shape and np.array_equal(old, arr):
-                return name  # tied weights stay one weight
-            name = f"{base}_{i}"
-            i += 1
-        self.g.weights[name] = arr
-        return name
-
-    # ---- emitting
-    def emit(self, op, inputs: list[_Val], base: str, check: bool = True) -> _Val:
-        try:
-            shape = tuple(int(d) for d in O.out_shape(op, [v.shape for v in inputs],
-                                                       self.g.weights))
-        except EpcError as e:
-            raise self.fail(str(e))
-        if check:
-            self.check_shape(shape)
-        node = Node(self.unique(base), op, [v.name for v in inputs], shape)
-        self.g.nodes.append(node)
-        self.producer[node.name] = node
-        return _Val(node.name, shape)
-
-    def check_shape(self, shape: tuple[int, ...], node=None):
-        node = node if node is not None else self.fx_node
+    def check_shape(self, result, node) -> None:
+        """The translated value has the per-sample shape torch recorded for node."""
+        v = result[0] if isinstance(result, tuple) else result
         meta = _meta_shape(node)
-        if meta is None:
+        if not isinstance(v, Value) or meta is None:
             return
         if len(meta) == 0 or meta[0] != self.batch:
             raise self.fail(f"the result {list(meta)} does not keep the batch dimension "
                             f"{self.batch} first", node)
-        if tuple(meta[1:]) != tuple(shape):
-            raise self.fail(f"IR shape {list(shape)} differs from the exported shape "
+        if tuple(meta[1:]) != tuple(v.shape):
+            raise self.fail(f"IR shape {list(v.shape)} differs from the exported shape "
                             f"{list(meta[1:])}", node)
 
-    # ---- constants in activation ops
-    def per_channel(self, c: _Const, x: _Val, what: str) -> np.ndarray:
-        """A constant that varies at most along the channel axis, as a [C] vector."""
-        t = torch.as_tensor(c.value, dtype=torch.float64)
-        full = self.as_sample(t, x, what)
-        r = len(x.shape)
-        red = full.reshape(x.shape[0], -1) if r else full.reshape(1, 1)
-        if red.numel() and not torch.all(red == red[:, :1]):
-            raise self.fail(f"{what} by a constant that varies within a channel (IR scales "
-                            f"whole channels only)")
-        return red[:, 0].numpy() if r else red.reshape(1).numpy()
-
-    def as_sample(self, t: torch.Tensor, x: _Val, what: str) -> torch.Tensor:
-        """Broadcast a constant to x's per-sample shape (refusing a per-sample constant)."""
-        r = len(x.shape)
-        if t.dim() > r:
-            if t.dim() == r + 1 and t.shape[0] == 1:
-                t = t[0]
-            else:
-                raise self.fail(f"{what} with a constant of shape {list(t.shape)} that varies "
-                                f"across the batch")
-        try:
-            return torch.broadcast_to(t, x.shape)
-        except RuntimeError:
-            raise self.fail(f"{what} with a constant of shape {list(t.shape)} that does not "
-                            f"broadcast to {list(x.shape)}")
-
-    def bias(self, x: _Val, c: _Const, node_base: str, sign: float = 1.0) -> _Val:
-        t = torch.as_tensor(c.value, dtype=torch.float64) * sign
-        full = self.as_sample(t, x, "add")
-        r = len(x.shape)
-        flat = full.reshape(x.shape[0], -1) if r else full.reshape(1, 1)
-        if r >= 1 and torch.all(flat == flat[:, :1]):
-            # per-channel (or scalar): [C] for 1-D values, [C, 1, 1] for feature maps
-            b = flat[:, 0].reshape((x.shape[0],) + (1,) * (r - 1))
-        else:
-            b = full.clone()
-        name = self.weight(b.to(torch.float32), c.hint if sign == 1.0 else None,
-                           node_base + ".bias")
-        return self.emit(Bias(name), [x], node_base + "_bias" if not node_base.endswith(
-            "bias") else node_base)
-
-    def scale(self, x: _Val, vec: np.ndarray, hint: str | None, base: str) -> _Val:
-        if np.all(vec == 1.0):
-            self.check_shape(x.shape)
-            return x
-        name = self.weight(vec.astype(np.float32), hint, base + ".scale")
-        return self.emit(ChannelScale(name), [x], base)
-
-    def act(self, x: _Val, fn: Activation, base: str) -> _Val:
-        return self.emit(Act(fn), [x], base)
-
     # ---- the walk
-    def run(self) -> list[str]:
-        sig = self.ep.graph_signature
-        kinds = {}
-        for spec in sig.input_specs:
-            kinds[spec.arg.name] = spec
-        outputs: list[str] = []
+    def run(self) -> None:
+        kinds = {spec.arg.name: spec for spec in self.ep.graph_signature.input_specs}
         state = self.ep.state_dict
         consts = getattr(self.ep, "constants", {}) or {}
         for node in self.ep.graph.nodes:
@@ -295,14 +185,12 @@ class _Lowering:
                 self.env[node] = self.call(node)
             elif node.op == "output":
                 for v in node.args[0]:
-                    outputs.append(self.output(self.env.get(v) if isinstance(v, torch.fx.Node)
-                                               else _Const(v)))
+                    self.output(self.env.get(v) if isinstance(v, torch.fx.Node) else _Const(v))
             else:
                 raise self.fail(f"unexpected graph node kind {node.op}", node)
-        return outputs
 
-    def input(self, node) -> _Val:
-        if self.g.inputs:
+    def input(self, node) -> Value:
+        if self.b.g.inputs:
             raise EpcError("torch frontend: the model takes more than one tensor input; epc "
                            "compiles single-input models")
         meta = node.meta.get("val")
@@ -319,18 +207,13 @@ class _Lowering:
         if len(shape) < 2:
             raise EpcError(f"torch frontend: the example input {list(shape)} needs a batch "
                            f"dimension and at least one feature dimension")
-        v = _Val(self.unique(node.name), tuple(int(d) for d in shape[1:]))
-        self.g.inputs.append(Input(v.name, v.shape))
-        return v
+        return self.b.input(node.name, shape[1:])
 
-    def output(self, v) -> str:
-        if not isinstance(v, _Val):
+    def output(self, v) -> None:
+        if not isinstance(v, Value):
             raise EpcError("torch frontend: a model output does not depend on the input "
                            "(a constant output cannot be compiled)")
-        if v.name in {i.name for i in self.g.inputs}:
-            # an output that is the input itself still needs a node to name it
-            v = self.emit(Identity(), [v], "identity", check=False)
-        return v.name
+        self.b.output(v)
 
     def call(self, node):
         tgt = node.target
@@ -353,7 +236,10 @@ class _Lowering:
         handler = _HANDLERS.get(tgt)
         if handler is None:
             raise self.fail("unsupported operation", node)
-        return handler(self, node, args, kwargs)
+        self.b.at(self.module_path(node)[0], lambda msg: self.fail(msg, node))
+        out = handler(self, node, args, kwargs)
+        self.check_shape(out, node)
+        return out
 
     def lookup(self, a):
         if isinstance(a, torch.fx.Node):
@@ -422,18 +308,28 @@ def _scalar(x) -> float | None:
 
 
 # --------------------------------------------------------------------------- handlers
-def _need_act(L: _Lowering, node, x) -> _Val:
-    if not isinstance(x, _Val):
+# One handler per ATen op (the table _HANDLERS below): read the op's arguments, check what
+# only the ATen form can get wrong, and make one Builder call (frontends/builder.py decides
+# what the IR looks like). Each returns the Value (or, for ops with several results, a tuple
+# whose first entry is the Value).
+def _need_act(L: _Lowering, node, x) -> Value:
+    if not isinstance(x, Value):
         raise L.fail("the activation must be the first operand", node)
     return x
 
 
+def _need_const(L: _Lowering, node, c, what: str) -> _Const:
+    if not isinstance(c, _Const):
+        raise L.fail(f"{what} computed from the input", node)
+    return c
+
+
 def _passthrough(L, node, args, kwargs):
+    """clone, alias, detach, contiguous, dropout in eval mode: the value itself."""
     x = _need_act(L, node, args[0])
     if node.target in (_A.dropout.default, _A.feature_dropout.default) and \
             _arg(args, kwargs, 2, "train", False):
         raise L.fail("dropout in training mode", node)
-    L.check_shape(x.shape, node)
     return x
 
 
@@ -449,30 +345,23 @@ def _to_copy(L, node, args, kwargs):
     dt = kwargs.get("dtype")
     if dt is not None and not dt.is_floating_point:
         raise L.fail(f"conversion of an activation to {dt}", node)
-    L.check_shape(x.shape, node)
     return x
 
 
 def _conv(L, node, args, kwargs):
     x = _need_act(L, node, args[0])
-    w, b = args[1], args[2]
+    w = _need_const(L, node, args[1], "convolution weights")
+    b = None if args[2] is None else _need_const(L, node, args[2], "convolution bias")
     stride, padding, dilation, transposed, _out_pad, groups = args[3:9]
-    if not isinstance(w, _Const) or (b is not None and not isinstance(b, _Const)):
-        raise L.fail("convolution with weights computed from the input", node)
-    wt = torch.as_tensor(w.value)
     if transposed:
         raise L.fail("transposed convolution (ConvTranspose2d) is not supported", node)
-    if wt.dim() != 4:
-        raise L.fail(f"{wt.dim() - 2}-D convolution (only Conv2d is supported)", node)
-    pads = _pair(padding)
-    base = L.base_name(node)
-    op = Conv(L.weight(wt, w.hint, base + ".weight"), stride=_pair(stride),
-              pads=[pads[0], pads[1], pads[0], pads[1]], dilation=_pair(dilation),
-              groups=int(groups))
-    y = L.emit(op, [x], base, check=b is None)
-    if b is not None:
-        y = L.bias(y, _Const(torch.as_tensor(b.value).reshape(-1, 1, 1), b.hint), base)
-    return y
+    wt = _array(w)
+    if wt.ndim != 4:
+        raise L.fail(f"{wt.ndim - 2}-D convolution (only Conv2d is supported)", node)
+    p = _pair(padding)
+    return L.b.conv(x, wt, None if b is None else _array(b), stride=_pair(stride),
+                    pads=[p[0], p[1], p[0], p[1]], dilation=_pair(dilation),
+                    groups=int(groups), name=w.hint)
 
 
 def _conv2d(L, node, args, kwargs):
@@ -483,45 +372,27 @@ def _conv2d(L, node, args, kwargs):
                            [0, 0], a[6] or 1], {})
 
 
-def _dense(L, node, x: _Val, w: _Const, b, hint_w, base, transpose: bool):
-    wt = torch.as_tensor(w.value)
-    if wt.dim() != 2:
-        raise L.fail(f"matrix product with a {wt.dim()}-D weight", node)
-    if len(x.shape) != 1:
-        raise L.fail(f"linear layer applied to a {len(x.shape)}-D per-sample value "
-                     f"{list(x.shape)} (flatten it first; only [N, features] inputs map to "
-                     f"Dense)", node)
-    wt = wt.t() if transpose else wt
-    y = L.emit(Dense(L.weight(wt, hint_w, base + ".weight")), [x], base, check=b is None)
-    if b is not None:
-        if not isinstance(b, _Const):
-            raise L.fail("bias computed from the input", node)
-        y = L.bias(y, b, base)
-    return y
+def _dense(L, node, x, w, b, transpose: bool):
+    """x @ w.T (+ b) for linear, x @ w (+ b) for mm / addmm."""
+    x = _need_act(L, node, x)
+    w = _need_const(L, node, w, "matrix product weights")
+    b = None if b is None else _array(_need_const(L, node, b, "bias"))
+    wt = _array(w)
+    return L.b.dense(x, wt.T if transpose and wt.ndim == 2 else wt, b, name=w.hint)
 
 
 def _linear(L, node, args, kwargs):
-    x = _need_act(L, node, args[0])
-    w, b = args[1], _arg(args, kwargs, 2, "bias")
-    if not isinstance(w, _Const):
-        raise L.fail("linear layer with weights computed from the input", node)
-    return _dense(L, node, x, w, b, w.hint, L.base_name(node), transpose=False)
+    return _dense(L, node, args[0], args[1], _arg(args, kwargs, 2, "bias"), transpose=False)
 
 
 def _addmm(L, node, args, kwargs):
-    b, x, w = args[0], args[1], args[2]
     if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
         raise L.fail("addmm with alpha/beta other than 1", node)
-    if not isinstance(x, _Val) or not isinstance(w, _Const):
-        raise L.fail("matrix product whose right operand is not a constant weight", node)
-    return _dense(L, node, x, w, b, w.hint, L.base_name(node), transpose=True)
+    return _dense(L, node, args[1], args[2], args[0], transpose=True)
 
 
 def _mm(L, node, args, kwargs):
-    x, w = args[0], args[1]
-    if not isinstance(x, _Val) or not isinstance(w, _Const):
-        raise L.fail("matrix product whose right operand is not a constant weight", node)
-    return _dense(L, node, x, w, None, w.hint, L.base_name(node), transpose=True)
+    return _dense(L, node, args[0], args[1], None, transpose=True)
 
 
 def _batch_norm(L, node, args, kwargs):
@@ -529,27 +400,15 @@ def _batch_norm(L, node, args, kwargs):
     #                                      momentum, eps) -> (out, save_mean, save_rstd)
     x = _need_act(L, node, args[0])
     w, b, mean, var, eps = args[1], args[2], args[3], args[4], args[6]
-    for t in (w, b, mean, var):
-        if t is not None and not isinstance(t, _Const):
-            raise L.fail("batch norm with statistics computed from the input", node)
-    base = L.base_name(node)
-    c = x.shape[0] if x.shape else 0
     if mean is None or var is None:
         raise L.fail("batch norm without running statistics", node)
-    scale = w.value if w is not None else torch.ones(c)
-    shift = b.value if b is not None else torch.zeros(c)
-    op = BatchNorm(scale=L.weight(scale, w.hint if w is not None else None, base + ".weight"),
-                   shift=L.weight(shift, b.hint if b is not None else None, base + ".bias"),
-                   mean=L.weight(mean.value, mean.hint, base + ".running_mean"),
-                   var=L.weight(var.value, var.hint, base + ".running_var"),
-                   epsilon=float(eps))
-    for wn in (op.scale, op.shift, op.mean, op.var):
-        if L.g.weights[wn].shape != (c,):
-            raise L.fail(f"batch norm parameter {wn} {list(L.g.weights[wn].shape)} does not "
-                         f"match {c} channels", node)
-    out = L.emit(op, [x], base, check=False)
-    L.check_shape(out.shape, _first_user_getitem(node) or node)
-    return (out, None, None)
+    for t in (w, b, mean, var):
+        if t is not None:
+            _need_const(L, node, t, "batch norm statistics")
+    c = x.shape[0] if x.shape else 0
+    scale = np.ones(c, np.float32) if w is None else _array(w)
+    shift = np.zeros(c, np.float32) if b is None else _array(b)
+    return (L.b.batchnorm(x, scale, shift, _array(mean), _array(var), float(eps)), None, None)
 
 
 def _batch_norm_training(L, node, args, kwargs):
@@ -557,64 +416,33 @@ def _batch_norm_training(L, node, args, kwargs):
                  "module.eval() and keep track_running_stats=True", node)
 
 
-def _first_user_getitem(node):
-    for u in node.users:
-        if u.target is operator.getitem and u.args[1] == 0:
-            return u
-    return None
-
-
 def _relu(L, node, args, kwargs):
-    return L.act(_need_act(L, node, args[0]), Activation.relu(), L.base_name(node))
+    return L.b.relu(_need_act(L, node, args[0]))
 
 
 def _hardtanh(L, node, args, kwargs):
     x = _need_act(L, node, args[0])
-    lo = float(_arg(args, kwargs, 1, "min_val", -1.0))
-    hi = float(_arg(args, kwargs, 2, "max_val", 1.0))
-    if not lo < hi:
-        raise L.fail(f"hardtanh with min {lo} >= max {hi}", node)
-    return L.act(x, Activation.clip(lo, hi), L.base_name(node))
+    return L.b.clamp(x, float(_arg(args, kwargs, 1, "min_val", -1.0)),
+                     float(_arg(args, kwargs, 2, "max_val", 1.0)))
 
 
 def _clamp(L, node, args, kwargs):
     x = _need_act(L, node, args[0])
-    lo, hi = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
     if node.target is _A.clamp_min.default:
         lo, hi = args[1], None
     elif node.target is _A.clamp_max.default:
         lo, hi = None, args[1]
-    lo = None if lo is None else _scalar(lo)
-    hi = None if hi is None else _scalar(hi)
-    if (node.args[1:] and lo is None and hi is None) or (lo is not None and hi is not None
-                                                          and not lo < hi):
+    else:
+        lo, hi = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
+    bounds = [None if v is None else _scalar(v) for v in (lo, hi)]
+    if any(v is not None and s is None for v, s in zip((lo, hi), bounds)) or \
+            bounds == [None, None]:
         raise L.fail("clamp with tensor or empty bounds", node)
-    prev = L.producer.get(x.name)
-    single_use = len(node.args[0].users) == 1 if isinstance(node.args[0], torch.fx.Node) \
-        else False
-    if hi is not None and lo is None:
-        # clamp(max=b) right after a relu / clip(lo, .) (decomposed ReLU6 and the like)
-        if prev is not None and isinstance(prev.op, Act) and single_use and \
-                prev.op.fn.kind in ("relu", "clip") and prev is L.g.nodes[-1]:
-            old = prev.op.fn
-            lo0 = 0.0 if old.kind == "relu" else old.lo
-            hi0 = hi if old.kind == "relu" else min(old.hi, hi)
-            if lo0 < hi0:
-                prev.op = Act(Activation.clip(lo0, hi0))
-                L.check_shape(x.shape, node)
-                return x
-        raise L.fail("clamp with only an upper bound (not after a ReLU)", node)
-    if hi is None:
-        if lo == 0.0:
-            return L.act(x, Activation.relu(), L.base_name(node))
-        raise L.fail(f"clamp with only a lower bound {lo} (only 0, i.e. ReLU, is supported)",
-                     node)
-    return L.act(x, Activation.clip(lo, hi), L.base_name(node))
+    return L.b.clamp(x, *bounds)
 
 
 def _hardsigmoid(L, node, args, kwargs):
-    return L.act(_need_act(L, node, args[0]), Activation.hardsigmoid(1.0 / 6.0, 0.5),
-                 L.base_name(node))
+    return L.b.hardsigmoid(_need_act(L, node, args[0]), 1.0 / 6.0, 0.5)
 
 
 def _maxpool(L, node, args, kwargs):
@@ -625,16 +453,8 @@ def _maxpool(L, node, args, kwargs):
     p = _pair(_arg(args, kwargs, 3, "padding", 0))
     d = _pair(_arg(args, kwargs, 4, "dilation", 1))
     ceil = bool(_arg(args, kwargs, 5, "ceil_mode", False))
-    if len(x.shape) != 3:
-        raise L.fail(f"max pooling of a {len(x.shape)}-D per-sample value (MaxPool2d only)",
-                     node)
-    op = MaxPool(kernel=k, stride=stride, pads=[p[0], p[1], p[0], p[1]], dilation=d,
-                 ceil_mode=ceil)
-    if node.target is _A.max_pool2d_with_indices.default:
-        out = L.emit(op, [x], L.base_name(node), check=False)
-        L.check_shape(out.shape, _first_user_getitem(node) or node)
-        return (out, None)
-    return L.emit(op, [x], L.base_name(node))
+    out = L.b.maxpool(x, k, stride, [p[0], p[1], p[0], p[1]], d, ceil)
+    return (out, None) if node.target is _A.max_pool2d_with_indices.default else out
 
 
 def _avgpool(L, node, args, kwargs):
@@ -647,33 +467,14 @@ def _avgpool(L, node, args, kwargs):
     cip = bool(_arg(args, kwargs, 5, "count_include_pad", True))
     if _arg(args, kwargs, 6, "divisor_override") is not None:
         raise L.fail("average pooling with divisor_override", node)
-    if len(x.shape) != 3:
-        raise L.fail(f"average pooling of a {len(x.shape)}-D per-sample value (AvgPool2d only)",
-                     node)
-    op = AvgPool(kernel=k, stride=stride, pads=[p[0], p[1], p[0], p[1]],
-                 count_include_pad=cip, ceil_mode=ceil)
-    return L.emit(op, [x], L.base_name(node))
+    return L.b.avgpool(x, k, stride, [p[0], p[1], p[0], p[1]], cip, ceil)
 
 
 def _adaptive_avgpool(L, node, args, kwargs):
     x = _need_act(L, node, args[0])
-    if len(x.shape) != 3:
-        raise L.fail("adaptive average pooling of a non-[C, H, W] value", node)
-    out = [x.shape[1] if o is None else int(o) for o in _pair(args[1])] \
+    out = [None if o is None else int(o) for o in _pair(args[1])] \
         if not isinstance(args[1], int) else [int(args[1])] * 2
-    h, w = x.shape[1], x.shape[2]
-    base = L.base_name(node)
-    if out == [1, 1]:
-        return L.emit(GlobalAvgPool(keepdims=True), [x], base)
-    if out == [h, w]:
-        L.check_shape(x.shape, node)
-        return x
-    if h % out[0] == 0 and w % out[1] == 0:
-        # equal, non-overlapping windows: exactly an average pool
-        k = [h // out[0], w // out[1]]
-        return L.emit(AvgPool(kernel=k, stride=list(k)), [x], base)
-    raise L.fail(f"adaptive average pooling from {[h, w]} to {out} (windows of unequal size)",
-                 node)
+    return L.b.adaptive_avgpool(x, out)
 
 
 def _mean(L, node, args, kwargs):
@@ -683,99 +484,22 @@ def _mean(L, node, args, kwargs):
     r = len(x.shape) + 1
     dims = sorted({int(d) % r for d in (dims if isinstance(dims, (list, tuple)) else [dims])}) \
         if dims is not None else None
-    if r == 4 and dims == [2, 3]:
-        return L.emit(GlobalAvgPool(keepdims=keep), [x], L.base_name(node))
-    raise L.fail(f"mean over dims {dims} (only the spatial dims of an [N, C, H, W] value)",
-                 node)
+    if r != 4 or dims != [2, 3]:
+        raise L.fail(f"mean over dims {dims} (only the spatial dims of an [N, C, H, W] value)",
+                     node)
+    return L.b.global_avgpool(x, keepdims=keep)
 
 
 def _reshape(L, node, args, kwargs):
+    """view / reshape / flatten / squeeze: the shape torch recorded, batch kept first."""
     x = _need_act(L, node, args[0])
     meta = _meta_shape(node)
     if meta is None:
         raise L.fail("reshape without shape information", node)
-    if meta[0] != L.batch or math.prod(meta[1:]) != math.prod(x.shape):
+    if not meta or meta[0] != L.batch or math.prod(meta[1:]) != math.prod(x.shape):
         raise L.fail(f"reshape of {[L.batch, *x.shape]} to {list(meta)} mixes the batch "
                      f"dimension with the others", node)
-    new = tuple(int(d) for d in meta[1:])
-    if new == x.shape:
-        return x
-    if len(new) == 1:
-        return L.emit(Flatten(), [x], L.base_name(node))
-    raise L.fail(f"reshape of a per-sample value {list(x.shape)} to {list(new)} (only "
-                 f"flattening to [N, features] is supported)", node)
-
-
-def _softmax(L, node, args, kwargs):
-    x = _need_act(L, node, args[0])
-    dim = int(args[1])
-    if len(x.shape) != 1 or dim not in (1, -1):
-        raise L.fail(f"softmax over dim {dim} of a {[L.batch, *x.shape]} value (only over "
-                     f"the class axis of [N, classes])", node)
-    if any(u.op != "output" for u in node.users):
-        raise L.fail("softmax that is not the model's output", node)
-    log = node.target in (_A._log_softmax.default, _A.log_softmax.int)
-    return L.emit(Softmax(log=log), [x], L.base_name(node))
-
-
-def _add(L, node, args, kwargs, sign: float = 1.0):
-    a, b = args[0], args[1]
-    alpha = _arg(args, kwargs, 2, "alpha", 1)
-    base = L.base_name(node)
-    if isinstance(a, _Val) and isinstance(b, _Val):
-        if alpha != 1 or sign != 1.0:
-            raise L.fail("weighted sum or difference of two activations (only a plain "
-                         "residual add is supported)", node)
-        if a.shape != b.shape:
-            raise L.fail(f"add of differently shaped values {list(a.shape)} and "
-                         f"{list(b.shape)} (broadcasting between activations is not supported)",
-                         node)
-        return L.emit(Add(), [a, b], base)
-    if isinstance(a, _Val):
-        c = b if isinstance(b, _Const) else _Const(b)
-        if _scalar(c) == 0.0:
-            L.check_shape(a.shape, node)
-            return a
-        c = _Const(torch.as_tensor(c.value, dtype=torch.float64) * float(alpha), c.hint
-                   if alpha == 1 else None)
-        return L.bias(a, c, base, sign)
-    if sign != 1.0 or alpha != 1:
-        raise L.fail("constant minus activation", node)
-    c = a if isinstance(a, _Const) else _Const(a)
-    return L.bias(_need_act(L, node, b), c, base) if _scalar(c) != 0.0 else b
-
-
-def _sub(L, node, args, kwargs):
-    return _add(L, node, args, kwargs, sign=-1.0)
-
-
-def _mul(L, node, args, kwargs, divide: bool = False):
-    a, b = args[0], args[1]
-    if isinstance(a, _Val) and isinstance(b, _Val):
-        raise L.fail("product of two activations", node)
-    x, c = (a, b) if isinstance(a, _Val) else (b, a)
-    if divide and not isinstance(a, _Val):
-        raise L.fail("constant divided by an activation", node)
-    c = c if isinstance(c, _Const) else _Const(c)
-    vec = L.per_channel(c, x, "division" if divide else "product")
-    if divide:
-        if np.any(vec == 0):
-            raise L.fail("division by zero", node)
-        vec, hint = 1.0 / vec, None
-    else:
-        hint = c.hint
-    return L.scale(x, vec, hint, L.base_name(node))
-
-
-def _div(L, node, args, kwargs):
-    if _arg(args, kwargs, 2, "rounding_mode") is not None:
-        raise L.fail("integer / rounding division", node)
-    return _mul(L, node, args, kwargs, divide=True)
-
-
-def _neg(L, node, args, kwargs):
-    x = _need_act(L, node, args[0])
-    return L.scale(x, -np.ones(x.shape[0] if x.shape else 1), None, L.base_name(node))
+    return L.b.reshape(x, meta[1:])
 
 
 def _flatten(L, node, args, kwargs):
@@ -788,8 +512,56 @@ def _flatten(L, node, args, kwargs):
     return _reshape(L, node, args, kwargs)
 
 
-def _squeeze(L, node, args, kwargs):
+def _softmax(L, node, args, kwargs):
     x = _need_act(L, node, args[0])
+    dim = int(args[1])
+    if len(x.shape) != 1 or dim not in (1, -1):
+        raise L.fail(f"softmax over dim {dim} of a {[L.batch, *x.shape]} value (only over "
+                     f"the class axis of [N, classes])", node)
+    return L.b.softmax(x, log=node.target in (_A._log_softmax.default, _A.log_softmax.int))
+
+
+def _add(L, node, args, kwargs, sign: float = 1.0):
+    a, b = args[0], args[1]
+    alpha = _arg(args, kwargs, 2, "alpha", 1)
+    if isinstance(a, Value) and isinstance(b, Value):
+        if alpha != 1 or sign != 1.0:
+            raise L.fail("weighted sum or difference of two activations (only a plain "
+                         "residual add is supported)", node)
+        return L.b.add([a, b])
+    if isinstance(a, Value):
+        return L.b.add_constant(a, _array(b).astype(np.float64) * (float(alpha) * sign))
+    if sign != 1.0 or alpha != 1:
+        raise L.fail("constant minus activation", node)
+    return L.b.add_constant(_need_act(L, node, b), _array(a))
+
+
+def _sub(L, node, args, kwargs):
+    return _add(L, node, args, kwargs, sign=-1.0)
+
+
+def _mul(L, node, args, kwargs, divide: bool = False):
+    a, b = args[0], args[1]
+    if isinstance(a, Value) and isinstance(b, Value):
+        raise L.fail("product of two activations", node)
+    if divide and not isinstance(a, Value):
+        raise L.fail("constant divided by an activation", node)
+    x, c = (a, b) if isinstance(a, Value) else (b, a)
+    return L.b.mul_constant(x, _array(c), divide=divide)
+
+
+def _div(L, node, args, kwargs):
+    if _arg(args, kwargs, 2, "rounding_mode") is not None:
+        raise L.fail("integer / rounding division", node)
+    return _mul(L, node, args, kwargs, divide=True)
+
+
+def _neg(L, node, args, kwargs):
+    return L.b.mul_constant(_need_act(L, node, args[0]), -1.0)
+
+
+def _squeeze(L, node, args, kwargs):
+    _need_act(L, node, args[0])
     meta = _meta_shape(node)
     if meta is not None and (not meta or meta[0] != L.batch):
         raise L.fail("squeeze of the batch dimension", node)
@@ -914,10 +686,10 @@ def load_torch(module: torch.nn.Module, example_input: torch.Tensor, *,
         ep = _export(module, example_input, label)
     finally:
         module.train(was_training)
-    g = Graph(name=sanitize(name or cls), attrs={"source": label, "frontend": "torch"})
-    low = _Lowering(ep, int(example_input.shape[0]), g, module)
+    builder = Builder(name or cls, {"source": label, "frontend": "torch"})
     try:
-        g.outputs = low.run()
+        _Lowering(ep, int(example_input.shape[0]), builder).run()
+        g = builder.finish()
     except EpcError as e:
         raise EpcError(f"{label}: {e}")
     if not g.nodes:

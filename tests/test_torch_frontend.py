@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from epc.compiler.errors import EpcError
-from epc.compiler.ir import (Act, Add, AvgPool, BatchNorm, Bias, ChannelScale, Conv, Dense,
+from epc.compiler.ir import (Act, Add, AvgPool, BatchNorm, ChannelScale, Conv, Dense,
                              GlobalAvgPool, MaxPool, Softmax)
 from epc.compiler.reference import run_feedforward
 from epc.compiler.text import parse, print_graph
@@ -237,10 +237,21 @@ def test_small_cnn_with_maxpool():
 
 
 def test_vgg_with_batchnorm():
-    g = check_matches(vgg_bn(), (3, 16, 16))
-    bns = [n for n in g.nodes if isinstance(n.op, BatchNorm)]
-    assert len(bns) == 4 and tuple(bns[-1].shape) == (32,)
-    assert not any(isinstance(n.op, Bias) and n.inputs[0].startswith("_0") for n in g.nodes)
+    """Each batch norm (three BatchNorm2d after bias-free convs, a BatchNorm1d without
+    affine parameters after a Linear) is folded into the layer before it: its scale into
+    the weights, its shift into that layer's one bias."""
+    model = vgg_bn()
+    g = check_matches(model, (3, 16, 16))
+    assert kinds(g) == ["conv", "bias", "act", "maxpool"] + ["conv", "bias", "act"] * 2 + [
+        "maxpool", "flatten", "dense", "bias", "act", "dense", "bias"]
+    assert not any(isinstance(n.op, (BatchNorm, ChannelScale)) for n in g.nodes)
+    conv, bn = model[0], model[1]
+    k = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    np.testing.assert_allclose(g.weights["_0.weight"], (conv.weight * k.reshape(-1, 1, 1, 1))
+                               .detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(g.weights["_0.bias"].reshape(-1),
+                               (bn.bias - bn.running_mean * k).detach().numpy(),
+                               rtol=1e-5, atol=1e-7)
 
 
 def test_resnet_blocks_with_projection_shortcuts():

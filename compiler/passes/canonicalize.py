@@ -200,15 +200,23 @@ def ensures(before: Graph, after: Graph, opts: CompileOptions) -> list[str]:
 def transform(g: Graph, opts: CompileOptions) -> Graph:
     g = g.copy()
     _drop_passthrough(g)
+    simplify(g)
+    return g
+
+
+def simplify(g: Graph) -> None:
+    """This pass's rewrites other than dropping passthrough nodes and the output Softmax,
+    in place: dead nodes removed, BatchNorm split, channel scales folded into the Conv/Dense
+    before them, biases merged, unused weights dropped. The frontends' builder ends with
+    it, so the graphs they produce are already folded, with the same arithmetic."""
     _dead_code(g)
     _split_batchnorm(g)
     _fold_channel_scales(g)
     _merge_biases(g)
     _drop_unused_weights(g)
-    return g
 
 
 PASS = Pass("canonicalize", transform, requires, ensures)
 run = PASS.run
 
-__all__ = ["run", "PASS"]
+__all__ = ["run", "PASS", "simplify"]

@@ -1,0 +1,421 @@
+"""The frontend builder: the one place where source operations become feedforward IR.
+
+Both frontends walk their source graph (an ONNX graph, a torch.export ATen graph) and map
+each source op onto one call here; everything that decides what the IR looks like lives in
+this module, so that one model gives one IR text whichever way it arrives:
+
+* each method checks what the IR can express and refuses the rest through the hook the
+  frontend set with `at()` (which names the source node, its file and what is supported);
+* what computes nothing at inference (Identity, Dropout, a float Cast, a no-op Pad, a
+  reshape or flatten to the same shape, a product by ones, an unbounded clamp) returns its
+  input and adds no node;
+* constant addends and factors are stored per channel when they are uniform over each
+  channel ([C] for a vector value, [C, 1, 1] for a feature map), else in the value's full
+  per-sample shape; products must be per channel. A bias is kept even when it is zero: a
+  zero-initialised bias is still a parameter EP trains;
+* `finish()` fuses a ReLU/clip followed by an upper-bound-only clamp into one clip, checks
+  that a Softmax is only at the output, folds every BatchNorm and per-channel scale into
+  the Conv/Dense before it and merges consecutive biases (compiler.passes.canonicalize's
+  own rewrites, so the arithmetic and therefore the compiled bits are the same whether the
+  frontend or the pass folds), and names everything.
+
+Naming. Every source op comes with a scope: its module path in PyTorch (`stages.0.conv1`),
+the same path read back from a torch-exported ONNX file (legacy node names like
+`/stages/stages.0/conv1/Conv`, the dynamo exporter's `name_scopes` metadata), or the
+node's own name in any other ONNX file. After folding, in source order:
+
+* a Conv/Dense whose weight is a `<path>.weight` parameter is named `<path>`;
+* the Bias right after a Conv/Dense is `<that node>_bias`, with weight `<that node>.bias`;
+* any other node is named by its scope: the scope itself when no other scope lies inside
+  it (a leaf module: `relu1`), `<scope>.<kind>` inside a container (`stages.0.relu`,
+  `stages.0.add`), `<kind>` at the root (`flatten`); repeats get `_1`, `_2`, ...;
+* a ChannelScale's weight is `<node>.scale`, any other Bias weight `<node>.bias`; Conv and
+  Dense weights keep their source names (the compiled program shows them).
+
+Scopes, not source op names, decide: the ATen graph, the legacy exporter and the dynamo
+exporter number their ops differently (`relu_3`, `Relu_1`, `node_relu_3`), but agree on
+module paths, and the dynamo exporter has already folded each BatchNorm into its Conv.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from epc.compiler import ops as O
+from epc.compiler.errors import EpcError
+from epc.compiler.ir import (Act, Activation, Add, AvgPool, BatchNorm, Bias, ChannelScale, Conv,
+                             Dense, Flatten, GlobalAvgPool, Graph, Identity, Input, MaxPool, Node,
+                             Softmax)
+from epc.compiler.passes.canonicalize import simplify
+
+from .common import NameTable, sanitize
+
+Refuse = Callable[[str], Exception]
+
+
+@dataclass(frozen=True)
+class Value:
+    """A computed value: an IR input or node output, with its per-sample shape."""
+
+    name: str
+    shape: tuple[int, ...]
+
+
+class Builder:
+    """Builds one feedforward Graph from calls in source order; `finish()` returns it."""
+
+    def __init__(self, name: str, attrs: dict[str, str]):
+        self.g = Graph(name=sanitize(name, "model"), attrs=dict(attrs))
+        self.scope = ""
+        self._refuse: Refuse = EpcError
+        self._inputs = NameTable()
+        # per node (by its provisional name): (scope, refusal hook) of the source op that
+        # made it, and for a Conv/Dense the source name of its weight
+        self._origin: dict[str, tuple[str, Refuse]] = {}
+        self._source_weight: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ source position
+    def at(self, scope: str, refuse: Refuse) -> None:
+        """The source op about to be translated: its scope (module path or node name) and
+        the hook that turns a message into the frontend's error naming that op."""
+        self.scope = sanitize(scope, "op") if scope else ""
+        self._refuse = refuse
+
+    def refuse(self, msg: str) -> Exception:
+        """The current source op cannot be expressed (raise the returned error)."""
+        return self._refuse(msg)
+
+    # ------------------------------------------------------------------ values and weights
+    def input(self, name: str, shape) -> Value:
+        v = Value(self._inputs.unique(name, "input"), tuple(int(d) for d in shape))
+        self.g.inputs.append(Input(v.name, v.shape))
+        return v
+
+    def weight(self, arr, name: str) -> str:
+        """Register a float32 copy of `arr` under `name` (sanitized; suffixed when taken by
+        a different tensor). The same tensor under the same name is one weight (ties)."""
+        arr = np.array(arr, dtype=np.float32, copy=True, order="C")
+        base = sanitize(name, "w")
+        out, i = base, 1
+        while out in self.g.weights:
+            old = self.g.weights[out]
+            if old.shape == arr.shape and np.array_equal(old, arr):
+                return out
+            out, i = f"{base}_{i}", i + 1
+        self.g.weights[out] = arr
+        return out
+
+    def _emit(self, op, inputs: list[Value]) -> Value:
+        try:
+            shape = tuple(int(d) for d in O.out_shape(op, [v.shape for v in inputs],
+                                                       self.g.weights))
+        except EpcError as e:
+            raise self.refuse(str(e)) from None
+        name = f"_n{len(self._origin)}"     # provisional: finish() names every node
+        self._origin[name] = (self.scope, self._refuse)
+        self.g.nodes.append(Node(name, op, [v.name for v in inputs], shape))
+        return Value(name, shape)
+
+    def need_rank(self, x: Value, rank: int, what: str) -> None:
+        if len(x.shape) != rank:
+            want = {1: "[features]", 3: "[C, H, W]"}.get(rank, f"rank {rank}")
+            raise self.refuse(f"{what} needs a per-sample {want} value, got {list(x.shape)}")
+
+    def _per_sample(self, c, x: Value, what: str) -> np.ndarray:
+        """A constant broadcast to x's per-sample shape (float64); a leading batch axis of
+        size 1 is allowed, a constant that varies along the batch is not."""
+        c = np.asarray(c, dtype=np.float64)
+        r = len(x.shape)
+        if c.ndim > r:
+            if c.ndim != r + 1 or c.shape[0] != 1:
+                raise self.refuse(f"{what} by a constant of shape {list(c.shape)} that varies "
+                                  f"along the batch axis")
+            c = c[0]
+        try:
+            return np.broadcast_to(c, x.shape)
+        except ValueError:
+            raise self.refuse(f"{what} by a constant of shape {list(c.shape)} that does not "
+                              f"broadcast to the per-sample shape {list(x.shape)}") from None
+
+    @staticmethod
+    def _channel_vector(full: np.ndarray) -> np.ndarray | None:
+        """[C] when `full` is uniform over each channel (axis 0), else None."""
+        flat = full.reshape(full.shape[0], -1)
+        return flat[:, 0].copy() if np.all(flat == flat[:, :1]) else None
+
+    # ------------------------------------------------------------------ linear ops
+    def dense(self, x: Value, w, bias=None, *, name: str | None = None) -> Value:
+        """y = w x (+ bias); w is [out, in], `name` the weight's source name."""
+        w = np.asarray(w)
+        if w.ndim != 2:
+            raise self.refuse(f"matrix product with a {w.ndim}-D weight (needs 2-D)")
+        if len(x.shape) != 1:
+            raise self.refuse(f"a linear layer (matrix product) needs a per-sample [features] "
+                              f"value, got {list(x.shape)}; flatten it first")
+        y = self._linear(Dense, x, w, name, {})
+        return y if bias is None else self.add_constant(y, bias)
+
+    def conv(self, x: Value, w, bias=None, *, stride, pads, dilation, groups: int = 1,
+             name: str | None = None) -> Value:
+        """2-D convolution; w is [C_out, C_in/groups, kH, kW], pads [h0, w0, h1, w1]."""
+        w = np.asarray(w)
+        if w.ndim != 4 or len(x.shape) != 3:
+            raise self.refuse(f"only 2-D convolution is supported (weight of rank {w.ndim}, "
+                              f"per-sample input {list(x.shape)})")
+        y = self._linear(Conv, x, w, name, dict(
+            stride=[int(s) for s in stride], pads=[int(p) for p in pads],
+            dilation=[int(d) for d in dilation], groups=int(groups)))
+        if bias is None:
+            return y
+        return self.add_constant(y, np.asarray(bias, dtype=np.float64).reshape(-1, 1, 1))
+
+    def _linear(self, cls, x: Value, w: np.ndarray, name: str | None, fields: dict) -> Value:
+        name = name or (f"{self.scope}.weight" if self.scope else "weight")
+        wname = self.weight(w, name)
+        y = self._emit(cls(wname, **fields), [x])
+        self._source_weight[y.name] = sanitize(name, "w")
+        return y
+
+    def batchnorm(self, x: Value, scale, shift, mean, var, epsilon: float) -> Value:
+        """Inference batch norm over the channel axis (folded by finish())."""
+        c = x.shape[0] if x.shape else 0
+        if len(x.shape) not in (1, 3):
+            raise self.refuse(f"batch norm of a per-sample {list(x.shape)} value (needs [C] "
+                              f"or [C, H, W])")
+        names = []
+        for what, v in (("scale", scale), ("shift", shift), ("mean", mean), ("var", var)):
+            v = np.asarray(v)
+            if v.shape != (c,):
+                raise self.refuse(f"batch norm {what} of shape {list(v.shape)} does not match "
+                                  f"{c} channels")
+            names.append(self.weight(v, f"{self.scope or 'bn'}.{what}"))
+        return self._emit(BatchNorm(*names, epsilon=float(epsilon)), [x])
+
+    def add_constant(self, x: Value, c) -> Value:
+        """x + c (a bias; subtraction adds -c)."""
+        full = self._per_sample(c, x, "addition")
+        vec = self._channel_vector(full)
+        b = full.copy() if vec is None else vec.reshape((x.shape[0],) + (1,) * (len(x.shape) - 1))
+        return self._emit(Bias(self.weight(b, f"{self.scope or 'add'}.bias")), [x])
+
+    def mul_constant(self, x: Value, c, divide: bool = False) -> Value:
+        """x * c (or x / c) for a constant c uniform over each channel."""
+        what = "division" if divide else "product"
+        vec = self._channel_vector(self._per_sample(c, x, what))
+        if vec is None:
+            raise self.refuse(f"{what} by a constant that varies within a channel (the IR "
+                              f"scales whole channels only)")
+        if divide:
+            if np.any(vec == 0):
+                raise self.refuse("division by a constant containing zero")
+            vec = 1.0 / vec
+        if np.all(vec == 1.0):
+            return x
+        return self._emit(ChannelScale(self.weight(vec, f"{self.scope or 'mul'}.scale")), [x])
+
+    # ------------------------------------------------------------------ nonlinearities
+    def act(self, x: Value, fn: Activation) -> Value:
+        return self._emit(Act(fn), [x])
+
+    def relu(self, x: Value) -> Value:
+        return self.act(x, Activation.relu())
+
+    def hardsigmoid(self, x: Value, alpha: float, beta: float) -> Value:
+        return self.act(x, Activation.hardsigmoid(alpha, beta))
+
+    def clamp(self, x: Value, lo: float | None, hi: float | None) -> Value:
+        """clip(x, lo, hi); None or an infinity is no bound on that side."""
+        lo = -np.inf if lo is None else float(lo)
+        hi = np.inf if hi is None else float(hi)
+        if np.isnan(lo) or np.isnan(hi) or lo > hi:
+            raise self.refuse(f"clamp to [{lo}, {hi}]: needs min <= max")
+        if lo == -np.inf and hi == np.inf:
+            return x
+        if hi == np.inf:
+            if lo == 0.0:
+                return self.relu(x)
+            raise self.refuse(f"clamp with only a lower bound {lo} (only 0, i.e. ReLU, is "
+                              f"supported)")
+        # lo = -inf: an upper bound alone; finish() fuses it into the ReLU/clip before it
+        return self.act(x, Activation.clip(lo, hi))
+
+    # ------------------------------------------------------------------ pooling and shape
+    def maxpool(self, x: Value, kernel, stride, pads, dilation=(1, 1),
+                ceil_mode: bool = False) -> Value:
+        self.need_rank(x, 3, "max pooling (2-D only)")
+        k, d = [int(v) for v in kernel], [int(v) for v in dilation]
+        pads = [int(p) for p in pads]
+        eff = [(kk - 1) * dd + 1 for kk, dd in zip(k, d)]
+        if any(2 * p > e for p, e in zip(pads, eff + eff)):
+            raise self.refuse(f"max pooling with padding {pads} larger than half the "
+                              f"(dilated) kernel {eff}")
+        return self._emit(MaxPool(k, [int(s) for s in stride], pads, d, bool(ceil_mode)), [x])
+
+    def avgpool(self, x: Value, kernel, stride, pads, count_include_pad: bool = False,
+                ceil_mode: bool = False) -> Value:
+        self.need_rank(x, 3, "average pooling (2-D only)")
+        k, pads = [int(v) for v in kernel], [int(p) for p in pads]
+        if pads[0] != pads[2] or pads[1] != pads[3]:
+            raise self.refuse(f"average pooling with asymmetric padding {pads}")
+        if any(2 * p > kk for p, kk in zip(pads, k + k)):
+            raise self.refuse(f"average pooling with padding {pads} larger than half the "
+                              f"kernel {k}")
+        return self._emit(AvgPool(k, [int(s) for s in stride], pads, bool(count_include_pad),
+                                  bool(ceil_mode)), [x])
+
+    def global_avgpool(self, x: Value, keepdims: bool = True) -> Value:
+        self.need_rank(x, 3, "global average pooling (mean over H, W)")
+        return self._emit(GlobalAvgPool(keepdims=bool(keepdims)), [x])
+
+    def adaptive_avgpool(self, x: Value, out_hw) -> Value:
+        """Adaptive average pooling to out_hw (None keeps that side): global, identity, or
+        an average pool when the windows are equal and disjoint."""
+        self.need_rank(x, 3, "adaptive average pooling")
+        h, w = x.shape[1], x.shape[2]
+        out = [h if o is None else int(o) for o in out_hw]
+        if out == [1, 1]:
+            return self.global_avgpool(x, keepdims=True)
+        if out == [h, w]:
+            return x
+        if h % out[0] == 0 and w % out[1] == 0:
+            k = [h // out[0], w // out[1]]
+            return self.avgpool(x, k, k, [0, 0, 0, 0])
+        raise self.refuse(f"adaptive average pooling from {[h, w]} to {out} (windows of "
+                          f"unequal size)")
+
+    def flatten(self, x: Value) -> Value:
+        """[d0, d1, ...] -> [d0 * d1 * ...] per sample (a vector stays as it is)."""
+        return x if len(x.shape) == 1 else self._emit(Flatten(), [x])
+
+    def reshape(self, x: Value, shape) -> Value:
+        """A per-sample reshape: to the same shape (nothing) or to a vector (flatten)."""
+        shape = tuple(int(d) for d in shape)
+        if shape == x.shape:
+            return x
+        if len(shape) == 1 and shape[0] == int(np.prod(x.shape)):
+            return self.flatten(x)
+        raise self.refuse(f"reshape of a per-sample value {list(x.shape)} to {list(shape)} "
+                          f"(only flattening to [N, features] is supported)")
+
+    # ------------------------------------------------------------------ joins and output
+    def add(self, xs: list[Value]) -> Value:
+        """Elementwise sum of computed values of one shape (a residual join)."""
+        if len(xs) == 1:
+            return xs[0]
+        shapes = sorted({x.shape for x in xs})
+        if len(shapes) != 1:
+            raise self.refuse(f"sum of differently shaped values {[list(s) for s in shapes]} "
+                              f"(no broadcasting between computed values)")
+        return self._emit(Add(), list(xs))
+
+    def softmax(self, x: Value, log: bool = False) -> Value:
+        """Softmax / LogSoftmax over the class axis; only as the model's output (finish())."""
+        if len(x.shape) != 1:
+            raise self.refuse(f"{'log_' if log else ''}softmax of a per-sample "
+                              f"{list(x.shape)} value (only over the classes of [N, classes])")
+        return self._emit(Softmax(log=bool(log)), [x])
+
+    def output(self, x: Value) -> None:
+        if any(i.name == x.name for i in self.g.inputs):
+            # an output that is the input itself still needs a node to name it
+            self.scope = ""
+            x = self._emit(Identity(), [x])
+        self.g.outputs.append(x.name)
+
+    # ------------------------------------------------------------------ finishing
+    def finish(self) -> Graph:
+        """Fuse clamps, check softmax placement, fold, name; returns the graph."""
+        g = self.g
+        self._fuse_upper_clamps()
+        for n in g.nodes:
+            if isinstance(n.op, Softmax) and (n.name not in g.outputs or g.consumers(n.name)):
+                kind = "log_softmax" if n.op.log else "softmax"
+                raise self._hook(n.name)(f"{kind} that is not the model's output (Softmax/"
+                                         f"LogSoftmax only as the last op)")
+        simplify(g)
+        self._name()
+        return g
+
+    def _hook(self, name: str) -> Refuse:
+        return self._source_of(name)[1]
+
+    def _source_of(self, name: str) -> tuple[str, Refuse]:
+        """(scope, refusal hook) of the source op that made node `name`."""
+        # nodes the folding creates are named after the node they replace ('<name>.scale')
+        while name not in self._origin and "." in name:
+            name = name.rsplit(".", 1)[0]
+        return self._origin.get(name, ("", EpcError))
+
+    def _fuse_upper_clamps(self) -> None:
+        """clip(-inf, hi) right after a ReLU or clip that nothing else reads becomes one
+        clip (ReLU6 written as clamp(relu(x), max=6)); anywhere else it is refused."""
+        g = self.g
+        for n in list(g.nodes):
+            if not (isinstance(n.op, Act) and n.op.fn.kind == "clip" and n.op.fn.lo == -np.inf):
+                continue
+            prev = next((p for p in g.nodes if p.name == n.inputs[0]), None)
+            ok = (prev is not None and isinstance(prev.op, Act) and g.uses(prev.name) == 1
+                  and prev.op.fn.kind in ("relu", "clip"))
+            if ok:
+                old = prev.op.fn
+                lo = 0.0 if old.kind == "relu" else old.lo
+                hi = n.op.fn.hi if old.kind == "relu" else min(old.hi, n.op.fn.hi)
+                ok = lo < hi
+            if not ok:
+                raise self._hook(n.name)(f"clamp with only an upper bound {n.op.fn.hi} (only "
+                                         f"right after a ReLU or a clip, as in ReLU6)")
+            prev.op = Act(Activation.clip(lo, hi))
+            g.nodes.remove(n)
+            g.rewire(n.name, prev.name)
+
+    def _name(self) -> None:
+        """Give every node and derived weight its final name (see the module docstring)."""
+        g = self.g
+        scopes = {n.name: self._source_of(n.name)[0] for n in g.nodes}
+        kept = {w for n in g.nodes if isinstance(n.op, (Conv, Dense))
+                for w in [n.op.weight] if w == self._source_weight.get(n.name)}
+        # containers: every proper prefix of a scope that holds some source op
+        containers = set()
+        for sc, _ in self._origin.values():
+            parts = sc.split(".")
+            containers.update(".".join(parts[:i]) for i in range(1, len(parts)))
+        table = NameTable({i.name for i in g.inputs} | kept)
+        final: dict[str, str] = {}
+        producer = {n.name: n for n in g.nodes}
+        for n in g.nodes:
+            src = self._source_weight.get(n.name, "")
+            prev = producer.get(n.inputs[0]) if n.inputs else None
+            if isinstance(n.op, (Conv, Dense)) and src.endswith(".weight"):
+                base = src[: -len(".weight")]
+            elif isinstance(n.op, Bias) and prev is not None and isinstance(prev.op, (Conv, Dense)):
+                base = final[prev.name] + "_bias"
+            else:
+                kind = n.op.fn.kind if isinstance(n.op, Act) else n.op.kind
+                s = scopes[n.name]
+                base = kind if not s else (f"{s}.{kind}" if s in containers else s)
+            final[n.name] = table.unique(base)
+        renamed: dict[str, str] = {}
+        for n in g.nodes:
+            if isinstance(n.op, (Conv, Dense, Bias, ChannelScale)) and n.op.weight not in kept:
+                if n.op.weight not in renamed:
+                    prev = producer.get(n.inputs[0])
+                    if isinstance(n.op, (Conv, Dense)):
+                        base = f"{final[n.name]}.weight"
+                    elif isinstance(n.op, ChannelScale):
+                        base = f"{final[n.name]}.scale"
+                    elif prev is not None and isinstance(prev.op, (Conv, Dense)):
+                        base = f"{final[prev.name]}.bias"
+                    else:
+                        base = f"{final[n.name]}.bias"
+                    renamed[n.op.weight] = table.unique(base)
+                n.op.weight = renamed[n.op.weight]
+        g.weights = {renamed.get(k, k): v for k, v in g.weights.items()}
+        for n in g.nodes:
+            n.name = final[n.name]
+            n.inputs = [final.get(x, x) for x in n.inputs]
+        g.outputs = [final.get(o, o) for o in g.outputs]
+
+
+__all__ = ["Builder", "Value"]
