@@ -193,9 +193,9 @@ class Builder:
             names.append(self.weight(v, f"{self.scope or 'bn'}.{what}"))
         return self._emit(BatchNorm(*names, epsilon=float(epsilon)), [x])
 
-    def add_constant(self, x: Value, c) -> Value:
-        """x + c (a bias; subtraction adds -c)."""
-        full = self._per_sample(c, x, "addition")
+    def add_constant(self, x: Value, c, what: str = "addition") -> Value:
+        """x + c (a bias; a subtraction adds -c; `what` names it in refusals)."""
+        full = self._per_sample(c, x, what)
         vec = self._channel_vector(full)
         b = full.copy() if vec is None else vec.reshape((x.shape[0],) + (1,) * (len(x.shape) - 1))
         return self._emit(Bias(self.weight(b, f"{self.scope or 'add'}.bias")), [x])

@@ -446,6 +446,7 @@ def _gemm(ctx, node, a):
 
 def _matmul(ctx, node, a):
     x = ctx.data(node, 0)
+    ctx.b.need_rank(x, 1, "MatMul (a matrix product)")
     b = ctx.constant(node, 1, "weight matrix")
     if b.ndim != 2:
         raise ctx.unsupported(node, f"MatMul weight must be 2-D, got {list(b.shape)}")
@@ -472,7 +473,9 @@ def _binary(ctx, node, a):
     if not consts:
         return y
     total = sum(consts)
-    return ctx.b.add_constant(y, -total if t == "Sub" else total)
+    if t == "Sub":
+        return ctx.b.add_constant(y, -total, "subtraction")
+    return ctx.b.add_constant(y, total)
 
 
 def _clip(ctx, node, a):

@@ -530,7 +530,8 @@ def _add(L, node, args, kwargs, sign: float = 1.0):
                          "residual add is supported)", node)
         return L.b.add([a, b])
     if isinstance(a, Value):
-        return L.b.add_constant(a, _array(b).astype(np.float64) * (float(alpha) * sign))
+        return L.b.add_constant(a, _array(b).astype(np.float64) * (float(alpha) * sign),
+                                "addition" if sign == 1.0 else "subtraction")
     if sign != 1.0 or alpha != 1:
         raise L.fail("constant minus activation", node)
     return L.b.add_constant(_need_act(L, node, b), _array(a))
