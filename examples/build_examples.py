@@ -260,19 +260,20 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, tuple]:
     return warm_batchnorm(ctor(), shape, seed), shape
 
 
-def export_legacy(model: nn.Module, in_shape, path: str, opset: int = OPSET) -> str:
+def export_legacy(model: nn.Module, in_shape, path: str, opset: int = OPSET,
+                  input_name: str = "input") -> str:
     """Legacy TorchScript export, BN kept as BatchNormalization, dynamic batch."""
     x = torch.zeros(2, *in_shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (x,), path, dynamo=False, opset_version=opset,
                           training=torch.onnx.TrainingMode.PRESERVE,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+                          input_names=[input_name], output_names=["logits"],
+                          dynamic_axes={input_name: {0: "N"}, "logits": {0: "N"}})
     return path
 
 
-def export_dynamo(model: nn.Module, in_shape, path: str) -> str:
+def export_dynamo(model: nn.Module, in_shape, path: str, input_name: str = "input") -> str:
     """torch.export-based export (dynamo=True), dynamic batch; quiet."""
     import contextlib
     import io
@@ -281,7 +282,7 @@ def export_dynamo(model: nn.Module, in_shape, path: str) -> str:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(model.eval(), (x,), dynamo=True, input_names=["input"],
+        prog = torch.onnx.export(model.eval(), (x,), dynamo=True, input_names=[input_name],
                                  output_names=["logits"],
                                  dynamic_shapes=({0: torch.export.Dim("N")},), verbose=False)
         prog.save(path)

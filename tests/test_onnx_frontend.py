@@ -1,8 +1,10 @@
 """ONNX frontend: imports real exported models and refuses bad input cleanly.
 
 References: onnxruntime (and the torch module itself) on random inputs, for models exported
-on the fly from the common CNN families in both torch exporter forms (legacy TorchScript and
-dynamo), plus hand-built onnx graphs for folding, operator forms and every kind of bad input.
+on the fly from the common CNN families by the legacy TorchScript exporter at several opsets,
+plus hand-built onnx graphs for folding, operator forms and every kind of bad input. The
+dynamo exporter's forms are checked in test_frontends_agree.py (its exports are slow, so
+they are made once there), against onnxruntime, PyTorch and the PyTorch frontend's IR.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ from onnx import TensorProto, helper, numpy_helper
 from epc.compiler.errors import EpcError
 from epc.compiler.ir import Act, Conv, Flatten, Softmax
 from epc.compiler.options import CompileOptions
-from epc.compiler.passes import canonicalize
 from epc.compiler.reference import run_feedforward
 from epc.compiler.text import parse, print_graph
 from epc.compiler.verify import problems
@@ -169,50 +170,6 @@ def test_opsets_of_the_legacy_exporter(opset, tmp_path):
     assert g.attrs["opset"] == str(opset)
     assert isinstance(g.node(g.outputs[0]).op, Softmax)
     assert any(isinstance(n.op, Act) and n.op.fn.kind == "clip" for n in g.nodes)
-
-
-# --------------------------------------------------------------------------- dynamo exports
-DYNAMO_SET = ["mlp", "resnet_bn", "mobilenet_relu6"]
-
-
-@pytest.fixture(scope="module")
-def both_exports(tmp_path_factory):
-    """family -> (legacy path, dynamo path, torch model, shape); dynamo export is slow."""
-    d = tmp_path_factory.mktemp("exports")
-    out = {}
-    for fam in DYNAMO_SET:
-        model, shape = make(fam, seed=1)
-        out[fam] = (be.export_legacy(model, shape, str(d / f"{fam}_legacy.onnx")),
-                    be.export_dynamo(model, shape, str(d / f"{fam}_dynamo.onnx")), model, shape)
-    return out
-
-
-@pytest.mark.parametrize("family", DYNAMO_SET)
-def test_dynamo_export_matches_ort_and_torch(family, both_exports):
-    _, dyn, model, _ = both_exports[family]
-    g, x = check_against_ort(dyn, batch=5)
-    assert int(g.attrs["opset"]) >= 18
-    with torch.no_grad():
-        assert rel_err(ir_run(g, x), model(torch.from_numpy(x)).numpy()) < RTOL
-
-
-@pytest.mark.parametrize("family", DYNAMO_SET)
-def test_legacy_and_dynamo_import_to_equivalent_ir(family, both_exports):
-    legacy, dyn, _, shape = both_exports[family]
-    gl, gd = load_onnx(legacy), load_onnx(dyn)
-    x = np.random.default_rng(3).normal(size=(4, *shape)).astype(np.float32)
-    assert rel_err(ir_run(gl, x), ir_run(gd, x)) < RTOL
-    # After canonicalize (which folds the legacy form's BatchNorm nodes; the dynamo exporter
-    # folds them itself) both are the same op sequence with the same weights.
-    cl, cd = (canonicalize.run(g, CompileOptions()) for g in (gl, gd))
-    assert [n.op.kind for n in cl.nodes] == [n.op.kind for n in cd.nodes]
-    assert [n.shape for n in cl.nodes] == [n.shape for n in cd.nodes]
-    wl = [cl.weights[w] for w in cl.weight_names()]
-    wd = [cd.weights[w] for w in cd.weight_names()]
-    assert len(wl) == len(wd)
-    for a, b in zip(wl, wd):
-        assert a.shape == b.shape
-        assert np.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- hand-built graphs

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import textwrap
-import warnings
 
 import numpy as np
 import pytest
@@ -500,32 +499,3 @@ def test_spec_loader_bad_shape(tmp_path):
         load_torch_spec(f"{path}:make", (8,))
     with pytest.raises(EpcError, match="could not capture.*channels"):
         load_torch_spec(f"{path}:make", (1, 2, 8, 8))   # wrong channel count
-
-
-# --------------------------------------------------------------------------- vs ONNX
-def test_torch_and_onnx_frontends_agree(tmp_path):
-    onnx_frontend = pytest.importorskip("epc.frontends.onnx")
-    pipeline = pytest.importorskip("epc.compiler.pipeline")
-    from epc.compiler.options import CompileOptions
-    from epc.compiler.reference import forward_sweep
-
-    model = _randomize_bn(ResNet(), 3).eval()
-    example = torch.randn(2, 3, 16, 16)
-    path = tmp_path / "resnet.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's advice on constant folding
-        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "N"}},
-                          training=torch.onnx.TrainingMode.PRESERVE)
-    g_torch = load_torch(model, example)
-    g_onnx = onnx_frontend.load_onnx(str(path))
-    x = np.random.default_rng(0).standard_normal((3, 3, 16, 16))
-    a = run_feedforward(g_torch, {g_torch.inputs[0].name: x})[g_torch.outputs[0]]
-    b = run_feedforward(g_onnx, {g_onnx.inputs[0].name: x})[g_onnx.outputs[0]]
-    assert _rel_err(a, b) < RTOL
-    # and after compiling both to the energy form, one feedforward sweep still agrees
-    outs = []
-    for g in (g_torch, g_onnx):
-        e = pipeline.compile_graph(g, CompileOptions())
-        outs.append(forward_sweep(e, {e.inputs[0].name: x})[e.output_state().name])
-    assert _rel_err(outs[0].reshape(3, -1), outs[1].reshape(3, -1)) < RTOL
