@@ -25,16 +25,18 @@ the same path read back from a torch-exported ONNX file (legacy node names like
 node's own name in any other ONNX file. After folding, in source order:
 
 * a Conv/Dense whose weight is a `<path>.weight` parameter is named `<path>`;
-* the Bias right after a Conv/Dense is `<that node>_bias`, with weight `<that node>.bias`;
+* the Bias right after a Conv/Dense is `<that node>_bias`;
 * any other node is named by its scope: the scope itself when no other scope lies inside
   it (a leaf module: `relu1`), `<scope>.<kind>` inside a container (`stages.0.relu`,
   `stages.0.add`), `<kind>` at the root (`flatten`); repeats get `_1`, `_2`, ...;
-* a ChannelScale's weight is `<node>.scale`, any other Bias weight `<node>.bias`; Conv and
-  Dense weights keep their source names (the compiled program shows them).
+* weights are named after the node that uses them: `<node>.weight` for a Conv/Dense (its
+  state_dict name when it has one), `<conv or dense>.bias` for the Bias after it,
+  `<node>.bias` for any other Bias, `<node>.scale` for a ChannelScale.
 
-Scopes, not source op names, decide: the ATen graph, the legacy exporter and the dynamo
-exporter number their ops differently (`relu_3`, `Relu_1`, `node_relu_3`), but agree on
-module paths, and the dynamo exporter has already folded each BatchNorm into its Conv.
+Scopes, not source op or tensor names, decide: the ATen graph, the legacy exporter and the
+dynamo exporter number their ops differently (`relu_3`, `Relu_1`, `node_relu_3`) and an
+exporter that folds a BatchNorm into its conv names the result anonymously
+(`onnx::Conv_145`, `stages.0.conv1.weight_bias`), but all agree on module paths.
 """
 from __future__ import annotations
 
@@ -374,14 +376,12 @@ class Builder:
         """Give every node and derived weight its final name (see the module docstring)."""
         g = self.g
         scopes = {n.name: self._source_of(n.name)[0] for n in g.nodes}
-        kept = {w for n in g.nodes if isinstance(n.op, (Conv, Dense))
-                for w in [n.op.weight] if w == self._source_weight.get(n.name)}
         # containers: every proper prefix of a scope that holds some source op
         containers = set()
         for sc, _ in self._origin.values():
             parts = sc.split(".")
             containers.update(".".join(parts[:i]) for i in range(1, len(parts)))
-        table = NameTable({i.name for i in g.inputs} | kept)
+        table = NameTable({i.name for i in g.inputs})
         final: dict[str, str] = {}
         producer = {n.name: n for n in g.nodes}
         for n in g.nodes:
@@ -396,9 +396,9 @@ class Builder:
                 s = scopes[n.name]
                 base = kind if not s else (f"{s}.{kind}" if s in containers else s)
             final[n.name] = table.unique(base)
-        renamed: dict[str, str] = {}
+        renamed: dict[str, str] = {}     # a weight several ops share: its first user's name
         for n in g.nodes:
-            if isinstance(n.op, (Conv, Dense, Bias, ChannelScale)) and n.op.weight not in kept:
+            if isinstance(n.op, (Conv, Dense, Bias, ChannelScale)):
                 if n.op.weight not in renamed:
                     prev = producer.get(n.inputs[0])
                     if isinstance(n.op, (Conv, Dense)):

@@ -2,12 +2,15 @@
 
 Every example model of examples/build_examples.py (and a small model of the ops that compute
 nothing at inference: Identity, Dropout, an output LogSoftmax) is compiled from the
-nn.Module (torch.export) and from its ONNX export by the legacy exporter, and for a subset
-also by the dynamo exporter (slow to export; it folds each BatchNorm into its conv itself,
-in float32). The feedforward IR each frontend produces and the energy IR compiled from it
-must print the same text, except the provenance attributes (source, frontend, opset), with
-weights equal (bit for bit from the legacy exporter, to float32 rounding from the dynamo
-exporter). The dynamo exports are also run against onnxruntime and PyTorch here.
+nn.Module (torch.export) and from its ONNX exports:
+* by the legacy exporter with batch norms kept (as build_examples.py exports), every model;
+* by the legacy exporter at its defaults, which folds each batch norm into its conv under
+  an anonymous name ('onnx::Conv_145'): the models with batch norms;
+* by the dynamo exporter (slow to export; it also folds batch norms itself): a subset.
+The feedforward IR each frontend produces and the energy IR compiled from it must print the
+same text, except the provenance attributes (source, frontend, opset), with weights equal:
+bit for bit where epc folds both sides from the same float32 parameters, else to float32
+rounding. The dynamo exports are also run against onnxruntime and PyTorch here.
 
 resnet18_imagenet_shape is left out (about 3 s of export and tracing for a layout that
 resnet13 and the padded max-pool of passthrough_net already cover).
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -54,6 +58,18 @@ MODELS = {**be.MODELS,
           "passthrough_net": (passthrough_net, (2, 6, 6))}
 # BN folding, residual joins, ReduceMean/Reshape/Clip forms, depthwise convs, Identity/Dropout
 DYNAMO = ["resnet13", "mobilenet_cifar", "passthrough_net"]
+# the legacy exporter at its defaults (training=EVAL) folds each BN into its conv itself and
+# names the folded tensors anonymously ('onnx::Conv_145'): the models with batch norms
+FOLDED = ["vgg_cifar", "resnet13", "mobilenet_cifar", "passthrough_net"]
+
+
+def export_with_defaults(model, shape, path: str, in_name: str) -> str:
+    """torch.onnx.export as a user calls it (legacy exporter, eval mode, constant folding)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, *shape),), path, dynamo=False,
+                          input_names=[in_name], dynamic_axes={in_name: {0: "N"}})
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +89,10 @@ def models(tmp_path_factory):
         # the input named as torch.export names it (the forward argument: 'x', 'input')
         m["legacy"] = load_onnx(be.export_legacy(model, shape, str(d / f"{name}.onnx"),
                                                  input_name=in_name))
+        if name in FOLDED:
+            (d / "defaults").mkdir(exist_ok=True)
+            m["legacy_defaults"] = load_onnx(export_with_defaults(
+                model, shape, str(d / "defaults" / f"{name}.onnx"), in_name))
         if name in DYNAMO:
             m["dynamo_path"] = be.export_dynamo(model, shape, str(d / "dynamo" / f"{name}.onnx"),
                                                 input_name=in_name)
@@ -97,15 +117,16 @@ def assert_same(a, b, tol: float):
         assert err <= tol * float(np.max(np.abs(wa), initial=0.0)), (k, err)
 
 
-CASES = [(name, kind) for name in MODELS for kind in ("legacy", "dynamo")
-         if kind == "legacy" or name in DYNAMO]
+CASES = ([(name, "legacy") for name in MODELS] + [(name, "legacy_defaults") for name in FOLDED]
+         + [(name, "dynamo") for name in DYNAMO])
 
 
 @pytest.mark.parametrize("name, exporter", CASES)
 def test_same_feedforward_and_energy_ir(models, name, exporter):
     g_torch, g_onnx = models[name]["torch"], models[name][exporter]
     # the legacy exporter keeps the parameters (epc folds the batch norms of both from the
-    # same float32 values: the same bits); the dynamo exporter folds them in float32 itself
+    # same float32 values: the same bits); with its defaults, and the dynamo exporter, fold
+    # them in float32 themselves
     tol = 0.0 if exporter == "legacy" else 1e-6
     assert_same(g_torch, g_onnx, tol)
     opts = CompileOptions()
