@@ -31,7 +31,8 @@ from .common import sanitize
 MIN_OPSET, MAX_OPSET = 9, 23
 
 SUPPORTED_OPS = (
-    "Conv (2-D), Gemm, MatMul (by a constant 2-D matrix), Relu, Clip, HardSigmoid, "
+    "Conv (2-D), Gemm, MatMul (by a constant 2-D matrix), Relu, Clip (a max alone only "
+    "right after a Relu or Clip), HardSigmoid, "
     "BatchNormalization (inference), Mul/Div by a per-channel constant, Add/Sub of a constant "
     "(bias), Add/Sum of same-shaped values (residual), MaxPool, AveragePool, "
     "GlobalAveragePool, ReduceMean over the spatial axes, Flatten, Reshape to [N, -1], "
