@@ -19,6 +19,13 @@ this module, so that one model gives one IR text whichever way it arrives:
   own rewrites, so the arithmetic and therefore the compiled bits are the same whether the
   frontend or the pass folds), and names everything.
 
+The calls: `input`; `dense`, `conv` (with an optional bias), `batchnorm`, `add_constant`,
+`mul_constant`; `relu`, `clamp`, `hardsigmoid`, `act`; `maxpool`, `avgpool`,
+`global_avgpool`, `adaptive_avgpool`; `flatten`, `reshape`; `add` (residual join);
+`softmax`; `output`; then `finish()`. A new source op for both frontends is a method here
+(if the IR needs a new shape of call), a rule in frontends/onnx.py `_RULES` and a handler
+in frontends/torch.py `_HANDLERS`.
+
 Naming. Every source op comes with a scope: its module path in PyTorch (`stages.0.conv1`),
 the same path read back from a torch-exported ONNX file (legacy node names like
 `/stages/stages.0/conv1/Conv`, the dynamo exporter's `name_scopes` metadata), or the
