@@ -44,7 +44,7 @@ import torch
 
 from epc.compiler import ops as O
 from epc.compiler.errors import EpcError
-from epc.compiler.ir import Conv, Dense, Flatten, Graph, Identity, MaxPool, op_weights
+from epc.compiler.ir import Graph, op_weights
 
 from . import kernels as K
 
@@ -86,13 +86,17 @@ class SettleResult:
     parts: list | None = None         # per-part results when settled with `parts`
 
 
-def _classify(c, g: Graph) -> tuple[str, str | None]:
-    ops = c.ops
-    if len(ops) == 1 and isinstance(ops[0], Dense):
-        return "dense", ops[0].weight
-    if len(ops) == 2 and isinstance(ops[0], Flatten) and isinstance(ops[1], Dense):
-        return "flat_dense", ops[1].weight
-    if all(isinstance(op, Identity) for op in ops):
+# Chains the hot loop runs in a special form (the same arithmetic in fewer calls), by the
+# kinds of their ops; every other chain runs op by op through the registry ('chain').
+_FAST_PATHS = {("dense",): "dense", ("flatten", "dense"): "flat_dense"}
+
+
+def _fast_path(ops: list) -> tuple[str, str | None]:
+    """(fast path, its dense weight) of a coupling's chain."""
+    kinds = tuple(op.kind for op in ops)
+    if kinds in _FAST_PATHS:
+        return _FAST_PATHS[kinds], ops[-1].weight
+    if all(k == "identity" for k in kinds):
         return "identity", None
     return "chain", None
 
@@ -142,16 +146,17 @@ class Engine:
         self.classes = [list(c) for c in sched.classes if c]
         self.links: list[Link] = []
         for c in graph.couplings:
-            fast, w = _classify(c, graph)
+            fast, w = _fast_path(c.ops)
             self.links.append(Link(
                 c.name, c.src, c.dst, list(c.ops), c.kind, bool(c.feedback), fast, w,
-                tuple(graph.shape_of(c.src)), any(isinstance(op, MaxPool) for op in c.ops),
+                tuple(graph.shape_of(c.src)), any(K.rule(op).piecewise for op in c.ops),
                 [x for op in c.ops for x in op_weights(op).values()]))
         self.link_by_name = {l.name: l for l in self.links}
-        # conv kernels that act on channels-last states in the loop (see loop_params)
-        self.cl_kernels = sorted({op.weight for l in self.links if l.fast == "chain"
+        # convolution kernels (the 4-D weights) that act on channels-last states in the
+        # loop (see loop_params)
+        self.cl_kernels = sorted({w for l in self.links if l.fast == "chain"
                                   and {l.src, l.dst} & self.channels_last
-                                  for op in l.ops if isinstance(op, Conv)})
+                                  for w in l.weights if np.ndim(graph.weights[w]) == 4})
         teacher_states = {s.name for s in graph.states if s.role == "teacher"}
         clamped = set(self.inputs) | teacher_states
         self.input_links: dict[str, list[Link]] = {j: [] for j in self.settled}
@@ -206,18 +211,13 @@ class Engine:
         return K.chain_forward(l.ops, x, P)
 
     def _routed_forward(self, ops: list, x: Tensor, P: dict, frozen: list):
-        """The chain `ops` (a link's ops or a prefix of them) with every max-pool selecting
-        the positions frozen in `frozen` (a linear map)."""
+        """The chain `ops` (a link's ops or a prefix of them) with every piecewise op (a
+        max-pool) selecting as frozen in `frozen` (a linear map)."""
         ctxs = []
         for op, fc in zip(ops, frozen):
-            if isinstance(op, MaxPool):
-                _, idx, _, index = fc          # as `routing` froze it
-                xp, pad = O.maxpool_input(op, x)
-                x = K.maxpool_gather(xp, idx, index)
-                ctxs.append((xp, idx, pad))
-            else:
-                x, c = O.forward(op, x, P)
-                ctxs.append(c)
+            r = K.rule(op)
+            x, c = r.forward(op, x, P) if fc is None else r.forward_frozen(op, x, fc)
+            ctxs.append(c)
         return x, ctxs
 
     def link_prefix(self, l: Link, x: Tensor, P: dict | None = None,
@@ -234,12 +234,13 @@ class Engine:
         """The contexts `link_adjoint` takes for a chain link at source value x, as
         `link_forward` returns them. A trailing conv or dense op is not applied: its
         context is only its input's shape (a conv) or nothing (a dense), so the contexts
-        of a max-pool -> conv chain cost the pool, not the convolution too."""
-        last = l.ops[-1]
-        if not isinstance(last, (Conv, Dense)):
+        of a max-pool -> conv chain cost the pool, not the convolution too (likewise any
+        last op whose context is not `context_needs_input`)."""
+        last = K.rule(l.ops[-1])
+        if last.context_needs_input:
             return self.link_forward(l, x, P, routing)[1]
         y, ctxs = self.link_prefix(l, x, P, routing)
-        return ctxs + [y.shape if isinstance(last, Conv) else None]
+        return ctxs + [last.shape_context(l.ops[-1], y.shape)]
 
     def routing(self, states: dict, batch: dict) -> dict:
         """Max-pool selections of every pooling chain at `states` (to freeze for nudging)."""
@@ -249,9 +250,9 @@ class Engine:
         for l in self.links:
             if l.needs_ctx and l.dst in self.inbound:
                 ctxs = self.link_contexts(l, vals[l.src])
-                # a frozen pool: (xp, idx, pad) and the offsets its gather reads
-                out[l.name] = [(c[0], c[1], c[2], K.gather_index(c[0], c[1]))
-                               if isinstance(op, MaxPool) else c for op, c in zip(l.ops, ctxs)]
+                # per op: its frozen selection (piecewise ops), else None
+                out[l.name] = [K.rule(op).freeze(op, c) if K.rule(op).piecewise else None
+                               for op, c in zip(l.ops, ctxs)]
         return out
 
     def readout(self, r: str, vals: dict, P: dict | None = None,
@@ -675,12 +676,7 @@ class Engine:
         """Frozen max-pool selections with `take` applied to their batch rows."""
         if routing is None:
             return None
-        def rows(fc):   # a frozen max-pool, as `routing` builds it
-            xp, idx, pad, index = fc
-            return (take(xp), take(idx), pad,
-                    K.GatherIndex(index.channels_last, take(index.index)))
-
-        return {name: [rows(fc) if isinstance(op, MaxPool) else fc
+        return {name: [None if fc is None else K.rule(op).take_frozen(fc, take)
                        for op, fc in zip(self.link_by_name[name].ops, frozen)]
                 for name, frozen in routing.items()}
 

@@ -114,25 +114,66 @@ def conv_adjoint(op: Conv, g: torch.Tensor, in_shape, weights) -> torch.Tensor:
                               op.groups, op.dilation)
 
 
+class MaxPoolKernels(O.MaxPoolRule):
+    """The max-pool with the kernels above; its frozen selection, as the engine keeps it,
+    is (argmax indices, their `GatherIndex`)."""
+
+    def forward(self, op, x, weights):
+        return maxpool_forward(op, x)
+
+    def adjoint(self, op, g, ctx, weights):
+        # A max-pool whose input was channels-last gets its incoming gradient channels-last
+        # too: torch's unpool kernel converts mismatched layouts itself, at ~5x the cost of
+        # the unpool (the gradient is the pooled, smaller tensor: converting it is cheap).
+        if is_channels_last(ctx[0]) and not is_channels_last(g):
+            g = g.contiguous(memory_format=CL)
+        return super().adjoint(op, g, ctx, weights)
+
+    def freeze(self, op, ctx):
+        xp, idx, _ = ctx
+        return idx, gather_index(xp, idx)
+
+    def forward_frozen(self, op, x, frozen):
+        idx, index = frozen
+        xp, pad = O.maxpool_input(op, x)
+        return maxpool_gather(xp, idx, index), (xp, idx, pad)
+
+    @staticmethod
+    def take_frozen(frozen, take):
+        """A frozen selection with `take` applied to its batch rows."""
+        idx, index = frozen
+        return take(idx), GatherIndex(index.channels_last, take(index.index))
+
+
+class ConvKernels(O.ConvRule):
+    def adjoint(self, op, g, ctx, weights):
+        return conv_adjoint(op, g, ctx, weights)
+
+
+# The op registry as the engine runs it: the reference rules, with the two above in place
+# of theirs (every other op, including any added to compiler.ops, runs its reference).
+KERNELS: dict[type, O.OpRule] = {**O.RULES, MaxPool: MaxPoolKernels(), Conv: ConvKernels()}
+
+
+def rule(op) -> O.OpRule:
+    """The engine's rule for an IR op (a faster equal one where this module has it)."""
+    try:
+        return KERNELS[type(op)]
+    except KeyError:
+        return O.rule(op)   # registered after this module was imported, or an error
+
+
 def chain_forward(ops: list, x: torch.Tensor, weights) -> tuple[torch.Tensor, list]:
     """`compiler.ops.chain_forward` with the faster kernels above."""
     ctxs = []
     for op in ops:
-        x, ctx = maxpool_forward(op, x) if isinstance(op, MaxPool) else O.forward(op, x, weights)
+        x, ctx = rule(op).forward(op, x, weights)
         ctxs.append(ctx)
     return x, ctxs
 
 
 def chain_adjoint(ops: list, g: torch.Tensor, ctxs: list, weights) -> torch.Tensor:
-    """`compiler.ops.chain_adjoint` with the faster kernels above. A max-pool whose input
-    was channels-last gets its incoming gradient channels-last too: torch's unpool kernel
-    converts mismatched layouts itself, at ~5x the cost of the unpool (the gradient is
-    the pooled, smaller tensor: converting it here is cheap)."""
+    """`compiler.ops.chain_adjoint` with the faster kernels above."""
     for op, ctx in zip(reversed(ops), reversed(ctxs)):
-        if isinstance(op, Conv):
-            g = conv_adjoint(op, g, ctx, weights)
-            continue
-        if isinstance(op, MaxPool) and is_channels_last(ctx[0]) and not is_channels_last(g):
-            g = g.contiguous(memory_format=CL)
-        g = O.adjoint(op, g, ctx, weights)
+        g = rule(op).adjoint(op, g, ctx, weights)
     return g

@@ -7,8 +7,8 @@ EP estimate (per weight, averaged over the batch):
 
 dPhi/dW of a dense coupling is s_dst^T s_src (a matmul). A chain whose one learnable
 weight is its last op's (max-pool -> conv, a conv alone, flatten -> dense) takes that op's
-weight gradient at the chain's prefix, for both phases in one call (the chain's op itself
-is never applied). Any other chain takes the autograd gradient of <s_dst, L(s_src)> w.r.t.
+weight gradient (its registry rule's `weight_grad`) at the chain's prefix, for both phases
+in one call (the chain's op itself is never applied). Any other chain takes the autograd gradient of <s_dst, L(s_src)> w.r.t.
 its weights. Either runs once per batch, outside the settling loop. dPhi/db_j = s_j summed
 over the axes b_j broadcasts over. Weights shared by several couplings accumulate.
 
@@ -30,7 +30,7 @@ import torch
 
 from epc.compiler import ops as O
 from epc.compiler.errors import EpcError
-from epc.compiler.ir import Conv, Dense, op_weights
+from epc.compiler.ir import op_weights
 from epc.compiler.ops import reduce_to_shape
 
 from .engine import Engine
@@ -83,9 +83,10 @@ def phi_grad_diff(eng: Engine, batch: dict, sa: dict, sb: dict,
 
 
 def _last_op_learns_alone(l, learn: set) -> bool:
-    """The chain's one learnable weight belongs to its last op, a conv or a dense."""
+    """The chain's one learnable weight belongs to its last op, whose rule has a direct
+    weight gradient (a conv or a dense)."""
     last = l.ops[-1]
-    return (isinstance(last, (Conv, Dense)) and last.weight in learn
+    return (O.rule(last).weight_grad is not None and last.weight in learn
             and not any(w in learn for op in l.ops[:-1] for w in op_weights(op).values()))
 
 
@@ -108,12 +109,7 @@ def _last_op_grad_diff(eng: Engine, l, xa: Tensor, xb: Tensor, ga: Tensor, gb: T
     else:
         pb = eng.link_prefix(l, xb, P, routing)[0]
         x, g = torch.cat([pa, pb]), torch.cat([ga, -gb])
-    if isinstance(op, Dense):
-        return g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-    # a Conv is 2-D (compiler.ir) and its input batched: x is [N, C, H, W]
-    x, pad = O.conv_input(op, x)
-    return torch.nn.grad.conv2d_weight(x, P[op.weight].shape, g, op.stride, pad,
-                                       op.dilation, op.groups)
+    return O.rule(op).weight_grad(op, x, g, P)
 
 
 def readout_gradient(eng: Engine, batch: dict, phases: list[tuple[dict, float]],

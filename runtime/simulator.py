@@ -22,20 +22,15 @@ program's counter-mode PRNG, so a training run is reproducible from the program 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as TF
 
 from epc.compiler import ops as O
-from epc.compiler.errors import EpcError
-from epc.compiler.ir import ChannelScale, Conv, Dense, Flatten, Identity, MaxPool
 
 # the program data model lives with the target; the simulator only reads it
-from epc.targets.neuromorphic.isa import (ACC_BITS, BETA_FRAC, COST_WEIGHT_FRAC, Program,
-                                          SynOp)
+from epc.targets.neuromorphic.isa import ACC_BITS, BETA_FRAC, COST_WEIGHT_FRAC, Program
 
 EXP_MAX = 31
 ACC_MAX = float((1 << (ACC_BITS - 1)) - 1)
@@ -92,69 +87,11 @@ class _Chain:
     kind: str
     feedback: bool
     learn: bool
-    steps: list            # (SynOp, ir op or None)
+    steps: list            # (SynOp, its op registry rule, the IR op it executes as)
     mult: float
     shift: int
-    has_max: bool
+    piecewise: bool        # has a max-pool: its winners follow the source
     weights: list[tuple[str, int]] = field(default_factory=list)   # (memory, e_min)
-
-
-def _ir_op(op: SynOp):
-    if op.kind == "dense":
-        return Dense(op.w)
-    if op.kind == "conv":
-        return Conv(op.w, list(op.stride), list(op.pads), list(op.dilation), op.groups)
-    if op.kind == "chscale":
-        return ChannelScale(op.w)
-    if op.kind == "maxpool":
-        return MaxPool(list(op.kernel), list(op.stride), list(op.pads), list(op.dilation), op.ceil)
-    if op.kind == "flatten":
-        return Flatten()
-    if op.kind == "identity":
-        return Identity()
-    return None   # sumpool, gsum: integer sums done here
-
-
-def _fwd(op: SynOp, ir, x: torch.Tensor, W: dict):
-    if ir is not None:
-        return O.forward(ir, x, W)
-    if op.kind == "sumpool":
-        y = TF.avg_pool2d(x, list(op.kernel), list(op.stride), [op.pads[0], op.pads[1]],
-                          op.ceil, True, 1)
-        return y, x.shape
-    if op.kind == "gsum":
-        return x.sum(dim=(2, 3), keepdim=op.keepdims), x.shape
-    raise EpcError(f"unknown synapse op {op.kind}")
-
-
-def _adj(op: SynOp, ir, g: torch.Tensor, ctx, W: dict):
-    if ir is not None:
-        return O.adjoint(ir, g, ctx, W)
-    if op.kind == "sumpool":
-        x = torch.zeros(ctx, dtype=g.dtype)
-        return torch.ops.aten.avg_pool2d_backward(g, x, list(op.kernel), list(op.stride),
-                                                  [op.pads[0], op.pads[1]], op.ceil, True, 1)
-    if op.kind == "gsum":
-        n, c, h, w = ctx
-        return g.reshape(n, c, 1, 1).expand(n, c, h, w)
-    raise EpcError(f"unknown synapse op {op.kind}")
-
-
-def _pads_symmetric(pads) -> bool:
-    return pads[0] == pads[2] and pads[1] == pads[3]
-
-
-def _gather_pool(op: SynOp, x: torch.Tensor, idx: torch.Tensor):
-    """A max-pool with frozen winners: the value at each window's recorded index (linear).
-    Indices are torch's max_pool2d ones: into the input plane, or into the -inf padded
-    plane for asymmetric padding, exactly as compiler.ops records them."""
-    if _pads_symmetric(op.pads):
-        xp, pad = x, (op.pads[0], op.pads[1])
-    else:
-        xp = TF.pad(x, (op.pads[1], op.pads[3], op.pads[0], op.pads[2]), value=-math.inf)
-        pad = (0, 0)
-    y = xp.flatten(2).gather(2, idx.flatten(2)).reshape(idx.shape)
-    return y, (xp, idx, pad)
 
 
 @dataclass
@@ -216,7 +153,7 @@ class Simulator:
         wexp = {op.w: op.e for s in p.synapses for op in s.ops if op.w}
         self.wexp = wexp
         for s in p.synapses:
-            steps = [(op, _ir_op(op)) for op in s.ops]
+            steps = [(op, *O.core_op(op)) for op in s.ops]
             shift = sum(op.rshift for op in s.ops)
             mult = 1
             ws = []
@@ -226,7 +163,7 @@ class Simulator:
                     shift -= self.emin[op.w]
                     ws.append((op.w, self.emin[op.w]))
             self.chains.append(_Chain(s.name, s.src, s.dst, s.kind, s.feedback, s.learn, steps,
-                                      float(mult), shift, any(o.kind == "maxpool" for o in s.ops),
+                                      float(mult), shift, any(r.piecewise for _, r, _ in steps),
                                       ws))
         # teacher groups are driven by teacher synapses only, the others never by them
         self.inbound = {g: [c for c in self.chains if c.dst == g and
@@ -237,7 +174,7 @@ class Simulator:
         self.macs = {c.name: self._chain_macs(c) for c in self.chains}
         # synapses whose max-pool acts on a settled state: the winner rules apply to them
         # (pools on clamped inputs or teacher groups see a constant source)
-        self.pooled = [c for c in self.chains if c.has_max and c.kind != "teacher"
+        self.pooled = [c for c in self.chains if c.piecewise and c.kind != "teacher"
                        and c.src in self.groups and self.groups[c.src].role != "teacher"]
         rng = np.random.default_rng(12345)   # hash coefficients for cycle detection only
         self._hcoef = {g: torch.as_tensor(rng.integers(1, 2 ** 20, size=int(np.prod(
@@ -258,7 +195,7 @@ class Simulator:
         """After an exponent change of weight memory w: recompute the chains' shifts."""
         for c in self.chains:
             if any(n == w for n, _ in c.weights):
-                c.shift = sum(op.rshift for op, _ in c.steps) - sum(
+                c.shift = sum(op.rshift for op, _, _ in c.steps) - sum(
                     self.emin[n] for n, _ in c.weights)
                 c.weights = [(n, self.emin[n]) for n, _ in c.weights]
 
@@ -267,14 +204,9 @@ class Simulator:
                       else self.mems[c.src].shape)
         x = torch.zeros((1, *shape), dtype=torch.float64)
         total = 0
-        for op, ir in c.steps:
-            y, _ = _fwd(op, ir, x, self.W)
-            if op.kind == "dense":
-                total += int(np.prod(self.W[op.w].shape))
-            elif op.kind == "conv":
-                total += int(np.prod(y.shape[1:])) * int(np.prod(self.W[op.w].shape[1:]))
-            elif op.kind in ("sumpool", "gsum", "chscale"):
-                total += int(np.prod(x.shape[1:]))
+        for _, r, ir in c.steps:
+            y, _ = r.core_forward(ir, x, self.W)
+            total += r.core_synops(ir, tuple(x.shape[1:]), tuple(y.shape[1:]), self.W)
             x = y
         return total
 
@@ -292,45 +224,36 @@ class Simulator:
                  W: dict | None = None) -> tuple[torch.Tensor, list]:
         W = self.W if W is None else W
         ctxs = []
-        for k, (op, ir) in enumerate(c.steps):
-            if route is not None and op.kind == "maxpool":
-                x, ctx = _gather_pool(op, x, route[k])
+        for k, (_, r, ir) in enumerate(c.steps):
+            if route is not None and route[k] is not None:
+                x, ctx = r.forward_frozen(ir, x, route[k])
             else:
-                x, ctx = _fwd(op, ir, x, W)
+                x, ctx = r.core_forward(ir, x, W)
             ctxs.append(ctx)
         return x, ctxs
 
     def _adjoint(self, c: _Chain, g: torch.Tensor, src: torch.Tensor,
                  route: list | None = None) -> torch.Tensor:
-        if c.has_max and route is not None:
-            # frozen winners: the transpose needs only shapes and the recorded indices
-            ctxs, shape = [], tuple(src.shape)
-            for k, (op, ir) in enumerate(c.steps):
-                if op.kind == "maxpool":
-                    pt, pl, pb, pr = op.pads
-                    sym = _pads_symmetric(op.pads)
-                    xshape = shape if sym else (*shape[:2], shape[2] + pt + pb, shape[3] + pl + pr)
-                    ctxs.append((torch.zeros(xshape, dtype=torch.float64), route[k],
-                                 (pt, pl) if sym else (0, 0)))
-                else:
-                    ctxs.append(shape if op.kind in ("conv", "flatten", "sumpool", "gsum") else None)
-                shape = self._out_shape(op, ir, shape)
-        elif c.has_max:
+        if c.piecewise and route is None:
             _, ctxs = self._forward(c, src)
         else:
+            # shapes only (with frozen winners: and the recorded indices), no arithmetic
             ctxs, shape = [], tuple(src.shape)
-            for op, ir in c.steps:   # shapes only: no arithmetic needed
-                ctxs.append(shape if op.kind in ("conv", "flatten", "sumpool", "gsum") else None)
-                shape = self._out_shape(op, ir, shape)
-        for (op, ir), ctx in zip(reversed(c.steps), reversed(ctxs)):
-            g = _adj(op, ir, g, ctx, self.W)
+            for k, (op, r, ir) in enumerate(c.steps):
+                if route is not None and route[k] is not None:
+                    ctxs.append(r.frozen_context(ir, shape, route[k], torch.float64))
+                else:
+                    ctxs.append(r.core_shape_context(ir, shape))
+                shape = self._out_shape(op, r, ir, shape)
+        for (_, r, ir), ctx in zip(reversed(c.steps), reversed(ctxs)):
+            g = r.core_adjoint(ir, g, ctx, self.W)
         return g
 
-    def _out_shape(self, op, ir, shape):
+    def _out_shape(self, op, r, ir, shape):
         key = (id(op), shape)
         got = self._shape_cache.get(key)
         if got is None:
-            y, _ = _fwd(op, ir, torch.zeros((1, *shape[1:]), dtype=torch.float64), self.W)
+            y, _ = r.core_forward(ir, torch.zeros((1, *shape[1:]), dtype=torch.float64), self.W)
             got = (shape[0], *y.shape[1:])
             self._shape_cache[key] = got
         return got
@@ -344,8 +267,8 @@ class Simulator:
         out = {}
         for c in self.pooled:
             _, ctxs = self._forward(c, s[c.src])
-            out[c.name] = [ctx[1] if op.kind == "maxpool" else None
-                           for (op, _), ctx in zip(c.steps, ctxs)]
+            out[c.name] = [r.freeze(ir, ctx) if r.piecewise else None
+                           for (_, r, ir), ctx in zip(c.steps, ctxs)]
         return out
 
     @staticmethod

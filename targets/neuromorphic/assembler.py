@@ -32,6 +32,7 @@ import re
 
 import numpy as np
 
+from epc.compiler import ops as O
 from epc.compiler.errors import EpcError
 
 from .isa import (ASM_HEADER, ISA_VERSION, CostSpec, Group, Memory, Phase, Program, SynOp,
@@ -45,22 +46,21 @@ def _ints(v) -> str:
     return ",".join(str(int(a)) for a in v)
 
 
+def _field_text(v, form) -> str:
+    if form == "name" or form == "int":
+        return str(v)
+    if form == "flag":
+        return str(int(v))
+    return _ints(v)           # n comma-separated integers
+
+
 def _op_text(op: SynOp) -> str:
-    k = op.kind
-    if k in ("dense", "chscale"):
-        return f"{k} w={op.w} e={op.e}"
-    if k == "conv":
-        return (f"conv w={op.w} e={op.e} s={_ints(op.stride)} p={_ints(op.pads)} "
-                f"d={_ints(op.dilation)} g={op.groups}")
-    if k == "maxpool":
-        return (f"maxpool k={_ints(op.kernel)} s={_ints(op.stride)} p={_ints(op.pads)} "
-                f"d={_ints(op.dilation)} ceil={int(op.ceil)}")
-    if k == "sumpool":
-        return (f"sumpool k={_ints(op.kernel)} s={_ints(op.stride)} p={_ints(op.pads)} "
-                f"ceil={int(op.ceil)} rmul={op.rmul} rshift={op.rshift}")
-    if k == "gsum":
-        return f"gsum keep={int(op.keepdims)} rmul={op.rmul} rshift={op.rshift}"
-    return k
+    """One chain stage: the instruction and its fields in the order the op registry
+    declares them (compiler/ops.py, each rule's `core`)."""
+    r = O.core_rule(op.kind)
+    fields = r.core.fields if r is not None else ()
+    return " ".join([op.kind] + [f"{key}={_field_text(getattr(op, attr), form)}"
+                                 for key, attr, form in fields])
 
 
 def disassemble(prog: Program, *, data: bool = True, elide_over: int | None = None) -> str:
@@ -186,37 +186,26 @@ class _Parser:
             body.append((i, line))
         raise self.err(start, f"{what}: no .end")
 
+    def field(self, i: int, v: str, form, what: str):
+        if form == "name":
+            return v
+        if form == "int":
+            return self.integer(i, v, what)
+        if form == "flag":
+            return bool(self.integer(i, v, what))
+        return self.intlist(i, v, form, what)
+
     def op(self, i: int, line: str, what: str) -> SynOp:
+        """One chain stage, its fields as the op registry declares the instruction."""
         toks = line.split()
         k, d = toks[0], self.kv(i, toks[1:], f"{what}: {toks[0]}")
         w = f"{what}: {k}"
-        if k in ("dense", "chscale"):
-            self.need(i, d, ("w", "e"), w)
-            return SynOp(k, w=d["w"], e=d["e"])
-        if k == "conv":
-            self.need(i, d, ("w", "e", "s", "p", "d", "g"), w)
-            return SynOp(k, w=d["w"], e=d["e"], stride=self.intlist(i, d["s"], 2, w),
-                         pads=self.intlist(i, d["p"], 4, w), dilation=self.intlist(i, d["d"], 2, w),
-                         groups=self.integer(i, d["g"], w))
-        if k == "maxpool":
-            self.need(i, d, ("k", "s", "p", "d", "ceil"), w)
-            return SynOp(k, kernel=self.intlist(i, d["k"], 2, w), stride=self.intlist(i, d["s"], 2, w),
-                         pads=self.intlist(i, d["p"], 4, w), dilation=self.intlist(i, d["d"], 2, w),
-                         ceil=bool(self.integer(i, d["ceil"], w)))
-        if k == "sumpool":
-            self.need(i, d, ("k", "s", "p", "ceil", "rmul", "rshift"), w)
-            return SynOp(k, kernel=self.intlist(i, d["k"], 2, w), stride=self.intlist(i, d["s"], 2, w),
-                         pads=self.intlist(i, d["p"], 4, w), ceil=bool(self.integer(i, d["ceil"], w)),
-                         rmul=self.integer(i, d["rmul"], w), rshift=self.integer(i, d["rshift"], w))
-        if k == "gsum":
-            self.need(i, d, ("keep", "rmul", "rshift"), w)
-            return SynOp(k, keepdims=bool(self.integer(i, d["keep"], w)),
-                         rmul=self.integer(i, d["rmul"], w), rshift=self.integer(i, d["rshift"], w))
-        if k in ("flatten", "identity"):
-            self.need(i, d, (), w)
-            return SynOp(k)
-        raise self.err(i, f"{what}: unknown synapse op {k!r} (dense, conv, chscale, maxpool, "
-                          f"sumpool, gsum, flatten, identity)")
+        r = O.core_rule(k)
+        if r is None:
+            raise self.err(i, f"{what}: unknown synapse op {k!r} ({', '.join(O.CORE_RULES)})")
+        fields = r.core.fields
+        self.need(i, d, tuple(key for key, _, _ in fields), w)
+        return SynOp(k, **{attr: self.field(i, d[key], form, w) for key, attr, form in fields})
 
     def parse(self) -> Program:
         if not self.lines:

@@ -20,8 +20,7 @@ import torch
 
 from epc.compiler import ops as O
 from epc.compiler.errors import EpcError
-from epc.compiler.ir import (AvgPool, ChannelScale, Conv, Dense, Flatten, GlobalAvgPool, Graph,
-                             Identity, MaxPool)
+from epc.compiler.ir import Graph, op_weights
 
 from .calibrate import bias_corrections, op_input_grams, round_compensated
 from .isa import (BETA_FRAC, COST_WEIGHT_FRAC, CostSpec, Group, Memory, Phase, Program,
@@ -34,6 +33,8 @@ EXP_BITS = 8
 MAX_EXP_SPAN = 8            # per-channel exponents: at most this far below the largest
 DEFAULT_BETA = 0.5
 POOL_FREEZE = 20            # the float runtime's default (Engine pool_freeze)
+# the IR ops the core runs (each registry rule with a core instruction), for messages
+CORE_KINDS = tuple(t.kind for t, r in O.RULES.items() if getattr(r, "core", None))
 
 
 def _q_state(x: float, F: int) -> int:
@@ -183,34 +184,6 @@ def _calib_err_fn(g: Graph, coupling, wname: str, acts: dict, per_channel: bool)
     return err
 
 
-# --------------------------------------------------------------------------- chains
-def _pool_divisor(where: str, op, in_shape) -> int:
-    if isinstance(op, GlobalAvgPool):
-        return int(in_shape[1] * in_shape[2])
-    kh, kw = op.kernel
-    if any(op.pads) and not op.count_include_pad:
-        raise EpcError(f"{where}: average pool with padding that excludes the pad from the "
-                       f"count has a position-dependent divisor; the core divides by one "
-                       f"constant (use count_include_pad or no padding)")
-    if op.ceil_mode:
-        for i in range(2):
-            size = in_shape[1 + i] + op.pads[i] + op.pads[2 + i]
-            out = O._pool_out(in_shape[1 + i], op.kernel[i], op.stride[i], op.pads[i],
-                              op.pads[2 + i], 1, True)
-            if (out - 1) * op.stride[i] + op.kernel[i] > size:
-                raise EpcError(f"{where}: average pool with ceil_mode has partial windows "
-                               f"(position-dependent divisor); not supported on the core")
-    return kh * kw
-
-
-def _reciprocal(area: int) -> tuple[int, int]:
-    """(rmul, rshift) with rmul / 2^rshift ~= 1 / area; exact for powers of two."""
-    if area & (area - 1) == 0:
-        return 1, area.bit_length() - 1
-    k = 7 + math.ceil(math.log2(area))
-    return int(round(2 ** k / area)), k
-
-
 def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
                    per_channel: bool = False, acts: dict | None = None,
                    beta: float = DEFAULT_BETA, lr_shift: int | None = None,
@@ -267,7 +240,12 @@ def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
         lowered: list[SynOp] = []
         calibrated = acts is not None and c.src in acts and c.dst in acts
         for k, op in enumerate(c.ops):
-            if isinstance(op, (Dense, Conv, ChannelScale)):
+            r = O.rule(op)
+            if getattr(r, "core", None) is None:
+                raise EpcError(f"{where}: op {op.kind} cannot be lowered to the neuromorphic "
+                               f"core ({', '.join(CORE_KINDS)})")
+            fields = r.lower(op, shape, where)
+            if op_weights(op):   # a weighted instruction: one weight, with its exponents
                 if op.weight not in done:
                     w = np.asarray(g.weights[op.weight], dtype=np.float64)
                     err = (_calib_err_fn(g, c, op.weight, acts, per_channel)
@@ -284,38 +262,8 @@ def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
                     p.memories.append(Memory(wn, "weight", True, weight_bits, tuple(w.shape), m))
                     p.memories.append(Memory(en, "exp", True, EXP_BITS, (int(e.size),), e))
                     done[op.weight] = (wn, en)
-                wn, en = done[op.weight]
-                if isinstance(op, Dense):
-                    lowered.append(SynOp("dense", w=wn, e=en))
-                elif isinstance(op, ChannelScale):
-                    lowered.append(SynOp("chscale", w=wn, e=en))
-                else:
-                    lowered.append(SynOp("conv", w=wn, e=en, stride=tuple(op.stride),
-                                         pads=tuple(op.pads), dilation=tuple(op.dilation),
-                                         groups=int(op.groups)))
-            elif isinstance(op, MaxPool):
-                lowered.append(SynOp("maxpool", kernel=tuple(op.kernel), stride=tuple(op.stride),
-                                     pads=tuple(op.pads), dilation=tuple(op.dilation),
-                                     ceil=bool(op.ceil_mode)))
-            elif isinstance(op, AvgPool):
-                if any(op.pads[i] != op.pads[i + 2] for i in range(2)):
-                    raise EpcError(f"{where}: average pool with asymmetric padding is not "
-                                   f"supported on the core")
-                rm, rs = _reciprocal(_pool_divisor(where, op, shape))
-                lowered.append(SynOp("sumpool", kernel=tuple(op.kernel), stride=tuple(op.stride),
-                                     pads=tuple(op.pads), ceil=bool(op.ceil_mode),
-                                     rmul=rm, rshift=rs))
-            elif isinstance(op, GlobalAvgPool):
-                rm, rs = _reciprocal(_pool_divisor(where, op, shape))
-                lowered.append(SynOp("gsum", keepdims=bool(op.keepdims), rmul=rm, rshift=rs))
-            elif isinstance(op, Flatten):
-                lowered.append(SynOp("flatten"))
-            elif isinstance(op, Identity):
-                lowered.append(SynOp("identity"))
-            else:
-                raise EpcError(f"{where}: op {op.kind} cannot be lowered to the neuromorphic "
-                               f"core (dense, conv, chscale, maxpool, avgpool, gavgpool, "
-                               f"flatten, identity)")
+                fields["w"], fields["e"] = done[op.weight]
+            lowered.append(SynOp(**fields))
             shape = O.out_shape(op, [shape], g.weights)
         p.synapses.append(Synapse(c.name, c.src, c.dst, lowered, c.kind, bool(c.feedback),
                                   learn=c.kind != "teacher"))
@@ -351,7 +299,8 @@ def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
     p.phases.append(Phase("nudge+", int(g.schedule.nudge_sweeps), [list(c) for c in classes]))
     p.phases.append(Phase("nudge-", int(g.schedule.nudge_sweeps), [list(c) for c in classes]))
     settled_set = set(settled)
-    if any(s.src in settled_set and any(o.kind == "maxpool" for o in s.ops) for s in p.synapses):
+    if any(s.src in settled_set and any(O.core_rule(o.kind).piecewise for o in s.ops)
+           for s in p.synapses):
         p.pool_freeze = int(pool_freeze or 0)
         for ph in p.phases:
             ph.hold_pool = bool(hold_pool) and ph.name in ("nudge+", "nudge-")

@@ -14,11 +14,12 @@ import math
 import numpy as np
 import torch
 
+from epc.compiler import ops as O
 from epc.compiler.errors import EpcError
 
 from .isa import (ACC_BITS, BETA_FRAC, EXP_RANGE, GROUP_ACTS, GROUP_ROLES, MAX_SWEEP_CAP,
                   MEM_KINDS, PHASES, SHIFT_RANGE, STATE_BITS_RANGE, SYN_KINDS, WEIGHT_BITS_RANGE,
-                  Program, SynOp)
+                  Program)
 
 _BITS = {"weight": WEIGHT_BITS_RANGE, "state": STATE_BITS_RANGE, "input": STATE_BITS_RANGE,
          "exp": (2, 8), "bias": (2, 32)}
@@ -119,7 +120,6 @@ def validate(prog: Program, source: str = "program") -> Program:
         m = mems[name]
         return max(abs(m.lo), abs(m.hi))
 
-    from epc.runtime.simulator import _fwd, _adj, _ir_op
     syns = {}
     for s in prog.synapses:
         w = f".syn {s.name}"
@@ -144,9 +144,10 @@ def validate(prog: Program, source: str = "program") -> Program:
         W = {}
         total_shift, mult = 0, 1
         for op in s.ops:
-            if op.kind not in SynOp.KINDS:
+            r = O.core_rule(op.kind)
+            if r is None:
                 fail(w, f"unknown op {op.kind}")
-            if op.kind in SynOp.WEIGHTED:
+            if r.core.weighted:
                 if op.w not in mems or mems[op.w].kind != "weight":
                     fail(w, f"{op.kind}: w={op.w} is not a weight memory")
                 if op.e not in mems or mems[op.e].kind != "exp":
@@ -165,12 +166,12 @@ def validate(prog: Program, source: str = "program") -> Program:
                     M = M * (2.0 ** (e - emin)).reshape((-1,) + (1,) * (M.ndim - 1))
                 W[op.w] = torch.as_tensor(M)
                 total_shift -= emin
-            if op.kind in ("conv", "maxpool", "sumpool"):
+            if r.core.has("stride"):
                 if any(v <= 0 for v in op.stride) or any(v < 0 for v in op.pads) \
                         or any(v <= 0 for v in op.kernel) or any(v <= 0 for v in op.dilation) \
                         or op.groups <= 0:
                     fail(w, f"{op.kind}: bad geometry")
-            if op.kind in ("sumpool", "gsum"):
+            if r.core.has("rmul"):
                 if not 1 <= op.rmul <= (1 << 16) or not 0 <= op.rshift <= 32:
                     fail(w, f"{op.kind}: rmul={op.rmul} rshift={op.rshift} out of range")
             total_shift += op.rshift
@@ -179,9 +180,10 @@ def validate(prog: Program, source: str = "program") -> Program:
         # chain over |M| applied to the largest source value bounds every sum it forms
         try:
             x = torch.full((1, *shape_of(s.src)), float(maxabs(s.src)), dtype=torch.float64)
+            steps = [O.core_op(op) for op in s.ops]
             ctxs = []
-            for op in s.ops:
-                x, ctx = _fwd(op, _ir_op(op), x, W)
+            for r, ir in steps:
+                x, ctx = r.core_forward(ir, x, W)
                 ctxs.append(ctx)
         except Exception as ex:   # noqa: BLE001 - any shape failure is a bad program
             fail(w, f"chain does not apply to {s.src} {list(shape_of(s.src))}: "
@@ -192,13 +194,8 @@ def validate(prog: Program, source: str = "program") -> Program:
         worst = float(x.max()) * mult if x.numel() else 0.0
         if s.feedback:
             g = torch.full((1, *shape_of(s.dst)), float(maxabs(s.dst)), dtype=torch.float64)
-            for op, ctx in zip(reversed(s.ops), reversed(ctxs)):
-                if op.kind == "maxpool":
-                    # the argmax routing may concentrate every window on one element
-                    k = op.kernel[0] * op.kernel[1]
-                    g = _adj(op, _ir_op(op), g, ctx, W) * 0 + float(g.max()) * k
-                else:
-                    g = _adj(op, _ir_op(op), g, ctx, W)
+            for (r, ir), ctx in zip(reversed(steps), reversed(ctxs)):
+                g = r.core_adjoint_bound(ir, g, ctx, W)
             worst = max(worst, float(g.abs().max()) * mult)
         if worst > (1 << (ACC_BITS - 1)) - 1:
             fail(w, f"worst-case accumulator 2^{math.log2(worst):.1f} overflows the "
