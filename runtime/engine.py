@@ -47,6 +47,7 @@ from epc.compiler.errors import EpcError
 from epc.compiler.ir import Graph, op_weights
 
 from . import kernels as K
+from .settle import settle_walk
 
 Tensor = torch.Tensor
 EXPLODE = 1e6   # |state| above this in an unbounded state counts as divergence
@@ -420,9 +421,11 @@ class Engine:
                trace: bool = False, routing: dict | None = None,
                freeze_after: int | None | str = "auto",
                parts: list[slice] | None = None) -> SettleResult:
-        """Settle from `states` (zeros if None) at nudging strength `beta`.
+        """Settle from `states` (zeros if None) at nudging strength `beta`: the shared settle
+        walk (runtime/settle.py) with this engine's float arithmetic (`FloatSettle`).
 
-        `parts` (used by settle_pair): slices of the batch that stop independently: each
+        `parts` (used by settle_pair): consecutive slices covering the batch, in order,
+        that stop independently: each
         part's states are taken at the first sweep where that part has settled, exactly
         as a settle of that part alone would end, and its rows leave the batch; the
         result's `parts` holds the per-part results (its own `states` and `residual` are
@@ -441,236 +444,21 @@ class Engine:
         and forth and never settle; with the selections frozen the energy is bilinear and
         every block update is exact again.
         """
-        n = batch["n"]
         mode = mode or self.mode
         max_sweeps = self.max_sweeps if max_sweeps is None else max_sweeps
         tol = self.tol if tol is None else tol
-        S = dict(self.zeros(n) if states is None else states)
-        const, clamped = batch["const"], batch["clamped"]
-        cur = batch                 # the batch restricted to the rows still settling
-        targets = {}
-        # beta: a number, or one per sample ([n] tensor, see settle_pair)
-        nudged = torch.is_tensor(beta) or beta != 0.0
-        bview = {}
-        if nudged:
-            for c in self.cost_list:
-                targets[c.name] = self.cost_target(c, batch, labels)
-            for j in self.settled:
-                bview[j] = (beta.reshape((n,) + (1,) * len(self.shapes[j]))
-                            if torch.is_tensor(beta) else beta)
-        # beta * weight of every cost term, per state (constant over the sweeps)
-        bw = {j: [bview[j] * c.weight for c in self.costs[j]] for j in bview}
-        ctx: dict[str, tuple[int, object]] = {}
-        ver = {j: 0 for j in self.settled}
-        shape_ctx = {}
-
-        P = self.params
-        # the transposed dense weights, taken once per settle rather than once per drive
-        WT = {l.weight: P[l.weight].t() for l in self.links if l.fast == "dense"}
-        # the chains' weights as the loop applies them: with channels-last states, conv
-        # kernels channels-last too (oneDNN converts an NCHW kernel on every call;
-        # the results are the same bits)
-        PL = self.loop_params(P)
-
-        # a drive accumulates into the fresh tensor its first term creates, in place (the
-        # same operations without an allocation each: the allocations of 0.5 MB conv states
-        # cost more than the arithmetic); not when autograd runs through the settling
-        inplace = not (torch.is_grad_enabled() and any(
-            t.requires_grad for t in (*S.values(), *clamped.values(), *P.values())))
-
-        def readout_value(r: str) -> tuple[Tensor, dict]:
-            """A readout's value at the current states, and its links' contexts."""
-            o, cxs = const[r], {}
-            for l in self.inbound[r]:
-                y, cxs[l.name] = self.link_forward(l, S[l.src], PL, routing)
-                o = o + y
-            return o, cxs
-
-        def drive(j: str) -> Tensor:
-            u = const[j]
-            own = False     # u is this drive's own tensor (not const[j])
-            for l in self.inbound[j]:
-                if l.fast == "dense":   # fused multiply-add: one kernel, no temporary
-                    if own:
-                        u.addmm_(S[l.src], WT[l.weight])
-                    else:
-                        u, own = torch.addmm(u, S[l.src], WT[l.weight]), inplace
-                    continue
-                y, cx = self.link_forward(l, S[l.src], PL, routing)
-                if l.fast == "chain":
-                    ctx[l.name] = (ver[l.src], cx)
-                if own:
-                    u.add_(y)
-                else:
-                    u, own = u + y, inplace
-            for l in self.feedback[j]:
-                if l.fast == "dense":
-                    if own:
-                        u.addmm_(S[l.dst], P[l.weight])
-                    else:
-                        u, own = torch.addmm(u, S[l.dst], P[l.weight]), inplace
-                    continue
-                cx = None
-                if l.fast == "chain":
-                    if l.needs_ctx:
-                        hit = ctx.get(l.name)
-                        if hit is None or hit[0] != ver[j]:
-                            hit = (ver[j], self.link_contexts(l, S[j], PL, routing))
-                            ctx[l.name] = hit
-                        cx = hit[1]
-                    else:
-                        cx = shape_ctx.get(l.name)
-                        if cx is None:
-                            cx = shape_ctx[l.name] = self._shape_ctx(l, n)
-                y = self.link_adjoint(l, S[l.dst], cx, PL)
-                if own:
-                    u.add_(y)
-                else:
-                    u, own = u + y, inplace
-            if nudged and self.readout_links[j]:
-                for l in self.readout_links[j]:
-                    o, cxs = readout_value(l.dst)
-                    g = None
-                    for c, f in zip(self.costs[l.dst], bw[l.dst]):
-                        y = f * self.cost_grad(c, o, targets[c.name])
-                        g = y if g is None else g + y
-                    if g is None:
-                        continue
-                    y = self.link_adjoint(l, g, cxs[l.name], PL)
-                    if own:
-                        u.sub_(y)
-                    else:
-                        u, own = u - y, inplace
-            if nudged and j not in self.is_readout:    # a readout is never nudged itself
-                for c, f in zip(self.costs[j], bw[j]):
-                    y = f * self.cost_grad(c, S[j], targets[c.name])
-                    if own:
-                        u.sub_(y)
-                    else:
-                        u, own = u - y, inplace
-            return O.activate_(self.acts[j], u) if own else O.activate(self.acts[j], u)
-
-        # every state's change in a sweep lands in one [n, total] buffer, so the residual
-        # is one abs and one max whatever the number of states (per sample: at the end)
-        widths = self.widths
-
-        def delta_buffer(n: int):
-            buf = torch.zeros((n, sum(widths.values())), dtype=self.dtype, device=self.device)
-            cols, at = {}, 0
-            for j in self.settled:
-                col = buf[:, at:at + widths[j]]
-                if j in self.channels_last:   # written in the state's own layout
-                    c, h, w = self.shapes[j]
-                    cols[j] = col.view(n, h, w, c).permute(0, 3, 1, 2)
-                else:
-                    cols[j] = col.view((n,) + self.shapes[j])
-                at += widths[j]
-            return buf, cols
-
-        delta, cols = delta_buffer(n)
-        # parts: where each unfinished part's rows are in the (compacted) batch
-        rows_of = dict(enumerate(parts)) if parts is not None else {}
-        finished: dict[int, SettleResult] = {}
-
-        def part_maxima(d: Tensor) -> dict[int, float]:
-            m = d.shape[0] // len(rows_of)
-            if all(sl.start == k * m and sl.stop == (k + 1) * m
-                   for k, sl in enumerate(rows_of.values())) and m * len(rows_of) == d.shape[0]:
-                # equal consecutive parts (settle_pair): one reduction, one sync
-                return dict(zip(rows_of, d.view(len(rows_of), -1).amax(1).tolist()))
-            return {i: float(d[sl].max()) for i, sl in rows_of.items()}
-
-        groups = self.classes if mode == "colour" else [self.settled]
-        tr = [] if trace else None
-        sweeps = 0
-        compacted = False
-        pooled = any(l.needs_ctx for l in self.links)
         if freeze_after == "auto":
             freeze_after = self.pool_freeze
-        for sweep in range(max_sweeps):
-            if (freeze_after is not None and sweep == freeze_after and routing is None
-                    and pooled):
-                routing = self.routing(S, cur)
-                ctx.clear()
-            for cls in groups:
-                new = {j: drive(j) for j in cls}
-                for j, v in new.items():
-                    # detached when autograd runs through: the residual is bookkeeping
-                    if inplace:
-                        torch.sub(v, S[j], out=cols[j])
-                    else:
-                        torch.sub(v.detach(), S[j].detach(), out=cols[j])
-                    S[j] = v
-                    ver[j] += 1
-            d = delta.abs_()
-            sweeps = sweep + 1
-            if parts is None:
-                rmax = float(d.max())
-            else:
-                pm = part_maxima(d)
-                rmax = max(pm.values())
-            if tr is not None:
-                tr.append({"residual": rmax, "energy": float(self.energy(S, cur, routing).mean())})
-            if parts is not None:
-                done = [i for i, r in pm.items() if r <= tol or not math.isfinite(r)]
-                for i in done:
-                    finished[i] = self._part(S, d, rows_of.pop(i), sweeps)
-                if not rows_of:
-                    break
-                if done and sweeps < max_sweeps:
-                    # drop the finished parts' rows: the rest settles on as it would alone,
-                    # and the sweeps no longer pay for samples whose result is taken
-                    keep = list(rows_of.values())
-                    rows = (slice(keep[0].start, keep[-1].stop) if all(
-                        a.stop == b.start for a, b in zip(keep, keep[1:])) else
-                        torch.cat([torch.arange(sl.start, sl.stop, device=self.device)
-                                   for sl in keep]))
-                    take = ((lambda t: t[rows]) if isinstance(rows, slice)
-                            else (lambda t: t.index_select(0, rows)))
-                    S = {j: take(v) for j, v in S.items()}
-                    const = {j: take(v) for j, v in const.items()}
-                    clamped = {k: take(v) for k, v in clamped.items()}
-                    targets = {k: take(v) for k, v in targets.items()}
-                    bw = {j: [take(f) if torch.is_tensor(f) else f for f in fs]
-                          for j, fs in bw.items()}
-                    routing = self._routing_rows(routing, take)
-                    ctx.clear()
-                    shape_ctx.clear()
-                    at = 0
-                    for i, sl in list(rows_of.items()):
-                        rows_of[i] = slice(at, at + sl.stop - sl.start)
-                        at += sl.stop - sl.start
-                    n = at
-                    cur = {"n": n, "const": const, "clamped": clamped}
-                    delta, cols = delta_buffer(n)
-                    compacted = True
-                continue
-            if not math.isfinite(rmax):
-                break
-            if rmax <= tol:
-                break
-        if parts is None:
-            res = delta.amax(1)    # per sample: the largest |delta s| of the last sweep
-            return SettleResult(S, sweeps, res, n - int((res <= tol).sum()), tr, routing)
-        for i, sl in rows_of.items():   # parts still settling at the sweep cap
-            finished[i] = self._part(S, delta, sl, sweeps)
-        got = [finished[i] for i in range(len(parts))]
-        # unconverged counts of all parts with one sync
-        counts = torch.stack([(p.residual > tol).logical_or_(p.residual.isnan()).sum()
-                              for p in got]).tolist()
-        for p, c in zip(got, counts):
-            p.unconverged = int(c)
-        # the whole batch's states are not assembled: callers of `parts` use the parts
-        out = SettleResult({}, sweeps, None, sum(counts), tr, None if compacted else routing)
-        out.parts = got
-        return out
-
-    def _part(self, S: dict, d: Tensor, sl: slice, sweeps: int) -> SettleResult:
-        """One part's result from the states and |delta s| buffer `d` of its last sweep
-        (views: the loop never writes into a state tensor, it replaces them); its
-        `unconverged` is filled in at the end of the settle."""
-        return SettleResult({j: v[sl] for j, v in S.items()}, sweeps, d[sl].amax(1), 0, None,
-                            None)
+        S = dict(self.zeros(batch["n"]) if states is None else states)
+        run = FloatSettle(self, batch, S, beta, labels, routing, trace, parts is not None)
+        # the max-pool selections freeze once, unless they came frozen
+        pooled = any(l.needs_ctx for l in self.links)
+        freeze_at = freeze_after if routing is None and pooled else None
+        sweeps = settle_walk(run, S, self.classes if mode == "colour" else [self.settled],
+                             max_sweeps=max_sweeps, tol=tol, freeze_at=freeze_at,
+                             units=_part_sizes(parts, batch["n"]),
+                             observe=run.observe if trace else None)
+        return run.result(sweeps, tol)
 
     def _routing_rows(self, routing: dict | None, take) -> dict | None:
         """Frozen max-pool selections with `take` applied to their batch rows."""
@@ -727,3 +515,217 @@ class Engine:
     # ------------------------------------------------------------------ weights
     def weights_numpy(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in self.params.items()}
+
+
+# --------------------------------------------------------------------------- one settle
+def _part_sizes(parts: list[slice] | None, n: int) -> list[int] | None:
+    """The row counts of `parts` (consecutive slices covering the batch in order)."""
+    if parts is None:
+        return None
+    at = 0
+    for sl in parts:
+        if sl.start != at or sl.stop is None or sl.stop <= at or sl.step not in (None, 1):
+            raise EpcError(f"settle parts must be consecutive slices covering the batch, "
+                           f"got {parts}")
+        at = sl.stop
+    if at != n:
+        raise EpcError(f"settle parts cover {at} rows of a batch of {n}")
+    return [sl.stop - sl.start for sl in parts]
+
+
+class FloatSettle:
+    """The float arithmetic of one `Engine.settle` (what `runtime.settle.settle_walk`
+    plugs in): the drive of each state, its per-batch constants and caches, the
+    max-pool selections in force, and the results of the units that finished."""
+
+    def __init__(self, eng: Engine, batch: dict, S: dict, beta, labels, routing, trace,
+                 parts: bool):
+        self.eng = eng
+        self.parts = parts               # settled in parts (see Engine.settle)
+        n = self.n = batch["n"]
+        self.const, self.clamped = batch["const"], batch["clamped"]
+        self.cur = batch                 # the batch restricted to the rows still settling
+        self.routing = routing
+        # beta: a number, or one per sample ([n] tensor, see settle_pair)
+        self.nudged = torch.is_tensor(beta) or beta != 0.0
+        self.targets, bview = {}, {}
+        if self.nudged:
+            for c in eng.cost_list:
+                self.targets[c.name] = eng.cost_target(c, batch, labels)
+            for j in eng.settled:
+                bview[j] = (beta.reshape((n,) + (1,) * len(eng.shapes[j]))
+                            if torch.is_tensor(beta) else beta)
+        # beta * weight of every cost term, per state (constant over the sweeps)
+        self.bw = {j: [bview[j] * c.weight for c in eng.costs[j]] for j in bview}
+        self.ctx: dict[str, tuple[int, object]] = {}   # chain contexts, by source version
+        self.shape_ctx: dict = {}                         # contexts that need only shapes
+        P = self.P = eng.params
+        # the transposed dense weights, taken once per settle rather than once per drive
+        self.WT = {l.weight: P[l.weight].t() for l in eng.links if l.fast == "dense"}
+        # the chains' weights as the loop applies them: with channels-last states, conv
+        # kernels channels-last too (oneDNN converts an NCHW kernel on every call;
+        # the results are the same bits)
+        self.PL = eng.loop_params(P)
+        # a drive accumulates into the fresh tensor its first term creates, in place (the
+        # same operations without an allocation each: the allocations of 0.5 MB conv states
+        # cost more than the arithmetic); not when autograd runs through the settling
+        self.inplace = not (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (*S.values(), *self.clamped.values(), *P.values())))
+        self.detach = not self.inplace    # the residual is bookkeeping
+        self.trace = [] if trace else None
+        self.finished: dict[int, SettleResult] = {}
+        self.compacted = False
+
+    # ---- the drive of one state
+    def drive(self, j: str, S: dict, ver: dict) -> Tensor:
+        eng, inplace = self.eng, self.inplace
+        u = self.const[j]
+        own = False     # u is this drive's own tensor (not const[j])
+        for l in eng.inbound[j]:
+            if l.fast == "dense":   # fused multiply-add: one kernel, no temporary
+                if own:
+                    u.addmm_(S[l.src], self.WT[l.weight])
+                else:
+                    u, own = torch.addmm(u, S[l.src], self.WT[l.weight]), inplace
+                continue
+            y, cx = eng.link_forward(l, S[l.src], self.PL, self.routing)
+            if l.fast == "chain":
+                self.ctx[l.name] = (ver[l.src], cx)
+            if own:
+                u.add_(y)
+            else:
+                u, own = u + y, inplace
+        for l in eng.feedback[j]:
+            if l.fast == "dense":
+                if own:
+                    u.addmm_(S[l.dst], self.P[l.weight])
+                else:
+                    u, own = torch.addmm(u, S[l.dst], self.P[l.weight]), inplace
+                continue
+            cx = None
+            if l.fast == "chain":
+                if l.needs_ctx:
+                    hit = self.ctx.get(l.name)
+                    if hit is None or hit[0] != ver[j]:
+                        hit = self.ctx[l.name] = (ver[j], eng.link_contexts(
+                            l, S[j], self.PL, self.routing))
+                    cx = hit[1]
+                else:
+                    cx = self.shape_ctx.get(l.name)
+                    if cx is None:
+                        cx = self.shape_ctx[l.name] = eng._shape_ctx(l, self.n)
+            y = eng.link_adjoint(l, S[l.dst], cx, self.PL)
+            if own:
+                u.add_(y)
+            else:
+                u, own = u + y, inplace
+        if self.nudged:     # minus beta times the cost gradients on j
+            if eng.readout_links[j]:
+                u, own = self._readout_nudge(j, S, u, own)
+            if j not in eng.is_readout:    # a readout is never nudged itself
+                for c, f in zip(eng.costs[j], self.bw[j]):
+                    y = f * eng.cost_grad(c, S[j], self.targets[c.name])
+                    if own:
+                        u.sub_(y)
+                    else:
+                        u, own = u - y, inplace
+        return O.activate_(eng.acts[j], u) if own else O.activate(eng.acts[j], u)
+
+    def _readout_nudge(self, j: str, S: dict, u: Tensor, own: bool) -> tuple[Tensor, bool]:
+        """u minus beta times the cost gradients of the readout heads j feeds, through
+        their couplings' adjoints."""
+        eng, inplace = self.eng, self.inplace
+        for l in eng.readout_links[j]:
+            o, cxs = self._readout_value(l.dst, S)
+            g = None
+            for c, f in zip(eng.costs[l.dst], self.bw[l.dst]):
+                y = f * eng.cost_grad(c, o, self.targets[c.name])
+                g = y if g is None else g + y
+            if g is None:
+                continue
+            y = eng.link_adjoint(l, g, cxs[l.name], self.PL)
+            if own:
+                u.sub_(y)
+            else:
+                u, own = u - y, inplace
+        return u, own
+
+    def _readout_value(self, r: str, S: dict) -> tuple[Tensor, dict]:
+        """A readout's value at the current states, and its links' contexts."""
+        o, cxs = self.const[r], {}
+        for l in self.eng.inbound[r]:
+            y, cxs[l.name] = self.eng.link_forward(l, S[l.src], self.PL, self.routing)
+            o = o + y
+        return o, cxs
+
+    # ---- what the walk asks besides drives
+    def delta_buffer(self, n: int):
+        """Every state's change in a sweep lands in one [n, total] buffer; each state's
+        columns are written in the state's own layout."""
+        eng = self.eng
+        buf = torch.zeros((n, sum(eng.widths.values())), dtype=eng.dtype, device=eng.device)
+        cols, at = {}, 0
+        for j in eng.settled:
+            col = buf[:, at:at + eng.widths[j]]
+            if j in eng.channels_last:
+                c, h, w = eng.shapes[j]
+                cols[j] = col.view(n, h, w, c).permute(0, 3, 1, 2)
+            else:
+                cols[j] = col.view((n,) + eng.shapes[j])
+            at += eng.widths[j]
+        return buf, cols
+
+    def freeze(self, S: dict, units) -> None:
+        self.routing = self.eng.routing(S, self.cur)
+        self.ctx.clear()
+
+    def observe(self, S: dict, rmax: float) -> None:
+        self.trace.append({"residual": rmax,
+                           "energy": float(self.eng.energy(S, self.cur, self.routing).mean())})
+
+    def take_rows(self, take) -> None:
+        self.const = {j: take(v) for j, v in self.const.items()}
+        self.clamped = {k: take(v) for k, v in self.clamped.items()}
+        self.targets = {k: take(v) for k, v in self.targets.items()}
+        self.bw = {j: [take(f) if torch.is_tensor(f) else f for f in fs]
+                   for j, fs in self.bw.items()}
+        self.routing = self.eng._routing_rows(self.routing, take)
+        self.ctx.clear()
+        self.shape_ctx.clear()
+        self.n = next(iter(self.const.values())).shape[0]
+        self.cur = {"n": self.n, "const": self.const, "clamped": self.clamped}
+        self.compacted = True
+
+    def finish(self, units, rows, sizes, S: dict, d: Tensor, sweeps: int, converged) -> None:
+        """The units' results: views of their rows of the states and of |delta s| of
+        their last sweep (the walk never writes into a state tensor, it replaces them);
+        `unconverged` is counted in `result`."""
+        if not self.parts:             # the whole batch, as it is
+            self.finished[0] = SettleResult(S, sweeps, d.amax(1), 0, self.trace, self.routing)
+            return
+        at = 0
+        for u, k in zip(units, sizes):
+            sl = (slice(rows.start + at, rows.start + at + k) if isinstance(rows, slice)
+                  else rows[at:at + k])
+            take = ((lambda t: t[sl]) if isinstance(sl, slice)
+                    else (lambda t: t.index_select(0, sl)))
+            self.finished[int(u)] = SettleResult({j: take(v) for j, v in S.items()}, sweeps,
+                                                 take(d).amax(1), 0, None, None)
+            at += k
+
+    def result(self, sweeps: int, tol: float) -> SettleResult:
+        if not self.parts:
+            r = self.finished[0]
+            r.unconverged = self.n - int((r.residual <= tol).sum())
+            return r
+        got = [self.finished[i] for i in sorted(self.finished)]
+        # the unconverged counts of all units with one sync
+        counts = torch.stack([(p.residual > tol).logical_or_(p.residual.isnan()).sum()
+                              for p in got]).tolist()
+        for p, c in zip(got, counts):
+            p.unconverged = int(c)
+        # the whole batch's states are not assembled: callers of `parts` use the parts
+        out = SettleResult({}, sweeps, None, sum(counts), self.trace,
+                           None if self.compacted else self.routing)
+        out.parts = got
+        return out

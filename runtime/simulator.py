@@ -29,6 +29,8 @@ import torch
 
 from epc.compiler import ops as O
 
+from .settle import settle_walk
+
 # the program data model lives with the target; the simulator only reads it
 from epc.targets.neuromorphic.isa import ACC_BITS, BETA_FRAC, COST_WEIGHT_FRAC, Program
 
@@ -348,76 +350,25 @@ class Simulator:
         program never freezes them): before the freeze the float runtime keeps sweeping
         too, and a repeat under live winners is what the freeze resolves."""
         ph = self.p.phase(phase)
-        s = {k: v.clone() for k, v in s.items()}
-        n = next(iter(s.values())).shape[0]
-        names = [g for cls in ph.classes for g in cls]
-        sweeps = np.zeros(n, dtype=np.int64)
-        settled = np.zeros(n, dtype=bool)
-        cycled = np.zeros(n, dtype=bool)
+        out = {k: v.clone() for k, v in s.items()}
+        n = next(iter(out.values())).shape[0]
         pooled = bool(self.pooled) and phase != "teacher"
-        froze = np.zeros(n, dtype=bool)
-        full_route = None
-        if pooled and routing is not None:
-            full_route = self._route_take(routing, slice(None))
-            froze[:] = True
-        freeze_at = self.p.pool_freeze if pooled and full_route is None else 0
-        route = full_route
-        detect = freeze_at == 0
-        active = np.arange(n)
-        sub = s
-        ysub = y
-        seen: list[dict] = [dict() for _ in range(n)]
-        for k in range(1, ph.sweeps + 1):
-            if freeze_at and k == freeze_at + 1:
-                # still moving after pool_freeze sweeps: freeze the winners where they are
-                route = self.routing(sub)
-                full_route = {c: [None if t is None else
-                                  torch.zeros((n, *t.shape[1:]), dtype=t.dtype) for t in v]
-                              for c, v in route.items()}
-                self._route_put(full_route, torch.as_tensor(active), route)
-                froze[active] = True
-                detect = True
-            before = {g: sub[g] for g in names}
-            for cls in ph.classes:
-                new = {g: self._drive(g, sub, sign, ysub, route) for g in cls}
-                sub = {**sub, **new}
-            changed = torch.zeros(len(active), dtype=torch.bool)
-            for g in names:
-                changed |= (sub[g] != before[g]).reshape(len(active), -1).any(1)
-            sweeps[active] = k
-            ch = changed.numpy()
-            done = ~ch
-            settled[active[done]] = True
-            if phase != "teacher" and detect:
-                hs = self._hash(sub, names)
-                for j in np.nonzero(ch)[0]:
-                    i = active[j]
-                    if hs[j] in seen[i]:
-                        cycled[i] = True
-                        done[j] = True
-                    else:
-                        seen[i][hs[j]] = k
-            if done.any() or k == ph.sweeps:
-                at = torch.as_tensor(active)
-                for key in names:
-                    s[key][at] = sub[key]
-                keep = ~done
-                active = active[keep]
-                if len(active) == 0:
-                    break
-                kt = torch.as_tensor(np.nonzero(keep)[0])
-                sub = {key: v[kt] for key, v in sub.items()}
-                ysub = None if y is None else ysub[kt]
-                route = self._route_take(route, kt)
+        run = IntSettle(self, out, [g for cls in ph.classes for g in cls], sign, y,
+                        routing if pooled else None, detect=phase != "teacher")
+        # winners freeze after pool_freeze sweeps (0: never), unless they came frozen
+        freeze_at = (self.p.pool_freeze or None) if pooled and routing is None else None
+        run.detect = run.detect and freeze_at is None
+        settle_walk(run, dict(out), ph.classes, max_sweeps=ph.sweeps, tol=0,
+                    freeze_at=freeze_at, units=[1] * n)
         if phase == "teacher":
-            settled[:] = True
+            run.settled[:] = True
         out_route = None
         if pooled:
-            out_route = self.routing(s)
-            if full_route is not None and froze.any():
-                at = torch.as_tensor(np.nonzero(froze)[0])
-                self._route_put(out_route, at, self._route_take(full_route, at))
-        return PhaseResult(s, sweeps, settled, cycled, out_route, froze)
+            out_route = self.routing(out)
+            if run.full_route is not None and run.froze.any():
+                at = torch.as_tensor(np.nonzero(run.froze)[0])
+                self._route_put(out_route, at, self._route_take(run.full_route, at))
+        return PhaseResult(out, run.sweeps, run.settled, run.cycled, out_route, run.froze)
 
     # ---- inference
     def init_states(self, x: np.ndarray | torch.Tensor) -> dict:
@@ -559,6 +510,85 @@ class Simulator:
         self.learn_step(sp.states, sm.states, lr_shift=lr_shift,
                         routing=free.routing if hp and hm else None)
         return free, sp, sm
+
+
+class IntSettle:
+    """The integer arithmetic of one simulator phase (what `runtime.settle.settle_walk`
+    plugs in): each sample is a unit of its own, stops at the integer fixed point (no state
+    changes: tol 0) or at a cycle, and is written into the phase's result as it stops."""
+
+    detach = False
+
+    def __init__(self, sim: Simulator, out: dict, names: list[str], sign: int,
+                 y: torch.Tensor | None, routing: dict | None, detect: bool):
+        n = next(iter(out.values())).shape[0]
+        self.sim, self.out, self.names, self.sign, self.y = sim, out, names, sign, y
+        self.sweeps = np.zeros(n, dtype=np.int64)
+        self.settled = np.zeros(n, dtype=bool)
+        self.cycled = np.zeros(n, dtype=bool)
+        self.froze = np.zeros(n, dtype=bool)
+        # the winners every sample holds (frozen from the first sweep when given), per row
+        # of the samples still settling
+        self.full_route = None
+        if routing is not None:
+            self.full_route = sim._route_take(routing, slice(None))
+            self.froze[:] = True
+        self.route = self.full_route
+        # cycles are looked for only while winners are frozen (or when the program never
+        # freezes them): before the freeze the float runtime keeps sweeping too, and a
+        # repeat under live winners is what the freeze resolves
+        self.detect = detect
+        self.seen: list[set] = [set() for _ in range(n)]
+
+    def drive(self, j: str, S: dict, ver: dict) -> torch.Tensor:
+        return self.sim._drive(j, S, self.sign, self.y, self.route)
+
+    def delta_buffer(self, n: int):
+        shapes = {g: tuple(self.sim.mems[self.sim.groups[g].mem].shape) for g in self.names}
+        widths = {g: int(np.prod(sh)) for g, sh in shapes.items()}
+        buf = torch.zeros((n, sum(widths.values())), dtype=torch.float64)
+        cols, at = {}, 0
+        for g in self.names:
+            cols[g] = buf[:, at:at + widths[g]].view((n,) + shapes[g])
+            at += widths[g]
+        return buf, cols
+
+    def freeze(self, S: dict, rows: list[int]) -> None:
+        """Still moving after pool_freeze sweeps: freeze the winners where they are."""
+        self.route = self.sim.routing(S)
+        n = len(self.sweeps)
+        self.full_route = {c: [None if t is None else torch.zeros((n, *t.shape[1:]), dtype=t.dtype)
+                               for t in v] for c, v in self.route.items()}
+        self.sim._route_put(self.full_route, torch.as_tensor(rows), self.route)
+        self.froze[rows] = True
+        self.detect = True
+
+    def take_rows(self, take) -> None:
+        self.y = None if self.y is None else take(self.y)
+        if self.route is not None:
+            self.route = {k: [None if t is None else take(t) for t in v]
+                          for k, v in self.route.items()}
+
+    def cycles(self, S: dict, rows: list[int], done: list[bool]) -> list[bool] | None:
+        """`done` with the moving samples whose state vector repeats an earlier one set."""
+        if not self.detect:
+            return None
+        hs = self.sim._hash(S, self.names)
+        for k, i in enumerate(rows):
+            if not done[k]:
+                if hs[k] in self.seen[i]:
+                    self.cycled[i] = True
+                    done[k] = True
+                else:
+                    self.seen[i].add(hs[k])
+        return done
+
+    def finish(self, units, rows, sizes, S: dict, d, sweeps: int, converged) -> None:
+        at = torch.as_tensor(units)
+        for g in self.names:
+            self.out[g][at] = S[g][rows]
+        self.sweeps[units] = sweeps
+        self.settled[units] = converged
 
 
 # --------------------------------------------------------------------------- resources

@@ -100,6 +100,9 @@ class SynOp:
     kind: dense (w, e), conv (w, e, stride, pads, dilation, groups), chscale (w, e),
           maxpool (kernel, stride, pads, dilation, ceil), sumpool (kernel, stride, pads,
           ceil, rmul, rshift), gsum (keepdims, rmul, rshift), flatten, identity.
+    Each instruction is declared by the op registry rule that lowers to it
+    (compiler/ops.py, the rule's `core`: its name, its fields in assembly order, its
+    integer arithmetic); the assembler, validator and simulator read it there.
     A sumpool/gsum sums its window exactly; the division by the window area is the
     multiply by `rmul` and `rshift` more bits of the chain's final rounding shift (for a
     power-of-two area rmul = 1 and the division is exact).
@@ -117,9 +120,6 @@ class SynOp:
     keepdims: bool = True
     rmul: int = 1
     rshift: int = 0
-
-    WEIGHTED = ("dense", "conv", "chscale")
-    KINDS = ("dense", "conv", "chscale", "maxpool", "sumpool", "gsum", "flatten", "identity")
 
 
 @dataclass
