@@ -24,135 +24,176 @@ def _broadcasts(bshape, shape) -> bool:
 
 def problems(g: Graph) -> list[str]:
     """All problems found, as messages naming the entity (empty list: the graph is valid)."""
-    errs: list[str] = []
-    names: dict[str, str] = {}
+    c = _Checks(g)
+    c.inputs_and_weights()
+    c.nodes()
+    c.states()
+    c.couplings()
+    c.readouts()
+    c.costs()
+    if g.schedule is not None:
+        c.schedule()
+    return c.errs
 
-    def declare(name: str, what: str):
-        if name in names:
-            errs.append(f"{what} {name}: name already used by a {names[name]}")
-        names[name] = what
 
-    for i in g.inputs:
-        declare(i.name, "input")
-        if any(int(d) <= 0 for d in i.shape):
-            errs.append(f"input {i.name}: bad shape {list(i.shape)}")
-    if not g.inputs:
-        errs.append("graph has no input")
+class _Checks:
+    """The checks of `problems`, one method per part of a graph; each appends messages."""
 
-    for name, w in g.weights.items():
-        if isinstance(w, np.ndarray) and np.issubdtype(w.dtype, np.floating) \
-                and not np.all(np.isfinite(w)):
-            errs.append(f"weight {name}: contains NaN or Inf")
-    for name in g.weight_names():
-        if name not in g.weights:
-            errs.append(f"weight {name}: referenced but not declared")
+    def __init__(self, g: Graph):
+        self.g = g
+        self.errs: list[str] = []
+        self.names: dict[str, str] = {}    # declared name -> what it is
 
-    def op_ok(op, where: str) -> bool:
-        missing = [w for w in op_weights(op).values() if w not in g.weights]
+    def declare(self, name: str, what: str) -> None:
+        if name in self.names:
+            self.errs.append(f"{what} {name}: name already used by a {self.names[name]}")
+        self.names[name] = what
+
+    def op_ok(self, op, where: str) -> bool:
+        missing = [w for w in op_weights(op).values() if w not in self.g.weights]
         if missing:
-            errs.append(f"{where}: unknown weight {missing[0]}")
+            self.errs.append(f"{where}: unknown weight {missing[0]}")
             return False
         return True
 
+    def inputs_and_weights(self) -> None:
+        g, errs = self.g, self.errs
+        for i in g.inputs:
+            self.declare(i.name, "input")
+            if any(int(d) <= 0 for d in i.shape):
+                errs.append(f"input {i.name}: bad shape {list(i.shape)}")
+        if not g.inputs:
+            errs.append("graph has no input")
+        for name, w in g.weights.items():
+            if isinstance(w, np.ndarray) and np.issubdtype(w.dtype, np.floating) \
+                    and not np.all(np.isfinite(w)):
+                errs.append(f"weight {name}: contains NaN or Inf")
+        for name in g.weight_names():
+            if name not in g.weights:
+                errs.append(f"weight {name}: referenced but not declared")
+
     # ---- feedforward form
-    for n in g.nodes:
-        for x in n.inputs:
-            if x not in names:
-                errs.append(f"node {n.name}: input {x} is not defined before it")
-        declare(n.name, "node")
-        if all(x in names for x in n.inputs) and op_ok(n.op, f"node {n.name}"):
-            try:
-                shp = O.out_shape(n.op, [g.shape_of(x) for x in n.inputs], g.weights)
-                if tuple(shp) != tuple(n.shape):
-                    errs.append(f"node {n.name}: declared shape {list(n.shape)}, "
-                                f"op gives {list(shp)}")
-            except EpcError as e:
-                errs.append(f"node {n.name}: {e}")
-    for o in g.outputs:
-        if o not in names:
-            errs.append(f"output {o}: not defined")
+    def nodes(self) -> None:
+        g, errs, names = self.g, self.errs, self.names
+        for n in g.nodes:
+            for x in n.inputs:
+                if x not in names:
+                    errs.append(f"node {n.name}: input {x} is not defined before it")
+            self.declare(n.name, "node")
+            if all(x in names for x in n.inputs) and self.op_ok(n.op, f"node {n.name}"):
+                try:
+                    shp = O.out_shape(n.op, [g.shape_of(x) for x in n.inputs], g.weights)
+                    if tuple(shp) != tuple(n.shape):
+                        errs.append(f"node {n.name}: declared shape {list(n.shape)}, "
+                                    f"op gives {list(shp)}")
+                except EpcError as e:
+                    errs.append(f"node {n.name}: {e}")
+        for o in g.outputs:
+            if o not in names:
+                errs.append(f"output {o}: not defined")
 
     # ---- energy form
-    for s in g.states:
-        declare(s.name, "state")
-        if s.role not in STATE_ROLES:
-            errs.append(f"state {s.name}: role {s.role!r} (supported: {', '.join(STATE_ROLES)})")
-        if s.neuron not in NEURON_MODELS:
-            errs.append(f"state {s.name}: neuron {s.neuron!r} "
-                        f"(supported: {', '.join(NEURON_MODELS)})")
-        if s.bias:
-            if s.bias not in g.weights:
-                errs.append(f"state {s.name}: unknown bias weight {s.bias}")
-            elif not _broadcasts(tuple(g.weights[s.bias].shape), s.shape):
-                errs.append(f"state {s.name}: bias {s.bias} {list(g.weights[s.bias].shape)} does "
-                            f"not broadcast to {list(s.shape)}")
-    state_names = {s.name for s in g.states}
-    input_names = {i.name for i in g.inputs}
-    for c in g.couplings:
-        declare(c.name, "coupling")
-        if c.kind not in COUPLING_KINDS:
-            errs.append(f"coupling {c.name}: kind {c.kind!r} "
-                        f"(supported: {', '.join(COUPLING_KINDS)})")
-        if c.src not in state_names | input_names:
-            errs.append(f"coupling {c.name}: source {c.src} is not a state or input")
-            continue
-        if c.dst not in state_names:
-            errs.append(f"coupling {c.name}: destination {c.dst} is not a state")
-            continue
-        if c.feedback and c.src in input_names:
-            errs.append(f"coupling {c.name}: feedback into clamped input {c.src}")
-        if not c.ops:
-            errs.append(f"coupling {c.name}: empty op chain (use identity)")
+    def states(self) -> None:
+        g, errs = self.g, self.errs
+        for s in g.states:
+            self.declare(s.name, "state")
+            if s.role not in STATE_ROLES:
+                errs.append(f"state {s.name}: role {s.role!r} "
+                            f"(supported: {', '.join(STATE_ROLES)})")
+            if s.neuron not in NEURON_MODELS:
+                errs.append(f"state {s.name}: neuron {s.neuron!r} "
+                            f"(supported: {', '.join(NEURON_MODELS)})")
+            if s.bias:
+                if s.bias not in g.weights:
+                    errs.append(f"state {s.name}: unknown bias weight {s.bias}")
+                elif not _broadcasts(tuple(g.weights[s.bias].shape), s.shape):
+                    errs.append(f"state {s.name}: bias {s.bias} "
+                                f"{list(g.weights[s.bias].shape)} does not broadcast to "
+                                f"{list(s.shape)}")
+
+    def couplings(self) -> None:
+        g, errs = self.g, self.errs
+        state_names = {s.name for s in g.states}
+        input_names = {i.name for i in g.inputs}
+        for c in g.couplings:
+            self.declare(c.name, "coupling")
+            if c.kind not in COUPLING_KINDS:
+                errs.append(f"coupling {c.name}: kind {c.kind!r} "
+                            f"(supported: {', '.join(COUPLING_KINDS)})")
+            if c.src not in state_names | input_names:
+                errs.append(f"coupling {c.name}: source {c.src} is not a state or input")
+                continue
+            if c.dst not in state_names:
+                errs.append(f"coupling {c.name}: destination {c.dst} is not a state")
+                continue
+            if c.feedback and c.src in input_names:
+                errs.append(f"coupling {c.name}: feedback into clamped input {c.src}")
+            if not c.ops:
+                errs.append(f"coupling {c.name}: empty op chain (use identity)")
+            self.chain(c)
+
+    def chain(self, c) -> None:
+        """A coupling's ops are linear, their weights exist, and the chain maps the source
+        shape onto the destination's."""
+        g, errs = self.g, self.errs
         shape = g.shape_of(c.src)
         for op in c.ops:
             if not op.linear:
                 errs.append(f"coupling {c.name}: op {op.kind} is not linear")
-                break
-            if not op_ok(op, f"coupling {c.name}"):
-                break
+                return
+            if not self.op_ok(op, f"coupling {c.name}"):
+                return
             try:
                 shape = O.out_shape(op, [shape], g.weights)
             except EpcError as e:
                 errs.append(f"coupling {c.name}: {e}")
-                break
-        else:
-            if tuple(shape) != tuple(g.shape_of(c.dst)):
-                errs.append(f"coupling {c.name}: chain maps {list(g.shape_of(c.src))} to "
-                            f"{list(shape)}, but {c.dst} is {list(g.shape_of(c.dst))}")
-    readouts = {s.name for s in g.states if s.readout}
-    for s in g.states:
-        if not s.readout:
-            continue
-        if s.role not in ("output", "tap"):
-            errs.append(f"state {s.name}: a readout must be an output or tap state, "
-                        f"not {s.role}")
-        if s.act.kind != "identity":
-            errs.append(f"state {s.name}: a readout is linear (act identity), "
-                        f"not {s.act.kind}")
-    for c in g.couplings:
-        if c.src in readouts:
-            errs.append(f"coupling {c.name}: readout state {c.src} feeds {c.dst} (a readout "
-                        f"is outside the energy and drives nothing)")
-        if c.dst in readouts and (c.feedback or c.src in readouts):
-            errs.append(f"coupling {c.name}: into readout {c.dst} it must have no feedback "
-                        f"and come from a settled state or an input")
-    for c in g.costs:
-        if c.state not in state_names:
-            errs.append(f"cost {c.name}: unknown state {c.state}")
-        if c.kind not in COST_KINDS:
-            errs.append(f"cost {c.name}: kind {c.kind!r} (supported: {', '.join(COST_KINDS)})")
-        if c.target != "label" and c.target not in state_names:
-            errs.append(f"cost {c.name}: target {c.target} is neither 'label' nor a state")
-    if g.teacher and g.teacher.output not in state_names:
-        errs.append(f"teacher {g.teacher.name}: output {g.teacher.output} is not a state")
-    if g.states and not g.nodes:
-        outs = [s.name for s in g.states if s.role == "output"]
-        if len(outs) != 1:
-            errs.append(f"energy graph needs exactly one output state, has {outs or 'none'}")
+                return
+        if tuple(shape) != tuple(g.shape_of(c.dst)):
+            errs.append(f"coupling {c.name}: chain maps {list(g.shape_of(c.src))} to "
+                        f"{list(shape)}, but {c.dst} is {list(g.shape_of(c.dst))}")
 
-    # ---- schedule
-    if g.schedule is not None:
-        s = g.schedule
+    def readouts(self) -> None:
+        g, errs = self.g, self.errs
+        readouts = {s.name for s in g.states if s.readout}
+        for s in g.states:
+            if not s.readout:
+                continue
+            if s.role not in ("output", "tap"):
+                errs.append(f"state {s.name}: a readout must be an output or tap state, "
+                            f"not {s.role}")
+            if s.act.kind != "identity":
+                errs.append(f"state {s.name}: a readout is linear (act identity), "
+                            f"not {s.act.kind}")
+        for c in g.couplings:
+            if c.src in readouts:
+                errs.append(f"coupling {c.name}: readout state {c.src} feeds {c.dst} (a "
+                            f"readout is outside the energy and drives nothing)")
+            if c.dst in readouts and (c.feedback or c.src in readouts):
+                errs.append(f"coupling {c.name}: into readout {c.dst} it must have no "
+                            f"feedback and come from a settled state or an input")
+
+    def costs(self) -> None:
+        g, errs = self.g, self.errs
+        state_names = {s.name for s in g.states}
+        for c in g.costs:
+            if c.state not in state_names:
+                errs.append(f"cost {c.name}: unknown state {c.state}")
+            if c.kind not in COST_KINDS:
+                errs.append(f"cost {c.name}: kind {c.kind!r} "
+                            f"(supported: {', '.join(COST_KINDS)})")
+            if c.target != "label" and c.target not in state_names:
+                errs.append(f"cost {c.name}: target {c.target} is neither 'label' nor a state")
+        if g.teacher and g.teacher.output not in state_names:
+            errs.append(f"teacher {g.teacher.name}: output {g.teacher.output} is not a state")
+        if g.states and not g.nodes:
+            outs = [s.name for s in g.states if s.role == "output"]
+            if len(outs) != 1:
+                errs.append(f"energy graph needs exactly one output state, has "
+                            f"{outs or 'none'}")
+
+    def schedule(self) -> None:
+        g, errs, s = self.g, self.errs, self.g.schedule
+        state_names = {st.name for st in g.states}
         if s.mode not in ("colour", "sync"):
             errs.append(f"schedule: mode {s.mode!r} (supported: colour, sync)")
         if s.max_sweeps < 1 or s.nudge_sweeps < 1:
@@ -174,9 +215,8 @@ def problems(g: Graph) -> list[str]:
         for c in g.couplings:
             if c.src in colour and c.dst in colour and colour[c.src] == colour[c.dst] \
                     and s.mode == "colour":
-                errs.append(f"schedule: coupled states {c.src} and {c.dst} (coupling {c.name}) "
-                            f"share colour class {colour[c.src]}")
-    return errs
+                errs.append(f"schedule: coupled states {c.src} and {c.dst} (coupling "
+                            f"{c.name}) share colour class {colour[c.src]}")
 
 
 def verify(g: Graph) -> Graph:

@@ -30,7 +30,10 @@ layout's up to the order of the float sums inside the convolutions.
 Settling follows the compiled schedule: colour classes updated in order (block
 Gauss-Seidel, the default) or all states at once from the previous sweep ('sync'). It stops
 when every sample's largest state change in a sweep is below `tol`, or at the sweep cap,
-and reports how many samples had not converged.
+and reports how many samples had not converged. The walk itself (classes, residual,
+convergence, caps, max-pool freezing, parts that stop on their own) is runtime/settle.py,
+shared with the integer simulator; this module plugs in the float arithmetic
+(`FloatSettle`).
 """
 from __future__ import annotations
 
@@ -121,7 +124,8 @@ class Engine:
         self.mode = schedule_mode(mode) or sched.mode
         if self.mode not in ("colour", "sync"):
             raise EpcError(f"unknown schedule mode {self.mode!r} (supported: colour, sync)")
-        self.max_sweeps, self.nudge_sweeps, self.tol = sched.max_sweeps, sched.nudge_sweeps, sched.tol
+        self.max_sweeps, self.nudge_sweeps = sched.max_sweeps, sched.nudge_sweeps
+        self.tol = sched.tol
         self.params: dict[str, Tensor] = {
             k: torch.as_tensor(np.asarray(v), dtype=dtype, device=self.device).clone()
             for k, v in graph.weights.items()}
@@ -145,6 +149,14 @@ class Engine:
         self.channels_last = frozenset(
             j for j in self.settled if channels_last and len(self.shapes[j]) == 3)
         self.classes = [list(c) for c in sched.classes if c]
+        self._prepare_links(graph)
+        self._wire_links(graph)
+        self._prepare_costs(graph)
+        self.num_classes = int(np.prod(self.shapes[self.output]))
+
+    def _prepare_links(self, graph: Graph) -> None:
+        """Every coupling as a Link: its fast path, whether its contexts follow the source
+        (max-pools), its weights; and the conv kernels the loop keeps channels-last."""
         self.links: list[Link] = []
         for c in graph.couplings:
             fast, w = _fast_path(c.ops)
@@ -158,6 +170,11 @@ class Engine:
         self.cl_kernels = sorted({w for l in self.links if l.fast == "chain"
                                   and {l.src, l.dst} & self.channels_last
                                   for w in l.weights if np.ndim(graph.weights[w]) == 4})
+
+    def _wire_links(self, graph: Graph) -> None:
+        """Per settled state: the links that drive it from clamped values (computed once
+        per batch), from settled states, and the links whose transpose feeds back into
+        it; per teacher state its links, and the teacher states in feedforward order."""
         teacher_states = {s.name for s in graph.states if s.role == "teacher"}
         clamped = set(self.inputs) | teacher_states
         self.input_links: dict[str, list[Link]] = {j: [] for j in self.settled}
@@ -174,20 +191,21 @@ class Engine:
             (self.input_links if l.src in clamped else self.inbound)[l.dst].append(l)
             if l.feedback and l.src not in clamped:
                 self.feedback[l.src].append(l)
-        # teacher states in feedforward order
         dg = nx.DiGraph()
         dg.add_nodes_from(teacher_states)
         dg.add_edges_from((l.src, l.dst) for j in teacher_states for l in self.teacher_links[j]
                           if l.src in teacher_states)
         self.teacher_order = list(nx.topological_sort(dg))
+
+    def _prepare_costs(self, graph: Graph) -> None:
+        """Costs per state, activations, and the readout heads (outside the energy) with,
+        per settled state, the links into them through which their costs nudge it."""
         self.costs = {j: [c for c in graph.costs if c.state == j] for j in self.settled}
         self.cost_list = list(graph.costs)
         for c in self.cost_list:
             if c.state not in self.states or self.states[c.state].role == "teacher":
                 raise EpcError(f"cost {c.name}: state {c.state} is not a settled state")
         self.acts = {j: self.states[j].act for j in self.states}
-        # readout heads (outside the energy) and, per settled state, the links into them
-        # through which their costs nudge it
         self.readouts = [j for j in self.settled if self.states[j].readout]
         self.is_readout = frozenset(self.readouts)
         self.readout_links: dict[str, list[Link]] = {j: [] for j in self.settled}
@@ -196,7 +214,6 @@ class Engine:
                 if l.src in self.is_readout:
                     raise EpcError(f"coupling {l.name}: readout {l.src} feeds readout {r}")
                 self.readout_links[l.src].append(l)
-        self.num_classes = int(np.prod(self.shapes[self.output]))
 
     # ------------------------------------------------------------------ coupling maps
     def link_forward(self, l: Link, x: Tensor, P: dict | None = None, routing: dict | None = None):

@@ -102,41 +102,9 @@ def implicit_gradient(eng: Engine, batch: dict, s_star: dict, labels: torch.Tens
         g = [torch.zeros_like(s0[j]) if x is None else x for j, x in zip(eng.settled, gl)]
         outs = [s1[j] for j in eng.settled]
         ins = [s0[j] for j in eng.settled]
-        v = [x.clone() for x in g]
-        # the blocks tracked: each sample (drop_samples) or the batch as one; per block its
-        # last change d of v, smallest change seen, converged, and still in the gradient.
-        # The tests are made in float64, on the float32 maxima as the batch's always were.
-        blocks = n if drop_samples else 1
-        d = torch.full((blocks,), math.inf, dtype=torch.float64, device=eng.device)
-        best = d.clone()
-        done = torch.zeros(blocks, dtype=torch.bool, device=eng.device)
-        kept = torch.ones_like(done)
-        it = 0
-        for it in range(1, iters + 1):
-            jv = torch.autograd.grad(outs, ins, grad_outputs=v, retain_graph=True,
-                                     allow_unused=True)
-            nv = [a + (torch.zeros_like(a) if b is None else b) for a, b in zip(g, jv)]
-            d = _block_max([(a - b).abs() for a, b in zip(nv, v)], blocks)
-            done = d <= tol * (_block_max([a.abs() for a in nv], blocks) + 1e-30)
-            # growing a thousandfold from its smallest: the sweep expands around s*, the
-            # iteration diverges (geometrically); stop that block instead of running out
-            # the budget (a converged block is not divergent)
-            bad = ~torch.isfinite(d)
-            if it > DIVERGE_AFTER:
-                bad |= d > DIVERGED * best
-            bad &= kept & ~done
-            best = torch.minimum(best, d)
-            v = nv
-            # one sync: any block to stop now, and has every block still in converged
-            any_bad, finished = torch.stack([bad.any(),
-                                             (done | ~kept | bad).all()]).tolist()
-            if any_bad:
-                kept &= ~bad
-                if drop_samples:      # the diverging samples leave; the rest go on
-                    _zero_rows(g, bad)
-                    _zero_rows(v, bad)
-            if finished:
-                break
+        blocks = n if drop_samples else 1    # each sample, or the batch as one
+        v, d, done, kept, it = _adjoint_iteration(outs, ins, g, blocks, iters, tol,
+                                                  drop_samples, eng.device)
         factor = 1.0
         if drop_samples:
             # samples still short of the tolerance when the budget ran out are left out too
@@ -158,6 +126,47 @@ def implicit_gradient(eng: Engine, batch: dict, s_star: dict, labels: torch.Tens
     if drop_samples:
         info.update(kept=kept, dropped=n - nkept)
     return out, info
+
+
+def _adjoint_iteration(outs: list, ins: list, g: list, blocks: int, iters: int, tol: float,
+                       drop_samples: bool, device) -> tuple:
+    """v <- g + J^T v (J: the sweep's Jacobian at s*, through autograd of `outs` w.r.t.
+    `ins`) until every block has converged or left. Returns (v, per block its last change
+    d, converged, still kept, iterations run)."""
+    v = [x.clone() for x in g]
+    # per block: its last change d of v, smallest change seen, converged, and still in the
+    # gradient. The tests are made in float64, on the float32 maxima as the batch's always
+    # were.
+    d = torch.full((blocks,), math.inf, dtype=torch.float64, device=device)
+    best = d.clone()
+    done = torch.zeros(blocks, dtype=torch.bool, device=device)
+    kept = torch.ones_like(done)
+    it = 0
+    for it in range(1, iters + 1):
+        jv = torch.autograd.grad(outs, ins, grad_outputs=v, retain_graph=True,
+                                 allow_unused=True)
+        nv = [a + (torch.zeros_like(a) if b is None else b) for a, b in zip(g, jv)]
+        d = _block_max([(a - b).abs() for a, b in zip(nv, v)], blocks)
+        done = d <= tol * (_block_max([a.abs() for a in nv], blocks) + 1e-30)
+        # growing a thousandfold from its smallest: the sweep expands around s*, the
+        # iteration diverges (geometrically); stop that block instead of running out
+        # the budget (a converged block is not divergent)
+        bad = ~torch.isfinite(d)
+        if it > DIVERGE_AFTER:
+            bad |= d > DIVERGED * best
+        bad &= kept & ~done
+        best = torch.minimum(best, d)
+        v = nv
+        # one sync: any block to stop now, and has every block still in converged
+        any_bad, finished = torch.stack([bad.any(), (done | ~kept | bad).all()]).tolist()
+        if any_bad:
+            kept &= ~bad
+            if drop_samples:      # the diverging samples leave; the rest go on
+                _zero_rows(g, bad)
+                _zero_rows(v, bad)
+        if finished:
+            break
+    return v, d, done, kept, it
 
 
 def _block_max(ts: list[torch.Tensor], blocks: int) -> torch.Tensor:

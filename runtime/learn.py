@@ -8,9 +8,9 @@ EP estimate (per weight, averaged over the batch):
 dPhi/dW of a dense coupling is s_dst^T s_src (a matmul). A chain whose one learnable
 weight is its last op's (max-pool -> conv, a conv alone, flatten -> dense) takes that op's
 weight gradient (its registry rule's `weight_grad`) at the chain's prefix, for both phases
-in one call (the chain's op itself is never applied). Any other chain takes the autograd gradient of <s_dst, L(s_src)> w.r.t.
-its weights. Either runs once per batch, outside the settling loop. dPhi/db_j = s_j summed
-over the axes b_j broadcasts over. Weights shared by several couplings accumulate.
+in one call (the chain's op itself is never applied). Any other chain takes the autograd
+gradient of <s_dst, L(s_src)> w.r.t. its weights. Either runs once per batch, outside the
+settling loop. dPhi/db_j = s_j summed over the axes b_j broadcasts over. Weights shared by several couplings accumulate.
 
 A readout head (outside the energy, `epc compile --readout`) enters the nudged energy only
 through beta * C(o), so the same difference quotient gives its weights dC/dtheta at the

@@ -13,7 +13,8 @@ ISA.md documents:
 
 A phase sweeps its colour classes until no state changes (the integer fixed point), a
 state vector repeats (a cycle), or the sweep cap. Each sample stops on its own: a sample's
-result never depends on the rest of its batch. Max-pools acting on settled states follow
+result never depends on the rest of its batch. The walk is runtime/settle.py, shared with
+the float engine; this module plugs in the integer arithmetic (`IntSettle`). Max-pools acting on settled states follow
 the program's winner rules (ISA.md, "Max-pool winners"): after `pool_freeze` sweeps a
 still-moving sample's winners are frozen, and `pool=free` nudged phases (and then the
 learning step) keep the free phase's winners. Learning applies the EP update from the two
@@ -434,49 +435,62 @@ class Simulator:
                 contrib.setdefault(w, []).append((d, lr + 2 * F + S + emin))
                 self.stats.synops += int(np.prod(self.W[w].shape)) * 2 * sp[c.src].shape[0]
         for stream, (w, parts) in enumerate(sorted(contrib.items())):
-            m = self.mems[w]
-            e = self.mems[self.wexp[w]].data.astype(np.int64)
-            # a part d stands for d * 2^-(b + e_o) mantissa units (e_o: the channel's
-            # exponent); align the parts on the largest b so the sum stays an integer
-            base = max(b for _, b in parts)
-            num = sum(d * float(2 ** (base - b)) for d, b in parts)
-            words = prng_words(p.seed, p.rng_step, stream, m.size)
-            if e.size == 1:
-                dm = stochastic_shift(num, base + int(e[0]), words)
+            self._update_weight(w, parts, stream)
+        self._update_biases(sp, sm, lr, learn)
+        p.rng_step += 1
+
+    def _update_weight(self, w: str, parts: list, stream: int) -> None:
+        """Weight memory w += its EP update: the parts (d, b) of every learned synapse using
+        it, stochastically rounded with PRNG stream `stream`, renormalised or saturated."""
+        p = self.p
+        m = self.mems[w]
+        e = self.mems[self.wexp[w]].data.astype(np.int64)
+        # a part d stands for d * 2^-(b + e_o) mantissa units (e_o: the channel's
+        # exponent); align the parts on the largest b so the sum stays an integer
+        base = max(b for _, b in parts)
+        num = sum(d * float(2 ** (base - b)) for d, b in parts)
+        words = prng_words(p.seed, p.rng_step, stream, m.size)
+        if e.size == 1:
+            dm = stochastic_shift(num, base + int(e[0]), words)
+        else:
+            sh = np.broadcast_to(e.reshape((-1,) + (1,) * (len(m.shape) - 1)), m.shape)
+            dm = torch.empty_like(num)
+            for v in np.unique(e):
+                mask = sh == v
+                mt = torch.as_tensor(mask)
+                dm[mt] = stochastic_shift(num[mt], base + int(v), words[mask.reshape(-1)])
+        newm = torch.as_tensor(m.data, dtype=torch.float64) + dm
+        qmax = float((1 << (m.bits - 1)) - 1)
+        sat = (newm > qmax) | (newm < -qmax)
+        if bool(sat.any()) and self.renormalize:
+            # exponent renormalisation: a saturating channel (or memory) halves its
+            # mantissas (rounding shift) and raises its exponent, so learning can grow
+            # a weight past the range chosen at compile time instead of clipping it
+            em = self.mems[self.wexp[w]]
+            ed = em.data.astype(np.int64).reshape(-1).copy()
+            if ed.size == 1:
+                rows = torch.ones(newm.shape[0], dtype=torch.bool) if ed[0] < EXP_MAX \
+                    else torch.zeros(newm.shape[0], dtype=torch.bool)
             else:
-                sh = np.broadcast_to(e.reshape((-1,) + (1,) * (len(m.shape) - 1)), m.shape)
-                dm = torch.empty_like(num)
-                for v in np.unique(e):
-                    mask = sh == v
-                    mt = torch.as_tensor(mask)
-                    dm[mt] = stochastic_shift(num[mt], base + int(v), words[mask.reshape(-1)])
-            newm = torch.as_tensor(m.data, dtype=torch.float64) + dm
-            qmax = float((1 << (m.bits - 1)) - 1)
-            sat = (newm > qmax) | (newm < -qmax)
-            if bool(sat.any()) and self.renormalize:
-                # exponent renormalisation: a saturating channel (or memory) halves its
-                # mantissas (rounding shift) and raises its exponent, so learning can grow
-                # a weight past the range chosen at compile time instead of clipping it
-                em = self.mems[self.wexp[w]]
-                ed = em.data.astype(np.int64).reshape(-1).copy()
+                rows = sat.reshape(newm.shape[0], -1).any(1) & torch.as_tensor(ed < EXP_MAX)
+            if bool(rows.any()):
                 if ed.size == 1:
-                    rows = torch.ones(newm.shape[0], dtype=torch.bool) if ed[0] < EXP_MAX \
-                        else torch.zeros(newm.shape[0], dtype=torch.bool)
+                    ed[0] += 1
                 else:
-                    rows = sat.reshape(newm.shape[0], -1).any(1) & torch.as_tensor(ed < EXP_MAX)
-                if bool(rows.any()):
-                    if ed.size == 1:
-                        ed[0] += 1
-                    else:
-                        ed[rows.numpy()] += 1
-                    newm[rows] = round_shift(newm[rows], 1)
-                    em.data = ed.reshape(em.shape)
-                    self.stats.renormalizations += int(rows.sum()) if ed.size > 1 else 1
-                sat = (newm > qmax) | (newm < -qmax)
-            self.stats.overflow_weight += int(sat.sum())
-            m.data = newm.clamp(-qmax, qmax).numpy().astype(np.int64)
-            self._load_weight(w)
-            self._rescale_chains(w)
+                    ed[rows.numpy()] += 1
+                newm[rows] = round_shift(newm[rows], 1)
+                em.data = ed.reshape(em.shape)
+                self.stats.renormalizations += int(rows.sum()) if ed.size > 1 else 1
+            sat = (newm > qmax) | (newm < -qmax)
+        self.stats.overflow_weight += int(sat.sum())
+        m.data = newm.clamp(-qmax, qmax).numpy().astype(np.int64)
+        self._load_weight(w)
+        self._rescale_chains(w)
+
+    def _update_biases(self, sp: dict, sm: dict, lr: int, learn: set) -> None:
+        """Every learned group bias += (s+ - s-) summed over the batch and the axes it
+        broadcasts over, shifted right by lr with stochastic rounding, saturated."""
+        p = self.p
         for k, g in enumerate(p.groups):
             if not g.bias or g.bias not in learn:
                 continue
@@ -495,7 +509,6 @@ class Simulator:
             self.stats.overflow_bias += int(sat.sum())
             bm.data = nb.clamp(bm.lo, bm.hi).numpy().astype(np.int64)
             self.bias[g.name] = torch.as_tensor(bm.data, dtype=torch.float64)
-        p.rng_step += 1
 
     def train_batch(self, x, labels, *, lr_shift: int | None = None,
                     beta_q: int | None = None) -> tuple[PhaseResult, PhaseResult, PhaseResult]:

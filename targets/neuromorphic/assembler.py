@@ -208,6 +208,38 @@ class _Parser:
         return SynOp(k, **{attr: self.field(i, d[key], form, w) for key, attr, form in fields})
 
     def parse(self) -> Program:
+        """The program: the header, then each statement by its directive, then the
+        .data blocks into their memories."""
+        self.header()
+        self.prog = p = Program(name="")
+        self.datas: dict[str, tuple[int, list[int]]] = {}   # memory -> (line, words)
+        directives = {".program": self.d_program, ".config": self.d_config,
+                      ".meta": self.d_meta, ".input": self.d_input, ".mem": self.d_mem,
+                      ".data": self.d_data, ".group": self.d_group, ".syn": self.d_syn,
+                      ".cost": self.d_cost, ".phase": self.d_phase, ".learn": self.d_learn,
+                      ".end": self.d_end}
+        while self.pos < len(self.lines):
+            i, line = self.lines[self.pos]
+            self.pos += 1
+            toks = line.split()
+            handle = directives.get(toks[0])
+            if handle is None:
+                raise self.err(i, f"unknown directive {toks[0]!r}")
+            handle(i, line, toks)
+        mems = {m.name: m for m in p.memories}
+        for name, (i, vals) in self.datas.items():
+            if name not in mems:
+                raise self.err(i, f".data {name}: no such memory")
+            m = mems[name]
+            if len(vals) != m.size:
+                raise self.err(i, f".data {name}: {len(vals)} words, memory {m.name} holds "
+                                  f"{m.size}")
+            m.data = np.asarray(vals, dtype=np.int64).reshape(m.shape)
+        if not p.name:
+            raise EpcError(f"{self.source}: no .program line")
+        return p
+
+    def header(self) -> None:
         if not self.lines:
             raise EpcError(f"{self.source}: empty program")
         i, line = self.lines[0]
@@ -222,133 +254,136 @@ class _Parser:
             raise self.err(i, f"bad program format version {ver}")
         self.pos = 1
         self.version = ver
-        p = Program(name="")
-        datas: dict[str, tuple[int, list[int]]] = {}
-        while self.pos < len(self.lines):
-            i, line = self.lines[self.pos]
-            self.pos += 1
-            toks = line.split()
-            d0 = toks[0]
-            if d0 == ".program":
-                if len(toks) != 2:
-                    raise self.err(i, ".program: expected one name")
-                p.name = self.name(i, toks[1], ".program")
-            elif d0 == ".config":
-                d = self.kv(i, toks[1:], ".config")
-                self.need(i, d, ("frac_bits", "beta_q", "lr_shift", "seed", "rng_step"), ".config",
-                          ("pool_freeze",))
-                if "pool_freeze" in d:
-                    self.v2(i, ".config pool_freeze=")
-                    p.pool_freeze = self.integer(i, d["pool_freeze"], ".config")
-                p.frac_bits = self.integer(i, d["frac_bits"], ".config")
-                p.beta_q = self.integer(i, d["beta_q"], ".config")
-                p.lr_shift = self.integer(i, d["lr_shift"], ".config")
-                p.seed = self.integer(i, d["seed"], ".config")
-                p.rng_step = self.integer(i, d["rng_step"], ".config")
-            elif d0 == ".meta":
-                parts = line.split(None, 2)
-                if len(parts) != 3:
-                    raise self.err(i, ".meta: expected KEY \"VALUE\"")
-                try:
-                    v = json.loads(parts[2])
-                except json.JSONDecodeError:
-                    raise self.err(i, f".meta {parts[1]}: value must be a quoted string")
-                if not isinstance(v, str):
-                    raise self.err(i, f".meta {parts[1]}: value must be a quoted string")
-                p.meta[parts[1]] = v
-            elif d0 == ".input":
-                if len(toks) != 2:
-                    raise self.err(i, ".input: expected one memory name")
-                p.inputs.append(self.name(i, toks[1], ".input"))
-            elif d0 == ".mem":
-                if len(toks) != 5:
-                    raise self.err(i, ".mem: expected NAME KIND TYPE [SHAPE]")
-                name = self.name(i, toks[1], ".mem")
-                w = f".mem {name}"
-                m = re.fullmatch(r"([su])(\d+)", toks[3])
-                if not m:
-                    raise self.err(i, f"{w}: bad type {toks[3]!r} (s8, u8, s16, ...)")
-                sm = re.fullmatch(r"\[([0-9,]*)\]", toks[4])
-                if not sm:
-                    raise self.err(i, f"{w}: bad shape {toks[4]!r} (e.g. [256,64])")
-                shape = tuple(self.integer(i, v, w) for v in sm.group(1).split(",") if v)
-                p.memories.append(Memory(name, toks[2], m.group(1) == "s", int(m.group(2)), shape))
-            elif d0 == ".data":
-                if len(toks) != 2:
-                    raise self.err(i, ".data: expected one memory name")
-                name = toks[1]
-                body = self.block(i, f".data {name}")
-                vals = []
-                for j, l in body:
-                    vals.extend(self.integer(j, v, f".data {name}") for v in l.split())
-                if name in datas:
-                    raise self.err(i, f".data {name}: given twice")
-                datas[name] = (i, vals)
-            elif d0 == ".group":
-                if len(toks) < 2:
-                    raise self.err(i, ".group: expected a name")
-                name = self.name(i, toks[1], ".group")
-                w = f".group {name}"
-                d = self.kv(i, toks[2:], w)
-                self.need(i, d, ("mem", "lo", "hi", "act", "role"), w, ("bias",))
-                p.groups.append(Group(name, d["mem"], self.integer(i, d["lo"], w),
-                                      self.integer(i, d["hi"], w), d["role"], d.get("bias"),
-                                      d["act"]))
-            elif d0 == ".syn":
-                if len(toks) < 5 or toks[3] != "->":
-                    raise self.err(i, ".syn: expected NAME SRC -> DST kind=.. fb=.. learn=..")
-                name = self.name(i, toks[1], ".syn")
-                w = f".syn {name}"
-                d = self.kv(i, toks[5:], w)
-                self.need(i, d, ("kind", "fb", "learn"), w)
-                body = self.block(i, w)
-                ops = [self.op(j, l, w) for j, l in body]
-                p.synapses.append(Synapse(name, toks[2], toks[4], ops, d["kind"],
-                                          bool(self.integer(i, d["fb"], w)),
-                                          bool(self.integer(i, d["learn"], w))))
-            elif d0 == ".cost":
-                if len(toks) < 3:
-                    raise self.err(i, ".cost: expected NAME GROUP target=.. wq=..")
-                w = f".cost {toks[1]}"
-                d = self.kv(i, toks[3:], w)
-                self.need(i, d, ("target", "wq"), w)
-                p.costs.append(CostSpec(self.name(i, toks[1], ".cost"), toks[2], d["target"],
-                                        self.integer(i, d["wq"], w)))
-            elif d0 == ".phase":
-                if len(toks) not in (3, 4):
-                    raise self.err(i, ".phase: expected NAME sweeps=N [pool=free|live]")
-                w = f".phase {toks[1]}"
-                d = self.kv(i, toks[2:], w)
-                self.need(i, d, ("sweeps",), w, ("pool",))
-                if d.get("pool", "live") not in ("free", "live"):
-                    raise self.err(i, f"{w}: pool={d['pool']} (supported: free, live)")
-                if "pool" in d:
-                    self.v2(i, f"{w} pool=")
-                classes = []
-                for j, l in self.block(i, w):
-                    t = l.split()
-                    if t[0] != "update" or len(t) < 2:
-                        raise self.err(j, f"{w}: expected 'update GROUP ...', got {l!r}")
-                    classes.append(t[1:])
-                p.phases.append(Phase(toks[1], self.integer(i, d["sweeps"], w), classes,
-                                      d.get("pool") == "free"))
-            elif d0 == ".learn":
-                p.learn = toks[1:]
-            elif d0 == ".end":
-                raise self.err(i, ".end without an open block")
-            else:
-                raise self.err(i, f"unknown directive {d0!r}")
-        mems = {m.name: m for m in p.memories}
-        for name, (i, vals) in datas.items():
-            if name not in mems:
-                raise self.err(i, f".data {name}: no such memory")
-            m = mems[name]
-            if len(vals) != m.size:
-                raise self.err(i, f".data {name}: {len(vals)} words, memory {m.name} holds {m.size}")
-            m.data = np.asarray(vals, dtype=np.int64).reshape(m.shape)
-        if not p.name:
-            raise EpcError(f"{self.source}: no .program line")
-        return p
+
+    # ---- one method per directive: its line number, the line and its tokens
+    def d_program(self, i: int, line: str, toks: list[str]) -> None:
+        p = self.prog
+        if len(toks) != 2:
+            raise self.err(i, ".program: expected one name")
+        p.name = self.name(i, toks[1], ".program")
+
+    def d_config(self, i: int, line: str, toks: list[str]) -> None:
+        p = self.prog
+        d = self.kv(i, toks[1:], ".config")
+        self.need(i, d, ("frac_bits", "beta_q", "lr_shift", "seed", "rng_step"), ".config",
+                  ("pool_freeze",))
+        if "pool_freeze" in d:
+            self.v2(i, ".config pool_freeze=")
+            p.pool_freeze = self.integer(i, d["pool_freeze"], ".config")
+        p.frac_bits = self.integer(i, d["frac_bits"], ".config")
+        p.beta_q = self.integer(i, d["beta_q"], ".config")
+        p.lr_shift = self.integer(i, d["lr_shift"], ".config")
+        p.seed = self.integer(i, d["seed"], ".config")
+        p.rng_step = self.integer(i, d["rng_step"], ".config")
+
+    def d_meta(self, i: int, line: str, toks: list[str]) -> None:
+        p = self.prog
+        parts = line.split(None, 2)
+        if len(parts) != 3:
+            raise self.err(i, ".meta: expected KEY \"VALUE\"")
+        try:
+            v = json.loads(parts[2])
+        except json.JSONDecodeError:
+            raise self.err(i, f".meta {parts[1]}: value must be a quoted string")
+        if not isinstance(v, str):
+            raise self.err(i, f".meta {parts[1]}: value must be a quoted string")
+        p.meta[parts[1]] = v
+
+    def d_input(self, i: int, line: str, toks: list[str]) -> None:
+        p = self.prog
+        if len(toks) != 2:
+            raise self.err(i, ".input: expected one memory name")
+        p.inputs.append(self.name(i, toks[1], ".input"))
+
+    def d_mem(self, i: int, line: str, toks: list[str]) -> None:
+        p = self.prog
+        if len(toks) != 5:
+            raise self.err(i, ".mem: expected NAME KIND TYPE [SHAPE]")
+        name = self.name(i, toks[1], ".mem")
+        w = f".mem {name}"
+        m = re.fullmatch(r"([su])(\d+)", toks[3])
+        if not m:
+            raise self.err(i, f"{w}: bad type {toks[3]!r} (s8, u8, s16, ...)")
+        sm = re.fullmatch(r"\[([0-9,]*)\]", toks[4])
+        if not sm:
+            raise self.err(i, f"{w}: bad shape {toks[4]!r} (e.g. [256,64])")
+        shape = tuple(self.integer(i, v, w) for v in sm.group(1).split(",") if v)
+        p.memories.append(Memory(name, toks[2], m.group(1) == "s", int(m.group(2)), shape))
+
+    def d_data(self, i: int, line: str, toks: list[str]) -> None:
+        if len(toks) != 2:
+            raise self.err(i, ".data: expected one memory name")
+        name = toks[1]
+        body = self.block(i, f".data {name}")
+        vals = []
+        for j, l in body:
+            vals.extend(self.integer(j, v, f".data {name}") for v in l.split())
+        if name in self.datas:
+            raise self.err(i, f".data {name}: given twice")
+        self.datas[name] = (i, vals)
+
+    def d_group(self, i: int, line: str, toks: list[str]) -> None:
+        p = self.prog
+        if len(toks) < 2:
+            raise self.err(i, ".group: expected a name")
+        name = self.name(i, toks[1], ".group")
+        w = f".group {name}"
+        d = self.kv(i, toks[2:], w)
+        self.need(i, d, ("mem", "lo", "hi", "act", "role"), w, ("bias",))
+        p.groups.append(Group(name, d["mem"], self.integer(i, d["lo"], w),
+                              self.integer(i, d["hi"], w), d["role"], d.get("bias"),
+                              d["act"]))
+
+    def d_syn(self, i: int, line: str, toks: list[str]) -> None:
+        p = self.prog
+        if len(toks) < 5 or toks[3] != "->":
+            raise self.err(i, ".syn: expected NAME SRC -> DST kind=.. fb=.. learn=..")
+        name = self.name(i, toks[1], ".syn")
+        w = f".syn {name}"
+        d = self.kv(i, toks[5:], w)
+        self.need(i, d, ("kind", "fb", "learn"), w)
+        body = self.block(i, w)
+        ops = [self.op(j, l, w) for j, l in body]
+        p.synapses.append(Synapse(name, toks[2], toks[4], ops, d["kind"],
+                                  bool(self.integer(i, d["fb"], w)),
+                                  bool(self.integer(i, d["learn"], w))))
+
+    def d_cost(self, i: int, line: str, toks: list[str]) -> None:
+        p = self.prog
+        if len(toks) < 3:
+            raise self.err(i, ".cost: expected NAME GROUP target=.. wq=..")
+        w = f".cost {toks[1]}"
+        d = self.kv(i, toks[3:], w)
+        self.need(i, d, ("target", "wq"), w)
+        p.costs.append(CostSpec(self.name(i, toks[1], ".cost"), toks[2], d["target"],
+                                self.integer(i, d["wq"], w)))
+
+    def d_phase(self, i: int, line: str, toks: list[str]) -> None:
+        p = self.prog
+        if len(toks) not in (3, 4):
+            raise self.err(i, ".phase: expected NAME sweeps=N [pool=free|live]")
+        w = f".phase {toks[1]}"
+        d = self.kv(i, toks[2:], w)
+        self.need(i, d, ("sweeps",), w, ("pool",))
+        if d.get("pool", "live") not in ("free", "live"):
+            raise self.err(i, f"{w}: pool={d['pool']} (supported: free, live)")
+        if "pool" in d:
+            self.v2(i, f"{w} pool=")
+        classes = []
+        for j, l in self.block(i, w):
+            t = l.split()
+            if t[0] != "update" or len(t) < 2:
+                raise self.err(j, f"{w}: expected 'update GROUP ...', got {l!r}")
+            classes.append(t[1:])
+        p.phases.append(Phase(toks[1], self.integer(i, d["sweeps"], w), classes,
+                              d.get("pool") == "free"))
+
+    def d_learn(self, i: int, line: str, toks: list[str]) -> None:
+        p = self.prog
+        p.learn = toks[1:]
+
+    def d_end(self, i: int, line: str, toks: list[str]) -> None:
+        raise self.err(i, ".end without an open block")
 
 
 def assemble(text: str, source: str = "<asm>") -> Program:

@@ -194,6 +194,33 @@ def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
     pool_freeze / hold_pool: the float runtime's max-pool winner rules (Engine.settle's
     `freeze_after`, training's `freeze_pool`); written into the program only when a
     max-pool acts on a settled state, so programs without one are unchanged."""
+    _check_lowerable(g, weight_bits, frac_bits)
+    F = frac_bits
+    p = Program(name=g.name, frac_bits=F, beta_q=int(round(beta * (1 << BETA_FRAC))),
+                seed=int(seed) & 0xFFFFFFFF)
+    for inp in g.inputs:
+        p.memories.append(Memory(inp.name, "input", True, F + INPUT_INT_BITS, tuple(inp.shape)))
+        p.inputs.append(inp.name)
+    bias_mems = _lower_states(g, p)
+    rounded = _lower_couplings(g, p, weight_bits, per_channel, acts)
+    if acts is not None:
+        for bname, delta in bias_corrections(g, acts, rounded).items():
+            bm = bias_mems[bname]
+            bm.data, bm.bits = _quant_bias(np.asarray(g.weights[bname], np.float64) + delta, F)
+    _lower_costs(g, p)
+    _lower_phases(g, p, pool_freeze, hold_pool)
+    p.learn = [s.name for s in p.synapses if s.learn and any(o.w for o in s.ops)]
+    p.learn += [gr.bias for gr in p.groups if gr.bias and gr.role != "teacher"]
+    if lr_shift is None:
+        lr_shift = default_lr_shift(beta)
+    p.lr_shift = int(lr_shift)
+    p.meta = {"source": g.attrs.get("source", g.name), "weight_bits": str(weight_bits),
+              "per_channel": str(bool(per_channel)).lower(),
+              "scales": "calibrated" if acts is not None else "weights"}
+    return p
+
+
+def _check_lowerable(g: Graph, weight_bits: int, frac_bits: int) -> None:
     if not g.is_energy:
         raise EpcError(f"graph {g.name}: the neuromorphic target needs an energy graph "
                        f"(compile the model first)")
@@ -210,29 +237,34 @@ def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
         raise EpcError(f"--frac-bits {frac_bits}: supported 1..16")
     if any(not isinstance(w, np.ndarray) for w in g.weights.values()):
         raise EpcError(f"graph {g.name}: weights without data; compile from a bundle")
-    F = frac_bits
-    p = Program(name=g.name, frac_bits=F, beta_q=int(round(beta * (1 << BETA_FRAC))),
-                seed=int(seed) & 0xFFFFFFFF)
-    for inp in g.inputs:
-        p.memories.append(Memory(inp.name, "input", True, F + INPUT_INT_BITS, tuple(inp.shape)))
-        p.inputs.append(inp.name)
+
+
+def _lower_states(g: Graph, p: Program) -> dict[str, Memory]:
+    """A state memory and a group per state, a bias memory per biased state; returns the
+    bias memories by bias weight name."""
     bias_mems: dict[str, Memory] = {}
     for st in g.states:
-        mem, lo, hi, act = _lower_state(st, F)
+        mem, lo, hi, act = _lower_state(st, p.frac_bits)
         p.memories.append(mem)
         grp = Group(st.name, mem.name, lo, hi, st.role, None, act)
         if st.bias:
             b = np.asarray(g.weights[st.bias], dtype=np.float64)
-            bq, bits = _quant_bias(b, F)
+            bq, bits = _quant_bias(b, p.frac_bits)
             bname = f"b.{st.name}"
             bias_mems[st.bias] = Memory(bname, "bias", True, bits, tuple(b.shape), bq)
             p.memories.append(bias_mems[st.bias])
             grp.bias = bname
         p.groups.append(grp)
+    return bias_mems
 
-    # weights: one memory per weight name (shared weights stay shared)
+
+def _lower_couplings(g: Graph, p: Program, weight_bits: int, per_channel: bool,
+                     acts: dict | None) -> dict[str, np.ndarray]:
+    """A synapse per coupling, each op the core instruction its registry rule lowers it
+    to; one weight and one exponent memory per weight name (shared weights stay shared).
+    Returns the dequantized weights (for bias correction)."""
     done: dict[str, tuple[str, str]] = {}
-    rounded: dict[str, np.ndarray] = {}      # dequantized weights, for bias correction
+    rounded: dict[str, np.ndarray] = {}
     shapes = {x.name: tuple(x.shape) for x in list(g.inputs) + list(g.states)}
     for c in g.couplings:
         where = f"coupling {c.name}"
@@ -247,32 +279,37 @@ def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
             fields = r.lower(op, shape, where)
             if op_weights(op):   # a weighted instruction: one weight, with its exponents
                 if op.weight not in done:
-                    w = np.asarray(g.weights[op.weight], dtype=np.float64)
-                    err = (_calib_err_fn(g, c, op.weight, acts, per_channel)
-                           if calibrated else None)
-                    # the exponents (scale grid) first, judged with plain rounding; then,
-                    # calibrated, the mantissas re-rounded on that grid with compensation
-                    m, e = quantize_weight(w, weight_bits, per_channel, err)
-                    grams = (op_input_grams(c, k, acts[c.src], g.weights)
-                             if calibrated else None)
-                    if grams is not None:
-                        m = round_compensated(w, e, (1 << (weight_bits - 1)) - 1, grams)
-                    rounded[op.weight] = m * 2.0 ** _bshape(e, w)
-                    wn, en = f"w.{op.weight}", f"e.{op.weight}"
-                    p.memories.append(Memory(wn, "weight", True, weight_bits, tuple(w.shape), m))
-                    p.memories.append(Memory(en, "exp", True, EXP_BITS, (int(e.size),), e))
-                    done[op.weight] = (wn, en)
+                    done[op.weight] = _lower_weight(g, p, c, k, weight_bits, per_channel,
+                                                    acts if calibrated else None, rounded)
                 fields["w"], fields["e"] = done[op.weight]
             lowered.append(SynOp(**fields))
             shape = O.out_shape(op, [shape], g.weights)
         p.synapses.append(Synapse(c.name, c.src, c.dst, lowered, c.kind, bool(c.feedback),
                                   learn=c.kind != "teacher"))
+    return rounded
 
-    if acts is not None:
-        for bname, delta in bias_corrections(g, acts, rounded).items():
-            bm = bias_mems[bname]
-            bm.data, bm.bits = _quant_bias(np.asarray(g.weights[bname], np.float64) + delta, F)
 
+def _lower_weight(g: Graph, p: Program, c, k: int, weight_bits: int, per_channel: bool,
+                  acts: dict | None, rounded: dict) -> tuple[str, str]:
+    """The mantissa and exponent memories of the weight of op k of coupling c (with
+    `acts`: calibrated on that coupling); returns their names."""
+    name = c.ops[k].weight
+    w = np.asarray(g.weights[name], dtype=np.float64)
+    err = _calib_err_fn(g, c, name, acts, per_channel) if acts is not None else None
+    # the exponents (scale grid) first, judged with plain rounding; then, calibrated, the
+    # mantissas re-rounded on that grid with compensation
+    m, e = quantize_weight(w, weight_bits, per_channel, err)
+    grams = op_input_grams(c, k, acts[c.src], g.weights) if acts is not None else None
+    if grams is not None:
+        m = round_compensated(w, e, (1 << (weight_bits - 1)) - 1, grams)
+    rounded[name] = m * 2.0 ** _bshape(e, w)
+    wn, en = f"w.{name}", f"e.{name}"
+    p.memories.append(Memory(wn, "weight", True, weight_bits, tuple(w.shape), m))
+    p.memories.append(Memory(en, "exp", True, EXP_BITS, (int(e.size),), e))
+    return wn, en
+
+
+def _lower_costs(g: Graph, p: Program) -> None:
     for cost in g.costs:
         if cost.kind != "mse":
             raise EpcError(f"cost {cost.name}: kind {cost.kind} needs a softmax, which the "
@@ -283,7 +320,11 @@ def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
     if not p.costs:
         raise EpcError(f"graph {g.name}: no cost; the nudged phases need one")
 
-    # phases
+
+def _lower_phases(g: Graph, p: Program, pool_freeze: int | None, hold_pool: bool) -> None:
+    """The teacher pass (if any), the free and the two nudged phases in the schedule's
+    colour classes, and the max-pool winner rules where a max-pool acts on a settled
+    state."""
     from epc.compiler.reference import coupling_order
     teachers = [s.name for s in g.states if s.role == "teacher"]
     if teachers:
@@ -304,15 +345,6 @@ def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
         p.pool_freeze = int(pool_freeze or 0)
         for ph in p.phases:
             ph.hold_pool = bool(hold_pool) and ph.name in ("nudge+", "nudge-")
-    p.learn = [s.name for s in p.synapses if s.learn and any(o.w for o in s.ops)]
-    p.learn += [gr.bias for gr in p.groups if gr.bias and gr.role != "teacher"]
-    if lr_shift is None:
-        lr_shift = default_lr_shift(beta)
-    p.lr_shift = int(lr_shift)
-    p.meta = {"source": g.attrs.get("source", g.name), "weight_bits": str(weight_bits),
-              "per_channel": str(bool(per_channel)).lower(),
-              "scales": "calibrated" if acts is not None else "weights"}
-    return p
 
 
 def default_lr_shift(beta: float, lr: float = 0.05, batch: int = 32) -> int:

@@ -32,26 +32,62 @@ def _broadcasts(bshape, shape) -> bool:
 
 
 def validate(prog: Program, source: str = "program") -> Program:
-    def fail(where: str, msg: str):
-        raise EpcError(f"{source}: {where}: {msg}")
+    """`prog` if it is a valid program; else one EpcError naming the first bad
+    instruction. The checks run in the order the program declares things."""
+    v = _Validator(prog, source)
+    v.config()
+    v.memories()
+    v.neuron_groups()
+    for s in prog.synapses:
+        v.synapse(s)
+    if not any(s.dst == g.name for s in prog.synapses for g in prog.groups) and prog.groups:
+        v.fail(".syn", "no synapse drives any group")
+    v.costs()
+    v.phases()
+    v.learn()
+    return prog
 
-    if not 1 <= prog.frac_bits <= 16:
-        fail(".config", f"frac_bits={prog.frac_bits} out of range 1..16")
-    if not 0 <= prog.beta_q < (1 << (BETA_FRAC + 8)):
-        fail(".config", f"beta_q={prog.beta_q} out of range 0..{(1 << (BETA_FRAC + 8)) - 1}")
-    if not 0 <= prog.lr_shift <= 48:
-        fail(".config", f"lr_shift={prog.lr_shift} out of range 0..48")
-    if not 0 <= prog.seed <= 0xFFFFFFFF or prog.rng_step < 0:
-        fail(".config", "seed must be a 32-bit unsigned value and rng_step >= 0")
-    if not 0 <= prog.pool_freeze <= MAX_SWEEP_CAP:
-        fail(".config", f"pool_freeze={prog.pool_freeze} out of range 0..{MAX_SWEEP_CAP}")
 
-    mems = {}
-    for m in prog.memories:
-        w = f".mem {m.name}"
-        if m.name in mems:
+class _Validator:
+    """The checks of `validate`, one method per part of a program."""
+
+    def __init__(self, prog: Program, source: str):
+        self.prog, self.source = prog, source
+        self.mems: dict = {}
+        self.groups: dict = {}
+        self.syns: dict = {}
+
+    def fail(self, where: str, msg: str):
+        raise EpcError(f"{self.source}: {where}: {msg}")
+
+    def config(self) -> None:
+        prog, fail = self.prog, self.fail
+        if not 1 <= prog.frac_bits <= 16:
+            fail(".config", f"frac_bits={prog.frac_bits} out of range 1..16")
+        if not 0 <= prog.beta_q < (1 << (BETA_FRAC + 8)):
+            fail(".config", f"beta_q={prog.beta_q} out of range 0..{(1 << (BETA_FRAC + 8)) - 1}")
+        if not 0 <= prog.lr_shift <= 48:
+            fail(".config", f"lr_shift={prog.lr_shift} out of range 0..48")
+        if not 0 <= prog.seed <= 0xFFFFFFFF or prog.rng_step < 0:
+            fail(".config", "seed must be a 32-bit unsigned value and rng_step >= 0")
+        if not 0 <= prog.pool_freeze <= MAX_SWEEP_CAP:
+            fail(".config", f"pool_freeze={prog.pool_freeze} out of range 0..{MAX_SWEEP_CAP}")
+
+    # ---- memories and inputs
+    def memories(self) -> None:
+        for m in self.prog.memories:
+            self.memory(m)
+        if not self.prog.inputs:
+            self.fail(".input", "program has no input memory")
+        for n in self.prog.inputs:
+            if n not in self.mems or self.mems[n].kind != "input":
+                self.fail(f".input {n}", "not an input memory")
+
+    def memory(self, m) -> None:
+        fail, w = self.fail, f".mem {m.name}"
+        if m.name in self.mems:
             fail(w, "declared twice")
-        mems[m.name] = m
+        self.mems[m.name] = m
         if m.kind not in MEM_KINDS:
             fail(w, f"kind {m.kind!r} (supported: {', '.join(MEM_KINDS)})")
         lo, hi = _BITS[m.kind]
@@ -76,56 +112,53 @@ def validate(prog: Program, source: str = "program") -> Program:
                 fail(w, f"word {bad} does not fit {m.type_str()} ({m.lo}..{m.hi})")
             if m.kind == "exp" and d.size and (d.min() < EXP_RANGE[0] or d.max() > EXP_RANGE[1]):
                 fail(w, f"exponent out of range {EXP_RANGE[0]}..{EXP_RANGE[1]}")
-    if not prog.inputs:
-        fail(".input", "program has no input memory")
-    for n in prog.inputs:
-        if n not in mems or mems[n].kind != "input":
-            fail(f".input {n}", "not an input memory")
 
-    groups = {}
-    for g in prog.groups:
-        w = f".group {g.name}"
-        if g.name in groups:
-            fail(w, "declared twice")
-        groups[g.name] = g
-        if g.mem not in mems or mems[g.mem].kind != "state":
-            fail(w, f"mem={g.mem} is not a state memory")
-        m = mems[g.mem]
-        if g.role not in GROUP_ROLES:
-            fail(w, f"role {g.role!r} (supported: {', '.join(GROUP_ROLES)})")
-        if g.act not in GROUP_ACTS:
-            fail(w, f"act {g.act!r} (supported: {', '.join(GROUP_ACTS)})")
-        if not (m.lo <= g.lo <= g.hi <= m.hi):
-            fail(w, f"bounds lo={g.lo} hi={g.hi} do not fit its memory {m.type_str()} "
-                    f"({m.lo}..{m.hi})")
-        if g.bias is not None:
-            if g.bias not in mems or mems[g.bias].kind != "bias":
-                fail(w, f"bias={g.bias} is not a bias memory")
-            if not _broadcasts(mems[g.bias].shape, m.shape):
-                fail(w, f"bias {g.bias} {list(mems[g.bias].shape)} does not broadcast to "
-                        f"{list(m.shape)}")
-    if sum(g.role == "output" for g in prog.groups) != 1:
-        fail(".group", "a program needs exactly one group with role=output")
-    if len({g.mem for g in prog.groups}) != len(prog.groups):
-        fail(".group", "two groups share a state memory")
+    # ---- neuron groups
+    def neuron_groups(self) -> None:
+        prog, fail, mems = self.prog, self.fail, self.mems
+        for g in prog.groups:
+            w = f".group {g.name}"
+            if g.name in self.groups:
+                fail(w, "declared twice")
+            self.groups[g.name] = g
+            if g.mem not in mems or mems[g.mem].kind != "state":
+                fail(w, f"mem={g.mem} is not a state memory")
+            m = mems[g.mem]
+            if g.role not in GROUP_ROLES:
+                fail(w, f"role {g.role!r} (supported: {', '.join(GROUP_ROLES)})")
+            if g.act not in GROUP_ACTS:
+                fail(w, f"act {g.act!r} (supported: {', '.join(GROUP_ACTS)})")
+            if not (m.lo <= g.lo <= g.hi <= m.hi):
+                fail(w, f"bounds lo={g.lo} hi={g.hi} do not fit its memory {m.type_str()} "
+                        f"({m.lo}..{m.hi})")
+            if g.bias is not None:
+                if g.bias not in mems or mems[g.bias].kind != "bias":
+                    fail(w, f"bias={g.bias} is not a bias memory")
+                if not _broadcasts(mems[g.bias].shape, m.shape):
+                    fail(w, f"bias {g.bias} {list(mems[g.bias].shape)} does not broadcast to "
+                            f"{list(m.shape)}")
+        if sum(g.role == "output" for g in prog.groups) != 1:
+            fail(".group", "a program needs exactly one group with role=output")
+        if len({g.mem for g in prog.groups}) != len(prog.groups):
+            fail(".group", "two groups share a state memory")
 
-    def shape_of(name):
-        if name in groups:
-            return tuple(mems[groups[name].mem].shape)
-        return tuple(mems[name].shape)
+    def shape_of(self, name: str) -> tuple:
+        if name in self.groups:
+            return tuple(self.mems[self.groups[name].mem].shape)
+        return tuple(self.mems[name].shape)
 
-    def maxabs(name):
-        if name in groups:
-            return max(abs(groups[name].lo), abs(groups[name].hi))
-        m = mems[name]
+    def maxabs(self, name: str) -> int:
+        if name in self.groups:
+            return max(abs(self.groups[name].lo), abs(self.groups[name].hi))
+        m = self.mems[name]
         return max(abs(m.lo), abs(m.hi))
 
-    syns = {}
-    for s in prog.synapses:
-        w = f".syn {s.name}"
-        if s.name in syns or s.name in groups:
+    # ---- synapses
+    def synapse(self, s) -> None:
+        fail, groups, mems, w = self.fail, self.groups, self.mems, f".syn {s.name}"
+        if s.name in self.syns or s.name in groups:
             fail(w, "name already used")
-        syns[s.name] = s
+        self.syns[s.name] = s
         if s.kind not in SYN_KINDS:
             fail(w, f"kind {s.kind!r} (supported: {', '.join(SYN_KINDS)})")
         if s.src not in groups and not (s.src in mems and mems[s.src].kind == "input"):
@@ -141,6 +174,13 @@ def validate(prog: Program, source: str = "program") -> Program:
             fail(w, "a teacher synapse is frozen (fb=0 learn=0)")
         if not s.ops:
             fail(w, "empty chain (use identity)")
+        W, total_shift, mult = self.instructions(s, w)
+        self.accumulator(s, w, W, total_shift, mult)
+
+    def instructions(self, s, w: str) -> tuple[dict, int, int]:
+        """Each instruction's references and fields; returns the chain's |mantissas|
+        (aligned to each weight's smallest exponent), total right shift and multiplier."""
+        fail, mems = self.fail, self.mems
         W = {}
         total_shift, mult = 0, 1
         for op in s.ops:
@@ -176,10 +216,14 @@ def validate(prog: Program, source: str = "program") -> Program:
                     fail(w, f"{op.kind}: rmul={op.rmul} rshift={op.rshift} out of range")
             total_shift += op.rshift
             mult *= op.rmul
-        # shapes and the worst case of the 32-bit accumulator, forward and feedback: the
-        # chain over |M| applied to the largest source value bounds every sum it forms
+        return W, total_shift, mult
+
+    def accumulator(self, s, w: str, W: dict, total_shift: int, mult: int) -> None:
+        """Shapes and the worst case of the 32-bit accumulator, forward and feedback: the
+        chain over |M| applied to the largest source value bounds every sum it forms."""
+        fail, shape_of = self.fail, self.shape_of
         try:
-            x = torch.full((1, *shape_of(s.src)), float(maxabs(s.src)), dtype=torch.float64)
+            x = torch.full((1, *shape_of(s.src)), float(self.maxabs(s.src)), dtype=torch.float64)
             steps = [O.core_op(op) for op in s.ops]
             ctxs = []
             for r, ir in steps:
@@ -193,7 +237,7 @@ def validate(prog: Program, source: str = "program") -> Program:
                     f"{s.dst} is {list(shape_of(s.dst))}")
         worst = float(x.max()) * mult if x.numel() else 0.0
         if s.feedback:
-            g = torch.full((1, *shape_of(s.dst)), float(maxabs(s.dst)), dtype=torch.float64)
+            g = torch.full((1, *shape_of(s.dst)), float(self.maxabs(s.dst)), dtype=torch.float64)
             for (r, ir), ctx in zip(reversed(steps), reversed(ctxs)):
                 g = r.core_adjoint_bound(ir, g, ctx, W)
             worst = max(worst, float(g.abs().max()) * mult)
@@ -206,65 +250,71 @@ def validate(prog: Program, source: str = "program") -> Program:
         if not SHIFT_RANGE[0] <= total_shift <= SHIFT_RANGE[1]:
             fail(w, f"total shift {total_shift} out of range {SHIFT_RANGE} (a weight exponent "
                     f"is out of scale)")
-    if not any(s.dst == g.name for s in prog.synapses for g in prog.groups) and prog.groups:
-        fail(".syn", "no synapse drives any group")
 
-    for c in prog.costs:
-        w = f".cost {c.name}"
-        if c.group not in groups:
-            fail(w, f"unknown group {c.group}")
-        if c.target != "label":
-            if c.target not in groups or groups[c.target].role != "teacher":
-                fail(w, f"target {c.target} is neither 'label' nor a teacher group")
-            if shape_of(c.target) != shape_of(c.group):
-                fail(w, f"target {c.target} has a different shape from {c.group}")
-        elif groups[c.group].role not in ("output", "tap"):
-            fail(w, f"a label cost needs an output or tap group, {c.group} is "
-                    f"{groups[c.group].role}")
-        if not 0 <= c.wq < (1 << 16):
-            fail(w, f"wq={c.wq} out of range 0..65535")
-    if not prog.costs:
-        fail(".cost", "no cost: the nudged phases need one")
+    # ---- costs, phases, learning
+    def costs(self) -> None:
+        prog, fail, groups, shape_of = self.prog, self.fail, self.groups, self.shape_of
+        for c in prog.costs:
+            w = f".cost {c.name}"
+            if c.group not in groups:
+                fail(w, f"unknown group {c.group}")
+            if c.target != "label":
+                if c.target not in groups or groups[c.target].role != "teacher":
+                    fail(w, f"target {c.target} is neither 'label' nor a teacher group")
+                if shape_of(c.target) != shape_of(c.group):
+                    fail(w, f"target {c.target} has a different shape from {c.group}")
+            elif groups[c.group].role not in ("output", "tap"):
+                fail(w, f"a label cost needs an output or tap group, {c.group} is "
+                        f"{groups[c.group].role}")
+            if not 0 <= c.wq < (1 << 16):
+                fail(w, f"wq={c.wq} out of range 0..65535")
+        if not prog.costs:
+            fail(".cost", "no cost: the nudged phases need one")
 
-    seen_phases = set()
-    settled = {g.name for g in prog.groups if g.role != "teacher"}
-    teachers = {g.name for g in prog.groups if g.role == "teacher"}
-    for ph in prog.phases:
-        w = f".phase {ph.name}"
-        if ph.name not in PHASES:
-            fail(w, f"unknown phase (supported: {', '.join(PHASES)})")
-        if ph.name in seen_phases:
-            fail(w, "given twice")
-        seen_phases.add(ph.name)
-        if not 1 <= ph.sweeps <= MAX_SWEEP_CAP:
-            fail(w, f"sweeps={ph.sweeps} out of range 1..{MAX_SWEEP_CAP}")
-        names = [n for cls in ph.classes for n in cls]
-        for n in names:
-            if n not in groups:
-                fail(w, f"update of unknown group {n}")
-        if len(set(names)) != len(names):
-            dup = next(n for n in names if names.count(n) > 1)
-            fail(w, f"group {dup} updated twice per sweep")
-        want = teachers if ph.name == "teacher" else settled
-        if set(names) != want:
-            miss = sorted(want - set(names)) or sorted(set(names) - want)
-            fail(w, f"must update exactly the {'teacher' if ph.name == 'teacher' else 'settled'} "
-                    f"groups once per sweep (check {miss[0]})")
-        if ph.hold_pool and ph.name not in ("nudge+", "nudge-"):
-            fail(w, "pool=free (keep the free phase's max-pool winners) is for nudged phases")
-        if ph.name == "teacher" and ph.sweeps != 1:
-            fail(w, "the teacher pass is one feedforward sweep (sweeps=1)")
-    for need in ("free", "nudge+", "nudge-"):
-        if need not in seen_phases:
-            fail(f".phase {need}", "missing")
-    if teachers and "teacher" not in seen_phases:
-        fail(".phase teacher", "missing (the program has teacher groups)")
-    bias_mems = {g.bias for g in prog.groups if g.bias and g.role != "teacher"}
-    for n in prog.learn:
-        if n in syns:
-            s = syns[n]
-            if not s.learn or not any(op.w for op in s.ops):
-                fail(f".learn {n}", "synapse is frozen or has no weights")
-        elif n not in bias_mems:
-            fail(f".learn {n}", "neither a learnable synapse nor a settled group's bias memory")
-    return prog
+    def phases(self) -> None:
+        prog, fail, groups = self.prog, self.fail, self.groups
+        seen_phases = set()
+        settled = {g.name for g in prog.groups if g.role != "teacher"}
+        teachers = {g.name for g in prog.groups if g.role == "teacher"}
+        for ph in prog.phases:
+            w = f".phase {ph.name}"
+            if ph.name not in PHASES:
+                fail(w, f"unknown phase (supported: {', '.join(PHASES)})")
+            if ph.name in seen_phases:
+                fail(w, "given twice")
+            seen_phases.add(ph.name)
+            if not 1 <= ph.sweeps <= MAX_SWEEP_CAP:
+                fail(w, f"sweeps={ph.sweeps} out of range 1..{MAX_SWEEP_CAP}")
+            names = [n for cls in ph.classes for n in cls]
+            for n in names:
+                if n not in groups:
+                    fail(w, f"update of unknown group {n}")
+            if len(set(names)) != len(names):
+                dup = next(n for n in names if names.count(n) > 1)
+                fail(w, f"group {dup} updated twice per sweep")
+            want = teachers if ph.name == "teacher" else settled
+            if set(names) != want:
+                miss = sorted(want - set(names)) or sorted(set(names) - want)
+                kind = "teacher" if ph.name == "teacher" else "settled"
+                fail(w, f"must update exactly the {kind} groups once per sweep "
+                        f"(check {miss[0]})")
+            if ph.hold_pool and ph.name not in ("nudge+", "nudge-"):
+                fail(w, "pool=free (keep the free phase's max-pool winners) is for nudged phases")
+            if ph.name == "teacher" and ph.sweeps != 1:
+                fail(w, "the teacher pass is one feedforward sweep (sweeps=1)")
+        for need in ("free", "nudge+", "nudge-"):
+            if need not in seen_phases:
+                fail(f".phase {need}", "missing")
+        if teachers and "teacher" not in seen_phases:
+            fail(".phase teacher", "missing (the program has teacher groups)")
+
+    def learn(self) -> None:
+        prog, fail, syns = self.prog, self.fail, self.syns
+        bias_mems = {g.bias for g in prog.groups if g.bias and g.role != "teacher"}
+        for n in prog.learn:
+            if n in syns:
+                s = syns[n]
+                if not s.learn or not any(op.w for op in s.ops):
+                    fail(f".learn {n}", "synapse is frozen or has no weights")
+            elif n not in bias_mems:
+                fail(f".learn {n}", "neither a learnable synapse nor a settled group's bias memory")
