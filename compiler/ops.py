@@ -163,6 +163,10 @@ class LinearRule(OpRule):
     def evaluate(self, op, xs, weights):
         return self.forward(op, xs[0], weights)[0]
 
+    def unsupported(self, op) -> str | None:
+        """Which of this op's settings `forward` cannot run (None: it runs them all)."""
+        return None
+
     def shape_context(self, op, shape) -> Any:
         """The adjoint's context for a batched input of `shape` (when not
         `context_needs_input`): most adjoints need the input shape or nothing."""
@@ -439,9 +443,12 @@ class AvgPoolRule(LinearRule):
                         1, op.ceil_mode) for i in range(2)]
         return (x[0], *hs)
 
+    def unsupported(self, op):
+        return None if _symmetric(op.pads) else "avgpool with asymmetric padding"
+
     def forward(self, op, x, weights):
         if not _symmetric(op.pads):
-            raise EpcError("avgpool with asymmetric padding is not supported")
+            raise EpcError(f"{self.unsupported(op)} is not supported")
         y = F.avg_pool2d(x, op.kernel, op.stride, (op.pads[0], op.pads[1]), op.ceil_mode,
                          op.count_include_pad)
         return y, x

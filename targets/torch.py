@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from epc.compiler import ops as O
 from epc.compiler.bundle import Bundle, read_bundle, write_bundle
 from epc.compiler.errors import EpcError
 from epc.compiler.ir import Activation, Graph
@@ -20,10 +21,13 @@ from epc.compiler.verify import verify
 
 TARGET = "torch"
 RUNTIME_VERSION = 1
-SUPPORTED_OPS = ("dense", "conv", "maxpool", "avgpool", "gavgpool", "flatten", "identity",
-                 "chanscale")
 SUPPORTED_ACTS = ("identity", "relu", "clip", "hardsigmoid")
 SUPPORTED_COSTS = ("mse", "ce", "kl")
+
+
+def supported_ops() -> tuple[str, ...]:
+    """The ops the runtime executes: every linear op of the op registry, through its rule."""
+    return tuple(t.kind for t, r in O.RULES.items() if r.linear)
 
 
 def check_supported(g: Graph, where: str | None = None) -> Graph:
@@ -37,12 +41,13 @@ def check_supported(g: Graph, where: str | None = None) -> Graph:
     verify(g)
     for c in g.couplings:
         for op in c.ops:
-            if op.kind not in SUPPORTED_OPS:
+            if op.kind not in supported_ops():
                 raise EpcError(f"{w}: coupling {c.name}: op {op.kind} is not supported by the "
-                               f"torch runtime (supported: {', '.join(SUPPORTED_OPS)})")
-            if op.kind == "avgpool" and not (op.pads[0] == op.pads[2] and op.pads[1] == op.pads[3]):
-                raise EpcError(f"{w}: coupling {c.name}: avgpool with asymmetric padding is "
-                               f"not supported by the torch runtime")
+                               f"torch runtime (supported: {', '.join(supported_ops())})")
+            why = O.rule(op).unsupported(op)
+            if why:
+                raise EpcError(f"{w}: coupling {c.name}: {why} is not supported by the torch "
+                               f"runtime")
     for s in g.states:
         if s.act.kind not in SUPPORTED_ACTS:
             raise EpcError(f"{w}: state {s.name}: activation {s.act.kind} is not supported "

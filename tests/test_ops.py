@@ -26,6 +26,7 @@ from epc.runtime import kernels as K
 from epc.runtime.engine import Engine
 from epc.targets.neuromorphic.assembler import _op_text, _Parser
 from epc.targets.neuromorphic.isa import SynOp
+from epc.targets.torch import check_supported
 
 RNG = np.random.default_rng(0)
 
@@ -117,10 +118,15 @@ def test_core_instruction_round_trips_and_computes_the_op(op, shape, w):
         assert torch.equal(r.core_adjoint(op2, g, r.core_shape_context(op2, x.shape), W), gc)
 
 
-def test_ops_the_core_cannot_express_are_refused_by_their_rule():
-    with pytest.raises(EpcError, match="asymmetric padding"):
-        O.rule(AvgPool([2, 2], [2, 2], [0, 0, 1, 1])).lower(
-            AvgPool([2, 2], [2, 2], [0, 0, 1, 1]), (1, 4, 4), "c")
+def test_settings_a_rule_cannot_run_are_refused_by_it():
+    asym = AvgPool([2, 2], [2, 2], [0, 0, 1, 1])
+    r = O.rule(asym)
+    assert r.unsupported(asym) == "avgpool with asymmetric padding"   # the torch target's check
+    assert r.unsupported(AvgPool([2, 2], [2, 2])) is None
+    with pytest.raises(EpcError, match="avgpool with asymmetric padding is not supported"):
+        r.forward(asym, torch.zeros(1, 1, 4, 4), {})
+    with pytest.raises(EpcError, match="c: average pool with asymmetric padding"):
+        r.lower(asym, (1, 4, 4), "c")
     op = AvgPool([2, 2], [1, 1], [1, 1, 1, 1])      # padding excluded from the count
     with pytest.raises(EpcError, match="position-dependent divisor"):
         O.rule(op).lower(op, (1, 4, 4), "c")
@@ -178,6 +184,7 @@ def _negate_graph() -> Graph:
 def test_a_new_linear_op_needs_only_its_dataclass_and_rule(negate_op):
     g = _negate_graph()
     assert problems(g) == []
+    check_supported(g)                                   # the torch target runs it
     assert stats(g)["macs_per_sweep"] == 20 + 2 * (15 + 3)
     assert print_graph(parse(print_graph(g))) == print_graph(g)   # the text IR
     eng = Engine(g, dtype=torch.float64)
