@@ -75,8 +75,10 @@ class Activation:
 
 
 # --------------------------------------------------------------------------- operations
-# Linear ops may appear in feedforward nodes and in coupling chains. Their math (shape
-# inference, forward, adjoint) lives in compiler/ops.py.
+# Linear ops may appear in feedforward nodes and in coupling chains. What each op means
+# (shape rule, forward, adjoint, MACs, its neuromorphic instruction) is its entry in the op
+# registry, compiler/ops.py; a new op is a dataclass here (listed in OP_TYPES) and a rule
+# there.
 @dataclass
 class Dense:
     """y = W x for a 1-D per-sample input; weight shape [out, in]."""

@@ -9,6 +9,10 @@ tensors (the engine's layout for image states on CPU, see `runtime.engine`) max-
 unpool and frozen-selection gathers are still exact, and a convolution differs from the
 NCHW one only in the order of its float sums (oneDNN blocks the channels differently).
 tests/test_kernels.py checks both.
+
+`KERNELS` is the op registry as the engine runs it: the reference rules, with the max-pool
+and conv rules replaced by subclasses using these kernels (any other op, a new one
+included, runs its reference rule; a faster kernel for it is an optional addition here).
 """
 from __future__ import annotations
 
