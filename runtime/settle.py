@@ -60,16 +60,7 @@ def settle_walk(ar, S: dict, classes: list[list[str]], *, max_sweeps: int, tol: 
     for sweep in range(max_sweeps):
         if sweep == freeze_at:
             ar.freeze(S, None)
-        for cls in classes:
-            new = {j: drive(j, S, ver) for j in cls}
-            for j, v in new.items():
-                if detach:
-                    torch.sub(v.detach(), S[j].detach(), out=cols[j])
-                else:
-                    torch.sub(v, S[j], out=cols[j])
-                S[j] = v
-                ver[j] += 1
-        d = delta.abs_()
+        d = _sweep(classes, S, ver, drive, detach, delta, cols)
         sweeps = sweep + 1
         rmax = float(d.max())
         if observe is not None:
@@ -78,6 +69,21 @@ def settle_walk(ar, S: dict, classes: list[list[str]], *, max_sweeps: int, tol: 
             break
     ar.finish([0], slice(0, n), [n], S, delta, sweeps, [not sweeps or rmax <= tol])
     return sweeps
+
+
+def _sweep(classes, S, ver, drive, detach, delta, cols) -> torch.Tensor:
+    """One sweep: each colour class's new values from the same snapshot, then swapped in;
+    each state's change written to its columns of `delta`. Returns |delta|."""
+    for cls in classes:
+        new = {j: drive(j, S, ver) for j in cls}
+        for j, v in new.items():
+            if detach:
+                torch.sub(v.detach(), S[j].detach(), out=cols[j])
+            else:
+                torch.sub(v, S[j], out=cols[j])
+            S[j] = v
+            ver[j] += 1
+    return delta.abs_()
 
 
 def _walk_units(ar, S, classes, ver, delta, cols, max_sweeps, tol, freeze_at, units,
@@ -91,16 +97,7 @@ def _walk_units(ar, S, classes, ver, delta, cols, max_sweeps, tol, freeze_at, un
     for sweep in range(max_sweeps):
         if sweep == freeze_at:
             ar.freeze(S, _unit_of_rows(ids, sizes))
-        for cls in classes:
-            new = {j: drive(j, S, ver) for j in cls}
-            for j, v in new.items():
-                if detach:
-                    torch.sub(v.detach(), S[j].detach(), out=cols[j])
-                else:
-                    torch.sub(v, S[j], out=cols[j])
-                S[j] = v
-                ver[j] += 1
-        d = delta.abs_()
+        d = _sweep(classes, S, ver, drive, detach, delta, cols)
         sweeps = sweep + 1
         # each unit's largest change: one reduction and one sync per sweep
         if equal:

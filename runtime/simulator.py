@@ -14,12 +14,13 @@ ISA.md documents:
 A phase sweeps its colour classes until no state changes (the integer fixed point), a
 state vector repeats (a cycle), or the sweep cap. Each sample stops on its own: a sample's
 result never depends on the rest of its batch. The walk is runtime/settle.py, shared with
-the float engine; this module plugs in the integer arithmetic (`IntSettle`). Max-pools acting on settled states follow
-the program's winner rules (ISA.md, "Max-pool winners"): after `pool_freeze` sweeps a
-still-moving sample's winners are frozen, and `pool=free` nudged phases (and then the
-learning step) keep the free phase's winners. Learning applies the EP update from the two
-nudged equilibria to the integer mantissas with stochastic rounding driven by the
-program's counter-mode PRNG, so a training run is reproducible from the program alone.
+the float engine; this module plugs in the integer arithmetic (`IntSettle`). Max-pools
+acting on settled states follow the program's winner rules (ISA.md, "Max-pool winners"):
+after `pool_freeze` sweeps a still-moving sample's winners are frozen, and `pool=free`
+nudged phases (and then the learning step) keep the free phase's winners. Learning applies
+the EP update from the two nudged equilibria to the integer mantissas with stochastic
+rounding driven by the program's counter-mode PRNG, so a training run is reproducible from
+the program alone.
 """
 from __future__ import annotations
 
