@@ -49,7 +49,7 @@ import torch
 from .. import ops as O
 from ..errors import EpcError
 from ..ir import (Act, Activation, Add, BatchNorm, Bias, Coupling, Cost, Dropout, Graph,
-                  Identity, MaxPool, Softmax, State, op_weights)
+                  Identity, Softmax, State, op_weights)
 from ..options import CompileOptions
 from . import conditions as C
 from .manager import Pass
@@ -158,7 +158,7 @@ def convert(ff: Graph, opts: CompileOptions) -> Graph:
                 out_state = sname
         elif getattr(op, "linear", False):
             x = forms[n.inputs[0]]
-            if isinstance(op, MaxPool):
+            if O.rule(op).piecewise:     # a max-pool: linear only piece by piece
                 if len(x.terms) > 1:
                     raise EpcError(f"{where}: max-pool of a sum of {len(x.terms)} terms (e.g. "
                                    f"after a residual add) is not linear and has no coupling "
