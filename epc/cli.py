@@ -369,8 +369,9 @@ def opt_cmd(
     tol: Optional[float] = TOL_OPT,
     print_after_all: bool = PRINT_AFTER_ALL_OPT,
 ):
-    """Run compiler passes on a graph and print the resulting IR text (the compiler's
-    workbench: each pass's tests in tests/passes/*.epir are `epc opt` runs).
+    """Run compiler passes on a graph and print the resulting IR text.
+
+    The compiler's workbench: each pass's tests in tests/passes/*.epir are `epc opt` runs.
 
     A pass that the options leave off is refused (--pass pool_first needs --pool-first);
     each pass's preconditions are checked and its result verified.
