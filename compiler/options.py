@@ -10,21 +10,21 @@ from .ir import Activation
 
 def parse_activation(spec: str) -> Activation:
     """'clip:1.0' -> clip(0, 1.0); 'clip:-1:1' -> clip(-1, 1); 'hardsigmoid'; 'relu'."""
-    parts = spec.split(":")
+    parts = spec.split(":") if isinstance(spec, str) else [None]
     try:
-        if parts[0] == "clip":
-            if len(parts) == 2:
-                return Activation.clip(0.0, float(parts[1]))
-            if len(parts) == 3:
-                return Activation.clip(float(parts[1]), float(parts[2]))
+        if parts[0] == "clip" and len(parts) in (2, 3):
+            lo, hi = (0.0, float(parts[1])) if len(parts) == 2 else (float(parts[1]),
+                                                                     float(parts[2]))
+            if math.isfinite(lo) and math.isfinite(hi) and lo < hi:
+                return Activation.clip(lo, hi)
         elif parts[0] == "hardsigmoid" and len(parts) == 1:
             return Activation.hardsigmoid(1.0, 0.0)
         elif parts[0] == "relu" and len(parts) == 1:
             return Activation.relu()
     except ValueError:
         pass
-    raise EpcError(f"bad --activation {spec!r}: use clip:C (clip(u, 0, C)), clip:LO:HI, "
-                   f"hardsigmoid or relu")
+    raise EpcError(f"bad --activation {spec!r}: use clip:C (clip(u, 0, C), C > 0), "
+                   f"clip:LO:HI (LO < HI, finite), hardsigmoid or relu")
 
 
 @dataclass
@@ -58,15 +58,7 @@ class CompileOptions:
         if not isinstance(self.activation, Activation):
             raise EpcError(f"bad --activation {self.activation!r}: use clip:C, clip:LO:HI, "
                            f"hardsigmoid or relu")
-        choices = (("cost", "cost", ("mse", "ce")), ("neuron", "neuron", ("rate", "bernoulli")),
-                   ("schedule", "schedule", ("colour", "sync")),
-                   ("identity_skip", "identity-skip", ("identity", "learned")))
-        if self.schedule == "color":
-            self.schedule = "colour"
-        for field_name, flag, allowed in choices:
-            v = getattr(self, field_name)
-            if v not in allowed:
-                raise EpcError(f"bad --{flag} {v!r}: use {' or '.join(allowed)}")
+        from . import flags
         if isinstance(self.taps, str) and self.taps != "auto":
             self.taps = [t.strip() for t in self.taps.split(",") if t.strip()]
         names = isinstance(self.taps, (list, tuple)) and all(isinstance(t, str)
@@ -74,17 +66,15 @@ class CompileOptions:
         if not (self.taps is None or self.taps == "auto" or names):
             raise EpcError(f"bad --taps {self.taps!r}: use auto or a comma-separated list of "
                            f"state names")
-        for name, flag, ok, what in (
-                ("skip_gain", "skip-gain", lambda v: v > 0, "a positive number"),
-                ("tap_weight", "tap-weight", lambda v: v > 0, "a positive number"),
-                ("teacher_temperature", "temperature", lambda v: v > 0, "a positive number"),
-                ("teacher_mix", "mix", lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
-                ("tol", "tol", lambda v: v >= 0, "a number >= 0")):
+        # one rule per flag (compiler/flags.py), as every other command checks it
+        for name, flag in (("cost", "cost"), ("neuron", "neuron"),
+                           ("identity_skip", "identity_skip"), ("schedule", "schedule"),
+                           ("skip_gain", "skip_gain"), ("tap_weight", "tap_weight"),
+                           ("teacher_temperature", "temperature"), ("teacher_mix", "mix"),
+                           ("tol", "tol"), ("max_sweeps", "max_sweeps"),
+                           ("nudge_sweeps", "nudge_sweeps")):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and ok(v)):
-                raise EpcError(f"bad --{flag} {v}: must be {what}")
-        for name in ("max_sweeps", "nudge_sweeps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise EpcError(f"bad --{name.replace('_', '-')} {v}: must be an integer >= 1")
+            if v is None:
+                raise EpcError(f"bad {flags.flag(flag)} None: must be {flags.RULES[flag].what}")
+            setattr(self, name, flags.check(flag, v))
         return self
