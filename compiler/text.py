@@ -46,17 +46,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from typing import Any
 
 import numpy as np
 
 from .errors import IRSyntaxError
+from .limits import check_memory, numel
 from .ir import (FORMAT_VERSION, OP_TYPES, Activation, Act, Coupling, Cost, Graph, Input,
                  Node, Schedule, Seeded, State, Teacher, WeightSpec)
 
 HEADER = "epc-ir"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+_INT_RE = re.compile(r"[-+]?\d+")
+MAX_RANK = 32          # dimensions of a shape (numpy's own limit is 64)
+MAX_NESTING = 16       # brackets inside an attribute value
+MAX_ELEMENTS = 1 << 40  # elements of one declared shape
+MAX_SWEEPS = 1_000_000  # a schedule's sweep caps (as the --max-sweeps flag allows)
 
 
 # =========================================================================== printer
@@ -229,6 +236,28 @@ def print_graph(g: Graph, *, weights: str = "seeded") -> str:
 
 
 # =========================================================================== parser
+def _ints(n: int, lo: int):
+    return lambda v: (isinstance(v, list) and len(v) == n and all(
+        isinstance(x, int) and not isinstance(x, bool) and lo <= x <= 1 << 20 for x in v))
+
+
+# what each op attribute holds (ir.py's dataclass fields), checked as the text is read
+_OP_FIELDS = {
+    **{k: (lambda v: isinstance(v, _Ref), "a weight reference @name") for k in _WEIGHT_FIELDS},
+    "stride": (_ints(2, 1), "two integers >= 1"),
+    "dilation": (_ints(2, 1), "two integers >= 1"),
+    "kernel": (_ints(2, 1), "two integers >= 1"),
+    "pads": (_ints(4, 0), "four integers >= 0"),
+    "groups": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 20,
+               "an integer >= 1"),
+    **{k: (lambda v: isinstance(v, bool), "true or false")
+       for k in ("ceil_mode", "count_include_pad", "keepdims", "log")},
+    "epsilon": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                and math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "fn": (lambda v: isinstance(v, Activation), "an activation such as relu()"),
+}
+
+
 _TOKEN_RE = re.compile(r"""
     (?P<ws>[ \t]+)
   | (?P<comment>\#[^\n]*)
@@ -271,6 +300,7 @@ class _Parser:
             pos = m.end()
         self.toks.append(_Tok("eof", "", line, col))
         self.i = 0
+        self.seeded_bytes = 0
 
     # ---- token helpers
     def peek(self) -> _Tok:
@@ -309,9 +339,16 @@ class _Parser:
 
     def int_(self) -> int:
         t = self.peek()
-        if t.kind != "number" or not re.fullmatch(r"[-+]?\d+", t.text):
+        if t.kind != "number" or not _INT_RE.fullmatch(t.text):
             self.error("expected an integer")
-        return int(self.next().text)
+        return self.integer(self.next())
+
+    def integer(self, t: _Tok) -> int:
+        """An integer token's value; the IR's integers fit 64 bits (and a token of
+        thousands of digits is refused before Python converts it)."""
+        if len(t.text.lstrip("+-").lstrip("0")) > 19 or not -2 ** 63 <= int(t.text) < 2 ** 63:
+            self.error("integer out of range (the IR's integers fit 64 bits)", t)
+        return int(t.text)
 
     def skip_nl(self):
         while self.peek().kind == "nl":
@@ -323,26 +360,28 @@ class _Parser:
         self.skip_nl()
 
     # ---- values
-    def value(self) -> Any:
+    def value(self, depth: int = 0) -> Any:
         t = self.peek()
         if t.kind == "number":
             self.next()
-            if re.fullmatch(r"[-+]?\d+", t.text):
-                return int(t.text)
+            if _INT_RE.fullmatch(t.text):
+                return self.integer(t)
             return float(t.text)
         if t.kind == "string":
             self.next()
-            return json.loads(t.text)
+            return self.string(t)
         if t.text == "@":
             self.next()
             return _Ref(self.name("a weight name after @"))
         if t.text == "[":
+            if depth >= MAX_NESTING:
+                self.error(f"lists nested deeper than {MAX_NESTING}")
             self.next()
             items = []
             if not self.accept("]"):
-                items.append(self.value())
+                items.append(self.value(depth + 1))
                 while self.accept(","):
-                    items.append(self.value())
+                    items.append(self.value(depth + 1))
                 self.expect("]")
             return items
         if t.kind == "name":
@@ -354,25 +393,51 @@ class _Parser:
             return _Bare(t.text)
         self.error("expected a value")
 
+    def string(self, t: _Tok) -> str:
+        """A double-quoted string with JSON escapes; one that would not encode as UTF-8
+        (a lone surrogate escape) is refused here rather than when it is written."""
+        try:
+            v = json.loads(t.text)
+            v.encode("utf-8")
+        except (ValueError, UnicodeEncodeError) as e:
+            self.error(f"bad string ({str(e).splitlines()[0]})", t)
+        return v
+
+    def number(self, what: str) -> float:
+        """A finite real number (an int or float token)."""
+        t = self.peek()
+        v = self.value() if t.kind == "number" else None
+        if v is None or isinstance(v, bool) or not math.isfinite(v):
+            self.error(f"{what} must be a finite number", t)
+        return float(v)
+
     def activation(self, head: _Tok) -> Activation:
         if head.text not in Activation.KINDS:
             self.error(f"unknown activation (supported: {', '.join(Activation.KINDS)})", head)
+        want = tuple(Activation(head.text).fields())
         self.expect("(")
         kw = {}
         if not self.accept(")"):
             while True:
+                kt = self.peek()
                 k = self.name("an activation field")
+                if k not in want or k in kw:
+                    self.error(f"{head.text}() takes {', '.join(want) or 'no fields'}, each "
+                               f"once", kt)
                 self.expect("=")
-                kw[k] = float(self.value())
+                kw[k] = self.number(f"{head.text}() field {k}")
                 if self.accept(")"):
                     break
                 self.expect(",")
-        try:
-            return Activation(head.text, **kw)
-        except TypeError:
-            self.error(f"bad fields {sorted(kw)} for activation {head.text}", head)
+        if len(kw) != len(want):
+            self.error(f"{head.text}() needs {', '.join(f'{k}=' for k in want)}", head)
+        if head.text == "clip" and not kw["lo"] < kw["hi"]:
+            self.error("clip() needs lo < hi", head)
+        return Activation(head.text, **kw)
 
-    def attrs(self) -> dict[str, tuple[Any, _Tok]]:
+    def attrs(self, allowed: tuple[str, ...] | None = None) -> dict[str, tuple[Any, _Tok]]:
+        """`[key=value, ...]`: each key once, and (when `allowed` is given) one of those:
+        an attribute the reader does not know is refused, never ignored."""
         self.expect("[")
         out: dict[str, tuple[Any, _Tok]] = {}
         if self.accept("]"):
@@ -380,20 +445,35 @@ class _Parser:
         while True:
             t = self.peek()
             k = self.name("an attribute name")
+            if k in out:
+                self.error(f"attribute {k!r} given twice", t)
+            if allowed is not None and k not in allowed:
+                self.error(f"unknown attribute {k!r} (expected {', '.join(allowed)})", t)
             self.expect("=")
             out[k] = (self.value(), t)
             if self.accept("]"):
                 return out
             self.expect(",")
 
-    def shape(self) -> tuple[int, ...]:
-        self.expect("[")
+    def shape(self, least: int = 1) -> tuple[int, ...]:
+        """`[d0, d1, ...]`: dimensions >= `least` (a weight may have a 0 dimension, an
+        input, node or state not)."""
+        t0 = self.expect("[")
         dims = []
         if not self.accept("]"):
-            dims.append(self.int_())
-            while self.accept(","):
-                dims.append(self.int_())
+            while True:
+                t = self.peek()
+                d = self.int_()
+                if d < least:
+                    self.error(f"a dimension is an integer >= {least}", t)
+                dims.append(d)
+                if len(dims) > MAX_RANK:
+                    self.error(f"a shape has at most {MAX_RANK} dimensions", t)
+                if not self.accept(","):
+                    break
             self.expect("]")
+        if numel(dims) > MAX_ELEMENTS:
+            self.error(f"shape {dims} has more than 2^40 elements", t0)
         return tuple(dims)
 
     # ---- entities
@@ -401,15 +481,21 @@ class _Parser:
         cls = OP_TYPES.get(kind_tok.text)
         if cls is None:
             self.error(f"unknown op (supported: {', '.join(sorted(OP_TYPES))})", kind_tok)
-        names = {f.name for f in dataclasses.fields(cls)}
-        for k, (_, t) in attrs.items():
-            if k not in names:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kw = {}
+        for k, (v, t) in attrs.items():
+            if k not in fields:
                 self.error(f"op {kind_tok.text} has no attribute {k!r}", t)
-        kw = {k: (str(v) if isinstance(v, _Ref) else v) for k, (v, _) in attrs.items()}
-        try:
-            return cls(**kw)
-        except TypeError as e:
-            self.error(f"bad attributes for op {kind_tok.text}: {e}", kind_tok)
+            kind, why = _OP_FIELDS[k]
+            if not kind(v):
+                self.error(f"op {kind_tok.text}: attribute {k!r} must be {why}", t)
+            kw[k] = str(v) if isinstance(v, _Ref) else v
+        missing = [k for k, f in fields.items() if k not in kw
+                   and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            self.error(f"op {kind_tok.text} needs attribute {missing[0]!r}", kind_tok)
+        return cls(**kw)
 
     def typed(self, attrs, key, kinds, tok, default=None):
         if key not in attrs:
@@ -417,10 +503,22 @@ class _Parser:
                 return default
             self.error(f"missing attribute {key!r}", tok)
         v, t = attrs[key]
-        if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in
-                                        (kinds if isinstance(kinds, tuple) else (kinds,))):
+        kinds_ = kinds if isinstance(kinds, tuple) else (kinds,)
+        if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds_) \
+                or (isinstance(v, _Ref) and str in kinds_):
             self.error(f"attribute {key!r} has the wrong type", t)
         return v
+
+    def real(self, attrs, key, tok, ok, what: str) -> float:
+        """A numeric attribute that must be finite and satisfy `ok`."""
+        v = float(self.typed(attrs, key, (int, float), tok))
+        if not (math.isfinite(v) and ok(v)):
+            self.error(f"attribute {key!r} must be {what}", attrs[key][1])
+        return v
+
+    def once(self, what: str, taken: bool, t: _Tok) -> None:
+        if taken:
+            self.error(f"{what} given twice", t)
 
     def graph(self) -> Graph:
         self.skip_nl()
@@ -430,6 +528,8 @@ class _Parser:
         self.next()
         vt = self.peek()
         version = self.int_()
+        if version < 1:
+            self.error("expected the format version, an integer >= 1", vt)
         if version > FORMAT_VERSION:
             raise IRSyntaxError(f"IR format version {version} is newer than this epc reads "
                                 f"(up to {FORMAT_VERSION}); upgrade epc",
@@ -459,7 +559,9 @@ class _Parser:
         return g
 
     def ent_attr(self, g, t):
+        kt = self.peek()
         k = self.name()
+        self.once(f"graph attribute {k!r}", k in g.attrs, kt)
         self.expect("=")
         vt = self.peek()
         v = self.value()
@@ -473,22 +575,27 @@ class _Parser:
         g.inputs.append(Input(n, self.shape()))
 
     def ent_weight(self, g, t):
+        nt = self.peek()
         n = self.name()
+        self.once(f"weight {n}", n in g.weights, nt)
         self.expect(":")
         dt_tok = self.peek()
         dt = self.name("a dtype such as f32")
-        shape = self.shape()
+        if dt not in DTYPES:
+            self.error(f"unknown dtype {dt!r} (supported: {', '.join(DTYPES)})", dt_tok)
+        shape = self.shape(least=0)
         if not self.accept("="):
             g.weights[n] = WeightSpec(shape, dt)
             return
-        if dt not in DTYPES:
-            self.error(f"weight data needs a dtype of {', '.join(DTYPES)}, not {dt!r}", dt_tok)
         dtype = np.dtype(DTYPES[dt])
         vt = self.peek()
         if vt.kind == "name" and vt.text == "seeded":
             recipe = self.seeded()
             if not np.issubdtype(dtype, np.floating):
                 self.error(f"seeded weights are floating point, not {dt}", vt)
+            # the recipe is a few bytes of text for any size: what it makes is counted
+            self.seeded_bytes += numel(shape) * (8 + dtype.itemsize)   # drawn in float64
+            check_memory(self.seeded_bytes, "making its seeded(...) weights", self.source)
             g.weights[n] = recipe.make(shape, dtype)
             g.seeds[n] = recipe
             return
@@ -527,10 +634,10 @@ class _Parser:
 
         def number():
             t = self.peek()
-            if t.kind != "number" or (integer and not re.fullmatch(r"[-+]?\d+", t.text)):
+            if t.kind != "number" or (integer and not _INT_RE.fullmatch(t.text)):
                 self.error(f"weight {name}: expected {'an integer' if integer else 'a number'}")
             self.next()
-            return int(t.text) if re.fullmatch(r"[-+]?\d+", t.text) else float(t.text)
+            return self.integer(t) if _INT_RE.fullmatch(t.text) else float(t.text)
 
         def rec(depth: int):
             if depth == len(shape):
@@ -557,7 +664,8 @@ class _Parser:
                 self.error(f"weight {name}: a value does not fit {dtype.name}", at)
             out = np.array(data, dtype=dtype)
         else:
-            out = np.array(data, dtype=np.float64).astype(dtype)
+            with np.errstate(all="ignore"):     # (a value beyond float32 becomes inf,
+                out = np.array(data, dtype=np.float64).astype(dtype)   # which verify refuses)
         return np.array(out.reshape(shape), order="C")  # ascontiguousarray makes 0-d 1-d
 
     def ent_node(self, g, t):
@@ -584,7 +692,7 @@ class _Parser:
         n = self.name()
         self.expect(":")
         shape = self.shape()
-        a = self.attrs()
+        a = self.attrs(("act", "source_act", "neuron", "role", "bias", "readout"))
         bias = a.get("bias")
         if bias is not None and not isinstance(bias[0], _Ref):
             self.error("bias must be a weight reference @name", bias[1])
@@ -603,7 +711,7 @@ class _Parser:
         src = self.name()
         self.expect("->")
         dst = self.name()
-        a = self.attrs()
+        a = self.attrs(("kind", "feedback"))
         c = Coupling(n, src, dst, [], kind=str(self.typed(a, "kind", str, t)),
                      feedback=self.typed(a, "feedback", bool, t))
         self.expect("{")
@@ -620,26 +728,35 @@ class _Parser:
         n = self.name()
         self.expect(":")
         st = self.name()
-        a = self.attrs()
+        a = self.attrs(("kind", "target", "weight", "temperature"))
         g.costs.append(Cost(n, st, kind=str(self.typed(a, "kind", str, t)),
                             target=str(self.typed(a, "target", str, t)),
-                            weight=float(self.typed(a, "weight", (int, float), t)),
-                            temperature=float(self.typed(a, "temperature", (int, float), t))))
+                            weight=self.real(a, "weight", t, lambda v: v >= 0,
+                                             "a finite number >= 0"),
+                            temperature=self.real(a, "temperature", t, lambda v: v > 0,
+                                                  "a finite number > 0")))
 
     def ent_teacher(self, g, t):
+        self.once("teacher", g.teacher is not None, t)
         n = self.name()
-        a = self.attrs()
+        a = self.attrs(("source", "output", "temperature", "mix"))
         g.teacher = Teacher(n, source=str(self.typed(a, "source", str, t)),
                             output=str(self.typed(a, "output", str, t)),
-                            temperature=float(self.typed(a, "temperature", (int, float), t)),
-                            mix=float(self.typed(a, "mix", (int, float), t)))
+                            temperature=self.real(a, "temperature", t, lambda v: v > 0,
+                                                  "a finite number > 0"),
+                            mix=self.real(a, "mix", t, lambda v: 0 <= v <= 1,
+                                          "a number in [0, 1]"))
 
     def ent_schedule(self, g, t):
-        a = self.attrs()
-        s = Schedule(mode=str(self.typed(a, "mode", str, t)),
-                     max_sweeps=self.typed(a, "max_sweeps", int, t),
-                     nudge_sweeps=self.typed(a, "nudge_sweeps", int, t),
-                     tol=float(self.typed(a, "tol", (int, float), t)))
+        self.once("schedule", g.schedule is not None, t)
+        a = self.attrs(("mode", "max_sweeps", "nudge_sweeps", "tol"))
+        caps = {}
+        for k in ("max_sweeps", "nudge_sweeps"):
+            caps[k] = self.typed(a, k, int, t)
+            if not 1 <= caps[k] <= MAX_SWEEPS:
+                self.error(f"attribute {k!r} must be an integer in [1, {MAX_SWEEPS}]", a[k][1])
+        s = Schedule(mode=str(self.typed(a, "mode", str, t)), **caps,
+                     tol=self.real(a, "tol", t, lambda v: v >= 0, "a finite number >= 0"))
         self.expect("{")
         self.end_line()
         while not self.accept("}"):

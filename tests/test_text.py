@@ -142,7 +142,7 @@ def test_a_literal_may_break_lines_inside_brackets():
     ("f32[2] = seeded(1, lo=0.5)", "both lo= and hi="),
     ("f32[2] = seeded(1, lo=2.0, hi=1.0)", "lo < hi"),
     ("f32[2] = seeded(1, mid=2.0)", "lo= and hi="),
-    ("q7[2] = [1, 2]", "weight data needs a dtype of f32"),
+    ("q7[2] = [1, 2]", "unknown dtype 'q7' (supported: f32"),
 ])
 def test_bad_weight_data_names_the_line(decl, message):
     text = f"epc-ir 1\ngraph g {{\n  input x : [2]\n  weight w : {decl}\n}}\n"
