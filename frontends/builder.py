@@ -56,7 +56,7 @@ from epc.compiler import ops as O
 from epc.compiler.errors import EpcError
 from epc.compiler.ir import (Act, Activation, Add, AvgPool, BatchNorm, Bias, ChannelScale, Conv,
                              Dense, Flatten, GlobalAvgPool, Graph, Identity, Input, MaxPool, Node,
-                             Softmax)
+                             Softmax, op_weights)
 from epc.compiler.passes.canonicalize import simplify
 
 from .common import NameTable, sanitize
@@ -105,7 +105,15 @@ class Builder:
     def weight(self, arr, name: str) -> str:
         """Register a float32 copy of `arr` under `name` (sanitized; suffixed when taken by
         a different tensor). The same tensor under the same name is one weight (ties)."""
-        arr = np.array(arr, dtype=np.float32, copy=True, order="C")
+        src = np.asarray(arr)
+        if src.dtype.kind not in "fiub":
+            raise self.refuse(f"a weight of {src.dtype} data (epc reads real numbers)")
+        with np.errstate(all="ignore"):
+            arr = np.array(src, dtype=np.float32, copy=True, order="C")
+        if not np.all(np.isfinite(arr)):
+            raise self.refuse(f"it makes weight {sanitize(name, 'w')} hold values that are not "
+                              f"finite in float32 (NaN, Inf, or beyond 3.4e38: e.g. a division "
+                              f"by a constant near zero)")
         base = sanitize(name, "w")
         out, i = base, 1
         while out in self.g.weights:
@@ -343,7 +351,14 @@ class Builder:
                 kind = "log_softmax" if n.op.log else "softmax"
                 raise self._hook(n.name)(f"{kind} that is not the model's output (Softmax/"
                                          f"LogSoftmax only as the last op)")
-        simplify(g)
+        with np.errstate(all="ignore"):
+            simplify(g)
+        for n in g.nodes:        # folding can overflow float32 (a huge scale into a weight)
+            for w in op_weights(n.op).values():
+                if not np.all(np.isfinite(g.weights[w])):
+                    raise self._hook(n.name)(f"folding it into {n.op.kind} gives weights that "
+                                             f"are not finite in float32 (NaN, Inf or beyond "
+                                             f"3.4e38)")
         self._name()
         return g
 

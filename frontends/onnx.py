@@ -16,6 +16,7 @@ the node, and listing what is supported.
 from __future__ import annotations
 
 import ast
+import math
 import os
 
 import networkx as nx
@@ -23,6 +24,7 @@ import numpy as np
 
 from epc.compiler.errors import EpcError
 from epc.compiler.ir import Graph
+from epc.compiler.limits import check_memory, numel
 from epc.compiler.verify import problems
 
 from .builder import Builder, Value
@@ -298,10 +300,71 @@ def _evaluate(node, vals: list, ctx: _Ctx) -> list[np.ndarray]:
     return [np.asarray(r) for r in res]
 
 
+# ops whose output is the broadcast of their inputs (elementwise), for the size bound
+_ELEMENTWISE = {
+    "Add", "Sub", "Mul", "Div", "Pow", "Mod", "Max", "Min", "Sum", "Mean", "Where", "Equal",
+    "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Not", "Neg",
+    "Abs", "Sqrt", "Exp", "Log", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Relu",
+    "Sigmoid", "Tanh", "Clip", "Erf", "Cos", "Sin", "BitShift", "PRelu", "IsNaN", "IsInf",
+    "Cast", "CastLike", "Identity", "Softmax", "LogSoftmax", "HardSigmoid", "LeakyRelu",
+    "Elu", "Selu", "Softplus", "Softsign"}
+# shape plumbing that never makes more elements than its inputs hold
+_SHRINKING = {"Shape", "Size", "Unsqueeze", "Squeeze", "Concat", "Slice", "Reshape",
+              "Flatten", "Transpose", "Split", "ReduceSum", "ReduceMean", "ReduceMax",
+              "ReduceMin", "ReduceProd", "ArgMax", "ArgMin"}
+
+
+def _fold_elements(ctx: _Ctx, node, vals: list) -> int | None:
+    """An upper bound on the elements node's outputs will hold, before evaluating it on
+    constant inputs (None: unknown). ONNX shape inference gives most; the ops that make
+    large tensors from small inputs are computed from their constant inputs."""
+    dims = [ctx.inferred_full.get(o) for o in node.output if o]
+    if dims and all(d is not None and all(isinstance(x, int) for x in d) for d in dims):
+        return sum(numel(d) for d in dims)
+    t = node.op_type
+    arrs = [np.asarray(v) for v in vals if v is not None]
+    ints = lambda v: [int(x) for x in np.asarray(v).reshape(-1)]   # noqa: E731
+    try:
+        if t == "ConstantOfShape":
+            return numel(ints(arrs[0]))
+        if t == "Expand":
+            want = ints(arrs[1])
+            rank = max(len(want), arrs[0].ndim)
+            a = [1] * (rank - arrs[0].ndim) + list(arrs[0].shape)
+            b = [1] * (rank - len(want)) + want
+            return numel(max(abs(x), abs(y)) for x, y in zip(a, b))
+        if t == "Tile":
+            return numel(d * abs(r) for d, r in zip(arrs[0].shape, ints(arrs[1])))
+        if t == "Range":
+            start, limit, delta = (float(np.asarray(v).reshape(-1)[0]) for v in arrs[:3])
+            if delta == 0 or not all(map(math.isfinite, (start, limit, delta))):
+                return None
+            return max(int(math.ceil((limit - start) / delta)), 0)
+        if t == "Gather":
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            data, idx = arrs[0], arrs[1]
+            return numel(idx.shape) * (data.size // max(data.shape[axis], 1)
+                                       if data.ndim else 1)
+    except (IndexError, ValueError, TypeError, OverflowError):
+        return None      # malformed: the evaluation reports it
+    if t in _ELEMENTWISE and arrs:
+        rank = max(a.ndim for a in arrs)
+        shapes = [[1] * (rank - a.ndim) + list(a.shape) for a in arrs]
+        return numel(max(col) for col in zip(*shapes))
+    if t in _SHRINKING:
+        return sum(a.size for a in arrs)
+    return None
+
+
 def _fold_constants(ctx: _Ctx, needed: set[int]) -> None:
-    """Evaluate every node whose inputs are all constant; their outputs become constants."""
+    """Evaluate every node the outputs need whose inputs are all constant; their outputs
+    become constants. A node nothing needs is not evaluated (a dead branch costs nothing),
+    and what is folded is counted against the size limit before it is made."""
     g = ctx.model.graph
+    folded = 0
     for i, node in enumerate(g.node):
+        if i not in needed:
+            continue
         if node.domain not in ("", "ai.onnx") or node.op_type in _NO_FOLD:
             continue
         if node.op_type == "Shape" and node.input[0] in ctx.sym_shapes:
@@ -320,6 +383,13 @@ def _fold_constants(ctx: _Ctx, needed: set[int]) -> None:
         vals = [ctx.const[x] if x else None for x in node.input]
         symbolic = any(v is not None and v.dtype == np.int64 and np.any(v == _BATCH)
                        for v in vals)
+        if not symbolic:
+            n = _fold_elements(ctx, node, vals)
+            if n is None:
+                raise ctx.unsupported(node, "its inputs are constant but the size of its "
+                                            "result cannot be bounded before folding it")
+            check_memory(2 * (folded + n * 8), f"folding constants up to {_label(node)}",
+                         ctx.path)
         try:
             if symbolic:
                 out = _fold_symbolic(node, vals, ctx.opset)
@@ -330,12 +400,19 @@ def _fold_constants(ctx: _Ctx, needed: set[int]) -> None:
                 outs = _evaluate(node, vals, ctx)
         except EpcError:
             raise
+        except MemoryError:
+            raise
         except Exception as e:  # noqa: BLE001 - reference evaluation of a user constant
-            if i in needed:
-                raise ctx.fail(node, f"cannot evaluate on constant inputs: {e}") from None
-            continue
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ctx.fail(node, f"cannot evaluate on constant inputs: {msg}") from None
         for o, v in zip(node.output, outs):
             if o:
+                v = np.asarray(v)
+                if v.dtype.kind not in "fiub":
+                    raise ctx.unsupported(node, f"folding it gives {v.dtype} data (epc "
+                                                f"folds real numbers)")
+                folded += v.nbytes
+                check_memory(2 * folded, f"folding constants up to {_label(node)}", ctx.path)
                 ctx.const[o] = v
 
 
@@ -412,7 +489,19 @@ def _window(ctx, node, a, x, kernel) -> tuple[list[int], list[int], list[int]]:
     """(stride, dilation, pads) of a Conv / pool node over the [C, H, W] value x."""
     stride = _ints(a.get("strides", [1, 1]))
     dil = _ints(a.get("dilations", [1, 1]))
-    pads = _auto_pads(ctx, node, a.get("auto_pad", "NOTSET"), x.shape[1:], kernel, stride, dil)
+    for what, v, n, lo in (("kernel_shape", kernel, 2, 1), ("strides", stride, 2, 1),
+                           ("dilations", dil, 2, 1), ("pads", _ints(a.get("pads", [0] * 4)),
+                                                      4, 0)):
+        if len(v) != n or any(not lo <= d <= 1 << 20 for d in v):
+            raise ctx.fail(node, f"{what} {v}: expected {n} integers >= {lo} (2-D)")
+    auto_pad = a.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode("utf-8", "replace")
+    if auto_pad not in ("", "NOTSET") and "pads" in a:
+        # onnxruntime refuses this combination too
+        raise ctx.fail(node, f"both auto_pad {auto_pad!r} and explicit pads are given "
+                             f"(auto_pad computes the pads; give one or the other)")
+    pads = _auto_pads(ctx, node, auto_pad, x.shape[1:], kernel, stride, dil)
     return stride, dil, (pads if pads is not None else _ints(a.get("pads", [0, 0, 0, 0])))
 
 
@@ -438,6 +527,8 @@ def _gemm(ctx, node, a):
     b = ctx.constant(node, 1, "weight matrix B")
     c = ctx.constant(node, 2, "bias C", optional=True)
     alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
+    if not (math.isfinite(alpha) and math.isfinite(beta)):
+        raise ctx.fail(node, f"alpha {alpha} and beta {beta} must be finite numbers")
     w = b if int(a.get("transB", 0)) else b.T
     if alpha != 1.0:
         w = w.astype(np.float64) * alpha
@@ -502,7 +593,15 @@ def _batchnorm(ctx, node, a):
         raise ctx.unsupported(node, "its running-statistics outputs are used (training mode)")
     params = [ctx.constant(node, i, what)
               for i, what in enumerate(("scale", "shift", "mean", "var"), start=1)]
-    return ctx.b.batchnorm(x, *params, epsilon=float(a.get("epsilon", 1e-5)))
+    eps = float(a.get("epsilon", 1e-5))
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ctx.fail(node, f"epsilon {eps} must be a finite number >= 0")
+    var = np.asarray(params[3], dtype=np.float64)
+    if var.size and not np.all(var + eps > 0):
+        raise ctx.fail(node, f"variance + epsilon must be positive (smallest variance "
+                             f"{float(var.min()):g}, epsilon {eps:g}): these are not "
+                             f"batch-norm statistics")
+    return ctx.b.batchnorm(x, *params, epsilon=eps)
 
 
 def _pool(ctx, node, a):
@@ -655,11 +754,22 @@ def _data_input(path: str, model, inits: set[str]):
 
 def load_onnx(path: str) -> Graph:
     """Load an ONNX model as a feedforward-form IR graph; raises EpcError on bad input."""
-    path = os.fspath(path)
+    # numpy's overflow / division warnings would print before the error line: every
+    # constant the import makes is checked for NaN/Inf instead (Builder.weight)
+    with np.errstate(all="ignore"):
+        return _load_onnx(os.fspath(path))
+
+
+def _load_onnx(path: str) -> Graph:
     model = _read_model(path)
     opset = _opset(path, model)
     _load_external_data(path, model)
     _toposort(path, model)
+    names = [n.name for n in model.graph.node if n.name]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise EpcError(f"{path}: two nodes are named {dup!r} (onnxruntime refuses a graph "
+                       f"whose node names repeat)")
     inferred_model = _check(path, model)
 
     ctx = _Ctx(path, model, opset)
@@ -678,6 +788,9 @@ def load_onnx(path: str) -> Graph:
         except Exception as e:  # noqa: BLE001
             raise EpcError(f"{path}: initializer {t.name!r} cannot be read: {e}") from None
     for name, arr in ctx.const.items():
+        if arr.dtype.kind not in "fiub":
+            raise EpcError(f"{path}: initializer {name!r} holds {arr.dtype} data; epc reads "
+                           f"real numbers")
         if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
             raise EpcError(f"{path}: initializer {name!r} contains NaN or Inf values")
 
@@ -714,13 +827,7 @@ def load_onnx(path: str) -> Graph:
         if not any(x in ctx.values for x in node.input if x):
             raise ctx.unsupported(node, "its inputs could not be evaluated as constants")
         b.at(_scope(node), lambda msg, node=node: ctx.unsupported(node, msg))
-        try:
-            y = _RULES[node.op_type](ctx, node, _attrs(node))
-        except EpcError:
-            raise
-        except (KeyError, ValueError, IndexError, TypeError) as e:
-            # a malformed node the checker let through (e.g. a constant of an odd shape)
-            raise ctx.fail(node, f"cannot translate this node: {type(e).__name__}: {e}") from None
+        y = _RULES[node.op_type](ctx, node, _attrs(node))
         ctx.values[node.output[0]] = y
         _cross_check(ctx, node, y)
 
