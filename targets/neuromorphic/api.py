@@ -23,6 +23,7 @@ from .assembler import assemble, disassemble
 from .binary import from_bytes, to_bytes
 from .isa import ASM_HEADER, MAGIC, Program
 from .quantize import quantize_graph
+from .size import check_program_memory
 from .validate import validate
 
 ASM_SUFFIXES = (".nca", ".s")
@@ -57,8 +58,11 @@ def load_program(path) -> Program:
         raise EpcError(f"{path}: an epc bundle (a float graph), not a neuromorphic program; "
                        f"use `epc eval`, or compile it with `epc compile {path} --target "
                        f"neuromorphic`")
-    with open(path, "rb") as f:
-        buf = f.read()
+    try:
+        with open(path, "rb") as f:
+            buf = f.read()
+    except OSError as e:
+        raise EpcError(f"{path}: cannot read ({e.strerror or e})") from None
     if buf.startswith(MAGIC):
         prog = from_bytes(buf, source=path)
     else:
@@ -68,6 +72,7 @@ def load_program(path) -> Program:
             raise EpcError(f"{path}: not a neuromorphic program (neither the binary magic "
                            f"{MAGIC[:5].decode()} nor UTF-8 assembly text)")
         prog = assemble(text, source=path)
+        check_program_memory(prog, path)
     return validate(prog, source=path)
 
 

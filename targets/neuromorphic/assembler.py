@@ -151,9 +151,12 @@ class _Parser:
 
     def integer(self, lineno: int, v: str, what: str) -> int:
         try:
-            return int(v)
+            n = int(v)
         except ValueError:
-            raise self.err(lineno, f"{what}: expected an integer, got {v!r}")
+            raise self.err(lineno, f"{what}: expected an integer, got {v[:40]!r}")
+        if not -2 ** 63 <= n < 2 ** 63:      # (program words and fields are int64)
+            raise self.err(lineno, f"{what}: integer {v[:40]} out of range")
+        return n
 
     def intlist(self, lineno: int, v: str, n: int, what: str) -> tuple[int, ...]:
         parts = v.split(",")

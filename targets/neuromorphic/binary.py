@@ -28,6 +28,7 @@ from epc.compiler.errors import EpcError
 
 from .assembler import assemble, disassemble
 from .isa import ISA_VERSION, MAGIC, Program, format_version
+from .size import check_program_memory
 
 _HEAD = struct.Struct("<6sHHII")
 
@@ -40,12 +41,22 @@ def pack_words(values: np.ndarray, bits: int) -> bytes:
     return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
 
 
+UNPACK_CHUNK = 1 << 16     # words unpacked at a time: the bit planes take 8 bytes a bit
+
+
 def unpack_words(buf: bytes, n: int, bits: int, signed: bool) -> np.ndarray:
-    planes = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="little")[:n * bits]
-    u = (planes.reshape(n, bits).astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(1)
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    out = np.empty(n, dtype=np.int64)
+    shifts = np.arange(bits, dtype=np.int64)
+    # a chunk of UNPACK_CHUNK words starts on a byte boundary (UNPACK_CHUNK * bits % 8 == 0)
+    for start in range(0, n, UNPACK_CHUNK):
+        k = min(UNPACK_CHUNK, n - start)
+        b0 = start * bits // 8
+        planes = np.unpackbits(raw[b0:b0 + (k * bits + 7) // 8], bitorder="little")[:k * bits]
+        out[start:start + k] = (planes.reshape(k, bits).astype(np.int64) << shifts).sum(1)
     if signed:
-        u = np.where(u >= (1 << (bits - 1)), u - (1 << bits), u)
-    return u
+        out = np.where(out >= (1 << (bits - 1)), out - (1 << bits), out)
+    return out
 
 
 def to_bytes(prog: Program) -> bytes:
@@ -76,10 +87,19 @@ def from_bytes(buf: bytes, source: str = "<program>") -> Program:
     if flags != 0:
         raise EpcError(f"{source}: unknown flags {flags:#x} in the program header")
     try:
-        text = zlib.decompress(buf[_HEAD.size:_HEAD.size + tlen]).decode("utf-8")
+        # the skeleton is text of about the program's size: a stream that inflates past
+        # 64x the file (a zip bomb in the CRC-valid header) is refused
+        d = zlib.decompressobj()
+        raw = d.decompress(buf[_HEAD.size:_HEAD.size + tlen], 64 * len(buf) + (1 << 20))
+        if d.unconsumed_tail or not d.eof:
+            raise EpcError(f"{source}: corrupt program skeleton ("
+                           + ("truncated" if not d.unconsumed_tail else
+                              f"it inflates past {64 * len(buf) + (1 << 20):,} bytes") + ")")
+        text = raw.decode("utf-8")
     except (zlib.error, UnicodeDecodeError) as e:
         raise EpcError(f"{source}: corrupt program skeleton ({e})")
     prog = assemble(text, source=f"{source}:skeleton")
+    check_program_memory(prog, source)
     data = buf[_HEAD.size + tlen:_HEAD.size + tlen + dlen]
     pos = 0
     for m in prog.memories:
