@@ -14,7 +14,6 @@ any pair of torch Datasets of (input, label) items instead of a named data set.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -22,25 +21,24 @@ from typing import Any, Callable
 
 import torch
 
-from epc.compiler.bundle import Bundle, atomic_write_bytes
+from epc.compiler import flags
+from epc.compiler.bundle import Bundle, atomic_write_bytes, remove_stale_temporaries
 from epc.compiler.errors import EpcError
 from epc.compiler.ir import Graph
+from epc.compiler.limits import check_memory, numel
 
 from .data import Data, load_dataset
 from .engine import Engine, schedule_mode
 from .memory import retain_freed_memory
-from .train import (Trainer, TrainConfig, evaluate as _evaluate, load_checkpoint,
-                    save_checkpoint)
+from .train import (Diverged, Trainer, TrainConfig, TrainState, evaluate as _evaluate,
+                    load_checkpoint, save_checkpoint)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _device(device: str | None) -> torch.device:
-    dev = device or "cpu"
-    try:
-        d = torch.device(dev)
-    except (RuntimeError, ValueError):
-        raise EpcError(f"--device {dev!r}: not a torch device (use cpu, cuda, cuda:0, mps)")
+    dev = flags.check("device", device or "cpu")
+    d = torch.device(dev)
     if d.type == "cuda" and not torch.cuda.is_available():
         raise EpcError(f"--device {dev}: CUDA is not available on this machine")
     if d.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
@@ -62,8 +60,7 @@ def load_bundle(src: Any) -> tuple[Bundle, str]:
 
 def make_engine(src: Any, *, device: str | None = None, dtype: str = "float32",
                 schedule: str | None = None) -> tuple[Engine, Bundle, str]:
-    if dtype not in DTYPES:
-        raise EpcError(f"--dtype {dtype!r} (supported: {', '.join(DTYPES)})")
+    flags.check("dtype", dtype)
     b, name = load_bundle(src)
     return Engine(b.graph, device=_device(device), dtype=DTYPES[dtype], mode=schedule), b, name
 
@@ -76,13 +73,30 @@ def _data_for(eng: Engine, data: str, data_dir, resize, channels, dataset) -> Da
                         dataset=dataset)
 
 
+# copies of a batch's states settling keeps (free, nudged and previous states, updates):
+# peak memory over batch x states x itemsize measured 4.6 (MobileNet) to 5.5 (ResNet-13)
+# when evaluating the CIFAR examples at batch 256
+STATE_COPIES = 5
+
+
+def check_batch_memory(eng: Engine, batch: int, where: str, *, copies: int = STATE_COPIES,
+                       extra: int = 0, what: str = "") -> None:
+    """Refuse before settling when the states of a `batch` (plus `extra` bytes) would
+    take more than the memory limit."""
+    per_sample = sum(numel(s.shape) for s in eng.graph.states) + \
+        sum(numel(i.shape) for i in eng.graph.inputs)
+    item = torch.empty((), dtype=eng.dtype).element_size()
+    check_memory(batch * per_sample * item * copies + extra,
+                 what or f"settling batches of {batch} samples ({per_sample:,} state values "
+                         f"each)", where, hint="lower --batch-size, or ")
+
+
 def configure_process(threads: int | None):
     """The process-wide settings a run takes: torch's thread count, and freed tensor memory
     kept for reuse (runtime/memory.py: a conv net's settling stops page-faulting)."""
+    threads = flags.check("threads", threads)
     retain_freed_memory()
     if threads is not None:
-        if threads < 1:
-            raise EpcError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
 
 
@@ -101,7 +115,8 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
           device: str | None = None, threads: int | None = None,
           checkpoint: str | None = None, resume: bool = False, stop_after: int | None = None,
           metrics_json: str | None = None, plot: str | None = None,
-          progress: Callable | None = None, on_epoch: Callable | None = None) -> dict:
+          divergence: str = "stop", progress: Callable | None = None,
+          on_epoch: Callable | None = None) -> dict:
     """Train with EP; returns the metrics dict (also written to `metrics_json`).
 
     Metrics: train_accuracy (running accuracy of the last epoch's free phases),
@@ -113,22 +128,41 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
     fixed point instead of the EP estimate (a reference; samples whose adjoint iteration
     does not converge are left out of their step's gradient: each epoch record counts its
     `excluded_samples` and the `skipped_steps` that had none left and applied no update).
+    The divergence watch (runtime/train.py) checks every epoch: a NaN/Inf loss, a train
+    loss over 10x that of the first batch, or a test accuracy back at chance after a
+    healthy start; `divergence='stop'` raises Diverged (the metrics file then says
+    `diverged`, the checkpoint keeps the epoch before), 'warn' records
+    `divergence_warning` in the epoch and goes on.
     """
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                       momentum=momentum, weight_decay=weight_decay, cosine=cosine, clip=clip,
                       beta=beta, nudge=nudge, gradient=gradient, seed=seed, mode=schedule,
                       max_sweeps=max_sweeps, nudge_sweeps=nudge_sweeps, tol=tol,
-                      warm_start=warm_start,
-                      freeze_pool=freeze_pool, augment=augment).check()
+                      warm_start=warm_start, freeze_pool=freeze_pool, augment=augment,
+                      divergence=divergence).check()
     if resume and not checkpoint:
         raise EpcError("--resume needs --checkpoint DIR (the run's checkpoint directory)")
-    if stop_after is not None and stop_after < 1:
-        raise EpcError(f"--stop-after must be >= 1, got {stop_after}")
+    flags.check("stop_after", stop_after)
+    _device(device)
     configure_process(threads)
     torch.manual_seed(seed)
     eng, base, name = make_engine(src, device=device, schedule=schedule)
     d = _data_for(eng, data, data_dir, resize, channels, dataset)
+    n_train = int(d.train.x.shape[0])
+    if n_train == 0 or int(d.test.x.shape[0]) == 0:
+        raise EpcError(f"{d.name}: the {'training' if n_train == 0 else 'test'} split is "
+                       f"empty")
+    biggest = min(max(cfg.batch_size, cfg.eval_batch_size),
+                  max(n_train, int(d.test.x.shape[0])))
+    warm = 0
+    if cfg.warm_start:     # every training sample's last fixed point, kept between epochs
+        item = torch.empty((), dtype=eng.dtype).element_size()
+        warm = n_train * sum(numel(s.shape) for s in eng.graph.states) * item
+    check_batch_memory(eng, biggest, name, extra=warm)
     trainer = Trainer(eng, d, cfg)
+    if checkpoint:
+        # a write killed before its rename leaves .last.epc.*.tmp: this run replaces it
+        remove_stale_temporaries(Path(checkpoint) / "last.epc")
     if resume:
         ck, where = load_checkpoint(checkpoint)
         if ck.target != "torch":
@@ -160,6 +194,9 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
             "threads": torch.get_num_threads(), "torch_version": torch.__version__,
             # where tensors live; it changes timings, never bits
             "allocator": retain_freed_memory(),
+            "divergence": cfg.divergence,
+            "divergence_warnings": [h["divergence_warning"] for h in st.history
+                                    if "divergence_warning" in h],
             "history": st.history,
         }
         if checkpoint:
@@ -176,7 +213,18 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
         if on_epoch:
             on_epoch(rec)
 
-    st = trainer.run(progress=progress, on_epoch=epoch_done, stop_after=stop_after)
+    try:
+        st = trainer.run(progress=progress, on_epoch=epoch_done, stop_after=stop_after)
+    except Diverged as e:
+        if metrics_json:     # the file says how the run ended, with the epoch that failed
+            st = trainer.state
+            hist = st.history + ([e.record] if e.record else [])
+            m = metrics_of(TrainState(st.epoch, hist, st.seconds), hist[-1] if hist else {
+                "train_accuracy": None, "test_accuracy": None,
+                "unconverged_fraction": None}, in_progress=False)
+            m["diverged"] = str(e)
+            _write_json(metrics_json, m)
+        raise
     last = st.history[-1] if st.history else None
     if last is None:  # zero epochs: report the model as it is
         te = _evaluate(eng, d.test.x, d.test.y, batch_size=cfg.eval_batch_size,
@@ -200,10 +248,10 @@ def evaluate(src: Any, *, data: str = "digits", data_dir: str | None = None, res
              tol: float | None = None, device: str | None = None, threads: int | None = None,
              json_path: str | None = None) -> dict:
     """Free-phase accuracy / loss / convergence of a (trained) bundle on a split."""
-    if split not in ("test", "train"):
-        raise EpcError(f"--split {split!r} (supported: test, train)")
-    if batch_size < 1:
-        raise EpcError(f"--batch-size must be >= 1, got {batch_size}")
+    for k, v in (("split", split), ("batch_size", batch_size), ("schedule", schedule),
+                 ("max_sweeps", max_sweeps), ("tol", tol)):
+        flags.check(k, v)
+    _device(device)
     configure_process(threads)
     eng, b, name = make_engine(src, device=device, schedule=schedule)
     # a checkpoint settles as its training run did (the test accuracy it reported used
@@ -219,6 +267,9 @@ def evaluate(src: Any, *, data: str = "digits", data_dir: str | None = None, res
     eng.mode = settling["mode"]
     d = _data_for(eng, data, data_dir, resize, channels, dataset)
     s = d.test if split == "test" else d.train
+    if int(s.x.shape[0]) == 0:
+        raise EpcError(f"{d.name}: the {split} split is empty")
+    check_batch_memory(eng, min(batch_size, int(s.x.shape[0])), name)
     t0 = time.perf_counter()
     r = _evaluate(eng, s.x, s.y, batch_size=batch_size, max_sweeps=settling["max_sweeps"],
                   tol=settling["tol"], mode=settling["mode"])
@@ -240,13 +291,21 @@ def check_gradients(src: Any, *, data: str = "digits", data_dir: str | None = No
                     json_path: str | None = None) -> dict:
     """Per-coupling comparison of the EP estimate with the implicit-differentiation gradient."""
     from .gradcheck import check_gradients as _check
-    if not (beta != 0 and math.isfinite(beta)):
-        raise EpcError(f"--beta must be a nonzero finite number, got {beta}")
-    if samples < 1:
-        raise EpcError(f"--samples must be >= 1, got {samples}")
+    for k, v in (("beta", beta), ("nudge", nudge), ("samples", samples), ("seed", seed),
+                 ("tol", tol), ("max_sweeps", max_sweeps), ("dtype", dtype),
+                 ("schedule", schedule)):
+        if v is None and k not in ("schedule",):
+            raise EpcError(f"bad {flags.flag(k)} None: must be {flags.RULES[k].what}")
+        flags.check(k, v)
+    _device(device)
     configure_process(threads)
     eng, _, name = make_engine(src, device=device, dtype=dtype, schedule=schedule)
     d = _data_for(eng, data, data_dir, resize, channels, dataset)
+    if int(d.train.x.shape[0]) == 0:
+        raise EpcError(f"{d.name}: the training split is empty")
+    # the implicit gradient differentiates through sweeps: more copies than settling
+    check_batch_memory(eng, min(samples, int(d.train.x.shape[0])), name,
+                       copies=4 * STATE_COPIES)
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(d.train.x.shape[0], generator=g)[:samples]
     r = _check(eng, d.train.x[idx], d.train.y[idx], beta=beta, nudge=nudge, tol=tol,

@@ -21,13 +21,17 @@ import gzip
 import io
 import os
 import pickle
+import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from epc.compiler import flags
 from epc.compiler.errors import EpcError
+from epc.compiler.limits import check_memory, numel
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100")
 # Where `apt-get install dataset-fashion-mnist` puts the idx files (used without --data-dir).
@@ -59,13 +63,27 @@ def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _open_maybe_gz(path: Path) -> bytes:
-    data = path.read_bytes()
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise EpcError(f"{path}: corrupt gzip file ({e})")
-    return data
+    """A data file's bytes, gunzipped if it is gzip; what a gzip member expands to beyond
+    the file itself counts against the memory limit as it is read."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise EpcError(f"{path}: cannot read ({e.strerror or e})") from None
+    if data[:2] != b"\x1f\x8b":
+        return data
+    out, total = [], 0
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+            while True:
+                chunk = f.read(1 << 24)
+                if not chunk:
+                    break
+                total += len(chunk)
+                check_memory(2 * max(total - len(data), 0), "decompressing it", str(path))
+                out.append(chunk)
+    except (OSError, EOFError, zlib.error) as e:
+        raise EpcError(f"{path}: corrupt gzip file ({e})") from None
+    return b"".join(out)
 
 
 def _idx(path: Path) -> np.ndarray:
@@ -73,11 +91,11 @@ def _idx(path: Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise EpcError(f"{path}: not an unsigned-byte idx file")
     nd = data[3]
-    if len(data) < 4 + 4 * nd:
+    if nd < 1 or len(data) < 4 + 4 * nd:
         raise EpcError(f"{path}: truncated idx header")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(nd)]
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * nd)
-    if body.size != int(np.prod(dims)):
+    if body.size != numel(dims):       # (exact: the dims may multiply past 2^63)
         raise EpcError(f"{path}: idx size {body.size} does not match its header {dims}")
     return body.reshape(dims)
 
@@ -101,8 +119,9 @@ def _mnist(root: Path, title: str = "MNIST"):
             raise EpcError(f"{root}: {title} idx files not found (expected "
                            f"{split}-images-idx3-ubyte[.gz] and {split}-labels-idx1-ubyte[.gz])")
         x, y = _idx(ip), _idx(lp)
-        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise EpcError(f"{ip}: images {list(x.shape)} and labels {list(y.shape)} do not match")
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or 0 in x.shape:
+            raise EpcError(f"{ip}: images {list(x.shape)} and labels {list(y.shape)} ({lp}) "
+                           f"do not match (one label per [H, W] image)")
         out += [(x.astype(np.float32) / 255.0)[:, None], y.astype(np.int64)]
     return out
 
@@ -154,8 +173,17 @@ def _cifar_py(files: list[Path], key: str):
         x = np.asarray(d["data"])
         if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
             raise EpcError(f"{f}: 'data' is not a uint8 [N, 3072] array")
+        labels = d[key]
+        if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu":
+            labels = labels.reshape(-1).tolist() if labels.ndim == 1 else None
+        if not isinstance(labels, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 256
+                for v in labels):
+            raise EpcError(f"{f}: '{key}' is not a list of integer labels in [0, 255]")
+        if len(labels) != len(x):
+            raise EpcError(f"{f}: {len(labels)} labels for {len(x)} images")
         xs.append(x.reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[key], dtype=np.int64))
+        ys.append(np.asarray(labels, dtype=np.int64))
     return np.concatenate(xs).astype(np.float32) / 255.0, np.concatenate(ys)
 
 
@@ -183,23 +211,60 @@ def _cifar(root: Path, which: str):
                    f"test.bin, or cifar-100-python/train and test)")
 
 
+def check_data_name(name) -> str:
+    if name not in DATASETS:
+        raise EpcError(f"bad --data {name!r}: unknown data set (supported: "
+                       f"{', '.join(DATASETS)}; other data through the Python API's dataset=)")
+    return name
+
+
+def data_files(name: str, data_dir=None) -> list[str]:
+    """The files a named data set would be read from (those that exist): what a
+    command's outputs must not replace."""
+    if name not in DATASETS or name == "digits":
+        return []
+    if data_dir is None:
+        if name != "fashion-mnist":
+            return []
+        data_dir = FASHION_MNIST_DIR
+    root = Path(os.path.expanduser(str(data_dir)))
+    names = []
+    for split in ("train", "t10k"):
+        for kind in ("images", "labels"):
+            n = 3 if kind == "images" else 1
+            names += [f"{split}-{kind}-idx{n}-ubyte", f"{split}-{kind}.idx{n}-ubyte",
+                      f"MNIST/raw/{split}-{kind}-idx{n}-ubyte"]
+    for d in ("cifar-10-batches-bin", "cifar-10-batches-py", "cifar-100-binary",
+              "cifar-100-python", ""):
+        for f in [f"data_batch_{i}{e}" for i in range(1, 6) for e in (".bin", "")] + \
+                ["test_batch.bin", "test_batch", "train.bin", "test.bin", "train", "test"]:
+            names.append(f"{d}/{f}" if d else f)
+    out = []
+    for n in names:
+        for cand in (root / n, root / (n + ".gz")):
+            if cand.is_file():
+                out.append(str(cand))
+    return out
+
+
 # --------------------------------------------------------------------------- shaping
 def parse_resize(spec) -> tuple[int, int] | None:
-    if spec is None or spec == "":
+    if spec is None:
         return None
-    try:
-        if isinstance(spec, int) and not isinstance(spec, bool):
-            parts = [spec]
-        elif isinstance(spec, (tuple, list)):
-            parts = [int(p) for p in spec]
-        else:
-            parts = [int(p) for p in str(spec).lower().split("x")]
-    except (TypeError, ValueError):
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        parts = [spec]
+    elif isinstance(spec, (tuple, list)) and all(
+            isinstance(p, int) and not isinstance(p, bool) for p in spec):
+        parts = list(spec)
+    elif isinstance(spec, str) and re.fullmatch(r"\d{1,6}(x\d{1,6})?", spec.strip().lower()):
+        parts = [int(p) for p in spec.strip().lower().split("x")]
+    else:
         parts = []
     if len(parts) == 1:
         parts = parts * 2
-    if len(parts) != 2 or min(parts) < 1:
-        raise EpcError(f"bad --resize {spec!r}: use H or HxW, e.g. 32 or 28x28")
+    if len(parts) != 2 or min(parts) < 1 or max(parts) > 1 << 14:
+        raise EpcError(f"bad --resize {spec!r}: use H or HxW (each 1 to 16384), e.g. 32 or "
+                       f"28x28")
     return (parts[0], parts[1])
 
 
@@ -208,10 +273,14 @@ def fit_to_input(x: torch.Tensor, input_shape: tuple, *, resize=None, channels: 
     """Adapt images [N, C, H, W] (or any [N, ...]) to a graph's per-sample input shape."""
     input_shape = tuple(int(d) for d in input_shape)
     size = parse_resize(resize)
-    if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int)
-                                 or channels < 1):
-        raise EpcError(f"bad --channels {channels!r}: must be an integer >= 1")
+    channels = flags.check("channels", channels)
     if x.dim() == 4:
+        # what resizing and replicating channels add to the data set, before doing it
+        c = channels if channels else (input_shape[0] if len(input_shape) == 3 else x.shape[1])
+        hw = size if size is not None else tuple(x.shape[2:])
+        grown = x.shape[0] * numel((c, *hw)) * x.element_size() - x.numel() * x.element_size()
+        check_memory(2 * max(grown, 0), f"resizing {x.shape[0]:,} images to "
+                                        f"{c}x{hw[0]}x{hw[1]}", name)
         if size is not None and tuple(x.shape[2:]) != size:
             x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
         want_c = channels if channels else (input_shape[0] if len(input_shape) == 3 else None)
@@ -264,9 +333,7 @@ def load_dataset(name: str = "digits", *, data_dir=None, input_shape=None, resiz
         name = "custom"
         arrays = None
     else:
-        if name not in DATASETS:
-            raise EpcError(f"unknown data set {name!r} (supported: {', '.join(DATASETS)}; "
-                           f"other data through the Python API's dataset=)")
+        check_data_name(name)
         if name == "digits":
             arrays = _digits()
         else:
@@ -286,6 +353,9 @@ def load_dataset(name: str = "digits", *, data_dir=None, input_shape=None, resiz
             else:
                 arrays = _cifar(root, name)
         xtr, ytr, xte, yte = arrays
+        if len(ytr) == 0 or len(yte) == 0:
+            raise EpcError(f"{name}: the {'training' if len(ytr) == 0 else 'test'} split is "
+                           f"empty")
         tr = Split(torch.as_tensor(np.ascontiguousarray(xtr)), torch.as_tensor(ytr))
         te = Split(torch.as_tensor(np.ascontiguousarray(xte)), torch.as_tensor(yte))
     k = num_classes or int(max(int(tr.y.max()), int(te.y.max())) + 1)

@@ -19,15 +19,18 @@ from typing import Callable
 import numpy as np
 import torch
 
+from epc.compiler import flags
 from epc.compiler.bundle import atomic_write_bytes
 from epc.compiler.errors import EpcError
 from epc.compiler.ir import Graph
 from epc.targets.neuromorphic.api import load_program, save_program
 from epc.targets.neuromorphic.assembler import disassemble
 from epc.targets.neuromorphic.isa import Program
+from epc.targets.neuromorphic.size import check_program_memory
 from epc.targets.neuromorphic.validate import validate
 
 from .data import load_dataset
+from .train import Diverged, accuracy_collapse, chance_level
 
 CALIB_SAMPLES = 256
 
@@ -135,17 +138,16 @@ def evaluate_program(prog: Program, x: np.ndarray, y: np.ndarray, *, batch_size:
 def run_program(path, *, data: str = "digits", data_dir=None, resize=None,
                 limit: int | None = None, metrics_json=None, batch_size: int = 256) -> dict:
     """Run inference of a program in the bit-exact simulator on a data set's test split."""
+    flags.check("batch_size", batch_size)
+    flags.check("limit", limit)
     prog = load_program(path)
-    if batch_size < 1:
-        raise EpcError(f"--batch-size must be >= 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise EpcError(f"--limit must be >= 1, got {limit}")
     out = prog.output_group()
     _, _, xte, yte = program_dataset(data, prog.mem(prog.inputs[0]).shape, data_dir=data_dir,
                                      resize=resize,
                                      num_classes=int(np.prod(prog.mem(out.mem).shape)))
     if limit:
         xte, yte = xte[:limit], yte[:limit]
+    check_program_memory(prog, str(path), batch=min(batch_size, len(xte)))
     t0 = time.perf_counter()
     m = evaluate_program(prog, xte, yte, batch_size=batch_size)
     m.pop("predictions")
@@ -160,22 +162,22 @@ def run_program(path, *, data: str = "digits", data_dir=None, resize=None,
 def train_program(path, *, data: str = "digits", epochs: int = 10, seed: int = 0,
                   lr_shift: int | None = None, beta: float | None = None,
                   metrics_json=None, out=None, data_dir=None, resize=None,
-                  batch_size: int = 32, limit: int | None = None,
+                  batch_size: int = 32, limit: int | None = None, divergence: str = "stop",
                   on_epoch: Callable[[dict], None] | None = None) -> dict:
     """On-chip EP learning in the simulator (integer only); writes the trained program to
     `out` if given. lr_shift / beta override the program's (they are stored in `out`).
-    `on_epoch` gets each epoch's record (epoch, train_accuracy, test_accuracy, ...)."""
+    `on_epoch` gets each epoch's record (epoch, train_accuracy, test_accuracy, ...). The
+    divergence watch stops (`divergence='stop'`) or warns when the test accuracy falls to
+    chance after a healthy start (runtime/train.py: accuracy_collapse)."""
     from epc.targets.neuromorphic.isa import BETA_FRAC
 
     from .simulator import Simulator
+    for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr_shift", lr_shift),
+                 ("beta", beta), ("seed", seed), ("limit", limit),
+                 ("divergence", divergence)):
+        flags.check(k, v)
     prog = load_program(path)
-    if epochs < 0:
-        raise EpcError(f"--epochs must be >= 0, got {epochs}")
-    if batch_size < 1:
-        raise EpcError(f"--batch-size must be >= 1, got {batch_size}")
     if lr_shift is not None:
-        if not 0 <= lr_shift <= 48:
-            raise EpcError(f"--lr-shift {lr_shift}: supported 0..48 (learning rate 2^-shift)")
         prog.lr_shift = int(lr_shift)
     if beta is not None:
         bq = int(round(beta * (1 << BETA_FRAC)))
@@ -191,6 +193,10 @@ def train_program(path, *, data: str = "digits", epochs: int = 10, seed: int = 0
                                          num_classes=int(np.prod(prog.mem(outg.mem).shape)))
     if limit:
         xtr, ytr = xtr[:limit], ytr[:limit]
+    # a learning step settles three phases of a batch; evaluation runs batches of 256
+    check_program_memory(prog, str(path), batch=3 * max(min(batch_size, len(xtr)),
+                                                         min(256, len(xte))))
+    chance = chance_level(yte)
     sim = Simulator(prog)
     rng = np.random.default_rng(seed)
     history = []
@@ -213,6 +219,13 @@ def train_program(path, *, data: str = "digits", epochs: int = 10, seed: int = 0
         rec = {"epoch": ep + 1, "train_accuracy": correct / max(len(xtr), 1),
                "test_accuracy": ev["test_accuracy"], "unsettled_train": n_unsettled,
                "seconds": time.perf_counter() - t0}
+        why = accuracy_collapse(history + [rec], chance)
+        if why is not None:
+            msg = f"training diverged in epoch {ep + 1}: {why}"
+            if divergence == "stop":
+                raise Diverged(f"{msg}; stopped; raise --lr-shift (a smaller learning rate), "
+                               f"or --divergence warn to go on", record=rec)
+            rec["divergence_warning"] = msg
         history.append(rec)
         if on_epoch:
             on_epoch(rec)
@@ -222,7 +235,10 @@ def train_program(path, *, data: str = "digits", epochs: int = 10, seed: int = 0
          "train_accuracy": history[-1]["train_accuracy"] if history else None,
          "synops_per_learning_step": learn_ops / max(steps, 1),
          "lr_shift": prog.lr_shift, "beta": prog.beta, "rng_step": prog.rng_step,
-         "weight_saturations": sim.stats.overflow_weight, "program": str(path)}
+         "weight_saturations": sim.stats.overflow_weight, "program": str(path),
+         "divergence": divergence,
+         "divergence_warnings": [h["divergence_warning"] for h in history
+                                 if "divergence_warning" in h]}
     if out:
         validate(prog, source=str(out))
         save_program(prog, out)

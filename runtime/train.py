@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from epc.compiler import flags
 from epc.compiler.bundle import Bundle, read_bundle, write_bundle
 from epc.compiler.errors import EpcError
 
@@ -68,39 +69,22 @@ class TrainConfig:
     eval_batch_size: int = 256
     augment: str | None = None       # training-set augmentation, e.g. 'crop:4,flip'
     gradient: str = "ep"             # ep | implicit (the exact gradient, a reference)
+    divergence: str = "stop"         # stop | warn: what the divergence watch does
 
     def check(self) -> "TrainConfig":
-        if self.epochs < 0:
-            raise EpcError(f"--epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise EpcError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not (self.beta != 0 and math.isfinite(self.beta)):
-            raise EpcError(f"--beta must be a nonzero finite number, got {self.beta} (EP "
-                           f"estimates the gradient from the difference of nudged phases)")
-        if self.gradient not in ("ep", "implicit"):
-            raise EpcError(f"--gradient {self.gradient!r} (supported: ep, implicit)")
-        if self.nudge not in ("symmetric", "one-sided"):
-            raise EpcError(f"--nudge {self.nudge!r} (supported: symmetric, one-sided)")
-        if self.optimizer not in ("adam", "sgd"):
-            raise EpcError(f"--optimizer {self.optimizer!r} (supported: adam, sgd)")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise EpcError(f"--lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise EpcError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise EpcError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if self.clip is not None and not (self.clip > 0 and math.isfinite(self.clip)):
-            raise EpcError(f"--clip must be > 0 (the largest gradient norm kept), got "
-                           f"{self.clip}")
+        """Refuse bad values, each by its flag's one rule (compiler/flags.py)."""
+        for name, value in (("epochs", self.epochs), ("batch_size", self.batch_size),
+                            ("optimizer", self.optimizer), ("lr", self.lr),
+                            ("momentum", self.momentum), ("weight_decay", self.weight_decay),
+                            ("clip", self.clip), ("beta", self.beta), ("nudge", self.nudge),
+                            ("seed", self.seed), ("schedule", self.mode),
+                            ("max_sweeps", self.max_sweeps),
+                            ("nudge_sweeps", self.nudge_sweeps), ("tol", self.tol),
+                            ("gradient", self.gradient), ("divergence", self.divergence)):
+            if name == "beta" and value is None:
+                raise EpcError(f"bad --beta None: must be {flags.RULES['beta'].what}")
+            flags.check(name, value)
         self.mode = schedule_mode(self.mode)
-        if self.mode not in (None, "colour", "sync"):
-            raise EpcError(f"--schedule {self.mode!r} (supported: colour, sync)")
-        for k in ("max_sweeps", "nudge_sweeps"):
-            v = getattr(self, k)
-            if v is not None and v < 1:
-                raise EpcError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
-        if self.tol is not None and not self.tol >= 0:
-            raise EpcError(f"--tol must be >= 0, got {self.tol}")
         aug = Augment.parse(self.augment)
         self.augment = aug.spec() if aug else None
         return self
@@ -118,7 +102,59 @@ DEAD_SPAN = 1e-6   # a state whose every unit stays within this over a split is 
 
 
 class Diverged(EpcError):
-    pass
+    """Training (or evaluation) that left the numbers behind; `record` is the epoch record
+    of the epoch that failed the divergence watch, if that is what stopped it."""
+
+    def __init__(self, message: str, record: dict | None = None):
+        super().__init__(message)
+        self.record = record
+
+
+# The divergence watch, after every epoch (what --divergence stop|warn acts on):
+# * the loss is NaN or Inf, or the epoch's train loss exceeds EXPLODE_FACTOR times the loss
+#   of the run's first batch (the network as it started: a run whose loss grows tenfold
+#   past that is not learning, e.g. --lr 1e3);
+# * or, after a healthy start (a test accuracy at least HEALTHY of the way from chance to
+#   100%), the test accuracy falls back to chance (within CHANCE_MARGIN of the way):
+#   chance is the share of the most frequent class among the test labels.
+EXPLODE_FACTOR = 10.0
+HEALTHY = 0.5
+CHANCE_MARGIN = 0.05
+
+
+def chance_level(labels) -> float:
+    """The accuracy of always predicting the most frequent class."""
+    y = np.asarray(labels).reshape(-1)
+    return float(np.bincount(y).max() / len(y)) if len(y) else 0.0
+
+
+def accuracy_collapse(history: list[dict], chance: float) -> str | None:
+    """Why the last epoch's test accuracy counts as fallen to chance after a healthy start
+    (earlier epochs of `history`), or None."""
+    if len(history) < 2:
+        return None
+    last = history[-1]
+    best = max(history[:-1], key=lambda h: h["test_accuracy"])
+    if best["test_accuracy"] >= chance + HEALTHY * (1 - chance) and \
+            last["test_accuracy"] <= chance + CHANCE_MARGIN * (1 - chance):
+        return (f"test accuracy fell to {last['test_accuracy']:.2%}, chance level "
+                f"({chance:.2%} for the most frequent class), after "
+                f"{best['test_accuracy']:.2%} in epoch {best['epoch']}")
+    return None
+
+
+def divergence(history: list[dict], chance: float) -> str | None:
+    """What the divergence watch finds wrong with the last epoch of `history`, or None."""
+    last = history[-1]
+    for k in ("train_loss", "test_loss"):
+        if not math.isfinite(last.get(k, 0.0)):
+            return f"the {k.replace('_', ' ')} is {last[k]}"
+    start = history[0].get("initial_loss")
+    if start is not None and math.isfinite(start) and \
+            last["train_loss"] > EXPLODE_FACTOR * max(start, 1e-12):
+        return (f"train loss {last['train_loss']:.4g} is over {EXPLODE_FACTOR:g}x the loss "
+                f"of its first batch ({start:.4g})")
+    return accuracy_collapse(history, chance)
 
 
 def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -208,6 +244,8 @@ class Trainer:
             self.warm = {j: torch.zeros((n,) + eng.shapes[j], dtype=eng.dtype)
                          for j in eng.settled}
         self.sweep_trace: list[dict] = []
+        self.initial_loss: float | None = None       # the first batch's, for the watch
+        self.chance = chance_level(data.test.y.numpy())
         self.augment = Augment.parse(cfg.augment)
         if self.augment is not None:
             self.augment.check(tuple(data.train.x.shape[1:]))
@@ -293,6 +331,8 @@ class Trainer:
                 idx = perm[i:i + cfg.batch_size]
                 xb = tr.x[idx] if gen is None else self.augment(tr.x[idx], gen)
                 r = self.step(xb, tr.y[idx], idx, e)
+                if e == 0 and tot["batches"] == 0:
+                    self.initial_loss = r["loss"] / max(len(idx), 1)
                 for k in ("correct", "loss", "unconverged", "free_sweeps", "nudged_sweeps",
                           "skipped", "excluded"):
                     tot[k] += r[k]
@@ -322,6 +362,16 @@ class Trainer:
                    "constant_prediction": te["constant_prediction"],
                    "lr": self.opt.current_lr(), "seconds": train_secs,
                    "eval_seconds": time.perf_counter() - t0 - train_secs}
+            if e == 0 and self.initial_loss is not None:
+                rec["initial_loss"] = self.initial_loss
+            why = divergence(self.state.history + [rec], self.chance)
+            if why is not None:
+                msg = f"training diverged in epoch {e + 1}: {why}"
+                if cfg.divergence == "stop":
+                    raise Diverged(f"{msg}; stopped (the last checkpoint, if any, holds epoch "
+                                   f"{e}); lower --lr, or --divergence warn to go on",
+                                   record=rec)
+                rec["divergence_warning"] = msg
             self.state.history.append(rec)
             self.state.epoch += 1
             self.state.seconds += time.perf_counter() - t0
@@ -348,9 +398,17 @@ class Trainer:
 
     def restore(self, ck: Bundle, where: str) -> None:
         ts = ck.docs.get("train_state")
-        if not isinstance(ts, dict) or "config" not in ts:
+        if not isinstance(ts, dict) or not isinstance(ts.get("config"), dict):
             raise EpcError(f"{where}: incompatible checkpoint: no training state "
                            f"(not written by epc train --checkpoint)")
+        epoch, secs, history = ts.get("epoch"), ts.get("seconds", 0.0), ck.docs.get("history")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or \
+                not 0 <= epoch <= self.cfg.epochs or \
+                isinstance(secs, bool) or not isinstance(secs, (int, float)) or \
+                not (math.isfinite(secs) and secs >= 0) or not isinstance(history, list) or \
+                len(history) != epoch or not all(_is_record(h) for h in history):
+            raise EpcError(f"{where}: corrupt checkpoint: its training state (epoch, seconds, "
+                           f"history) does not hold together")
         old = {**TrainConfig.RESUME_DEFAULTS, **ts["config"]}
         diff = [k for k in TrainConfig.RESUME_KEYS
                 if k in old and old[k] != getattr(self.cfg, k)]
@@ -370,16 +428,40 @@ class Trainer:
         if set(mine) != set(ck.graph.weights):
             missing = sorted(set(mine) - set(ck.graph.weights))
             raise EpcError(f"{where}: incompatible checkpoint: lacks weight {missing[0]}")
+        # the optimiser's and warm-start arrays: exactly the shapes this run keeps (a
+        # tensor copy would broadcast a smaller one silently), finite numbers
+        want = {k: tuple(v.shape) for k, v in self.opt.state_arrays().items()}
+        if self.warm is not None:
+            want.update({f"warm.{j}": tuple(v.shape) for j, v in self.warm.items()})
+        for k, shape in want.items():
+            a = ck.arrays.get(k)
+            if a is None and k == "opt.skipped":
+                continue         # checkpoints written before skipped steps were counted
+            if a is None or tuple(a.shape) != shape or not np.all(np.isfinite(a)):
+                raise EpcError(f"{where}: incompatible checkpoint: its {k} "
+                               f"{'is missing' if a is None else 'does not match this run'} "
+                               f"(optimiser {self.cfg.optimizer}"
+                               f"{', warm start' if self.warm is not None else ''})")
+        if int(ck.arrays["opt.step"][0]) < 0:
+            raise EpcError(f"{where}: corrupt checkpoint: negative optimiser step count")
         for k, v in ck.graph.weights.items():
             self.eng.params[k].copy_(torch.as_tensor(v))
         self.opt.load_state_arrays(ck.arrays, where)
         if self.warm is not None:
             for j in self.warm:
-                if f"warm.{j}" not in ck.arrays:
-                    raise EpcError(f"{where}: incompatible checkpoint: no warm-start state")
                 self.warm[j].copy_(torch.as_tensor(ck.arrays[f"warm.{j}"]))
-        self.state = TrainState(int(ts["epoch"]), list(ck.docs.get("history") or []),
-                                float(ts.get("seconds", 0.0)))
+        self.state = TrainState(epoch, list(history), float(secs))
+
+
+_RECORD_KEYS = {"epoch": int, "train_loss": float, "train_accuracy": float,
+                "test_accuracy": float, "test_loss": float, "seconds": float}
+
+
+def _is_record(h) -> bool:
+    """An epoch record as training writes it (what resume, metrics and the watch read)."""
+    return isinstance(h, dict) and all(
+        isinstance(h.get(k), (int, float)) and not isinstance(h.get(k), bool)
+        and (t is float or isinstance(h.get(k), int)) for k, t in _RECORD_KEYS.items())
 
 
 def save_checkpoint(trainer: Trainer, base: Bundle, directory: str | Path) -> Path:
