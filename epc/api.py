@@ -25,6 +25,7 @@ imports it (pyproject.toml's import-linter contracts, tests/test_layering.py).
 """
 from __future__ import annotations
 
+import functools
 import inspect as _inspect
 import json as _json
 import os
@@ -34,10 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from epc.compiler import flags
 from epc.compiler.bundle import Bundle, read_bundle, write_bundle
 from epc.compiler.errors import EpcError
 from epc.compiler.ir import Activation, Graph
+from epc.compiler.limits import scoped_memory_limit
 from epc.compiler.options import CompileOptions
+
+from .outputs import Output, check_outputs
 
 from .sources import (Source, is_ir_text, load_source, read_ir_text, teacher_graph, torch_source,
                       verify_against_source)
@@ -79,20 +84,37 @@ def _path(p: Any) -> str | None:
     return None if p is None else os.fspath(p)
 
 
-def refuse_overwriting_inputs(output: Any, *inputs: Any, flag: str = "-o") -> None:
-    """No output may replace a file the command reads."""
-    if output is None:
-        return
-    output = os.fspath(output)
-    for i in inputs:
-        if isinstance(i, (str, os.PathLike)) and os.path.exists(output) and os.path.exists(i) \
-                and os.path.samefile(output, i):
-            raise EpcError(f"{output}: is the input file; write the output elsewhere ({flag})")
+def _check_options(values: dict) -> None:
+    """Every option that has a rule (compiler/flags.py: one per flag, whatever the
+    command) is checked before any file is read."""
+    for k, v in values.items():
+        if k in flags.RULES:
+            flags.check(k, v)
+    if isinstance(values.get("data"), str) and values.get("dataset") is None:
+        from epc.runtime.data import check_data_name, parse_resize
+        check_data_name(values["data"])
+        parse_resize(values.get("resize"))
 
 
-def _refuse_overwriting_model(model: Any, **outputs: Any) -> None:
-    for name, out in outputs.items():
-        refuse_overwriting_inputs(out, model, flag="--" + name.replace("_", "-"))
+def _data_inputs(data: Any, data_dir: Any) -> list[str]:
+    """The data files a command would read (its outputs must not replace them)."""
+    if not isinstance(data, str):
+        return []
+    from epc.runtime.data import data_files
+    return data_files(data, data_dir)
+
+
+def _limited(fn: Callable) -> Callable:
+    """Run the API function under its `memory_limit=` (compiler/limits.py), refusing a bad
+    value before anything else; the signature stays the function's own."""
+    sig = _inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        with scoped_memory_limit(bound.arguments.get("memory_limit")):
+            return fn(*args, **kwargs)
+    return run
 
 
 def is_program(path: Any) -> bool:
@@ -172,6 +194,7 @@ def default_output(source: str, target: str) -> str:
     return stem + (".nc" if target == "neuromorphic" else ".epc")
 
 
+@_limited
 def compile_result(source: Any, *, output: str | None = None, target: str = "ir",
                    verify: bool = False, input_shape: Any = None,
                    activation: "str | Activation" = "clip:1.0", feedback: bool = True,
@@ -185,10 +208,15 @@ def compile_result(source: Any, *, output: str | None = None, target: str = "ir"
                    print_after: "list[str] | None" = None, weight_bits: int = 8,
                    frac_bits: int = 8, per_channel: bool = False, calibrate: str | None = None,
                    data_dir: str | None = None, resize: int | None = None,
+                   memory_limit: "str | int | None" = None,
                    example_input: Any = None) -> CompileResult:
     """`epc compile`, returning what happened (the graph, the source, timing, the --verify
     error, the file written). `compile` is this, returning the graph."""
     target = _choice("target", target, TARGETS)
+    _check_options(locals())
+    if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int)
+                               or not 1 <= resize <= 1 << 14):
+        raise EpcError(f"bad --resize {resize!r}: must be an integer in [1, 16384]")
     output = _path(output)
     if target != "neuromorphic":
         _refuse_given(compile_result, locals(),
@@ -214,8 +242,9 @@ def compile_result(source: Any, *, output: str | None = None, target: str = "ir"
         raise EpcError("compiling an nn.Module needs example_input=")
     else:
         src = torch_source(source, example_input)
-    if output is not None:
-        refuse_overwriting_inputs(output, src if isinstance(src, str) else None, teacher)
+    check_outputs([src if isinstance(src, str) else None, teacher,
+                   _data_inputs(calibrate, data_dir) if calibrate else None],
+                  [Output("-o", output)])
     res = compile_source(src, opts, input_shape=parse_shape(input_shape),
                          verify_model=verify, print_after=set(print_after or ()),
                          print_after_all=print_after_all, out=sys.stdout,
@@ -271,6 +300,7 @@ compile.__signature__ = _inspect.signature(compile_result).replace(return_annota
 OPT_WEIGHTS = ("shapes", "seeded", "inline")
 
 
+@_limited
 def opt(source: Any, *, passes: "list[str] | None" = None, output: str | None = None,
         weights: str = "seeded", input_shape: Any = None,
         activation: "str | Activation" = "clip:1.0", feedback: bool = True,
@@ -280,7 +310,7 @@ def opt(source: Any, *, passes: "list[str] | None" = None, output: str | None = 
         neuron: str = "rate", identity_skip: str = "identity", skip_gain: float = 1.0,
         schedule: str | None = None, max_sweeps: int | None = None,
         nudge_sweeps: int | None = None, tol: float | None = None,
-        print_after_all: bool = False) -> str:
+        print_after_all: bool = False, memory_limit: "str | int | None" = None) -> str:
     """`epc opt`: run the named compiler passes, in the order given, on a graph (IR text,
     an epc bundle, an ONNX file, a `module:factory` spec with input_shape=, or a Graph) and
     return the result as IR text; `passes` None runs the whole pipeline, as `compile`
@@ -293,6 +323,7 @@ def opt(source: Any, *, passes: "list[str] | None" = None, output: str | None = 
     from epc.compiler.passes import run_passes
     from epc.compiler.text import print_graph
     weights = _choice("weights", weights, OPT_WEIGHTS)
+    _check_options(locals())
     sched = {k: v for k, v in (("schedule", "colour" if schedule == "color" else schedule),
                                ("max_sweeps", max_sweeps), ("nudge_sweeps", nudge_sweeps),
                                ("tol", tol)) if v is not None}
@@ -302,13 +333,12 @@ def opt(source: Any, *, passes: "list[str] | None" = None, output: str | None = 
         teacher_temperature=temperature, teacher_mix=mix, neuron=neuron,
         identity_skip=identity_skip, skip_gain=skip_gain, **sched).check()
     output = _path(output)
+    check_outputs([None if isinstance(source, Graph) else source, teacher],
+                  [Output("-o", output)])
     if isinstance(source, Graph):
         src = Source(source.copy(), "graph", f"graph {source.name}")
     else:
         src = load_source(os.fspath(source), input_shape=parse_shape(input_shape))
-    if output is not None:
-        refuse_overwriting_inputs(output, None if isinstance(source, Graph) else src.path,
-                                  teacher)
     opts.source_path = src.path
     if teacher is not None and teacher != "source":
         opts.teacher_graph = teacher_graph(opts, src)
@@ -321,7 +351,9 @@ def opt(source: Any, *, passes: "list[str] | None" = None, output: str | None = 
 
 
 # --------------------------------------------------------------------------- inspect
-def inspect(source: Any, *, format: str = "text", stats: bool = False) -> str:
+@_limited
+def inspect(source: Any, *, format: str = "text", stats: bool = False,
+            memory_limit: "str | int | None" = None) -> str:
     """`epc inspect`: a graph (or a bundle, IR text or neuromorphic program file) as the
     textual IR ('text'), JSON ('json') or Graphviz DOT ('dot'); `stats`: the statistics
     (a table with 'text', a 'stats' entry with 'json'). Returns the text the command
@@ -368,7 +400,8 @@ def save(graph: Graph, path: Any, *, target: str | None = None) -> None:
 # --------------------------------------------------------------------------- train
 # what on-chip learning takes: every other option of `train` is the float runtime's
 PROGRAM_TRAIN_OPTIONS = ("data", "data_dir", "resize", "epochs", "batch_size", "beta",
-                         "lr_shift", "output", "seed", "threads", "metrics_json", "on_epoch")
+                         "lr_shift", "output", "seed", "threads", "metrics_json", "on_epoch",
+                         "divergence", "memory_limit")
 
 
 def _program_only_error(model: str) -> Callable[[str], str]:
@@ -381,6 +414,7 @@ def _float_only_error(model: str) -> Callable[[str], str]:
                          f"keeps its trained weights with --checkpoint DIR")
 
 
+@_limited
 def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
           resize: str | None = None, channels: int | None = None, epochs: int = 30,
           batch_size: int = 32, optimizer: str = "adam", lr: float = 5e-4,
@@ -392,8 +426,10 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
           warm_start: bool = False, freeze_pool: bool = True, augment: str | None = None,
           device: str = "cpu", threads: int = 1, checkpoint: str | None = None,
           resume: bool = False, stop_after: int | None = None,
-          metrics_json: str | None = None, plot: str | None = None, dataset: Any = None,
-          progress: Callable | None = None, on_epoch: Callable | None = None) -> dict:
+          metrics_json: str | None = None, plot: str | None = None,
+          divergence: str = "stop", memory_limit: "str | int | None" = None,
+          dataset: Any = None, progress: Callable | None = None,
+          on_epoch: Callable | None = None) -> dict:
     """`epc train`: train a compiled network with Equilibrium Propagation, or a
     neuromorphic program by on-chip learning in the simulator. Returns the metrics.
 
@@ -405,9 +441,21 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
     `dataset=(train, test)`: torch Datasets of (input, label) instead of `data`.
     `progress(epoch, seen, total, loss, accuracy)`: after every batch (float bundles);
     `on_epoch(record)`: after every epoch.
+    `divergence`: what the divergence watch does after an epoch whose loss is NaN/Inf or
+    over 10x its first batch's, or whose test accuracy fell back to chance after a healthy
+    start: 'stop' (raise; the checkpoint keeps the epoch before) or 'warn' (the epoch
+    record's `divergence_warning`).
+    `memory_limit`: what settling, resized data and the model's declared sizes may take
+    (compiler/limits.py; default 1G or $EPC_MEMORY_LIMIT).
     """
     given = dict(locals())
-    _refuse_overwriting_model(model, metrics_json=metrics_json, plot=plot, output=output)
+    _check_options(given)
+    check_outputs([model, _data_inputs(data, data_dir)],
+                  [Output("-o", _path(output)), Output("--metrics-json", _path(metrics_json)),
+                   Output("--plot", _path(plot)),
+                   Output("--checkpoint", _path(checkpoint), directory=True)],
+                  rewrites=[os.path.join(checkpoint, "last.epc")] if checkpoint and resume
+                  else [])
     if is_program(model):
         model = os.fspath(model)
         if augment is not None:
@@ -425,7 +473,7 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
         return train_program(model, data=data, epochs=epochs, seed=seed,
                              metrics_json=_path(metrics_json), data_dir=data_dir,
                              resize=resize, lr_shift=lr_shift, beta=beta, out=_path(output),
-                             batch_size=batch_size, on_epoch=on_epoch)
+                             batch_size=batch_size, divergence=divergence, on_epoch=on_epoch)
     _refuse_given(train, given, ("output", "lr_shift"), _float_only_error(str(model)))
     from epc.runtime.api import train as train_float
     return train_float(_bundle_arg(model), data=data, data_dir=data_dir, resize=resize,
@@ -438,7 +486,8 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
                        freeze_pool=freeze_pool, augment=augment, device=device,
                        threads=threads, checkpoint=_path(checkpoint), resume=resume,
                        stop_after=stop_after, metrics_json=_path(metrics_json),
-                       plot=_path(plot), progress=progress, on_epoch=on_epoch)
+                       plot=_path(plot), divergence=divergence, progress=progress,
+                       on_epoch=on_epoch)
 
 
 def _bundle_arg(model: Any) -> Any:
@@ -447,21 +496,26 @@ def _bundle_arg(model: Any) -> Any:
 
 # --------------------------------------------------------------------------- eval
 # what evaluating a program takes (its test split, in the simulator)
-PROGRAM_EVAL_OPTIONS = ("data", "data_dir", "resize", "batch_size", "threads", "metrics_json")
+PROGRAM_EVAL_OPTIONS = ("data", "data_dir", "resize", "batch_size", "threads", "metrics_json",
+                        "memory_limit")
 
 
+@_limited
 def evaluate(model: Any, *, data: str = "digits", data_dir: str | None = None,
              resize: str | None = None, channels: int | None = None, split: str = "test",
              batch_size: int = 256, schedule: str | None = None,
              max_sweeps: int | None = None, tol: float | None = None, device: str = "cpu",
-             threads: int = 1, metrics_json: str | None = None, dataset: Any = None) -> dict:
+             threads: int = 1, metrics_json: str | None = None,
+             memory_limit: "str | int | None" = None, dataset: Any = None) -> dict:
     """`epc eval`: free-phase accuracy, loss and convergence of a (trained) bundle on a
     split; a checkpoint of `train` settles as its training run did unless schedule,
     max_sweeps or tol say otherwise. A neuromorphic program is run in the simulator on
     the test split (data, data_dir, resize, batch_size, threads, metrics_json apply).
     Returns the result ('accuracy' a fraction)."""
     given = dict(locals())
-    _refuse_overwriting_model(model, metrics_json=metrics_json)
+    _check_options(given)
+    check_outputs([model, _data_inputs(data, data_dir)],
+                  [Output("--metrics-json", _path(metrics_json))])
     if is_program(model):
         model = os.fspath(model)
         _refuse_given(evaluate, given, [k for k in _defaults(evaluate)
@@ -497,19 +551,23 @@ def _refuse_program(model: Any, command: str) -> None:
 
 
 # --------------------------------------------------------------------------- check-gradients
+@_limited
 def check_gradients(model: Any, *, data: str = "digits", data_dir: str | None = None,
                     resize: str | None = None, channels: int | None = None,
                     beta: float = 0.01, nudge: str = "symmetric", samples: int = 64,
                     seed: int = 0, tol: float = 1e-7, max_sweeps: int = 5000,
                     dtype: str = "float64", schedule: str | None = None,
                     freeze_pool: bool = True, device: str = "cpu", threads: int = 1,
-                    metrics_json: str | None = None, dataset: Any = None) -> dict:
+                    metrics_json: str | None = None, memory_limit: "str | int | None" = None,
+                    dataset: Any = None) -> dict:
     """`epc check-gradients`: the EP estimate against the true gradient (implicit
     differentiation at the free fixed point), coupling by coupling: cosine, norm ratio,
     sign agreement. Returns the table as a dict (with 'warnings' where phases did not
     settle)."""
+    _check_options(locals())
     _refuse_program(model, "check-gradients")
-    _refuse_overwriting_model(model, metrics_json=metrics_json)
+    check_outputs([model, _data_inputs(data, data_dir)],
+                  [Output("--metrics-json", _path(metrics_json))])
     from epc.runtime.api import check_gradients as check_float
     return check_float(_bundle_arg(model), data=data, data_dir=data_dir, resize=resize,
                        channels=channels, dataset=dataset, beta=beta, nudge=nudge,
@@ -519,13 +577,16 @@ def check_gradients(model: Any, *, data: str = "digits", data_dir: str | None = 
 
 
 # --------------------------------------------------------------------------- run
+@_limited
 def run(program: Any, *, data: str = "digits", data_dir: str | None = None,
         resize: str | None = None, limit: int | None = None, batch_size: int = 256,
-        metrics_json: str | None = None) -> dict:
+        metrics_json: str | None = None, memory_limit: "str | int | None" = None) -> dict:
     """`epc run`: inference of a neuromorphic program in the bit-exact integer simulator on
     the test split. Returns the metrics ('test_accuracy' a fraction, sweeps, unsettled and
     cycling samples, overflows, resources)."""
     from epc.runtime.programs import run_program
-    _refuse_overwriting_model(program, metrics_json=metrics_json)
+    _check_options(locals())
+    check_outputs([program, _data_inputs(data, data_dir)],
+                  [Output("--metrics-json", _path(metrics_json))])
     return run_program(os.fspath(program), data=data, data_dir=data_dir, resize=resize,
                        limit=limit, batch_size=batch_size, metrics_json=_path(metrics_json))

@@ -47,6 +47,14 @@ class _Interrupted(Exception):
 
 
 class EpcGroup(TyperGroup):
+    # click turns a Ctrl-C in its own hands into Abort after printing an empty line: both
+    # places it can arrive (parsing the flags, running the command) hand it on as is
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            raise _Interrupted(str(e) or "interrupted") from None
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -65,6 +73,26 @@ class EpcGroup(TyperGroup):
 
 def _say(msg: str) -> None:
     typer.echo(msg, err=True)
+
+
+def _one_line(msg: str) -> str:
+    """A message as one line (a file name or a library's reason may hold newlines)."""
+    return " ".join(msg.splitlines()) if ("\n" in msg or "\r" in msg) else msg
+
+
+_console = False      # set by the console script: a second Ctrl-C is then ignored
+
+
+def _stop_interrupts() -> None:
+    """After the first Ctrl-C the command is over: its line is printed and the process
+    exits 130 (further Ctrl-Cs would only interrupt that). In-process callers (tests,
+    scripts calling main(argv)) keep their own handler."""
+    if _console:
+        import signal
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:       # not the main thread
+            pass
 
 
 def _internal_error(e: BaseException) -> str:
@@ -87,7 +115,7 @@ def _guarded(run: Callable[[], object]) -> int:
         rv = run()
         return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
     except EpcError as e:
-        _say(f"epc: error: {e}")
+        _say(_one_line(f"epc: error: {e}"))
         return 2
     except NoArgsIsHelpError as e:     # `epc` or `epc compile` alone: show the help
         e.show()
@@ -95,18 +123,20 @@ def _guarded(run: Callable[[], object]) -> int:
     except ClickException as e:        # a usage error: unknown flag, bad value type
         ctx = getattr(e, "ctx", None)
         path = ctx.command_path if ctx is not None else "epc"
-        _say(f"epc: error: {e.format_message()} (see `{path} --help`)")
+        _say(_one_line(f"epc: error: {e.format_message()} (see `{path} --help`)"))
         return e.exit_code
     except _Interrupted as e:
-        _say(f"epc: {e}")
+        _stop_interrupts()
+        _say(_one_line(f"epc: {e}"))
         return 130
     except (KeyboardInterrupt, Abort):
+        _stop_interrupts()
         _say("epc: interrupted")
         return 130
     except Exception as e:             # a bug in epc
         if os.environ.get("EPC_DEBUG", "") not in ("", "0"):
             raise
-        _say(_internal_error(e))
+        _say(_one_line(_internal_error(e)))
         return 1
 
 
@@ -133,10 +163,20 @@ app = typer.Typer(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The `epc` entry point: runs a command; with `argv` returns its exit status, without
-    (the console script) exits with it."""
+    """Run `epc ARGV...` and return its exit status; without `argv`, the command line's
+    own arguments, exiting with the status (the `epc` console script and `python -m epc`
+    go through epc/__main__.py, which also covers Ctrl-C during start-up)."""
     cmd = typer.main.get_command(app)
     return cmd.main(args=argv, prog_name="epc", standalone_mode=argv is None)
+
+
+def console() -> int:
+    """The console script's run: sys.argv's command, its exit status returned; a Ctrl-C
+    from here on is answered once (see _stop_interrupts)."""
+    global _console
+    _console = True
+    return typer.main.get_command(app).main(args=sys.argv[1:], prog_name="epc",
+                                            standalone_mode=False)
 
 
 def pct(x: float | None) -> str:
@@ -220,6 +260,13 @@ NUDGE_SWEEPS_OPT = typer.Option(None, "--nudge-sweeps",
 TOL_OPT = typer.Option(None, "--tol",
                        help="Settling tolerance, max |delta s|.",
                        show_default="1e-4; a compiled input keeps its own")
+MEMORY_LIMIT_OPT = typer.Option(
+    None, "--memory-limit",
+    help="Memory an input may make epc use beyond its own bytes (decompressed bundle "
+         "members, seeded weights, folded ONNX constants, a program's memories, the states "
+         "of a batch, resized data), e.g. 4G: estimated and refused before it is taken. "
+         "Raise it for a big model or batch you trust.",
+    show_default="1G, or $EPC_MEMORY_LIMIT")
 PRINT_AFTER_ALL_OPT = typer.Option(False, "--print-after-all",
                                    help="Print the IR after every pass that runs (to "
                                         "stdout); a pass that changes nothing prints one "
@@ -282,6 +329,7 @@ def compile_cmd(
     resize: Optional[int] = typer.Option(None, "--resize",
                                          help="Resize calibration images to this size.",
                                          show_default="the data set's own"),
+    memory_limit: Optional[str] = MEMORY_LIMIT_OPT,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
 ):
     """Compile a feedforward network into an EP energy graph (and optionally a target).
@@ -307,7 +355,8 @@ def compile_cmd(
         skip_gain=skip_gain, schedule=schedule, max_sweeps=max_sweeps,
         nudge_sweeps=nudge_sweeps, tol=tol, print_after_all=print_after_all,
         print_after=print_after, weight_bits=weight_bits, frac_bits=frac_bits,
-        per_channel=per_channel, calibrate=calibrate, data_dir=data_dir, resize=resize)
+        per_channel=per_channel, calibrate=calibrate, data_dir=data_dir, resize=resize,
+        memory_limit=memory_limit)
     if quiet:
         return
     g = res.graph
@@ -368,6 +417,7 @@ def opt_cmd(
     nudge_sweeps: Optional[int] = NUDGE_SWEEPS_OPT,
     tol: Optional[float] = TOL_OPT,
     print_after_all: bool = PRINT_AFTER_ALL_OPT,
+    memory_limit: Optional[str] = MEMORY_LIMIT_OPT,
 ):
     """Run compiler passes on a graph and print the resulting IR text.
 
@@ -392,7 +442,7 @@ def opt_cmd(
                    tap_weight=tap_weight, teacher=teacher, temperature=temperature, mix=mix,
                    neuron=neuron, identity_skip=identity_skip, skip_gain=skip_gain,
                    schedule=schedule, max_sweeps=max_sweeps, nudge_sweeps=nudge_sweeps,
-                   tol=tol, print_after_all=print_after_all)
+                   tol=tol, print_after_all=print_after_all, memory_limit=memory_limit)
     sys.stdout.write(text)
 
 
@@ -409,6 +459,7 @@ def inspect_cmd(
                                help="States, couplings by kind, parameters, colours, MACs "
                                     "per sweep (with --format json: added as 'stats'). A "
                                     "program always shows its resources."),
+    memory_limit: Optional[str] = MEMORY_LIMIT_OPT,
 ):
     """Print a compiled graph: the textual IR, JSON or Graphviz DOT.
 
@@ -424,7 +475,8 @@ def inspect_cmd(
 
       epc inspect mlp.nc
     """
-    sys.stdout.write(api.inspect(path, format=fmt.value, stats=stats))
+    sys.stdout.write(api.inspect(path, format=fmt.value, stats=stats,
+                                 memory_limit=memory_limit))
 
 
 # --------------------------------------------------------------------------- train
@@ -468,7 +520,15 @@ reference that tells EP's estimation error apart from what the energy model can 
 
 A neuromorphic program (.nc, .nca) learns on chip, in the integer simulator: it takes
 --data, --data-dir, --resize, --epochs, --batch-size, --beta, --lr-shift, -o, --seed,
---threads and --metrics-json; the other options are the float runtime's.
+--threads, --metrics-json, --divergence and --memory-limit; the other options are the
+float runtime's.
+
+A divergence watch checks every epoch: a NaN/Inf loss, a train loss over 10x that of the
+run's first batch (e.g. --lr 1e3), or a test accuracy back at chance (the most frequent
+class's share) after reaching half-way from chance to 100%. With --divergence stop (the
+default) the run ends there, exit status 2, naming the epoch; the checkpoint keeps the
+epoch before and --metrics-json says "diverged". With --divergence warn it prints a
+warning and goes on (the metrics' "divergence_warnings").
 
 Freed tensor memory stays in the process for the next sweep (glibc: a conv net's settling
 no longer page-faults; the metrics' "allocator" says what was in effect, and
@@ -543,6 +603,8 @@ def _float_epoch(show: _EpochDisplay) -> Callable[[dict], None]:
         show.line(f"epoch {rec['epoch']}: train acc {pct(rec['train_accuracy'])}, test acc "
                   f"{pct(rec['test_accuracy'])}, loss {rec['train_loss']:.4f}, "
                   f"{rec['seconds']:.1f}s, unconverged {rec['unconverged_fraction']:.1%}")
+        if "divergence_warning" in rec:
+            _say(f"epc: warning: {rec['divergence_warning']}")
         _warn_health(rec, f"after epoch {rec['epoch']}, ", "the test samples", "; lower --lr")
         if rec.get("excluded_samples", 0) >= EXCLUDED_WARN * rec.get("samples", math.inf):
             _say(f"epc: warning: in epoch {rec['epoch']}, {rec['excluded_samples']} of "
@@ -563,6 +625,8 @@ def _program_epoch(show: _EpochDisplay, epochs: int) -> Callable[[dict], None]:
         show.line(f"epoch {rec['epoch']}/{epochs}: train acc {pct(rec['train_accuracy'])}, "
                   f"test acc {pct(rec['test_accuracy'])}, {rec['seconds']:.1f}s, "
                   f"unsettled {rec['unsettled_train']}")
+        if "divergence_warning" in rec:
+            _say(f"epc: warning: {rec['divergence_warning']}")
     return on_epoch
 
 
@@ -653,6 +717,13 @@ def train_cmd(
                                                show_default="none"),
     plot: Optional[str] = typer.Option(None, help="write learning/settling curves (PNG)",
                                        show_default="none"),
+    divergence: str = typer.Option(
+        "stop", help="stop | warn: what the divergence watch does after an epoch whose loss "
+                     "is NaN/Inf or over 10x its first batch's, or whose test accuracy fell "
+                     "back to chance after a healthy start (stop: exit status 2, the "
+                     "checkpoint keeps the epoch before; warn: a warning line, and the "
+                     "metrics' divergence_warnings)"),
+    memory_limit: Optional[str] = MEMORY_LIMIT_OPT,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress (epoch lines, bar)"),
 ):
     program = api.is_program(model)
@@ -667,6 +738,7 @@ def train_cmd(
             tol=tol, warm_start=warm_start, freeze_pool=freeze_pool, augment=augment,
             device=device, threads=threads, checkpoint=checkpoint, resume=resume,
             stop_after=stop_after, metrics_json=metrics_json, plot=plot,
+            divergence=divergence, memory_limit=memory_limit,
             progress=None if program else show.batch,
             on_epoch=_program_epoch(show, epochs) if program else _float_epoch(show))
     except KeyboardInterrupt:
@@ -720,11 +792,12 @@ def eval_cmd(
                                                help="write the result as JSON (accuracy as "
                                                     "a fraction)",
                                                show_default="none"),
+    memory_limit: Optional[str] = MEMORY_LIMIT_OPT,
 ):
     r = api.evaluate(model, data=data, data_dir=data_dir, resize=resize, channels=channels,
                      split=split, batch_size=batch_size, schedule=schedule,
                      max_sweeps=max_sweeps, tol=tol, device=device, threads=threads,
-                     metrics_json=metrics_json)
+                     metrics_json=metrics_json, memory_limit=memory_limit)
     if "settling" not in r:          # a neuromorphic program, in the simulator
         typer.echo(f"{model} on {data} (test, {r['samples']} samples, integer simulator): "
                    f"accuracy {pct(r['accuracy'])}, sweeps max {r['max_sweeps']} median "
@@ -798,12 +871,14 @@ def grads_cmd(
     metrics_json: Optional[str] = typer.Option(None, "--metrics-json", "--json",
                                                help="write the table as JSON",
                                                show_default="none"),
+    memory_limit: Optional[str] = MEMORY_LIMIT_OPT,
 ):
     r = api.check_gradients(model, data=data, data_dir=data_dir, resize=resize,
                             channels=channels, beta=beta, nudge=nudge, samples=samples,
                             seed=seed, tol=tol, max_sweeps=max_sweeps, dtype=dtype,
                             schedule=schedule, freeze_pool=freeze_pool, device=device,
-                            threads=threads, metrics_json=metrics_json)
+                            threads=threads, metrics_json=metrics_json,
+                            memory_limit=memory_limit)
     typer.echo(gradient_table(r))
     for w in r.get("warnings", []):
         _say(f"epc: warning: {w}")
@@ -835,6 +910,7 @@ def run_cmd(
                                                     "as JSON.",
                                                show_default="none"),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout."),
+    memory_limit: Optional[str] = MEMORY_LIMIT_OPT,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
 ):
     """Run a neuromorphic program's inference in the bit-exact integer simulator.
@@ -857,7 +933,7 @@ def run_cmd(
       epc run digits_conv.nc --data mnist --data-dir ~/mnist --resize 8
     """
     m = api.run(program, data=data, data_dir=data_dir, resize=resize, limit=limit,
-                batch_size=batch_size, metrics_json=metrics_json)
+                batch_size=batch_size, metrics_json=metrics_json, memory_limit=memory_limit)
     if not quiet:
         _say(f"epc run: {program}: accuracy {pct(m['test_accuracy'])} on {m['samples']} "
              f"samples, sweeps max {m['max_sweeps']} median {m['median_sweeps']:g}, "

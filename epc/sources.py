@@ -15,6 +15,7 @@ import numpy as np
 from epc.compiler.bundle import is_bundle, read_bundle
 from epc.compiler.errors import EpcError
 from epc.compiler.ir import Graph, Softmax
+from epc.compiler.limits import check_memory, numel
 from epc.compiler.options import CompileOptions
 from epc.compiler.text import looks_like_ir, parse
 
@@ -41,17 +42,28 @@ def looks_like_torch_spec(src: str) -> bool:
 
 
 def read_ir_text(path: str) -> Graph:
-    """Parse an IR text file (its first line is checked by the caller)."""
+    """Parse and verify an IR text file (its first line is checked by the caller)."""
     try:
-        text = open(path, encoding="utf-8").read()
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise EpcError(f"{path}: not UTF-8 text ({e})")
-    return parse(text, source=path)
+        raise EpcError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise EpcError(f"{path}: cannot read ({e.strerror or e})") from None
+    g = parse(text, source=path)
+    from epc.compiler.verify import verify
+    try:
+        return verify(g)
+    except EpcError as e:
+        raise EpcError(f"{path}: {e}") from None
 
 
 def is_ir_text(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(4096)         # IR text may open with comment lines
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)         # IR text may open with comment lines
+    except OSError as e:
+        raise EpcError(f"{path}: cannot read ({e.strerror or e})") from None
     return looks_like_ir(head)
 
 
@@ -102,17 +114,73 @@ def teacher_graph(opts: CompileOptions, source: Source) -> Graph | None:
 
 
 # --------------------------------------------------------------------------- --verify
-def _source_outputs(source: Source, x: np.ndarray) -> np.ndarray:
-    if source.kind == "onnx":
-        import onnxruntime as ort
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(source.path, so, providers=["CPUExecutionProvider"])
-        inp = sess.get_inputs()[0]
-        x = x.astype(np.float32)
-        fixed = inp.shape[0] if inp.shape else None
+def _ort_errors() -> tuple[type, ...]:
+    """The exceptions onnxruntime raises for a model it refuses to load or run."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as S
+    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoModel",
+             "NoSuchFile", "NotFound", "NotImplemented", "RuntimeException", "EngineError",
+             "EPFail", "ModelLoaded")
+    return tuple(getattr(S, n) for n in names if hasattr(S, n))
+
+
+def _live_model_bytes(path: str) -> bytes:
+    """The model with only what its outputs depend on: onnxruntime runs every node of a
+    graph, so a dead branch (an unused ConstantOfShape of 2^28 floats) would cost it what
+    epc's frontend never spends (it translates and folds only live nodes)."""
+    import onnx
+    m = onnx.load(path)
+    g = m.graph
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+    live: set[int] = set()
+    stack, seen = [o.name for o in g.output], set()
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        if v in producer and producer[v] not in live:
+            live.add(producer[v])
+            stack.extend(x for x in g.node[producer[v]].input if x)
+    keep = [n for i, n in enumerate(g.node) if i in live]
+    used = {x for n in keep for x in n.input} | {o.name for o in g.output}
+    dropped = {t.name for t in g.initializer if t.name not in used}
+    inits = [t for t in g.initializer if t.name not in dropped]
+    inputs = [i for i in g.input if i.name not in dropped]
+    del g.node[:]
+    g.node.extend(keep)
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    del g.input[:]
+    g.input.extend(inputs)
+    return m.SerializeToString()
+
+
+def _onnxruntime_outputs(path: str, x: np.ndarray) -> np.ndarray:
+    """The source model's outputs under onnxruntime, the reference --verify compares with.
+    A model onnxruntime refuses (epc's frontend accepted it) is refused with
+    onnxruntime's reason, on one line; its own log is silenced (severity 4: fatal
+    errors only), since the reason comes back as the exception."""
+    import onnxruntime as ort
+    ort.set_default_logger_severity(4)
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    errors = _ort_errors()
+
+    def refused(e: Exception, doing: str) -> EpcError:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return EpcError(f"{path}: --verify: onnxruntime cannot {doing} the model: "
+                        f"{first[:300]}")
+    try:
+        sess = ort.InferenceSession(_live_model_bytes(path), so,
+                                    providers=["CPUExecutionProvider"])
+    except errors as e:
+        raise refused(e, "load") from None
+    inp = sess.get_inputs()[0]
+    x = x.astype(np.float32)
+    fixed = inp.shape[0] if inp.shape else None
+    try:
         if not (isinstance(fixed, int) and fixed > 0) or fixed == len(x):
-            return sess.run(None, {inp.name: x})[0].astype(np.float64)
+            return np.asarray(sess.run(None, {inp.name: x})[0], dtype=np.float64)
         # a model exported with a fixed batch size (often 1): run it that many at a time,
         # the last chunk filled up with repeated rows
         outs = []
@@ -121,6 +189,13 @@ def _source_outputs(source: Source, x: np.ndarray) -> np.ndarray:
             pad = np.concatenate([chunk, np.repeat(chunk[:1], fixed - len(chunk), 0)])
             outs.append(sess.run(None, {inp.name: pad})[0][:len(chunk)])
         return np.concatenate(outs).astype(np.float64)
+    except errors as e:
+        raise refused(e, "run") from None
+
+
+def _source_outputs(source: Source, x: np.ndarray) -> np.ndarray:
+    if source.kind == "onnx":
+        return _onnxruntime_outputs(source.path, x)
     if source.kind == "torch":
         import torch
         m = source.module.eval().double()
@@ -141,6 +216,9 @@ def verify_against_source(source: Source, energy: Graph, *, batch: int = 4,
 
     from epc.compiler.reference import forward_sweep
     inp = energy.inputs[0]
+    per_sample = sum(numel(v.shape) for v in [*energy.inputs, *energy.states])
+    check_memory(batch * per_sample * 8 * 2, f"--verify's {batch} random samples",
+               source.path)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, *inp.shape))
     want = _source_outputs(source, x).reshape(batch, -1)
@@ -153,7 +231,12 @@ def verify_against_source(source: Source, energy: Graph, *, batch: int = 4,
     if got.shape != want.shape:
         raise EpcError(f"--verify: compiled output has shape {list(got.shape[1:])}, source "
                        f"model gives {list(want.shape[1:])}")
-    err = float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-12))
+    if not (np.all(np.isfinite(want)) and np.all(np.isfinite(got))):
+        bad = "the source model" if not np.all(np.isfinite(want)) else "the compiled graph"
+        raise EpcError(f"--verify failed: {bad} gives NaN or Inf on random normal inputs "
+                       f"({source.path})")
+    with np.errstate(all="ignore"):     # (a difference past float64's range is inf)
+        err = float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-12))
     if not err <= VERIFY_RTOL:
         raise EpcError(f"--verify failed: largest relative error {err:.3g} > {VERIFY_RTOL:g} "
                        f"between the compiled graph and {source.path}")
