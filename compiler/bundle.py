@@ -155,11 +155,17 @@ def write_bundle(path: str | os.PathLike, b: Bundle) -> None:
     atomic_write_bytes(path, bundle_bytes(b))
 
 
+# what zipfile raises for an archive it cannot read (NotImplementedError: a member or
+# archive of a newer zip version, an unsupported feature)
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError,
+               NotImplementedError)
+
+
 def is_bundle(path: str | os.PathLike) -> bool:
     try:
         with zipfile.ZipFile(path) as z:
             return "manifest.json" in z.namelist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
+    except _ZIP_ERRORS:
         return False
 
 
@@ -224,7 +230,7 @@ def _read(path: str, z: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     try:
         with z.open(info) as f:
             data = f.read(info.file_size + 1)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as e:
+    except _ZIP_ERRORS + (zlib.error,) as e:
         raise _fail(path, f"corrupt bundle: member {info.filename}: {e}") from None
     if len(data) != info.file_size:
         raise _fail(path, f"corrupt bundle: member {info.filename} holds {len(data)} bytes, "
@@ -277,7 +283,7 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
         raise EpcError(f"{path}: not a file")
     try:
         z = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+    except _ZIP_ERRORS as e:
         raise EpcError(f"{path}: not an epc bundle ({e})") from None
     with z:
         members = _members(path, z)

@@ -8,6 +8,7 @@ further Ctrl-Cs are ignored so that the exit itself (flushing output, unloading 
 cannot be interrupted into a traceback. (Before this module runs, the interpreter's own
 start-up is Python's: a Ctrl-C there prints Python's traceback.)
 """
+import os
 import signal
 import sys
 
@@ -29,6 +30,16 @@ def main() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     except KeyboardInterrupt:
         code = _interrupted()
+    if code == 130:
+        # interrupted: the line is out; leave now with 130. (A Ctrl-C that landed while an
+        # extension ran Python code through the C API marks the interpreter, whose normal
+        # exit would then re-raise SIGINT and end with -2 instead of 130.)
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(130)
     sys.exit(code)
 
 

@@ -16,6 +16,7 @@ its exit status and one line on stderr:
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -166,8 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run `epc ARGV...` and return its exit status; without `argv`, the command line's
     own arguments, exiting with the status (the `epc` console script and `python -m epc`
     go through epc/__main__.py, which also covers Ctrl-C during start-up)."""
-    cmd = typer.main.get_command(app)
-    return cmd.main(args=argv, prog_name="epc", standalone_mode=argv is None)
+    return _command().main(args=argv, prog_name="epc", standalone_mode=argv is None)
+
+
+@functools.cache
+def _command():
+    """The click command typer builds from `app` (once: building it is most of the cost of
+    an in-process `main(argv)` that fails early)."""
+    return typer.main.get_command(app)
 
 
 def console() -> int:
@@ -175,8 +182,7 @@ def console() -> int:
     from here on is answered once (see _stop_interrupts)."""
     global _console
     _console = True
-    return typer.main.get_command(app).main(args=sys.argv[1:], prog_name="epc",
-                                            standalone_mode=False)
+    return _command().main(args=sys.argv[1:], prog_name="epc", standalone_mode=False)
 
 
 def pct(x: float | None) -> str:

@@ -8,6 +8,7 @@ another layer's kind), and `--verify` runs the source model itself (onnxruntime,
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -167,9 +168,12 @@ def _onnxruntime_outputs(path: str, x: np.ndarray) -> np.ndarray:
     errors = _ort_errors()
 
     def refused(e: Exception, doing: str) -> EpcError:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        why = " ".join(str(e).split()) or type(e).__name__
+        # "[ONNXRuntimeError] : 1 : FAIL : /src/x.h:46 void f(...) <the reason>"
+        why = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", why)
+        why = re.sub(r"^/\S+:\d+ .*?\)\s+(?=[A-Z\[])", "", why)
         return EpcError(f"{path}: --verify: onnxruntime cannot {doing} the model: "
-                        f"{first[:300]}")
+                        f"{why[:400]}")
     try:
         sess = ort.InferenceSession(_live_model_bytes(path), so,
                                     providers=["CPUExecutionProvider"])

@@ -437,7 +437,9 @@ class Trainer:
             a = ck.arrays.get(k)
             if a is None and k == "opt.skipped":
                 continue         # checkpoints written before skipped steps were counted
-            if a is None or tuple(a.shape) != shape or not np.all(np.isfinite(a)):
+            kinds = "iu" if k in ("opt.step", "opt.skipped") else "f"
+            if a is None or tuple(a.shape) != shape or a.dtype.kind not in kinds or \
+                    not np.all(np.isfinite(a)):
                 raise EpcError(f"{where}: incompatible checkpoint: its {k} "
                                f"{'is missing' if a is None else 'does not match this run'} "
                                f"(optimiser {self.cfg.optimizer}"

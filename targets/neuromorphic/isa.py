@@ -12,6 +12,7 @@ at state scale (b * 2^F). The simulator keeps integers in float64 tensors (exact
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,7 +57,7 @@ class Memory:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape)) if self.shape else 1
+        return math.prod(int(d) for d in self.shape)     # (np.prod wraps past 2^63)
 
     @property
     def lo(self) -> int:
