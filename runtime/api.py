@@ -75,20 +75,23 @@ def _data_for(eng: Engine, data: str, data_dir, resize, channels, dataset) -> Da
 
 # copies of a batch's states settling keeps (free, nudged and previous states, updates):
 # peak memory over batch x states x itemsize measured 4.6 (MobileNet) to 5.5 (ResNet-13)
-# when evaluating the CIFAR examples at batch 256
+# when evaluating the CIFAR examples at batch 256; check-gradients (autograd through the
+# sweeps, float64) takes 4x that: ResNet-13, 64 samples, 1.03 GB over 4 samples' run (18.7)
 STATE_COPIES = 5
 
 
 def check_batch_memory(eng: Engine, batch: int, where: str, *, copies: int = STATE_COPIES,
-                       extra: int = 0, what: str = "") -> None:
+                       extra: int = 0, whose: str = "", hint: str = "lower --batch-size, or "
+                       ) -> None:
     """Refuse before settling when the states of a `batch` (plus `extra` bytes) would
     take more than the memory limit."""
     per_sample = sum(numel(s.shape) for s in eng.graph.states) + \
         sum(numel(i.shape) for i in eng.graph.inputs)
     item = torch.empty((), dtype=eng.dtype).element_size()
     check_memory(batch * per_sample * item * copies + extra,
-                 what or f"settling batches of {batch} samples ({per_sample:,} state values "
-                         f"each)", where, hint="lower --batch-size, or ")
+                 f"settling {whose or 'batches'} of {batch} samples ({per_sample:,} state "
+                 f"values each)" + (" and the warm-start states" if extra else ""), where,
+                 hint=hint)
 
 
 def configure_process(threads: int | None):
@@ -158,7 +161,10 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
     if cfg.warm_start:     # every training sample's last fixed point, kept between epochs
         item = torch.empty((), dtype=eng.dtype).element_size()
         warm = n_train * sum(numel(s.shape) for s in eng.graph.states) * item
-    check_batch_memory(eng, biggest, name, extra=warm)
+    by_eval = biggest > cfg.batch_size      # the test evaluation's batches are the largest
+    check_batch_memory(eng, biggest, name, extra=warm,
+                       whose="each epoch's test evaluation in batches" if by_eval else "",
+                       hint="" if by_eval else "lower --batch-size, or ")
     trainer = Trainer(eng, d, cfg)
     if checkpoint:
         # a write killed before its rename leaves .last.epc.*.tmp: this run replaces it
@@ -305,7 +311,7 @@ def check_gradients(src: Any, *, data: str = "digits", data_dir: str | None = No
         raise EpcError(f"{d.name}: the training split is empty")
     # the implicit gradient differentiates through sweeps: more copies than settling
     check_batch_memory(eng, min(samples, int(d.train.x.shape[0])), name,
-                       copies=4 * STATE_COPIES)
+                       copies=4 * STATE_COPIES, hint="lower --samples, or ")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(d.train.x.shape[0], generator=g)[:samples]
     r = _check(eng, d.train.x[idx], d.train.y[idx], beta=beta, nudge=nudge, tol=tol,
