@@ -79,20 +79,35 @@ class Case:
 
 def _classify(case: Case) -> tuple[str, Any, str, list]:
     from epc.compiler.errors import EpcError
+    unraisable = []
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        return _classify_under(case, EpcError, unraisable)
+    finally:
+        sys.unraisablehook = hook
+
+
+def _classify_under(case: Case, EpcError, unraisable: list) -> tuple[str, Any, str, list]:
+    """(outcome, value, message, warnings): an exception Python could not raise (it would
+    print "Exception ignored in ..." or a SystemError) counts as a warning."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         try:
             value = case.run()
-            return "accepted", value, "", caught
+            result = "accepted", value, ""
         except EpcError as e:
-            return "refused", None, str(e), caught
+            result = "refused", None, str(e)
         except (Exception, RecursionError) as e:        # noqa: BLE001 - what we look for
             tb = traceback.extract_tb(e.__traceback__)
             where = next((f"{Path(f.filename).name}:{f.lineno}" for f in reversed(tb)
                           if "/epc/" in f.filename or str(ROOT) in f.filename), "?")
-            return "internal", None, f"{type(e).__name__}: {str(e)[:200]} (at {where})", caught
+            result = "internal", None, f"{type(e).__name__}: {str(e)[:200]} (at {where})"
+    for u in unraisable:
+        caught.append(warnings.WarningMessage(f"{type(u.exc_value).__name__}: {u.exc_value}",
+                                              RuntimeWarning, "<unraisable>", 0))
+    return (*result, caught)
 
 
 def _judge(case: Case, outcome: str, value: Any, message: str, caught: list) -> str:
@@ -817,11 +832,14 @@ def onnx_cases(seeds: Seeds, rng: random.Random, work: Path):
             buf = m.SerializeToString()
             mutation, buf = byte_mutation(rng, buf)
         else:
-            mutation, expect = _onnx_mutation(rng, m)
-            if rng.random() < 0.25:
-                _onnx_mutation(rng, m)
-                mutation += " (+1 more)"
-                expect = "any"
+            try:        # (an edit of an edit may not apply: a new case is drawn)
+                mutation, expect = _onnx_mutation(rng, m)
+                if rng.random() < 0.25:
+                    _onnx_mutation(rng, m)
+                    mutation += " (+1 more)"
+                    expect = "any"
+            except (ValueError, IndexError, KeyError, StopIteration):
+                continue
             buf = m.SerializeToString()
         path = _write(work, "m.onnx", buf)
         # accepted models are checked against onnxruntime (--verify), a third of them

@@ -21,6 +21,7 @@ import gzip
 import io
 import os
 import pickle
+import pickletools
 import re
 import zlib
 from dataclasses import dataclass
@@ -147,18 +148,44 @@ class _ArrayUnpickler(pickle.Unpickler):
                ("numpy", "ndarray"), ("numpy", "dtype"), ("copyreg", "_reconstructor")}
 
     def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise EpcError(f"refusing to unpickle {module}.{name}: only numpy arrays are accepted")
+        if (module, name) not in self.ALLOWED:
+            raise EpcError(f"refusing to unpickle {module}.{name}: only numpy arrays are "
+                           f"accepted")
+        found = super().find_class(module, name)
+        if name != "_reconstruct":
+            return found
+
+        def reconstruct(subtype, shape, dtype):
+            # a pickled array is made empty, then filled by __setstate__ from the bytes the
+            # file holds; any other shape here would allocate what the file does not hold
+            if tuple(shape) != (0,):
+                raise EpcError(f"refusing to unpickle an array of shape {shape!r} before its "
+                               f"data")
+            return found(subtype, shape, dtype)
+        return reconstruct
 
 
 def _safe_unpickle(path: Path) -> dict:
+    data = _open_maybe_gz(path)
+
+    def why(e: BaseException) -> str:
+        text = " ".join(str(e).split())[:120]
+        return ascii(text)[1:-1] if text else type(e).__name__
     try:
-        obj = _ArrayUnpickler(io.BytesIO(_open_maybe_gz(path)), encoding="bytes").load()
+        # walk the opcodes first (pure Python, reading from memory): a length the stream
+        # does not hold is refused here, before the C unpickler would allocate it
+        for _ in pickletools.genops(data):
+            pass
+    except Exception as e:  # noqa: BLE001 - any malformed stream: report, never trace back
+        raise EpcError(f"{path}: not a CIFAR python batch (a malformed pickle: {why(e)})") \
+            from None
+    try:
+        obj = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
     except EpcError as e:
-        raise EpcError(f"{path}: {e}")
-    except Exception as e:  # malformed stream: report, never trace back
-        raise EpcError(f"{path}: not a CIFAR python batch ({type(e).__name__}: {e})")
+        raise EpcError(f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - malformed stream: report, never trace back
+        raise EpcError(f"{path}: not a CIFAR python batch ({type(e).__name__}: {why(e)})") \
+            from None
     if not isinstance(obj, dict):
         raise EpcError(f"{path}: not a CIFAR python batch (no dict)")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
