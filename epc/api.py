@@ -43,7 +43,6 @@ from epc.compiler.limits import scoped_memory_limit
 from epc.compiler.options import CompileOptions
 
 from .outputs import Output, check_outputs
-
 from .sources import (Source, is_ir_text, load_source, read_ir_text, teacher_graph, torch_source,
                       verify_against_source)
 

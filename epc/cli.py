@@ -9,7 +9,8 @@ its exit status and one line on stderr:
 
 * an EpcError (bad input: a file, a flag, a model) or a usage error: `epc: error: ...`,
   exit status 2;
-* Ctrl-C: `epc: interrupted ...`, exit status 130;
+* Ctrl-C: `epc: interrupted ...`, exit status 130 (the console script answers it so from
+  its first instruction, the imports included: epc/__main__.py);
 * anything else is a bug in epc, never passed off as bad input: one `epc: internal
   error ...` line naming the file that holds the traceback, exit status 1
   (EPC_DEBUG=1 lets the traceback through instead).

@@ -4,7 +4,6 @@ must end with exit status 130 and one line on stderr, and leave the last checkpo
 (and no temporary beside it)."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
