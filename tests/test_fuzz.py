@@ -27,5 +27,5 @@ def test_fuzz_ci_run(tmp_path):
         c = summary["classes"][cls]
         assert c["cases"] == n and c["internal"] == 0, (cls, c)
         # both ways out are exercised (options: valid values reach the missing model)
-        assert c["accepted"] >= n // 30 and c["refused"] >= n // 5, (cls, c)
+        assert c["accepted"] >= n // 50 and c["refused"] >= n // 5, (cls, c)
     assert summary["peak_rss_growth_mb"] <= summary["budget_mb"]
