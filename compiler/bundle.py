@@ -15,13 +15,16 @@ interrupted run never leaves a half-written bundle.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
+import signal
 import stat
 import sys
 import tempfile
+import threading
 import tokenize
 import zipfile
 import zlib
@@ -75,27 +78,50 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise EpcError(f"{path}: not a regular file; refusing to replace it")
     mode = st.st_mode & 0o7777 if st is not None else 0o666 & ~_umask()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise EpcError(f"{path}: cannot write ({e.strerror or e})") from None
-    try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
+    with _ctrl_c_after():
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                       dir=path.parent)
+        except OSError as e:
             raise EpcError(f"{path}: cannot write ({e.strerror or e})") from None
-        raise
+        try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            if isinstance(e, OSError):
+                raise EpcError(f"{path}: cannot write ({e.strerror or e})") from None
+            raise
+
+
+@contextlib.contextmanager
+def _ctrl_c_after():
+    """A Ctrl-C during the block is delivered when it ends: between creating its temporary
+    and renaming it into place, a write cannot be interrupted into leaving the temporary
+    behind (or a file half-replaced); the interrupt then stops the command right after.
+    Only in the main thread, where Python runs signal handlers, and only over Python's own
+    handler (a Ctrl-C that is ignored stays ignored)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if caught:
+            raise KeyboardInterrupt
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
