@@ -128,7 +128,33 @@ def _read_model(path: str):
     if model.ir_version <= 0 or not model.opset_import or not model.graph.output:
         raise EpcError(f"{path}: not an ONNX model (no IR version, opset or graph outputs); "
                        f"the file is truncated or not ONNX")
+    bad = next((v for v in _names(model) if not isinstance(v, str)), None)
+    if bad is not None:       # protobuf hands a string field that is not UTF-8 over as bytes
+        raise EpcError(f"{path}: not a valid ONNX model: the name {bytes(bad)[:40]!r} is not "
+                       f"UTF-8 text")
     return model
+
+
+def _names(model):
+    """Every name and key of the model's graph (what the import reads as text)."""
+    g = model.graph
+    for o in model.opset_import:
+        yield o.domain
+    for p in model.metadata_props:
+        yield from (p.key, p.value)
+    for vi in [*g.input, *g.output, *g.value_info]:
+        yield vi.name
+        t = vi.type.tensor_type
+        for d in t.shape.dim:
+            yield d.dim_param
+    for t in g.initializer:
+        yield t.name
+    for n in g.node:
+        yield from (n.name, n.op_type, n.domain, *n.input, *n.output)
+        for a in n.attribute:
+            yield a.name
+        for p in n.metadata_props:
+            yield from (p.key, p.value)
 
 
 def _load_external_data(path: str, model) -> None:
