@@ -25,6 +25,7 @@ imports it (pyproject.toml's import-linter contracts, tests/test_layering.py).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect as _inspect
 import json as _json
@@ -103,6 +104,17 @@ def _data_inputs(data: Any, data_dir: Any) -> list[str]:
     return data_files(data, data_dir)
 
 
+@contextlib.contextmanager
+def _naming(where: str):
+    """A pass refusing the graph (e.g. `node pool1 (maxpool): ...`) names the file too."""
+    try:
+        yield
+    except EpcError as e:
+        if str(e).startswith(where):
+            raise
+        raise EpcError(f"{where}: {e}") from None
+
+
 def _limited(fn: Callable) -> Callable:
     """Run the API function under its `memory_limit=` (compiler/limits.py), refusing a bad
     value before anything else; the signature stays the function's own."""
@@ -177,8 +189,9 @@ def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
                        f"model, and --skip-gain {opts.skip_gain:g} changes that function "
                        f"(its skips are scaled); verify without it")
     opts.teacher_graph = teacher_graph(opts, source)
-    energy = compile_graph(g, opts, print_after=print_after, print_after_all=print_after_all,
-                           out=out)
+    with _naming(where):
+        energy = compile_graph(g, opts, print_after=print_after,
+                               print_after_all=print_after_all, out=out)
     res = CompileResult(energy, source, time.perf_counter() - t0)
     if verify_model:
         res.verify_error = verify_against_source(source, energy)
@@ -341,8 +354,9 @@ def opt(source: Any, *, passes: "list[str] | None" = None, output: str | None = 
     opts.source_path = src.path
     if teacher is not None and teacher != "source":
         opts.teacher_graph = teacher_graph(opts, src)
-    g = run_passes(src.graph, passes, opts, source_name=src.path,
-                   print_after_all=print_after_all, out=sys.stdout, weights=weights)
+    with _naming(src.path):
+        g = run_passes(src.graph, passes, opts, source_name=src.path,
+                       print_after_all=print_after_all, out=sys.stdout, weights=weights)
     text = print_graph(g, weights=weights)
     if output is not None:
         atomic_write_bytes(output, text.encode())

@@ -188,7 +188,8 @@ def _safe_unpickle(path: Path) -> dict:
             from None
     if not isinstance(obj, dict):
         raise EpcError(f"{path}: not a CIFAR python batch (no dict)")
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+    # (the keys a Python 2 pickle wrote are bytes: b'data', b'labels'; latin-1 reads any)
+    return {(k.decode("latin-1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
 def _cifar_py(files: list[Path], key: str):
