@@ -46,6 +46,21 @@ def _choice(*allowed: str, aliases: dict | None = None) -> Rule:
                 lambda v: aliases.get(v, v), choices=allowed)
 
 
+def _feedback_gain(v: Any) -> Any:
+    """'auto', or the gain as a float (the CLI hands '0.1' over as text)."""
+    if isinstance(v, str) and v != "auto":
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v if v == "auto" else float(v)
+
+
+def _feedback_gain_ok(v: Any) -> bool:
+    v = _feedback_gain(v) if not isinstance(v, bool) else v
+    return v == "auto" or (isinstance(v, float) and math.isfinite(v) and 0 < v <= 1)
+
+
 _DEVICE_RE = re.compile(r"cpu|mps|cuda(:\d{1,3})?")
 SEED_MAX = 2 ** 32 - 1
 
@@ -76,6 +91,7 @@ RULES: dict[str, Rule] = {
     "temperature": _real(lambda v: v > 0, "a positive number"),
     "mix": _real(lambda v: 0 <= v <= 1, "between 0 and 1"),
     "skip_gain": _real(lambda v: v > 0, "a positive number"),
+    "feedback_gain": Rule("a number in (0, 1] or auto", _feedback_gain_ok, _feedback_gain),
     # choices
     "schedule": _choice("colour", "sync", aliases={"color": "colour"}),
     "cost": _choice("mse", "ce"),
@@ -87,6 +103,7 @@ RULES: dict[str, Rule] = {
     "split": _choice("test", "train"),
     "dtype": _choice("float64", "float32"),
     "divergence": _choice("stop", "warn"),
+    "nudge_form": _choice("states", "deviation"),
     "device": Rule("cpu, cuda, cuda:N or mps",
                    lambda v: isinstance(v, str) and _DEVICE_RE.fullmatch(v) is not None),
 }

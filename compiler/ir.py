@@ -292,6 +292,10 @@ class Coupling:
     kind:     'forward' | 'residual' (skip link) | 'tap' (error-tap head) | 'teacher'
               (frozen teacher chain, feedforward only).
     feedback: whether the tied transpose L^T drives `src` (symmetric feedback).
+    feedback_gain: the feedback drives `src` as gain * L^T(s_dst) (feedback regulation;
+              1 = the energy's own symmetric feedback). With gains below 1 the settling
+              is the gradient flow of an energy in rescaled states, and the EP estimate
+              is corrected for them (runtime/learn.py).
     """
 
     name: str
@@ -300,6 +304,7 @@ class Coupling:
     ops: list
     kind: str = "forward"
     feedback: bool = False
+    feedback_gain: float = 1.0
 
 
 COST_KINDS = ("mse", "ce", "kl")

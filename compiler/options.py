@@ -31,6 +31,7 @@ def parse_activation(spec: str) -> Activation:
 class CompileOptions:
     activation: Activation = field(default_factory=lambda: Activation.clip(0.0, 1.0))
     feedback: bool = True                 # symmetrize: tied feedback on every coupling
+    feedback_gain: float | str = 1.0      # symmetrize: feedback regulation ratio, or 'auto'
     pool_first: bool = False              # pool_first: act(maxpool(u)) for maxpool(act(u))
     identity_skip: str = "identity"       # residual: 'identity' (weightless) or 'learned' (1x1)
     skip_gain: float = 1.0                # residual: state-to-state skips scaled at init
@@ -69,7 +70,8 @@ class CompileOptions:
         # one rule per flag (compiler/flags.py), as every other command checks it
         for name, flag in (("cost", "cost"), ("neuron", "neuron"),
                            ("identity_skip", "identity_skip"), ("schedule", "schedule"),
-                           ("skip_gain", "skip_gain"), ("tap_weight", "tap_weight"),
+                           ("skip_gain", "skip_gain"), ("feedback_gain", "feedback_gain"),
+                           ("tap_weight", "tap_weight"),
                            ("teacher_temperature", "temperature"), ("teacher_mix", "mix"),
                            ("tol", "tol"), ("max_sweeps", "max_sweeps"),
                            ("nudge_sweeps", "nudge_sweeps")):

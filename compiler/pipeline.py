@@ -19,7 +19,7 @@ from .passes.manager import PassManager
 
 # Options that change the network (its structure or its initial weights): refused for
 # already compiled inputs when given (set, and not to their default).
-STRUCTURAL = ("taps", "teacher", "pool_first", "readout", "skip_gain")
+STRUCTURAL = ("taps", "teacher", "pool_first", "readout", "skip_gain", "feedback_gain")
 
 
 def require_weights(g: Graph, where: str, hint: str) -> None:

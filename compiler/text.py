@@ -208,8 +208,11 @@ def print_graph(g: Graph, *, weights: str = "seeded") -> str:
             pairs.append(("readout", True))
         out.append(f"  state {_name(s.name)} : {_shape(s.shape)} {_attrs(pairs)}")
     for c in g.couplings:
+        pairs = [('kind', _Bare(c.kind)), ('feedback', c.feedback)]
+        if c.feedback_gain != 1.0:   # printed only when set: other dumps are unchanged
+            pairs.append(('feedback_gain', float(c.feedback_gain)))
         out.append(f"  coupling {_name(c.name)} : {_name(c.src)} -> {_name(c.dst)} "
-                   f"{_attrs([('kind', _Bare(c.kind)), ('feedback', c.feedback)])} {{")
+                   f"{_attrs(pairs)} {{")
         for op in c.ops:
             pairs = _op_pairs(op)
             out.append(f"    {op.kind}" + (f" {_attrs(pairs)}" if pairs else ""))
@@ -713,7 +716,9 @@ class _Parser:
         dst = self.name()
         a = self.attrs(("kind", "feedback"))
         c = Coupling(n, src, dst, [], kind=str(self.typed(a, "kind", str, t)),
-                     feedback=self.typed(a, "feedback", bool, t))
+                     feedback=self.typed(a, "feedback", bool, t),
+                     feedback_gain=float(self.typed(a, "feedback_gain", (int, float), t,
+                                                    default=1.0)))
         self.expect("{")
         self.end_line()
         while not self.accept("}"):

@@ -8,6 +8,8 @@ coupled states in the same colour class (their block update would not be exact).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import ops as O
@@ -133,6 +135,14 @@ class _Checks:
                 continue
             if c.feedback and c.src in input_names:
                 errs.append(f"coupling {c.name}: feedback into clamped input {c.src}")
+            gain = c.feedback_gain
+            if not (isinstance(gain, (int, float)) and not isinstance(gain, bool)
+                    and math.isfinite(gain) and gain > 0):
+                errs.append(f"coupling {c.name}: feedback_gain must be a positive number, "
+                            f"got {gain!r}")
+            elif gain != 1.0 and not c.feedback:
+                errs.append(f"coupling {c.name}: feedback_gain {gain:g} on a coupling without "
+                            f"feedback")
             if not c.ops:
                 errs.append(f"coupling {c.name}: empty op chain (use identity)")
             self.chain(c)

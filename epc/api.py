@@ -214,7 +214,8 @@ def compile_result(source: Any, *, output: str | None = None, target: str = "ir"
                    taps: "str | list[str] | None" = None, tap_weight: float = 0.3,
                    teacher: str | None = None, temperature: float = 4.0, mix: float = 0.5,
                    neuron: str = "rate", identity_skip: str = "identity",
-                   skip_gain: float = 1.0, schedule: str | None = None,
+                   skip_gain: float = 1.0, feedback_gain: "float | str" = 1.0,
+                   schedule: str | None = None,
                    max_sweeps: int | None = None, nudge_sweeps: int | None = None,
                    tol: float | None = None, print_after_all: bool = False,
                    print_after: "list[str] | None" = None, weight_bits: int = 8,
@@ -243,7 +244,7 @@ def compile_result(source: Any, *, output: str | None = None, target: str = "ir"
         activation=activation, feedback=feedback, cost=cost, pool_first=pool_first,
         readout=readout, taps=taps, tap_weight=tap_weight, teacher=teacher,
         teacher_temperature=temperature, teacher_mix=mix, neuron=neuron,
-        identity_skip=identity_skip, skip_gain=skip_gain,
+        identity_skip=identity_skip, skip_gain=skip_gain, feedback_gain=feedback_gain,
         **{("schedule" if k == "mode" else k): v for k, v in sched.items()})
     opts.check()           # bad option values are refused before any file is read
     if isinstance(source, (str, os.PathLike)):
@@ -320,6 +321,7 @@ def opt(source: Any, *, passes: "list[str] | None" = None, output: str | None = 
         taps: "str | list[str] | None" = None, tap_weight: float = 0.3,
         teacher: str | None = None, temperature: float = 4.0, mix: float = 0.5,
         neuron: str = "rate", identity_skip: str = "identity", skip_gain: float = 1.0,
+        feedback_gain: "float | str" = 1.0,
         schedule: str | None = None, max_sweeps: int | None = None,
         nudge_sweeps: int | None = None, tol: float | None = None,
         print_after_all: bool = False, memory_limit: "str | int | None" = None) -> str:
@@ -343,7 +345,8 @@ def opt(source: Any, *, passes: "list[str] | None" = None, output: str | None = 
         activation=activation, feedback=feedback, cost=cost, pool_first=pool_first,
         readout=readout, taps=taps, tap_weight=tap_weight, teacher=teacher,
         teacher_temperature=temperature, teacher_mix=mix, neuron=neuron,
-        identity_skip=identity_skip, skip_gain=skip_gain, **sched).check()
+        identity_skip=identity_skip, skip_gain=skip_gain, feedback_gain=feedback_gain,
+        **sched).check()
     output = _path(output)
     check_outputs([None if isinstance(source, Graph) else source, teacher],
                   [Output("-o", output)])
@@ -431,9 +434,11 @@ def _float_only_error(model: str) -> Callable[[str], str]:
 def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
           resize: str | None = None, channels: int | None = None, epochs: int = 30,
           batch_size: int = 32, optimizer: str = "adam", lr: float = 5e-4,
-          momentum: float = 0.9, weight_decay: float = 1e-3, cosine: bool = True,
+          momentum: float = 0.9, weight_decay: float = 1e-3, decoupled_wd: bool = False,
+          cosine: bool = True,
           clip: float | None = None, beta: float | None = None, lr_shift: int | None = None,
-          output: str | None = None, nudge: str = "symmetric", gradient: str = "ep",
+          output: str | None = None, nudge: str = "symmetric", nudge_form: str = "states",
+          gradient: str = "ep",
           seed: int = 0, schedule: str | None = None, max_sweeps: int | None = None,
           nudge_sweeps: int | None = None, tol: float | None = None,
           warm_start: bool = False, freeze_pool: bool = True, augment: str | None = None,
@@ -492,8 +497,9 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
     return train_float(_bundle_arg(model), data=data, data_dir=data_dir, resize=resize,
                        channels=channels, dataset=dataset, epochs=epochs,
                        batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
-                       weight_decay=weight_decay, cosine=cosine, clip=clip,
-                       beta=0.2 if beta is None else beta, nudge=nudge, gradient=gradient,
+                       weight_decay=weight_decay, decoupled_wd=decoupled_wd, cosine=cosine,
+                       clip=clip, beta=0.2 if beta is None else beta, nudge=nudge,
+                       nudge_form=nudge_form, gradient=gradient,
                        seed=seed, schedule=schedule, max_sweeps=max_sweeps,
                        nudge_sweeps=nudge_sweeps, tol=tol, warm_start=warm_start,
                        freeze_pool=freeze_pool, augment=augment, device=device,

@@ -252,6 +252,11 @@ SKIP_GAIN_OPT = typer.Option(
          "both ways; at gain 1 a chain of 3+ is non-convex and the states saturate "
          "(README: ResNet-13); G < 0.55 keeps a chain of 6 convex. 1 = the source "
          "model's function (what --verify checks).")
+FEEDBACK_GAIN_OPT = typer.Option(
+    "1", "--feedback-gain",
+    help="Feedback regulation: the tied feedback of a coupling from depth d to d+k drives "
+         "its source at gain R^k (R in (0, 1]); EP's estimate is corrected for it. auto: "
+         "1 for one hidden layer, 0.1 deeper (measured on MLPs). 1 = symmetric feedback.")
 SCHEDULE_OPT = typer.Option(None, "--schedule",
                             help="colour: block updates by colour class; "
                                  "sync: all at once.",
@@ -311,6 +316,7 @@ def compile_cmd(
     neuron: str = NEURON_OPT,
     identity_skip: str = IDENTITY_SKIP_OPT,
     skip_gain: float = SKIP_GAIN_OPT,
+    feedback_gain: str = FEEDBACK_GAIN_OPT,
     schedule: Optional[str] = SCHEDULE_OPT,
     max_sweeps: Optional[int] = MAX_SWEEPS_OPT,
     nudge_sweeps: Optional[int] = NUDGE_SWEEPS_OPT,
@@ -359,8 +365,9 @@ def compile_cmd(
         activation=activation, feedback=feedback, pool_first=pool_first, cost=cost,
         readout=readout, taps=taps, tap_weight=tap_weight, teacher=teacher,
         temperature=temperature, mix=mix, neuron=neuron, identity_skip=identity_skip,
-        skip_gain=skip_gain, schedule=schedule, max_sweeps=max_sweeps,
-        nudge_sweeps=nudge_sweeps, tol=tol, print_after_all=print_after_all,
+        skip_gain=skip_gain, feedback_gain=feedback_gain, schedule=schedule,
+        max_sweeps=max_sweeps, nudge_sweeps=nudge_sweeps, tol=tol,
+        print_after_all=print_after_all,
         print_after=print_after, weight_bits=weight_bits, frac_bits=frac_bits,
         per_channel=per_channel, calibrate=calibrate, data_dir=data_dir, resize=resize,
         memory_limit=memory_limit)
@@ -419,6 +426,7 @@ def opt_cmd(
     neuron: str = NEURON_OPT,
     identity_skip: str = IDENTITY_SKIP_OPT,
     skip_gain: float = SKIP_GAIN_OPT,
+    feedback_gain: str = FEEDBACK_GAIN_OPT,
     schedule: Optional[str] = SCHEDULE_OPT,
     max_sweeps: Optional[int] = MAX_SWEEPS_OPT,
     nudge_sweeps: Optional[int] = NUDGE_SWEEPS_OPT,
@@ -448,6 +456,7 @@ def opt_cmd(
                    pool_first=pool_first, cost=cost, readout=readout, taps=taps,
                    tap_weight=tap_weight, teacher=teacher, temperature=temperature, mix=mix,
                    neuron=neuron, identity_skip=identity_skip, skip_gain=skip_gain,
+                   feedback_gain=feedback_gain,
                    schedule=schedule, max_sweeps=max_sweeps, nudge_sweeps=nudge_sweeps,
                    tol=tol, print_after_all=print_after_all, memory_limit=memory_limit)
     sys.stdout.write(text)
@@ -672,6 +681,10 @@ def train_cmd(
     momentum: float = typer.Option(0.9, help="SGD momentum"),
     weight_decay: float = typer.Option(
         1e-3, help="L2 weight decay (curbs overfitting of the settled network)"),
+    decoupled_wd: bool = typer.Option(
+        False, "--decoupled-wd",
+        help="apply --weight-decay as a shrink of the weights by lr*wd a step (AdamW) "
+             "instead of an L2 term: deep MLPs keep their deep layers"),
     cosine: bool = typer.Option(True, help="cosine learning-rate decay to 0"),
     clip: Optional[float] = typer.Option(None, help="clip the gradient norm to this",
                                          show_default="no clipping"),
@@ -687,6 +700,10 @@ def train_cmd(
                                               "--checkpoint DIR)",
                                          show_default="not written"),
     nudge: str = typer.Option("symmetric", help="symmetric | one-sided"),
+    nudge_form: str = typer.Option(
+        "states", help="states | deviation: settle the nudged phases as deviations from "
+                       "the free fixed point, which resolves the small nudge of deep states "
+                       "under --feedback-gain in float32 (MLPs)"),
     gradient: str = typer.Option(
         "ep", help="ep (the estimate from the nudged phases) | implicit (the exact "
                    "gradient at the free fixed point, a slower reference; samples whose "
@@ -739,8 +756,9 @@ def train_cmd(
         m = api.train(
             model, data=data, data_dir=data_dir, resize=resize, channels=channels,
             epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
-            momentum=momentum, weight_decay=weight_decay, cosine=cosine, clip=clip,
-            beta=beta, lr_shift=lr_shift, output=output, nudge=nudge, gradient=gradient,
+            momentum=momentum, weight_decay=weight_decay, decoupled_wd=decoupled_wd,
+            cosine=cosine, clip=clip, beta=beta, lr_shift=lr_shift, output=output,
+            nudge=nudge, nudge_form=nudge_form, gradient=gradient,
             seed=seed, schedule=schedule, max_sweeps=max_sweeps, nudge_sweeps=nudge_sweeps,
             tol=tol, warm_start=warm_start, freeze_pool=freeze_pool, augment=augment,
             device=device, threads=threads, checkpoint=checkpoint, resume=resume,

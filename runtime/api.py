@@ -110,8 +110,9 @@ def _write_json(path, obj) -> None:
 def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize=None,
           channels: int | None = None, dataset=None, epochs: int = 30, batch_size: int = 32,
           optimizer: str = "adam", lr: float = 5e-4, momentum: float = 0.9,
-          weight_decay: float = 1e-3, cosine: bool = True, clip: float | None = None,
-          beta: float = 0.2, nudge: str = "symmetric", gradient: str = "ep", seed: int = 0,
+          weight_decay: float = 1e-3, decoupled_wd: bool = False, cosine: bool = True,
+          clip: float | None = None, beta: float = 0.2, nudge: str = "symmetric",
+          nudge_form: str = "states", gradient: str = "ep", seed: int = 0,
           schedule: str | None = None, max_sweeps: int | None = None,
           nudge_sweeps: int | None = None, tol: float | None = None, warm_start: bool = False,
           freeze_pool: bool = True, augment: str | None = None,
@@ -138,8 +139,9 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
     `divergence_warning` in the epoch and goes on.
     """
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
-                      momentum=momentum, weight_decay=weight_decay, cosine=cosine, clip=clip,
-                      beta=beta, nudge=nudge, gradient=gradient, seed=seed, mode=schedule,
+                      momentum=momentum, weight_decay=weight_decay, decoupled_wd=decoupled_wd,
+                      cosine=cosine, clip=clip, beta=beta, nudge=nudge, nudge_form=nudge_form,
+                      gradient=gradient, seed=seed, mode=schedule,
                       max_sweeps=max_sweeps, nudge_sweeps=nudge_sweeps, tol=tol,
                       warm_start=warm_start, freeze_pool=freeze_pool, augment=augment,
                       divergence=divergence).check()

@@ -110,7 +110,8 @@ class Engine:
 
     def __init__(self, graph: Graph, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, mode: str | None = None,
-                 pool_freeze: int | None = 20, channels_last: bool | None = None):
+                 pool_freeze: int | None = 20, channels_last: bool | None = None,
+                 feedback_gain: dict[str, float] | None = None):
         if not graph.is_energy:
             raise EpcError(f"graph {graph.name} is not in energy form; compile it first "
                            f"(epc compile MODEL --target torch)")
@@ -150,6 +151,7 @@ class Engine:
             j for j in self.settled if channels_last and len(self.shapes[j]) == 3)
         self.classes = [list(c) for c in sched.classes if c]
         self._prepare_links(graph)
+        self._prepare_gains(graph, feedback_gain)
         self._wire_links(graph)
         self._prepare_costs(graph)
         self.num_classes = int(np.prod(self.shapes[self.output]))
@@ -170,6 +172,47 @@ class Engine:
         self.cl_kernels = sorted({w for l in self.links if l.fast == "chain"
                                   and {l.src, l.dst} & self.channels_last
                                   for w in l.weights if np.ndim(graph.weights[w]) == 4})
+
+    def _prepare_gains(self, graph: Graph, override: dict[str, float] | None) -> None:
+        """Feedback regulation: the tied transpose of coupling c drives its source scaled
+        by its feedback_gain (the IR's; `override` replaces some, by coupling name). With
+        gains the settling is no gradient flow of E in s but of an energy in rescaled
+        states (feedback_scales). Only the gains != 1 are kept."""
+        gains = {c.name: float(c.feedback_gain) for c in graph.couplings}
+        for k, v in (override or {}).items():
+            if k not in self.link_by_name:
+                raise EpcError(f"feedback gain for unknown coupling {k}")
+            gains[k] = float(v)
+        self.feedback_gain = {k: g for k, g in gains.items() if g != 1.0}
+
+    def feedback_scales(self) -> dict[str, float] | None:
+        """a_j^2 per settled state when feedback gains are set (None without gains).
+
+        With gain g_c on the feedback of two-way coupling c (src -> dst), the settling is
+        the gradient flow of a symmetric energy in t_j = s_j / a_j, with a_src^2 = g_c a_dst^2
+        along every two-way coupling and a_out = 1: weights sqrt(g_c) W_c, bounds hi_j / a_j,
+        the nudge unchanged at the output. Fixed by a walk from the output state; a state
+        the walk does not reach keeps a = 1. Gains that disagree around a loop of two-way
+        couplings leave no such energy: EpcError."""
+        if not self.feedback_gain:
+            return None
+        g = nx.Graph()
+        g.add_nodes_from(self.settled)
+        for l in self.links:
+            if l.feedback and l.src in self.inbound and l.dst in self.inbound:
+                g.add_edge(l.src, l.dst, link=l)
+        a2 = {self.output: 1.0}
+        for u, v in nx.bfs_edges(g, self.output):
+            l = g.edges[u, v]["link"]
+            gain = self.feedback_gain.get(l.name, 1.0)
+            a2[v] = gain * a2[u] if v == l.src else a2[u] / gain
+        for _, _, d in g.edges(data=True):
+            l = d["link"]
+            want = self.feedback_gain.get(l.name, 1.0) * a2[l.dst]
+            if abs(a2[l.src] - want) > 1e-9 * max(a2[l.src], want):
+                raise EpcError(f"feedback gains disagree around a loop through coupling "
+                               f"{l.name}: no rescaled energy exists")
+        return {j: a2.get(j, 1.0) for j in self.settled}
 
     def _wire_links(self, graph: Graph) -> None:
         """Per settled state: the links that drive it from clamped values (computed once
@@ -398,8 +441,13 @@ class Engine:
     # ------------------------------------------------------------------ energy
     def phi(self, states: dict, batch: dict, P: dict | None = None,
             per_sample: bool = False, routing: dict | None = None,
-            two_way_only: bool = False) -> Tensor:
+            two_way_only: bool = False, updating: set | None = None) -> Tensor:
         """Phi over settled couplings and biases (summed over the batch unless per_sample).
+
+        `updating` (runtime/gradcheck.py): the states of one colour block. A coupling with
+        a feedback gain whose source is among them enters scaled by the gain, so that the
+        derivative w.r.t. those states is the drive the settle loop applies (no coupling
+        joins two states of one block). With gains the loop is no gradient flow of Phi.
 
         `two_way_only` leaves out the couplings without feedback (inputs' couplings, and all
         of them under `--no-feedback`): such a coupling drives its destination and nothing
@@ -418,6 +466,10 @@ class Engine:
                 if two_way_only and not l.feedback:
                     continue
                 y = self.link_forward(l, vals[l.src], P, routing)[0]
+                if updating is not None and l.src in updating and l.name in self.feedback_gain:
+                    # differentiated w.r.t. its source alone (a block of a colour sweep),
+                    # the term gives the drive the loop applies: feedback times the gain
+                    y = y * self.feedback_gain[l.name]
                 total = total + (vals[j] * y).reshape(n, -1).sum(1)
             b = self.states[j].bias
             if b:
@@ -579,6 +631,10 @@ class FloatSettle:
         P = self.P = eng.params
         # the transposed dense weights, taken once per settle rather than once per drive
         self.WT = {l.weight: P[l.weight].t() for l in eng.links if l.fast == "dense"}
+        # the feedback weights as the drives apply them (scaled where a gain is set)
+        self.FB = {l.name: (P[l.weight] * eng.feedback_gain[l.name] if l.name in
+                            eng.feedback_gain else P[l.weight])
+                   for l in eng.links if l.fast == "dense" and l.feedback}
         # the chains' weights as the loop applies them: with channels-last states, conv
         # kernels channels-last too (oneDNN converts an NCHW kernel on every call;
         # the results are the same bits)
@@ -615,9 +671,9 @@ class FloatSettle:
         for l in eng.feedback[j]:
             if l.fast == "dense":
                 if own:
-                    u.addmm_(S[l.dst], self.P[l.weight])
+                    u.addmm_(S[l.dst], self.FB[l.name])
                 else:
-                    u, own = torch.addmm(u, S[l.dst], self.P[l.weight]), inplace
+                    u, own = torch.addmm(u, S[l.dst], self.FB[l.name]), inplace
                 continue
             cx = None
             if l.fast == "chain":
@@ -632,6 +688,8 @@ class FloatSettle:
                     if cx is None:
                         cx = self.shape_ctx[l.name] = eng._shape_ctx(l, self.n)
             y = eng.link_adjoint(l, S[l.dst], cx, self.PL)
+            if l.name in eng.feedback_gain:
+                y = y * eng.feedback_gain[l.name]
             if own:
                 u.add_(y)
             else:

@@ -51,7 +51,8 @@ def _autograd_sweep(eng: Engine, batch: dict, s: dict, P: dict, mode: str,
             S.update(leaves)
             # the two-way couplings' part of the drive by autograd of their energy terms;
             # one-way couplings (from inputs; all under --no-feedback) add their values
-            phi = eng.phi(S, batch, P, routing=routing, two_way_only=True)
+            phi = eng.phi(S, batch, P, routing=routing, two_way_only=True,
+                          updating=set(cls))
             drives = torch.autograd.grad(phi, [leaves[j] for j in cls], create_graph=True,
                                          allow_unused=True)
             vals = {**batch["clamped"], **S}

@@ -146,17 +146,48 @@ def readout_gradient(eng: Engine, batch: dict, phases: list[tuple[dict, float]],
     return out
 
 
+def feedback_compensation(eng: Engine) -> dict[str, float]:
+    """Per learnable weight, the factor that turns EP's estimate under feedback gains into
+    the gradient of the loss (at beta -> 0); {} when no coupling has a gain.
+
+    With gains, the settling is the gradient flow of an energy in the rescaled states
+    t_j = s_j / a_j (`Engine.feedback_scales`), where EP is exact; back in s, a weight into
+    state j (and j's bias) gets its true gradient from the plain estimate times
+    (a_out / a_j)^2: the product of 1 / gain over the couplings from j up to the output.
+    Without it the deep layers' estimates shrink geometrically with depth, and under an
+    L2 weight decay (or at small learning rates) those layers die."""
+    a2 = eng.feedback_scales()
+    if a2 is None:
+        return {}
+    out: dict[str, float] = {}
+    for l in eng.links:
+        if l.dst in a2:
+            for w in l.weights:
+                out[w] = 1.0 / a2[l.dst]
+    for j in eng.settled:
+        b = eng.states[j].bias
+        if b and j in a2:
+            out[b] = 1.0 / a2[j]
+    return out
+
+
 def ep_gradient(eng: Engine, batch: dict, s_plus: dict, s_minus: dict, beta: float,
                 one_sided: bool = False, routing: dict | None = None,
                 labels: Tensor | None = None) -> dict[str, Tensor]:
     """The EP estimate of dL/dtheta (L averaged over the batch).
 
     Symmetric: s_minus is the -beta phase; one-sided: s_minus is the free fixed point.
+    Couplings with feedback gains (feedback regulation) are corrected for them, so the
+    estimate is that of the gradient of the loss in every case (feedback_compensation).
     `labels` are needed when the graph has readout heads with label costs.
     """
     n = batch["n"]
     scale = -1.0 / ((beta if one_sided else 2.0 * beta) * n)
-    out = {k: v * scale for k, v in phi_grad_diff(eng, batch, s_plus, s_minus, routing).items()}
+    # with feedback gains, the plain estimate of a weight into state j is its gradient
+    # times a_j^2 / a_out^2 (feedback_compensation): divided out here
+    comp = feedback_compensation(eng)
+    out = {k: v * (scale * comp.get(k, 1.0))
+           for k, v in phi_grad_diff(eng, batch, s_plus, s_minus, routing).items()}
     if eng.readouts:
         phases = [(s_plus, 1.0)] if one_sided else [(s_plus, 0.5), (s_minus, 0.5)]
         for k, v in readout_gradient(eng, batch, phases, labels, routing).items():
@@ -177,6 +208,13 @@ class Optimizer:
     """SGD (momentum, Nesterov off) or Adam over named tensors, with weight decay,
     a cosine learning-rate schedule and gradient-norm clipping.
 
+    Weight decay is an L2 term added to the gradient (the default) or, with `decoupled`,
+    a shrink of the weights by lr * weight_decay before each step (AdamW). Under Adam
+    the L2 term is normalised like the gradient, so a weight whose gradient is much
+    smaller than weight_decay * w shrinks by about lr a step whatever weight_decay is:
+    a deep MLP at PyTorch's initialisation, where the signal fades with depth and the
+    gradients are small, loses its deep layers within an epoch.
+
     The optimised tensors are moved into one flat buffer: `params[k]` is replaced, in the
     caller's dict, by a view of it holding the same values. An update is then about ten
     element-wise calls on that buffer whatever the number of weights (looping over an
@@ -191,13 +229,14 @@ class Optimizer:
                  lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  clip: float | None = None, cosine: bool = True, total_steps: int = 1,
-                 lr_min: float = 0.0):
+                 lr_min: float = 0.0, decoupled: bool = False):
         if kind not in ("sgd", "adam"):
             raise EpcError(f"unknown optimiser {kind!r} (supported: sgd, adam)")
         if not lr > 0:
             raise EpcError(f"learning rate must be > 0, got {lr}")
         self.params, self.names, self.kind = params, list(names), kind
         self.lr, self.momentum, self.wd = lr, momentum, weight_decay
+        self.decoupled = decoupled
         self.betas, self.eps, self.clip = betas, eps, clip
         self.cosine, self.total_steps, self.lr_min = cosine, max(1, total_steps), lr_min
         self.step_count = 0      # updates applied (Adam's bias correction counts these)
@@ -268,7 +307,9 @@ class Optimizer:
         """One step on one tensor (the flat buffer, or one weight), in place."""
         if factor != 1.0:
             g = g * factor
-        if self.wd:
+        if self.wd and self.decoupled:
+            p.mul_(1.0 - lr * self.wd)
+        elif self.wd:
             g = g + p * self.wd
         if self.kind == "sgd":
             m.mul_(self.momentum).add_(g)

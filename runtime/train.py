@@ -32,6 +32,7 @@ from epc.compiler import flags
 from epc.compiler.bundle import Bundle, read_bundle, write_bundle
 from epc.compiler.errors import EpcError
 
+from . import deviation
 from .augment import Augment, epoch_generator
 from .data import Data
 from .engine import Engine, schedule_mode
@@ -54,10 +55,12 @@ class TrainConfig:
     lr: float = 5e-4                 # tuned on digits: see README, measured figures
     momentum: float = 0.9
     weight_decay: float = 1e-3
+    decoupled_wd: bool = False       # weight decay as a shrink (AdamW), not an L2 term
     cosine: bool = True
     clip: float | None = None        # gradient-norm clipping threshold
     beta: float = 0.2
     nudge: str = "symmetric"         # symmetric | one-sided
+    nudge_form: str = "states"       # states | deviation (runtime/deviation.py)
     seed: int = 0
     mode: str | None = None          # None: the schedule's; 'colour' | 'sync'
     max_sweeps: int | None = None    # None: the schedule's
@@ -80,10 +83,14 @@ class TrainConfig:
                             ("seed", self.seed), ("schedule", self.mode),
                             ("max_sweeps", self.max_sweeps),
                             ("nudge_sweeps", self.nudge_sweeps), ("tol", self.tol),
-                            ("gradient", self.gradient), ("divergence", self.divergence)):
+                            ("gradient", self.gradient), ("divergence", self.divergence),
+                            ("nudge_form", self.nudge_form)):
             if name == "beta" and value is None:
                 raise EpcError(f"bad --beta None: must be {flags.RULES['beta'].what}")
             flags.check(name, value)
+        if self.nudge_form == "deviation" and self.nudge != "symmetric":
+            raise EpcError("--nudge-form deviation settles the symmetric pair; it needs "
+                           "--nudge symmetric")
         self.mode = schedule_mode(self.mode)
         aug = Augment.parse(self.augment)
         self.augment = aug.spec() if aug else None
@@ -93,9 +100,10 @@ class TrainConfig:
     RESUME_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
                    "cosine", "clip", "beta", "nudge", "seed", "mode", "max_sweeps",
                    "nudge_sweeps", "tol", "warm_start", "freeze_pool", "pool_freeze",
-                   "augment", "gradient")
+                   "augment", "gradient", "decoupled_wd", "nudge_form")
     # what a checkpoint written before a key existed ran with
-    RESUME_DEFAULTS = {"augment": None, "gradient": "ep"}
+    RESUME_DEFAULTS = {"augment": None, "gradient": "ep", "decoupled_wd": False,
+                       "nudge_form": "states"}
 
 
 DEAD_SPAN = 1e-6   # a state whose every unit stays within this over a split is dead
@@ -236,7 +244,10 @@ class Trainer:
         steps = cfg.epochs * math.ceil(data.train.x.shape[0] / cfg.batch_size)
         self.opt = Optimizer(eng.params, eng.learnable, kind=cfg.optimizer, lr=cfg.lr,
                              momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                             clip=cfg.clip, cosine=cfg.cosine, total_steps=steps)
+                             clip=cfg.clip, cosine=cfg.cosine, total_steps=steps,
+                             decoupled=cfg.decoupled_wd)
+        if cfg.nudge_form == "deviation" and cfg.gradient == "ep":
+            deviation.check(eng)
         self.state = TrainState()
         self.warm: dict[str, torch.Tensor] | None = None
         if cfg.warm_start:
@@ -279,6 +290,11 @@ class Trainer:
             excluded = info["dropped"]
             if not info["converged"]:      # no sample kept
                 grads, skipped = None, 1
+        elif cfg.nudge_form == "deviation":
+            plus, minus, sw = deviation.settle_pair(eng, batch, free.states, beta=cfg.beta,
+                                                    labels=yb, max_sweeps=nsw)
+            grads = deviation.ep_gradient(eng, batch, plus, minus, cfg.beta)
+            nudged_sweeps = sw
         elif cfg.nudge == "symmetric":
             plus, minus = eng.settle_pair(batch, free.states, beta=cfg.beta, labels=yb,
                                           max_sweeps=nsw, tol=cfg.tol, mode=cfg.mode,

@@ -8,10 +8,23 @@ With `opts.feedback == False` (`--no-feedback`) the pass does not run: the netwo
 settles as a feedforward-only chain (each state sees only its inputs), which is useful for
 debugging (a single sweep in topological order reproduces the source model) but is not EP.
 
+Feedback regulation (`options.feedback_gain` r != 1; `regulation_ratio` resolves 'auto'):
+the feedback of a coupling from depth d_src to depth d_dst (longest coupling path from
+the inputs) drives its source at gain r ** (d_dst - d_src), so a plain chain gets r on
+every coupling and a skip over two layers r^2. Gains derived from a depth this way agree
+around every loop, which is what makes the regulated settling the gradient flow of an
+energy in rescaled states (runtime: Engine.feedback_scales) and EP's estimate exact once
+corrected for them (runtime/learn.py). Why: with tied feedback at gain 1 a deep chain's
+energy turns non-convex as its weights grow, the free phase settles slowly into saturated,
+input-independent fixed points and EP's estimate at training beta falls apart with depth;
+small gains keep the settling a fast contraction close to the feedforward pass.
+
 Runs with: options.feedback (the default; `--no-feedback` turns it off).
 Requires:  an energy-form graph.
 Ensures:   feedback is True on every coupling whose source is a state and whose kind is not
-           'teacher'; nothing else changes (the other couplings keep their feedback).
+           'teacher'; with a ratio r != 1 those couplings carry feedback_gain
+           r ** (depth(dst) - depth(src)) (tap couplings, added later, keep 1); nothing else
+           changes (the other couplings keep their feedback).
 The pass manager checks these conditions.
 """
 from __future__ import annotations
@@ -22,6 +35,35 @@ from ..ir import Graph
 from ..options import CompileOptions
 from . import conditions as C
 from .manager import Pass
+from .residual import depths
+
+# 'auto': the feedback gain per level of depth, by the number of hidden states on the
+# longest path. Measured on digits MLPs (256 units a layer, 30 epochs, seed 0): one
+# hidden layer learns best with symmetric feedback (98.61% against 98.33% at 0.25); from
+# two hidden layers on, gain 1 settles slowly and learns worse or collapses (2: 96.67%,
+# 3: 95.56%, 5 and 8: one class) where 0.1 reaches backprop (98.33, 98.06-98.33,
+# 98.06-98.33, 97.78-98.06%) in a fraction of the sweeps. Only MLP chains were measured.
+AUTO_MAX_SYMMETRIC = 1   # at most this many hidden layers: symmetric feedback (gain 1)
+AUTO_RATIO = 0.1
+
+
+def regulation_ratio(g: Graph, opts: CompileOptions) -> float:
+    """The per-level feedback gain r that opts.feedback_gain asks for on graph g."""
+    if opts.feedback_gain != "auto":
+        return float(opts.feedback_gain)
+    d = depths(g)
+    out = max((d[s.name] for s in g.states if s.role == "output"), default=1)
+    # hidden states on the longest input -> output path
+    return 1.0 if out - 1 <= AUTO_MAX_SYMMETRIC else AUTO_RATIO
+
+
+def _gains(g: Graph, opts: CompileOptions) -> dict[str, float]:
+    """The feedback gain of every coupling the pass drives (all 1 without regulation)."""
+    states = {s.name for s in g.states}
+    r = regulation_ratio(g, opts)
+    d = depths(g) if r != 1.0 else {}
+    return {c.name: (float(r ** max(d[c.dst] - d[c.src], 1)) if r != 1.0 else 1.0)
+            for c in g.couplings if _driven(states, c)}
 
 
 def _driven(states: set[str], c) -> bool:
@@ -42,10 +84,14 @@ def ensures(before: Graph, after: Graph, opts: CompileOptions) -> list[str]:
     if len(after.couplings) != len(before.couplings):
         return errs + ["couplings were added or removed"]
     states = {s.name for s in before.states}
+    gains = _gains(before, opts) if enabled(opts) else {}
     for b, a in zip(before.couplings, after.couplings):
         want = b.feedback or (enabled(opts) and _driven(states, b))
-        if dataclasses.replace(a, feedback=b.feedback) != b or a.feedback != want:
-            errs.append(f"coupling {a.name}: expected only feedback={want} to change")
+        gain = gains.get(b.name, b.feedback_gain)
+        if (dataclasses.replace(a, feedback=b.feedback, feedback_gain=b.feedback_gain) != b
+                or a.feedback != want or a.feedback_gain != gain):
+            errs.append(f"coupling {a.name}: expected only feedback={want} and "
+                        f"feedback_gain={gain:g} to change")
     return errs
 
 
@@ -53,10 +99,11 @@ def transform(g: Graph, opts: CompileOptions) -> Graph:
     g = g.copy()
     if not opts.feedback:
         return g
-    states = {s.name for s in g.states}
+    gains = _gains(g, opts)
     for c in g.couplings:
-        if _driven(states, c):
+        if c.name in gains:
             c.feedback = True
+            c.feedback_gain = gains[c.name]
     return g
 
 

@@ -268,6 +268,9 @@ def _lower_couplings(g: Graph, p: Program, weight_bits: int, per_channel: bool,
     shapes = {x.name: tuple(x.shape) for x in list(g.inputs) + list(g.states)}
     for c in g.couplings:
         where = f"coupling {c.name}"
+        if c.feedback_gain != 1.0:
+            raise EpcError(f"{where}: feedback gain {c.feedback_gain:g}: the core applies "
+                           f"tied feedback at gain 1 (compile with --feedback-gain 1)")
         shape = shapes[c.src]
         lowered: list[SynOp] = []
         calibrated = acts is not None and c.src in acts and c.dst in acts
