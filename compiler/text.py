@@ -714,11 +714,13 @@ class _Parser:
         src = self.name()
         self.expect("->")
         dst = self.name()
-        a = self.attrs(("kind", "feedback"))
+        a = self.attrs(("kind", "feedback", "feedback_gain"))
+        gain = float(self.typed(a, "feedback_gain", (int, float), t, default=1.0))
+        if not (math.isfinite(gain) and gain > 0):
+            self.error(f"feedback_gain {gain} of coupling {n!r} is not a positive number",
+                       a["feedback_gain"][1])
         c = Coupling(n, src, dst, [], kind=str(self.typed(a, "kind", str, t)),
-                     feedback=self.typed(a, "feedback", bool, t),
-                     feedback_gain=float(self.typed(a, "feedback_gain", (int, float), t,
-                                                    default=1.0)))
+                     feedback=self.typed(a, "feedback", bool, t), feedback_gain=gain)
         self.expect("{")
         self.end_line()
         while not self.accept("}"):
