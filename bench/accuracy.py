@@ -1,7 +1,7 @@
 """Digits accuracy of EP training from the untrained example models (issue targets).
 
 Each example ONNX file is compiled by the real pipeline (`--target torch`) and trained
-for 30 epochs, once per seed (0, 1, 2 by default), with the settings the README quotes:
+for 30 epochs, once per seed (0, 1, 2 by default), with the settings docs/results.md quotes:
 the CLI defaults (Adam, lr 5e-4, weight decay 1e-3, beta 0.2 symmetric, batch 32,
 cosine) for the MLPs and the one-layer conv net (conv1_digits), and `--lr 3e-4` for the
 two-layer conv net (conv_digits); both conv nets also run compiled with `--pool-first`

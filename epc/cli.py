@@ -222,7 +222,7 @@ POOL_FIRST_OPT = typer.Option(False, "--pool-first",
                               help="Move each max-pool in front of its activation "
                                    "(same function): states are the pooled maps, and "
                                    "max-pool winners no longer flip while settling "
-                                   "(see README, conv nets).")
+                                   "(docs/findings.md, digits).")
 COST_OPT = typer.Option("mse", "--cost", help="Label cost on the linear output: mse | ce.")
 READOUT_OPT = typer.Option(False, "--readout",
                            help="Take the output (and tap) heads out of the energy: "
@@ -250,7 +250,7 @@ SKIP_GAIN_OPT = typer.Option(
     help="Scale every skip between two states by G at initialisation (identity skips "
          "become learned maps G*I). With feedback, a ResNet's skips chain its states "
          "both ways; at gain 1 a chain of 3+ is non-convex and the states saturate "
-         "(README: ResNet-13); G < 0.55 keeps a chain of 6 convex. 1 = the source "
+         "(docs/findings.md, deep nets); G < 0.55 keeps a chain of 6 convex. 1 = the source "
          "model's function (what --verify checks).")
 FEEDBACK_GAIN_OPT = typer.Option(
     "1", "--feedback-gain",
@@ -390,7 +390,7 @@ def compile_cmd(
             _say(f"epc: note: {len(skips)} identity skip(s) of gain 1 join states "
                  f"({', '.join(skips[:3])}{more}); with symmetric feedback, chained skips of "
                  f"gain 1 make the energy non-convex; EP training of the ResNet-13 example "
-                 f"collapsed at gain 1 but learned with --skip-gain 0.5 (README: Deep nets)")
+                 f"collapsed at gain 1 but learned with --skip-gain 0.5 (docs/findings.md, deep nets)")
 
 
 # --------------------------------------------------------------------------- opt

@@ -190,7 +190,7 @@ def hopfield_resnet13() -> nn.Module:
 
 def hopfield_resnet13_digits() -> nn.Module:
     """The same layout for 3x8x8 inputs (states 8x8, 4x4, 4x4, 2x2, 2x2, then 1x1): digits
-    with `--channels 3`, as the ResNet-13 runs on digits in README use."""
+    with `--channels 3`, as the ResNet-13 runs on digits in docs/findings.md use."""
     return HopfieldResNet(in_ch=3, size=8)
 
 

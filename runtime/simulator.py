@@ -3,7 +3,7 @@
 Every value is an integer; tensors are float64 holding integers, which is exact (all sums
 stay far below 2^53, and the validator proves each synapse's 32-bit accumulator cannot
 overflow) and much faster than integer dtypes. The arithmetic, step by step, is the one
-ISA.md documents:
+docs/isa.md documents:
 
   acc    = chain(M_eff, s_src)                   exact integer sum of products
   term   = round_shift(rmul * acc, shift)         per synapse, round half up
@@ -15,7 +15,7 @@ A phase sweeps its colour classes until no state changes (the integer fixed poin
 state vector repeats (a cycle), or the sweep cap. Each sample stops on its own: a sample's
 result never depends on the rest of its batch. The walk is runtime/settle.py, shared with
 the float engine; this module plugs in the integer arithmetic (`IntSettle`). Max-pools
-acting on settled states follow the program's winner rules (ISA.md, "Max-pool winners"):
+acting on settled states follow the program's winner rules (docs/isa.md, "Max-pool winners"):
 after `pool_freeze` sweeps a still-moving sample's winners are frozen, and `pool=free`
 nudged phases (and then the learning step) keep the free phase's winners. Learning applies
 the EP update from the two nudged equilibria to the integer mantissas with stochastic
@@ -419,7 +419,7 @@ class Simulator:
     def learn_step(self, sp: dict, sm: dict, *, lr_shift: int | None = None,
                    routing: dict | None = None) -> None:
         """Apply the EP update from the nudged equilibria s+ and s- to the integer memories
-        (`routing`: the max-pool winners both phases held, ISA.md `pool=free`)."""
+        (`routing`: the max-pool winners both phases held, docs/isa.md `pool=free`)."""
         p = self.p
         lr = p.lr_shift if lr_shift is None else int(lr_shift)
         F = self.F

@@ -52,7 +52,7 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 32
     optimizer: str = "adam"          # adam | sgd
-    lr: float = 5e-4                 # tuned on digits: see README, measured figures
+    lr: float = 5e-4                 # tuned on digits: docs/findings.md
     momentum: float = 0.9
     weight_decay: float = 1e-3
     decoupled_wd: bool = False       # weight decay as a shrink (AdamW), not an L2 term

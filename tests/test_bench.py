@@ -173,7 +173,7 @@ def test_throughput_baseline_computes_what_the_runtime_computes(graph):
 
 def test_timing_sections_smoke(tmp_path):
     """`python -m bench --quick --only ...`: the timing sections run and report what the
-    README quotes (ratios from side-by-side pairs)."""
+    docs/results.md quotes (ratios from side-by-side pairs)."""
     from bench.__main__ import main as bench_main
     out = tmp_path / "b.json"
     assert bench_main(["--quick", "--only", "sweeps", "throughput", "ep_vs_bp", "gflops",

@@ -114,7 +114,7 @@ def test_hopfield_resnet13_gradient_does_not_vanish():
     """The seed paper's deep layout (examples/build_examples.py:hopfield_resnet13_digits,
     9 states): EP matches the implicit gradient at init on every coupling, and the true
     gradient's norm spreads over less than two orders across couplings (ResNet-13's
-    spans seven, README: Deep nets)."""
+    spans seven, docs/findings.md, deep nets)."""
     import epc
     g = epc.compile(os.path.join(ROOT, "examples", "build_examples.py") +
                     ":hopfield_resnet13_digits", input_shape=(1, 3, 8, 8))

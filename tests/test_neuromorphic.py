@@ -133,7 +133,7 @@ def _conv_t(g, M, op, in_shape):
 
 class IntReference:
     """A direct int64 interpreter of a program's free phase (no torch, no float): the
-    ISA.md arithmetic re-implemented for dense, conv, gsum, flatten and identity chains."""
+    docs/isa.md arithmetic re-implemented for dense, conv, gsum, flatten and identity chains."""
 
     def __init__(self, prog):
         self.p = prog

@@ -286,7 +286,7 @@ def test_metrics_file_follows_the_run_and_survives_an_interruption(mlp_path, tmp
 
 def test_the_one_layer_conv_net_learns_its_filters(run_cli, examples, tmp_path):
     """examples/conv1_digits.onnx compiled with --pool-first (the pool moves into the
-    input coupling): 5 epochs of EP reach 95.3% here (seed 0; 99.44% after 30, README),
+    input coupling): 5 epochs of EP reach 95.3% here (seed 0; 99.44% after 30, docs/findings.md),
     and the filters of the input convolution are learned, not only the readout: put back
     to their initial values in the trained bundle, the accuracy falls (to 92.2% here)."""
     b = tmp_path / "c1.epc"

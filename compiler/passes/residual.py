@@ -164,7 +164,7 @@ run = PASS.run
 def unit_gain_skips(g: Graph) -> list[Coupling]:
     """The skips between two states still at gain 1: weightless identities, or learned
     maps equal to the identity `_identity_weight` starts them at (--identity-skip learned).
-    After skip_gain G != 1 there are none. `epc compile` notes them (README: Deep nets)."""
+    After skip_gain G != 1 there are none. `epc compile` notes them (docs/findings.md, deep nets)."""
     inputs = {i.name for i in g.inputs}
 
     def gain_one(c: Coupling) -> bool:

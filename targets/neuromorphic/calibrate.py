@@ -16,7 +16,7 @@ two corrections go beyond choosing exponents, and matter at 4-bit weights:
   point; this takes the shift out.
 
 Both run only with calibration data; without it the pass rounds to nearest, as before.
-README ("Measured figures") has what they do for 4-bit weights on the digits nets.
+docs/findings.md has what they do for 4-bit weights on the digits nets.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A program is a list of declarations (memories, neuron groups, synapse chains, costs) and
 a sequence of phases (teacher pass, free settling, the two nudged phases, the learning
-step). ISA.md beside this file documents the arithmetic; this module holds the data model
+step). docs/isa.md documents the arithmetic; this module holds the data model
 shared by the quantizer, assembler, binary codec, validator and simulator.
 
 Numbers: every value in a memory is an integer. States are fixed point with F fractional
@@ -166,7 +166,7 @@ class Program:
     name: str
     frac_bits: int = 8
     beta_q: int = 0                     # nudge strength * 2^BETA_FRAC
-    lr_shift: int = 10                  # learning rate 2^-lr_shift (see ISA.md)
+    lr_shift: int = 10                  # learning rate 2^-lr_shift (see docs/isa.md)
     seed: int = 0                       # PRNG seed for stochastic rounding
     rng_step: int = 0                   # PRNG counter (learning steps taken)
     pool_freeze: int = 0                # freeze max-pool winners after this many sweeps of

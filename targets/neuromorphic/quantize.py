@@ -73,7 +73,7 @@ def _lower_state(st, F: int) -> tuple[Memory, int, int, str]:
             bits = bits_for_unsigned(hi)
             if hi > 1 and hi & (hi - 1) == 0:
                 # clip(0, 2^k): saturate one LSB below the bound so the state fits k bits
-                # (e.g. clip(0, 1) at F = 8 is u8 0..255); documented in ISA.md.
+                # (e.g. clip(0, 1) at F = 8 is u8 0..255); documented in docs/isa.md.
                 bits -= 1
                 hi -= 1
         return Memory(st.name, "state", False, bits, tuple(st.shape)), lo, hi, "clip"
@@ -352,5 +352,5 @@ def _lower_phases(g: Graph, p: Program, pool_freeze: int | None, hold_pool: bool
 
 def default_lr_shift(beta: float, lr: float = 0.05, batch: int = 32) -> int:
     """The shift giving the float EP step lr (mean over a batch) for a batch-summed update:
-    2^-lr_shift ~= lr / (2 beta batch) (see ISA.md, learning step)."""
+    2^-lr_shift ~= lr / (2 beta batch) (see docs/isa.md, learning step)."""
     return int(round(-math.log2(lr / (2 * abs(beta) * batch))))
