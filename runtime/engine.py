@@ -50,7 +50,7 @@ from epc.compiler.errors import EpcError
 from epc.compiler.ir import Graph, op_weights
 
 from . import kernels as K
-from .settle import settle_walk
+from .settle import DeferredStops, settle_walk
 
 Tensor = torch.Tensor
 EXPLODE = 1e6   # |state| above this in an unbounded state counts as divergence
@@ -155,6 +155,13 @@ class Engine:
         self._wire_links(graph)
         self._prepare_costs(graph)
         self.num_classes = int(np.prod(self.shapes[self.output]))
+        # data-parallel runs (runtime/distributed.py): each process settles its shard of one
+        # batch, and the batch stops when all of it has settled, so a stop is decided on
+        # the largest changes over the processes: `stop_sync` maps a tensor of this
+        # process's values to their maxima over the processes (None: one process, the batch
+        # is all here). The settles defer those decisions (runtime/settle.py, `_stops`).
+        self.stop_sync = None
+        self._stops: DeferredStops | None = None
 
     def _prepare_links(self, graph: Graph) -> None:
         """Every coupling as a Link: its fast path, whether its contexts follow the source
@@ -523,11 +530,22 @@ class Engine:
         # the max-pool selections freeze once, unless they came frozen
         pooled = any(l.needs_ctx for l in self.links)
         freeze_at = freeze_after if routing is None and pooled else None
+        stops = self.deferred_stops()
         sweeps = settle_walk(run, S, self.classes if mode == "colour" else [self.settled],
                              max_sweeps=max_sweeps, tol=tol, freeze_at=freeze_at,
                              units=_part_sizes(parts, batch["n"]),
-                             observe=run.observe if trace else None)
+                             observe=run.observe if trace else None,
+                             stops=stops, kind=(parts is not None, run.nudged))
         return run.result(sweeps, tol)
+
+    def deferred_stops(self) -> DeferredStops | None:
+        """The stop decisions' state for `stop_sync` (None in one process): kept while the
+        same reduction is attached, since its plan learns from earlier settles."""
+        if self.stop_sync is None:
+            return None
+        if self._stops is None or self._stops.reduce is not self.stop_sync:
+            self._stops = DeferredStops(self.stop_sync)
+        return self._stops
 
     def _routing_rows(self, routing: dict | None, take) -> dict | None:
         """Frozen max-pool selections with `take` applied to their batch rows."""

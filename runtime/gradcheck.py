@@ -105,7 +105,7 @@ def implicit_gradient(eng: Engine, batch: dict, s_star: dict, labels: torch.Tens
         ins = [s0[j] for j in eng.settled]
         blocks = n if drop_samples else 1    # each sample, or the batch as one
         v, d, done, kept, it = _adjoint_iteration(outs, ins, g, blocks, iters, tol,
-                                                  drop_samples, eng.device)
+                                                  drop_samples, eng.device, eng.stop_sync)
         factor = 1.0
         if drop_samples:
             # samples still short of the tolerance when the budget ran out are left out too
@@ -130,10 +130,13 @@ def implicit_gradient(eng: Engine, batch: dict, s_star: dict, labels: torch.Tens
 
 
 def _adjoint_iteration(outs: list, ins: list, g: list, blocks: int, iters: int, tol: float,
-                       drop_samples: bool, device) -> tuple:
+                       drop_samples: bool, device, stop_sync=None) -> tuple:
     """v <- g + J^T v (J: the sweep's Jacobian at s*, through autograd of `outs` w.r.t.
     `ins`) until every block has converged or left. Returns (v, per block its last change
-    d, converged, still kept, iterations run)."""
+    d, converged, still kept, iterations run).
+
+    stop_sync (data parallel, `Engine.stop_sync`): the batch's iteration runs until every
+    process's part of it has finished, as one process's does for the whole batch."""
     v = [x.clone() for x in g]
     # per block: its last change d of v, smallest change seen, converged, and still in the
     # gradient. The tests are made in float64, on the float32 maxima as the batch's always
@@ -159,7 +162,12 @@ def _adjoint_iteration(outs: list, ins: list, g: list, blocks: int, iters: int, 
         best = torch.minimum(best, d)
         v = nv
         # one sync: any block to stop now, and has every block still in converged
-        any_bad, finished = torch.stack([bad.any(), (done | ~kept | bad).all()]).tolist()
+        flags = torch.stack([bad.any(), (done | ~kept | bad).all()])
+        if stop_sync is not None:
+            # 'all finished' is 1 - the max over the processes of 'some block unfinished'
+            unfinished = stop_sync((~flags[1]).to(torch.float32).reshape(1))
+            flags[1] = unfinished[0] == 0
+        any_bad, finished = flags.tolist()
         if any_bad:
             kept &= ~bad
             if drop_samples:      # the diverging samples leave; the rest go on
