@@ -92,6 +92,8 @@ RULES: dict[str, Rule] = {
     "mix": _real(lambda v: 0 <= v <= 1, "between 0 and 1"),
     "skip_gain": _real(lambda v: v > 0, "a positive number"),
     "feedback_gain": Rule("a number in (0, 1] or auto", _feedback_gain_ok, _feedback_gain),
+    # a timedelta of more than about 10^14 seconds overflows; a million is 11.6 days
+    "dist_timeout": _real(lambda v: 0 < v <= 1e6, "a number of seconds in (0, 1000000]"),
     # choices
     "schedule": _choice("colour", "sync", aliases={"color": "colour"}),
     "cost": _choice("mse", "ce"),

@@ -446,8 +446,8 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
           resume: bool = False, stop_after: int | None = None,
           metrics_json: str | None = None, plot: str | None = None,
           divergence: str = "stop", memory_limit: "str | int | None" = None,
-          dataset: Any = None, progress: Callable | None = None,
-          on_epoch: Callable | None = None) -> dict:
+          dist_timeout: float = 300.0, dataset: Any = None,
+          progress: Callable | None = None, on_epoch: Callable | None = None) -> dict:
     """`epc train`: train a compiled network with Equilibrium Propagation, or a
     neuromorphic program by on-chip learning in the simulator. Returns the metrics.
 
@@ -465,6 +465,11 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
     record's `divergence_warning`).
     `memory_limit`: what settling, resized data and the model's declared sizes may take
     (compiler/limits.py; default 1G or $EPC_MEMORY_LIMIT).
+    Data parallel (float bundles): under `torchrun --nproc-per-node N -m epc train ...`, or
+    called inside an initialised torch.distributed process group, the processes split each
+    global batch of `batch_size` and end at the weights one process reaches (see
+    runtime/distributed.py); `dist_timeout` (seconds) bounds every collective when epc
+    forms the group itself (under torchrun).
     """
     given = dict(locals())
     _check_options(given)
@@ -476,6 +481,7 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
                   else [])
     if is_program(model):
         model = os.fspath(model)
+        _one_process(f"{model}: on-chip learning")
         if augment is not None:
             raise EpcError(f"{model}: --augment applies to float bundles; on-chip learning "
                            f"reads the data set as it is")
@@ -505,8 +511,17 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
                        freeze_pool=freeze_pool, augment=augment, device=device,
                        threads=threads, checkpoint=_path(checkpoint), resume=resume,
                        stop_after=stop_after, metrics_json=_path(metrics_json),
-                       plot=_path(plot), divergence=divergence, progress=progress,
-                       on_epoch=on_epoch)
+                       plot=_path(plot), divergence=divergence, dist_timeout=dist_timeout,
+                       progress=progress, on_epoch=on_epoch)
+
+
+def _one_process(what: str) -> None:
+    """Refuse a command that runs in one process when torchrun started several."""
+    from epc.runtime.distributed import launched_processes
+    if launched_processes() > 1:
+        raise EpcError(f"{what} runs in one process, and torchrun started "
+                       f"{launched_processes()}: run it without torchrun (data-parallel "
+                       f"runs are `epc train` and `epc eval` of float bundles)")
 
 
 def _bundle_arg(model: Any) -> Any:
@@ -537,6 +552,7 @@ def evaluate(model: Any, *, data: str = "digits", data_dir: str | None = None,
                   [Output("--metrics-json", _path(metrics_json))])
     if is_program(model):
         model = os.fspath(model)
+        _one_process(f"{model}: the integer simulator")
         _refuse_given(evaluate, given, [k for k in _defaults(evaluate)
                                         if k not in PROGRAM_EVAL_OPTIONS],
                       _program_only_error(model))
@@ -585,6 +601,7 @@ def check_gradients(model: Any, *, data: str = "digits", data_dir: str | None = 
     settle)."""
     _check_options(locals())
     _refuse_program(model, "check-gradients")
+    _one_process("epc check-gradients")
     check_outputs([model, _data_inputs(data, data_dir)],
                   [Output("--metrics-json", _path(metrics_json))])
     from epc.runtime.api import check_gradients as check_float
@@ -605,6 +622,7 @@ def run(program: Any, *, data: str = "digits", data_dir: str | None = None,
     cycling samples, overflows, resources)."""
     from epc.runtime.programs import run_program
     _check_options(locals())
+    _one_process("epc run")
     check_outputs([program, _data_inputs(data, data_dir)],
                   [Output("--metrics-json", _path(metrics_json))])
     return run_program(os.fspath(program), data=data, data_dir=data_dir, resize=resize,

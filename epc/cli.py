@@ -112,28 +112,45 @@ def _internal_error(e: BaseException) -> str:
             f"this is a bug in epc, please report it: {where}")
 
 
+def _rank() -> int:
+    """This process's rank when torchrun started several (0 otherwise)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE",
+                                                                      "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
 def _guarded(run: Callable[[], object]) -> int:
     try:
         rv = run()
         return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
     except EpcError as e:
-        _say(_one_line(f"epc: error: {e}"))
+        # under torchrun every process runs the same command and meets the same bad input:
+        # process 0 says it; another says only what happened to it alone (it lost the
+        # others, or could not join them)
+        if _rank() == 0 or getattr(e, "this_process_only", False):
+            _say(_one_line(f"epc: error: {e}"))
         return 2
     except NoArgsIsHelpError as e:     # `epc` or `epc compile` alone: show the help
-        e.show()
+        if _rank() == 0:
+            e.show()
         return 2
     except ClickException as e:        # a usage error: unknown flag, bad value type
         ctx = getattr(e, "ctx", None)
         path = ctx.command_path if ctx is not None else "epc"
-        _say(_one_line(f"epc: error: {e.format_message()} (see `{path} --help`)"))
+        if _rank() == 0:
+            _say(_one_line(f"epc: error: {e.format_message()} (see `{path} --help`)"))
         return e.exit_code
     except _Interrupted as e:
         _stop_interrupts()
-        _say(_one_line(f"epc: {e}"))
+        if _rank() == 0:
+            _say(_one_line(f"epc: {e}"))
         return 130
     except (KeyboardInterrupt, Abort):
         _stop_interrupts()
-        _say("epc: interrupted")
+        if _rank() == 0:
+            _say("epc: interrupted")
         return 130
     except Exception as e:             # a bug in epc
         if os.environ.get("EPC_DEBUG", "") not in ("", "0"):
@@ -748,6 +765,10 @@ def train_cmd(
                      "checkpoint keeps the epoch before; warn: a warning line, and the "
                      "metrics' divergence_warnings)"),
     memory_limit: Optional[str] = MEMORY_LIMIT_OPT,
+    dist_timeout: float = typer.Option(
+        300.0, help="data-parallel runs under torchrun: seconds a collective waits for the "
+                    "other processes before the run stops with an error (a process that "
+                    "died or hangs)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress (epoch lines, bar)"),
 ):
     program = api.is_program(model)
@@ -763,7 +784,7 @@ def train_cmd(
             tol=tol, warm_start=warm_start, freeze_pool=freeze_pool, augment=augment,
             device=device, threads=threads, checkpoint=checkpoint, resume=resume,
             stop_after=stop_after, metrics_json=metrics_json, plot=plot,
-            divergence=divergence, memory_limit=memory_limit,
+            divergence=divergence, memory_limit=memory_limit, dist_timeout=dist_timeout,
             progress=None if program else show.batch,
             on_epoch=_program_epoch(show, epochs) if program else _float_epoch(show))
     except KeyboardInterrupt:
@@ -775,7 +796,8 @@ def train_cmd(
         raise
     finally:
         show.close()
-    typer.echo(_program_train_summary(m) if program else _train_summary(m))
+    if _rank() == 0:       # (under torchrun, process 0 reports for the run)
+        typer.echo(_program_train_summary(m) if program else _train_summary(m))
 
 
 # --------------------------------------------------------------------------- eval
@@ -823,6 +845,8 @@ def eval_cmd(
                      split=split, batch_size=batch_size, schedule=schedule,
                      max_sweeps=max_sweeps, tol=tol, device=device, threads=threads,
                      metrics_json=metrics_json, memory_limit=memory_limit)
+    if _rank() != 0:                 # under torchrun, process 0 reports for the run
+        return
     if "settling" not in r:          # a neuromorphic program, in the simulator
         typer.echo(f"{model} on {data} (test, {r['samples']} samples, integer simulator): "
                    f"accuracy {pct(r['accuracy'])}, sweeps max {r['max_sweeps']} median "

@@ -13,6 +13,7 @@ any pair of torch Datasets of (input, label) items instead of a named data set.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -28,6 +29,7 @@ from epc.compiler.ir import Graph
 from epc.compiler.limits import check_memory, numel
 
 from .data import Data, load_dataset
+from .distributed import DEFAULT_TIMEOUT, DataParallel, joined, process_device
 from .engine import Engine, schedule_mode
 from .memory import retain_freed_memory
 from .train import (Diverged, Trainer, TrainConfig, TrainState, evaluate as _evaluate,
@@ -62,7 +64,8 @@ def make_engine(src: Any, *, device: str | None = None, dtype: str = "float32",
                 schedule: str | None = None) -> tuple[Engine, Bundle, str]:
     flags.check("dtype", dtype)
     b, name = load_bundle(src)
-    return Engine(b.graph, device=_device(device), dtype=DTYPES[dtype], mode=schedule), b, name
+    dev = device if isinstance(device, torch.device) else _device(device)
+    return Engine(b.graph, device=dev, dtype=DTYPES[dtype], mode=schedule), b, name
 
 
 def _data_for(eng: Engine, data: str, data_dir, resize, channels, dataset) -> Data:
@@ -107,6 +110,38 @@ def _write_json(path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
+def _fingerprint(trainer: Trainer) -> bytes:
+    """What a process is about to run, as bytes that must agree over a data-parallel run:
+    its options, data, weights and optimiser state."""
+    import dataclasses
+    import hashlib
+    h = hashlib.sha256()
+    d, eng = trainer.data, trainer.eng
+    h.update(json.dumps({"config": dataclasses.asdict(trainer.cfg), "data": d.name,
+                         "epoch": trainer.state.epoch,
+                         "shapes": [list(d.train.x.shape), list(d.test.x.shape)]},
+                        sort_keys=True).encode())
+    for split in (d.train, d.test):
+        h.update(split.y.numpy().tobytes())
+        h.update(repr(float(split.x.sum(dtype=torch.float64))).encode())
+    for k in sorted(eng.params):
+        h.update(eng.params[k].detach().cpu().numpy().tobytes())
+    for k, v in sorted(trainer.opt.state_arrays().items()):
+        h.update(k.encode() + v.tobytes())
+    return h.digest()
+
+
+def _check_timeout(formed: bool, timeout: float) -> None:
+    """--dist-timeout is a setting of the group epc forms; a group that exists already
+    (the Python API inside the caller's own) keeps its own."""
+    import torch.distributed as dist
+    if not formed and timeout != DEFAULT_TIMEOUT and dist.is_available() \
+            and dist.is_initialized():
+        raise EpcError("--dist-timeout applies when epc forms the process group (under "
+                       "torchrun); this process group was formed by the caller, with its "
+                       "own timeout")
+
+
 def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize=None,
           channels: int | None = None, dataset=None, epochs: int = 30, batch_size: int = 32,
           optimizer: str = "adam", lr: float = 5e-4, momentum: float = 0.9,
@@ -119,8 +154,8 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
           device: str | None = None, threads: int | None = None,
           checkpoint: str | None = None, resume: bool = False, stop_after: int | None = None,
           metrics_json: str | None = None, plot: str | None = None,
-          divergence: str = "stop", progress: Callable | None = None,
-          on_epoch: Callable | None = None) -> dict:
+          divergence: str = "stop", dist_timeout: float = DEFAULT_TIMEOUT,
+          progress: Callable | None = None, on_epoch: Callable | None = None) -> dict:
     """Train with EP; returns the metrics dict (also written to `metrics_json`).
 
     Metrics: train_accuracy (running accuracy of the last epoch's free phases),
@@ -137,6 +172,13 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
     healthy start; `divergence='stop'` raises Diverged (the metrics file then says
     `diverged`, the checkpoint keeps the epoch before), 'warn' records
     `divergence_warning` in the epoch and goes on.
+
+    Data parallel (runtime/distributed.py): under torchrun (WORLD_SIZE > 1 in the
+    environment) this forms a process group (gloo, or nccl for CUDA; `dist_timeout`
+    seconds on every collective) and leaves it at the end; inside a process group the
+    caller formed, it uses that one. Every process settles its shard of each global batch
+    of `batch_size`; process 0 alone writes the checkpoint, metrics and plot and calls
+    `progress` and `on_epoch`; every process returns the same metrics.
     """
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                       momentum=momentum, weight_decay=weight_decay, decoupled_wd=decoupled_wd,
@@ -148,11 +190,21 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
     if resume and not checkpoint:
         raise EpcError("--resume needs --checkpoint DIR (the run's checkpoint directory)")
     flags.check("stop_after", stop_after)
-    _device(device)
+    flags.check("dist_timeout", dist_timeout)
+    dev = _device(device)
     configure_process(threads)
     torch.manual_seed(seed)
-    eng, base, name = make_engine(src, device=device, schedule=schedule)
-    d = _data_for(eng, data, data_dir, resize, channels, dataset)
+    with joined(dev, dist_timeout) as formed:
+        _check_timeout(formed, dist_timeout)
+        return _train(src, cfg, process_device(dev), data=data, data_dir=data_dir,
+                      resize=resize, channels=channels, dataset=dataset, schedule=schedule,
+                      resume=resume, checkpoint=checkpoint, stop_after=stop_after,
+                      metrics_json=metrics_json, plot=plot, progress=progress,
+                      on_epoch=on_epoch)
+
+
+def _check_train_memory(eng: Engine, d: Data, cfg: TrainConfig, name: str) -> None:
+    """Refuse empty splits, and batches (with warm-start buffers) past the memory limit."""
     n_train = int(d.train.x.shape[0])
     if n_train == 0 or int(d.test.x.shape[0]) == 0:
         raise EpcError(f"{d.name}: the {'training' if n_train == 0 else 'test'} split is "
@@ -167,16 +219,40 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
     check_batch_memory(eng, biggest, name, extra=warm,
                        whose="each epoch's test evaluation in batches" if by_eval else "",
                        hint="" if by_eval else "lower --batch-size, or ")
-    trainer = Trainer(eng, d, cfg)
-    if checkpoint:
-        # a write killed before its rename leaves .last.epc.*.tmp: this run replaces it
-        remove_stale_temporaries(Path(checkpoint) / "last.epc")
-    if resume:
-        ck, where = load_checkpoint(checkpoint)
-        if ck.target != "torch":
-            raise EpcError(f"{where}: incompatible checkpoint: target {ck.target!r}, not 'torch'")
-        trainer.restore(ck, where)
 
+
+def _train(src, cfg: TrainConfig, dev: torch.device, *, data, data_dir, resize, channels,
+           dataset, schedule, resume, checkpoint, stop_after, metrics_json, plot, progress,
+           on_epoch) -> dict:
+    dp = DataParallel.current(dev)
+    main = dp is None or dp.main
+    box = {}
+    # set up alike in every process: an error in one is raised in all, and what they are
+    # about to run must agree
+    with (dp.together(lambda: _fingerprint(box["trainer"])) if dp is not None
+          else contextlib.nullcontext()):
+        eng, base, name = make_engine(src, device=dev, schedule=schedule)
+        d = _data_for(eng, data, data_dir, resize, channels, dataset)
+        _check_train_memory(eng, d, cfg, name)
+        trainer = box["trainer"] = Trainer(eng, d, cfg, dp)
+        if checkpoint and main:
+            # a write killed before its rename leaves .last.epc.*.tmp: this run replaces it
+            remove_stale_temporaries(Path(checkpoint) / "last.epc")
+        if resume:
+            ck, where = load_checkpoint(checkpoint)
+            if ck.target != "torch":
+                raise EpcError(f"{where}: incompatible checkpoint: target {ck.target!r}, "
+                               f"not 'torch'")
+            trainer.restore(ck, where)
+    return _train_run(trainer, cfg, base, name, d, eng, dp, main, checkpoint=checkpoint,
+                      stop_after=stop_after, metrics_json=metrics_json, plot=plot,
+                      progress=progress, on_epoch=on_epoch)
+
+
+def _train_run(trainer: Trainer, cfg: TrainConfig, base: Bundle, name: str, d: Data,
+               eng: Engine, dp: DataParallel | None, main: bool, *, checkpoint, stop_after,
+               metrics_json, plot, progress, on_epoch) -> dict:
+    """The epochs of `train`, with what process 0 writes and reports."""
     t0 = time.perf_counter()
     ntrain = d.train.x.shape[0]
 
@@ -205,6 +281,8 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
             "divergence": cfg.divergence,
             "divergence_warnings": [h["divergence_warning"] for h in st.history
                                     if "divergence_warning" in h],
+            # data parallel: the processes of the run (their global batch is batch_size)
+            "processes": trainer.world,
             "history": st.history,
         }
         if checkpoint:
@@ -212,6 +290,8 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
         return m
 
     def epoch_done(tr: Trainer, rec: dict):
+        if not main:        # process 0 writes and reports for the run
+            return
         if checkpoint:
             save_checkpoint(tr, base, checkpoint)
         if metrics_json:
@@ -222,9 +302,10 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
             on_epoch(rec)
 
     try:
-        st = trainer.run(progress=progress, on_epoch=epoch_done, stop_after=stop_after)
+        st = trainer.run(progress=progress if main else None, on_epoch=epoch_done,
+                         stop_after=stop_after)
     except Diverged as e:
-        if metrics_json:     # the file says how the run ended, with the epoch that failed
+        if metrics_json and main:  # the file says how the run ended, with the epoch that failed
             st = trainer.state
             hist = st.history + ([e.record] if e.record else [])
             m = metrics_of(TrainState(st.epoch, hist, st.seconds), hist[-1] if hist else {
@@ -236,17 +317,19 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
     last = st.history[-1] if st.history else None
     if last is None:  # zero epochs: report the model as it is
         te = _evaluate(eng, d.test.x, d.test.y, batch_size=cfg.eval_batch_size,
-                       max_sweeps=cfg.max_sweeps, tol=cfg.tol, mode=cfg.mode)
+                       max_sweeps=cfg.max_sweeps, tol=cfg.tol, mode=cfg.mode, dp=dp)
         tr = _evaluate(eng, d.train.x, d.train.y, batch_size=cfg.eval_batch_size,
-                       max_sweeps=cfg.max_sweeps, tol=cfg.tol, mode=cfg.mode)
+                       max_sweeps=cfg.max_sweeps, tol=cfg.tol, mode=cfg.mode, dp=dp)
         last = {"train_accuracy": tr["accuracy"], "test_accuracy": te["accuracy"],
                 "test_loss": te["loss"], "unconverged_fraction": tr["unconverged_fraction"]}
     metrics = metrics_of(st, last, in_progress=False)
-    if metrics_json:
+    if main and metrics_json:
         _write_json(metrics_json, metrics)
-    if plot:
+    if main and plot:
         from .plots import plot_run
         plot_run(st.history, trainer.sweep_trace, plot, title=f"{name} on {d.name}")
+    if dp is not None:      # every process returns once process 0's files are written
+        dp.barrier("the run's end")
     return metrics
 
 
@@ -255,13 +338,46 @@ def evaluate(src: Any, *, data: str = "digits", data_dir: str | None = None, res
              batch_size: int = 256, schedule: str | None = None, max_sweeps: int | None = None,
              tol: float | None = None, device: str | None = None, threads: int | None = None,
              json_path: str | None = None) -> dict:
-    """Free-phase accuracy / loss / convergence of a (trained) bundle on a split."""
+    """Free-phase accuracy / loss / convergence of a (trained) bundle on a split. Under
+    torchrun, or inside the caller's process group, each batch is split over the
+    processes (as in training) and process 0 writes `json_path`."""
     for k, v in (("split", split), ("batch_size", batch_size), ("schedule", schedule),
                  ("max_sweeps", max_sweeps), ("tol", tol)):
         flags.check(k, v)
-    _device(device)
     configure_process(threads)
-    eng, b, name = make_engine(src, device=device, schedule=schedule)
+    dev = _device(device)
+    with joined(dev, DEFAULT_TIMEOUT):
+        return _evaluate_run(src, process_device(dev), data=data, data_dir=data_dir,
+                             resize=resize, channels=channels, dataset=dataset, split=split,
+                             batch_size=batch_size, schedule=schedule,
+                             max_sweeps=max_sweeps, tol=tol, json_path=json_path)
+
+
+def _evaluate_run(src, dev: torch.device, *, data, data_dir, resize, channels, dataset, split,
+                  batch_size, schedule, max_sweeps, tol, json_path) -> dict:
+    dp = DataParallel.current(dev)
+    with dp.together() if dp is not None else contextlib.nullcontext():
+        eng, b, name, settling, given, trained, d = _eval_setup(
+            src, dev, schedule, max_sweeps, tol, data, data_dir, resize, channels, dataset)
+    s = d.test if split == "test" else d.train
+    t0 = time.perf_counter()
+    r = _evaluate(eng, s.x, s.y, batch_size=batch_size, max_sweeps=settling["max_sweeps"],
+                  tol=settling["tol"], mode=settling["mode"], dp=dp)
+    r.update({"model": name, "data": d.name, "split": split, "seconds": time.perf_counter() - t0,
+              "processes": dp.world if dp is not None else 1,
+              "settling": {**settling,
+                           "from_training": sorted(k for k, v in given.items()
+                                                   if v is None and trained.get(k) is not None)}})
+    if json_path and (dp is None or dp.main):
+        _write_json(json_path, r)
+    if dp is not None:
+        dp.barrier("the evaluation's end")
+    return r
+
+
+def _eval_setup(src, dev, schedule, max_sweeps, tol, data, data_dir, resize, channels,
+                dataset):
+    eng, b, name = make_engine(src, device=dev, schedule=schedule)
     # a checkpoint settles as its training run did (the test accuracy it reported used
     # these), unless the caller says otherwise
     ts = b.docs.get("train_state")
@@ -278,16 +394,7 @@ def evaluate(src: Any, *, data: str = "digits", data_dir: str | None = None, res
     if int(s.x.shape[0]) == 0:
         raise EpcError(f"{d.name}: the {split} split is empty")
     check_batch_memory(eng, min(batch_size, int(s.x.shape[0])), name)
-    t0 = time.perf_counter()
-    r = _evaluate(eng, s.x, s.y, batch_size=batch_size, max_sweeps=settling["max_sweeps"],
-                  tol=settling["tol"], mode=settling["mode"])
-    r.update({"model": name, "data": d.name, "split": split, "seconds": time.perf_counter() - t0,
-              "settling": {**settling,
-                           "from_training": sorted(k for k, v in given.items()
-                                                   if v is None and trained.get(k) is not None)}})
-    if json_path:
-        _write_json(json_path, r)
-    return r
+    return eng, b, name, settling, given, trained, d
 
 
 def check_gradients(src: Any, *, data: str = "digits", data_dir: str | None = None,

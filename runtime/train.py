@@ -15,6 +15,12 @@ Runs are reproducible: the epoch's shuffle comes from a generator seeded with
 (DIR/last.epc, a normal bundle with target 'torch') stores weights, optimiser state,
 warm-start buffers, the epoch and the history, so `resume` continues exactly where the
 run stopped.
+
+Data parallel (a `DataParallel` context, runtime/distributed.py): every process draws the
+same global batches, settles its shard of each, and the step's estimates and counts are
+summed over the processes before the (identical) update; the epoch records and the
+evaluation are the whole batch's and the whole split's, the same in every process. A
+checkpoint records the number of processes, and resuming with another is refused.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ from epc.compiler.errors import EpcError
 from . import deviation
 from .augment import Augment, epoch_generator
 from .data import Data
+from .distributed import DataParallel, every_process
 from .engine import Engine, schedule_mode
 from .gradcheck import implicit_gradient
 from .learn import NonFiniteGradient, Optimizer, ep_gradient
@@ -173,7 +180,8 @@ def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256,
              max_sweeps: int | None = None, tol: float | None = None,
-             mode: str | None = None, predictions: bool = False) -> dict:
+             mode: str | None = None, predictions: bool = False,
+             dp: DataParallel | None = None) -> dict:
     """Free-phase accuracy, loss and convergence over a split (and, with `predictions`,
     the predicted class of every sample, as a numpy array).
 
@@ -186,7 +194,13 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
     at least two classes but the predictions one (else None): the network's output no
     longer depends on its input, even where its states still vary a little (a collapsed
     deep net keeps a spread of ~1e-5, above DEAD_SPAN).
+
+    With `dp`, each batch is split over the processes (runtime/distributed.py) and the
+    result, the whole split's, is the same in every process.
     """
+    if dp is not None:
+        return _evaluate_sharded(eng, x, y, dp, batch_size=batch_size, max_sweeps=max_sweeps,
+                                 tol=tol, mode=mode, predictions=predictions)
     correct, loss, unconv, sweeps, nb = 0, 0.0, 0, 0, 0
     preds = []
     predicted: set[int] = set()      # the classes predicted / labelled so far
@@ -229,6 +243,88 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
     return out
 
 
+def _evaluate_sharded(eng: Engine, x: torch.Tensor, y: torch.Tensor, dp: DataParallel, *,
+                      batch_size: int, max_sweeps, tol, mode, predictions: bool) -> dict:
+    """`evaluate` with each batch split over the processes: the settles stop as the whole
+    batch's would, and the counts, the states' spans and the classes predicted and labelled
+    are reduced at the end (three collectives; the predictions gathered when asked)."""
+    dp.attach(eng)
+    sums = torch.zeros(3, dtype=torch.float64)      # correct, loss, unconverged
+    sweeps, nb = 0, 0
+    k = eng.num_classes
+    predicted = torch.zeros(k, dtype=torch.float64)
+    labelled = torch.zeros(k, dtype=torch.float64)
+    watch = [j for j in eng.settled if eng.states[j].role in ("hidden", "output")]
+    lo: dict[str, torch.Tensor] = {}
+    hi: dict[str, torch.Tensor] = {}
+    preds, sizes = [], []            # this process's predictions; every shard's size
+    n = x.shape[0]
+    for i in range(0, n, batch_size):
+        sh = dp.shard(min(batch_size, n - i))
+        xb = sh.rows(x[i:i + batch_size])
+        yb = sh.rows(y[i:i + batch_size]).to(eng.device)
+        batch = eng.prepare(xb)
+        r = eng.settle(batch, max_sweeps=max_sweeps, tol=tol, mode=mode)
+        bad = eng.check_finite(r.states)
+        dp.fail_together(f"evaluation diverged: {bad}" if bad else None, Diverged,
+                         "the divergence check")
+        sweeps += r.sweeps
+        nb += 1
+        sizes.append(sh.sizes)
+        if not sh.size:          # a copy of a sample of the batch, settled for the stops
+            continue
+        for j in watch:
+            a, b = r.states[j].amin(0), r.states[j].amax(0)
+            lo[j] = torch.minimum(lo[j], a) if j in lo else a
+            hi[j] = torch.maximum(hi[j], b) if j in hi else b
+        p = eng.predict(r.states)
+        if predictions:
+            preds.append(p)
+        predicted[p.cpu()] = 1.0
+        labelled[yb.cpu()] = 1.0
+        sums += torch.tensor([float((p == yb).sum()), float(eng.loss(r.states, batch, yb).sum()),
+                              float(r.unconverged)], dtype=torch.float64)
+    total = dp.sum(torch.cat([sums, predicted, labelled]), "the evaluation's counts")
+    correct, loss, unconv = total[:3].tolist()
+    one_class = int(total[3 + k:].gt(0).sum()) >= 2 and int(total[3:3 + k].gt(0).sum()) == 1
+    constant = int(total[3:3 + k].gt(0).nonzero()[0]) if one_class else None
+    spans = []
+    if watch and n >= 2:
+        # -lo and hi of every watched state in one bucket, maxima over the processes (a
+        # process that saw no sample contributes -inf)
+        parts = []
+        for j in watch:
+            none = torch.full((eng.widths[j],), -math.inf, dtype=eng.dtype, device=eng.device)
+            parts += [(-lo[j]).reshape(-1) if j in lo else none,
+                      hi[j].reshape(-1) if j in hi else none]
+        m = dp.max(torch.cat(parts), "the evaluation's state spans")
+        at = 0
+        for j in watch:
+            w = eng.widths[j]
+            lo_j, hi_j = -m[at:at + w], m[at + w:at + 2 * w]
+            spans.append(float((hi_j - lo_j).amax()))
+            at += 2 * w
+    out = {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1),
+           "unconverged_fraction": unconv / max(n, 1), "mean_sweeps": sweeps / max(nb, 1),
+           "samples": n, "dead_states": [j for j, s in zip(watch, spans) if s <= DEAD_SPAN],
+           "constant_prediction": constant}
+    if predictions:
+        mine = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64,
+                                                          device=eng.device)
+        per = dp.gather_rows(mine, [sum(s[r] for s in sizes) for r in range(dp.world)],
+                             "the evaluation's predictions")
+        # back to the split's order: batch by batch, each batch's shards in rank order
+        at = [0] * dp.world
+        order = []
+        for s in sizes:
+            for r in range(dp.world):
+                order.append(per[r][at[r]:at[r] + s[r]])
+                at[r] += s[r]
+        out["predictions"] = (torch.cat(order).cpu().numpy() if order
+                              else np.zeros(0, dtype=np.int64))
+    return out
+
+
 @dataclass
 class TrainState:
     epoch: int = 0                       # epochs completed
@@ -237,10 +333,21 @@ class TrainState:
 
 
 class Trainer:
-    """Owns the engine, optimiser and warm-start buffers of one run."""
+    """Owns the engine, optimiser and warm-start buffers of one run (with `dp`, this
+    process's part of a data-parallel run)."""
 
-    def __init__(self, eng: Engine, data: Data, cfg: TrainConfig):
+    def __init__(self, eng: Engine, data: Data, cfg: TrainConfig,
+                 dp: DataParallel | None = None):
         self.eng, self.data, self.cfg = eng, data, cfg.check()
+        self.dp = dp
+        self.world = dp.world if dp is not None else 1
+        if dp is not None:
+            if cfg.batch_size < dp.world:
+                raise EpcError(f"--batch-size {cfg.batch_size} is smaller than the "
+                               f"{dp.world} processes of the run: each process settles a "
+                               f"share of every batch (the global batch), so it needs at "
+                               f"least one sample per process")
+            dp.attach(eng)
         steps = cfg.epochs * math.ceil(data.train.x.shape[0] / cfg.batch_size)
         self.opt = Optimizer(eng.params, eng.learnable, kind=cfg.optimizer, lr=cfg.lr,
                              momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -263,7 +370,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def step(self, xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor, epoch: int) -> dict:
-        eng, cfg = self.eng, self.cfg
+        """One step on the batch xb, yb (rows idx of the training set); with data
+        parallelism the global batch, of which this process settles its shard."""
+        eng, cfg, dp = self.eng, self.cfg, self.dp
+        sh = None
+        if dp is not None:
+            sh, idx_all = dp.shard(len(idx)), idx
+            xb, yb, idx = sh.rows(xb), sh.rows(yb), sh.rows(idx)
         batch = eng.prepare(xb)
         yb = yb.to(eng.device)
         init = None
@@ -274,9 +387,12 @@ class Trainer:
         if free.trace:
             self.sweep_trace = free.trace
         bad = eng.check_finite(free.states)
-        if bad:
-            raise Diverged(f"training diverged in epoch {epoch + 1}: {bad} after the free "
-                           f"phase; lower --lr or --beta, or add --clip")
+        diverged = (f"training diverged in epoch {epoch + 1}: {bad} after the free phase; "
+                    f"lower --lr or --beta, or add --clip") if bad else None
+        if diverged and dp is None:
+            raise Diverged(diverged)
+        # (data parallel: said with the step's all-reduce, below; meanwhile the nudged
+        # phases of a diverged shard stop at once, on non-finite changes)
         nsw = cfg.nudge_sweeps if cfg.nudge_sweeps is not None else eng.nudge_sweeps
         rt = (free.routing or eng.routing(free.states, batch)) if cfg.freeze_pool else None
         skipped = excluded = 0
@@ -308,6 +424,17 @@ class Trainer:
             grads = ep_gradient(eng, batch, plus.states, free.states, cfg.beta, one_sided=True,
                                 routing=rt, labels=yb)
             nudged_sweeps = plus.sweeps
+        # (from the free states alone: the same before or after the update)
+        correct, loss = torch.stack([(eng.predict(free.states) == yb).sum().to(eng.dtype),
+                                     eng.loss(free.states, batch, yb).sum()]).tolist()
+        unconverged = free.unconverged
+        if dp is not None:
+            if not sh.size:     # a copy settled for the collectives: it counts for nothing
+                correct = loss = unconverged = excluded = 0
+            grads, skipped, (correct, loss, unconverged, excluded, nbad) = self._all_reduce(
+                grads, sh, excluded, [correct, loss, unconverged, excluded, bool(diverged)])
+            if nbad:
+                dp.fail_together(diverged, Diverged, "the divergence check", known=True)
         try:
             if grads is None:
                 self.opt.skip()
@@ -315,17 +442,53 @@ class Trainer:
             else:
                 gnorm = self.opt.step(grads)
         except NonFiniteGradient as e:
-            raise Diverged(f"training diverged in epoch {epoch + 1}: the gradient of "
+            err = Diverged(f"training diverged in epoch {epoch + 1}: the gradient of "
                            f"{e.name} holds NaN/Inf; lower --lr or --beta, or add --clip")
+            raise every_process(err) if dp is not None else err
         if self.warm is not None:
-            for j in eng.settled:
-                self.warm[j][idx] = free.states[j].detach().to("cpu")
-        correct, loss = torch.stack([(eng.predict(free.states) == yb).sum().to(eng.dtype),
-                                     eng.loss(free.states, batch, yb).sum()]).tolist()
+            if dp is None:
+                for j in eng.settled:
+                    self.warm[j][idx] = free.states[j].detach().to("cpu")
+            else:       # every process keeps the whole buffer: the shards' states gathered
+                for j in eng.settled:
+                    parts = dp.gather_rows(free.states[j].detach()[:sh.size], sh.sizes,
+                                           "the warm-start gather")
+                    self.warm[j][idx_all] = torch.cat(parts).to("cpu")
         return {"correct": int(correct), "loss": loss,
-                "unconverged": free.unconverged, "free_sweeps": free.sweeps,
+                "unconverged": int(unconverged), "free_sweeps": free.sweeps,
                 "nudged_sweeps": nudged_sweeps, "grad_norm": gnorm, "skipped": skipped,
-                "excluded": excluded}
+                "excluded": int(excluded)}
+
+    def _all_reduce(self, grads: dict | None, sh, excluded: int, counts: list):
+        """Sum this process's estimate and `counts` (numbers) with the others' (one flat
+        all-reduce).
+
+        The estimate of each process is a mean over its samples (EP) or over the samples
+        its implicit gradient kept; weighted by that number, summed, and divided by the
+        sum, it is the whole batch's mean. A copy settled for an empty shard weighs 0.
+        Returns (grads or None when no process kept a sample, skipped, summed counts)."""
+        eng, dp = self.eng, self.dp
+        counts = [float(c) for c in counts]
+        weight = (sh.size - excluded if self.cfg.gradient == "implicit" else sh.size) \
+            if sh.size else 0
+        if grads is None:       # the implicit gradient kept no sample here
+            grads = {k: torch.zeros_like(eng.params[k]) for k in eng.learnable}
+        keys = [k for k in eng.learnable if k in grads]     # the same in every process
+        flat = torch.cat([grads[k].reshape(-1) * weight if weight else
+                          torch.zeros(grads[k].numel(), dtype=eng.dtype, device=eng.device)
+                          for k in keys] +
+                         [torch.tensor(counts + [weight], dtype=eng.dtype, device=eng.device)])
+        flat = dp.sum(flat, "the step's all-reduce")
+        tail = flat[-(len(counts) + 1):].tolist()
+        total = tail[-1]
+        if total == 0:            # no process kept a sample: the step applies nothing
+            return None, 1, tail[:-1]
+        out, at = {}, 0
+        for k in keys:
+            m = grads[k].numel()
+            out[k] = (flat[at:at + m] / total).view(grads[k].shape)
+            at += m
+        return out, 0, tail[:-1]
 
     # ------------------------------------------------------------------ epochs
     def run(self, *, progress: Callable | None = None, on_epoch: Callable | None = None,
@@ -359,12 +522,14 @@ class Trainer:
                              tot["correct"] / tot["seen"])
             for name in self.eng.learnable:
                 if not torch.isfinite(self.eng.params[name]).all():
-                    raise Diverged(f"training diverged in epoch {e + 1}: weight {name} holds "
+                    err = Diverged(f"training diverged in epoch {e + 1}: weight {name} holds "
                                    f"NaN/Inf; lower --lr")
+                    # (every process holds the same weights)
+                    raise every_process(err) if self.dp is not None else err
             train_secs = time.perf_counter() - t0
             te = evaluate(self.eng, self.data.test.x, self.data.test.y,
                           batch_size=cfg.eval_batch_size, max_sweeps=cfg.max_sweeps,
-                          tol=cfg.tol, mode=cfg.mode)
+                          tol=cfg.tol, mode=cfg.mode, dp=self.dp)
             rec = {"epoch": e + 1, "train_loss": tot["loss"] / n,
                    "train_accuracy": tot["correct"] / n, "test_loss": te["loss"],
                    "test_accuracy": te["accuracy"],
@@ -384,9 +549,11 @@ class Trainer:
             if why is not None:
                 msg = f"training diverged in epoch {e + 1}: {why}"
                 if cfg.divergence == "stop":
-                    raise Diverged(f"{msg}; stopped (the last checkpoint, if any, holds epoch "
+                    err = Diverged(f"{msg}; stopped (the last checkpoint, if any, holds epoch "
                                    f"{e}); lower --lr, or --divergence warn to go on",
                                    record=rec)
+                    # (decided on the reduced losses and accuracies: alike in every process)
+                    raise every_process(err) if self.dp is not None else err
                 rec["divergence_warning"] = msg
             self.state.history.append(rec)
             self.state.epoch += 1
@@ -406,7 +573,7 @@ class Trainer:
                 arrays[f"warm.{j}"] = v.numpy()
         docs = {"train_state": {"epoch": self.state.epoch, "seconds": self.state.seconds,
                                 "config": dataclasses.asdict(self.cfg),
-                                "data": self.data.name},
+                                "data": self.data.name, "processes": self.world},
                 "history": self.state.history}
         meta = dict(base.meta)
         meta["trained"] = {"epochs": self.state.epoch, "data": self.data.name}
@@ -433,6 +600,17 @@ class Trainer:
             raise EpcError(f"{where}: incompatible checkpoint: it was trained with "
                            f"{k}={old[k]!r}, this run has {k}={getattr(self.cfg, k)!r} "
                            f"(resume with the same settings)")
+        # the estimates are the same sums in any number of processes, but not the same
+        # bits: a run continues exactly only with the processes it started with
+        # (checkpoints written before data parallelism were trained by one)
+        was = ts.get("processes", 1)
+        if was != self.world:
+            how = ("in one process (epc train without torchrun)" if was == 1 else
+                   f"with {was} processes (torchrun: nodes x processes per node = {was})")
+            raise EpcError(f"{where}: incompatible checkpoint: it was trained by {was} "
+                           f"process{'es' if was != 1 else ''}, this run has {self.world}: "
+                           f"resume it {how}, or start a new run from its weights (epc "
+                           f"train {where}, without --resume)")
         if ts.get("data") != self.data.name:
             raise EpcError(f"{where}: incompatible checkpoint: trained on {ts.get('data')}, "
                            f"this run uses {self.data.name}")
