@@ -26,7 +26,8 @@ from epc.compiler.errors import EpcError
 from epc.runtime import zoo
 from epc.runtime.data import load_dataset
 from epc.runtime.distributed import DEFAULT_TIMEOUT, DataParallel, Shard
-from epc.runtime.engine import Engine, _SyncPlan
+from epc.runtime.engine import Engine
+from epc.runtime.settle import SyncPlan
 from epc.runtime.train import Trainer, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -339,7 +340,7 @@ def _steps(g, first: int | None, steps: int = 6):
     tr = Trainer(eng, d, TrainConfig(epochs=1, batch_size=64))
     if first is not None:
         eng.stop_sync = lambda t: t.clone()
-        eng._first_stops = _Always(first)
+        eng.deferred_stops().last_stops = _Always(first)
     sweeps = []
     for i in range(steps):
         idx = torch.arange(i * 64, (i + 1) * 64)
@@ -349,14 +350,15 @@ def _steps(g, first: int | None, steps: int = 6):
 
 
 class _Always(dict):
-    """A stop history that always says `first` (so _SyncPlan starts at 0.8 * first)."""
+    """A stop history that always says `first` (the plan starts there, or a little
+    before where collectives are cheap)."""
 
     def __init__(self, first):
         super().__init__()
-        self.first = int(first / _SyncPlan.LEAD) + 1
+        self.first = first
 
     def get(self, key, default=None):
-        return self.first
+        return (self.first, self.first)
 
 
 def test_shards_and_the_sync_plan():
@@ -366,11 +368,15 @@ def test_shards_and_the_sync_plan():
     empty = _shard(1, 2, 1)
     t = torch.arange(5)
     assert empty.size == 0 and empty.rows(t).tolist() == [0]   # a copy, weighted 0
-    p = _SyncPlan(20)
-    due = [s for s in range(1, 40) if p.due(s)]
-    assert due == [16, 17, 19, 23, 27, 31, 35, 39]
-    p = _SyncPlan(None)
-    assert [s for s in range(1, 12) if p.due(s)] == [8, 9, 11]
+    def due(plan, upto=60):
+        return [s for s in range(1, upto) if plan.due(s)]
+    # collectives dearer than sweeps (2.5x): from the last end, gaps from 2 up to 8
+    assert due(SyncPlan((20, 24), (1e-3, 2.5e-3))) == [24, 26, 30, 38, 46, 54]
+    # cheaper: from 80% of the last first stop, every sweep, then 2, 4, 8
+    assert due(SyncPlan((20, 24), (1e-3, 1e-4))) == [16, 17, 19, 23, 31, 39, 47, 55]
+    # much dearer (a busy machine): gaps of 8 from the start
+    assert due(SyncPlan((20, 24), (1e-4, 1e-2))) == [24, 32, 40, 48, 56]
+    assert due(SyncPlan(None, None), 12) == [8, 9, 11]
 
 
 def _shard(n, world, rank) -> Shard:
