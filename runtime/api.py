@@ -43,6 +43,16 @@ def _device(device: str | None) -> torch.device:
     d = torch.device(dev)
     if d.type == "cuda" and not torch.cuda.is_available():
         raise EpcError(f"--device {dev}: CUDA is not available on this machine")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        k = torch.cuda.device_count()
+        raise EpcError(f"--device {dev}: this machine has {k} CUDA device{'s' * (k != 1)} "
+                       f"(cuda:0{f' to cuda:{k - 1}' if k > 1 else ''})")
+    if d.type == "cuda":
+        # float32 means IEEE float32 on a GPU too: cuDNN's convolutions would otherwise
+        # round their inputs to TF32 (10-bit mantissa, ~1e-3 relative), above the settling
+        # tolerance (1e-4) and into the EP difference of the nudged phases.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     if d.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise EpcError(f"--device {dev}: MPS is not available on this machine")
     return d
