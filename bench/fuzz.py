@@ -992,13 +992,14 @@ OPTION_RULES = {
     "--data": _one_of("digits", "mnist", "fashion-mnist", "cifar10", "cifar100"),
     "--tap-weight": _real(lambda x: x > 0), "--temperature": _real(lambda x: x > 0),
     "--mix": _real(lambda x: 0 <= x <= 1), "--skip-gain": _real(lambda x: x > 0),
+    "--dist-timeout": _real(lambda x: 0 < x <= 10 ** 6),
 }
 COMMAND_OPTIONS = {
     "train": ["--epochs", "--batch-size", "--max-sweeps", "--nudge-sweeps", "--stop-after",
               "--seed", "--threads", "--channels", "--tol", "--lr", "--momentum",
               "--weight-decay", "--clip", "--beta", "--device", "--schedule", "--nudge",
               "--gradient", "--optimizer", "--divergence", "--memory-limit", "--resize",
-              "--data"],
+              "--data", "--dist-timeout"],
     "eval": ["--batch-size", "--max-sweeps", "--threads", "--channels", "--tol", "--device",
              "--schedule", "--split", "--memory-limit", "--resize", "--data"],
     "check-gradients": ["--samples", "--max-sweeps", "--seed", "--threads", "--channels",

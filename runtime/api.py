@@ -368,7 +368,8 @@ def _evaluate_run(src, dev: torch.device, *, data, data_dir, resize, channels, d
     dp = DataParallel.current(dev)
     with dp.together() if dp is not None else contextlib.nullcontext():
         eng, b, name, settling, given, trained, d = _eval_setup(
-            src, dev, schedule, max_sweeps, tol, data, data_dir, resize, channels, dataset)
+            src, dev, schedule, max_sweeps, tol, data, data_dir, resize, channels, dataset,
+            split, batch_size)
     s = d.test if split == "test" else d.train
     t0 = time.perf_counter()
     r = _evaluate(eng, s.x, s.y, batch_size=batch_size, max_sweeps=settling["max_sweeps"],
@@ -386,7 +387,7 @@ def _evaluate_run(src, dev: torch.device, *, data, data_dir, resize, channels, d
 
 
 def _eval_setup(src, dev, schedule, max_sweeps, tol, data, data_dir, resize, channels,
-                dataset):
+                dataset, split, batch_size):
     eng, b, name = make_engine(src, device=dev, schedule=schedule)
     # a checkpoint settles as its training run did (the test accuracy it reported used
     # these), unless the caller says otherwise

@@ -8,6 +8,7 @@ processes is the identity and every result must be the same bits as without it.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -386,9 +387,15 @@ def _shard(n, world, rank) -> Shard:
 
 
 def test_dist_timeout_is_checked_and_documented(cli):
-    r = cli("train", "x.epc", "--dist-timeout", "0")
-    assert r.exit_code == 2 and "--dist-timeout must be a number of seconds > 0" in r.stderr
-    assert DEFAULT_TIMEOUT == 300.0 == epc.api.train.__kwdefaults__["dist_timeout"]
+    for bad in ("0", "-1", "inf", "nan", "1e7"):    # its rule (compiler/flags.py), one line
+        r = cli("train", "x.epc", "--dist-timeout", bad)
+        assert r.exit_code == 2 and r.stderr.strip().startswith(
+            "epc: error: bad --dist-timeout ") and r.stderr.strip().endswith(
+            "must be a number of seconds in (0, 1000000]"), r.stderr
+    with pytest.raises(EpcError, match=r"^bad --dist-timeout 0: must be"):
+        epc.train("x.epc", dist_timeout=0)
+    assert DEFAULT_TIMEOUT == 300.0 == inspect.signature(epc.api.train).parameters[
+        "dist_timeout"].default
     with pytest.raises(EpcError, match="runs in one process, and torchrun started 2"):
         os.environ["WORLD_SIZE"] = "2"
         try:

@@ -123,3 +123,69 @@ def test_no_or_one_sweep(cap):
     n = settle_walk(ar, {"s": torch.ones(1, 1, dtype=torch.float64)}, [["s"]], max_sweeps=cap,
                     tol=0.0, units=[1])
     assert n == cap and ar.finished[0][0] == cap
+
+
+class _Always(dict):
+    """A stop history that always says `first` (where the deferred plan starts)."""
+
+    def __init__(self, first):
+        super().__init__()
+        self.first = first
+
+    def get(self, key, default=None):
+        return (self.first, self.first)
+
+
+@pytest.mark.parametrize("first", [1, 3, 8, 10_000])
+@pytest.mark.parametrize("costs", [None, (1e-3, 1e-4), (1e-4, 1e-2)])
+def test_deferred_stop_decisions_decide_as_every_sweep(first, costs):
+    """Data-parallel settles (stops=) decide late, at the sweeps their plan names, on
+    reduced maxima; with a reduction that is the identity (one process) every unit ends
+    at the sweep, states and convergence of the walk that decides after every sweep,
+    whatever the plan: units apart, a NaN row, the cap, the freeze (decided before it),
+    a whole batch, and no sweep at all."""
+    from epc.runtime.settle import DeferredStops
+
+    def both(a, **kw):
+        out = []
+        for deferred in (False, True):
+            ar = Scale(a)
+            stops = None
+            if deferred:
+                stops = DeferredStops(lambda t: t.clone())
+                stops.last_stops = _Always(first)
+                stops.agreed = costs
+            n = settle_walk(ar, {"s": torch.ones(len(a), 1, dtype=torch.float64)}, [["s"]],
+                            stops=stops, kind="k", **kw)
+            out.append((n, ar.finished, [(r, s.tolist()) for r, s in ar.froze]))
+        return out
+
+    for a, kw in (([0.5, 0.9, 0.1, 0.7, 0.95], dict(max_sweeps=500, tol=1e-6,
+                                                    units=[1] * 5)),
+                  ([0.5, 0.9, 0.1, 0.7], dict(max_sweeps=500, tol=1e-6, units=[2, 1, 1])),
+                  ([0.99, float("nan"), 0.5], dict(max_sweeps=10, tol=1e-9, units=[1, 1, 1],
+                                                   freeze_at=4)),
+                  ([0.5, 0.3], dict(max_sweeps=40, tol=1e-6, units=[1, 1], freeze_at=2)),
+                  ([0.5, 0.9], dict(max_sweeps=500, tol=1e-6)),
+                  ([0.5, 0.9], dict(max_sweeps=500, tol=1e-6, freeze_at=3)),
+                  ([0.999], dict(max_sweeps=7, tol=1e-9)),
+                  ([0.5], dict(max_sweeps=0, tol=0.0, units=[1]))):
+        ref, got = both(a, **kw)
+        assert got[0] == ref[0], (a, kw)
+        assert got[1].keys() == ref[1].keys()
+        for u in ref[1]:      # sweeps, converged, values (NaN rows compared as text)
+            assert repr(got[1][u]) == repr(ref[1][u]), (a, kw, u)
+        assert repr(got[2]) == repr(ref[2]), (a, kw)
+
+
+def test_deferred_stops_refuse_cycle_search():
+    from epc.runtime.settle import DeferredStops
+
+    class Cyc(Scale):
+        def cycles(self, S, rows, done):
+            return None
+
+    with pytest.raises(ValueError, match="cycles"):
+        settle_walk(Cyc([0.5]), {"s": torch.ones(1, 1, dtype=torch.float64)}, [["s"]],
+                    max_sweeps=5, tol=0.0, units=[1],
+                    stops=DeferredStops(lambda t: t.clone()))
