@@ -106,13 +106,14 @@ RULES: dict[str, Rule] = {
     "dtype": _choice("float64", "float32"),
     "divergence": _choice("stop", "warn"),
     "nudge_form": _choice("states", "deviation"),
+    "precision": _choice("fp32", "bf16", "fp16"),
     "device": Rule("cpu, cuda, cuda:N or mps",
                    lambda v: isinstance(v, str) and _DEVICE_RE.fullmatch(v) is not None),
 }
 
 # options whose None means "not given" (the bundle's own, the data set's own, ...)
 OPTIONAL = {"stop_after", "limit", "max_sweeps", "nudge_sweeps", "tol", "clip", "beta",
-            "lr_shift", "channels", "schedule", "threads"}
+            "lr_shift", "channels", "schedule", "threads", "precision"}
 
 
 def flag(name: str) -> str:

@@ -446,7 +446,7 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
           resume: bool = False, stop_after: int | None = None,
           metrics_json: str | None = None, plot: str | None = None,
           divergence: str = "stop", memory_limit: "str | int | None" = None,
-          dist_timeout: float = 300.0, dataset: Any = None,
+          dist_timeout: float = 300.0, precision: str = "fp32", dataset: Any = None,
           progress: Callable | None = None, on_epoch: Callable | None = None) -> dict:
     """`epc train`: train a compiled network with Equilibrium Propagation, or a
     neuromorphic program by on-chip learning in the simulator. Returns the metrics.
@@ -470,6 +470,8 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
     global batch of `batch_size` and end at the weights one process reaches (see
     runtime/distributed.py); `dist_timeout` (seconds) bounds every collective when epc
     forms the group itself (under torchrun).
+    `precision` ('fp32', 'bf16', 'fp16', float bundles): the settle loop in 16 bits, float32
+    master weights, stop test and EP difference; refused where the device lacks the dtype.
     """
     given = dict(locals())
     _check_options(given)
@@ -512,7 +514,7 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
                        threads=threads, checkpoint=_path(checkpoint), resume=resume,
                        stop_after=stop_after, metrics_json=_path(metrics_json),
                        plot=_path(plot), divergence=divergence, dist_timeout=dist_timeout,
-                       progress=progress, on_epoch=on_epoch)
+                       precision=precision, progress=progress, on_epoch=on_epoch)
 
 
 def _one_process(what: str) -> None:
@@ -538,12 +540,13 @@ PROGRAM_EVAL_OPTIONS = ("data", "data_dir", "resize", "batch_size", "threads", "
 def evaluate(model: Any, *, data: str = "digits", data_dir: str | None = None,
              resize: str | None = None, channels: int | None = None, split: str = "test",
              batch_size: int = 256, schedule: str | None = None,
-             max_sweeps: int | None = None, tol: float | None = None, device: str = "cpu",
+             max_sweeps: int | None = None, tol: float | None = None,
+             precision: str | None = None, device: str = "cpu",
              threads: int = 1, metrics_json: str | None = None,
              memory_limit: "str | int | None" = None, dataset: Any = None) -> dict:
     """`epc eval`: free-phase accuracy, loss and convergence of a (trained) bundle on a
     split; a checkpoint of `train` settles as its training run did unless schedule,
-    max_sweeps or tol say otherwise. A neuromorphic program is run in the simulator on
+    max_sweeps, tol or precision say otherwise. A neuromorphic program is run in the simulator on
     the test split (data, data_dir, resize, batch_size, threads, metrics_json apply).
     Returns the result ('accuracy' a fraction)."""
     given = dict(locals())
@@ -569,7 +572,7 @@ def evaluate(model: Any, *, data: str = "digits", data_dir: str | None = None,
     return evaluate_float(_bundle_arg(model), data=data, data_dir=data_dir, resize=resize,
                           channels=channels, dataset=dataset, split=split,
                           batch_size=batch_size, schedule=schedule, max_sweeps=max_sweeps,
-                          tol=tol, device=device, threads=threads,
+                          tol=tol, precision=precision, device=device, threads=threads,
                           json_path=_path(metrics_json))
 
 

@@ -516,6 +516,12 @@ def inspect_cmd(
 # one torch thread unless asked: the example nets run as fast or within ~25% on one thread
 # of an idle 2-core machine, while more threads than free cores run 10-40x slower (OpenMP
 # threads wait on each other), and the count decides the last bits of a run
+PRECISION_HELP = ("fp32 | bf16 | fp16 (float bundles): the settle loop's states and its copy "
+                  "of the weights in 16 bits; drives summed and activated in float32, the "
+                  "stop test and the EP difference in float32, float32 master weights. "
+                  "Meant for GPUs. On a CPU without 16-bit arithmetic units, bf16 ran "
+                  "0.65x to 1.9x float32's speed (faster only where its looser stop, tol "
+                  "+ one bf16 ulp, saves sweeps) and fp16 2x to 5x slower (docs)")
 THREADS_HELP = ("torch CPU threads; 1 makes a run's bits independent of the core count and "
                 "is as fast for small nets; raise it for large conv nets on an idle "
                 "many-core machine (each count sums in its own order)")
@@ -769,6 +775,8 @@ def train_cmd(
         300.0, help="data-parallel runs under torchrun: seconds a collective waits for the "
                     "other processes before the run stops with an error (a process that "
                     "died or hangs)"),
+    precision: str = typer.Option(
+        "fp32", help=PRECISION_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress (epoch lines, bar)"),
 ):
     program = api.is_program(model)
@@ -785,7 +793,7 @@ def train_cmd(
             device=device, threads=threads, checkpoint=checkpoint, resume=resume,
             stop_after=stop_after, metrics_json=metrics_json, plot=plot,
             divergence=divergence, memory_limit=memory_limit, dist_timeout=dist_timeout,
-            progress=None if program else show.batch,
+            precision=precision, progress=None if program else show.batch,
             on_epoch=_program_epoch(show, epochs) if program else _float_epoch(show))
     except KeyboardInterrupt:
         show.close()
@@ -833,6 +841,9 @@ def eval_cmd(
     max_sweeps: Optional[int] = typer.Option(None, help="sweep cap", show_default=AS_TRAINED),
     tol: Optional[float] = typer.Option(None, help="settling tolerance",
                                         show_default=AS_TRAINED),
+    precision: Optional[str] = typer.Option(None, help="fp32 | bf16 | fp16: the settle "
+                                            "loop's dtype (see epc train --help)",
+                                            show_default="as trained, else fp32"),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | mps"),
     threads: int = typer.Option(1, help=THREADS_HELP),
     metrics_json: Optional[str] = typer.Option(None, "--metrics-json", "--json",
@@ -843,8 +854,8 @@ def eval_cmd(
 ):
     r = api.evaluate(model, data=data, data_dir=data_dir, resize=resize, channels=channels,
                      split=split, batch_size=batch_size, schedule=schedule,
-                     max_sweeps=max_sweeps, tol=tol, device=device, threads=threads,
-                     metrics_json=metrics_json, memory_limit=memory_limit)
+                     max_sweeps=max_sweeps, tol=tol, precision=precision, device=device,
+                     threads=threads, metrics_json=metrics_json, memory_limit=memory_limit)
     if _rank() != 0:                 # under torchrun, process 0 reports for the run
         return
     if "settling" not in r:          # a neuromorphic program, in the simulator
@@ -854,7 +865,7 @@ def eval_cmd(
                    f"{r['cycling']}), overflows {r['overflows']}")
         return
     st = r["settling"]
-    flag = {"mode": "schedule", "max_sweeps": "max-sweeps", "tol": "tol"}
+    flag = {"mode": "schedule", "max_sweeps": "max-sweeps", "tol": "tol", "precision": "precision"}
     as_trained = ", ".join(f"{flag[k]} {st[k]}" for k in st["from_training"])
     typer.echo(f"{r['model']} on {r['data']} ({r['split']}, {r['samples']} samples): "
                f"accuracy {pct(r['accuracy'])}, loss {r['loss']:.4f}, mean sweeps "

@@ -30,7 +30,7 @@ from epc.compiler.limits import check_memory, numel
 
 from .data import Data, load_dataset
 from .distributed import DEFAULT_TIMEOUT, DataParallel, joined, process_device
-from .engine import Engine, schedule_mode
+from .engine import PRECISIONS, Engine, schedule_mode
 from .memory import retain_freed_memory
 from .train import (Diverged, Trainer, TrainConfig, TrainState, evaluate as _evaluate,
                     load_checkpoint, save_checkpoint)
@@ -70,12 +70,35 @@ def load_bundle(src: Any) -> tuple[Bundle, str]:
     raise EpcError(f"expected a bundle path, Bundle or Graph, got {type(src).__name__}")
 
 
+def check_precision(precision: str, device: torch.device) -> str:
+    """--precision: its rule, and a 16-bit dtype this device computes in (one line where
+    it does not)."""
+    flags.check("precision", precision)
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(device)
+        cc = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise EpcError(f"--precision bf16: {device} ({name}, compute capability {cc}) has "
+                       f"no bfloat16 arithmetic (CUDA needs 8.0, Ampere, or later); use "
+                       f"--precision fp16 or fp32")
+    if PRECISIONS[precision] is not None and device.type == "mps":
+        try:
+            (torch.ones(2, 2, dtype=PRECISIONS[precision], device=device) @
+             torch.ones(2, 2, dtype=PRECISIONS[precision], device=device))
+        except (RuntimeError, TypeError) as e:
+            raise EpcError(f"--precision {precision}: {device} cannot compute in it "
+                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    return precision
+
+
 def make_engine(src: Any, *, device: str | None = None, dtype: str = "float32",
-                schedule: str | None = None) -> tuple[Engine, Bundle, str]:
+                schedule: str | None = None,
+                precision: str = "fp32") -> tuple[Engine, Bundle, str]:
     flags.check("dtype", dtype)
-    b, name = load_bundle(src)
     dev = device if isinstance(device, torch.device) else _device(device)
-    return Engine(b.graph, device=dev, dtype=DTYPES[dtype], mode=schedule), b, name
+    check_precision(precision, dev)
+    b, name = load_bundle(src)
+    return Engine(b.graph, device=dev, dtype=DTYPES[dtype], mode=schedule,
+                  precision=precision), b, name
 
 
 def _data_for(eng: Engine, data: str, data_dir, resize, channels, dataset) -> Data:
@@ -165,6 +188,7 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
           checkpoint: str | None = None, resume: bool = False, stop_after: int | None = None,
           metrics_json: str | None = None, plot: str | None = None,
           divergence: str = "stop", dist_timeout: float = DEFAULT_TIMEOUT,
+          precision: str = "fp32",
           progress: Callable | None = None, on_epoch: Callable | None = None) -> dict:
     """Train with EP; returns the metrics dict (also written to `metrics_json`).
 
@@ -182,6 +206,9 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
     healthy start; `divergence='stop'` raises Diverged (the metrics file then says
     `diverged`, the checkpoint keeps the epoch before), 'warn' records
     `divergence_warning` in the epoch and goes on.
+    `precision` ('fp32', 'bf16', 'fp16'): the settle loop's states and its copy of the
+    weights in 16 bits; drives summed and activated in float32, the stop test and the EP
+    difference in float32, float32 master weights (runtime/engine.py).
 
     Data parallel (runtime/distributed.py): under torchrun (WORLD_SIZE > 1 in the
     environment) this forms a process group (gloo, or nccl for CUDA; `dist_timeout`
@@ -196,12 +223,13 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
                       gradient=gradient, seed=seed, mode=schedule,
                       max_sweeps=max_sweeps, nudge_sweeps=nudge_sweeps, tol=tol,
                       warm_start=warm_start, freeze_pool=freeze_pool, augment=augment,
-                      divergence=divergence).check()
+                      divergence=divergence, precision=precision).check()
     if resume and not checkpoint:
         raise EpcError("--resume needs --checkpoint DIR (the run's checkpoint directory)")
     flags.check("stop_after", stop_after)
     flags.check("dist_timeout", dist_timeout)
     dev = _device(device)
+    check_precision(cfg.precision, dev)
     configure_process(threads)
     torch.manual_seed(seed)
     with joined(dev, dist_timeout) as formed:
@@ -241,7 +269,8 @@ def _train(src, cfg: TrainConfig, dev: torch.device, *, data, data_dir, resize, 
     # about to run must agree
     with (dp.together(lambda: _fingerprint(box["trainer"])) if dp is not None
           else contextlib.nullcontext()):
-        eng, base, name = make_engine(src, device=dev, schedule=schedule)
+        eng, base, name = make_engine(src, device=dev, schedule=schedule,
+                                      precision=cfg.precision)
         d = _data_for(eng, data, data_dir, resize, channels, dataset)
         _check_train_memory(eng, d, cfg, name)
         trainer = box["trainer"] = Trainer(eng, d, cfg, dp)
@@ -346,30 +375,35 @@ def _train_run(trainer: Trainer, cfg: TrainConfig, base: Bundle, name: str, d: D
 def evaluate(src: Any, *, data: str = "digits", data_dir: str | None = None, resize=None,
              channels: int | None = None, dataset=None, split: str = "test",
              batch_size: int = 256, schedule: str | None = None, max_sweeps: int | None = None,
-             tol: float | None = None, device: str | None = None, threads: int | None = None,
+             tol: float | None = None, precision: str | None = None,
+             device: str | None = None, threads: int | None = None,
              json_path: str | None = None) -> dict:
     """Free-phase accuracy / loss / convergence of a (trained) bundle on a split. Under
     torchrun, or inside the caller's process group, each batch is split over the
-    processes (as in training) and process 0 writes `json_path`."""
+    processes (as in training) and process 0 writes `json_path`. `precision` (None: the
+    training run's, else fp32): the settle loop's dtype, as in `train`."""
     for k, v in (("split", split), ("batch_size", batch_size), ("schedule", schedule),
                  ("max_sweeps", max_sweeps), ("tol", tol)):
         flags.check(k, v)
-    configure_process(threads)
     dev = _device(device)
+    if precision is not None:
+        check_precision(precision, dev)
+    configure_process(threads)
     with joined(dev, DEFAULT_TIMEOUT):
         return _evaluate_run(src, process_device(dev), data=data, data_dir=data_dir,
                              resize=resize, channels=channels, dataset=dataset, split=split,
                              batch_size=batch_size, schedule=schedule,
-                             max_sweeps=max_sweeps, tol=tol, json_path=json_path)
+                             max_sweeps=max_sweeps, tol=tol, precision=precision,
+                             json_path=json_path)
 
 
 def _evaluate_run(src, dev: torch.device, *, data, data_dir, resize, channels, dataset, split,
-                  batch_size, schedule, max_sweeps, tol, json_path) -> dict:
+                  batch_size, schedule, max_sweeps, tol, precision, json_path) -> dict:
     dp = DataParallel.current(dev)
     with dp.together() if dp is not None else contextlib.nullcontext():
         eng, b, name, settling, given, trained, d = _eval_setup(
-            src, dev, schedule, max_sweeps, tol, data, data_dir, resize, channels, dataset,
-            split, batch_size)
+            src, dev, schedule, max_sweeps, tol, precision, data, data_dir, resize, channels,
+            dataset, split, batch_size)
     s = d.test if split == "test" else d.train
     t0 = time.perf_counter()
     r = _evaluate(eng, s.x, s.y, batch_size=batch_size, max_sweeps=settling["max_sweeps"],
@@ -386,20 +420,27 @@ def _evaluate_run(src, dev: torch.device, *, data, data_dir, resize, channels, d
     return r
 
 
-def _eval_setup(src, dev, schedule, max_sweeps, tol, data, data_dir, resize, channels,
-                dataset, split, batch_size):
+def _eval_setup(src, dev, schedule, max_sweeps, tol, precision, data, data_dir, resize,
+                channels, dataset, split, batch_size):
     eng, b, name = make_engine(src, device=dev, schedule=schedule)
     # a checkpoint settles as its training run did (the test accuracy it reported used
     # these), unless the caller says otherwise
     ts = b.docs.get("train_state")
-    trained = ts.get("config", {}) if isinstance(ts, dict) else {}
-    given = {"mode": schedule_mode(schedule), "max_sweeps": max_sweeps, "tol": tol}
-    # each setting: given, else the training run's, else the bundle's schedule
+    trained = dict(ts.get("config", {})) if isinstance(ts, dict) else {}
+    if trained.get("precision") == "fp32":     # the default, as a run that did not say
+        del trained["precision"]
+    given = {"mode": schedule_mode(schedule), "max_sweeps": max_sweeps, "tol": tol,
+             "precision": precision}
+    # each setting: given, else the training run's, else the bundle's schedule (fp32)
     settling = {}
-    for k, own in (("mode", eng.mode), ("max_sweeps", eng.max_sweeps), ("tol", eng.tol)):
+    for k, own in (("mode", eng.mode), ("max_sweeps", eng.max_sweeps), ("tol", eng.tol),
+                   ("precision", "fp32")):
         v = given[k] if given[k] is not None else trained.get(k)
         settling[k] = own if v is None else v
     eng.mode = settling["mode"]
+    if settling["precision"] != "fp32":
+        eng = Engine(b.graph, device=dev, mode=eng.mode,
+                     precision=check_precision(settling["precision"], dev))
     d = _data_for(eng, data, data_dir, resize, channels, dataset)
     s = d.test if split == "test" else d.train
     if int(s.x.shape[0]) == 0:

@@ -54,6 +54,8 @@ from .settle import DeferredStops, settle_walk
 
 Tensor = torch.Tensor
 EXPLODE = 1e6   # |state| above this in an unbounded state counts as divergence
+# --precision: the dtype of the settle loop's states and weights (None: the engine's dtype)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def schedule_mode(mode: str | None) -> str | None:
@@ -111,7 +113,8 @@ class Engine:
     def __init__(self, graph: Graph, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, mode: str | None = None,
                  pool_freeze: int | None = 20, channels_last: bool | None = None,
-                 feedback_gain: dict[str, float] | None = None):
+                 feedback_gain: dict[str, float] | None = None,
+                 precision: str = "fp32"):
         if not graph.is_energy:
             raise EpcError(f"graph {graph.name} is not in energy form; compile it first "
                            f"(epc compile MODEL --target torch)")
@@ -121,6 +124,15 @@ class Engine:
         self.pool_freeze = pool_freeze   # default `freeze_after` of every settle
         self.device = torch.device(device)
         self.dtype = dtype
+        if precision not in PRECISIONS:
+            raise EpcError(f"bad --precision {precision!r} (supported: "
+                           f"{', '.join(PRECISIONS)})")
+        if PRECISIONS[precision] is not None and dtype != torch.float32:
+            raise EpcError(f"--precision {precision} settles a float32 engine in 16 bits; "
+                           f"this engine is {dtype}")
+        self.precision = precision
+        # the settle loop's states and weights in 16 bits (None: in dtype, as always)
+        self.low = PRECISIONS[precision]
         sched = graph.schedule
         self.mode = schedule_mode(mode) or sched.mode
         if self.mode not in ("colour", "sync"):
@@ -526,6 +538,13 @@ class Engine:
         if freeze_after == "auto":
             freeze_after = self.pool_freeze
         S = dict(self.zeros(batch["n"]) if states is None else states)
+        if self.low is not None:
+            # 16-bit settling (FloatSettle): states and the loop's weights in `low`. A
+            # state resolves changes down to one ulp, so a phase has settled once none
+            # moves by more than tol plus an ulp of a unit-sized state (bf16 2^-7, fp16
+            # 2^-10): below that 16-bit states can move by an ulp for ever.
+            tol = tol + torch.finfo(self.low).eps
+            S = {j: v.to(self.low) for j, v in S.items()}
         run = FloatSettle(self, batch, S, beta, labels, routing, trace, parts is not None)
         # the max-pool selections freeze once, unless they came frozen
         pooled = any(l.needs_ctx for l in self.links)
@@ -647,6 +666,13 @@ class FloatSettle:
         self.ctx: dict[str, tuple[int, object]] = {}   # chain contexts, by source version
         self.shape_ctx: dict = {}                         # contexts that need only shapes
         P = self.P = eng.params
+        self.low = eng.low
+        if self.low is not None:
+            # 16-bit settling: the loop's copy of the float32 weights (the optimiser's);
+            # each drive is summed, nudged and activated in float32 and rounded once to a
+            # state; the changes (the stop test) and the results are float32, so the EP
+            # difference, the loss and the optimiser see float32
+            P = self.P = {k: v.detach().to(self.low) for k, v in P.items()}
         # the transposed dense weights, taken once per settle rather than once per drive
         self.WT = {l.weight: P[l.weight].t() for l in eng.links if l.fast == "dense"}
         # the feedback weights as the drives apply them (scaled where a gain is set)
@@ -662,6 +688,9 @@ class FloatSettle:
         # cost more than the arithmetic); not when autograd runs through the settling
         self.inplace = not (torch.is_grad_enabled() and any(
             t.requires_grad for t in (*S.values(), *self.clamped.values(), *P.values())))
+        # (the fused multiply-adds need one dtype: in 16 bits the product is made in 16
+        # bits and added to the float32 drive)
+        self.fused = self.low is None
         self.detach = not self.inplace    # the residual is bookkeeping
         self.trace = [] if trace else None
         self.finished: dict[int, SettleResult] = {}
@@ -673,7 +702,7 @@ class FloatSettle:
         u = self.const[j]
         own = False     # u is this drive's own tensor (not const[j])
         for l in eng.inbound[j]:
-            if l.fast == "dense":   # fused multiply-add: one kernel, no temporary
+            if l.fast == "dense" and self.fused:   # fused multiply-add: one kernel
                 if own:
                     u.addmm_(S[l.src], self.WT[l.weight])
                 else:
@@ -687,7 +716,7 @@ class FloatSettle:
             else:
                 u, own = u + y, inplace
         for l in eng.feedback[j]:
-            if l.fast == "dense":
+            if l.fast == "dense" and self.fused:
                 if own:
                     u.addmm_(S[l.dst], self.FB[l.name])
                 else:
@@ -722,7 +751,8 @@ class FloatSettle:
                         u.sub_(y)
                     else:
                         u, own = u - y, inplace
-        return O.activate_(eng.acts[j], u) if own else O.activate(eng.acts[j], u)
+        v = O.activate_(eng.acts[j], u) if own else O.activate(eng.acts[j], u)
+        return v if self.low is None else v.to(self.low)
 
     def _readout_nudge(self, j: str, S: dict, u: Tensor, own: bool) -> tuple[Tensor, bool]:
         """u minus beta times the cost gradients of the readout heads j feeds, through
@@ -736,7 +766,8 @@ class FloatSettle:
                 g = y if g is None else g + y
             if g is None:
                 continue
-            y = eng.link_adjoint(l, g, cxs[l.name], self.PL)
+            y = eng.link_adjoint(l, g if self.low is None else g.to(self.low), cxs[l.name],
+                                 self.PL)
             if own:
                 u.sub_(y)
             else:
@@ -769,12 +800,19 @@ class FloatSettle:
         return buf, cols
 
     def freeze(self, S: dict, units) -> None:
-        self.routing = self.eng.routing(S, self.cur)
+        self.routing = self.eng.routing(self.out(S), self.cur)
         self.ctx.clear()
 
     def observe(self, S: dict, rmax: float) -> None:
-        self.trace.append({"residual": rmax,
-                           "energy": float(self.eng.energy(S, self.cur, self.routing).mean())})
+        self.trace.append({"residual": rmax, "energy": float(
+            self.eng.energy(self.out(S), self.cur, self.routing).mean())})
+
+    def out(self, S: dict) -> dict:
+        """States as a settle hands them back: in the engine's dtype (float32 after a
+        16-bit settle)."""
+        if self.low is None:
+            return S
+        return {j: v.to(self.eng.dtype) for j, v in S.items()}
 
     def take_rows(self, take) -> None:
         self.const = {j: take(v) for j, v in self.const.items()}
@@ -793,6 +831,7 @@ class FloatSettle:
         """The units' results: views of their rows of the states and of |delta s| of
         their last sweep (the walk never writes into a state tensor, it replaces them);
         `unconverged` is counted in `result`."""
+        S = self.out(S)
         if not self.parts:             # the whole batch, as it is
             self.finished[0] = SettleResult(S, sweeps, d.amax(1), 0, self.trace, self.routing)
             return

@@ -80,6 +80,7 @@ class TrainConfig:
     augment: str | None = None       # training-set augmentation, e.g. 'crop:4,flip'
     gradient: str = "ep"             # ep | implicit (the exact gradient, a reference)
     divergence: str = "stop"         # stop | warn: what the divergence watch does
+    precision: str = "fp32"          # the settle loop's dtype: fp32 | bf16 | fp16
 
     def check(self) -> "TrainConfig":
         """Refuse bad values, each by its flag's one rule (compiler/flags.py)."""
@@ -91,14 +92,19 @@ class TrainConfig:
                             ("max_sweeps", self.max_sweeps),
                             ("nudge_sweeps", self.nudge_sweeps), ("tol", self.tol),
                             ("gradient", self.gradient), ("divergence", self.divergence),
-                            ("nudge_form", self.nudge_form)):
+                            ("nudge_form", self.nudge_form), ("precision", self.precision)):
             if name == "beta" and value is None:
                 raise EpcError(f"bad --beta None: must be {flags.RULES['beta'].what}")
             flags.check(name, value)
         if self.nudge_form == "deviation" and self.nudge != "symmetric":
             raise EpcError("--nudge-form deviation settles the symmetric pair; it needs "
                            "--nudge symmetric")
+        if self.nudge_form == "deviation" and self.precision not in (None, "fp32"):
+            raise EpcError(f"--precision {self.precision} settles the engine's phases in 16 "
+                           f"bits; --nudge-form deviation settles its nudged phases in its "
+                           f"own float32 loop: use --nudge-form states, or --precision fp32")
         self.mode = schedule_mode(self.mode)
+        self.precision = self.precision or "fp32"
         aug = Augment.parse(self.augment)
         self.augment = aug.spec() if aug else None
         return self
@@ -107,10 +113,10 @@ class TrainConfig:
     RESUME_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
                    "cosine", "clip", "beta", "nudge", "seed", "mode", "max_sweeps",
                    "nudge_sweeps", "tol", "warm_start", "freeze_pool", "pool_freeze",
-                   "augment", "gradient", "decoupled_wd", "nudge_form")
+                   "augment", "gradient", "decoupled_wd", "nudge_form", "precision")
     # what a checkpoint written before a key existed ran with
     RESUME_DEFAULTS = {"augment": None, "gradient": "ep", "decoupled_wd": False,
-                       "nudge_form": "states"}
+                       "nudge_form": "states", "precision": "fp32"}
 
 
 DEAD_SPAN = 1e-6   # a state whose every unit stays within this over a split is dead
@@ -339,6 +345,10 @@ class Trainer:
     def __init__(self, eng: Engine, data: Data, cfg: TrainConfig,
                  dp: DataParallel | None = None):
         self.eng, self.data, self.cfg = eng, data, cfg.check()
+        if eng.precision != self.cfg.precision:
+            raise EpcError(f"the engine settles in {eng.precision} and the run asks for "
+                           f"--precision {self.cfg.precision}: make the engine with "
+                           f"precision={self.cfg.precision!r}")
         self.dp = dp
         self.world = dp.world if dp is not None else 1
         if dp is not None:

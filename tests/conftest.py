@@ -58,3 +58,16 @@ def mlp_path(tmp_path_factory) -> str:
     p = tmp_path_factory.mktemp("m") / "mlp.epc"
     emit(zoo.mlp((64, 32, 10), max_sweeps=60, nudge_sweeps=20), p, None)
     return str(p)
+
+
+@pytest.fixture(scope="session")
+def example_bundles(tmp_path_factory) -> dict:
+    """The digits example nets compiled for the torch runtime (once per session): name ->
+    bundle path."""
+    import epc
+    d = tmp_path_factory.mktemp("examples")
+    out = {}
+    for name in ("mlp_digits", "mlp3_digits", "conv_digits", "conv1_digits"):
+        out[name] = str(d / f"{name}.epc")
+        epc.compile(EXAMPLES / f"{name}.onnx", target="torch", output=out[name])
+    return out

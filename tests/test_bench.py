@@ -193,3 +193,15 @@ def test_timing_sections_smoke(tmp_path):
     # the allocator both sides ran under (runtime/memory.py), the same as `epc train`'s
     from epc.runtime.memory import retain_freed_memory
     assert res["machine"]["allocator"] == retain_freed_memory()
+
+
+def test_precision_bench_smoke():
+    """bench.precision: one epoch of mlp_digits at each precision, side by side, from the
+    same initial weights; the 16-bit epochs learn as the float32 one does."""
+    from bench.precision import bench_precision
+    res = bench_precision(reps=1, names=["mlp_digits"], log=lambda *a: None)
+    rec = res["nets"]["mlp_digits"]
+    assert set(rec["speedup"]) == {"bf16", "fp16"} and all(v > 0 for v in rec["speedup"].values())
+    acc = {p: h["test_accuracy"] for p, h in rec["first_epoch"].items()}
+    assert acc["fp32"] > 0.3 and all(abs(acc[p] - acc["fp32"]) < 0.05 for p in ("bf16", "fp16"))
+    assert rec["first_epoch"]["bf16"]["train_loss"] != rec["first_epoch"]["fp32"]["train_loss"]
