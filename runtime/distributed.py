@@ -28,6 +28,12 @@ sums:
   batch's collectives (the copy's changes are the sample's own, so the stops stay the
   batch's), and contributes nothing to the sums.
 
+With --precision bf16|fp16 the processes agree only as far as 16-bit rounding lets two runs
+agree: the loop's 16-bit copy of the weights rounds a float32 difference of one ulp (the
+order of the all-reduce's sums) to a 16-bit ulp now and then, and training amplifies it
+(mlp3_digits, 3 epochs at bf16: 1 vs 2 processes 1.2e-2 apart at most, as one process is
+from itself with its initial weights scaled by 1 + 1e-7).
+
 Failures: an error from the process group (a peer process died and its connection closed,
 or it hangs past the group's timeout) becomes `ProcessLost`, an EpcError that names this
 process, so the survivors stop with one line each instead of hanging. A failure decided on
