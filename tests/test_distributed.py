@@ -24,7 +24,6 @@ import torch
 import epc
 from epc.compiler.bundle import read_bundle
 from epc.compiler.errors import EpcError
-from epc.runtime import zoo
 from epc.runtime.data import load_dataset
 from epc.runtime.distributed import DEFAULT_TIMEOUT, DataParallel, Shard
 from epc.runtime.engine import Engine
