@@ -1,4 +1,6 @@
 """Backprop on the feedforward form of a compiled graph: the reference EP is compared with.
+(The training step and the feedforward pass are the runtime's, runtime/backprop.py, which
+`epc backprop` runs; this file keeps the bench's uses: timing and the lr/wd sweep.)
 
 The feedforward form is the network the graph was compiled from: every state computed once,
 in coupling order, from its inbound couplings (no feedback), with the source activations
@@ -18,8 +20,7 @@ import time
 
 import torch
 
-from epc.compiler.reference import feedforward_states
-from epc.runtime import kernels as K
+from epc.runtime.backprop import bp_epoch, ff_forward  # noqa: F401 (ff_forward: re-exported)
 from epc.runtime.engine import Engine
 
 # learning rates and L2 weight decays (added to the gradient, as EP's optimiser does) tried
@@ -29,29 +30,11 @@ BP_LRS = (1e-3, 2e-3, 5e-3)
 BP_WDS = (0.0, 1e-3)
 
 
-def ff_forward(eng: Engine, x, P, energy_acts: bool = False):
-    """The feedforward pass of the energy graph (`compiler.reference.feedforward_states`
-    with the runtime's kernels), differentiable: with the source model's activations (ReLU
-    where the energy form clips, ReLU6 stays ReLU6), or with the energy form's own
-    (`energy_acts`: the bounded activations EP trains with). Teacher states are skipped."""
-    vals = feedforward_states(eng.graph, {eng.inputs[0]: x}, P, source_acts=not energy_acts,
-                              chain_forward=K.chain_forward, skip_roles=("teacher",))
-    return vals[eng.output]
-
-
 def _epoch(eng: Engine, d, P: dict, opt, perm, batch_size: int, energy_acts: bool = False,
            sched=None) -> None:
     """One backprop epoch over the training samples in `perm` order (cross-entropy)."""
-    for i in range(0, len(perm), batch_size):
-        idx = perm[i:i + batch_size]
-        with torch.enable_grad():
-            logits = ff_forward(eng, d.train.x[idx], P, energy_acts)
-            loss = torch.nn.functional.cross_entropy(logits, d.train.y[idx])
-            opt.zero_grad()
-            loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
+    bp_epoch(eng, d.train.x, d.train.y, P, opt, perm, batch_size, energy_acts, sched,
+             loss="ce")
 
 
 def bp_epoch_seconds(eng: Engine, d, batch_size: int) -> float:

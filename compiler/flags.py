@@ -107,6 +107,8 @@ RULES: dict[str, Rule] = {
     "divergence": _choice("stop", "warn"),
     "nudge_form": _choice("states", "deviation"),
     "precision": _choice("fp32", "bf16", "fp16"),
+    "activations": _choice("energy", "source"),
+    "loss": _choice("graph", "ce", "mse"),
     "device": Rule("cpu, cuda, cuda:N or mps",
                    lambda v: isinstance(v, str) and _DEVICE_RE.fullmatch(v) is not None),
 }

@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 # name -> the module that defines it; resolved on first access (PEP 562)
 _EXPORTS = {
     "compile": "epc.api", "opt": "epc.api", "inspect": "epc.api", "load": "epc.api", "save": "epc.api",
-    "train": "epc.api", "evaluate": "epc.api", "check_gradients": "epc.api", "run": "epc.api",
+    "train": "epc.api", "backprop": "epc.api", "evaluate": "epc.api", "check_gradients": "epc.api", "run": "epc.api",
     "parse": "epc.compiler.text", "print_graph": "epc.compiler.text",
     "Graph": "epc.compiler.ir", "Bundle": "epc.compiler.bundle",
     "CompileOptions": "epc.compiler.options", "EpcError": "epc.compiler.errors",

@@ -44,8 +44,8 @@ from epc.compiler.limits import scoped_memory_limit
 from epc.compiler.options import CompileOptions
 
 from .outputs import Output, check_outputs
-from .sources import (Source, is_ir_text, load_source, read_ir_text, teacher_graph, torch_source,
-                      verify_against_source)
+from .sources import (UNTRAINED_TEACHER, Source, is_ir_text, load_source, looks_untrained,
+                      read_ir_text, teacher_graph, torch_source, verify_against_source)
 
 TARGETS = ("ir", "torch", "neuromorphic")
 INSPECT_FORMATS = ("text", "json", "dot")
@@ -159,6 +159,10 @@ class CompileResult:
     verify_error: float | None = None
     output: str | None = None        # the file written, if any
     target: str = "ir"
+    warnings: list = None            # one line each (the CLI prints them as epc: warning:)
+
+    def __post_init__(self):
+        self.warnings = list(self.warnings or [])
 
 
 def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
@@ -189,10 +193,13 @@ def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
                        f"model, and --skip-gain {opts.skip_gain:g} changes that function "
                        f"(its skips are scaled); verify without it")
     opts.teacher_graph = teacher_graph(opts, source)
+    warned = []
+    if opts.teacher == "source" and looks_untrained(opts.teacher_graph):
+        warned.append(UNTRAINED_TEACHER.format(src=where))
     with _naming(where):
         energy = compile_graph(g, opts, print_after=print_after,
                                print_after_all=print_after_all, out=out)
-    res = CompileResult(energy, source, time.perf_counter() - t0)
+    res = CompileResult(energy, source, time.perf_counter() - t0, warnings=warned)
     if verify_model:
         res.verify_error = verify_against_source(source, energy)
     return res
@@ -528,6 +535,43 @@ def _one_process(what: str) -> None:
 
 def _bundle_arg(model: Any) -> Any:
     return os.fspath(model) if isinstance(model, os.PathLike) else model
+
+
+# --------------------------------------------------------------------------- backprop
+@_limited
+def backprop(model: Any, *, data: str = "digits", data_dir: str | None = None,
+             resize: str | None = None, channels: int | None = None, epochs: int = 20,
+             batch_size: int = 32, lr: float = 2e-3, weight_decay: float = 0.0,
+             activations: str = "energy", loss: str = "graph", seed: int = 0,
+             output: str | None = None, onnx: str | None = None, device: str = "cpu",
+             threads: int = 1,
+             metrics_json: str | None = None, memory_limit: "str | int | None" = None,
+             dataset: Any = None, progress: Callable | None = None,
+             on_epoch: Callable | None = None) -> dict:
+    """`epc backprop`: train the feedforward form of a compiled network (the source
+    architecture: every state once, in order, no feedback) by backprop from the bundle's
+    weights; write the trained weights as a bundle (`output`: what `epc train` fine-tunes
+    by EP, a warm conversion) and/or the trained feedforward net as ONNX (`onnx`: a teacher
+    for `epc compile --teacher`). `activations`: 'energy' (the compiled graph's bounded
+    ones, e.g. clip(0, 1): the function EP's free phase computes) or 'source' (the source
+    model's, e.g. ReLU). `loss`: 'graph' (the compiled graph's label cost, mse or ce: the
+    objective EP fine-tuning goes on with), 'ce' or 'mse'. Returns the metrics: test accuracy before (`initial`) and after,
+    `history`, and `converted` (the EP free phase with the trained weights, before any EP
+    step). `progress(epoch, seen, total, loss, accuracy)` after every batch,
+    `on_epoch(record)` after every epoch."""
+    _check_options(locals())
+    _refuse_program(model, "backprop")
+    check_outputs([model, _data_inputs(data, data_dir)],
+                  [Output("-o", _path(output)), Output("--onnx", _path(onnx)),
+                   Output("--metrics-json", _path(metrics_json))])
+    from epc.runtime.api import backprop as backprop_float
+    return backprop_float(_bundle_arg(model), data=data, data_dir=data_dir, resize=resize,
+                          channels=channels, dataset=dataset, epochs=epochs,
+                          batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                          activations=activations, loss=loss, seed=seed, device=device,
+                          threads=threads, output=_path(output), onnx=_path(onnx),
+                          metrics_json=_path(metrics_json), progress=progress,
+                          on_epoch=on_epoch)
 
 
 # --------------------------------------------------------------------------- eval

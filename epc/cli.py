@@ -388,6 +388,8 @@ def compile_cmd(
         print_after=print_after, weight_bits=weight_bits, frac_bits=frac_bits,
         per_channel=per_channel, calibrate=calibrate, data_dir=data_dir, resize=resize,
         memory_limit=memory_limit)
+    for w in res.warnings:
+        _say(f"epc: warning: {w}")
     if quiet:
         return
     g = res.graph
@@ -670,8 +672,10 @@ def _program_epoch(show: _EpochDisplay, epochs: int) -> Callable[[dict], None]:
 
 
 def _train_summary(m: dict) -> str:
+    init = m.get("initial")
     return (f"trained {m.get('epochs')} epochs in {m.get('seconds', 0):.1f}s: train acc "
-            f"{pct(m.get('train_accuracy'))}, test acc {pct(m.get('test_accuracy'))}, "
+            f"{pct(m.get('train_accuracy'))}, test acc {pct(m.get('test_accuracy'))}"
+            + (f" (before any EP step {pct(init['test_accuracy'])})" if init else "") + ", "
             f"unconverged {m.get('unconverged_fraction', 0):.1%}"
             + (f", {m['excluded_samples']} samples left out of the implicit gradient and "
                f"{m.get('skipped_steps', 0)} steps skipped (adjoint iteration not converged)"
@@ -806,6 +810,99 @@ def train_cmd(
         show.close()
     if _rank() == 0:       # (under torchrun, process 0 reports for the run)
         typer.echo(_program_train_summary(m) if program else _train_summary(m))
+
+
+# --------------------------------------------------------------------------- backprop
+BACKPROP_HELP = """Train a compiled network's feedforward form by backprop, from its weights.
+
+The feedforward form is the source architecture the bundle was compiled from: every state
+computed once, in order, from its inbound couplings, no feedback (teacher states are
+skipped). It is trained with the graph's label cost (mse or ce, as compiled with --cost: the
+objective EP fine-tuning goes on with; --loss to choose), Adam (L2 weight decay) and a
+cosine decay to 0.
+Prints one line per epoch and a summary with the test accuracy of the feedforward net and
+of the converted energy network (its EP free phase with the trained weights, before any EP
+step: what a warm start of `epc train` begins with).
+
+Example:
+
+  epc compile examples/mlp3_digits.onnx --target torch --feedback-gain auto -o mlp3.epc
+
+  epc backprop mlp3.epc --data digits --epochs 20 -o mlp3_bp.epc --onnx mlp3_teacher.onnx
+
+  epc train mlp3_bp.epc --epochs 5 --lr 1e-4     # warm conversion: EP fine-tuning
+
+  epc compile examples/mlp3_digits.onnx --target torch --teacher mlp3_teacher.onnx
+
+--activations energy (the default) trains with the compiled graph's bounded activations
+(e.g. clip(0, 1)), the function EP's free phase computes when feedback is weak; source
+trains with the source model's (e.g. ReLU). --onnx writes the trained feedforward net as an
+ONNX model (input 'input', output 'logits'), with those activations.
+"""
+
+
+@app.command("backprop", help=BACKPROP_HELP)
+def backprop_cmd(
+    model: str = typer.Argument(..., help="A compiled bundle (epc compile --target torch, "
+                                          "an IR bundle, or a checkpoint of epc train)."),
+    data: str = typer.Option("digits", help=DATA_HELP),
+    data_dir: Optional[str] = typer.Option(None, help="directory holding mnist/cifar files",
+                                           show_default=NO_DATA_DIR),
+    resize: Optional[str] = typer.Option(None, help="resize images to H or HxW (e.g. 32)",
+                                         show_default="the data set's own"),
+    channels: Optional[int] = typer.Option(None, help="replicate/average image channels to C",
+                                           show_default="the data set's own"),
+    epochs: int = typer.Option(20, help="epochs of backprop"),
+    batch_size: int = typer.Option(32, help="samples per step"),
+    lr: float = typer.Option(2e-3, help="peak Adam learning rate (cosine decay to 0)"),
+    weight_decay: float = typer.Option(0.0, help="L2 weight decay"),
+    activations: str = typer.Option(
+        "energy", help="energy (the compiled graph's bounded activations, what EP's free "
+                       "phase computes) | source (the source model's, e.g. ReLU)"),
+    loss: str = typer.Option(
+        "graph", help="graph (the compiled graph's label cost, mse or ce: the objective EP "
+                      "fine-tuning goes on with) | ce | mse (0.5 ||s - onehot||^2)"),
+    seed: int = typer.Option(0, help="seed of shuffling (runs are reproducible)"),
+    output: Optional[str] = typer.Option(None, "-o", "--output",
+                                         help="write the bundle with the trained weights "
+                                              "here (for epc train)",
+                                         show_default="not written"),
+    onnx: Optional[str] = typer.Option(None, "--onnx",
+                                       help="write the trained feedforward net here as "
+                                            "ONNX (for epc compile --teacher)",
+                                       show_default="not written"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | mps"),
+    threads: int = typer.Option(1, help=THREADS_HELP),
+    metrics_json: Optional[str] = typer.Option(None, help="write metrics + history here "
+                                                          "(accuracies as fractions)",
+                                               show_default="none"),
+    memory_limit: Optional[str] = MEMORY_LIMIT_OPT,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress (epoch lines, bar)"),
+):
+    show = _EpochDisplay(epochs, quiet)
+
+    def on_epoch(rec: dict) -> None:
+        show.line(f"epoch {rec['epoch']}: train acc {pct(rec['train_accuracy'])}, test acc "
+                  f"{pct(rec['test_accuracy'])}, loss {rec['train_loss']:.4f}, "
+                  f"{rec['seconds']:.1f}s")
+    try:
+        m = api.backprop(model, data=data, data_dir=data_dir, resize=resize,
+                         channels=channels, epochs=epochs, batch_size=batch_size, lr=lr,
+                         weight_decay=weight_decay, activations=activations, loss=loss,
+                         seed=seed,
+                         output=output, onnx=onnx, device=device, threads=threads,
+                         metrics_json=metrics_json, memory_limit=memory_limit,
+                         progress=show.batch, on_epoch=on_epoch)
+    finally:
+        show.close()
+    c = m["converted"]
+    wrote = [f for f in (m.get("output"), m.get("onnx")) if f]
+    typer.echo(f"backprop {m['epochs']} epochs in {m['seconds']:.1f}s: test acc "
+               f"{pct(m['initial']['test_accuracy'])} -> {pct(m['test_accuracy'])} "
+               f"(train {pct(m['train_accuracy'])}); converted to EP, before any EP step: "
+               f"test acc {pct(c['test_accuracy'])}, unconverged "
+               f"{c['unconverged_fraction']:.1%}"
+               + (f"; wrote {' and '.join(wrote)}" if wrote else ""))
 
 
 # --------------------------------------------------------------------------- eval

@@ -7,6 +7,7 @@ another layer's kind), and `--verify` runs the source model itself (onnxruntime,
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -112,6 +113,27 @@ def teacher_graph(opts: CompileOptions, source: Source) -> Graph | None:
         raise EpcError(f"{opts.teacher}: a teacher must be a feedforward model (ONNX file), "
                        f"not a compiled graph")
     return t.graph
+
+
+def looks_untrained(g: Graph) -> bool:
+    """Every weight matrix / kernel of the feedforward graph `g` lies within PyTorch's
+    initial range, |w| <= 1/sqrt(fan_in) (nn.Linear's and nn.Conv2d's default draw; the
+    Hopfield-ResNet example's 0.6x of it too). Training by backprop takes some weight past
+    it (the examples' BP-trained teacher: 1.7-7.7x; an `epc backprop` export: 2-3x), so a
+    source inside it is taken as a fresh initialisation. Folded batch norms rescale
+    weights: an untrained net with BN is not recognised (no warning, never a false one
+    about a trained net inside the range, which training does not leave)."""
+    mats = [np.asarray(v) for v in g.weights.values()
+            if isinstance(v, np.ndarray) and v.ndim >= 2 and int(np.prod(v.shape[1:])) > 1]
+    return bool(mats) and all(
+        float(np.abs(v).max(initial=0.0)) * math.sqrt(int(np.prod(v.shape[1:]))) <= 1.0 + 1e-3
+        for v in mats)
+
+
+UNTRAINED_TEACHER = ("--teacher source distils from the source model itself, and {src} "
+                     "looks untrained (every weight within PyTorch's initial range): it "
+                     "teaches nothing; train it first (epc backprop MODEL.epc --onnx "
+                     "teacher.onnx) and pass --teacher teacher.onnx")
 
 
 # --------------------------------------------------------------------------- --verify

@@ -324,6 +324,9 @@ def _train_run(trainer: Trainer, cfg: TrainConfig, base: Bundle, name: str, d: D
             "processes": trainer.world,
             "history": st.history,
         }
+        if trainer.initial is not None:
+            # the free phase before any EP step (a warm conversion's starting accuracy)
+            m["initial"] = trainer.initial
         if checkpoint:
             m["checkpoint"] = str(Path(checkpoint) / "last.epc")
         return m
@@ -481,3 +484,70 @@ def check_gradients(src: Any, *, data: str = "digits", data_dir: str | None = No
     if json_path:
         _write_json(json_path, r)
     return r
+
+
+def backprop(src: Any, *, data: str = "digits", data_dir: str | None = None, resize=None,
+             channels: int | None = None, dataset=None, epochs: int = 20,
+             batch_size: int = 32, lr: float = 2e-3, weight_decay: float = 0.0,
+             activations: str = "energy", loss: str = "graph", seed: int = 0,
+             device: str | None = None, threads: int | None = None,
+             output: str | None = None, onnx: str | None = None,
+             metrics_json: str | None = None, progress: Callable | None = None,
+             on_epoch: Callable | None = None) -> dict:
+    """Train the feedforward form of a compiled graph by backprop from its weights
+    (runtime/backprop.py); write the trained weights as a bundle (`output`, target torch)
+    and/or the trained feedforward net as an ONNX model (`onnx`, a distillation teacher).
+
+    Metrics: the feedforward net's test accuracy before (`initial`) and after training,
+    `history` (one record per epoch), `loss` (the loss minimised: `loss='graph'` takes
+    the kind of the graph's label cost, mse or ce, the objective EP fine-tuning goes on
+    with), and `converted`: the free phase of the energy
+    network holding the trained weights, on the test split (its accuracy before any EP
+    step: what warm conversion starts from)."""
+    from .backprop import ACTIVATIONS, onnx_bytes, train_feedforward
+    for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
+                 ("weight_decay", weight_decay), ("activations", activations),
+                 ("loss", loss), ("seed", seed)):
+        flags.check(k, v)
+    energy_acts = activations == ACTIVATIONS[0]
+    _device(device)
+    configure_process(threads)
+    eng, base, name = make_engine(src, device=device)
+    d = _data_for(eng, data, data_dir, resize, channels, dataset)
+    for split, s in (("training", d.train), ("test", d.test)):
+        if int(s.x.shape[0]) == 0:
+            raise EpcError(f"{d.name}: the {split} split is empty")
+    check_batch_memory(eng, min(256, max(int(d.train.x.shape[0]), int(d.test.x.shape[0]))),
+                       name)
+    weights, m = train_feedforward(eng, d, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                                   batch_size=batch_size, seed=seed, energy_acts=energy_acts,
+                                   loss=loss, progress=progress, on_epoch=on_epoch)
+    with torch.no_grad():
+        for k, v in weights.items():
+            eng.params[k].copy_(torch.as_tensor(v))
+    conv = _evaluate(eng, d.test.x, d.test.y, batch_size=256)
+    g = eng.graph.copy()
+    g.weights.update(weights)
+    m.update({"model": name, "data": d.name, "epochs": epochs, "batch_size": batch_size,
+              "lr": lr, "weight_decay": weight_decay, "activations": activations,
+              "seed": seed, "optimizer": "adam (L2 weight decay), cosine",
+              "threads": torch.get_num_threads(), "torch_version": torch.__version__,
+              "train_samples": int(d.train.x.shape[0]),
+              "test_samples": int(d.test.x.shape[0]),
+              "converted": {"test_accuracy": conv["accuracy"], "test_loss": conv["loss"],
+                            "unconverged_fraction": conv["unconverged_fraction"],
+                            "mean_sweeps": conv["mean_sweeps"]}})
+    if output:
+        meta = dict(base.meta)
+        meta["backprop"] = {k: m[k] for k in ("data", "epochs", "lr", "weight_decay",
+                                              "activations", "loss", "seed",
+                                              "test_accuracy")}
+        from epc.compiler.bundle import write_bundle
+        write_bundle(output, Bundle(g, target="torch", meta=meta))
+        m["output"] = output
+    if onnx:
+        atomic_write_bytes(onnx, onnx_bytes(g, energy_acts))
+        m["onnx"] = onnx
+    if metrics_json:
+        _write_json(metrics_json, m)
+    return m

@@ -372,6 +372,7 @@ class Trainer:
             self.warm = {j: torch.zeros((n,) + eng.shapes[j], dtype=eng.dtype)
                          for j in eng.settled}
         self.sweep_trace: list[dict] = []
+        self.initial: dict | None = None      # the free phase before any EP step
         self.initial_loss: float | None = None       # the first batch's, for the watch
         self.chance = chance_level(data.test.y.numpy())
         self.augment = Augment.parse(cfg.augment)
@@ -501,11 +502,30 @@ class Trainer:
         return out, 0, tail[:-1]
 
     # ------------------------------------------------------------------ epochs
+    def measure_initial(self) -> dict:
+        """The model as it starts, before any EP step: its free phase on the test split
+        (what a warm conversion from backprop-trained weights begins with). Measured under
+        a forked RNG, so a run's bits are the same with or without it (stochastic neurons
+        draw from torch's generator while settling)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            te = evaluate(self.eng, self.data.test.x, self.data.test.y,
+                          batch_size=cfg.eval_batch_size, max_sweeps=cfg.max_sweeps,
+                          tol=cfg.tol, mode=cfg.mode)
+        return {"epoch": 0, "test_accuracy": te["accuracy"], "test_loss": te["loss"],
+                "test_unconverged_fraction": te["unconverged_fraction"],
+                "mean_free_sweeps": te["mean_sweeps"], "dead_states": te["dead_states"],
+                "constant_prediction": te["constant_prediction"],
+                "seconds": time.perf_counter() - t0}
+
     def run(self, *, progress: Callable | None = None, on_epoch: Callable | None = None,
             stop_after: int | None = None) -> TrainState:
         cfg, tr = self.cfg, self.data.train
         n = tr.x.shape[0]
         done_now = 0
+        if self.state.epoch == 0 and self.initial is None and cfg.epochs > 0:
+            self.initial = self.measure_initial()
         while self.state.epoch < cfg.epochs:
             if stop_after is not None and done_now >= stop_after:
                 break
@@ -585,6 +605,8 @@ class Trainer:
                                 "config": dataclasses.asdict(self.cfg),
                                 "data": self.data.name, "processes": self.world},
                 "history": self.state.history}
+        if self.initial is not None:
+            docs["train_state"]["initial"] = self.initial
         meta = dict(base.meta)
         meta["trained"] = {"epochs": self.state.epoch, "data": self.data.name}
         return Bundle(g, target="torch", meta=meta, arrays=arrays, docs=docs)
@@ -657,6 +679,9 @@ class Trainer:
             for j in self.warm:
                 self.warm[j].copy_(torch.as_tensor(ck.arrays[f"warm.{j}"]))
         self.state = TrainState(epoch, list(history), float(secs))
+        initial = ts.get("initial")
+        if isinstance(initial, dict) and isinstance(initial.get("test_accuracy"), float):
+            self.initial = initial
 
 
 _RECORD_KEYS = {"epoch": int, "train_loss": float, "train_accuracy": float,

@@ -28,7 +28,7 @@ from epc.compiler.text import print_graph
 
 COMMANDS = {"compile": api.compile_result, "opt": api.opt, "inspect": api.inspect,
             "train": api.train, "eval": api.evaluate, "check-gradients": api.check_gradients,
-            "run": api.run}
+            "run": api.run, "backprop": api.backprop}
 # what only the CLI has (it decides what is printed) and what only Python can pass
 CLI_ONLY = {"quiet", "json"}                    # -q; `epc run --json` prints the metrics
 API_ONLY = {"example_input", "dataset", "progress", "on_epoch"}   # objects, callbacks
