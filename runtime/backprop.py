@@ -12,8 +12,9 @@ What it is for (issue 21):
 * warm conversion: EP fine-tuning started from backprop-trained weights (`epc backprop
   M.epc -o trained.epc`, then `epc train trained.epc`), whose accuracy before any EP step
   `epc train` reports as its `initial` entry;
-* a trained distillation teacher: `export_onnx` writes the trained feedforward net as an
-  ONNX model, which `epc compile --teacher FILE.onnx` reads back through the ONNX frontend;
+* a trained distillation teacher: `onnx_bytes` is the trained feedforward net as an
+  ONNX model (`epc backprop --onnx`), which `epc compile --teacher FILE.onnx` reads back
+  through the ONNX frontend;
 * the backprop reference of bench/backprop.py (same module, same init, same data).
 """
 from __future__ import annotations
@@ -27,16 +28,15 @@ import numpy as np
 import torch
 
 from epc.compiler import ops as O
-from epc.compiler.reference import feedforward_states
 from epc.compiler.errors import EpcError
-from epc.compiler.ir import Graph
+from epc.compiler.ir import Graph, op_weights
+from epc.compiler.reference import feedforward_states
 
 from . import kernels as K
 from .data import Data
 from .engine import Engine
 
 ACTIVATIONS = ("energy", "source")
-LOSSES = ("graph", "ce", "mse")
 
 
 def label_loss_kind(eng: Engine, loss: str = "graph") -> str:
@@ -162,7 +162,8 @@ def train_feedforward(eng: Engine, d: Data, *, epochs: int, lr: float,
             on_epoch(rec)
     tr = ff_evaluate(eng, x, y, P, energy_acts, loss=kind)
     te = ff_evaluate(eng, tx, ty, P, energy_acts, loss=kind)
-    weights = {k: P[k].detach().cpu().numpy().astype(np.float32) for k in eng.learnable}
+    weights = {k: np.ascontiguousarray(P[k].detach().cpu().numpy(), dtype=np.float32)
+               for k in eng.learnable}
     return weights, {"initial": {"test_accuracy": initial["accuracy"],
                                  "test_loss": initial["loss"]},
                      "train_accuracy": tr["accuracy"], "train_loss": tr["loss"],
@@ -181,7 +182,7 @@ class FeedForward(torch.nn.Module):
         skip = {w for s in graph.states if s.role == "teacher" for w in ([s.bias] if s.bias
                                                                           else [])}
         skip |= {w for c in graph.couplings if c.kind == "teacher"
-                 for op in c.ops for w in _op_weight_names(op)}
+                 for op in c.ops for w in op_weights(op).values()}
         self.names = [k for k, v in graph.weights.items()
                       if isinstance(v, np.ndarray) and k not in skip]
         # parameter names are the weights' names with '.' made '_' (nn.Module's rule)
@@ -199,11 +200,6 @@ class FeedForward(torch.nn.Module):
 
 def _param_name(k: str) -> str:
     return "w_" + k.replace(".", "_")
-
-
-def _op_weight_names(op) -> list[str]:
-    from epc.compiler.ir import op_weights
-    return list(op_weights(op).values())
 
 
 def onnx_bytes(graph: Graph, energy_acts: bool = True, opset: int = 17) -> bytes:
