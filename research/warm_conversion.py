@@ -22,9 +22,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "out")
 
 
-def mlp(depth: int, width: int = 256) -> nn.Module:
+def mlp(depth: int, width: int = 256, in_dim: int = 64) -> nn.Module:
     torch.manual_seed(0)
-    layers, d = OrderedDict(), 64
+    layers, d = OrderedDict(), in_dim
     for i in range(1, depth + 1):
         layers[f"fc{i}"] = nn.Linear(d, width)
         layers[f"relu{i}"] = nn.ReLU()
@@ -52,6 +52,8 @@ def vgg(convs: int, width: int = 16) -> nn.Module:
 
 
 NETS = {"mlp3": lambda: (mlp(3), (1, 64)), "mlp5": lambda: (mlp(5), (1, 64)),
+        "fmlp3": lambda: (mlp(3, in_dim=784), (1, 784)),
+        "fmlp5": lambda: (mlp(5, in_dim=784), (1, 784)),
         "vgg4": lambda: (vgg(4), (1, 1, 8, 8)), "vgg6": lambda: (vgg(6), (1, 1, 8, 8))}
 
 
@@ -59,6 +61,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--net", required=True, choices=sorted(NETS))
     ap.add_argument("--gain", action="append", default=None)
+    ap.add_argument("--data", default="digits")
     ap.add_argument("--bp-epochs", type=int, default=20)
     ap.add_argument("--bp-lr", type=float, default=2e-3)
     ap.add_argument("--bp-loss", default="graph")
@@ -78,9 +81,9 @@ def main():
         tag = f"{a.net}_g{gain}"
         t0 = time.time()
         path = os.path.join(OUT, f"{tag}_bp.epc")
-        bp = epc.backprop(g, data="digits", epochs=a.bp_epochs, lr=a.bp_lr, loss=a.bp_loss,
+        bp = epc.backprop(g, data=a.data, epochs=a.bp_epochs, lr=a.bp_lr, loss=a.bp_loss,
                           output=path)
-        row = {"net": a.net, "gain": gain, "bp_epochs": a.bp_epochs, "bp_lr": a.bp_lr,
+        row = {"net": a.net, "data": a.data, "gain": gain, "bp_epochs": a.bp_epochs, "bp_lr": a.bp_lr,
                "bp_loss": bp["loss"], "bp_test": bp["test_accuracy"], "converted": bp["converted"],
                "bp_seconds": time.time() - t0, "ep_epochs": a.ep_epochs, "ep_lr": a.ep_lr,
                "ep_wd": a.ep_wd, "train_extra": extra}
@@ -93,7 +96,7 @@ def main():
                 print(f"  {tag} warm ep {rec['epoch']}: test {rec['test_accuracy']:.4f} train "
                       f"{rec['train_accuracy']:.4f} unconv {rec['unconverged_fraction']:.2f} "
                       f"free {rec['mean_free_sweeps']:.0f} {rec['seconds']:.1f}s", flush=True)
-            m = epc.train(path, data="digits", epochs=a.ep_epochs, lr=a.ep_lr,
+            m = epc.train(path, data=a.data, epochs=a.ep_epochs, lr=a.ep_lr,
                           weight_decay=a.ep_wd, on_epoch=show, divergence="warn", **extra)
             row["warm"] = {"initial": m["initial"]["test_accuracy"],
                            "initial_unconverged": m["initial"]["test_unconverged_fraction"],
@@ -104,7 +107,7 @@ def main():
             print(f"{tag}: warm EP initial {row['warm']['initial']:.4f} -> "
                   f"{row['warm']['final']:.4f} after {a.ep_epochs} epochs", flush=True)
         if a.cold:
-            m = epc.train(g, data="digits", epochs=a.ep_epochs, divergence="warn", **extra)
+            m = epc.train(g, data=a.data, epochs=a.ep_epochs, divergence="warn", **extra)
             row["cold"] = {"initial": m["initial"]["test_accuracy"],
                            "test": [h["test_accuracy"] for h in m["history"]],
                            "final": m["test_accuracy"]}

@@ -200,3 +200,19 @@ def test_teacher_of_another_shape_is_one_line(run_cli, examples, tmp_path):
     with pytest.raises(EpcError, match="teacher output"):
         epc.compile(examples / "mlp_digits.onnx", teacher=str(five))
     assert not (tmp_path / "x.epc").exists() and not (tmp_path / "y.epc").exists()
+
+
+def test_backprop_leaves_a_teacher_alone(trained, examples, tmp_path):
+    """A graph compiled with --teacher: backprop trains the student only; the teacher's
+    weights stay as they were and the ONNX export holds the student alone."""
+    import onnx as onnx_lib
+    _, teacher, _ = trained
+    g = epc.compile(examples / "mlp_digits.onnx", teacher=str(teacher))
+    out, exported = tmp_path / "s.epc", tmp_path / "s.onnx"
+    epc.backprop(g, epochs=1, output=out, onnx=exported)
+    after = read_bundle(out).graph.weights
+    tw = [k for k in g.weights if k.startswith("teacher.")]
+    assert tw and all(np.array_equal(g.weights[k], after[k]) for k in tw)
+    student = [k for k in g.weights if not k.startswith("teacher.")]
+    assert all(not np.array_equal(g.weights[k], after[k]) for k in student)
+    assert len(onnx_lib.load(str(exported)).graph.initializer) == len(student)
