@@ -62,6 +62,7 @@ def main():
     ap.add_argument("--net", required=True, choices=sorted(NETS))
     ap.add_argument("--gain", action="append", default=None)
     ap.add_argument("--data", default="digits")
+    ap.add_argument("--cost", default="mse", help="the compiled graph's label cost")
     ap.add_argument("--bp-epochs", type=int, default=20)
     ap.add_argument("--bp-lr", type=float, default=2e-3)
     ap.add_argument("--bp-loss", default="graph")
@@ -77,13 +78,14 @@ def main():
     module, shape = NETS[a.net]()
     extra = json.loads(a.train)
     for gain in a.gain or ["1"]:
-        g = epc.compile(module, example_input=torch.zeros(shape), feedback_gain=gain)
-        tag = f"{a.net}_g{gain}"
+        g = epc.compile(module, example_input=torch.zeros(shape), feedback_gain=gain,
+                        cost=a.cost)
+        tag = f"{a.net}_g{gain}" + ("" if a.cost == "mse" else f"_{a.cost}")
         t0 = time.time()
         path = os.path.join(OUT, f"{tag}_bp.epc")
         bp = epc.backprop(g, data=a.data, epochs=a.bp_epochs, lr=a.bp_lr, loss=a.bp_loss,
                           output=path)
-        row = {"net": a.net, "data": a.data, "gain": gain, "bp_epochs": a.bp_epochs, "bp_lr": a.bp_lr,
+        row = {"net": a.net, "data": a.data, "gain": gain, "cost": a.cost, "bp_epochs": a.bp_epochs, "bp_lr": a.bp_lr,
                "bp_loss": bp["loss"], "bp_test": bp["test_accuracy"], "converted": bp["converted"],
                "bp_seconds": time.time() - t0, "ep_epochs": a.ep_epochs, "ep_lr": a.ep_lr,
                "ep_wd": a.ep_wd, "train_extra": extra}
