@@ -62,6 +62,7 @@ def main():
     ap.add_argument("--net", required=True, choices=sorted(NETS))
     ap.add_argument("--gain", action="append", default=None)
     ap.add_argument("--data", default="digits")
+    ap.add_argument("--seed", type=int, default=0, help="shuffling seed of backprop and EP")
     ap.add_argument("--cost", default="mse", help="the compiled graph's label cost")
     ap.add_argument("--bp-epochs", type=int, default=20)
     ap.add_argument("--bp-lr", type=float, default=2e-3)
@@ -80,12 +81,13 @@ def main():
     for gain in a.gain or ["1"]:
         g = epc.compile(module, example_input=torch.zeros(shape), feedback_gain=gain,
                         cost=a.cost)
-        tag = f"{a.net}_g{gain}" + ("" if a.cost == "mse" else f"_{a.cost}")
+        tag = f"{a.net}_g{gain}" + ("" if a.cost == "mse" else f"_{a.cost}") + \
+            (f"_s{a.seed}" if a.seed else "")
         t0 = time.time()
         path = os.path.join(OUT, f"{tag}_bp.epc")
         bp = epc.backprop(g, data=a.data, epochs=a.bp_epochs, lr=a.bp_lr, loss=a.bp_loss,
-                          output=path)
-        row = {"net": a.net, "data": a.data, "gain": gain, "cost": a.cost, "bp_epochs": a.bp_epochs, "bp_lr": a.bp_lr,
+                          output=path, seed=a.seed)
+        row = {"net": a.net, "data": a.data, "gain": gain, "cost": a.cost, "seed": a.seed, "bp_epochs": a.bp_epochs, "bp_lr": a.bp_lr,
                "bp_loss": bp["loss"], "bp_test": bp["test_accuracy"], "converted": bp["converted"],
                "bp_seconds": time.time() - t0, "ep_epochs": a.ep_epochs, "ep_lr": a.ep_lr,
                "ep_wd": a.ep_wd, "train_extra": extra}
@@ -98,7 +100,7 @@ def main():
                 print(f"  {tag} warm ep {rec['epoch']}: test {rec['test_accuracy']:.4f} train "
                       f"{rec['train_accuracy']:.4f} unconv {rec['unconverged_fraction']:.2f} "
                       f"free {rec['mean_free_sweeps']:.0f} {rec['seconds']:.1f}s", flush=True)
-            m = epc.train(path, data=a.data, epochs=a.ep_epochs, lr=a.ep_lr,
+            m = epc.train(path, data=a.data, epochs=a.ep_epochs, lr=a.ep_lr, seed=a.seed,
                           weight_decay=a.ep_wd, on_epoch=show, divergence="warn", **extra)
             row["warm"] = {"initial": m["initial"]["test_accuracy"],
                            "initial_unconverged": m["initial"]["test_unconverged_fraction"],
