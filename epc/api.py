@@ -561,6 +561,7 @@ def backprop(model: Any, *, data: str = "digits", data_dir: str | None = None,
     `on_epoch(record)` after every epoch."""
     _check_options(locals())
     _refuse_program(model, "backprop")
+    _one_process("epc backprop")
     check_outputs([model, _data_inputs(data, data_dir)],
                   [Output("-o", _path(output)), Output("--onnx", _path(onnx)),
                    Output("--metrics-json", _path(metrics_json))])

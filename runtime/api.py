@@ -524,7 +524,7 @@ def backprop(src: Any, *, data: str = "digits", data_dir: str | None = None, res
                                    loss=loss, progress=progress, on_epoch=on_epoch)
     with torch.no_grad():
         for k, v in weights.items():
-            eng.params[k].copy_(torch.as_tensor(v))
+            eng.params[k].copy_(torch.as_tensor(v, device=eng.params[k].device))
     conv = _evaluate(eng, d.test.x, d.test.y, batch_size=256)
     g = eng.graph.copy()
     g.weights.update(weights)

@@ -512,7 +512,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             te = evaluate(self.eng, self.data.test.x, self.data.test.y,
                           batch_size=cfg.eval_batch_size, max_sweeps=cfg.max_sweeps,
-                          tol=cfg.tol, mode=cfg.mode)
+                          tol=cfg.tol, mode=cfg.mode, dp=self.dp)
         return {"epoch": 0, "test_accuracy": te["accuracy"], "test_loss": te["loss"],
                 "test_unconverged_fraction": te["unconverged_fraction"],
                 "mean_free_sweeps": te["mean_sweeps"], "dead_states": te["dead_states"],

@@ -58,6 +58,7 @@ FACTORIES = {"zeros", "ones", "full", "empty", "arange", "tensor", "randperm", "
 DEVICE_FILES = ["runtime/engine.py", "runtime/settle.py", "runtime/learn.py",
                 "runtime/gradcheck.py", "runtime/kernels.py", "runtime/train.py",
                 "runtime/api.py", "runtime/augment.py", "runtime/distributed.py",
+                "runtime/backprop.py",
                 "compiler/ops.py", "targets/torch.py"]
 # (file, function): why a tensor made there without a device is right on the CPU
 ON_CPU = {
@@ -74,6 +75,10 @@ ON_CPU = {
     ("runtime/learn.py", "Optimizer.load_state_arrays"): "copied into the device's tensors",
     ("runtime/api.py", "check_batch_memory"): "an empty tensor asked for its element size",
     ("runtime/api.py", "_check_train_memory"): "an empty tensor asked for its element size",
+    ("runtime/backprop.py", "train_feedforward"): "the epoch's shuffle from a CPU "
+                                                  "generator, moved to the engine's device",
+    ("runtime/backprop.py", "FeedForward.__init__"): "the module exported to ONNX, on the CPU",
+    ("runtime/backprop.py", "onnx_bytes"): "the export's example input, on the CPU",
     ("compiler/ops.py", "MaxPoolRule.frozen_context"): "the integer simulator's (CPU) contexts",
     ("compiler/ops.py", "AvgPoolRule.core_adjoint"): "the integer simulator's (CPU) adjoint",
 }
