@@ -157,6 +157,41 @@ class ChannelScale:
     linear: ClassVar[bool] = True
 
 
+@dataclass
+class Pad:
+    """Zero padding and cropping: pads [b_0, ..., b_{r-1}, e_0, ..., e_{r-1}] (ONNX order)
+    add b_i zeros before and e_i after axis i of the per-sample value; a negative entry
+    crops that many elements instead. What a channel Concat places each part with (a pad
+    on axis 0), what a Split or Slice takes (a crop), and a spatial Pad."""
+
+    pads: list[int]
+    kind: ClassVar[str] = "pad"
+    linear: ClassVar[bool] = True
+
+
+@dataclass
+class Permute:
+    """A per-sample permutation of the elements: reshape to `dims`, transpose the axes to
+    the order `perm`, reshape to `shape` (a channel shuffle, a Reshape/Transpose pair)."""
+
+    dims: list[int]
+    perm: list[int]
+    shape: list[int]
+    kind: ClassVar[str] = "permute"
+    linear: ClassVar[bool] = True
+
+
+@dataclass
+class AdaptiveAvgPool:
+    """Adaptive average pooling of [C, H, W] to [C, *out]: output (i, j) is the mean of
+    rows floor(i*H/oh) .. ceil((i+1)*H/oh) - 1 and the same for columns (PyTorch's
+    windows). Used where the windows differ in size; equal windows are an AvgPool."""
+
+    out: list[int]
+    kind: ClassVar[str] = "adaptiveavgpool"
+    linear: ClassVar[bool] = True
+
+
 # Feedforward-only ops: canonicalize / to_energy remove or absorb all of them.
 @dataclass
 class Bias:
@@ -198,6 +233,16 @@ class Add:
 
 
 @dataclass
+class Concat:
+    """Concatenation of all inputs along per-sample axis `axis` (0: the channels). to_energy
+    places each input's terms with a Pad, so a concatenated value is a sum of couplings."""
+
+    axis: int = 0
+    kind: ClassVar[str] = "concat"
+    linear: ClassVar[bool] = False
+
+
+@dataclass
 class Dropout:
     """Inference dropout: the identity. Dropped by canonicalize."""
 
@@ -214,13 +259,15 @@ class Softmax:
     linear: ClassVar[bool] = False
 
 
-LinearOp = Union[Dense, Conv, MaxPool, AvgPool, GlobalAvgPool, Flatten, Identity, ChannelScale]
-Op = Union[LinearOp, Bias, BatchNorm, Act, Add, Dropout, Softmax]
+LinearOp = Union[Dense, Conv, MaxPool, AvgPool, GlobalAvgPool, Flatten, Identity, ChannelScale,
+                 Pad, Permute, AdaptiveAvgPool]
+Op = Union[LinearOp, Bias, BatchNorm, Act, Add, Concat, Dropout, Softmax]
 
 OP_TYPES: dict[str, type] = {
     t.kind: t
     for t in (Dense, Conv, MaxPool, AvgPool, GlobalAvgPool, Flatten, Identity, ChannelScale,
-              Bias, BatchNorm, Act, Add, Dropout, Softmax)
+              Pad, Permute, AdaptiveAvgPool, Bias, BatchNorm, Act, Add, Concat, Dropout,
+              Softmax)
 }
 LINEAR_KINDS = frozenset(k for k, t in OP_TYPES.items() if t.linear)
 

@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import EpcError
-from .ir import (Act, Activation, Add, AvgPool, BatchNorm, Bias, ChannelScale, Conv, Dense,
-                 Dropout, Flatten, GlobalAvgPool, Identity, MaxPool, Shape, Softmax)
+from .ir import (Act, Activation, AdaptiveAvgPool, Add, AvgPool, BatchNorm, Bias, ChannelScale,
+                 Concat, Conv, Dense, Dropout, Flatten, GlobalAvgPool, Identity, MaxPool, Pad,
+                 Permute, Shape, Softmax)
 
 Weights = Mapping[str, Any]  # name -> np.ndarray / WeightSpec / torch.Tensor
 
@@ -101,7 +102,8 @@ def maxpool_input(op: MaxPool, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int
 class CoreOp:
     """A neuromorphic core instruction (a synapse chain stage, `isa.SynOp`): its name and
     its fields in assembly order, each (key, SynOp attribute, form); form: 'name' (a
-    memory), 'int', 'flag' (0/1) or n (n comma-separated integers). `w`/`e` name the
+    memory), 'int', 'flag' (0/1), n (n comma-separated integers) or 'ints' (one or more
+    comma-separated integers). `w`/`e` name the
     weight's mantissa and exponent memories of a weighted instruction."""
 
     kind: str
@@ -159,6 +161,9 @@ class LinearRule(OpRule):
     # `weight_grad(op, x, g, weights)`: dPhi/dW of the op's one weight from its input x and
     # the gradient g on its output, for ops with a direct form (None: autograd)
     weight_grad: Callable | None = None
+    # the op treats every channel (axis 0) alike and alone, so it commutes with a pad or
+    # crop of the channels (to_energy pools each part of a concatenation before placing it)
+    channelwise = False
 
     def evaluate(self, op, xs, weights):
         return self.forward(op, xs[0], weights)[0]
@@ -166,6 +171,10 @@ class LinearRule(OpRule):
     def unsupported(self, op) -> str | None:
         """Which of this op's settings `forward` cannot run (None: it runs them all)."""
         return None
+
+    def is_channelwise(self, op) -> bool:
+        """Whether this op (with its settings) is `channelwise`."""
+        return self.channelwise
 
     def shape_context(self, op, shape) -> Any:
         """The adjoint's context for a batched input of `shape` (when not
@@ -343,6 +352,7 @@ class ConvRule(LinearRule):
 @rule_for(MaxPool)
 class MaxPoolRule(LinearRule):
     piecewise = True
+    channelwise = True
     context_needs_input = True
     core = CoreOp("maxpool", (("k", "kernel", 2), ("s", "stride", 2), ("p", "pads", 4),
                               ("d", "dilation", 2), ("ceil", "ceil", "flag")))
@@ -432,6 +442,7 @@ class AvgPoolRule(LinearRule):
     window area is the chain's final multiply-and-shift (rmul, rshift)."""
 
     context_needs_input = True   # avg_pool2d_backward takes the input (for its shape)
+    channelwise = True
     core = CoreOp("sumpool", (("k", "kernel", 2), ("s", "stride", 2), ("p", "pads", 4),
                               ("ceil", "ceil", "flag"), ("rmul", "rmul", "int"),
                               ("rshift", "rshift", "int")))
@@ -496,6 +507,7 @@ class AvgPoolRule(LinearRule):
 class GlobalAvgPoolRule(LinearRule):
     """On the core: a sum over the plane (`gsum`), divided by the chain's rmul/rshift."""
 
+    channelwise = True
     core = CoreOp("gsum", (("keep", "keepdims", "flag"), ("rmul", "rmul", "int"),
                            ("rshift", "rshift", "int")))
 
@@ -555,6 +567,7 @@ class FlattenRule(LinearRule):
 
 @rule_for(Identity)
 class IdentityRule(LinearRule):
+    channelwise = True
     core = CoreOp("identity")
 
     def shape(self, op, in_shapes, weights):
@@ -588,6 +601,174 @@ class ChannelScaleRule(LinearRule):
 
     def from_core(self, syn):
         return ChannelScale(syn.w)
+
+
+def torch_pads(pads, rank: int) -> list[int]:
+    """ONNX-ordered pads [b_0..b_{r-1}, e_0..e_{r-1}] of a per-sample value of `rank` in
+    F.pad's order (last axis first: b_{r-1}, e_{r-1}, ..., b_0, e_0)."""
+    out: list[int] = []
+    for i in reversed(range(rank)):
+        out += [int(pads[i]), int(pads[rank + i])]
+    return out
+
+
+@rule_for(Pad)
+class PadRule(LinearRule):
+    """Zero padding (positive entries) and cropping (negative ones) per axis; the adjoint
+    is the opposite pad, so a crop's transpose puts the gradient back with zeros around
+    it. On the core: data movement, no arithmetic."""
+
+    core = CoreOp("pad", (("p", "edges", "ints"),))
+
+    def shape(self, op, in_shapes, weights):
+        x = tuple(in_shapes[0])
+        r = len(x)
+        if len(op.pads) != 2 * r:
+            raise EpcError(f"pad {list(op.pads)} needs {2 * r} entries (begin and end of each "
+                           f"axis) for a per-sample {list(x)} value")
+        out = tuple(int(d) + int(op.pads[i]) + int(op.pads[r + i]) for i, d in enumerate(x))
+        if any(o <= 0 for o in out):
+            raise EpcError(f"pad {list(op.pads)} leaves nothing of a per-sample {list(x)} value")
+        return out
+
+    def is_channelwise(self, op):
+        r = len(op.pads) // 2
+        return op.pads[0] == 0 and op.pads[r] == 0
+
+    def forward(self, op, x, weights):
+        return F.pad(x, torch_pads(op.pads, x.dim() - 1)), None
+
+    def adjoint(self, op, g, ctx, weights):
+        return F.pad(g, [-p for p in torch_pads(op.pads, g.dim() - 1)])
+
+    def lower(self, op, in_shape, where):
+        return {"kind": "pad", "edges": tuple(int(p) for p in op.pads)}
+
+    def from_core(self, syn):
+        return Pad(list(syn.edges))
+
+
+@rule_for(Permute)
+class PermuteRule(LinearRule):
+    """reshape(dims) -> transpose(perm) -> reshape(shape); the adjoint runs the inverse
+    permutation. On the core: data movement, no arithmetic."""
+
+    core = CoreOp("permute", (("d", "dims", "ints"), ("p", "perm", "ints"),
+                              ("o", "out", "ints")))
+
+    def shape(self, op, in_shapes, weights):
+        x = tuple(in_shapes[0])
+        n = int(np.prod(x))
+        dims, perm, shape = list(op.dims), list(op.perm), list(op.shape)
+        if sorted(perm) != list(range(len(dims))) or any(d <= 0 for d in dims + shape) \
+                or int(np.prod(dims)) != n or int(np.prod(shape)) != n:
+            raise EpcError(f"permute dims={dims} perm={perm} shape={shape} does not apply to a "
+                           f"per-sample {list(x)} value")
+        return tuple(int(d) for d in shape)
+
+    def forward(self, op, x, weights):
+        n = x.shape[0]
+        y = x.reshape(n, *op.dims).permute(0, *(p + 1 for p in op.perm))
+        return y.reshape(n, *op.shape), tuple(x.shape)
+
+    def adjoint(self, op, g, ctx, weights):
+        n = g.shape[0]
+        inv = np.argsort(op.perm)
+        t = g.reshape(n, *(op.dims[p] for p in op.perm)).permute(0, *(int(i) + 1 for i in inv))
+        return t.reshape(n, *ctx[1:])
+
+    def shape_context(self, op, shape):
+        return tuple(shape)
+
+    def lower(self, op, in_shape, where):
+        return {"kind": "permute", "dims": tuple(op.dims), "perm": tuple(op.perm),
+                "out": tuple(op.shape)}
+
+    def from_core(self, syn):
+        return Permute(list(syn.dims), list(syn.perm), list(syn.out))
+
+
+def adaptive_windows(size: int, out: int) -> list[tuple[int, int]]:
+    """PyTorch's adaptive pooling windows [start, end) of `out` outputs over `size` inputs."""
+    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
+def _adaptive_matrix(size: int, out: int, scale: int | None, like: torch.Tensor):
+    """[out, size] window matrix: 1/len per window (scale None), or scale/len (integers:
+    the core's form, scale a multiple of every window length)."""
+    a = torch.zeros(out, size, dtype=like.dtype, device=like.device)
+    for i, (lo, hi) in enumerate(adaptive_windows(size, out)):
+        a[i, lo:hi] = 1.0 / (hi - lo) if scale is None else scale // (hi - lo)
+    return a
+
+
+def _window_lcm(size: int, out: int) -> int:
+    return math.lcm(*(hi - lo for lo, hi in adaptive_windows(size, out)))
+
+
+@rule_for(AdaptiveAvgPool)
+class AdaptiveAvgPoolRule(LinearRule):
+    """On the core (`apool`): each window sum times the integer L / len (L the least common
+    multiple of the window lengths along that axis), and the chain's rmul/rshift divides
+    by L_h * L_w: windows of unequal size with one constant divisor, exact up to the
+    chain's final rounding (as a sum pool's)."""
+
+    channelwise = True
+    core = CoreOp("apool", (("o", "out", 2), ("rmul", "rmul", "int"),
+                            ("rshift", "rshift", "int")))
+
+    def shape(self, op, in_shapes, weights):
+        x = tuple(in_shapes[0])
+        _image_input(op, x)
+        if len(op.out) != 2 or any(int(o) <= 0 for o in op.out):
+            raise EpcError(f"adaptive average pool to {list(op.out)}: needs two positive sizes")
+        return (x[0], int(op.out[0]), int(op.out[1]))
+
+    def forward(self, op, x, weights):
+        return F.adaptive_avg_pool2d(x, tuple(op.out)), tuple(x.shape)
+
+    def adjoint(self, op, g, ctx, weights):
+        ah = _adaptive_matrix(ctx[2], op.out[0], None, g)
+        aw = _adaptive_matrix(ctx[3], op.out[1], None, g)
+        return torch.einsum("ih,ncij,jw->nchw", ah, g, aw)
+
+    def shape_context(self, op, shape):
+        return tuple(shape)
+
+    def macs(self, op, in_shape, out_shape, weights):
+        c, h, w = in_shape
+        span = [max(hi - lo for lo, hi in adaptive_windows(s, o))
+                for s, o in zip((h, w), op.out)]
+        return int(c * op.out[0] * op.out[1] * span[0] * span[1])
+
+    def lower(self, op, in_shape, where):
+        lcm = _window_lcm(in_shape[1], op.out[0]) * _window_lcm(in_shape[2], op.out[1])
+        if lcm > (1 << 12):
+            raise EpcError(f"{where}: adaptive average pool from {list(in_shape[1:])} to "
+                           f"{list(op.out)}: its window lengths need a common divisor of "
+                           f"{lcm} (the core allows up to {1 << 12})")
+        rm, rs = fixed_point_reciprocal(lcm)
+        return {"kind": "apool", "out": tuple(int(o) for o in op.out), "rmul": rm,
+                "rshift": rs}
+
+    def from_core(self, syn):
+        return AdaptiveAvgPool(list(syn.out))
+
+    def _core_mats(self, op, shape, like):
+        h, w = shape[2], shape[3]
+        return (_adaptive_matrix(h, op.out[0], _window_lcm(h, op.out[0]), like),
+                _adaptive_matrix(w, op.out[1], _window_lcm(w, op.out[1]), like))
+
+    def core_forward(self, op, x, weights):
+        ah, aw = self._core_mats(op, x.shape, x)
+        return torch.einsum("ih,nchw,jw->ncij", ah, x, aw), tuple(x.shape)
+
+    def core_adjoint(self, op, g, ctx, weights):
+        ah, aw = self._core_mats(op, ctx, g)
+        return torch.einsum("ih,ncij,jw->nchw", ah, g, aw)
+
+    def core_synops(self, op, in_shape, out_shape, weights):
+        return self.macs(op, in_shape, out_shape, weights)
 
 
 # --------------------------------------------------------------------------- ff-only ops
@@ -633,6 +814,23 @@ class AddRule(OpRule):
         for y in xs[1:]:
             out = out + y
         return out
+
+
+@rule_for(Concat)
+class ConcatRule(OpRule):
+    def shape(self, op, in_shapes, weights):
+        shapes = [tuple(s) for s in in_shapes]
+        r = len(shapes[0]) if shapes else 0
+        if not shapes or not 0 <= op.axis < r or any(len(s) != r for s in shapes) or \
+                len({s[:op.axis] + s[op.axis + 1:] for s in shapes}) != 1:
+            raise EpcError(f"concat along per-sample axis {op.axis} of {[list(s) for s in shapes]}"
+                           f" (all other dimensions must agree)")
+        out = list(shapes[0])
+        out[op.axis] = sum(s[op.axis] for s in shapes)
+        return tuple(out)
+
+    def evaluate(self, op, xs, weights):
+        return torch.cat(xs, dim=op.axis + 1)
 
 
 @rule_for(Dropout)

@@ -18,8 +18,9 @@ import torch
 from epc.compiler import ir, ops as O
 from epc.compiler.errors import EpcError
 from epc.compiler.inspect import stats
-from epc.compiler.ir import (AvgPool, ChannelScale, Conv, Coupling, Cost, Dense, Flatten,
-                             GlobalAvgPool, Graph, Identity, Input, MaxPool, Schedule, State)
+from epc.compiler.ir import (AdaptiveAvgPool, AvgPool, ChannelScale, Conv, Coupling, Cost, Dense,
+                             Flatten, GlobalAvgPool, Graph, Identity, Input, MaxPool, Pad,
+                             Permute, Schedule, State)
 from epc.compiler.text import parse, print_graph
 from epc.compiler.verify import problems
 from epc.runtime import kernels as K
@@ -45,6 +46,14 @@ SAMPLES = [
     (Flatten(), (2, 3, 3), {}),
     (Identity(), (5,), {}),
     (ChannelScale("w"), (3, 4, 4), {"w": RNG.standard_normal(3)}),
+    (Pad([0, 1, 0, 0, 2, 1]), (3, 4, 4), {}),                   # spatial zero padding
+    (Pad([2, 0, 0, 3, 0, 0]), (3, 4, 4), {}),                   # a concat part's placement
+    (Pad([-1, 0, 1, -2, -1, 0]), (5, 5, 5), {}),                # crops (a slice) and a pad
+    (Pad([3, -2]), (6,), {}),
+    (Permute([2, 3, 16], [1, 0, 2], [6, 4, 4]), (6, 4, 4), {}),   # channel shuffle, 2 groups
+    (Permute([3, 4, 4], [1, 2, 0], [48]), (3, 4, 4), {}),         # NCHW -> NHWC, flattened
+    (AdaptiveAvgPool([3, 5]), (2, 7, 4), {}),                     # down in H, up in W
+    (AdaptiveAvgPool([7, 7]), (2, 2, 2), {}),                     # vgg at 64 px: 2x2 -> 7x7
 ]
 IDS = [f"{op.kind}{k}" for k, (op, _, _) in enumerate(SAMPLES)]
 
@@ -106,9 +115,12 @@ def test_core_instruction_round_trips_and_computes_the_op(op, shape, w):
     x = torch.randint(-8, 9, (2,) + shape).double()
     y, ctx = r.forward(op, x, W)
     yc, cc = r.core_forward(op2, x, W)
-    # an averaging pool is a window sum on the core (the chain's rmul/rshift divide it)
+    # an averaging pool is a window sum on the core (the chain's rmul/rshift divide it);
+    # an adaptive one weighs each window so that one divisor serves them all
     area = (float(np.prod(op.kernel)) if isinstance(op, AvgPool) else
-            float(np.prod(shape[1:])) if isinstance(op, GlobalAvgPool) else 1.0)
+            float(np.prod(shape[1:])) if isinstance(op, GlobalAvgPool) else
+            float(O._window_lcm(shape[1], op.out[0]) * O._window_lcm(shape[2], op.out[1]))
+            if isinstance(op, AdaptiveAvgPool) else 1.0)
     assert (syn.rmul, syn.rshift) == O.fixed_point_reciprocal(int(area)) or area == 1.0
     torch.testing.assert_close(yc / area, y, rtol=1e-12, atol=1e-12)
     g = torch.randint(-8, 9, tuple(yc.shape)).double()

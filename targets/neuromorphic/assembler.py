@@ -17,7 +17,8 @@ text -> binary -> text unchanged. Syntax (one statement per line, `;` starts a c
     .syn NAME SRC -> DST kind=K fb=0|1 learn=0|1
       dense w=W e=E | conv w=W e=E s=1,1 p=0,0,0,0 d=1,1 g=1 | chscale w=W e=E
       maxpool k=2,2 s=2,2 p=0,0,0,0 d=1,1 ceil=0 | sumpool k=2,2 s=2,2 p=0,0,0,0 ceil=0
-      rmul=1 rshift=2 | gsum keep=1 rmul=1 rshift=6 | flatten | identity
+      rmul=1 rshift=2 | gsum keep=1 rmul=1 rshift=6 | apool o=7,7 rmul=1 rshift=2
+      | pad p=0,1,1,0,1,1 | permute d=2,16,64 p=1,0,2 o=32,8,8 | flatten | identity
     .end
     .cost NAME GROUP target=label|TEACHER_GROUP wq=256
     .phase teacher|free|nudge+|nudge- sweeps=N [pool=free]
@@ -196,6 +197,8 @@ class _Parser:
             return self.integer(i, v, what)
         if form == "flag":
             return bool(self.integer(i, v, what))
+        if form == "ints":
+            return tuple(self.integer(i, p, what) for p in v.split(","))
         return self.intlist(i, v, form, what)
 
     def op(self, i: int, line: str, what: str) -> SynOp:

@@ -100,7 +100,8 @@ class SynOp:
 
     kind: dense (w, e), conv (w, e, stride, pads, dilation, groups), chscale (w, e),
           maxpool (kernel, stride, pads, dilation, ceil), sumpool (kernel, stride, pads,
-          ceil, rmul, rshift), gsum (keepdims, rmul, rshift), flatten, identity.
+          ceil, rmul, rshift), gsum (keepdims, rmul, rshift), apool (out, rmul, rshift),
+          pad (edges), permute (dims, perm, out), flatten, identity.
     Each instruction is declared by the op registry rule that lowers to it
     (compiler/ops.py, the rule's `core`: its name, its fields in assembly order, its
     integer arithmetic); the assembler, validator and simulator read it there.
@@ -121,6 +122,10 @@ class SynOp:
     keepdims: bool = True
     rmul: int = 1
     rshift: int = 0
+    edges: tuple[int, ...] = ()      # pad: [b_0.., e_0..] per axis, negative = crop
+    dims: tuple[int, ...] = ()       # permute: reshape, transpose, reshape
+    perm: tuple[int, ...] = ()
+    out: tuple[int, ...] = ()        # permute: output shape; apool: output plane
 
 
 @dataclass
