@@ -454,27 +454,44 @@ class AvgPoolRule(LinearRule):
                         1, op.ceil_mode) for i in range(2)]
         return (x[0], *hs)
 
-    def unsupported(self, op):
-        return None if _symmetric(op.pads) else "avgpool with asymmetric padding"
-
     def forward(self, op, x, weights):
-        if not _symmetric(op.pads):
-            raise EpcError(f"{self.unsupported(op)} is not supported")
-        y = F.avg_pool2d(x, op.kernel, op.stride, (op.pads[0], op.pads[1]), op.ceil_mode,
-                         op.count_include_pad)
-        return y, x
+        if _symmetric(op.pads):
+            y = F.avg_pool2d(x, op.kernel, op.stride, (op.pads[0], op.pads[1]), op.ceil_mode,
+                             op.count_include_pad)
+            return y, x
+        # asymmetric padding (F.avg_pool2d pads both sides alike): the window sums of the
+        # explicitly padded input over the number of counted elements in each window
+        xp, count = self._asymmetric(op, x)
+        y = F.avg_pool2d(xp, op.kernel, op.stride, 0, op.ceil_mode, True, 1)
+        return y / count, x
 
     def adjoint(self, op, g, ctx, weights):
         x = ctx
-        return torch.ops.aten.avg_pool2d_backward(
-            g, x, op.kernel, op.stride, [op.pads[0], op.pads[1]], op.ceil_mode,
-            op.count_include_pad, None)
+        if _symmetric(op.pads):
+            return torch.ops.aten.avg_pool2d_backward(
+                g, x, op.kernel, op.stride, [op.pads[0], op.pads[1]], op.ceil_mode,
+                op.count_include_pad, None)
+        xp, count = self._asymmetric(op, x)
+        gp = torch.ops.aten.avg_pool2d_backward(g / count, xp, op.kernel, op.stride, [0, 0],
+                                                op.ceil_mode, True, 1)
+        h, w = x.shape[2], x.shape[3]
+        return gp[:, :, op.pads[0]:op.pads[0] + h, op.pads[1]:op.pads[1] + w]
+
+    def _asymmetric(self, op, x):
+        """The padded input and each window's divisor (the elements it counts: the padded
+        ones too with count_include_pad, never those past the padded plane)."""
+        pt, pl, pb, pr = op.pads
+        xp = F.pad(x, (pl, pr, pt, pb))
+        plane = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
+        counted = F.pad(plane, (pl, pr, pt, pb), value=1.0 if op.count_include_pad else 0.0)
+        count = F.avg_pool2d(counted, op.kernel, op.stride, 0, op.ceil_mode, True, 1)
+        return xp, count
 
     def macs(self, op, in_shape, out_shape, weights):
         return int(np.prod(out_shape)) * int(np.prod(op.kernel))
 
     def lower(self, op, in_shape, where):
-        if any(op.pads[i] != op.pads[i + 2] for i in range(2)):
+        if not _symmetric(op.pads):
             raise EpcError(f"{where}: average pool with asymmetric padding is not "
                            f"supported on the core")
         rm, rs = fixed_point_reciprocal(_pool_divisor(where, op, in_shape))

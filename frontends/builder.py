@@ -54,9 +54,9 @@ import numpy as np
 
 from epc.compiler import ops as O
 from epc.compiler.errors import EpcError
-from epc.compiler.ir import (Act, Activation, Add, AvgPool, BatchNorm, Bias, ChannelScale, Conv,
-                             Dense, Flatten, GlobalAvgPool, Graph, Identity, Input, MaxPool, Node,
-                             Softmax, op_weights)
+from epc.compiler.ir import (Act, Activation, AdaptiveAvgPool, Add, AvgPool, BatchNorm, Bias,
+                             ChannelScale, Concat, Conv, Dense, Flatten, GlobalAvgPool, Graph,
+                             Identity, Input, MaxPool, Node, Pad, Permute, Softmax, op_weights)
 from epc.compiler.passes.canonicalize import simplify
 
 from .common import NameTable, sanitize
@@ -72,10 +72,43 @@ class Value:
     shape: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class View(Value):
+    """A reshape/transpose of `base` whose shape no IR op takes (a per-sample rank other
+    than 1 and 3, e.g. the [g, C/g, H, W] of a channel shuffle): pending until more
+    reshapes and transposes bring it back to one (then it is a Permute of the base), else
+    refused, naming the op that made it, by whatever reads it.
+
+    factors: base's elements as a row-major array of these sizes (a refinement of its
+    axes, sizes of 1 left out); order: the factors' order now; groups: how many factors
+    make each current axis, in order."""
+
+    base: Value | None = None
+    factors: tuple[int, ...] = ()
+    order: tuple[int, ...] = ()
+    groups: tuple[int, ...] = ()
+    origin: tuple = ()            # (scope, refusal hook) of the op that made it
+
+
+# Smooth ops: no bilinear energy term. kind -> (name in messages, what --substitute makes
+# of it, as text); the substitution itself is Builder.smooth's.
+SMOOTH = {
+    "sigmoid": ("Sigmoid", "a hard sigmoid (slope 1/4, the sigmoid's at 0)"),
+    "tanh": ("Tanh", "a clip to [-1, 1] (hardtanh)"),
+    "silu": ("SiLU", "the clipped ReLU"),
+    "hardswish": ("HardSwish", "the clipped ReLU"),
+    "gelu": ("GELU", "the clipped ReLU"),
+    "mish": ("Mish", "the clipped ReLU"),
+    "softplus": ("Softplus", "the clipped ReLU"),
+    "elu": ("ELU", "the clipped ReLU"),
+    "leakyrelu": ("LeakyReLU", "the clipped ReLU"),
+}
+
+
 class Builder:
     """Builds one feedforward Graph from calls in source order; `finish()` returns it."""
 
-    def __init__(self, name: str, attrs: dict[str, str]):
+    def __init__(self, name: str, attrs: dict[str, str], *, substitute: bool = False):
         self.g = Graph(name=sanitize(name, "model"), attrs=dict(attrs))
         self.scope = ""
         self._refuse: Refuse = EpcError
@@ -84,6 +117,15 @@ class Builder:
         # made it, and for a Conv/Dense the source name of its weight
         self._origin: dict[str, tuple[str, Refuse]] = {}
         self._source_weight: dict[str, str] = {}
+        # nodes a reshape/transpose made (Permute, Flatten): the view of its base they are,
+        # so that further reshapes compose from the base
+        self._views: dict[str, View] = {}
+        # --substitute: smooth ops become their nearest piecewise-linear form, gates go
+        self.substitute = substitute
+        self._gate_of: dict[str, str] = {}       # (hard) sigmoid node -> the value it gates
+        # what the substitution changed: (what, scope, the node it made or None)
+        self._substituted: list[tuple[str, str, str | None]] = []
+        self._placeholders: list[str] = []
 
     # ------------------------------------------------------------------ source position
     def at(self, scope: str, refuse: Refuse) -> None:
@@ -92,9 +134,13 @@ class Builder:
         self.scope = sanitize(scope, "op") if scope else ""
         self._refuse = refuse
 
-    def refuse(self, msg: str) -> Exception:
-        """The current source op cannot be expressed (raise the returned error)."""
-        return self._refuse(msg)
+    def refuse(self, msg: str, *, substitutable: bool = False) -> Exception:
+        """The current source op cannot be expressed (raise the returned error);
+        `substitutable`: --substitute would replace it."""
+        e = self._refuse(msg)
+        if substitutable and hasattr(e, "substitutable"):
+            e.substitutable = True
+        return e
 
     # ------------------------------------------------------------------ values and weights
     def input(self, name: str, shape) -> Value:
@@ -125,6 +171,7 @@ class Builder:
         return out
 
     def _emit(self, op, inputs: list[Value]) -> Value:
+        inputs = [self.settle(v) for v in inputs]
         try:
             shape = tuple(int(d) for d in O.out_shape(op, [v.shape for v in inputs],
                                                        self.g.weights))
@@ -135,7 +182,30 @@ class Builder:
         self.g.nodes.append(Node(name, op, [v.name for v in inputs], shape))
         return Value(name, shape)
 
+    def settle(self, x: Value) -> Value:
+        """x as a value IR ops can read: a pending View (a per-sample rank other than 1
+        and 3) is refused, naming the reshape or transpose that made it."""
+        if not isinstance(x, View):
+            return x
+        scope, hook = x.origin
+        raise hook(f"reshape/transpose to a per-sample {list(x.shape)} value that no later "
+                   f"reshape turns back into [features] or [C, H, W] (epc's values); only "
+                   f"flattening and permutations of the elements (a channel shuffle) are "
+                   f"supported")
+
+    def placeholder(self, shape, refused: Exception | None = None) -> Value:
+        """A stand-in for the output of a refused source op, so that the ops after it are
+        still checked (a frontend collects every refusal of a model); the graph is not
+        finished then. A refused sigmoid's stand-in is still a gate of its input."""
+        v = Value(f"?{len(self._placeholders)}", tuple(int(d) for d in shape))
+        self._placeholders.append(v.name)
+        gate = getattr(refused, "gate_of", None)
+        if gate is not None:
+            self._gate_of[v.name] = gate
+        return v
+
     def need_rank(self, x: Value, rank: int, what: str) -> None:
+        x = self.settle(x)
         if len(x.shape) != rank:
             want = {1: "[features]", 3: "[C, H, W]"}.get(rank, f"rank {rank}")
             raise self.refuse(f"{what} needs a per-sample {want} value, got {list(x.shape)}")
@@ -165,6 +235,7 @@ class Builder:
     # ------------------------------------------------------------------ linear ops
     def dense(self, x: Value, w, bias=None, *, name: str | None = None) -> Value:
         """y = w x (+ bias); w is [out, in], `name` the weight's source name."""
+        x = self.settle(x)
         w = np.asarray(w)
         if w.ndim != 2:
             raise self.refuse(f"matrix product with a {w.ndim}-D weight (needs 2-D)")
@@ -177,6 +248,7 @@ class Builder:
     def conv(self, x: Value, w, bias=None, *, stride, pads, dilation, groups: int = 1,
              name: str | None = None) -> Value:
         """2-D convolution; w is [C_out, C_in/groups, kH, kW], pads [h0, w0, h1, w1]."""
+        x = self.settle(x)
         w = np.asarray(w)
         if w.ndim != 4 or len(x.shape) != 3:
             raise self.refuse(f"only 2-D convolution is supported (weight of rank {w.ndim}, "
@@ -197,6 +269,7 @@ class Builder:
 
     def batchnorm(self, x: Value, scale, shift, mean, var, epsilon: float) -> Value:
         """Inference batch norm over the channel axis (folded by finish())."""
+        x = self.settle(x)
         c = x.shape[0] if x.shape else 0
         if len(x.shape) not in (1, 3):
             raise self.refuse(f"batch norm of a per-sample {list(x.shape)} value (needs [C] "
@@ -212,6 +285,7 @@ class Builder:
 
     def add_constant(self, x: Value, c, what: str = "addition") -> Value:
         """x + c (a bias; a subtraction adds -c; `what` names it in refusals)."""
+        x = self.settle(x)
         full = self._per_sample(c, x, what)
         vec = self._channel_vector(full)
         b = full.copy() if vec is None else vec.reshape((x.shape[0],) + (1,) * (len(x.shape) - 1))
@@ -219,6 +293,7 @@ class Builder:
 
     def mul_constant(self, x: Value, c, divide: bool = False) -> Value:
         """x * c (or x / c) for a constant c uniform over each channel."""
+        x = self.settle(x)
         what = "division" if divide else "product"
         vec = self._channel_vector(self._per_sample(c, x, what))
         if vec is None:
@@ -240,7 +315,10 @@ class Builder:
         return self.act(x, Activation.relu())
 
     def hardsigmoid(self, x: Value, alpha: float, beta: float) -> Value:
-        return self.act(x, Activation.hardsigmoid(alpha, beta))
+        x = self.settle(x)
+        y = self.act(x, Activation.hardsigmoid(alpha, beta))
+        self._gate_of[y.name] = x.name     # a gate, if a product uses it so
+        return y
 
     def clamp(self, x: Value, lo: float | None, hi: float | None) -> Value:
         """clip(x, lo, hi); None or an infinity is no bound on that side."""
@@ -258,6 +336,58 @@ class Builder:
         # lo = -inf: an upper bound alone; finish() fuses it into the ReLU/clip before it
         return self.act(x, Activation.clip(lo, hi))
 
+    # ------------------------------------------------------------------ smooth ops and gates
+    def smooth(self, x: Value, kind: str) -> Value:
+        """A smooth activation (SMOOTH): refused, or with --substitute its nearest
+        piecewise-linear form (a clipped ReLU, a hard sigmoid, a clip to [-1, 1])."""
+        x = self.settle(x)
+        name, instead = SMOOTH[kind]
+        if not self.substitute:
+            e = self.refuse(f"{name} is smooth: no bilinear energy term (--substitute makes "
+                            f"it {instead})", substitutable=True)
+            if kind == "sigmoid":
+                e.gate_of = x.name      # its placeholder is a gate (see placeholder)
+            raise e
+        if kind == "sigmoid":
+            y = self.act(x, Activation.hardsigmoid(0.25, 0.5))
+            self._gate_of[y.name] = x.name
+        elif kind == "tanh":
+            y = self.act(x, Activation.clip(-1.0, 1.0))
+        else:
+            y = self.relu(x)
+        self._substituted.append((f"{name} -> {instead}", self.scope, y.name))
+        return y
+
+    def product(self, a: Value, b: Value) -> Value:
+        """The product of two computed values: with --substitute, x * sigmoid(x) (SiLU or
+        HardSwish written out) becomes the clipped ReLU of x and a squeeze-excitation gate
+        (x times a sigmoid of a squeezed [C, 1, 1] value) is dropped; else refused."""
+        a, b = self.settle(a), self.settle(b)
+        gate, x = (b, a) if b.name in self._gate_of else (a, b)
+        if gate.name not in self._gate_of:
+            raise self.refuse("product of two computed values (a gate or an attention "
+                              "product has no bilinear energy term)")
+        selfgate = self._gate_of[gate.name] == x.name
+        squeeze = (len(gate.shape) == len(x.shape) and gate.shape != x.shape and
+                   all(d in (1, e) for d, e in zip(gate.shape, x.shape)))
+        if not self.substitute and (selfgate or squeeze):
+            what, fix = (("x * sigmoid(x), a SiLU/HardSwish written out", "makes it the "
+                          "clipped ReLU") if selfgate else
+                         ("a squeeze-excitation gate", "drops the gate"))
+            raise self.refuse(f"product of two computed values ({what}) has no bilinear "
+                              f"energy term (--substitute {fix})", substitutable=True)
+        if selfgate:
+            y = self.relu(x)
+            self._substituted.append(("x * sigmoid(x) (SiLU/HardSwish) -> the clipped ReLU",
+                                      self.scope, y.name))
+            return y
+        if squeeze:
+            self._substituted.append(("squeeze-excitation gate dropped (x * gate -> x)",
+                                      self.scope, None))
+            return x
+        raise self.refuse(f"product of a value {list(x.shape)} and a gate {list(gate.shape)} "
+                          f"of its own size (no bilinear energy term, no substitution)")
+
     # ------------------------------------------------------------------ pooling and shape
     def maxpool(self, x: Value, kernel, stride, pads, dilation=(1, 1),
                 ceil_mode: bool = False) -> Value:
@@ -274,8 +404,8 @@ class Builder:
                 ceil_mode: bool = False) -> Value:
         self.need_rank(x, 3, "average pooling (2-D only)")
         k, pads = [int(v) for v in kernel], [int(p) for p in pads]
-        if pads[0] != pads[2] or pads[1] != pads[3]:
-            raise self.refuse(f"average pooling with asymmetric padding {pads}")
+        if (pads[0] != pads[2] or pads[1] != pads[3]) and ceil_mode:
+            raise self.refuse(f"average pooling with asymmetric padding {pads} and ceil_mode")
         if any(2 * p > kk for p, kk in zip(pads, k + k)):
             raise self.refuse(f"average pooling with padding {pads} larger than half the "
                               f"kernel {k}")
@@ -287,11 +417,14 @@ class Builder:
         return self._emit(GlobalAvgPool(keepdims=bool(keepdims)), [x])
 
     def adaptive_avgpool(self, x: Value, out_hw) -> Value:
-        """Adaptive average pooling to out_hw (None keeps that side): global, identity, or
-        an average pool when the windows are equal and disjoint."""
+        """Adaptive average pooling to out_hw (None keeps that side): global, identity, an
+        average pool when the windows are equal and disjoint, else an AdaptiveAvgPool
+        (windows of unequal size, overlapping ones, or an output larger than the input)."""
         self.need_rank(x, 3, "adaptive average pooling")
         h, w = x.shape[1], x.shape[2]
         out = [h if o is None else int(o) for o in out_hw]
+        if any(o <= 0 for o in out):
+            raise self.refuse(f"adaptive average pooling to {out}")
         if out == [1, 1]:
             return self.global_avgpool(x, keepdims=True)
         if out == [h, w]:
@@ -299,26 +432,124 @@ class Builder:
         if h % out[0] == 0 and w % out[1] == 0:
             k = [h // out[0], w // out[1]]
             return self.avgpool(x, k, k, [0, 0, 0, 0])
-        raise self.refuse(f"adaptive average pooling from {[h, w]} to {out} (windows of "
-                          f"unequal size)")
+        return self._emit(AdaptiveAvgPool(out), [x])
+
+    def pad(self, x: Value, pads, value: float = 0.0) -> Value:
+        """Constant padding of the per-sample value: pads [b_0.., e_0..] (ONNX order,
+        negative entries crop); a non-zero `value` fills the pad with a constant (a bias
+        over the padded border)."""
+        x = self.settle(x)
+        pads = [int(p) for p in pads]
+        r = len(x.shape)
+        if len(pads) != 2 * r:
+            raise self.refuse(f"pad {pads} for a per-sample {list(x.shape)} value")
+        if not any(pads):
+            return x
+        y = self._emit(Pad(pads), [x])
+        if value != 0.0:
+            inside = np.zeros(y.shape)
+            inside[tuple(slice(max(pads[i], 0), max(pads[i], 0) + x.shape[i] + min(pads[i], 0)
+                               + min(pads[r + i], 0)) for i in range(r))] = 1.0
+            y = self.add_constant(y, float(value) * (1.0 - inside), "padding value")
+        return y
+
+    def slice(self, x: Value, axis: int, start: int, end: int) -> Value:
+        """Elements start..end-1 (step 1) along per-sample axis `axis` (a crop)."""
+        x = self.settle(x)
+        if not 0 <= axis < len(x.shape):
+            raise self.refuse(f"slice along per-sample axis {axis} of {list(x.shape)}")
+        size = x.shape[axis]
+        start, end = max(0, min(int(start), size)), max(0, min(int(end), size))
+        if end <= start:
+            raise self.refuse(f"slice {start}:{end} of axis {axis} ({size}) is empty")
+        pads = [0] * (2 * len(x.shape))
+        pads[axis], pads[len(x.shape) + axis] = -start, -(size - end)
+        return self.pad(x, pads)
+
+    def concat(self, xs: list[Value], axis: int) -> Value:
+        """Concatenation of computed values along per-sample axis `axis` (the channels)."""
+        xs = [self.settle(x) for x in xs]
+        if len(xs) == 1:
+            return xs[0]
+        if axis != 0:
+            where = "spatial " if len(xs[0].shape) == 3 else ""
+            raise self.refuse(f"concatenation along the {where}axis {axis + 1} of [N, "
+                              f"{', '.join(map(str, xs[0].shape))}] (only along the channels, "
+                              f"axis 1)")
+        return self._emit(Concat(0), list(xs))
 
     def flatten(self, x: Value) -> Value:
         """[d0, d1, ...] -> [d0 * d1 * ...] per sample (a vector stays as it is)."""
-        return x if len(x.shape) == 1 else self._emit(Flatten(), [x])
+        return x if len(x.shape) == 1 else self.reshape(x, (int(np.prod(x.shape)),))
 
     def reshape(self, x: Value, shape) -> Value:
-        """A per-sample reshape: to the same shape (nothing) or to a vector (flatten)."""
+        """A per-sample reshape. Composed with the reshapes and transposes before it: the
+        same shape is nothing, a plain reshape to a vector a Flatten, a permutation of the
+        elements a Permute; a shape no IR op takes stays pending (a View)."""
         shape = tuple(int(d) for d in shape)
         if shape == x.shape:
             return x
-        if len(shape) == 1 and shape[0] == int(np.prod(x.shape)):
-            return self.flatten(x)
-        raise self.refuse(f"reshape of a per-sample value {list(x.shape)} to {list(shape)} "
-                          f"(only flattening to [N, features] is supported)")
+        if int(np.prod(shape)) != int(np.prod(x.shape)):
+            raise self.refuse(f"reshape of a per-sample {list(x.shape)} value to {list(shape)}")
+        base, f, o, gr = self._view(x)
+        if list(o) == sorted(o):           # no transpose so far: a plain reshape of the base
+            f, o = [d for d in shape if d != 1], list(range(len([d for d in shape if d != 1])))
+            gr = [0 if d == 1 else 1 for d in shape]
+        else:
+            regrouped = _regroup(list(f), list(o), shape)
+            if regrouped is None:
+                raise self.refuse(f"reshape of a per-sample {list(x.shape)} value to "
+                                  f"{list(shape)} after a transpose is not a permutation of "
+                                  f"whole axes epc can express")
+            f, o, gr = regrouped
+        return self._close_view(base, f, o, gr, shape)
+
+    def transpose(self, x: Value, perm) -> Value:
+        """The per-sample axes in the order `perm` (the batch stays first)."""
+        perm = [int(p) for p in perm]
+        if sorted(perm) != list(range(len(x.shape))):
+            raise self.refuse(f"transpose {perm} of a per-sample {list(x.shape)} value")
+        if perm == sorted(perm):
+            return x
+        base, f, o, gr = self._view(x)
+        runs, at = [], 0
+        for n in gr:
+            runs.append(list(o[at:at + n]))
+            at += n
+        o = [i for p in perm for i in runs[p]]
+        gr = [gr[p] for p in perm]
+        shape = tuple(int(x.shape[p]) for p in perm)
+        return self._close_view(base, list(f), o, gr, shape)
+
+    def _view(self, x: Value):
+        """(base, factors, order, groups) of x as a view of a value nodes can read."""
+        v = x if isinstance(x, View) else self._views.get(x.name)
+        if v is not None:
+            return v.base, list(v.factors), list(v.order), list(v.groups)
+        f = [d for d in x.shape if d != 1]
+        return x, f, list(range(len(f))), [0 if d == 1 else 1 for d in x.shape]
+
+    def _close_view(self, base: Value, f: list, o: list, gr: list, shape: tuple) -> Value:
+        """The value `shape` of base's elements in factor order o: base itself, a Flatten,
+        a Permute, or (a shape no op takes) a pending View."""
+        ident = o == sorted(o)
+        if ident and shape == base.shape:
+            return base
+        v = View("", shape, base, tuple(f), tuple(o), tuple(gr), (self.scope, self._refuse))
+        if len(shape) not in (1, 3):
+            return v
+        if ident and len(shape) == 1:
+            y = self._emit(Flatten(), [base])
+        else:
+            dims, perm = _canonical_permutation(f, o)
+            y = self._emit(Permute(dims, perm, list(shape)), [base])
+        self._views[y.name] = v
+        return y
 
     # ------------------------------------------------------------------ joins and output
     def add(self, xs: list[Value]) -> Value:
         """Elementwise sum of computed values of one shape (a residual join)."""
+        xs = [self.settle(x) for x in xs]
         if len(xs) == 1:
             return xs[0]
         shapes = sorted({x.shape for x in xs})
@@ -328,13 +559,17 @@ class Builder:
         return self._emit(Add(), list(xs))
 
     def softmax(self, x: Value, log: bool = False) -> Value:
-        """Softmax / LogSoftmax over the class axis; only as the model's output (finish())."""
-        if len(x.shape) != 1:
+        """Softmax / LogSoftmax over the class axis (of [classes] or [classes, 1, 1]); only
+        as the model's output (finish())."""
+        x = self.settle(x)
+        if len(x.shape) != 1 and int(np.prod(x.shape[1:])) != 1:
             raise self.refuse(f"{'log_' if log else ''}softmax of a per-sample "
-                              f"{list(x.shape)} value (only over the classes of [N, classes])")
+                              f"{list(x.shape)} value (only over the classes of [N, classes] "
+                              f"or [N, classes, 1, 1])")
         return self._emit(Softmax(log=bool(log)), [x])
 
     def output(self, x: Value) -> None:
+        x = self.settle(x)
         if any(i.name == x.name for i in self.g.inputs):
             # an output that is the input itself still needs a node to name it
             self.scope = ""
@@ -359,8 +594,22 @@ class Builder:
                     raise self._hook(n.name)(f"folding it into {n.op.kind} gives weights that "
                                              f"are not finite in float32 (NaN, Inf or beyond "
                                              f"3.4e38)")
+        self._record_substitutions()
         self._name()
         return g
+
+    def _record_substitutions(self) -> None:
+        """graph.attrs['substituted']: what --substitute changed that is still in the
+        graph (a SiLU inside a dropped gate went with it), '; '-separated entries
+        'WHAT xCOUNT (first: SCOPE)'."""
+        live = {n.name for n in self.g.nodes}
+        groups: dict[str, list[str]] = {}
+        for what, scope, node in self._substituted:
+            if node is None or node in live:
+                groups.setdefault(what, []).append(scope or "<root>")
+        if groups:
+            self.g.attrs["substituted"] = "; ".join(
+                f"{what} x{len(scopes)} (first: {scopes[0]})" for what, scopes in groups.items())
 
     def _hook(self, name: str) -> Refuse:
         return self._source_of(name)[1]
@@ -440,4 +689,48 @@ class Builder:
         g.outputs = [final.get(o, o) for o in g.outputs]
 
 
-__all__ = ["Builder", "Value"]
+def _regroup(f: list, o: list, shape: tuple):
+    """Factors f (base order) read in order o, regrouped into the axes of `shape`: a factor
+    an axis boundary cuts is split in two (in base order too). (factors, order, groups), or
+    None where a boundary cuts a factor unevenly."""
+    f, o = list(f), list(o)
+    groups, k = [], 0
+    for d in shape:
+        n, prod = 0, 1
+        while prod < d:
+            if k >= len(o):
+                return None
+            size = f[o[k]]
+            if prod * size > d:
+                if d % prod or size % (d // prod):
+                    return None
+                need, i = d // prod, o[k]
+                f[i:i + 1] = [need, size // need]
+                o = [j + 1 if j > i else j for j in o]
+                o[k:k + 1] = [i, i + 1]
+                size = need
+            prod *= size
+            k += 1
+            n += 1
+        if prod != d:
+            return None
+        groups.append(n)
+    return (f, o, groups) if k == len(o) else None
+
+
+def _canonical_permutation(f: list, o: list) -> tuple[list[int], list[int]]:
+    """(dims, perm) of the element permutation 'f in base order, read in order o', with
+    factors that stay neighbours in both orders merged (one form per permutation)."""
+    merged: list[list[int]] = []          # runs of factor indices, in current order
+    for i in o:
+        if merged and merged[-1][-1] + 1 == i:
+            merged[-1].append(i)
+        else:
+            merged.append([i])
+    by_base = sorted(range(len(merged)), key=lambda r: merged[r][0])
+    dims = [int(np.prod([f[i] for i in merged[r]])) for r in by_base]
+    perm = [by_base.index(r) for r in range(len(merged))]
+    return (dims or [1]), (perm or [0])
+
+
+__all__ = ["Builder", "Value", "View", "SMOOTH"]

@@ -28,7 +28,7 @@ from epc.compiler.limits import check_memory, numel
 from epc.compiler.verify import problems
 
 from .builder import Builder, Value
-from .common import sanitize
+from .common import Refused, Unsupported, sanitize
 
 MIN_OPSET, MAX_OPSET = 9, 23
 
@@ -36,10 +36,28 @@ SUPPORTED_OPS = (
     "Conv (2-D), Gemm, MatMul (by a constant 2-D matrix), Relu, Clip (a max alone only "
     "right after a Relu or Clip), HardSigmoid, "
     "BatchNormalization (inference), Mul/Div by a per-channel constant, Add/Sub of a constant "
-    "(bias), Add/Sum of same-shaped values (residual), MaxPool, AveragePool, "
-    "GlobalAveragePool, ReduceMean over the spatial axes, Flatten, Reshape to [N, -1], "
-    "Identity, Pad (no-op only), Dropout (inference), Cast (float to float), "
-    "Softmax/LogSoftmax (at the output only), plus any operator whose inputs are all constants (folded)")
+    "(bias), Add/Sum of same-shaped values (residual), Concat along the channels, Split and "
+    "Slice (step 1, not the batch), MaxPool, AveragePool, GlobalAveragePool, ReduceMean "
+    "over the spatial axes, Flatten, Reshape and Transpose that flatten or permute the "
+    "elements (a channel shuffle), Pad (constant), Identity, Dropout (inference), Cast "
+    "(float to float), Softmax/LogSoftmax (at the output only), plus any operator whose "
+    "inputs are all constants (folded); with --substitute also Sigmoid, Tanh, HardSwish, "
+    "Gelu, Mish, Softplus, Elu, LeakyRelu and squeeze-excitation gates (Mul)")
+
+# Ops without a rule whose refusal says more than 'unsupported'.
+_WHY_NOT = {
+    "LRN": "local response normalisation divides by a power of a sum of squares: not "
+           "linear, no substitution",
+    "LayerNormalization": "it normalises by statistics of the value itself: no bilinear "
+                          "energy term, no substitution",
+    "InstanceNormalization": "it normalises by statistics of the value itself: no bilinear "
+                             "energy term, no substitution",
+    "Erf": "a GELU written out with Erf; export at opset 20, where GELU is one Gelu node, "
+           "or compile the PyTorch module, for --substitute to replace it",
+    "PRelu": "a learned negative slope has no clipped form, no substitution",
+    "Resize": "resampling is not supported",
+    "Upsample": "resampling is not supported",
+}
 
 # Ops never evaluated at load time even if their inputs are constant: control flow and
 # randomness have no single constant value.
@@ -72,13 +90,15 @@ class _Ctx:
         self.batch = -999
 
     # ---- errors
-    def fail(self, node, msg: str) -> EpcError:
-        return EpcError(f"{self.path}: {_label(node)}: {msg}")
+    def fail(self, node, msg: str) -> Refused:
+        return Refused(f"{self.path}: {_label(node)}: {msg}", op=node.op_type,
+                       node=_label(node).split(" ", 1)[1], reason=msg)
 
-    def unsupported(self, node, why: str = "") -> EpcError:
+    def unsupported(self, node, why: str = "") -> Refused:
         detail = f" ({why})" if why else ""
-        return EpcError(f"{self.path}: unsupported {_label(node)}{detail}; epc supports: "
-                        f"{SUPPORTED_OPS}")
+        return Refused(f"{self.path}: unsupported {_label(node)}{detail}; epc supports: "
+                       f"{SUPPORTED_OPS}", op=node.op_type,
+                       node=_label(node).split(" ", 1)[1], reason=why or "no rule for this op")
 
     # ---- inputs of the node being translated
     def data(self, node, i: int) -> Value:
@@ -564,6 +584,9 @@ def _gemm(ctx, node, a):
 
 def _matmul(ctx, node, a):
     x = ctx.data(node, 0)
+    if len(node.input) > 1 and node.input[1] in ctx.values:
+        raise ctx.unsupported(node, "MatMul of two computed values (attention): no bilinear "
+                                    "energy term, no substitution")
     ctx.b.need_rank(x, 1, "MatMul (a matrix product)")
     b = ctx.constant(node, 1, "weight matrix")
     if b.ndim != 2:
@@ -580,6 +603,8 @@ def _binary(ctx, node, a):
     consts = [np.asarray(ctx.const[x], np.float64) for x in ins if x in ctx.const]
     if len(dyn) + len(consts) != len(ins):
         raise ctx.fail(node, "an input is neither computed nor constant")
+    if t == "Mul" and len(dyn) == 2 and not consts:
+        return ctx.b.product(dyn[0], dyn[1])
     if t in ("Sub", "Div", "Mul") and len(dyn) != 1:
         raise ctx.unsupported(node, f"{t} of two computed values (only a residual Add/Sum "
                                     f"joins computed values)")
@@ -696,8 +721,11 @@ def _reshape(ctx, node, a):
 
 def _softmax(ctx, node, a):
     x = ctx.data(node, 0)
-    axis = int(a.get("axis", 1 if ctx.opset < 13 else -1))
-    if len(x.shape) != 1 or axis not in (1, -1):
+    r = len(x.shape) + 1
+    axis = int(a.get("axis", 1 if ctx.opset < 13 else -1)) % r
+    # the classes: axis 1 of [N, C] or of [N, C, 1, 1] (before opset 13 a Softmax
+    # flattens from its axis on, so axis 1 covers C x 1 x 1 there too)
+    if axis != 1 or int(np.prod(x.shape[1:])) != 1:
         raise ctx.unsupported(node, f"{node.op_type} only over the class axis of an [N, C] "
                                     f"value (axis {axis}, per-sample shape {list(x.shape)})")
     return ctx.b.softmax(x, log=node.op_type == "LogSoftmax")
@@ -721,13 +749,119 @@ def _cast(ctx, node, a):
 
 
 def _pad(ctx, node, a):
-    """Only the no-op Pad (all pads zero) the legacy exporter puts before pools at opset 9."""
-    pads = a.get("pads") if ctx.opset < 11 else ctx.constant(node, 1, "pads")
+    """A constant Pad (zero or any value; negative pads crop) of the per-sample axes."""
+    x = ctx.data(node, 0)
+    mode = a.get("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if ctx.opset < 11:
+        pads, value = a.get("pads"), float(a.get("value", 0.0))
+    else:
+        pads = ctx.constant(node, 1, "pads")
+        v = ctx.constant(node, 2, "constant value", optional=True)
+        value = 0.0 if v is None or np.asarray(v).size == 0 else float(np.asarray(v).reshape(-1)[0])
     pads = [int(p) for p in np.asarray(pads).reshape(-1)]
-    if any(pads):
-        raise ctx.unsupported(node, f"Pad with non-zero pads {pads} (only the no-op Pad "
-                                    f"is supported; put padding in the Conv/pool instead)")
-    return ctx.data(node, 0)
+    r = len(x.shape) + 1
+    axes = ctx.constant(node, 3, "axes", optional=True) if ctx.opset >= 18 else None
+    if axes is not None:
+        full = [0] * (2 * r)
+        ax = [int(v) % r for v in np.asarray(axes).reshape(-1)]
+        for k, axis in enumerate(ax):
+            full[axis], full[r + axis] = pads[k], pads[len(ax) + k]
+        pads = full
+    if len(pads) != 2 * r:
+        raise ctx.fail(node, f"pads {pads} for an input of rank {r}")
+    if not any(pads):
+        return x
+    if mode != "constant":
+        raise ctx.unsupported(node, f"Pad mode {mode!r} (only constant padding)")
+    if pads[0] or pads[r]:
+        raise ctx.unsupported(node, f"Pad of the batch axis (pads {pads})")
+    return ctx.b.pad(x, pads[1:r] + pads[r + 1:], value)
+
+
+def _axis(ctx, node, axis: int, rank: int, what: str) -> int:
+    """A per-sample axis from an ONNX axis over [N, ...] of `rank`; the batch refused."""
+    if not -rank <= axis < rank:
+        raise ctx.fail(node, f"axis {axis} out of range for rank {rank}")
+    axis %= rank
+    if axis == 0:
+        raise ctx.unsupported(node, f"{what} along the batch axis")
+    return axis - 1
+
+
+def _concat(ctx, node, a):
+    if any(x in ctx.const for x in node.input if x):
+        raise ctx.unsupported(node, "concatenation with a constant")
+    xs = [ctx.data(node, i) for i in range(len(node.input))]
+    axis = _axis(ctx, node, int(a["axis"]), len(xs[0].shape) + 1, "concatenation")
+    return ctx.b.concat(xs, axis)
+
+
+def _split(ctx, node, a):
+    x = ctx.data(node, 0)
+    axis = _axis(ctx, node, int(a.get("axis", 0)), len(x.shape) + 1, "Split")
+    sizes = None
+    if ctx.opset >= 13 and len(node.input) > 1 and node.input[1]:
+        sizes = [int(v) for v in np.asarray(ctx.constant(node, 1, "split sizes")).reshape(-1)]
+    elif "split" in a:
+        sizes = [int(v) for v in a["split"]]
+    n = len(node.output)
+    size = x.shape[axis]
+    if sizes is None:
+        k = int(a.get("num_outputs", n))
+        step = -(-size // k)
+        sizes = [min(step, size - i * step) for i in range(k)]
+    if sum(sizes) != size or len(sizes) != n or min(sizes) <= 0:
+        raise ctx.fail(node, f"split sizes {sizes} of an axis of {size} into {n} outputs")
+    out, at = [], 0
+    for k in sizes:
+        out.append(ctx.b.slice(x, axis, at, at + k))
+        at += k
+    return tuple(out)
+
+
+def _slice(ctx, node, a):
+    x = ctx.data(node, 0)
+    r = len(x.shape) + 1
+    if ctx.opset < 10:
+        starts, ends = a["starts"], a["ends"]
+        axes, steps = a.get("axes", list(range(len(starts)))), [1] * len(starts)
+    else:
+        starts = np.asarray(ctx.constant(node, 1, "starts")).reshape(-1)
+        ends = np.asarray(ctx.constant(node, 2, "ends")).reshape(-1)
+        axes = ctx.constant(node, 3, "axes", optional=True)
+        steps = ctx.constant(node, 4, "steps", optional=True)
+        axes = list(range(len(starts))) if axes is None else np.asarray(axes).reshape(-1)
+        steps = [1] * len(starts) if steps is None else np.asarray(steps).reshape(-1)
+    y = x
+    for st, en, ax, step in zip(starts, ends, axes, steps):
+        ax, st, en = int(ax) % r, int(st), int(en)
+        if int(step) != 1:
+            raise ctx.unsupported(node, f"Slice with step {int(step)} (only step 1)")
+        if ax == 0:
+            if st == 0 and (en >= 2 ** 31 - 1 or (ctx.batch > 0 and en >= ctx.batch)):
+                continue        # the whole batch
+            raise ctx.unsupported(node, "Slice of the batch axis")
+        size = x.shape[ax - 1]
+        st = st + size if st < 0 else st
+        en = en + size if en < 0 else en
+        y = ctx.b.slice(y, ax - 1, st, min(en, size))
+    return y
+
+
+def _transpose(ctx, node, a):
+    x = ctx.data(node, 0)
+    r = len(x.shape) + 1
+    perm = [int(p) for p in a.get("perm", list(reversed(range(r))))]
+    if sorted(perm) != list(range(r)):
+        raise ctx.fail(node, f"perm {perm} for rank {r}")
+    if perm[0] != 0:
+        raise ctx.unsupported(node, f"Transpose {perm} moves the batch axis")
+    return ctx.b.transpose(x, [p - 1 for p in perm[1:]])
+
+
+def _smooth(kind: str):
+    return lambda ctx, node, a: ctx.b.smooth(ctx.data(node, 0), kind)
 
 
 def _global_avgpool(ctx, node, a):
@@ -747,6 +881,10 @@ _RULES = {
     "Softmax": _softmax, "LogSoftmax": _softmax,
     "Identity": lambda ctx, node, a: ctx.data(node, 0),
     "Dropout": _dropout, "Cast": _cast, "Pad": _pad,
+    "Concat": _concat, "Split": _split, "Slice": _slice, "Transpose": _transpose,
+    "Sigmoid": _smooth("sigmoid"), "Tanh": _smooth("tanh"), "HardSwish": _smooth("hardswish"),
+    "Gelu": _smooth("gelu"), "Mish": _smooth("mish"), "Softplus": _smooth("softplus"),
+    "Elu": _smooth("elu"), "LeakyRelu": _smooth("leakyrelu"),
 }
 
 
@@ -778,15 +916,54 @@ def _data_input(path: str, model, inits: set[str]):
     return vi.name, batch, tuple(shape)
 
 
-def load_onnx(path: str) -> Graph:
-    """Load an ONNX model as a feedforward-form IR graph; raises EpcError on bad input."""
+def load_onnx(path: str, *, substitute: bool = False) -> Graph:
+    """Load an ONNX model as a feedforward-form IR graph; raises EpcError on bad input
+    (`Unsupported`, naming every op the IR cannot express, when that is the reason).
+    substitute: smooth ops become their nearest piecewise-linear form and
+    squeeze-excitation gates are dropped (graph.attrs['substituted'] says what changed)."""
     # numpy's overflow / division warnings would print before the error line: every
     # constant the import makes is checked for NaN/Inf instead (Builder.weight)
     with np.errstate(all="ignore"):
-        return _load_onnx(os.fspath(path))
+        ctx, refusals, _ = _translate(path, substitute)
+    if refusals:
+        raise Unsupported(ctx.path, refusals, SUPPORTED_OPS)
+    return _finish(ctx)
 
 
-def _load_onnx(path: str) -> Graph:
+def survey_onnx(path: str, *, substitute: bool = False) -> dict:
+    """What `epc compile --check` reports of an ONNX model: every op translated (by source
+    op type), every refusal; the graph too when nothing was refused. Raises EpcError only
+    for a file that is not a model epc can read at all."""
+    with np.errstate(all="ignore"):
+        ctx, refusals, ops = _translate(path, substitute)
+    graph = None
+    if not refusals:
+        try:
+            graph = _finish(ctx)
+        except Unsupported as e:
+            refusals = e.refusals
+    return {"frontend": "onnx", "ops": ops, "refusals": refusals, "graph": graph,
+            "supported": SUPPORTED_OPS}
+
+
+def _finish(ctx) -> Graph:
+    try:
+        with np.errstate(all="ignore"):
+            graph = ctx.b.finish()
+    except Refused as e:
+        raise Unsupported(ctx.path, [e], SUPPORTED_OPS) from None
+    errs = problems(graph)
+    if errs:   # a frontend bug, not the user's: still one line, naming the file
+        raise EpcError(f"{ctx.path}: internal error: the imported IR is invalid: "
+                       f"{'; '.join(errs[:3])}")
+    return graph
+
+
+def _translate(path: str, substitute: bool) -> tuple[_Ctx, list[Refused], dict[str, int]]:
+    """Read, check and fold the model, then translate every node the outputs need,
+    collecting refusals (a refused node's outputs get stand-ins of their inferred shapes,
+    so the nodes after it are checked too). Returns (ctx, refusals, translated op counts)."""
+    path = os.fspath(path)
     model = _read_model(path)
     opset = _opset(path, model)
     _load_external_data(path, model)
@@ -840,37 +1017,64 @@ def _load_onnx(path: str) -> Graph:
             raise EpcError(f"{path}: constant {name!r} contains NaN or Inf values")
 
     gname = sanitize(os.path.splitext(os.path.basename(path))[0], "model")
-    ctx.b = b = Builder(gname, {"source": path, "frontend": "onnx", "opset": str(opset)})
+    ctx.b = b = Builder(gname, {"source": path, "frontend": "onnx", "opset": str(opset)},
+                        substitute=substitute)
     ctx.values[in_name] = b.input(in_name, in_shape)
 
+    refusals: list[Refused] = []
+    ops: dict[str, int] = {}
+    unknown: set[str] = set()          # outputs of refused nodes with no inferred shape
     for i, node in enumerate(g.node):
         if i not in needed or all(o in ctx.const for o in node.output if o):
             continue
-        if node.domain not in ("", "ai.onnx"):
-            raise ctx.unsupported(node, f"operator domain {node.domain!r}")
-        if node.op_type not in _RULES:
-            raise ctx.unsupported(node)
-        if not any(x in ctx.values for x in node.input if x):
-            raise ctx.unsupported(node, "its inputs could not be evaluated as constants")
-        b.at(_scope(node), lambda msg, node=node: ctx.unsupported(node, msg))
-        y = _RULES[node.op_type](ctx, node, _attrs(node))
-        ctx.values[node.output[0]] = y
-        _cross_check(ctx, node, y)
+        if any(x in unknown for x in node.input if x):
+            unknown.update(o for o in node.output if o)
+            continue
+        try:
+            _translate_node(ctx, node)
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        except Refused as e:
+            refusals.append(e)
+            for o in node.output:
+                dims = ctx.inferred_full.get(o)
+                if o and dims and all(d is not None for d in dims[1:]):
+                    ctx.values[o] = b.placeholder(dims[1:], e)
+                elif o:
+                    unknown.add(o)
 
     for o in g.output:
-        if o.name not in ctx.values:
+        if o.name not in ctx.values and o.name not in unknown:
             raise EpcError(f"{path}: graph output {o.name!r} is a constant, not computed from "
                            f"the input")
-        b.output(ctx.values[o.name])
-    graph = b.finish()
-    errs = problems(graph)
-    if errs:   # a frontend bug, not the user's: still one line, naming the file
-        raise EpcError(f"{path}: internal error: the imported IR is invalid: {'; '.join(errs[:3])}")
-    return graph
+        if not refusals:
+            b.output(ctx.values[o.name])
+    return ctx, refusals, ops
 
 
-def _cross_check(ctx, node, y: Value):
-    dims = ctx.inferred_full.get(node.output[0])
+def _translate_node(ctx: _Ctx, node) -> None:
+    """One node through its rule (its outputs' Values into ctx.values); raises Refused."""
+    if node.domain not in ("", "ai.onnx"):
+        raise ctx.unsupported(node, f"operator domain {node.domain!r}")
+    if node.op_type not in _RULES:
+        raise ctx.unsupported(node, _WHY_NOT.get(node.op_type, ""))
+    if not any(x in ctx.values for x in node.input if x):
+        raise ctx.unsupported(node, "its inputs could not be evaluated as constants")
+    ctx.b.at(_scope(node), lambda msg, node=node: ctx.unsupported(node, msg))
+    try:
+        y = _RULES[node.op_type](ctx, node, _attrs(node))
+    except Refused:
+        raise
+    except EpcError as e:      # collected with the other refusals (no catch-all: main's rule)
+        raise ctx.fail(node, str(e)) from None
+    ys = y if isinstance(y, tuple) else (y,)
+    for o, v in zip(node.output, ys):
+        if o:
+            ctx.values[o] = v
+            _cross_check(ctx, node, o, v)
+
+
+def _cross_check(ctx, node, name: str, y: Value):
+    dims = ctx.inferred_full.get(name)
     if not dims:
         return
     mine = y.shape
@@ -880,4 +1084,4 @@ def _cross_check(ctx, node, y: Value):
                              f"ONNX shape inference {['?' if t is None else t for t in theirs]}")
 
 
-__all__ = ["load_onnx", "SUPPORTED_OPS", "MIN_OPSET", "MAX_OPSET"]
+__all__ = ["load_onnx", "survey_onnx", "SUPPORTED_OPS", "MIN_OPSET", "MAX_OPSET"]

@@ -514,8 +514,8 @@ def _flatten(L, node, args, kwargs):
 
 def _softmax(L, node, args, kwargs):
     x = _need_act(L, node, args[0])
-    dim = int(args[1])
-    if len(x.shape) != 1 or dim not in (1, -1):
+    dim = int(args[1]) % (len(x.shape) + 1)
+    if dim != 1 or math.prod(x.shape[1:]) != 1:
         raise L.fail(f"softmax over dim {dim} of a {[L.batch, *x.shape]} value (only over "
                      f"the class axis of [N, classes])", node)
     return L.b.softmax(x, log=node.target in (_A._log_softmax.default, _A.log_softmax.int))

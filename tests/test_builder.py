@@ -80,9 +80,12 @@ def test_constants_are_stored_per_channel_when_uniform():
     (lambda b, x: b.dense(x, np.zeros((3, 12))), "flatten it first"),
     (lambda b, x: b.clamp(x, 1.0, None), "only a lower bound"),
     (lambda b, x: b.clamp(x, 2.0, 1.0), "min <= max"),
-    (lambda b, x: b.reshape(x, (3, 4)), "only flattening"),
-    (lambda b, x: b.avgpool(x, [2, 2], [1, 1], [1, 0, 0, 0]), "asymmetric"),
-    (lambda b, x: b.adaptive_avgpool(x, (2, 2)), "unequal size"),
+    # a reshape to a rank no op takes is refused where it is read, naming the reshape
+    (lambda b, x: b.relu(b.reshape(x, (3, 4))), "only flattening and permutations"),
+    (lambda b, x: b.transpose(x, [0, 0, 1]), "transpose [0, 0, 1]"),
+    (lambda b, x: b.avgpool(x, [2, 2], [1, 1], [1, 0, 0, 0], ceil_mode=True), "asymmetric"),
+    (lambda b, x: b.concat([x, x], 1), "only along the channels"),
+    (lambda b, x: b.slice(x, 0, 2, 2), "is empty"),
     (lambda b, x: b.softmax(x), "classes"),
 ])
 def test_refusals_go_through_the_frontends_hook(call, needle):

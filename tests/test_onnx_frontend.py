@@ -306,7 +306,7 @@ def test_missing_and_garbage_files(tmp_path):
         assert f"trunc{frac}.onnx" in err(p)
 
 
-@pytest.mark.parametrize("op,attrs", [("LRN", {"size": 3}), ("Transpose", {"perm": [0, 1, 3, 2]}),
+@pytest.mark.parametrize("op,attrs", [("LRN", {"size": 3}), ("Transpose", {"perm": [1, 0, 2, 3]}),
                                       ("Sigmoid", {}), ("Tanh", {})])
 def test_unsupported_op_is_named(op, attrs, tmp_path):
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="first"),
@@ -317,12 +317,14 @@ def test_unsupported_op_is_named(op, attrs, tmp_path):
     assert "supports" in msg and "Conv" in msg and "MaxPool" in msg
 
 
-def test_concat_of_activations_is_refused(tmp_path):
+@pytest.mark.parametrize("axis", [0, 2, -1])
+def test_concat_along_the_batch_or_a_spatial_axis_is_refused(axis, tmp_path):
     nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["x"], ["b"]),
-             helper.make_node("Concat", ["a", "b"], ["y"], axis=1, name="cat")]
+             helper.make_node("Concat", ["a", "b"], ["y"], axis=axis, name="cat")]
     m = _model(nodes, [_vi("x", ["N", 3, 4, 4])], [_vi("y", None)])
     msg = err(save(m, tmp_path / "cat.onnx"))
-    assert "Concat" in msg and "cat" in msg
+    assert "Concat node 'cat'" in msg
+    assert ("batch axis" if axis == 0 else "only along the channels") in msg
 
 
 def test_loop_is_refused(tmp_path):

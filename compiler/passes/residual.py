@@ -18,7 +18,8 @@ ResNet chain the states they join in both directions, and a chain of n states co
 with gain 1 makes the energy non-convex along it (the least eigenvalue of I - A is
 1 - 2 cos(pi / (n + 1)) < 0 for n >= 3), so the free phase runs into the activation bounds;
 G < 1 / (2 cos(pi / (n + 1))) keeps such a chain convex. Skips from an input carry no
-feedback, form no chain and keep their gain. The compiled graph then no longer computes
+feedback, form no chain and keep their gain. A skip that only moves data (the placement of a
+concatenated part) gets a learned map G times the identity in front of its chain. The compiled graph then no longer computes
 the source model (`--verify` refuses the combination).
 
 Requires: an energy-form graph whose non-teacher, non-tap couplings form a DAG; with
@@ -179,12 +180,17 @@ def unit_gain_skips(g: Graph) -> list[Coupling]:
 
 def _scale_skip(g: Graph, c: Coupling, gain: float) -> None:
     """Multiply the skip coupling c's output by `gain` (see the module docstring)."""
-    if _is_identity(c):
+    weighted = [op for op in c.ops if op_weights(op)]   # energy form: Conv, Dense, ...
+    if not weighted:
+        # an identity, or a chain that only moves data (a concatenated part's placement):
+        # a learned map, G times the identity, in front of it
+        rest = [] if _is_identity(c) else list(c.ops)
         if not _learn_identity(g, c, gain):
             raise EpcError(f"coupling {c.name}: --skip-gain needs a [C, H, W] or 1-D state "
-                           f"to give the identity skip a weight, not {list(g.shape_of(c.src))}")
+                           f"to give the skip a weight, not {list(g.shape_of(c.src))}")
+        c.ops = c.ops + rest
         return
-    op = next(op for op in c.ops if op_weights(op))     # energy form: Conv, Dense, ...
+    op = weighted[0]
     name = op.weight
     shared = any(name in op_weights(o).values() for d in g.couplings if d is not c
                  for o in d.ops)

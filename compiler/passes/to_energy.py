@@ -10,10 +10,19 @@ itself to every chain and is applied numerically to the constant; an Add concate
 terms and sums the constants; a Bias adds to the constant. At an Act node each term
 becomes a Coupling(src_k -> state, L_k) and the constant becomes the state's bias.
 
+A Concat (along the channels) is a sum too: each input's terms get a Pad that places them
+at their channels, so a concatenated state has one coupling per part (a consumer of the
+concatenation reads each part through its placement; feedback follows each coupling).
+Ops that treat every channel alone (pools, spatial pads: their rule's `channelwise`) are
+applied before such a placement rather than after it, consecutive pads are merged where
+that is exact, and a term that a crop (a Split or Slice) leaves without any element is
+dropped: after `x1, x2 = split(concat(a, b))` each half couples only to what lies in it.
+
 MaxPool is only piecewise linear: max(x + c) = max(x) + c holds for a constant c that is
 uniform over each channel's window, and max(a + b) != max(a) + max(b), so MaxPool of a sum
-of two or more terms (e.g. right after a residual Add), or of a constant that varies within
-a channel, is refused with an EpcError naming the node.
+of two or more terms that share a channel (e.g. right after a residual Add), or of a
+constant that varies within a channel, is refused with an EpcError naming the node; a
+max-pool of a concatenation pools each part (their channels are disjoint).
 
 Requires: a canonical feedforward graph (after canonicalize: no BatchNorm, Dropout,
           Identity or output Softmax; a Softmax elsewhere is an error here) with one output,
@@ -48,8 +57,8 @@ import torch
 
 from .. import ops as O
 from ..errors import EpcError
-from ..ir import (Act, Activation, Add, BatchNorm, Bias, Coupling, Cost, Dropout, Graph,
-                  Identity, Softmax, State, op_weights)
+from ..ir import (Act, Activation, Add, BatchNorm, Bias, Concat, Coupling, Cost, Dropout, Graph,
+                  Identity, Pad, Permute, Softmax, State, op_weights)
 from ..options import CompileOptions
 from . import conditions as C
 from .manager import Pass
@@ -69,6 +78,73 @@ def _apply_to_const(op, const: np.ndarray, in_shape, weights) -> np.ndarray:
     w = {k: torch.as_tensor(np.asarray(weights[k]), dtype=torch.float64)
          for k in op_weights(op).values()}
     return O.forward(op, x, w)[0][0].numpy()
+
+
+# --------------------------------------------------------------------------- chains
+def _channel_pad(op) -> tuple[int, int] | None:
+    """(begin, end) of a Pad that pads or crops only the channels (axis 0), else None."""
+    if not isinstance(op, Pad):
+        return None
+    r = len(op.pads) // 2
+    if any(op.pads[i] for i in range(r) if i) or any(op.pads[r + i] for i in range(r) if i):
+        return None
+    return op.pads[0], op.pads[r]
+
+
+def _compose_pads(a: Pad, b: Pad) -> Pad | None:
+    """One Pad doing a then b, or None where that is not exact: per side, padding after a
+    crop would bring back zeros where the crop removed data, so crop-then-pad stays two."""
+    if len(a.pads) != len(b.pads):
+        return None
+    if any(x < 0 < y for x, y in zip(a.pads, b.pads)):
+        return None
+    return Pad([x + y for x, y in zip(a.pads, b.pads)])
+
+
+def _append(chain: list, op, in_shape: tuple, weights) -> list:
+    """`chain` (a term's ops, whose value has `in_shape`) followed by `op`, simplified: a
+    channelwise op goes before a trailing placement of the channels (it then works on the
+    part's channels only), consecutive pads merge, a pad of nothing disappears."""
+    if chain and O.rule(op).is_channelwise(op) and not isinstance(op, Pad):
+        cp = _channel_pad(chain[-1])
+        if cp is not None:
+            before = (in_shape[0] - cp[0] - cp[1], *in_shape[1:])
+            inner = _append(chain[:-1], op, before, weights)
+            out = O.out_shape(op, [before], weights)
+            r = len(out)
+            return inner + [Pad([cp[0]] + [0] * (r - 1) + [cp[1]] + [0] * (r - 1))]
+    if isinstance(op, Pad):
+        if chain and isinstance(chain[-1], Pad):
+            merged = _compose_pads(chain[-1], op)
+            if merged is not None:
+                return _append(chain[:-1], merged, (), weights) if any(merged.pads) \
+                    else chain[:-1]
+        if not any(op.pads):
+            return list(chain)
+    return list(chain) + [op]
+
+
+def _structural_zero(src_shape: tuple, chain: list, weights) -> bool:
+    """Whether the chain maps everything to zero whatever its weights: its output on a
+    source of ones, with every weight set to ones, is zero (only data movement, a crop of
+    what a pad placed elsewhere, can do that)."""
+    ones = {k: torch.ones(np.shape(weights[k]), dtype=torch.float64)
+            for op in chain for k in op_weights(op).values()}
+    x = torch.ones((1, *src_shape), dtype=torch.float64)
+    return not bool(O.chain_forward(chain, x, ones)[0].abs().sum() > 0)
+
+
+def _moves_data(chain: list) -> bool:
+    return any(isinstance(op, (Pad, Permute)) for op in chain)
+
+
+def _channels_of(chain: list, shape: tuple) -> tuple[int, int]:
+    """The channels [lo, hi) a term's value can occupy: where its last placement put it,
+    or all of them."""
+    cp = _channel_pad(chain[-1]) if chain else None
+    if cp is None:
+        return 0, shape[0]
+    return max(cp[0], 0), shape[0] - max(cp[1], 0)
 
 
 def _channel_uniform(const: np.ndarray, shape) -> bool:
@@ -159,7 +235,8 @@ def convert(ff: Graph, opts: CompileOptions) -> Graph:
         elif getattr(op, "linear", False):
             x = forms[n.inputs[0]]
             if O.rule(op).piecewise:     # a max-pool: linear only piece by piece
-                if len(x.terms) > 1:
+                spans = sorted(_channels_of(ch, x.shape) for _, ch in x.terms)
+                if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
                     raise EpcError(f"{where}: max-pool of a sum of {len(x.terms)} terms (e.g. "
                                    f"after a residual add) is not linear and has no coupling "
                                    f"form; put an activation before the max-pool")
@@ -169,8 +246,33 @@ def convert(ff: Graph, opts: CompileOptions) -> Graph:
             const = None
             if x.const is not None:
                 const = _apply_to_const(op, x.const, x.shape, g.weights)
-            forms[n.name] = LinearForm(tuple(n.shape), [(s, ch + [op]) for s, ch in x.terms],
-                                       const)
+            terms = []
+            for src, ch in x.terms:
+                new = _append(ch, op, x.shape, g.weights)
+                if isinstance(op, Pad) and min(op.pads) < 0 and _moves_data(ch) and \
+                        _structural_zero(g.shape_of(src), new, g.weights):
+                    continue        # a crop of what lies elsewhere: no coupling
+                terms.append((src, new))
+            forms[n.name] = LinearForm(tuple(n.shape), terms, const)
+        elif isinstance(op, Concat):
+            if op.axis != 0:
+                raise EpcError(f"{where}: concatenation along per-sample axis {op.axis}; only "
+                               f"the channels (axis 0) are supported")
+            total, at = n.shape[0], 0
+            terms, parts = [], []
+            for v in n.inputs:
+                f = forms[v]
+                c = f.shape[0]
+                r = len(f.shape)
+                place = Pad([at] + [0] * (r - 1) + [total - at - c] + [0] * (r - 1))
+                terms += [(src, _append(ch, place, f.shape, g.weights)) for src, ch in f.terms]
+                parts.append(None if f.const is None else np.broadcast_to(f.const, f.shape))
+                at += c
+            const = None
+            if any(p is not None for p in parts):
+                const = np.concatenate([np.zeros(forms[v].shape) if p is None else p
+                                        for v, p in zip(n.inputs, parts)], axis=0)
+            forms[n.name] = LinearForm(tuple(n.shape), terms, const)
         elif isinstance(op, Bias):
             x = forms[n.inputs[0]]
             b = np.asarray(g.weights[op.weight], dtype=np.float64)
