@@ -5,6 +5,7 @@ The Python API is the CLI's twin: one function per command, taking its options
 
     import epc
     g = epc.compile("examples/mlp_digits.onnx", verify=True)           # epc compile
+    epc.check("model.onnx", substitute=True)["compatible"]               # epc compile --check
     print(epc.inspect(g))                                                # epc inspect
     print(epc.opt("net.epir", passes=["residual"]))                      # epc opt
     epc.compile("examples/mlp_digits.onnx", target="torch", output="mlp.epc")
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it; resolved on first access (PEP 562)
 _EXPORTS = {
-    "compile": "epc.api", "opt": "epc.api", "inspect": "epc.api", "load": "epc.api", "save": "epc.api",
+    "compile": "epc.api", "check": "epc.api", "opt": "epc.api", "inspect": "epc.api", "load": "epc.api", "save": "epc.api",
     "train": "epc.api", "backprop": "epc.api", "evaluate": "epc.api", "check_gradients": "epc.api", "run": "epc.api",
     "parse": "epc.compiler.text", "print_graph": "epc.compiler.text",
     "Graph": "epc.compiler.ir", "Bundle": "epc.compiler.bundle",

@@ -44,8 +44,9 @@ from epc.compiler.limits import scoped_memory_limit
 from epc.compiler.options import CompileOptions
 
 from .outputs import Output, check_outputs
-from .sources import (UNTRAINED_TEACHER, Source, is_ir_text, load_source, looks_untrained,
-                      read_ir_text, teacher_graph, torch_source, verify_against_source)
+from .sources import (UNTRAINED_TEACHER, Source, Verified, is_ir_text, load_source,
+                      looks_untrained, read_ir_text, teacher_graph, torch_source,
+                      verify_against_source)
 
 TARGETS = ("ir", "torch", "neuromorphic")
 INSPECT_FORMATS = ("text", "json", "dot")
@@ -160,27 +161,39 @@ class CompileResult:
     output: str | None = None        # the file written, if any
     target: str = "ir"
     warnings: list = None            # one line each (the CLI prints them as epc: warning:)
+    verify: Verified | None = None   # what --verify measured (error, class agreement)
 
     def __post_init__(self):
         self.warnings = list(self.warnings or [])
+
+    @property
+    def substituted(self) -> str | None:
+        """What --substitute changed in the network (None: nothing)."""
+        return self.graph.attrs.get("substituted")
 
 
 def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
                    input_shape: tuple[int, ...] | None = None, verify_model: bool = False,
                    print_after: set[str] | None = None, print_after_all: bool = False,
-                   out=None, schedule_overrides: dict | None = None) -> CompileResult:
+                   out=None, schedule_overrides: dict | None = None,
+                   substitute: bool = False) -> CompileResult:
     """Load `src` and compile it with CompileOptions (what `compile` does before it emits a
     target). A feedforward source runs the pass pipeline; an already compiled graph (a
     bundle, e.g. a trained checkpoint) passes through unchanged except for
     `schedule_overrides` (mode, max_sweeps, nudge_sweeps, tol), which replace the fields of
-    its schedule."""
+    its schedule. `substitute`: the source model's smooth ops and gates are replaced by
+    their nearest linear forms (`--substitute`)."""
     from epc.compiler.pipeline import compile_graph, pass_through, require_weights
     opts = (opts or CompileOptions()).check()
     t0 = time.perf_counter()
-    source = src if isinstance(src, Source) else load_source(src, input_shape=input_shape)
+    source = src if isinstance(src, Source) else load_source(src, input_shape=input_shape,
+                                                             substitute=substitute)
     where = source.path
     opts.source_path = source.path
     g = source.graph
+    if substitute and source.kind not in ("onnx", "torch"):
+        raise EpcError(f"{where}: --substitute applies to source models (ONNX or PyTorch); "
+                       f"this input is {'already compiled' if g.is_energy else 'IR text'}")
     if g.is_energy:
         g = pass_through(g, opts, where=where, schedule_overrides=schedule_overrides)
         if verify_model:
@@ -201,7 +214,8 @@ def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
                                print_after_all=print_after_all, out=out)
     res = CompileResult(energy, source, time.perf_counter() - t0, warnings=warned)
     if verify_model:
-        res.verify_error = verify_against_source(source, energy)
+        res.verify = verify_against_source(source, energy)
+        res.verify_error = res.verify.error
     return res
 
 
@@ -229,9 +243,12 @@ def compile_result(source: Any, *, output: str | None = None, target: str = "ir"
                    frac_bits: int = 8, per_channel: bool = False, calibrate: str | None = None,
                    data_dir: str | None = None, resize: int | None = None,
                    memory_limit: "str | int | None" = None,
-                   example_input: Any = None) -> CompileResult:
+                   example_input: Any = None, substitute: bool = False) -> CompileResult:
     """`epc compile`, returning what happened (the graph, the source, timing, the --verify
-    error, the file written). `compile` is this, returning the graph."""
+    error, the file written). `compile` is this, returning the graph. `substitute`: compile
+    the nearest EP-compatible network (smooth activations -> their piecewise-linear
+    forms, squeeze-excitation gates dropped); `result.substituted` says what changed and
+    --verify then reports the deviation instead of failing."""
     target = _choice("target", target, TARGETS)
     _check_options(locals())
     if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int)
@@ -243,17 +260,7 @@ def compile_result(source: Any, *, output: str | None = None, target: str = "ir"
                       ("weight_bits", "frac_bits", "per_channel", "calibrate", "data_dir",
                        "resize"),
                       lambda flag: f"{flag} applies to --target neuromorphic")
-    # given explicitly, the schedule flags also override an already compiled input's
-    sched = {k: v for k, v in (("mode", "colour" if schedule == "color" else schedule),
-                               ("max_sweeps", max_sweeps), ("nudge_sweeps", nudge_sweeps),
-                               ("tol", tol)) if v is not None}
-    opts = CompileOptions(
-        activation=activation, feedback=feedback, cost=cost, pool_first=pool_first,
-        readout=readout, taps=taps, tap_weight=tap_weight, teacher=teacher,
-        teacher_temperature=temperature, teacher_mix=mix, neuron=neuron,
-        identity_skip=identity_skip, skip_gain=skip_gain, feedback_gain=feedback_gain,
-        **{("schedule" if k == "mode" else k): v for k, v in sched.items()})
-    opts.check()           # bad option values are refused before any file is read
+    opts, sched = _compile_options(locals())
     if isinstance(source, (str, os.PathLike)):
         src: "str | Source" = os.fspath(source)
     elif isinstance(source, Graph):     # a graph in memory: compiled, or passed through
@@ -261,20 +268,39 @@ def compile_result(source: Any, *, output: str | None = None, target: str = "ir"
     elif example_input is None:
         raise EpcError("compiling an nn.Module needs example_input=")
     else:
-        src = torch_source(source, example_input)
+        src = torch_source(source, example_input, substitute=substitute)
     check_outputs([src if isinstance(src, str) else None, teacher,
                    _data_inputs(calibrate, data_dir) if calibrate else None],
                   [Output("-o", output)])
     res = compile_source(src, opts, input_shape=parse_shape(input_shape),
                          verify_model=verify, print_after=set(print_after or ()),
                          print_after_all=print_after_all, out=sys.stdout,
-                         schedule_overrides=sched)
+                         schedule_overrides=sched, substitute=substitute)
     res.target = target
     if output is not None:
         _emit(res, output, opts, weight_bits=weight_bits, frac_bits=frac_bits,
               per_channel=per_channel, calibrate=calibrate, data_dir=data_dir, resize=resize)
         res.output = output
     return res
+
+
+def _compile_options(v: dict) -> tuple[CompileOptions, dict]:
+    """The CompileOptions of compile's arguments `v` (checked: bad values are refused
+    before any file is read), and the schedule fields given explicitly (which also
+    override an already compiled input's)."""
+    schedule = v["schedule"]
+    sched = {k: x for k, x in (("mode", "colour" if schedule == "color" else schedule),
+                               ("max_sweeps", v["max_sweeps"]),
+                               ("nudge_sweeps", v["nudge_sweeps"]), ("tol", v["tol"]))
+             if x is not None}
+    opts = CompileOptions(
+        activation=v["activation"], feedback=v["feedback"], cost=v["cost"],
+        pool_first=v["pool_first"], readout=v["readout"], taps=v["taps"],
+        tap_weight=v["tap_weight"], teacher=v["teacher"], teacher_temperature=v["temperature"],
+        teacher_mix=v["mix"], neuron=v["neuron"], identity_skip=v["identity_skip"],
+        skip_gain=v["skip_gain"], feedback_gain=v["feedback_gain"],
+        **{("schedule" if k == "mode" else k): x for k, x in sched.items()})
+    return opts.check(), sched
 
 
 def _emit(res: CompileResult, output: str, opts: CompileOptions, *, weight_bits, frac_bits,
@@ -314,6 +340,87 @@ def compile(source: Any, **options: Any) -> Graph:
 
 
 compile.__signature__ = _inspect.signature(compile_result).replace(return_annotation=Graph)
+
+
+# --------------------------------------------------------------------------- check
+# compile's options that write or compare something, which a check does not do
+_NOT_CHECKED = ("output", "verify", "print_after_all", "print_after", "calibrate", "data_dir",
+                "resize")
+
+
+def check(source: Any, **options: Any) -> dict:
+    """`epc compile --check`: the compatibility report of a source model, nothing written.
+    Takes compile's options (the target and the compiler options matter: the report
+    runs the frontend on every op, then, when nothing was refused, the compiler passes,
+    and for --target neuromorphic the quantizer and the program validator). Returns a
+    JSON-able dict: 'compatible', 'source', 'frontend', 'ops' (source op -> count
+    translated), 'unsupported' (per source op: count, first node, reason, whether
+    --substitute replaces it), 'substituted' (what --substitute changed), 'compiled'
+    (states, couplings, parameters) or 'error' (the first refusal past the frontend),
+    'supported' (the frontend's list)."""
+    params = _inspect.signature(compile_result).parameters
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise TypeError(f"check() got an unexpected keyword argument {unknown[0]!r}")
+    v = {k: p.default for k, p in params.items() if k != "source"}
+    v.update(options)
+    for name in _NOT_CHECKED:
+        if v[name] != params[name].default:
+            raise EpcError(f"--{name.replace('_', '-')} does not apply to --check (it writes "
+                           f"and compares nothing)")
+    target = _choice("target", v["target"], TARGETS)
+    if target != "neuromorphic":
+        _refuse_given(compile_result, v, ("weight_bits", "frac_bits", "per_channel"),
+                      lambda flag: f"{flag} applies to --target neuromorphic")
+    opts, _ = _compile_options(v)
+    from .sources import survey_source
+    if isinstance(source, (str, os.PathLike)):
+        src: Any = os.fspath(source)
+    elif v["example_input"] is None:
+        raise EpcError("checking an nn.Module needs example_input=")
+    else:
+        src = source
+    r = survey_source(src, input_shape=parse_shape(v["input_shape"]),
+                      example_input=v["example_input"], substitute=v["substitute"])
+    from epc.frontends.common import Unsupported, group_refusals
+    rep: dict = {"source": r["source"], "frontend": r["frontend"], "target": target,
+                 "ops": dict(sorted(r["ops"].items(), key=lambda kv: -kv[1])),
+                 "unsupported": [
+                     {"op": op, "count": len(rs), "first": rs[0].node, "reason": rs[0].reason,
+                      "substitutable": all(x.substitutable for x in rs)}
+                     for op, rs in group_refusals(r["refusals"]).items()],
+                 "substituted": None, "compiled": None, "error": None,
+                 "supported": r["supported"]}
+    if r["refusals"]:
+        rep["error"] = str(Unsupported(r["source"], r["refusals"], r["supported"]))
+    else:
+        rep["substituted"] = r["graph"].attrs.get("substituted")
+        rep.update(_check_compiles(r, opts, target, v))
+    rep["compatible"] = rep["error"] is None
+    return rep
+
+
+def _check_compiles(r: dict, opts: CompileOptions, target: str, v: dict) -> dict:
+    """The compiler passes (and the core's quantizer and validator) on a surveyed graph."""
+    from epc.compiler.pipeline import compile_graph
+    g = r["graph"]
+    try:
+        opts.source_path = r["source"]
+        if opts.teacher is not None:
+            opts.teacher_graph = teacher_graph(opts, Source(g, r["kind"], r["source"]))
+        energy = compile_graph(g, opts)
+    except EpcError as e:
+        return {"error": f"compiling: {e}"}
+    out = {"compiled": {"states": len(energy.states), "couplings": len(energy.couplings),
+                        "parameters": energy.num_parameters()}}
+    if target == "neuromorphic":
+        from epc.targets.neuromorphic.api import check_program
+        try:
+            check_program(energy, weight_bits=v["weight_bits"], frac_bits=v["frac_bits"],
+                          per_channel=v["per_channel"])
+        except EpcError as e:
+            out["error"] = f"neuromorphic target: {e}"
+    return out
 
 
 # --------------------------------------------------------------------------- opt

@@ -209,6 +209,34 @@ def pct(x: float | None) -> str:
 
 
 # --------------------------------------------------------------------------- compile
+def check_report(rep: dict) -> str:
+    """`epc compile --check`'s report (api.check's dict) as text."""
+    ops = rep["ops"]
+    lines = [f"compatibility of {rep['source']} ({rep['frontend']} frontend, target "
+             f"{rep['target']}):",
+             f"  translated: {sum(ops.values())} ops"
+             + (": " + ", ".join(f"{k} x{n}" for k, n in ops.items()) if ops else "")]
+    bad = rep["unsupported"]
+    if bad:
+        lines.append(f"  unsupported: {sum(u['count'] for u in bad)} ops of {len(bad)} "
+                     f"kind{'s' if len(bad) > 1 else ''}:")
+        for u in bad:
+            sub = " [--substitute replaces it]" if u["substitutable"] else ""
+            lines.append(f"    {u['op']} x{u['count']} (first: {u['first']}): {u['reason']}{sub}")
+    if rep["substituted"]:
+        lines.append(f"  substituted: {rep['substituted']}")
+    if rep["compiled"]:
+        c = rep["compiled"]
+        lines.append(f"  compiled: {c['states']} states, {c['couplings']} couplings, "
+                     f"{c['parameters']:,} parameters")
+    if rep["error"] and not bad:
+        lines.append(f"  refused: {rep['error']}")
+    if bad:
+        lines.append(f"  supported: {rep['supported']}")
+    lines.append(f"  verdict: {'compatible' if rep['compatible'] else 'not compatible'}")
+    return "\n".join(lines) + "\n"
+
+
 NO_DATA_DIR = "none: digits is built in, fashion-mnist read from where Debian installs it"
 
 
@@ -360,6 +388,18 @@ def compile_cmd(
                                          help="Resize calibration images to this size.",
                                          show_default="the data set's own"),
     memory_limit: Optional[str] = MEMORY_LIMIT_OPT,
+    substitute: bool = typer.Option(
+        False, "--substitute",
+        help="Compile the nearest EP-compatible network: smooth activations become "
+             "piecewise-linear (SiLU, HardSwish, GELU, Mish, Softplus, ELU, LeakyReLU -> the "
+             "clipped ReLU; Sigmoid -> a hard sigmoid; Tanh -> clip to [-1, 1]) and "
+             "squeeze-excitation gates are dropped. Says what changed; --verify then "
+             "reports the deviation from the source instead of failing."),
+    check: bool = typer.Option(
+        False, "--check",
+        help="Print the compatibility report (every op: translated or refused, with "
+             "counts and first nodes; then the compiler passes and, for --target "
+             "neuromorphic, the core) and write nothing; exit status 2 if incompatible."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
 ):
     """Compile a feedforward network into an EP energy graph (and optionally a target).
@@ -375,7 +415,25 @@ def compile_cmd(
       epc compile examples/mlp_digits.onnx --target torch -o mlp.epc
 
       epc compile mlp.epc --target neuromorphic --weight-bits 4 --calibrate digits -o mlp4.nc
+
+      epc compile efficientnet_b0.onnx --check --substitute
     """
+    if check:
+        rep = api.check(
+            source, output=output, target=target.value, verify=verify, input_shape=input_shape,
+            activation=activation, feedback=feedback, pool_first=pool_first, cost=cost,
+            readout=readout, taps=taps, tap_weight=tap_weight, teacher=teacher,
+            temperature=temperature, mix=mix, neuron=neuron, identity_skip=identity_skip,
+            skip_gain=skip_gain, feedback_gain=feedback_gain, schedule=schedule,
+            max_sweeps=max_sweeps, nudge_sweeps=nudge_sweeps, tol=tol,
+            print_after_all=print_after_all,
+            print_after=print_after, weight_bits=weight_bits, frac_bits=frac_bits,
+            per_channel=per_channel, calibrate=calibrate, data_dir=data_dir, resize=resize,
+            substitute=substitute)
+        typer.echo(check_report(rep), nl=False)
+        if not rep["compatible"]:
+            raise EpcError(rep["error"])
+        return
     out_path = output or api.default_output(source, target.value)
     res = api.compile_result(
         source, output=out_path, target=target.value, verify=verify, input_shape=input_shape,
@@ -387,7 +445,7 @@ def compile_cmd(
         print_after_all=print_after_all,
         print_after=print_after, weight_bits=weight_bits, frac_bits=frac_bits,
         per_channel=per_channel, calibrate=calibrate, data_dir=data_dir, resize=resize,
-        memory_limit=memory_limit)
+        memory_limit=memory_limit, substitute=substitute)
     for w in res.warnings:
         _say(f"epc: warning: {w}")
     if quiet:
@@ -398,9 +456,16 @@ def compile_cmd(
     msg = (f"epc: wrote {where}: {len(g.states)} states, {len(g.couplings)} couplings, "
            f"{g.num_parameters():,} parameters, "
            f"{len(g.schedule.classes) if g.schedule else 0} colours ({res.seconds:.2f} s)")
-    if res.verify_error is not None:
-        msg += f"; verify: max relative error {res.verify_error:.2e} (limit 1e-4) OK"
+    v = res.verify
+    if v is not None and v.substituted:
+        msg += (f"; verify: the substituted network deviates from the source: max relative "
+                f"error {v.error:.3g}, the same class on {pct(v.agreement)} of {v.samples} "
+                f"random inputs")
+    elif v is not None:
+        msg += f"; verify: max relative error {v.error:.2e} (limit 1e-4) OK"
     _say(msg)
+    if res.substituted:
+        _say(f"epc: note: --substitute changed the network: {res.substituted}")
     if target == Target.torch:
         from epc.compiler.passes.residual import unit_gain_skips
         skips = [f"{c.src}->{c.dst}" for c in unit_gain_skips(g)]

@@ -69,34 +69,74 @@ def is_ir_text(path: str) -> bool:
     return looks_like_ir(head)
 
 
-def load_source(src: str, *, input_shape: tuple[int, ...] | None = None) -> Source:
-    """Load an ONNX file, an epc bundle, an IR text file or a `module:factory` spec."""
+def load_source(src: str, *, input_shape: tuple[int, ...] | None = None,
+                substitute: bool = False) -> Source:
+    """Load an ONNX file, an epc bundle, an IR text file or a `module:factory` spec;
+    `substitute`: a model's smooth ops and gates become their nearest linear forms."""
     if looks_like_torch_spec(src):
-        if not input_shape:
-            raise EpcError(f"{src}: a PyTorch module spec needs --input-shape, "
-                           f"e.g. --input-shape 1,3,32,32")
-        from epc.frontends.torch import build_module_from_spec
-        module, example = build_module_from_spec(src, input_shape)
-        return torch_source(module, example, name=src)
+        module, example = _spec_module(src, input_shape)
+        return torch_source(module, example, name=src, substitute=substitute)
+    kind = _file_kind(src)
+    if kind == "bundle":
+        b = read_bundle(src)
+        return Source(b.graph, "bundle", src, meta={"target": b.target, **b.meta})
+    if kind == "text":
+        return Source(read_ir_text(src), "text", src)
+    from epc.frontends.onnx import load_onnx
+    return Source(load_onnx(src, substitute=substitute), "onnx", src)
+
+
+def _spec_module(src: str, input_shape):
+    if not input_shape:
+        raise EpcError(f"{src}: a PyTorch module spec needs --input-shape, "
+                       f"e.g. --input-shape 1,3,32,32")
+    from epc.frontends.torch import build_module_from_spec
+    return build_module_from_spec(src, input_shape)
+
+
+def _file_kind(src: str) -> str:
     if not os.path.exists(src):
         raise EpcError(f"{src}: no such file")
     if os.path.isdir(src):
         raise EpcError(f"{src}: is a directory, expected an ONNX file, an epc bundle or IR text")
     if is_bundle(src):
-        b = read_bundle(src)
-        return Source(b.graph, "bundle", src, meta={"target": b.target, **b.meta})
+        return "bundle"
     if is_ir_text(src):
-        return Source(read_ir_text(src), "text", src)
-    from epc.frontends.onnx import load_onnx
-    return Source(load_onnx(src), "onnx", src)
+        return "text"
+    return "onnx"
 
 
-def torch_source(module, example_input, *, name: str | None = None) -> Source:
+def torch_source(module, example_input, *, name: str | None = None,
+                 substitute: bool = False) -> Source:
     """A Source for an in-memory nn.Module (the Python API's path)."""
     from epc.frontends.torch import load_torch
     label = name or type(module).__name__
-    return Source(load_torch(module, example_input, source=label), "torch", label,
-                  module=module)
+    return Source(load_torch(module, example_input, source=label, substitute=substitute),
+                  "torch", label, module=module)
+
+
+def survey_source(src, *, input_shape: tuple[int, ...] | None = None,
+                  example_input=None, substitute: bool = False) -> dict:
+    """The frontend's survey of a model (`epc compile --check`): ops translated, every
+    refusal, the graph when nothing was refused; plus 'source' and 'kind'. `src` is a
+    path, a `module:factory` spec or an nn.Module (with example_input)."""
+    if not isinstance(src, str):
+        from epc.frontends.torch import survey_torch
+        label = type(src).__name__
+        r = survey_torch(src, example_input, source=label, substitute=substitute)
+        return {**r, "source": label, "kind": "torch", "module": src}
+    if looks_like_torch_spec(src):
+        from epc.frontends.torch import survey_torch
+        module, example = _spec_module(src, input_shape)
+        r = survey_torch(module, example, source=src, name=src.rpartition(":")[2],
+                         substitute=substitute)
+        return {**r, "source": src, "kind": "torch", "module": module}
+    kind = _file_kind(src)
+    if kind != "onnx":
+        raise EpcError(f"{src}: --check surveys a source model (ONNX or PyTorch); this is "
+                       f"{'an epc bundle' if kind == 'bundle' else 'IR text'}")
+    from epc.frontends.onnx import survey_onnx
+    return {**survey_onnx(src, substitute=substitute), "source": src, "kind": "onnx"}
 
 
 def teacher_graph(opts: CompileOptions, source: Source) -> Graph | None:
@@ -137,6 +177,29 @@ UNTRAINED_TEACHER = ("--teacher source distils from the source model itself, and
 
 
 # --------------------------------------------------------------------------- --verify
+@dataclass
+class Verified:
+    """What --verify measured: the largest relative error of the compiled graph's output
+    against the source model's (before a dropped output softmax: the logits), the share
+    of the random inputs on which both pick the same class, and whether the graph was
+    compiled with --substitute (then the error is the deviation the substitution made,
+    reported, not checked)."""
+
+    error: float
+    agreement: float
+    samples: int
+    substituted: str | None = None
+
+
+def _softmax_input(model) -> str | None:
+    """The input of the Softmax/LogSoftmax producing the ONNX graph's output, if it is."""
+    out = model.graph.output[0].name
+    for n in model.graph.node:
+        if out in n.output and n.op_type in ("Softmax", "LogSoftmax"):
+            return n.input[0]
+    return None
+
+
 def _ort_errors() -> tuple[type, ...]:
     """The exceptions onnxruntime raises for a model it refuses to load or run."""
     from onnxruntime.capi import onnxruntime_pybind11_state as S
@@ -146,13 +209,18 @@ def _ort_errors() -> tuple[type, ...]:
     return tuple(getattr(S, n) for n in names if hasattr(S, n))
 
 
-def _live_model_bytes(path: str) -> bytes:
+def _live_model_bytes(path: str, logits: bool = False) -> bytes:
     """The model with only what its outputs depend on: onnxruntime runs every node of a
     graph, so a dead branch (an unused ConstantOfShape of 2^28 floats) would cost it what
-    epc's frontend never spends (it translates and folds only live nodes)."""
+    epc's frontend never spends (it translates and folds only live nodes). With `logits`
+    the output is the input of an output Softmax/LogSoftmax (the softmax is dropped)."""
     import onnx
     m = onnx.load(path)
     g = m.graph
+    name = _softmax_input(m) if logits else None
+    if name is not None:
+        del g.output[:]
+        g.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
     live: set[int] = set()
     stack, seen = [o.name for o in g.output], set()
@@ -178,7 +246,8 @@ def _live_model_bytes(path: str) -> bytes:
     return m.SerializeToString()
 
 
-def _onnxruntime_outputs(path: str, x: np.ndarray) -> np.ndarray:
+def _onnxruntime_outputs(path: str, x: np.ndarray,
+                         logits: bool = False) -> np.ndarray:
     """The source model's outputs under onnxruntime, the reference --verify compares with.
     A model onnxruntime refuses (epc's frontend accepted it) is refused with
     onnxruntime's reason, on one line; its own log is silenced (severity 4: fatal
@@ -197,7 +266,7 @@ def _onnxruntime_outputs(path: str, x: np.ndarray) -> np.ndarray:
         return EpcError(f"{path}: --verify: onnxruntime cannot {doing} the model: "
                         f"{why[:400]}")
     try:
-        sess = ort.InferenceSession(_live_model_bytes(path), so,
+        sess = ort.InferenceSession(_live_model_bytes(path, logits), so,
                                     providers=["CPUExecutionProvider"])
     except errors as e:
         raise refused(e, "load") from None
@@ -219,14 +288,20 @@ def _onnxruntime_outputs(path: str, x: np.ndarray) -> np.ndarray:
         raise refused(e, "run") from None
 
 
-def _source_outputs(source: Source, x: np.ndarray) -> np.ndarray:
+def _source_outputs(source: Source, x: np.ndarray, logits: bool = False) -> np.ndarray:
+    """The source model's outputs on x (float64): onnxruntime, or the module in float64;
+    with `logits`, those before the output softmax."""
     if source.kind == "onnx":
-        return _onnxruntime_outputs(source.path, x)
+        return _onnxruntime_outputs(source.path, x, logits)
     if source.kind == "torch":
         import torch
         m = source.module.eval().double()
         try:
             with torch.no_grad():
+                if logits:
+                    from epc.frontends.torch import logits_function
+                    fn = logits_function(m, torch.as_tensor(x[:1], dtype=torch.float64))
+                    return fn(torch.as_tensor(x, dtype=torch.float64)).numpy()
                 return m(torch.as_tensor(x, dtype=torch.float64)).numpy()
         finally:
             m.float()
@@ -234,26 +309,30 @@ def _source_outputs(source: Source, x: np.ndarray) -> np.ndarray:
 
 
 def verify_against_source(source: Source, energy: Graph, *, batch: int = 4,
-                          seed: int = 0) -> float:
-    """Largest relative error between one feedforward sweep of the energy graph (feedback
-    off, bounds lifted) and the source model on random inputs. Raises EpcError above
-    VERIFY_RTOL."""
+                          seed: int = 0) -> Verified:
+    """One feedforward sweep of the energy graph (feedback off, bounds lifted) against the
+    source model on random inputs: the largest relative error, max |a - b| / max |b|,
+    which does not depend on the weights' scale. Where the compiler dropped an output
+    softmax, the logits are compared (after a softmax, logits of 1e31 saturate to one-hot
+    and any rounding difference shows as a relative error of order 1). Raises EpcError
+    above VERIFY_RTOL, unless the graph was compiled with --substitute: then the
+    deviation is reported (Verified.substituted says what changed)."""
     import torch
 
     from epc.compiler.reference import forward_sweep
+    substituted = energy.attrs.get("substituted")
+    batch = max(batch, 8) if substituted else batch
     inp = energy.inputs[0]
     per_sample = sum(numel(v.shape) for v in [*energy.inputs, *energy.states])
     check_memory(batch * per_sample * 8 * 2, f"--verify's {batch} random samples",
                source.path)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, *inp.shape))
-    want = _source_outputs(source, x).reshape(batch, -1)
-    got_t = torch.as_tensor(forward_sweep(energy, {inp.name: x})[energy.output_state().name])
-    got_t = got_t.reshape(batch, -1)
     last = source.graph.nodes[-1].op if source.graph.nodes else None
-    if isinstance(last, Softmax):  # canonicalize drops an output softmax: compare after it
-        got_t = torch.log_softmax(got_t, 1) if last.log else torch.softmax(got_t, 1)
-    got = got_t.numpy()
+    dropped = isinstance(last, Softmax)  # canonicalize drops an output softmax
+    want = _source_outputs(source, x, logits=dropped).reshape(batch, -1)
+    got_t = torch.as_tensor(forward_sweep(energy, {inp.name: x})[energy.output_state().name])
+    got = got_t.reshape(batch, -1).numpy()
     if got.shape != want.shape:
         raise EpcError(f"--verify: compiled output has shape {list(got.shape[1:])}, source "
                        f"model gives {list(want.shape[1:])}")
@@ -262,8 +341,10 @@ def verify_against_source(source: Source, energy: Graph, *, batch: int = 4,
         raise EpcError(f"--verify failed: {bad} gives NaN or Inf on random normal inputs "
                        f"({source.path})")
     with np.errstate(all="ignore"):     # (a difference past float64's range is inf)
-        err = float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-12))
-    if not err <= VERIFY_RTOL:
+        err = float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-300))
+    agree = float(np.mean(got.argmax(1) == want.argmax(1)))
+    if not substituted and not err <= VERIFY_RTOL:
         raise EpcError(f"--verify failed: largest relative error {err:.3g} > {VERIFY_RTOL:g} "
-                       f"between the compiled graph and {source.path}")
-    return err
+                       f"between the compiled graph and {source.path}"
+                       + (" (logits, before the output softmax)" if dropped else ""))
+    return Verified(err, agree, batch, substituted)

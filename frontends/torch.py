@@ -47,19 +47,24 @@ from epc.compiler.errors import EpcError
 from epc.compiler.ir import Graph
 from epc.compiler.verify import problems
 
-from .builder import Builder, Value
-from .common import sanitize
+from .builder import Builder, Value, View
+from .common import Refused, Unsupported, sanitize
 
 SUPPORTED = ("Linear, Conv2d (groups, stride, padding, dilation), BatchNorm2d/BatchNorm1d "
              "(eval), ReLU/ReLU6/Hardtanh/Hardsigmoid/clamp, MaxPool2d, AvgPool2d, "
-             "AdaptiveAvgPool2d(1) / mean over H,W, Flatten / view(N, -1), Dropout, Identity, "
-             "residual add of two activations, add/mul/div by a per-channel constant, "
-             "softmax/log_softmax at the output")
+             "AdaptiveAvgPool2d (any size) / mean over H,W, Flatten / view / reshape / "
+             "permute / transpose that flatten or permute the elements (channel shuffle), "
+             "torch.cat along the channels, split / chunk / slicing (step 1, not the batch), "
+             "F.pad / ZeroPad2d (constant), Dropout, Identity, residual add of two "
+             "activations, add/mul/div by a per-channel constant, softmax/log_softmax at the "
+             "output; with --substitute also sigmoid, tanh, SiLU, Hardswish, GELU, Mish, "
+             "Softplus, ELU, LeakyReLU and squeeze-excitation gates")
 
 _A = torch.ops.aten
 
-# Ops kept whole instead of decomposed: each is exactly one IR node.
-_KEEP = (_A.linear.default, _A.hardsigmoid.default, _A.adaptive_avg_pool2d.default)
+# Ops kept whole instead of decomposed: each is exactly one IR node (or one substitution).
+_KEEP = (_A.linear.default, _A.hardsigmoid.default, _A.adaptive_avg_pool2d.default,
+         _A.silu.default, _A.hardswish.default, _A.mish.default, _A.softplus.default)
 
 # Ops that do not change values (inference mode): the output is the input.
 _PASSTHROUGH = {
@@ -114,12 +119,16 @@ def _array(c) -> np.ndarray:
 class _Lowering:
     """Walks the exported ATen graph once, in order, feeding a Builder."""
 
-    def __init__(self, ep, batch: int, builder: Builder):
+    def __init__(self, ep, batch: int, builder: Builder, label: str = ""):
         self.ep = ep
+        self.label = label
         self.batch = batch
         self.b = builder
         self.env: dict[Any, Any] = {}
         self.fx_node = None
+        self.refusals: list[Refused] = []      # every op refused (the walk goes on)
+        self.unknown: set = set()              # nodes after a refusal, left unchecked
+        self.ops: dict[str, int] = {}          # ATen ops translated, by name
 
     def module_path(self, node) -> tuple[str, str]:
         """(module path, class name) of the innermost module that made node."""
@@ -140,11 +149,13 @@ class _Lowering:
             parts.append(f"at {loc}")
         return " ".join(parts)
 
-    def fail(self, msg: str, node=None) -> EpcError:
+    def fail(self, msg: str, node=None) -> Refused:
         node = node if node is not None else self.fx_node
         op = _op_name(node.target) if node is not None else "?"
         where = f" ({self.where(node)})" if node is not None else ""
-        return EpcError(f"torch frontend: {msg}: aten op {op}{where}; supported: {SUPPORTED}")
+        return Refused(f"{self.label}: torch frontend: {msg}: aten op {op}{where}; supported: "
+                       f"{SUPPORTED}", op=op, node=self.where(node) if node is not None else "?",
+                       reason=msg)
 
     def check_shape(self, result, node) -> None:
         """The translated value has the per-sample shape torch recorded for node."""
@@ -184,6 +195,8 @@ class _Lowering:
             elif node.op == "call_function":
                 self.env[node] = self.call(node)
             elif node.op == "output":
+                if self.refusals:
+                    return
                 for v in node.args[0]:
                     self.output(self.env.get(v) if isinstance(v, torch.fx.Node) else _Const(v))
             else:
@@ -216,6 +229,41 @@ class _Lowering:
         self.b.output(v)
 
     def call(self, node):
+        """One ATen node: its value, or (refused) a stand-in of the exported shape, so
+        that the nodes after it are checked too; every refusal is kept in `refusals`."""
+        if any(n in self.unknown for n in node.all_input_nodes):
+            self.unknown.add(node)        # after a refusal whose result has no known shape
+            return None
+        try:
+            out = self._call(node)
+        except Refused as e:
+            self.refusals.append(e)
+            out = self._stand_in(node, e)
+            if out is None or (isinstance(out, tuple) and None in out):
+                self.unknown.add(node)
+            return out
+        except Exception:            # noqa: BLE001 - only past a refusal (stand-in input)
+            if not self.refusals:
+                raise
+            self.unknown.add(node)
+            return None
+        if isinstance(out, (Value, tuple)) and isinstance(node.target, torch._ops.OpOverload):
+            name = _op_name(node.target)
+            self.ops[name] = self.ops.get(name, 0) + 1
+        return out
+
+    def _stand_in(self, node, refused):
+        val = node.meta.get("val")
+
+        def one(v):
+            if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == self.batch:
+                return self.b.placeholder(tuple(int(d) for d in v.shape[1:]), refused)
+            return None
+        if isinstance(val, (list, tuple)):
+            return tuple(one(v) for v in val)
+        return one(val)
+
+    def _call(self, node):
         tgt = node.target
         if tgt is operator.getitem:
             seq, idx = self.env[node.args[0]], node.args[1]
@@ -253,7 +301,7 @@ class _Lowering:
             with torch.no_grad():
                 val = node.target(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()})
         except Exception as e:  # noqa: BLE001 - a constant we cannot evaluate is a user error
-            raise self.fail(f"cannot evaluate constant expression ({e})", node)
+            raise self.fail(f"cannot evaluate constant expression ({_first_line(e)})", node)
         return _Const(val, _hint(list(args) + list(kwargs.values())))
 
 
@@ -544,7 +592,9 @@ def _sub(L, node, args, kwargs):
 def _mul(L, node, args, kwargs, divide: bool = False):
     a, b = args[0], args[1]
     if isinstance(a, Value) and isinstance(b, Value):
-        raise L.fail("product of two activations", node)
+        if divide:
+            raise L.fail("quotient of two activations", node)
+        return L.b.product(a, b)
     if divide and not isinstance(a, Value):
         raise L.fail("constant divided by an activation", node)
     x, c = (a, b) if isinstance(a, Value) else (b, a)
@@ -567,6 +617,124 @@ def _squeeze(L, node, args, kwargs):
     if meta is not None and (not meta or meta[0] != L.batch):
         raise L.fail("squeeze of the batch dimension", node)
     return _reshape(L, node, args, kwargs)
+
+
+def _dim(L, node, x: Value, dim: int, what: str) -> int:
+    """A per-sample axis from an ATen dim over [N, ...]; the batch refused."""
+    r = len(x.shape) + 1
+    d = int(dim) % r
+    if d == 0:
+        raise L.fail(f"{what} along the batch dimension", node)
+    return d - 1
+
+
+def _cat(L, node, args, kwargs):
+    xs = list(args[0])
+    if not all(isinstance(x, Value) for x in xs):
+        raise L.fail("concatenation with a constant", node)
+    return L.b.concat(xs, _dim(L, node, xs[0], _arg(args, kwargs, 1, "dim", 0),
+                               "concatenation"))
+
+
+def _split(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    d = _dim(L, node, x, _arg(args, kwargs, 2, "dim", 0), "split")
+    size = x.shape[d]
+    sizes = args[1]
+    if isinstance(sizes, int):        # split.Tensor: chunks of `sizes` (the last smaller)
+        sizes = [min(sizes, size - i) for i in range(0, size, sizes)]
+    out, at = [], 0
+    for k in sizes:
+        out.append(L.b.slice(x, d, at, at + int(k)))
+        at += int(k)
+    return tuple(out)
+
+
+def _slice(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    dim = int(_arg(args, kwargs, 1, "dim", 0))
+    start = _arg(args, kwargs, 2, "start", None)
+    end = _arg(args, kwargs, 3, "end", None)
+    step = int(_arg(args, kwargs, 4, "step", 1))
+    r = len(x.shape) + 1
+    full = [L.batch, *x.shape][dim % r]
+    start = 0 if start is None else int(start)
+    end = full if end is None else int(end)
+    start, end = (start + full if start < 0 else start), (end + full if end < 0 else end)
+    if step != 1:
+        raise L.fail(f"slicing with step {step} (only step 1)", node)
+    if dim % r == 0:
+        if start <= 0 and end >= full:
+            return x
+        raise L.fail("slicing the batch dimension", node)
+    return L.b.slice(x, dim % r - 1, start, min(end, full))
+
+
+def _select(L, node, args, kwargs):
+    """x.select(dim, i) (x[:, i]): a slice of one, then that axis dropped."""
+    x = _need_act(L, node, args[0])
+    d = _dim(L, node, x, args[1], "indexing")
+    i = int(args[2]) % x.shape[d]
+    y = L.b.slice(x, d, i, i + 1)
+    return L.b.reshape(y, tuple(s for k, s in enumerate(y.shape) if k != d))
+
+
+def _permute(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    r = len(x.shape) + 1
+    dims = [int(d) % r for d in args[1]]
+    if dims[0] != 0:
+        raise L.fail(f"permute {dims} moves the batch dimension", node)
+    return L.b.transpose(x, [d - 1 for d in dims[1:]])
+
+
+def _transpose(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    r = len(x.shape) + 1
+    perm = list(range(r))
+    a, b = int(args[1]) % r, int(args[2]) % r
+    perm[a], perm[b] = perm[b], perm[a]
+    if perm[0] != 0:
+        raise L.fail(f"transpose of dims {a} and {b} moves the batch dimension", node)
+    return L.b.transpose(x, [d - 1 for d in perm[1:]])
+
+
+def _constant_pad(L, node, args, kwargs):
+    x = _need_act(L, node, args[0])
+    pad = [int(p) for p in args[1]]
+    value = float(_arg(args, kwargs, 2, "value", 0.0) or 0.0)
+    if node.target is _A.pad.default and _arg(args, kwargs, 2, "mode", "constant") != "constant":
+        raise L.fail(f"padding mode {_arg(args, kwargs, 2, 'mode')!r} (only constant)", node)
+    if node.target is _A.pad.default:
+        value = float(_arg(args, kwargs, 3, "value", 0.0) or 0.0)
+    r = len(x.shape)
+    pads = [0] * (2 * r)
+    for k in range(len(pad) // 2):         # F.pad's pairs run from the last dim backwards
+        axis = r - 1 - k
+        if axis < 0:
+            if pad[2 * k] or pad[2 * k + 1]:
+                raise L.fail("padding the batch dimension", node)
+            continue
+        pads[axis], pads[r + axis] = pad[2 * k], pad[2 * k + 1]
+    return L.b.pad(x, pads, value)
+
+
+def _smooth(kind: str):
+    def handler(L, node, args, kwargs):
+        return L.b.smooth(_need_act(L, node, args[0]), kind)
+    return handler
+
+
+def _layer_norm(L, node, args, kwargs):
+    raise L.fail("layer norm normalises by statistics of the value itself: no bilinear "
+                 "energy term, no substitution", node)
+
+
+def _matmul_acts(L, node, args, kwargs):
+    if all(isinstance(a, Value) for a in args[:2]):
+        raise L.fail("product of two activations (attention): no bilinear energy term, no "
+                     "substitution", node)
+    raise L.fail("batched matrix product", node)
 
 
 _HANDLERS = {
@@ -613,6 +781,27 @@ _HANDLERS = {
     _A.neg.default: _neg,
     _A.native_dropout.default: _native_dropout,
     _A._to_copy.default: _to_copy,
+    _A.cat.default: _cat,
+    _A.split.Tensor: _split,
+    _A.split_with_sizes.default: _split,
+    _A.slice.Tensor: _slice,
+    _A.select.int: _select,
+    _A.permute.default: _permute,
+    _A.transpose.int: _transpose,
+    _A.unsqueeze.default: _reshape,
+    _A.constant_pad_nd.default: _constant_pad,
+    _A.pad.default: _constant_pad,
+    _A.sigmoid.default: _smooth("sigmoid"),
+    _A.tanh.default: _smooth("tanh"),
+    _A.silu.default: _smooth("silu"),
+    _A.hardswish.default: _smooth("hardswish"),
+    _A.gelu.default: _smooth("gelu"),
+    _A.mish.default: _smooth("mish"),
+    _A.softplus.default: _smooth("softplus"),
+    _A.elu.default: _smooth("elu"),
+    _A.leaky_relu.default: _smooth("leakyrelu"),
+    _A.native_layer_norm.default: _layer_norm,
+    _A.bmm.default: _matmul_acts,
 }
 for _op in _PASSTHROUGH:
     _HANDLERS[_op] = _passthrough
@@ -662,14 +851,41 @@ def _first_line(e: BaseException) -> str:
 
 
 def load_torch(module: torch.nn.Module, example_input: torch.Tensor, *,
-               name: str | None = None, source: str | None = None) -> Graph:
+               name: str | None = None, source: str | None = None,
+               substitute: bool = False) -> Graph:
     """Translate `module` (run in eval mode on inputs shaped like `example_input`, whose
     first dimension is the batch) into a feedforward-form Graph.
 
-    name:   the graph name (default: the module's class name, sanitized).
-    source: provenance recorded in graph.attrs['source'] (default: the class name).
-    Raises EpcError for anything the IR cannot express, naming the ATen op and module.
-    """
+    name:       the graph name (default: the module's class name, sanitized).
+    source:     provenance recorded in graph.attrs['source'] (default: the class name).
+    substitute: smooth ops become their nearest piecewise-linear form and
+                squeeze-excitation gates are dropped (graph.attrs['substituted']).
+    Raises EpcError for anything the IR cannot express (`Unsupported`, naming every ATen
+    op refused, with its module)."""
+    L, label = _lower(module, example_input, name, source, substitute)
+    if L.refusals:
+        raise Unsupported(label, L.refusals, SUPPORTED)
+    return _finish(L, label)
+
+
+def survey_torch(module: torch.nn.Module, example_input: torch.Tensor, *,
+                 name: str | None = None, source: str | None = None,
+                 substitute: bool = False) -> dict:
+    """What `epc compile --check` reports of a module: the ATen ops translated (by name),
+    every refusal, and the graph when nothing was refused."""
+    L, label = _lower(module, example_input, name, source, substitute)
+    graph, refusals = None, list(L.refusals)
+    if not refusals:
+        try:
+            graph = _finish(L, label)
+        except Unsupported as e:
+            refusals = e.refusals
+    return {"frontend": "torch", "ops": dict(L.ops), "refusals": refusals, "graph": graph,
+            "supported": SUPPORTED}
+
+
+def _lower(module, example_input, name, source, substitute) -> tuple["_Lowering", str]:
+    """Export the module and walk its ATen graph (refusals collected, not raised)."""
     if not isinstance(module, torch.nn.Module):
         raise EpcError(f"torch frontend: expected a torch.nn.Module, got "
                        f"{type(module).__name__}")
@@ -687,18 +903,54 @@ def load_torch(module: torch.nn.Module, example_input: torch.Tensor, *,
         ep = _export(module, example_input, label)
     finally:
         module.train(was_training)
-    builder = Builder(name or cls, {"source": label, "frontend": "torch"})
+    builder = Builder(name or cls, {"source": label, "frontend": "torch"}, substitute=substitute)
+    L = _Lowering(ep, int(example_input.shape[0]), builder, label)
     try:
-        _Lowering(ep, int(example_input.shape[0]), builder).run()
-        g = builder.finish()
+        L.run()
+    except Refused as e:
+        L.refusals.append(e)
     except EpcError as e:
         raise EpcError(f"{label}: {e}")
+    return L, label
+
+
+def _finish(L: "_Lowering", label: str) -> Graph:
+    try:
+        g = L.b.finish()
+    except Refused as e:
+        raise Unsupported(label, [e], SUPPORTED) from None
     if not g.nodes:
         raise EpcError(f"{label}: the model has no operations")
     errs = problems(g)
     if errs:
         raise EpcError(f"{label}: torch frontend produced invalid IR: {'; '.join(errs[:4])}")
     return g
+
+
+_SOFTMAXES = (_A._softmax.default, _A._log_softmax.default, _A.softmax.int, _A.log_softmax.int)
+
+
+def logits_function(module: torch.nn.Module, example_input: torch.Tensor):
+    """The module as a function of its input that stops before its output softmax (what
+    `--verify` compares: the logits), in the dtype of `example_input`. The module captured
+    by torch.export with its one output's softmax cut off; a module whose output is no
+    softmax is refused (the caller compares outputs then)."""
+    with warnings.catch_warnings(), _quiet_torch_logs():
+        warnings.simplefilter("ignore")
+        try:
+            gm = torch.export.export(module, (example_input,), strict=False).module()
+        except Exception as e:  # noqa: BLE001
+            raise EpcError(f"--verify: torch.export could not capture the model for its "
+                           f"logits: {_first_line(e)}")
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = out.args[0]
+    last = outs[0] if isinstance(outs, (list, tuple)) and len(outs) == 1 else None
+    if not isinstance(last, torch.fx.Node) or last.target not in _SOFTMAXES:
+        raise EpcError("--verify: the module's output is not a softmax; no logits to cut out")
+    out.args = ((last.args[0],),)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return lambda x: gm(x)[0]
 
 
 def _load_object(spec: str):
@@ -788,4 +1040,5 @@ def load_torch_spec(spec: str, input_shape: tuple[int, ...], *,
     return load_torch(module, example, name=name or spec.rpartition(":")[2], source=spec)
 
 
-__all__ = ["load_torch", "load_torch_spec", "build_module_from_spec", "sanitize", "SUPPORTED"]
+__all__ = ["load_torch", "survey_torch", "load_torch_spec", "build_module_from_spec",
+           "logits_function", "sanitize", "SUPPORTED"]

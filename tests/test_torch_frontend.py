@@ -339,7 +339,7 @@ class CatNet(nn.Module):
         self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
 
     def forward(self, x):
-        return torch.cat([self.a(x), self.b(x)], dim=1)
+        return torch.cat([self.a(x), self.b(x)], dim=0)     # along the batch: refused
 
 
 class SortNet(nn.Module):

@@ -12,6 +12,7 @@ driver's orchestration (it settles the float runtime and hands the equilibria in
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable
 
@@ -24,7 +25,7 @@ from .binary import from_bytes, to_bytes
 from .isa import ASM_HEADER, MAGIC, Program
 from .quantize import quantize_graph
 from .size import check_program_memory
-from .validate import validate
+from .validate import AccumulatorOverflow, validate
 
 ASM_SUFFIXES = (".nca", ".s")
 
@@ -109,6 +110,57 @@ def compile_program(graph: Graph, out_path, *, weight_bits: int = 8, frac_bits: 
                           per_channel=per_channel, acts=acts, seed=seed)
     if calibrated_on:
         prog.meta["calibrated_on"] = calibrated_on
-    validate(prog, source=f"{out_path} (compiled from graph {graph.name})")
+    try:
+        validate(prog, source=f"{out_path} (compiled from graph {graph.name})")
+    except AccumulatorOverflow as e:
+        raise EpcError(f"{e}; {_narrower(graph, e.excess, weight_bits, frac_bits, per_channel, seed)}") \
+            from None
     save_program(prog, out_path)
     return prog
+
+
+def check_program(graph: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
+                  per_channel: bool = False, seed: int = 0) -> Program:
+    """compile_program without calibration and without writing: the program, validated
+    (EpcError for what the core cannot express or hold, with the overflow fix)."""
+    from epc.compiler.verify import verify
+    verify(graph)
+    if not 4 <= weight_bits <= 8:
+        raise EpcError(f"--weight-bits {weight_bits}: the core supports 4 to 8 bit mantissas")
+    if not 1 <= frac_bits <= 12:
+        raise EpcError(f"--frac-bits {frac_bits}: supported 1 to 12")
+    prog = quantize_graph(graph, weight_bits=weight_bits, frac_bits=frac_bits,
+                          per_channel=per_channel, seed=seed)
+    try:
+        return validate(prog, source=f"graph {graph.name}")
+    except AccumulatorOverflow as e:
+        raise EpcError(f"{e}; {_narrower(graph, e.excess, weight_bits, frac_bits, per_channel, seed)}") \
+            from None
+
+
+def _narrower(graph: Graph, excess: float, weight_bits: int, frac_bits: int,
+              per_channel: bool, seed: int) -> str:
+    """The fix for an accumulator overflow, checked: the first of fewer fractional bits,
+    narrower mantissas, or both (cutting about `excess` bits in all) whose program
+    validates; or that none does."""
+    need = max(1, math.ceil(excess))
+    tried = []
+    for extra in range(4):
+        k = need + extra
+        for cut_w in range(0, k + 1):          # fewer fractional bits first
+            f, b = frac_bits - (k - cut_w), weight_bits - cut_w
+            if f < 1 or b < 4 or (f, b) in tried:
+                continue
+            tried.append((f, b))
+            if len(tried) > 12:
+                break
+            try:
+                validate(quantize_graph(graph, weight_bits=b, frac_bits=f,
+                                        per_channel=per_channel, seed=seed))
+            except EpcError:
+                continue
+            flags = [f"--frac-bits {f}"] * (f != frac_bits) + \
+                    [f"--weight-bits {b}"] * (b != weight_bits)
+            return f"it fits with {' '.join(flags)} (that program validates)"
+    return (f"no setting of --frac-bits (>= 1) and --weight-bits (>= 4) that removes "
+            f"{need} bits fits either; the weights' scale is too large for the core")

@@ -21,6 +21,15 @@ from .isa import (ACC_BITS, BETA_FRAC, EXP_RANGE, GROUP_ACTS, GROUP_ROLES, MAX_S
                   MEM_KINDS, PHASES, SHIFT_RANGE, STATE_BITS_RANGE, SYN_KINDS, WEIGHT_BITS_RANGE,
                   Program)
 
+class AccumulatorOverflow(EpcError):
+    """A synapse whose worst-case accumulator does not fit 32 bits; `excess` is by how
+    many bits (what compile_program's suggestion of narrower settings starts from)."""
+
+    def __init__(self, message: str, excess: float):
+        super().__init__(message)
+        self.excess = excess
+
+
 _BITS = {"weight": WEIGHT_BITS_RANGE, "state": STATE_BITS_RANGE, "input": STATE_BITS_RANGE,
          "exp": (2, 8), "bias": (2, 32)}
 
@@ -241,12 +250,17 @@ class _Validator:
             for (r, ir), ctx in zip(reversed(steps), reversed(ctxs)):
                 g = r.core_adjoint_bound(ir, g, ctx, W)
             worst = max(worst, float(g.abs().max()) * mult)
-        if worst > (1 << (ACC_BITS - 1)) - 1:
-            fail(w, f"worst-case accumulator 2^{math.log2(worst):.1f} overflows the "
-                    f"{ACC_BITS}-bit accumulator (a weight exponent or mantissa width too large)")
-        if total_shift < 0 and worst * 2.0 ** (-total_shift) > (1 << (ACC_BITS - 1)) - 1:
-            fail(w, f"left shift by {-total_shift} overflows the {ACC_BITS}-bit accumulator "
-                    f"(a weight exponent is too large)")
+        limit = (1 << (ACC_BITS - 1)) - 1
+        if worst > limit:
+            raise AccumulatorOverflow(
+                f"{self.source}: {w}: worst-case accumulator 2^{math.log2(worst):.1f} "
+                f"overflows the {ACC_BITS}-bit accumulator (a weight exponent or mantissa "
+                f"width too large)", math.log2(worst) - math.log2(limit))
+        if total_shift < 0 and worst * 2.0 ** (-total_shift) > limit:
+            raise AccumulatorOverflow(
+                f"{self.source}: {w}: left shift by {-total_shift} overflows the {ACC_BITS}-bit "
+                f"accumulator (a weight exponent is too large)",
+                math.log2(worst) - total_shift - math.log2(limit))
         if not SHIFT_RANGE[0] <= total_shift <= SHIFT_RANGE[1]:
             fail(w, f"total shift {total_shift} out of range {SHIFT_RANGE} (a weight exponent "
                     f"is out of scale)")
