@@ -62,6 +62,32 @@ def conv1_digits() -> nn.Module:
         flatten=nn.Flatten(), fc=nn.Linear(64 * 4 * 4, 10)))
 
 
+class InceptionDigits(nn.Module):
+    """A small Inception-style net: a 3x3 stem, then two branches read the stem (a 1x1
+    conv, and a 1x1 reduction followed by a 3x3 conv), their ReLU outputs are joined by
+    torch.cat along the channels, max-pooled and read by a linear layer."""
+
+    def __init__(self, stem: int = 16, width: int = 16, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, stem, 3, padding=1)
+        self.branch1 = nn.Conv2d(stem, width, 1)
+        self.reduce = nn.Conv2d(stem, width // 2, 1)
+        self.branch3 = nn.Conv2d(width // 2, width, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(2 * width * 4 * 4, classes)
+
+    def forward(self, x):
+        s = torch.relu(self.stem(x))
+        a = torch.relu(self.branch1(s))
+        b = torch.relu(self.branch3(torch.relu(self.reduce(s))))
+        y = self.pool(torch.cat([a, b], dim=1))
+        return self.fc(torch.flatten(y, 1))
+
+
+def inception_digits() -> nn.Module:
+    return InceptionDigits()
+
+
 def _conv_bn_relu(cin: int, cout: int, relu6: bool = False, stride: int = 1,
                   groups: int = 1, k: int = 3) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False),
@@ -232,6 +258,7 @@ MODELS = {
     "resnet13": (resnet13, (3, 32, 32)),
     "hopfield_resnet13": (hopfield_resnet13, (3, 32, 32)),
     "mobilenet_cifar": (mobilenet_cifar, (3, 32, 32)),
+    "inception_digits": (inception_digits, (1, 8, 8)),
 }
 
 

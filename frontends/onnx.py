@@ -1024,13 +1024,19 @@ def _translate(path: str, substitute: bool) -> tuple[_Ctx, list[Refused], dict[s
     refusals: list[Refused] = []
     ops: dict[str, int] = {}
     unknown: set[str] = set()          # outputs of refused nodes with no inferred shape
+    regions = _module_regions(ctx, needed)
+    inside = {i for r in regions.values() for i in r[1:]}
     for i, node in enumerate(g.node):
-        if i not in needed or all(o in ctx.const for o in node.output if o):
+        if i not in needed or i in inside or all(o in ctx.const for o in node.output if o):
             continue
         if any(x in unknown for x in node.input if x):
             unknown.update(o for o in node.output if o)
             continue
         try:
+            if i in regions:
+                _translate_region(ctx, regions[i])
+                ops["AdaptiveAvgPool2d"] = ops.get("AdaptiveAvgPool2d", 0) + 1
+                continue
             _translate_node(ctx, node)
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
         except Refused as e:
@@ -1049,6 +1055,60 @@ def _translate(path: str, substitute: bool) -> tuple[_Ctx, list[Refused], dict[s
         if not refusals:
             b.output(ctx.values[o.name])
     return ctx, refusals, ops
+
+
+# torch modules whose dynamo export decomposes into many ops (an adaptive pool whose windows
+# differ in size becomes Transpose/GatherND/Where/Gather/Add/Div): the nodes a module made
+# are taken back as the one op the module is, read from the exporter's metadata
+_MODULES = {"torch.nn.modules.pooling.AdaptiveAvgPool2d"}
+
+
+def _meta_list(node, key: str) -> list:
+    for p in node.metadata_props:
+        if p.key == key:
+            try:
+                v = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                return []
+            return v if isinstance(v, list) else []
+    return []
+
+
+def _module_regions(ctx: _Ctx, needed: set[int]) -> dict[int, list[int]]:
+    """first node -> the nodes (in order) of each call of a module in _MODULES that the
+    exporter wrote as more than one node to translate."""
+    calls: dict[tuple, list[int]] = {}
+    for i, node in enumerate(ctx.model.graph.node):
+        if i not in needed or all(o in ctx.const for o in node.output if o):
+            continue
+        hier = _meta_list(node, "pkg.torch.onnx.class_hierarchy")
+        scopes = _meta_list(node, "pkg.torch.onnx.name_scopes")
+        if len(hier) >= 2 and hier[-2] in _MODULES and len(scopes) == len(hier):
+            calls.setdefault((tuple(scopes[:-1]), hier[-2]), []).append(i)
+    return {r[0]: r for r in calls.values() if len(r) > 1}
+
+
+def _translate_region(ctx: _Ctx, region: list[int]) -> None:
+    """The nodes of one module call as the module's op: one computed input, one output."""
+    g = ctx.model.graph
+    nodes = [g.node[i] for i in region]
+    made = {o for n in nodes for o in n.output if o}
+    ins = {x for n in nodes for x in n.input if x and x not in made and x in ctx.values}
+    later = {x for j, n in enumerate(g.node) if j not in region for x in n.input}
+    outs = [o for o in made if o in later or o in {v.name for v in g.output}]
+    first = nodes[0]
+    if len(ins) != 1 or len(outs) != 1:
+        raise ctx.unsupported(first, f"the {len(nodes)} nodes exported from one "
+                                     f"AdaptiveAvgPool2d have {len(ins)} inputs and "
+                                     f"{len(outs)} outputs (expected one of each)")
+    dims = ctx.inferred_full.get(outs[0])
+    if not dims or len(dims) != 4 or any(d is None for d in dims[2:]):
+        raise ctx.unsupported(first, "an adaptive average pool whose output shape ONNX shape "
+                                     "inference does not know")
+    ctx.b.at(_scope(first), lambda msg, node=first: ctx.unsupported(node, msg))
+    y = ctx.b.adaptive_avgpool(ctx.values[ins.pop()], [int(dims[2]), int(dims[3])])
+    ctx.values[outs[0]] = y
+    _cross_check(ctx, first, outs[0], y)
 
 
 def _translate_node(ctx: _Ctx, node) -> None:
