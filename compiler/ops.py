@@ -125,6 +125,7 @@ class OpRule:
 
     op_type: type = type(None)   # set by @rule_for
     linear = False
+    many_inputs = False          # takes one or more inputs (add, concat), else exactly one
 
     def shape(self, op, in_shapes: list[Shape], weights: Weights) -> Shape:
         """Per-sample output shape for inputs of `in_shapes`; raises EpcError."""
@@ -820,6 +821,8 @@ class ActRule(_SameShape):
 
 @rule_for(Add)
 class AddRule(OpRule):
+    many_inputs = True
+
     def shape(self, op, in_shapes, weights):
         shapes = {tuple(s) for s in in_shapes}
         if len(shapes) != 1:
@@ -835,6 +838,8 @@ class AddRule(OpRule):
 
 @rule_for(Concat)
 class ConcatRule(OpRule):
+    many_inputs = True
+
     def shape(self, op, in_shapes, weights):
         shapes = [tuple(s) for s in in_shapes]
         r = len(shapes[0]) if shapes else 0

@@ -244,6 +244,12 @@ def _ints(n: int, lo: int):
         isinstance(x, int) and not isinstance(x, bool) and lo <= x <= 1 << 20 for x in v))
 
 
+def _int_list(lo: int, hi: int, most: int = 0):
+    """1 to `most` (MAX_RANK by default) integers in [lo, hi]."""
+    return lambda v: (isinstance(v, list) and 1 <= len(v) <= (most or MAX_RANK) and all(
+        isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi for x in v))
+
+
 # what each op attribute holds (ir.py's dataclass fields), checked as the text is read
 _OP_FIELDS = {
     **{k: (lambda v: isinstance(v, _Ref), "a weight reference @name") for k in _WEIGHT_FIELDS},
@@ -258,6 +264,21 @@ _OP_FIELDS = {
     "epsilon": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
                 and math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "fn": (lambda v: isinstance(v, Activation), "an activation such as relu()"),
+    # permute, adaptiveavgpool, concat (their meaning together is the op's shape rule's)
+    "dims": (_int_list(1, 1 << 40), f"1 to {MAX_RANK} integers >= 1"),
+    "shape": (_int_list(1, 1 << 40), f"1 to {MAX_RANK} integers >= 1"),
+    "perm": (lambda v: _int_list(0, MAX_RANK)(v) and sorted(v) == list(range(len(v))),
+             "a permutation of 0 .. n-1"),
+    "out": (_ints(2, 1), "two integers >= 1"),
+    "axis": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_RANK,
+             f"an integer in [0, {MAX_RANK - 1}]"),
+}
+# an attribute whose rule depends on the op: a pad's pads crop too (negative) and have
+# two entries per axis of any rank
+_OP_KIND_FIELDS = {
+    ("pad", "pads"): (lambda v: _int_list(-(1 << 20), 1 << 20, 2 * MAX_RANK)(v)
+                      and len(v) % 2 == 0, f"an even number (2 to {2 * MAX_RANK}) of "
+                                           f"integers in [-2^20, 2^20]"),
 }
 
 
@@ -489,7 +510,7 @@ class _Parser:
         for k, (v, t) in attrs.items():
             if k not in fields:
                 self.error(f"op {kind_tok.text} has no attribute {k!r}", t)
-            kind, why = _OP_FIELDS[k]
+            kind, why = _OP_KIND_FIELDS.get((kind_tok.text, k)) or _OP_FIELDS[k]
             if not kind(v):
                 self.error(f"op {kind_tok.text}: attribute {k!r} must be {why}", t)
             kw[k] = str(v) if isinstance(v, _Ref) else v

@@ -82,9 +82,10 @@ class _Checks:
                 if x not in names:
                     errs.append(f"node {n.name}: input {x} is not defined before it")
             self.declare(n.name, "node")
-            if len(n.inputs) != 1 and not (n.op.kind == "add" and n.inputs):
+            many = type(n.op) in O.RULES and O.rule(n.op).many_inputs
+            if len(n.inputs) != 1 and not (many and n.inputs):
                 errs.append(f"node {n.name}: {n.op.kind} takes "
-                            f"{'one or more inputs' if n.op.kind == 'add' else 'one input'}, "
+                            f"{'one or more inputs' if many else 'one input'}, "
                             f"given {len(n.inputs)}")
                 continue
             if all(x in names for x in n.inputs) and self.op_ok(n.op, f"node {n.name}"):

@@ -88,6 +88,10 @@ class _Ctx:
         self.sym_shapes: dict[str, list] = {}               # onnx value -> [BATCH, *dims]
         self.used: set[str] = set()
         self.batch = -999
+        # a dynamo export records each node's module path (name_scopes); the nodes its
+        # optimizer makes afterwards (a Split from aten.split) have none: they are the root's
+        self.scoped = any(p.key == "pkg.torch.onnx.name_scopes"
+                          for n in model.graph.node for p in n.metadata_props)
 
     # ---- errors
     def fail(self, node, msg: str) -> Refused:
@@ -484,10 +488,11 @@ def _ints(v) -> list[int]:
     return [int(x) for x in v]
 
 
-def _scope(node) -> str:
+def _scope(node, scoped: bool = False) -> str:
     """Where node came from: the module path a torch exporter recorded (the dynamo
     exporter's name_scopes metadata, or a legacy node name '/stages/stages.0/conv1/Conv'),
-    else the node's own name (or its first output's)."""
+    else the root ('') in a model whose other nodes carry name_scopes (`scoped`), else
+    the node's own name (or its first output's)."""
     for p in node.metadata_props:
         if p.key == "pkg.torch.onnx.name_scopes":   # ['', 'stages', 'stages.0', 'relu_1']
             try:
@@ -497,6 +502,9 @@ def _scope(node) -> str:
             if isinstance(scopes, list) and len(scopes) >= 2:
                 return str(scopes[-2])
             break
+    else:
+        if scoped:
+            return ""
     if node.name.startswith("/"):
         # legacy: one component per module, the op last; the child of a container shows
         # as 'stages.0' under 'stages', any other child by its attribute name ('conv1')
@@ -1105,7 +1113,7 @@ def _translate_region(ctx: _Ctx, region: list[int]) -> None:
     if not dims or len(dims) != 4 or any(d is None for d in dims[2:]):
         raise ctx.unsupported(first, "an adaptive average pool whose output shape ONNX shape "
                                      "inference does not know")
-    ctx.b.at(_scope(first), lambda msg, node=first: ctx.unsupported(node, msg))
+    ctx.b.at(_scope(first, ctx.scoped), lambda msg, node=first: ctx.unsupported(node, msg))
     y = ctx.b.adaptive_avgpool(ctx.values[ins.pop()], [int(dims[2]), int(dims[3])])
     ctx.values[outs[0]] = y
     _cross_check(ctx, first, outs[0], y)
@@ -1119,7 +1127,7 @@ def _translate_node(ctx: _Ctx, node) -> None:
         raise ctx.unsupported(node, _WHY_NOT.get(node.op_type, ""))
     if not any(x in ctx.values for x in node.input if x):
         raise ctx.unsupported(node, "its inputs could not be evaluated as constants")
-    ctx.b.at(_scope(node), lambda msg, node=node: ctx.unsupported(node, msg))
+    ctx.b.at(_scope(node, ctx.scoped), lambda msg, node=node: ctx.unsupported(node, msg))
     try:
         y = _RULES[node.op_type](ctx, node, _attrs(node))
     except Refused:

@@ -30,7 +30,8 @@ COMMANDS = {"compile": api.compile_result, "opt": api.opt, "inspect": api.inspec
             "train": api.train, "eval": api.evaluate, "check-gradients": api.check_gradients,
             "run": api.run, "backprop": api.backprop}
 # what only the CLI has (it decides what is printed) and what only Python can pass
-CLI_ONLY = {"quiet", "json"}                    # -q; `epc run --json` prints the metrics
+CLI_ONLY = {"quiet", "json", "check"}   # -q; `epc run --json` prints the metrics; `epc compile
+#                                         --check` is its own API function, epc.check()
 API_ONLY = {"example_input", "dataset", "progress", "on_epoch"}   # objects, callbacks
 PY_NAMES = {"pass": "passes"}     # `epc opt --pass` (repeatable): a keyword in Python
 

@@ -25,7 +25,7 @@ SHAPES = {"mlp_digits": (64,), "mlp3_digits": (64,), "conv_digits": (1, 8, 8),
           "conv1_digits": (1, 8, 8),
           "conv_digits_teacher": (1, 8, 8), "vgg_cifar": (3, 32, 32),
           "resnet13": (3, 32, 32), "hopfield_resnet13": (3, 32, 32),
-          "mobilenet_cifar": (3, 32, 32)}
+          "mobilenet_cifar": (3, 32, 32), "inception_digits": (1, 8, 8)}
 
 
 def test_committed_files_are_what_the_script_builds(tmp_path):

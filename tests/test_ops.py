@@ -224,3 +224,35 @@ def test_a_new_linear_op_needs_only_its_dataclass_and_rule(negate_op):
     from epc.targets.neuromorphic.quantize import quantize_graph
     with pytest.raises(EpcError, match="coupling c2: op negate cannot be lowered"):
         quantize_graph(g)
+
+
+@pytest.mark.parametrize("op, shape, w", SAMPLES, ids=IDS)
+def test_ir_text_round_trips_the_op(op, shape, w):
+    """Each sample op, as a node, prints and reads back to the same graph (the strict
+    reader checks each attribute: a pad's pads may be negative and of any even length)."""
+    g = ir.Graph("t", inputs=[ir.Input("x", shape)])
+    g.nodes = [ir.Node("y", op, ["x"], O.out_shape(op, [shape], w))]
+    g.outputs = ["y"]
+    g.weights = dict(w)
+    text = print_graph(g, weights="inline")
+    back = parse(text)
+    assert problems(back) == [] and back.nodes[0].op == op
+    assert print_graph(back, weights="inline") == text
+
+
+def test_ir_text_concat_round_trips_and_bad_new_attributes_are_refused():
+    g = ir.Graph("t", inputs=[ir.Input("a", (2, 3, 3)), ir.Input("b", (4, 3, 3))])
+    g.nodes = [ir.Node("y", ir.Concat(0), ["a", "b"], (6, 3, 3))]
+    g.outputs = ["y"]
+    text = print_graph(g)
+    assert problems(parse(text)) == [] and print_graph(parse(text)) == text
+    base = "epc-ir 1\ngraph t {\n  input x : [6, 4, 4]\n  node y = %s : [6, 4, 4]\n  output y\n}\n"
+    for bad, why in [("pad(x) [pads=[1, 0, 0]]", "an even number"),
+                     ("pad(x) [pads=[1.5, 0]]", "an even number"),
+                     ("permute(x) [dims=[2, 3, 16], perm=[0, 0, 2], shape=[6, 4, 4]]",
+                      "a permutation"),
+                     ("permute(x) [dims=[0, 96], perm=[1, 0], shape=[6, 4, 4]]", "integers >= 1"),
+                     ("adaptiveavgpool(x) [out=[0, 2]]", "two integers >= 1"),
+                     ("concat(x) [axis=-1]", "an integer in")]:
+        with pytest.raises(EpcError, match=why):
+            parse(base % bad)
