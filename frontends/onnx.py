@@ -723,8 +723,9 @@ def _reshape(ctx, node, a):
     if batch_ok and rest and min(rest) > 0 and int(np.prod(rest)) == n:
         return ctx.b.reshape(x, rest)
     shown = ["N" if t == _BATCH else t for t in target]
-    raise ctx.unsupported(node, f"Reshape of per-sample {list(x.shape)} to {shown}: only "
-                                f"[N, -1] (flatten) is supported")
+    raise ctx.unsupported(node, f"Reshape of per-sample {list(x.shape)} to {shown}: the "
+                                f"batch axis must stay first and whole (a reshape that mixes "
+                                f"samples is not a per-sample permutation)")
 
 
 def _softmax(ctx, node, a):

@@ -477,3 +477,62 @@ def test_corrupted_files_never_crash(tmp_path):
             assert f"fuzz{k}.onnx" in str(e)
             outcomes["refused"] += 1
     assert outcomes["refused"] > 0
+
+
+def _bad_structure(case: str):
+    """Issue 23's bad input: linear structure epc cannot take, one node named 'bad'."""
+    x = _vi("x", ["N", 4, 4, 4])
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    relus = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["x"], ["b"])]
+    if case == "concat_batch":
+        return _model(relus + [helper.make_node("Concat", ["a", "b"], ["y"], axis=0,
+                                                name="bad")], [x], [_vi("y", None)])
+    if case == "concat_spatial":
+        return _model(relus + [helper.make_node("Concat", ["a", "b"], ["y"], axis=3,
+                                                name="bad")], [x], [_vi("y", None)])
+    if case == "slice_steps":
+        return _model([helper.make_node("Slice", ["x", "s", "e", "ax", "st"], ["y"], name="bad")],
+                      [x], [_vi("y", None)],
+                      [_init("s", i64(0)), _init("e", i64(4)), _init("ax", i64(2)),
+                       _init("st", i64(2))])
+    if case == "reshape_mixing_samples":
+        return _model([helper.make_node("Reshape", ["x", "s"], ["r"], name="bad"),
+                       helper.make_node("Relu", ["r"], ["y"])], [x], [_vi("y", None)],
+                      [_init("s", i64(-1, 32))])
+    if case == "reshape_left_5d":
+        return _model([helper.make_node("Reshape", ["x", "s"], ["y"], name="bad")], [x],
+                      [_vi("y", None)], [_init("s", i64(0, 2, 2, 4, 4))])
+    assert case == "transpose_batch"
+    return _model([helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0, 2, 3], name="bad")],
+                  [x], [_vi("y", None)])
+
+
+BAD_STRUCTURE = {"concat_batch": "batch axis", "concat_spatial": "only along the channels",
+                 "slice_steps": "step 2", "reshape_mixing_samples": "mixes samples",
+                 "reshape_left_5d": "permutations of the elements",
+                 "transpose_batch": "moves the batch axis"}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STRUCTURE))
+def test_structure_epc_cannot_express_is_refused_by_the_cli(case, run_cli, tmp_path):
+    """`epc compile` refuses each on one line naming the node and the reason, exit 2,
+    nothing written; a Reshape that keeps samples apart is a per-sample permutation and
+    compiles (checked against onnxruntime)."""
+    src, out = save(_bad_structure(case), tmp_path / f"{case}.onnx"), tmp_path / "out.epc"
+    code, _, err = run_cli("compile", src, "-o", out)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("epc: error: ") and "Traceback" not in err
+    assert "node 'bad'" in lines[0] and BAD_STRUCTURE[case] in lines[0]
+    assert f"{case}.onnx" in lines[0] and not out.exists()
+
+
+def test_a_reshape_that_keeps_samples_apart_is_a_permutation(tmp_path):
+    """[N, 4, 4, 4] -> [N, 8, 2, 4] then a Transpose of the per-sample axes: the elements
+    of each sample are permuted, which epc takes (and onnxruntime agrees)."""
+    m = _model([helper.make_node("Reshape", ["x", "s"], ["r"]),
+                helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1, 3]),
+                helper.make_node("Relu", ["t"], ["y"])], [_vi("x", ["N", 4, 4, 4])],
+               [_vi("y", None)], [_init("s", np.array([0, 8, 2, 4], np.int64))])
+    g, _ = check_against_ort(save(m, tmp_path / "regroup.onnx"))
+    assert [n.op.kind for n in g.nodes] == ["permute", "act"]

@@ -499,3 +499,31 @@ def test_spec_loader_bad_shape(tmp_path):
         load_torch_spec(f"{path}:make", (8,))
     with pytest.raises(EpcError, match="could not capture.*channels"):
         load_torch_spec(f"{path}:make", (1, 2, 8, 8))   # wrong channel count
+
+
+class _Bad(nn.Module):
+    def __init__(self, case: str):
+        super().__init__()
+        self.case = case
+
+    def forward(self, x):
+        r = torch.relu(x)
+        if self.case == "concat_batch":
+            return torch.cat([r, x], dim=0)
+        if self.case == "concat_spatial":
+            return torch.cat([r, x], dim=3)
+        if self.case == "slice_steps":
+            return r[:, ::2]
+        return torch.relu(x.reshape(-1, 32))          # mixing samples
+
+
+@pytest.mark.parametrize("case, why", [
+    ("concat_batch", "along the batch"), ("concat_spatial", "only along the channels"),
+    ("slice_steps", "step 2"), ("reshape_mixing_samples", "mixes the batch")])
+def test_structure_epc_cannot_express_is_refused(case, why):
+    """Issue 23's bad input through the PyTorch frontend: one line naming the aten op,
+    its node and the reason."""
+    with pytest.raises(EpcError) as e:
+        load_torch(_Bad(case), torch.zeros(2, 4, 4, 4))
+    msg = str(e.value)
+    assert "\n" not in msg and why in msg and "node " in msg and "_Bad" in msg
