@@ -1,31 +1,31 @@
-"""Converter coverage: which real architectures `epc compile` takes, from ONNX and from the
-PyTorch module, and what it says about the rest.
+"""Converter coverage: which architectures `epc compile` takes, from ONNX and from the
+PyTorch module, and what it says about the rest (issue 23). One command, JSON out:
 
-Models: torchvision's classification models and a set of timm's convolutional ones, with
-random weights (seeded), and the nine `light` models shipped in the onnx wheel
-(onnx/backend/test/data/light, constant weights). Each is taken as a new user would:
-`epc.check` (the compatibility report), then `epc compile --verify`; a model refused only
-for smooth ops or gates is compiled again with `--substitute`, and its deviation from the
-source is reported. Each model runs in its own process (a crash or a memory blow-up costs
-one row), one torch thread.
+    python -m bench.coverage --json /tmp/coverage.json            # builtin + light
+    python -m bench.coverage --json /tmp/cov.json --torchvision-python /work/tv-venv/bin/python
 
-torchvision and timm are not epc dependencies (PyPI's torchvision is a CUDA build that
-does not load beside the CPU torch epc uses), so the stages that need them run in a
-separate venv that has them and epc installed with --no-deps:
+Each model is taken as a new user would: `epc.check` (the compatibility report), then
+`epc compile --verify`; a model refused only for smooth ops or gates is compiled again
+with `--substitute` and its deviation from the source is reported. Each model and path
+runs in its own process (a crash or a memory blow-up costs one row), one torch thread.
 
-    python -m venv /work/tv-venv && /work/tv-venv/bin/pip install torch==2.14.1 \\
-        torchvision==0.29.1 timm onnx onnxruntime onnxscript networkx typer
-    /work/tv-venv/bin/pip install --no-deps -e .
-    /work/tv-venv/bin/python -m bench.coverage export --dir /tmp/cov      # ONNX files
-    python -m bench.coverage onnx --dir /tmp/cov --json /tmp/cov/onnx.json  # epc's venv
-    /work/tv-venv/bin/python -m bench.coverage torch --json /tmp/cov/torch.json
-    python -m bench.coverage light --json /tmp/cov/light.json          # no torchvision
-    python -m bench.coverage table /tmp/cov/*.json                     # the table
+Sources (--sources, all by default):
+* builtin: bench/coverage_models.py, small models with the layouts of torchvision's
+  families that torchvision's own ResNet/VGG/MobileNetV2 examples do not cover (Fire
+  modules, Inception and dense blocks, ShuffleNetV2 units, VGG's adaptive pool at a small
+  size, HardSwish/SiLU and squeeze-excitation gates, ConvNeXt, a ViT), random weights at
+  seed 0, 32x32 inputs: through the PyTorch frontend (the module) and the ONNX frontend
+  (its legacy export at opset 17, or the dynamo export where the legacy exporter fails).
+  They are written here, not torchvision's code: stand-ins, said so in every row.
+* light: the nine `light` models shipped in the onnx wheel (onnx/backend/test/data/light,
+  real ImageNet architectures with constant weights), ONNX only.
+* torchvision: torchvision's and timm's classification models themselves, exported to
+  ONNX by a Python that has them (--torchvision-python; PyPI's torchvision is a CUDA build
+  that cannot be installed beside epc's CPU torch, so it lives in its own venv:
+  `python -m venv V && V/bin/pip install torchvision timm onnx onnxscript`), surveyed
+  here through the ONNX frontend. Skipped (and said so in the JSON) without it.
 
-`export` writes each model's legacy (TorchScript) ONNX export at opset 17, or, where that
-exporter fails (an adaptive pool whose output size does not divide its input's, as in
-vgg/alexnet at 64 px), the dynamo exporter's; `manifest.json` lists them. A stage whose
-libraries are missing says so, writes a JSON that says so, and exits 0.
+`python -m bench.coverage table FILE.json` prints the markdown table of a result file.
 """
 from __future__ import annotations
 
@@ -78,6 +78,9 @@ def _build(lib: str, name: str):
     """The model with random weights (seed 0), eval mode."""
     import torch
     torch.manual_seed(0)
+    if lib == "builtin":
+        from bench.coverage_models import build
+        return build(name)
     if lib == "torchvision":
         import torchvision
         kw = {"aux_logits": False, "init_weights": True} \
@@ -99,6 +102,15 @@ def _entries(libs) -> list[tuple[str, str, int]]:
 
 
 # --------------------------------------------------------------------------- export
+def _example(lib: str, name: str, size: int):
+    import torch
+    shape = (3, size, size)
+    if lib == "builtin":
+        from bench.coverage_models import MODELS
+        shape = MODELS[name][1]
+    return torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+
+
 def export_one(lib: str, name: str, size: int, path: str) -> dict:
     """The model's ONNX file: the legacy exporter (opset 17), else the dynamo one."""
     import warnings
@@ -106,7 +118,7 @@ def export_one(lib: str, name: str, size: int, path: str) -> dict:
     import torch
     torch.set_num_threads(1)
     m = _build(lib, name)
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    x = _example(lib, name, size)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -146,14 +158,19 @@ def run_one(kind: str, spec: dict) -> dict:
     torch.set_num_threads(1)
     import epc
     from epc.api import compile_result
+    row: dict = {"path": kind}
     if kind == "torch":
         src = _build(spec["lib"], spec["name"])
-        x = torch.randn(1, 3, spec["size"], spec["size"],
-                        generator=torch.Generator().manual_seed(0))
-        kw = {"example_input": x}
-    else:
+        kw = {"example_input": _example(spec["lib"], spec["name"], spec["size"])}
+    elif spec.get("path"):
         src, kw = spec["path"], {}
-    row: dict = {"path": kind}
+    else:      # a builtin model: its ONNX export first (into the run's temporary folder)
+        src, kw = os.path.join(spec["dir"], f"{spec['name']}.onnx"), {}
+        info = export_one(spec["lib"], spec["name"], spec["size"], src)
+        row["exporter"] = info.get("exporter")
+        if not info.get("exporter"):
+            return {**row, "status": "export failed",
+                    "error": info.get("dynamo_error") or info.get("legacy_error")}
     t0 = time.perf_counter()
     try:
         rep = epc.check(src, **kw)
@@ -196,7 +213,7 @@ def _child(args) -> int:
     return 0
 
 
-def _run(kind: str, spec: dict) -> dict:
+def _run(kind: str, spec: dict, timeout: int = 0) -> dict:
     """run_one in a fresh process (a crash or a timeout is that row's result)."""
     fd, out = tempfile.mkstemp(suffix=".json")
     os.close(fd)
@@ -204,7 +221,8 @@ def _run(kind: str, spec: dict) -> dict:
            "--spec", json.dumps(spec), "--out", out]
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                           timeout=timeout or TIMEOUT,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
         with open(out) as f:
             text = f.read()
@@ -212,22 +230,80 @@ def _run(kind: str, spec: dict) -> dict:
             "path": kind, "status": "crashed",
             "error": (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1][:400]}
     except subprocess.TimeoutExpired:
-        row = {"path": kind, "status": "timeout", "error": f"over {TIMEOUT} s"}
+        row = {"path": kind, "status": "timeout", "error": f"over {timeout or TIMEOUT} s"}
     finally:
         os.remove(out)
     row["wall_seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
 
-# --------------------------------------------------------------------------- stages
-def stage_export(args) -> dict:
-    miss = _missing(["torch", "torchvision", "timm"])
+# --------------------------------------------------------------------------- sources
+def survey_builtin(args, rows: dict, save) -> None:
+    from bench.coverage_models import MODELS
+    with tempfile.TemporaryDirectory() as d:
+        for name, (_, shape, family) in MODELS.items():
+            if args.models and name not in args.models:
+                continue
+            key = _key("builtin", name, shape[-1])
+            spec = {"lib": "builtin", "name": name, "size": shape[-1], "dir": d}
+            for kind in ("torch", "onnx"):
+                row = _run(kind, spec, args.timeout)
+                row["stands_in_for"] = f"torchvision {family} (a stand-in written here)"
+                rows.setdefault(key, {})[kind] = row
+                print(f"{key} {kind}: {_brief(row)}", flush=True)
+                save()
+
+
+def survey_light(args, rows: dict, save) -> None:
+    import onnx
+    d = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
+    for name in LIGHT:
+        if args.models and name not in args.models:
+            continue
+        path = os.path.join(d, f"light_{name}.onnx")
+        key = f"onnx-light:{name}@224"
+        row = _run("onnx", {"path": path}, args.timeout) if os.path.exists(path) else \
+            {"path": "onnx", "status": "missing", "error": f"{path} not found"}
+        rows.setdefault(key, {})["onnx"] = row
+        print(f"{key}: {_brief(row)}", flush=True)
+        save()
+
+
+def survey_torchvision(args, rows: dict, save) -> str | None:
+    """torchvision's and timm's models, exported by --torchvision-python; returns why
+    the source was skipped, if it was."""
+    py = args.torchvision_python
+    if not py:
+        return "no --torchvision-python given (a Python with torchvision and timm)"
+    d = os.path.join(args.dir, "torchvision")
+    os.makedirs(d, exist_ok=True)
+    cmd = [py, "-m", "bench.coverage", "_export", "--dir", d]
+    if args.models:
+        cmd += ["--models", *args.models]
+    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    manifest = os.path.join(d, "manifest.json")
+    if p.returncode != 0 or not os.path.exists(manifest):
+        return f"{py} could not export the models (exit {p.returncode})"
+    with open(manifest) as f:
+        man = json.load(f)
+    for m in man["models"]:
+        if m.get("path"):
+            row = {**_run("onnx", {"path": m["path"]}, args.timeout), "exporter": m["exporter"]}
+        else:
+            row = {"path": "onnx", "status": "export failed",
+                   "error": m.get("dynamo_error") or m.get("error")}
+        rows.setdefault(m["key"], {})["onnx"] = row
+        print(f"{m['key']} onnx: {_brief(row)}", flush=True)
+        save()
+    return None if man.get("libs") else f"{py} has neither torchvision nor timm"
+
+
+def export_all(args) -> int:
+    """(run by --torchvision-python) torchvision's and timm's models as ONNX files in
+    args.dir, with manifest.json listing them."""
     libs = [lib for lib in ("torchvision", "timm") if _missing([lib]) is None]
-    if not libs:
-        return {"skipped": f"not importable here: {miss}; run this stage in a venv with "
-                           f"torchvision/timm (see bench/coverage.py)"}
     os.makedirs(args.dir, exist_ok=True)
-    manifest = {"libs": libs, "missing": miss, "models": []}
+    manifest = {"libs": libs, "missing": _missing(["torchvision", "timm"]), "models": []}
     for lib, name, size in _entries(libs):
         if args.models and name not in args.models:
             continue
@@ -243,62 +319,27 @@ def stage_export(args) -> dict:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        entry = {"key": _key(lib, name, size), "lib": lib, "name": name, "size": size,
-                 "path": path if info.get("exporter") else None, **info}
-        manifest["models"].append(entry)
-        print(f"{entry['key']}: {info.get('exporter') or 'export failed'}", flush=True)
+        manifest["models"].append({"key": _key(lib, name, size), "lib": lib, "name": name,
+                                   "size": size,
+                                   "path": path if info.get("exporter") else None, **info})
+        print(f"{_key(lib, name, size)}: {info.get('exporter') or 'export failed'}",
+              flush=True)
         with open(os.path.join(args.dir, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
-    return manifest
+    with open(os.path.join(args.dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    return 0
 
 
-def stage_onnx(args) -> dict:
-    with open(os.path.join(args.dir, "manifest.json")) as f:
-        manifest = json.load(f)
-    rows = {}
-    for m in manifest["models"]:
-        if args.models and m["name"] not in args.models:
-            continue
-        if not m.get("path"):
-            rows[m["key"]] = {"path": "onnx", "status": "export failed",
-                              "error": m.get("dynamo_error") or m.get("error")}
-        else:
-            rows[m["key"]] = {**_run("onnx", m), "exporter": m["exporter"]}
-        print(f"{m['key']} onnx: {_brief(rows[m['key']])}", flush=True)
-        _save(args.json, {"stage": "onnx", "rows": rows})
-    return {"stage": "onnx", "rows": rows}
-
-
-def stage_torch(args) -> dict:
-    libs = [lib for lib in ("torchvision", "timm") if _missing([lib]) is None]
-    if not libs:
-        return {"stage": "torch", "skipped": f"not importable here: "
-                                             f"{_missing(['torchvision', 'timm'])}"}
-    rows = {}
-    for lib, name, size in _entries(libs):
-        if args.models and name not in args.models:
-            continue
-        key = _key(lib, name, size)
-        rows[key] = _run("torch", {"lib": lib, "name": name, "size": size})
-        print(f"{key} torch: {_brief(rows[key])}", flush=True)
-        _save(args.json, {"stage": "torch", "rows": rows})
-    return {"stage": "torch", "rows": rows}
-
-
-def stage_light(args) -> dict:
-    import onnx
-    d = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
-    rows = {}
-    for name in LIGHT:
-        if args.models and name not in args.models:
-            continue
-        path = os.path.join(d, f"light_{name}.onnx")
-        key = f"onnx-light:{name}@224"
-        rows[key] = _run("onnx", {"path": path}) if os.path.exists(path) else \
-            {"path": "onnx", "status": "missing", "error": f"{path} not found"}
-        print(f"{key}: {_brief(rows[key])}", flush=True)
-        _save(args.json, {"stage": "light", "rows": rows})
-    return {"stage": "light", "rows": rows}
+def summary(rows: dict) -> dict:
+    """Counts per source and path: how many models verified, substituted, refused..."""
+    out: dict = {}
+    for key, paths in rows.items():
+        src = key.split(":")[0]
+        for kind, row in paths.items():
+            c = out.setdefault(f"{src} {kind}", {})
+            c[row["status"]] = c.get(row["status"], 0) + 1
+    return out
 
 
 def _brief(row: dict) -> str:
@@ -319,26 +360,15 @@ def _save(path: str | None, obj: dict) -> None:
         atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
-def table(paths: list[str]) -> str:
-    """The merged results as a markdown table: one row per model, a column per path."""
-    merged: dict[str, dict] = {}
-    for p in paths:
-        with open(p) as f:
-            obj = json.load(f)
-        for key, row in obj.get("rows", {}).items():
-            merged.setdefault(key, {})[row["path"]] = row
+def table(rows: dict) -> str:
+    """The results as a markdown table: one row per model, a column per path."""
     lines = ["| model | from ONNX | from the PyTorch module |", "|---|---|---|"]
-    for key in sorted(merged, key=lambda k: (k.split(":")[0], k)):
-        cells = [_cell(merged[key].get(p)) for p in ("onnx", "torch")]
+    for key in sorted(rows, key=lambda k: (k.split(":")[0], k)):
+        cells = [_cell(rows[key].get(p)) for p in ("onnx", "torch")]
         lines.append(f"| {key} | {cells[0]} | {cells[1]} |")
-    counts = {p: {} for p in ("onnx", "torch")}
-    for rows in merged.values():
-        for p, row in rows.items():
-            counts[p][row["status"]] = counts[p].get(row["status"], 0) + 1
     lines.append("")
-    for p, c in counts.items():
-        if c:
-            lines.append(f"{p}: " + ", ".join(f"{v} {k}" for k, v in sorted(c.items())))
+    for src, c in summary(rows).items():
+        lines.append(f"{src}: " + ", ".join(f"{v} {k}" for k, v in sorted(c.items())))
     return "\n".join(lines) + "\n"
 
 
@@ -356,31 +386,59 @@ def _cell(row: dict | None) -> str:
     return f"{s}: {row.get('error', '')[:160]}"
 
 
+SOURCES = ("builtin", "light", "torchvision")
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="stage", required=True)
-    for name in ("export", "onnx", "torch", "light"):
-        p = sub.add_parser(name)
-        p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "epc-coverage"))
-        p.add_argument("--json", default=None, help="write the results here")
-        p.add_argument("--models", nargs="*", default=None, help="only these model names")
-    p = sub.add_parser("table")
-    p.add_argument("results", nargs="+")
-    p = sub.add_parser("_one")
-    p.add_argument("--kind")
-    p.add_argument("--spec")
-    p.add_argument("--out")
-    args = ap.parse_args(argv)
-    if args.stage == "_one":
-        return _child(args)
-    if args.stage == "table":
-        sys.stdout.write(table(args.results))
+    ap = argparse.ArgumentParser(prog="python -m bench.coverage",
+                                 description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None, help="write the results here (default: print only)")
+    ap.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES),
+                    help="which models to survey (default: all; torchvision needs "
+                         "--torchvision-python)")
+    ap.add_argument("--models", nargs="*", default=None, help="only these model names")
+    ap.add_argument("--torchvision-python", default=None,
+                    help="a Python with torchvision/timm that exports their models")
+    ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "epc-coverage"),
+                    help="folder for the torchvision/timm exports (default: %(default)s)")
+    ap.add_argument("--timeout", type=int, default=TIMEOUT,
+                    help="seconds per model and path (default: %(default)s)")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["table"]:
+        with open(argv[1]) as f:
+            sys.stdout.write(table(json.load(f)["rows"]))
         return 0
-    result = {"export": stage_export, "onnx": stage_onnx, "torch": stage_torch,
-              "light": stage_light}[args.stage](args)
-    if "skipped" in result:
-        print(f"bench.coverage {args.stage}: skipped: {result['skipped']}")
-    _save(args.json, result)
+    if argv[:1] in (["_one"], ["_export"]):
+        sub = argparse.ArgumentParser()
+        for flag in ("--kind", "--spec", "--out", "--dir"):
+            sub.add_argument(flag)
+        sub.add_argument("--models", nargs="*", default=None)
+        a = sub.parse_args(argv[1:])
+        return _child(a) if argv[0] == "_one" else export_all(a)
+    args = ap.parse_args(argv)
+    if args.json and os.path.exists(args.json) and not os.path.isfile(args.json):
+        ap.error(f"--json {args.json} is not a regular file")
+    result: dict = {"sources": args.sources, "skipped": {}, "rows": {}}
+    t0 = time.perf_counter()
+
+    def save() -> None:
+        result["summary"] = summary(result["rows"])
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        _save(args.json, result)
+    for src in args.sources:
+        if src == "builtin":
+            survey_builtin(args, result["rows"], save)
+        elif src == "light":
+            survey_light(args, result["rows"], save)
+        else:
+            why = survey_torchvision(args, result["rows"], save)
+            if why:
+                result["skipped"]["torchvision"] = why
+                print(f"bench.coverage: torchvision skipped: {why}", flush=True)
+    save()
+    sys.stdout.write(table(result["rows"]))
     return 0
 
 

@@ -1,7 +1,7 @@
 """Benchmark of the bit-exact simulator against the float runtime on the same network.
 
 `bench_simulator(quick)` compiles the example digits MLP (and, unless quick, the conv
-net), settles the digits test set with the float runtime (epc.runtime Engine, float32,
+net and the Inception-style net), settles the digits test set with the float runtime (epc.runtime Engine, float32,
 the schedule's tolerance) and with the integer simulator (8-bit weights), and reports
 samples per second of each and their ratio, plus agreement and sweep statistics. The
 weights are the untrained example initialisations: speed does not depend on training, and
@@ -61,6 +61,7 @@ def bench_simulator(quick: bool) -> dict:
     nets = {"mlp_digits": "mlp_digits.onnx"}
     if not quick:
         nets["conv_digits"] = "conv_digits.onnx"
+        nets["inception_digits"] = "inception_digits.onnx"   # a channel Concat on the core
     out = {}
     for name, f in nets.items():
         out[name] = _one(os.path.join(EXAMPLES, f), 1 if quick else 3)

@@ -369,9 +369,15 @@ def check(source: Any, **options: Any) -> dict:
             raise EpcError(f"--{name.replace('_', '-')} does not apply to --check (it writes "
                            f"and compares nothing)")
     target = _choice("target", v["target"], TARGETS)
+    _check_options(v)        # every option by its rule (compiler/flags.py), before any file
     if target != "neuromorphic":
         _refuse_given(compile_result, v, ("weight_bits", "frac_bits", "per_channel"),
                       lambda flag: f"{flag} applies to --target neuromorphic")
+    with scoped_memory_limit(v["memory_limit"]):
+        return _check(source, v, target)
+
+
+def _check(source: Any, v: dict, target: str) -> dict:
     opts, _ = _compile_options(v)
     from .sources import survey_source
     if isinstance(source, (str, os.PathLike)):

@@ -429,7 +429,7 @@ def compile_cmd(
             print_after_all=print_after_all,
             print_after=print_after, weight_bits=weight_bits, frac_bits=frac_bits,
             per_channel=per_channel, calibrate=calibrate, data_dir=data_dir, resize=resize,
-            substitute=substitute)
+            memory_limit=memory_limit, substitute=substitute)
         typer.echo(check_report(rep), nl=False)
         if not rep["compatible"]:
             raise EpcError(rep["error"])

@@ -205,3 +205,29 @@ def test_precision_bench_smoke():
     acc = {p: h["test_accuracy"] for p, h in rec["first_epoch"].items()}
     assert acc["fp32"] > 0.3 and all(abs(acc[p] - acc["fp32"]) < 0.05 for p in ("bf16", "fp16"))
     assert rec["first_epoch"]["bf16"]["train_loss"] != rec["first_epoch"]["fp32"]["train_loss"]
+
+
+def test_coverage_survey_rows_say_what_compiled_and_what_was_refused(tmp_path):
+    """bench.coverage on two of its stand-in architectures through the PyTorch frontend:
+    MobileNetV3's HardSwish and squeeze-excitation gate are refused by the check, then
+    compiled with --substitute, the change and the deviation reported; ConvNeXt is refused
+    with every blocking op counted (LayerNorm, the channels-last Linear, GELU)."""
+    from bench.coverage import run_one, summary, table
+    torch.set_num_threads(1)
+    mob = run_one("torch", {"lib": "builtin", "name": "mobilenet_v3_mini", "size": 32})
+    assert mob["status"] == "substituted"
+    assert mob["unsupported"] == {"aten.hardswish.default": 4, "aten.mul.Tensor": 1}
+    assert "HardSwish -> the clipped ReLU x4" in mob["substituted"]
+    assert "squeeze-excitation gate dropped" in mob["substituted"]
+    assert mob["verify_error"] > 1e-3 and 0 <= mob["agreement"] <= 1   # reported, not checked
+    cnx = run_one("torch", {"lib": "builtin", "name": "convnext_mini", "size": 32})
+    assert cnx["status"] == "refused"
+    assert cnx["unsupported"] == {"aten.native_layer_norm.default": 2,
+                                  "aten.linear.default": 2, "aten.gelu.default": 1}
+    assert "5 unsupported ops of 3 kinds" in cnx["error"]
+    rows = {"builtin:mobilenet_v3_mini@32": {"torch": mob},
+            "builtin:convnext_mini@32": {"torch": cnx}}
+    assert summary(rows) == {"builtin torch": {"substituted": 1, "refused": 1}}
+    t = table(rows)
+    assert "refused: aten.native_layer_norm.default x2, aten.linear.default x2" in t
+    assert "--substitute: deviation" in t
