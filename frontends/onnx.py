@@ -88,6 +88,7 @@ class _Ctx:
         self.sym_shapes: dict[str, list] = {}               # onnx value -> [BATCH, *dims]
         self.used: set[str] = set()
         self.batch = -999
+        self.folded = 0                                     # bytes of constants folded
         # a dynamo export records each node's module path (name_scopes); the nodes its
         # optimizer makes afterwards (a Split from aten.split) have none: they are the root's
         self.scoped = any(p.key == "pkg.torch.onnx.name_scopes"
@@ -411,59 +412,75 @@ def _fold_constants(ctx: _Ctx, needed: set[int]) -> None:
     become constants. A node nothing needs is not evaluated (a dead branch costs nothing),
     and what is folded is counted against the size limit before it is made."""
     g = ctx.model.graph
-    folded = 0
     for i, node in enumerate(g.node):
         if i not in needed:
             continue
-        if node.domain not in ("", "ai.onnx") or node.op_type in _NO_FOLD:
-            continue
-        if node.op_type == "Shape" and node.input[0] in ctx.sym_shapes:
-            # Shape of an activation: static except for the batch stand-in.
-            shp = np.array(ctx.sym_shapes[node.input[0]], dtype=np.int64)
-            attrs = {a.name: a.i for a in node.attribute}
-            start, end = attrs.get("start", 0), attrs.get("end", len(shp))
-            ctx.const[node.output[0]] = shp[start:end]
-            continue
-        ins = [x for x in node.input if x]
-        if not ins and node.op_type not in ("Constant",):
-            continue
-        if not all(x in ctx.const for x in ins):
+        if not _fold_node(ctx, node):
             _propagate_shape(ctx, node)
-            continue
-        vals = [ctx.const[x] if x else None for x in node.input]
-        symbolic = any(v is not None and v.dtype == np.int64 and np.any(v == _BATCH)
-                       for v in vals)
-        if not symbolic:
-            n = _fold_elements(ctx, node, vals)
-            if n is None:
-                raise ctx.unsupported(node, "its inputs are constant but the size of its "
-                                            "result cannot be bounded before folding it")
-            check_memory(2 * (folded + n * 8), f"folding constants up to {_label(node)}",
-                         ctx.path)
-        try:
-            if symbolic:
-                out = _fold_symbolic(node, vals, ctx.opset)
-                if out is None:
-                    continue   # left for translation, which will refuse it by name
-                outs = [out]
-            else:
-                outs = _evaluate(node, vals, ctx)
-        except EpcError:
-            raise
-        except MemoryError:
-            raise
-        except Exception as e:  # noqa: BLE001 - reference evaluation of a user constant
-            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ctx.fail(node, f"cannot evaluate on constant inputs: {msg}") from None
-        for o, v in zip(node.output, outs):
-            if o:
-                v = np.asarray(v)
-                if v.dtype.kind not in "fiub":
-                    raise ctx.unsupported(node, f"folding it gives {v.dtype} data (epc "
-                                                f"folds real numbers)")
-                folded += v.nbytes
-                check_memory(2 * folded, f"folding constants up to {_label(node)}", ctx.path)
-                ctx.const[o] = v
+
+
+def _fold_node(ctx: _Ctx, node) -> bool:
+    """Fold one node whose inputs are constants (or a Shape of a value whose per-sample
+    shape is known): its outputs into ctx.const; False if it is not foldable here.
+    Translation calls it too, for shape plumbing that reads a value ONNX shape inference
+    could not size (after a Reshape to a computed shape: torchvision's channel shuffle
+    exported with a dynamic batch) but the translation did."""
+    if node.domain not in ("", "ai.onnx") or node.op_type in _NO_FOLD:
+        return False
+    if node.op_type == "Shape":
+        x = node.input[0]
+        if x in ctx.sym_shapes:
+            full = ctx.sym_shapes[x]
+        elif x in ctx.values:      # translated: [batch stand-in, *per-sample shape]
+            full = [_BATCH] + [int(d) for d in ctx.values[x].shape]
+        else:
+            return False
+        # Shape of an activation: static except for the batch stand-in.
+        shp = np.array(full, dtype=np.int64)
+        attrs = {a.name: a.i for a in node.attribute}
+        start, end = attrs.get("start", 0), attrs.get("end", len(shp))
+        ctx.const[node.output[0]] = shp[start:end]
+        return True
+    ins = [x for x in node.input if x]
+    if not ins and node.op_type not in ("Constant",):
+        return False
+    if not all(x in ctx.const for x in ins):
+        return False
+    vals = [ctx.const[x] if x else None for x in node.input]
+    symbolic = any(v is not None and v.dtype == np.int64 and np.any(v == _BATCH)
+                   for v in vals)
+    if not symbolic:
+        n = _fold_elements(ctx, node, vals)
+        if n is None:
+            raise ctx.unsupported(node, "its inputs are constant but the size of its "
+                                        "result cannot be bounded before folding it")
+        check_memory(2 * (ctx.folded + n * 8), f"folding constants up to {_label(node)}",
+                     ctx.path)
+    try:
+        if symbolic:
+            out = _fold_symbolic(node, vals, ctx.opset)
+            if out is None:
+                return False   # left for translation, which will refuse it by name
+            outs = [out]
+        else:
+            outs = _evaluate(node, vals, ctx)
+    except EpcError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reference evaluation of a user constant
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ctx.fail(node, f"cannot evaluate on constant inputs: {msg}") from None
+    for o, v in zip(node.output, outs):
+        if o:
+            v = np.asarray(v)
+            if v.dtype.kind not in "fiub":
+                raise ctx.unsupported(node, f"folding it gives {v.dtype} data (epc "
+                                            f"folds real numbers)")
+            ctx.folded += v.nbytes
+            check_memory(2 * ctx.folded, f"folding constants up to {_label(node)}", ctx.path)
+            ctx.const[o] = v
+    return True
 
 
 def _propagate_shape(ctx: _Ctx, node) -> None:
@@ -1042,6 +1059,8 @@ def _translate(path: str, substitute: bool) -> tuple[_Ctx, list[Refused], dict[s
             unknown.update(o for o in node.output if o)
             continue
         try:
+            if _fold_node(ctx, node):     # shape plumbing on a value translated just now
+                continue
             if i in regions:
                 _translate_region(ctx, regions[i])
                 ops["AdaptiveAvgPool2d"] = ops.get("AdaptiveAvgPool2d", 0) + 1

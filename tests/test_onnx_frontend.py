@@ -536,3 +536,34 @@ def test_a_reshape_that_keeps_samples_apart_is_a_permutation(tmp_path):
                [_vi("y", None)], [_init("s", np.array([0, 8, 2, 4], np.int64))])
     g, _ = check_against_ort(save(m, tmp_path / "regroup.onnx"))
     assert [n.op.kind for n in g.nodes] == ["permute", "act"]
+
+
+class _TwoShuffles(nn.Module):
+    """ShuffleNetV2's pattern: a channel shuffle written with x.size() and view, twice.
+    Exported with a dynamic batch, the second shuffle reads the shape of the first one's
+    output, which ONNX shape inference cannot size (a Reshape to a computed shape): the
+    frontend folds that Shape from the value it translated."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 3)
+
+    @staticmethod
+    def shuffle(x):
+        n, c, h, w = x.size()
+        return x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+    def forward(self, x):
+        y = self.shuffle(torch.relu(self.conv(x)))
+        a, b = y.chunk(2, dim=1)
+        y = self.shuffle(torch.cat([a, torch.relu(b)], 1))
+        return self.fc(torch.flatten(y, 1))
+
+
+def test_shape_plumbing_after_a_computed_reshape_is_folded(tmp_path):
+    torch.manual_seed(0)
+    path = be.export_legacy(_TwoShuffles(), (2, 4, 4), str(tmp_path / "shuffles.onnx"))
+    g, _ = check_against_ort(path)
+    kinds = [n.op.kind for n in g.nodes]
+    assert kinds.count("permute") == 2 and kinds.count("concat") == 1
