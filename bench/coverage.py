@@ -171,6 +171,8 @@ def run_one(kind: str, spec: dict) -> dict:
         if not info.get("exporter"):
             return {**row, "status": "export failed",
                     "error": info.get("dynamo_error") or info.get("legacy_error")}
+    if spec.get("memory_limit"):
+        kw["memory_limit"] = spec["memory_limit"]
     t0 = time.perf_counter()
     try:
         rep = epc.check(src, **kw)
@@ -245,7 +247,8 @@ def survey_builtin(args, rows: dict, save) -> None:
             if args.models and name not in args.models:
                 continue
             key = _key("builtin", name, shape[-1])
-            spec = {"lib": "builtin", "name": name, "size": shape[-1], "dir": d}
+            spec = {"lib": "builtin", "name": name, "size": shape[-1], "dir": d,
+                    "memory_limit": args.memory_limit}
             for kind in ("torch", "onnx"):
                 row = _run(kind, spec, args.timeout)
                 row["stands_in_for"] = f"torchvision {family} (a stand-in written here)"
@@ -262,7 +265,8 @@ def survey_light(args, rows: dict, save) -> None:
             continue
         path = os.path.join(d, f"light_{name}.onnx")
         key = f"onnx-light:{name}@224"
-        row = _run("onnx", {"path": path}, args.timeout) if os.path.exists(path) else \
+        row = _run("onnx", {"path": path, "memory_limit": args.memory_limit},
+                   args.timeout) if os.path.exists(path) else \
             {"path": "onnx", "status": "missing", "error": f"{path} not found"}
         rows.setdefault(key, {})["onnx"] = row
         print(f"{key}: {_brief(row)}", flush=True)
@@ -288,7 +292,8 @@ def survey_torchvision(args, rows: dict, save) -> str | None:
         man = json.load(f)
     for m in man["models"]:
         if m.get("path"):
-            row = {**_run("onnx", {"path": m["path"]}, args.timeout), "exporter": m["exporter"]}
+            row = {**_run("onnx", {"path": m["path"], "memory_limit": args.memory_limit},
+                          args.timeout), "exporter": m["exporter"]}
         else:
             row = {"path": "onnx", "status": "export failed",
                    "error": m.get("dynamo_error") or m.get("error")}
@@ -391,7 +396,7 @@ SOURCES = ("builtin", "light", "torchvision")
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.coverage",
-                                 description=__doc__.split("\n\n")[0],
+                                 description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None, help="write the results here (default: print only)")
     ap.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES),
@@ -402,6 +407,9 @@ def main(argv=None) -> int:
                     help="a Python with torchvision/timm that exports their models")
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "epc-coverage"),
                     help="folder for the torchvision/timm exports (default: %(default)s)")
+    ap.add_argument("--memory-limit", default=None,
+                    help="epc's --memory-limit for every model (default: epc's, 1G; the "
+                         "light vgg19 and zfnet512 fold 1.2-1.7G of constant weights)")
     ap.add_argument("--timeout", type=int, default=TIMEOUT,
                     help="seconds per model and path (default: %(default)s)")
     if argv is None:
@@ -420,7 +428,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.json and os.path.exists(args.json) and not os.path.isfile(args.json):
         ap.error(f"--json {args.json} is not a regular file")
-    result: dict = {"sources": args.sources, "skipped": {}, "rows": {}}
+    result: dict = {"sources": args.sources, "memory_limit": args.memory_limit,
+                    "skipped": {}, "rows": {}}
     t0 = time.perf_counter()
 
     def save() -> None:

@@ -345,3 +345,100 @@ def test_bad_compile_options_named_by_cli_and_api(run_cli, examples, tmp_path, k
     assert not out.exists()
     with pytest.raises(EpcError, match=f"^bad {flag} "):
         epc.compile(str(src), **{kw: value})
+
+
+# --------------------------------------------------------------------------- issue 23
+def _gated_model(path, lrn: bool = True, scale: float = 0.3, softmax: bool = False) -> str:
+    """conv, HardSwish, a squeeze-excitation gate (GlobalAveragePool, conv, Sigmoid, Mul),
+    conv, (LRN), HardSwish, Flatten, Gemm (, Softmax)."""
+    r = np.random.default_rng(0)
+    f = lambda n, *s: numpy_helper.from_array(r.normal(0, scale, s).astype(np.float32), n)  # noqa
+    mk = helper.make_node
+    nodes = [mk("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             mk("HardSwish", ["c1"], ["h1"], name="hswish1"),
+             mk("GlobalAveragePool", ["h1"], ["s"], name="squeeze"),
+             mk("Conv", ["s", "w2", "b2"], ["e"], name="excite"),
+             mk("Sigmoid", ["e"], ["g"], name="gate"),
+             mk("Mul", ["h1", "g"], ["m"], name="scale"),
+             mk("Conv", ["m", "w3", "b3"], ["c3"], pads=[1, 1, 1, 1], name="conv2")]
+    if lrn:
+        nodes.append(mk("LRN", ["c3"], ["l"], size=3, name="lrn"))
+    nodes += [mk("HardSwish", ["l" if lrn else "c3"], ["h3"], name="hswish2"),
+              mk("Flatten", ["h3"], ["fl"], name="flat"),
+              mk("Gemm", ["fl", "wf", "bf"], ["z" if softmax else "y"], transB=1, name="fc")]
+    if softmax:
+        nodes.append(mk("Softmax", ["z"], ["y"], axis=1, name="probs"))
+    inits = [f("w1", 4, 2, 3, 3), f("b1", 4), f("w2", 4, 4, 1, 1), f("b2", 4),
+             f("w3", 4, 4, 3, 3), f("b3", 4), f("wf", 3, 64), f("bf", 3)]
+    g = helper.make_graph(nodes, "gated", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 2, 4, 4])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["N", 3])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(onnx.shape_inference.infer_shapes(m), str(path))
+    return str(path)
+
+
+def test_check_reports_every_op_and_writes_nothing(run_cli, examples, tmp_path):
+    src = _gated_model(tmp_path / "gated.onnx")
+    code, out, err = run_cli("compile", src, "--check")
+    assert code == 2
+    for line in ["translated: 6 ops: Conv x3, GlobalAveragePool x1, Flatten x1, Gemm x1",
+                 "unsupported: 5 ops of 4 kinds:", "HardSwish x2 (first: node 'hswish1')",
+                 "Sigmoid x1 (first: node 'gate')", "Mul x1 (first: node 'scale')",
+                 "LRN x1 (first: node 'lrn')", "verdict: not compatible"]:
+        assert line in out, line
+    line = _one_error_line(code, out, err, "5 unsupported ops of 4 kinds",
+                           "--substitute replaces HardSwish, Sigmoid, Mul")
+    assert "LRN x1 (first: node 'lrn'" in line
+    # without --check the refusal is the same one line, naming every op
+    code, out, err = run_cli("compile", src, "-o", tmp_path / "g.epc")
+    assert _one_error_line(code, out, err) == line
+    # a compatible model: the report, exit 0
+    code, out, _ = run_cli("compile", examples / "inception_digits.onnx", "--check")
+    assert code == 0 and "Concat x1" in out and "compiled: 4 states, 5 couplings" in out
+    assert "verdict: compatible" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gated.onnx"]
+    # options keep their rules under --check
+    code, out, err = run_cli("compile", src, "--check", "--max-sweeps", "0")
+    _one_error_line(code, out, err, "bad --max-sweeps 0")
+    code, out, err = run_cli("compile", src, "--check", "--memory-limit", "lots")
+    _one_error_line(code, out, err, "--memory-limit")
+
+
+def test_substitute_compiles_the_nearest_network_and_says_what_changed(run_cli, tmp_path):
+    src = _gated_model(tmp_path / "gated.onnx", lrn=False)
+    out_path = tmp_path / "g.epc"
+    code, out, err = run_cli("compile", src, "--substitute", "--verify", "-o", out_path)
+    assert code == 0, err
+    text = out + err
+    assert "HardSwish -> the clipped ReLU x2 (first: hswish1)" in text
+    assert "squeeze-excitation gate dropped (x * gate -> x) x1 (first: scale)" in text
+    m = re.search(r"deviates from the source: max relative error ([0-9.e+-]+), the same "
+                  r"class on ([0-9.]+)% of 8 random inputs", text)
+    assert m and float(m.group(1)) > 1e-3          # reported, not a failure
+    assert out_path.exists()
+    # LRN has no substitution: still refused, by name
+    code, out, err = run_cli("compile", _gated_model(tmp_path / "lrn.onnx"), "--substitute",
+                             "-o", tmp_path / "l.epc")
+    _one_error_line(code, out, err, "LRN node 'lrn'", "no substitution")
+
+
+def test_verify_compares_logits_before_a_dropped_softmax_at_any_scale(run_cli, tmp_path):
+    """Weights of 1e10 give logits near 1e21 (light_resnet50's constant weights gave 1e31):
+    the output Softmax is dropped by the compiler and --verify compares the logits, by
+    the relative error max|a - b| / max|b|, which holds at any scale."""
+    r = np.random.default_rng(0)
+    w = lambda n, *s: numpy_helper.from_array((r.normal(0, 1, s) * 1e10).astype(np.float32), n)  # noqa
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2"], ["z"], transB=1),
+             helper.make_node("Softmax", ["z"], ["y"], axis=1, name="probs")]
+    g = helper.make_graph(nodes, "big", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 16])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["N", 5])], [w("w1", 8, 16), w("w2", 5, 8)])
+    src = str(tmp_path / "big.onnx")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), src)
+    code, out, err = run_cli("compile", src, "--verify", "-o", tmp_path / "b.epc")
+    assert code == 0, err
+    m = re.search(r"verify: max relative error ([0-9.e+-]+) \(limit 1e-4\) OK", out + err)
+    assert m and float(m.group(1)) < 1e-6
