@@ -442,3 +442,27 @@ def test_verify_compares_logits_before_a_dropped_softmax_at_any_scale(run_cli, t
     assert code == 0, err
     m = re.search(r"verify: max relative error ([0-9.e+-]+) \(limit 1e-4\) OK", out + err)
     assert m and float(m.group(1)) < 1e-6
+
+
+def test_accumulator_overflow_suggests_a_setting_that_fits(run_cli, tmp_path):
+    """A 1024-input layer of weights near 3e3 overflows the core's 32-bit accumulator at
+    the default 8 fractional bits by a fraction of a bit; cutting one bit is not enough
+    (a left shift overflows next): the suggestion is the first setting whose program
+    validates, and it does compile."""
+    r = np.random.default_rng(0)
+    w = numpy_helper.from_array((r.uniform(0.5, 1, (10, 1024)) * 3e3).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "big",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1024])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], [w])
+    src = str(tmp_path / "ovf.onnx")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), src)
+    code, out, err = run_cli("compile", src, "--target", "neuromorphic", "-o", tmp_path / "o.nc")
+    line = _one_error_line(code, out, err, "overflows the 32-bit accumulator")
+    m = re.search(r"it fits with (--frac-bits \d+)?( ?--weight-bits \d+)? \(that program "
+                  r"validates\)", line)
+    assert m, line
+    flags = " ".join(x.strip() for x in m.groups() if x).split()
+    code, out, err = run_cli("compile", src, "--target", "neuromorphic", *flags,
+                             "-o", tmp_path / "o.nc")
+    assert code == 0, err
+    assert (tmp_path / "o.nc").exists()

@@ -141,26 +141,32 @@ def check_program(graph: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
 def _narrower(graph: Graph, excess: float, weight_bits: int, frac_bits: int,
               per_channel: bool, seed: int) -> str:
     """The fix for an accumulator overflow, checked: the first of fewer fractional bits,
-    narrower mantissas, or both (cutting about `excess` bits in all) whose program
-    validates; or that none does."""
+    narrower mantissas, or both (from cutting `excess` bits on) whose program validates;
+    or that none of those tried does."""
     need = max(1, math.ceil(excess))
+    # fewer fractional bits alone first, then narrower mantissas alone, then both by the
+    # bits cut in all: a first overflow's excess can understate what fits (a shift
+    # overflows next), so the search goes down to the narrowest settings
+    cands = [(f, weight_bits) for f in range(frac_bits - need, 0, -1)]
+    cands += [(frac_bits, b) for b in range(weight_bits - need, 3, -1)]
+    cands += sorted(((f, b) for f in range(frac_bits - 1, 0, -1)
+                     for b in range(weight_bits - 1, 3, -1)),
+                    key=lambda fb: (frac_bits - fb[0]) + (weight_bits - fb[1]))
     tried = []
-    for extra in range(4):
-        k = need + extra
-        for cut_w in range(0, k + 1):          # fewer fractional bits first
-            f, b = frac_bits - (k - cut_w), weight_bits - cut_w
-            if f < 1 or b < 4 or (f, b) in tried:
-                continue
-            tried.append((f, b))
-            if len(tried) > 12:
-                break
-            try:
-                validate(quantize_graph(graph, weight_bits=b, frac_bits=f,
-                                        per_channel=per_channel, seed=seed))
-            except EpcError:
-                continue
-            flags = [f"--frac-bits {f}"] * (f != frac_bits) + \
-                    [f"--weight-bits {b}"] * (b != weight_bits)
-            return f"it fits with {' '.join(flags)} (that program validates)"
-    return (f"no setting of --frac-bits (>= 1) and --weight-bits (>= 4) that removes "
-            f"{need} bits fits either; the weights' scale is too large for the core")
+    for f, b in cands:
+        if (f, b) in tried:
+            continue
+        tried.append((f, b))
+        if len(tried) > 32:
+            break
+        try:
+            validate(quantize_graph(graph, weight_bits=b, frac_bits=f,
+                                    per_channel=per_channel, seed=seed))
+        except EpcError:
+            continue
+        flags = [f"--frac-bits {f}"] * (f != frac_bits) + \
+                [f"--weight-bits {b}"] * (b != weight_bits)
+        return f"it fits with {' '.join(flags)} (that program validates)"
+    return (f"none of the {len(tried)} narrower settings of --frac-bits (>= 1) and "
+            f"--weight-bits (>= 4) tried fits either; the weights' scale is too large for "
+            f"the core")
