@@ -284,10 +284,14 @@ def survey_torchvision(args, rows: dict, save) -> str | None:
     cmd = [py, "-m", "bench.coverage", "_export", "--dir", d]
     if args.models:
         cmd += ["--models", *args.models]
-    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # the exporters' own output (the legacy one prints its whole graph when it fails) is
+    # kept out of the survey's; the manifest records each model's outcome
+    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       stderr=subprocess.PIPE, text=True)
     manifest = os.path.join(d, "manifest.json")
     if p.returncode != 0 or not os.path.exists(manifest):
-        return f"{py} could not export the models (exit {p.returncode})"
+        last = (p.stderr.strip().splitlines() or [""])[-1][:300]
+        return f"{py} could not export the models (exit {p.returncode}: {last})"
     with open(manifest) as f:
         man = json.load(f)
     for m in man["models"]:
