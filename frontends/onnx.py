@@ -24,7 +24,7 @@ import numpy as np
 
 from epc.compiler.errors import EpcError
 from epc.compiler.ir import Graph
-from epc.compiler.limits import check_memory, numel
+from epc.compiler.limits import check_memory, memory_limit, numel
 from epc.compiler.verify import problems
 
 from .builder import Builder, Value
@@ -1071,7 +1071,10 @@ def _translate(path: str, substitute: bool) -> tuple[_Ctx, list[Refused], dict[s
             refusals.append(e)
             for o in node.output:
                 dims = ctx.inferred_full.get(o)
-                if o and dims and all(d is not None for d in dims[1:]):
+                # a stand-in only of a size the checks after it can afford (a refused
+                # Conv with pads of 2^31 infers a shape of 2^34 elements per sample)
+                if o and dims and all(d is not None and d > 0 for d in dims[1:]) \
+                        and numel(dims[1:]) * 8 <= memory_limit():
                     ctx.values[o] = b.placeholder(dims[1:], e)
                 elif o:
                     unknown.add(o)
