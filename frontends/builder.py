@@ -228,7 +228,10 @@ class Builder:
 
     @staticmethod
     def _channel_vector(full: np.ndarray) -> np.ndarray | None:
-        """[C] when `full` is uniform over each channel (axis 0), else None."""
+        """[C] when `full` is uniform over each channel (axis 0), else None (also for a
+        per-sample scalar, which has no channels)."""
+        if full.ndim == 0:
+            return None
         flat = full.reshape(full.shape[0], -1)
         return flat[:, 0].copy() if np.all(flat == flat[:, :1]) else None
 
@@ -295,6 +298,9 @@ class Builder:
         """x * c (or x / c) for a constant c uniform over each channel."""
         x = self.settle(x)
         what = "division" if divide else "product"
+        if not x.shape:
+            raise self.refuse(f"{what} of a per-sample scalar (epc's values are [features] "
+                              f"or [C, H, W])")
         vec = self._channel_vector(self._per_sample(c, x, what))
         if vec is None:
             raise self.refuse(f"{what} by a constant that varies within a channel (the IR "

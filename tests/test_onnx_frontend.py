@@ -567,3 +567,16 @@ def test_shape_plumbing_after_a_computed_reshape_is_folded(tmp_path):
     g, _ = check_against_ort(path)
     kinds = [n.op.kind for n in g.nodes]
     assert kinds.count("permute") == 2 and kinds.count("concat") == 1
+
+
+def test_a_product_of_a_per_sample_scalar_is_refused_by_name(tmp_path):
+    """A Mul by a constant of a value with no per-sample axes (a ViT's scalar plumbing
+    was an IndexError in the builder): one refusal naming the node."""
+    m = _model([helper.make_node("Gemm", ["x", "w"], ["h"], transB=1),
+                helper.make_node("Squeeze", ["h", "ax"], ["s"]),
+                helper.make_node("Mul", ["s", "two"], ["y"], name="scalar_mul")],
+               [_vi("x", ["N", 4])], [_vi("y", ["N"])],
+               [_init("w", np.ones((1, 4), np.float32)), _init("ax", np.array([1], np.int64)),
+                _init("two", np.array(2.0, np.float32))])
+    msg = err(save(m, tmp_path / "scalar.onnx"))
+    assert "Mul x1 (first: node 'scalar_mul': product of a per-sample scalar" in msg

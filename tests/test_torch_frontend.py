@@ -527,3 +527,31 @@ def test_structure_epc_cannot_express_is_refused(case, why):
         load_torch(_Bad(case), torch.zeros(2, 4, 4, 4))
     msg = str(e.value)
     assert "\n" not in msg and why in msg and "node " in msg and "_Bad" in msg
+
+
+class _CropOfAConcat(nn.Module):
+    """DPN's pattern: a slice of a concatenation that takes none of its first part, then
+    concatenated again: the first part's chain (placed, cropped past all of it, placed
+    again) moves nothing and is dropped; merged into one pad it read as a crop past the
+    part's size (timm's dpn68b was an internal error, narrow() of a negative length)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(2, 4, 3, padding=1)
+        self.c, self.fc = nn.Conv2d(2, 3, 1), nn.Linear(5 * 4 * 4, 3)
+
+    def forward(self, x):
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        z = torch.cat([y[:, 6:], torch.relu(self.c(x))], 1)
+        return self.fc(torch.flatten(z, 1))
+
+
+def test_a_crop_past_a_concatenated_part_drops_its_term():
+    from epc.api import compile_result
+    torch.manual_seed(0)
+    r = compile_result(_CropOfAConcat().eval(), example_input=torch.zeros(2, 2, 4, 4),
+                       verify=True)
+    assert r.verify.error < 1e-6
+    # a's state (h1) reaches nothing: only b's (h2) and c's (h3) terms feed the output
+    assert [(c.src, c.dst) for c in r.graph.couplings] == [
+        ("x", "h1"), ("x", "h2"), ("x", "h3"), ("h2", "out"), ("h3", "out")]

@@ -128,6 +128,13 @@ def _structural_zero(src_shape: tuple, chain: list, weights) -> bool:
     """Whether the chain maps everything to zero whatever its weights: its output on a
     source of ones, with every weight set to ones, is zero (only data movement, a crop of
     what a pad placed elsewhere, can do that)."""
+    shape = tuple(src_shape)
+    for op in chain:     # a crop past all that is there (of a part placed elsewhere)
+        if isinstance(op, Pad) and len(op.pads) == 2 * len(shape) and any(
+                d - max(-op.pads[i], 0) - max(-op.pads[len(shape) + i], 0) <= 0
+                for i, d in enumerate(shape)):
+            return True  # (merged with a pad after it, the shape alone can look fine)
+        shape = tuple(O.out_shape(op, [shape], weights))
     ones = {k: torch.ones(np.shape(weights[k]), dtype=torch.float64)
             for op in chain for k in op_weights(op).values()}
     x = torch.ones((1, *src_shape), dtype=torch.float64)
