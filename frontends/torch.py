@@ -47,7 +47,7 @@ from epc.compiler.errors import EpcError
 from epc.compiler.ir import Graph
 from epc.compiler.verify import problems
 
-from .builder import Builder, Value, View
+from .builder import Builder, Value
 from .common import Refused, Unsupported, sanitize
 
 SUPPORTED = ("Linear, Conv2d (groups, stride, padding, dilation), BatchNorm2d/BatchNorm1d "
