@@ -994,21 +994,28 @@ OPTION_RULES = {
     "--mix": _real(lambda x: 0 <= x <= 1), "--skip-gain": _real(lambda x: x > 0),
     "--dist-timeout": _real(lambda x: 0 < x <= 10 ** 6),
     "--precision": _one_of("fp32", "bf16", "fp16"),
+    # bernoulli (StochEP) neurons
+    "--time-steps": _int(1, 10 ** 6), "--nudge-time-steps": _int(1, 10 ** 6),
+    "--averaging": lambda v: re.fullmatch(r"(trace|window)(:\d{1,7})?", v) is not None
+    and 1 <= int(v.partition(":")[2] or 8) <= 10 ** 6,
+    "--sampling": _one_of("shared", "independent"), "--estimate": _one_of("rates", "spikes"),
+    "--seeds": _int(1, 10 ** 5),
 }
 COMMAND_OPTIONS = {
     "train": ["--epochs", "--batch-size", "--max-sweeps", "--nudge-sweeps", "--stop-after",
               "--seed", "--threads", "--channels", "--tol", "--lr", "--momentum",
               "--weight-decay", "--clip", "--beta", "--device", "--schedule", "--nudge",
               "--gradient", "--optimizer", "--divergence", "--memory-limit", "--resize",
-              "--data", "--dist-timeout", "--precision"],
+              "--data", "--dist-timeout", "--precision", "--estimate"],
     "eval": ["--batch-size", "--max-sweeps", "--threads", "--channels", "--tol", "--device",
              "--schedule", "--split", "--memory-limit", "--resize", "--data", "--precision"],
     "check-gradients": ["--samples", "--max-sweeps", "--seed", "--threads", "--channels",
                         "--tol", "--beta", "--device", "--schedule", "--dtype", "--nudge",
-                        "--memory-limit", "--resize", "--data"],
+                        "--memory-limit", "--resize", "--data", "--seeds", "--estimate"],
     "run": ["--batch-size", "--limit", "--memory-limit", "--resize", "--data"],
     "compile": ["--max-sweeps", "--nudge-sweeps", "--tol", "--schedule", "--tap-weight",
-                "--temperature", "--mix", "--skip-gain", "--memory-limit"],
+                "--temperature", "--mix", "--skip-gain", "--memory-limit", "--time-steps",
+                "--nudge-time-steps", "--averaging", "--sampling"],
 }
 OPTION_VALUES = SPECIAL_NUMBERS + ["", " ", "abc", "0x10", "1.5", "1e3", "5e-4", "0.9",
                                    "0.999999", "1.0", "meta", "cpu", "cuda", "cuda:0", "mps",
@@ -1017,7 +1024,9 @@ OPTION_VALUES = SPECIAL_NUMBERS + ["", " ", "abc", "0x10", "1.5", "1e3", "5e-4",
                                    "ep", "implicit", "adam", "sgd", "stop", "warn", "256M",
                                    "1G", "1.5g", "0M", "1T", "2P", "32x32", "0x5", "8x8x8",
                                    "digits", "mnist", "imagenet", "-5", "1024", "1025", "48",
-                                   "49", "4096", "4097", "16384", "16385"]
+                                   "49", "4096", "4097", "16384", "16385", "trace", "trace:8",
+                                   "window:0", "window:1000001", "shared", "independent",
+                                   "rates", "spikes"]
 
 
 def options_cases(seeds: Seeds, rng: random.Random, work: Path):

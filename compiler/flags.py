@@ -63,6 +63,7 @@ def _feedback_gain_ok(v: Any) -> bool:
 
 _DEVICE_RE = re.compile(r"cpu|mps|cuda(:\d{1,3})?")
 SEED_MAX = 2 ** 32 - 1
+_AVERAGING_RE = re.compile(r"(trace|window)(:\d{1,7})?")
 
 RULES: dict[str, Rule] = {
     # counts
@@ -73,6 +74,10 @@ RULES: dict[str, Rule] = {
     "limit": _int_in(1, INT_MAX),
     "max_sweeps": _int_in(1, 1_000_000),
     "nudge_sweeps": _int_in(1, 1_000_000),
+    "time_steps": _int_in(1, 1_000_000),
+    "nudge_time_steps": _int_in(1, 1_000_000),
+    "tau": _int_in(1, 1_000_000),
+    "seeds": _int_in(1, 100_000),
     "threads": _int_in(1, 1024),
     "seed": _int_in(0, SEED_MAX),
     "channels": _int_in(1, 4096),
@@ -109,13 +114,21 @@ RULES: dict[str, Rule] = {
     "precision": _choice("fp32", "bf16", "fp16"),
     "activations": _choice("energy", "source"),
     "loss": _choice("graph", "ce", "mse"),
+    "sampling": _choice("shared", "independent"),
+    "estimate": _choice("rates", "spikes"),
+    "averaging": Rule("trace:T or window:W (T, W integers in [1, 1000000]; a bare trace or "
+                      "window takes T = 8)",
+                      lambda v: isinstance(v, str) and _AVERAGING_RE.fullmatch(v) is not None
+                      and 1 <= int(v.partition(":")[2] or 8) <= 1_000_000),
     "device": Rule("cpu, cuda, cuda:N or mps",
                    lambda v: isinstance(v, str) and _DEVICE_RE.fullmatch(v) is not None),
 }
 
 # options whose None means "not given" (the bundle's own, the data set's own, ...)
 OPTIONAL = {"stop_after", "limit", "max_sweeps", "nudge_sweeps", "tol", "clip", "beta",
-            "lr_shift", "channels", "schedule", "threads", "precision"}
+            "lr_shift", "channels", "schedule", "threads", "precision",
+            # bernoulli neurons' options: None keeps the compiled graph's (or the defaults)
+            "time_steps", "nudge_time_steps", "averaging", "sampling"}
 
 
 def flag(name: str) -> str:

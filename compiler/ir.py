@@ -65,6 +65,14 @@ class Activation:
     def bounded(self) -> bool:
         return self.kind in ("clip", "hardsigmoid")
 
+    @property
+    def probability(self) -> bool:
+        """Whether rho(u) always lies in [0, 1], so it can be a firing probability (what a
+        bernoulli neuron needs): a hard sigmoid, or clip(lo, hi) with 0 <= lo < hi <= 1."""
+        if self.kind == "hardsigmoid":
+            return True
+        return self.kind == "clip" and 0.0 <= self.lo < self.hi <= 1.0
+
     def fields(self) -> dict:
         """The fields that matter for this kind (what the printer writes)."""
         if self.kind == "clip":
@@ -385,15 +393,47 @@ class Teacher:
     mix: float = 0.5       # share of the teacher cost in the output cost
 
 
+AVERAGINGS = ("trace", "window")
+SAMPLINGS = ("shared", "independent")
+
+
+@dataclass
+class Spiking:
+    """How the graph's Bernoulli (StochEP) states run: the schedule's part for them.
+
+    Each time step is one sweep of the colour classes. A bernoulli state j draws spikes
+    z_j in {0, 1} with probability rho_j(u_j) and keeps a running estimate r_j of its
+    firing rate; r_j is what its neighbours (and the EP update) see:
+
+      averaging 'trace':  r <- r + (z - r) / tau      (exponential trace, decay 1/tau)
+      averaging 'window': r =  mean of the last tau spikes (zero before the phase's first)
+
+    A stochastic phase has no tolerance: its state never stops moving (the estimate's
+    change per step is sampling noise of order 1/tau), so each phase runs exactly its
+    time steps: `time_steps` free, `nudge_time_steps` each nudged phase (from the free
+    phase's end). `sampling`: where the nudged phases' random numbers come from:
+    'shared', both continue the free phase's stream (the same numbers, so +beta and
+    -beta differ by the nudge alone); 'independent', each phase draws its own.
+    """
+
+    time_steps: int = 64
+    nudge_time_steps: int = 32
+    averaging: str = "trace"
+    tau: int = 8
+    sampling: str = "shared"
+
+
 @dataclass
 class Schedule:
-    """How to settle: colour classes in update order (or sync), sweep caps, tolerance."""
+    """How to settle: colour classes in update order (or sync), sweep caps, tolerance;
+    for a graph with bernoulli states, `spiking` (time steps, averaging, sampling)."""
 
     mode: str = "colour"                    # 'colour' | 'sync'
     classes: list[list[str]] = field(default_factory=list)
     max_sweeps: int = 100                   # free phase cap
     nudge_sweeps: int = 40                  # each nudged phase cap
     tol: float = 1e-4                       # max |delta s| below which a phase has settled
+    spiking: Spiking | None = None          # set exactly when a state is bernoulli
 
 
 @dataclass
@@ -504,6 +544,11 @@ class Graph:
 
     def consumers(self, value: str) -> list[Node]:
         return [n for n in self.nodes if value in n.inputs]
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether a state is a Bernoulli (spiking) population."""
+        return any(s.neuron == "bernoulli" for s in self.states)
 
     def settled_states(self) -> list[State]:
         """States that settling updates (teacher states are computed feedforward)."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from . import flags
 from .errors import EpcError
-from .ir import Activation
+from .ir import Activation, Spiking
 
 
 def parse_activation(spec: str) -> Activation:
@@ -27,6 +28,18 @@ def parse_activation(spec: str) -> Activation:
                    f"clip:LO:HI (LO < HI, finite), hardsigmoid or relu")
 
 
+def parse_averaging(spec: str) -> tuple[str, int]:
+    """--averaging 'trace:8' -> ('trace', 8); 'window:16'; a bare 'trace' or 'window' takes
+    the default tau (its rule: compiler/flags.py)."""
+    kind, _, n = flags.check("averaging", spec).partition(":")
+    return kind, int(n) if n else Spiking.tau
+
+
+# the spiking options: set (not None) only for bernoulli neurons
+SPIKING_FLAGS = {"time_steps": "time-steps", "nudge_time_steps": "nudge-time-steps",
+                 "averaging": "averaging", "sampling": "sampling"}
+
+
 @dataclass
 class CompileOptions:
     activation: Activation = field(default_factory=lambda: Activation.clip(0.0, 1.0))
@@ -43,6 +56,11 @@ class CompileOptions:
     teacher_temperature: float = 4.0
     teacher_mix: float = 0.5
     neuron: str = "rate"                  # rate | bernoulli (StochEP)
+    # bernoulli neurons only (None: Spiking's defaults): see ir.Spiking
+    time_steps: int | None = None         # free phase: exact number of time steps
+    nudge_time_steps: int | None = None   # each nudged phase
+    averaging: str | None = None          # 'trace:T' | 'window:W'
+    sampling: str | None = None           # shared | independent
     schedule: str = "colour"              # colour | sync
     max_sweeps: int = 100
     nudge_sweeps: int = 40
@@ -59,7 +77,6 @@ class CompileOptions:
         if not isinstance(self.activation, Activation):
             raise EpcError(f"bad --activation {self.activation!r}: use clip:C, clip:LO:HI, "
                            f"hardsigmoid or relu")
-        from . import flags
         if isinstance(self.taps, str) and self.taps != "auto":
             self.taps = [t.strip() for t in self.taps.split(",") if t.strip()]
         names = isinstance(self.taps, (list, tuple)) and all(isinstance(t, str)
@@ -79,4 +96,28 @@ class CompileOptions:
             if v is None:
                 raise EpcError(f"bad {flags.flag(flag)} None: must be {flags.RULES[flag].what}")
             setattr(self, name, flags.check(flag, v))
+        self._check_spiking()
         return self
+
+    def _check_spiking(self) -> None:
+        """The bernoulli options, by their rules (None: not given)."""
+        for name in SPIKING_FLAGS:
+            setattr(self, name, flags.check(name, getattr(self, name)))
+
+    def spiking_given(self) -> list[str]:
+        """The spiking options set (their flags)."""
+        return [f"--{flag}" for k, flag in SPIKING_FLAGS.items() if getattr(self, k) is not None]
+
+    def spiking(self, base: Spiking | None = None) -> Spiking:
+        """`base` (default: Spiking's defaults) with the spiking options that are set."""
+        import dataclasses
+        sp = dataclasses.replace(base) if base is not None else Spiking()
+        if self.time_steps is not None:
+            sp.time_steps = int(self.time_steps)
+        if self.nudge_time_steps is not None:
+            sp.nudge_time_steps = int(self.nudge_time_steps)
+        if self.averaging is not None:
+            sp.averaging, sp.tau = parse_averaging(self.averaging)
+        if self.sampling is not None:
+            sp.sampling = self.sampling
+        return sp

@@ -18,6 +18,9 @@
       }
     }
 
+A graph with bernoulli states writes the schedule's spiking part after `tol` (ir.Spiking):
+`time_steps=64, nudge_time_steps=32, averaging=trace, tau=8, sampling=shared`.
+
 Attribute values: integers, floats (Python repr, so they round-trip), true/false, strings
 in double quotes, bare names, weight references @name, lists [a, b] and activation calls
 kind(field=value, ...). `#` starts a comment.
@@ -54,8 +57,9 @@ import numpy as np
 
 from .errors import IRSyntaxError
 from .limits import check_memory, numel
-from .ir import (FORMAT_VERSION, OP_TYPES, Activation, Act, Coupling, Cost, Graph, Input,
-                 Node, Schedule, Seeded, State, Teacher, WeightSpec)
+from .ir import (AVERAGINGS, FORMAT_VERSION, OP_TYPES, SAMPLINGS, Activation, Act, Coupling,
+                 Cost, Graph, Input, Node, Schedule, Seeded, Spiking, State, Teacher,
+                 WeightSpec)
 
 HEADER = "epc-ir"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -64,6 +68,8 @@ MAX_RANK = 32          # dimensions of a shape (numpy's own limit is 64)
 MAX_NESTING = 16       # brackets inside an attribute value
 MAX_ELEMENTS = 1 << 40  # elements of one declared shape
 MAX_SWEEPS = 1_000_000  # a schedule's sweep caps (as the --max-sweeps flag allows)
+# a bernoulli graph's schedule: its spiking part (ir.Spiking), all or none of these
+SPIKING_KEYS = ("time_steps", "nudge_time_steps", "averaging", "tau", "sampling")
 
 
 # =========================================================================== printer
@@ -228,9 +234,14 @@ def print_graph(g: Graph, *, weights: str = "seeded") -> str:
                              ("temperature", float(t.temperature)), ("mix", float(t.mix))]))
     if g.schedule:
         s = g.schedule
-        out.append("  schedule " + _attrs([("mode", _Bare(s.mode)), ("max_sweeps", s.max_sweeps),
-                                           ("nudge_sweeps", s.nudge_sweeps),
-                                           ("tol", float(s.tol))]) + " {")
+        pairs = [("mode", _Bare(s.mode)), ("max_sweeps", s.max_sweeps),
+                 ("nudge_sweeps", s.nudge_sweeps), ("tol", float(s.tol))]
+        if s.spiking is not None:     # printed only for bernoulli graphs: others unchanged
+            sp = s.spiking
+            pairs += [("time_steps", sp.time_steps), ("nudge_time_steps", sp.nudge_time_steps),
+                      ("averaging", _Bare(sp.averaging)), ("tau", sp.tau),
+                      ("sampling", _Bare(sp.sampling))]
+        out.append("  schedule " + _attrs(pairs) + " {")
         for cls in s.classes:
             out.append("    [" + ", ".join(_name(x) for x in cls) + "]")
         out.append("  }")
@@ -544,6 +555,27 @@ class _Parser:
         if taken:
             self.error(f"{what} given twice", t)
 
+    def spiking(self, a: dict, t: _Tok) -> Spiking | None:
+        """The schedule's spiking part (bernoulli graphs): all five attributes or none."""
+        given = [k for k in SPIKING_KEYS if k in a]
+        if not given:
+            return None
+        missing = [k for k in SPIKING_KEYS if k not in a]
+        if missing:
+            self.error(f"schedule: {given[0]!r} needs the other spiking attributes; missing "
+                       f"{', '.join(repr(k) for k in missing)}", a[given[0]][1])
+        steps = {}
+        for k in ("time_steps", "nudge_time_steps", "tau"):
+            steps[k] = self.typed(a, k, int, t)
+            if not 1 <= steps[k] <= MAX_SWEEPS:
+                self.error(f"attribute {k!r} must be an integer in [1, {MAX_SWEEPS}]", a[k][1])
+        names = {}
+        for k, allowed in (("averaging", AVERAGINGS), ("sampling", SAMPLINGS)):
+            names[k] = self.typed(a, k, str, t)
+            if names[k] not in allowed:
+                self.error(f"attribute {k!r} must be {' or '.join(allowed)}", a[k][1])
+        return Spiking(**steps, **names)
+
     def graph(self) -> Graph:
         self.skip_nl()
         t = self.peek()
@@ -777,7 +809,7 @@ class _Parser:
 
     def ent_schedule(self, g, t):
         self.once("schedule", g.schedule is not None, t)
-        a = self.attrs(("mode", "max_sweeps", "nudge_sweeps", "tol"))
+        a = self.attrs(("mode", "max_sweeps", "nudge_sweeps", "tol") + SPIKING_KEYS)
         caps = {}
         for k in ("max_sweeps", "nudge_sweeps"):
             caps[k] = self.typed(a, k, int, t)
@@ -785,6 +817,7 @@ class _Parser:
                 self.error(f"attribute {k!r} must be an integer in [1, {MAX_SWEEPS}]", a[k][1])
         s = Schedule(mode=str(self.typed(a, "mode", str, t)), **caps,
                      tol=self.real(a, "tol", t, lambda v: v >= 0, "a finite number >= 0"))
+        s.spiking = self.spiking(a, t)
         self.expect("{")
         self.end_line()
         while not self.accept("}"):

@@ -14,8 +14,8 @@ import numpy as np
 
 from . import ops as O
 from .errors import EpcError
-from .ir import (COST_KINDS, COUPLING_KINDS, NEURON_MODELS, STATE_ROLES, Graph, WeightSpec,
-                 op_weights)
+from .ir import (AVERAGINGS, COST_KINDS, COUPLING_KINDS, NEURON_MODELS, SAMPLINGS, STATE_ROLES,
+                 Graph, WeightSpec, op_weights)
 
 
 def _broadcasts(bshape, shape) -> bool:
@@ -111,6 +111,12 @@ class _Checks:
             if s.neuron not in NEURON_MODELS:
                 errs.append(f"state {s.name}: neuron {s.neuron!r} "
                             f"(supported: {', '.join(NEURON_MODELS)})")
+            elif s.neuron == "bernoulli" and not s.act.probability:
+                errs.append(f"state {s.name}: a bernoulli neuron needs an activation within "
+                            f"[0, 1] (its firing probability), has {s.act.kind}")
+            elif s.neuron == "bernoulli" and s.role == "teacher":
+                errs.append(f"state {s.name}: a teacher state is computed feedforward, "
+                            f"never bernoulli")
             if s.bias:
                 if s.bias not in g.weights:
                     errs.append(f"state {s.name}: unknown bias weight {s.bias}")
@@ -233,6 +239,31 @@ class _Checks:
                     and s.mode == "colour":
                 errs.append(f"schedule: coupled states {c.src} and {c.dst} (coupling "
                             f"{c.name}) share colour class {colour[c.src]}")
+        self.spiking()
+
+    def spiking(self) -> None:
+        """A graph with bernoulli states has the schedule's spiking part, with valid time
+        steps, averaging and sampling; a rate graph has none."""
+        g, errs, sp = self.g, self.errs, self.g.schedule.spiking
+        if not g.stochastic:
+            if sp is not None:
+                errs.append("schedule: spiking attributes (time_steps, ...) but no bernoulli "
+                            "state")
+            return
+        if sp is None:
+            errs.append("schedule: bernoulli states but no time_steps, nudge_time_steps, "
+                        "averaging, tau, sampling")
+            return
+        for k in ("time_steps", "nudge_time_steps", "tau"):
+            v = getattr(sp, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                errs.append(f"schedule: {k}={v} (must be an integer >= 1)")
+        if sp.averaging not in AVERAGINGS:
+            errs.append(f"schedule: averaging {sp.averaging!r} (supported: "
+                        f"{', '.join(AVERAGINGS)})")
+        if sp.sampling not in SAMPLINGS:
+            errs.append(f"schedule: sampling {sp.sampling!r} (supported: "
+                        f"{', '.join(SAMPLINGS)})")
 
 
 def verify(g: Graph) -> Graph:

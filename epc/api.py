@@ -183,7 +183,8 @@ def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
     `schedule_overrides` (mode, max_sweeps, nudge_sweeps, tol), which replace the fields of
     its schedule. `substitute`: the source model's smooth ops and gates are replaced by
     their nearest linear forms (`--substitute`)."""
-    from epc.compiler.pipeline import compile_graph, pass_through, require_weights
+    from epc.compiler.pipeline import (check_neuron_flags, compile_graph, pass_through,
+                                       require_weights)
     opts = (opts or CompileOptions()).check()
     t0 = time.perf_counter()
     source = src if isinstance(src, Source) else load_source(src, input_shape=input_shape,
@@ -196,6 +197,7 @@ def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
                        f"this input is {'already compiled' if g.is_energy else 'IR text'}")
     if g.is_energy:
         g = pass_through(g, opts, where=where, schedule_overrides=schedule_overrides)
+        check_neuron_flags(g, opts, schedule_overrides, where)
         if verify_model:
             raise EpcError(f"{where}: --verify compares with a source model (ONNX or "
                            f"PyTorch); this input is already compiled")
@@ -212,6 +214,7 @@ def compile_source(src: "str | Source", opts: CompileOptions | None = None, *,
     with _naming(where):
         energy = compile_graph(g, opts, print_after=print_after,
                                print_after_all=print_after_all, out=out)
+    check_neuron_flags(energy, opts, schedule_overrides, where)
     res = CompileResult(energy, source, time.perf_counter() - t0, warnings=warned)
     if verify_model:
         res.verify = verify_against_source(source, energy)
@@ -234,7 +237,9 @@ def compile_result(source: Any, *, output: str | None = None, target: str = "ir"
                    pool_first: bool = False, cost: str = "mse", readout: bool = False,
                    taps: "str | list[str] | None" = None, tap_weight: float = 0.3,
                    teacher: str | None = None, temperature: float = 4.0, mix: float = 0.5,
-                   neuron: str = "rate", identity_skip: str = "identity",
+                   neuron: str = "rate", time_steps: int | None = None,
+                   nudge_time_steps: int | None = None, averaging: str | None = None,
+                   sampling: str | None = None, identity_skip: str = "identity",
                    skip_gain: float = 1.0, feedback_gain: "float | str" = 1.0,
                    schedule: str | None = None,
                    max_sweeps: int | None = None, nudge_sweeps: int | None = None,
@@ -297,7 +302,9 @@ def _compile_options(v: dict) -> tuple[CompileOptions, dict]:
         activation=v["activation"], feedback=v["feedback"], cost=v["cost"],
         pool_first=v["pool_first"], readout=v["readout"], taps=v["taps"],
         tap_weight=v["tap_weight"], teacher=v["teacher"], teacher_temperature=v["temperature"],
-        teacher_mix=v["mix"], neuron=v["neuron"], identity_skip=v["identity_skip"],
+        teacher_mix=v["mix"], neuron=v["neuron"], time_steps=v.get("time_steps"),
+        nudge_time_steps=v.get("nudge_time_steps"), averaging=v.get("averaging"),
+        sampling=v.get("sampling"), identity_skip=v["identity_skip"],
         skip_gain=v["skip_gain"], feedback_gain=v["feedback_gain"],
         **{("schedule" if k == "mode" else k): x for k, x in sched.items()})
     return opts.check(), sched
@@ -440,7 +447,9 @@ def opt(source: Any, *, passes: "list[str] | None" = None, output: str | None = 
         pool_first: bool = False, cost: str = "mse", readout: bool = False,
         taps: "str | list[str] | None" = None, tap_weight: float = 0.3,
         teacher: str | None = None, temperature: float = 4.0, mix: float = 0.5,
-        neuron: str = "rate", identity_skip: str = "identity", skip_gain: float = 1.0,
+        neuron: str = "rate", time_steps: int | None = None,
+        nudge_time_steps: int | None = None, averaging: str | None = None,
+        sampling: str | None = None, identity_skip: str = "identity", skip_gain: float = 1.0,
         feedback_gain: "float | str" = 1.0,
         schedule: str | None = None, max_sweeps: int | None = None,
         nudge_sweeps: int | None = None, tol: float | None = None,
@@ -465,7 +474,9 @@ def opt(source: Any, *, passes: "list[str] | None" = None, output: str | None = 
         activation=activation, feedback=feedback, cost=cost, pool_first=pool_first,
         readout=readout, taps=taps, tap_weight=tap_weight, teacher=teacher,
         teacher_temperature=temperature, teacher_mix=mix, neuron=neuron,
-        identity_skip=identity_skip, skip_gain=skip_gain, feedback_gain=feedback_gain,
+        time_steps=time_steps, nudge_time_steps=nudge_time_steps, averaging=averaging,
+        sampling=sampling, identity_skip=identity_skip, skip_gain=skip_gain,
+        feedback_gain=feedback_gain,
         **sched).check()
     output = _path(output)
     check_outputs([None if isinstance(source, Graph) else source, teacher],
@@ -558,8 +569,8 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
           cosine: bool = True,
           clip: float | None = None, beta: float | None = None, lr_shift: int | None = None,
           output: str | None = None, nudge: str = "symmetric", nudge_form: str = "states",
-          gradient: str = "ep",
-          seed: int = 0, schedule: str | None = None, max_sweeps: int | None = None,
+          gradient: str = "ep", estimate: str = "rates", seed: int = 0,
+          schedule: str | None = None, max_sweeps: int | None = None,
           nudge_sweeps: int | None = None, tol: float | None = None,
           warm_start: bool = False, freeze_pool: bool = True, augment: str | None = None,
           device: str = "cpu", threads: int = 1, checkpoint: str | None = None,
@@ -592,6 +603,8 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
     forms the group itself (under torchrun).
     `precision` ('fp32', 'bf16', 'fp16', float bundles): the settle loop in 16 bits, float32
     master weights, stop test and EP difference; refused where the device lacks the dtype.
+    `estimate` (bernoulli networks): the EP update from the nudged phases' rate estimates
+    ('rates') or from their spike trains ('spikes').
     """
     given = dict(locals())
     _check_options(given)
@@ -610,6 +623,9 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
         if gradient != "ep":
             raise EpcError(f"{model}: --gradient {gradient} applies to float bundles; "
                            f"on-chip learning is EP")
+        if estimate != "rates":
+            raise EpcError(f"{model}: --estimate {estimate} applies to bernoulli neurons; a "
+                           f"neuromorphic program's neurons are rate")
         _refuse_given(train, given, [k for k in _defaults(train)
                                      if k not in PROGRAM_TRAIN_OPTIONS],
                       _program_only_error(model))
@@ -627,7 +643,7 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
                        batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
                        weight_decay=weight_decay, decoupled_wd=decoupled_wd, cosine=cosine,
                        clip=clip, beta=0.2 if beta is None else beta, nudge=nudge,
-                       nudge_form=nudge_form, gradient=gradient,
+                       nudge_form=nudge_form, gradient=gradient, estimate=estimate,
                        seed=seed, schedule=schedule, max_sweeps=max_sweeps,
                        nudge_sweeps=nudge_sweeps, tol=tol, warm_start=warm_start,
                        freeze_pool=freeze_pool, augment=augment, device=device,
@@ -753,13 +769,16 @@ def check_gradients(model: Any, *, data: str = "digits", data_dir: str | None = 
                     beta: float = 0.01, nudge: str = "symmetric", samples: int = 64,
                     seed: int = 0, tol: float = 1e-7, max_sweeps: int = 5000,
                     dtype: str = "float64", schedule: str | None = None,
-                    freeze_pool: bool = True, device: str = "cpu", threads: int = 1,
+                    freeze_pool: bool = True, seeds: int = 16, estimate: str = "rates",
+                    device: str = "cpu", threads: int = 1,
                     metrics_json: str | None = None, memory_limit: "str | int | None" = None,
                     dataset: Any = None) -> dict:
     """`epc check-gradients`: the EP estimate against the true gradient (implicit
     differentiation at the free fixed point), coupling by coupling: cosine, norm ratio,
     sign agreement. Returns the table as a dict (with 'warnings' where phases did not
-    settle)."""
+    settle). A network with bernoulli neurons: the mean of `seeds` stochastic estimates
+    (from the rate estimates or, `estimate='spikes'`, the spike trains) against the
+    gradient of its mean-field (rate) twin, with the spread of the single estimates."""
     _check_options(locals())
     _refuse_program(model, "check-gradients")
     _one_process("epc check-gradients")
@@ -770,7 +789,8 @@ def check_gradients(model: Any, *, data: str = "digits", data_dir: str | None = 
                        channels=channels, dataset=dataset, beta=beta, nudge=nudge,
                        samples=samples, seed=seed, tol=tol, max_sweeps=max_sweeps,
                        dtype=dtype, schedule=schedule, freeze_pool=freeze_pool,
-                       device=device, threads=threads, json_path=_path(metrics_json))
+                       seeds=seeds, estimate=estimate, device=device, threads=threads,
+                       json_path=_path(metrics_json))
 
 
 # --------------------------------------------------------------------------- run

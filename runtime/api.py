@@ -32,8 +32,8 @@ from .data import Data, load_dataset
 from .distributed import DEFAULT_TIMEOUT, DataParallel, joined, process_device
 from .engine import PRECISIONS, Engine, schedule_mode
 from .memory import retain_freed_memory
-from .train import (Diverged, Trainer, TrainConfig, TrainState, evaluate as _evaluate,
-                    load_checkpoint, save_checkpoint)
+from .train import (COST_KEYS, Diverged, Trainer, TrainConfig, TrainState,
+                    evaluate as _evaluate, load_checkpoint, save_checkpoint)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -180,7 +180,8 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
           optimizer: str = "adam", lr: float = 5e-4, momentum: float = 0.9,
           weight_decay: float = 1e-3, decoupled_wd: bool = False, cosine: bool = True,
           clip: float | None = None, beta: float = 0.2, nudge: str = "symmetric",
-          nudge_form: str = "states", gradient: str = "ep", seed: int = 0,
+          nudge_form: str = "states", gradient: str = "ep", estimate: str = "rates",
+          seed: int = 0,
           schedule: str | None = None, max_sweeps: int | None = None,
           nudge_sweeps: int | None = None, tol: float | None = None, warm_start: bool = False,
           freeze_pool: bool = True, augment: str | None = None,
@@ -223,7 +224,7 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
                       gradient=gradient, seed=seed, mode=schedule,
                       max_sweeps=max_sweeps, nudge_sweeps=nudge_sweeps, tol=tol,
                       warm_start=warm_start, freeze_pool=freeze_pool, augment=augment,
-                      divergence=divergence, precision=precision).check()
+                      divergence=divergence, precision=precision, estimate=estimate).check()
     if resume and not checkpoint:
         raise EpcError("--resume needs --checkpoint DIR (the run's checkpoint directory)")
     flags.check("stop_after", stop_after)
@@ -323,6 +324,9 @@ def _train_run(trainer: Trainer, cfg: TrainConfig, base: Bundle, name: str, d: D
             # data parallel: the processes of the run (their global batch is batch_size)
             "processes": trainer.world,
             "history": st.history,
+            # the cost of one test inference in the last epoch (multiply-adds; a bernoulli
+            # network's time steps, spike rate and synaptic events)
+            **{k: last[k] for k in COST_KEYS if k in last},
         }
         if trainer.initial is not None:
             # the free phase before any EP step (a warm conversion's starting accuracy)
@@ -410,7 +414,8 @@ def _evaluate_run(src, dev: torch.device, *, data, data_dir, resize, channels, d
     s = d.test if split == "test" else d.train
     t0 = time.perf_counter()
     r = _evaluate(eng, s.x, s.y, batch_size=batch_size, max_sweeps=settling["max_sweeps"],
-                  tol=settling["tol"], mode=settling["mode"], dp=dp)
+                  tol=settling["tol"], mode=settling["mode"], dp=dp,
+                  seed=settling.get("seed", 0))
     r.update({"model": name, "data": d.name, "split": split, "seconds": time.perf_counter() - t0,
               "processes": dp.world if dp is not None else 1,
               "settling": {**settling,
@@ -441,6 +446,23 @@ def _eval_setup(src, dev, schedule, max_sweeps, tol, precision, data, data_dir, 
         v = given[k] if given[k] is not None else trained.get(k)
         settling[k] = own if v is None else v
     eng.mode = settling["mode"]
+    seed = 0
+    if eng.stochastic:
+        # a bernoulli network runs each phase for exactly its time steps, and its spikes
+        # draw from generators seeded like the training run's test evaluations (its seed,
+        # the batch index), so a checkpoint's test accuracy is the one training reported
+        bad = next((f for f, v in (("--max-sweeps", max_sweeps), ("--tol", tol))
+                    if v is not None), None)
+        if bad:
+            raise EpcError(f"{name}: {bad} applies to rate neurons (a sweep cap or "
+                           f"tolerance); this network's bernoulli neurons run each phase for "
+                           f"exactly its time steps ({eng.max_sweeps} free)")
+        if settling["precision"] != "fp32":
+            raise EpcError(f"{name}: --precision {settling['precision']} applies to rate "
+                           f"neurons; this network's bernoulli neurons settle in fp32")
+        settling.update(max_sweeps=None, tol=None)
+        seed = int(trained.get("seed", 0))
+        settling["seed"] = seed
     if settling["precision"] != "fp32":
         eng = Engine(b.graph, device=dev, mode=eng.mode,
                      precision=check_precision(settling["precision"], dev))
@@ -457,13 +479,16 @@ def check_gradients(src: Any, *, data: str = "digits", data_dir: str | None = No
                     nudge: str = "symmetric", samples: int = 64, seed: int = 0,
                     tol: float = 1e-7, max_sweeps: int = 5000, dtype: str = "float64",
                     schedule: str | None = None, freeze_pool: bool = True,
+                    seeds: int = 16, estimate: str = "rates",
                     device: str | None = None, threads: int | None = None,
                     json_path: str | None = None) -> dict:
-    """Per-coupling comparison of the EP estimate with the implicit-differentiation gradient."""
+    """Per-coupling comparison of the EP estimate with the implicit-differentiation gradient
+    (a bernoulli network: the mean of `seeds` stochastic estimates against its mean-field
+    twin's gradient, runtime/gradcheck.py `check_stochastic`)."""
     from .gradcheck import check_gradients as _check
     for k, v in (("beta", beta), ("nudge", nudge), ("samples", samples), ("seed", seed),
                  ("tol", tol), ("max_sweeps", max_sweeps), ("dtype", dtype),
-                 ("schedule", schedule)):
+                 ("schedule", schedule), ("seeds", seeds), ("estimate", estimate)):
         if v is None and k not in ("schedule",):
             raise EpcError(f"bad {flags.flag(k)} None: must be {flags.RULES[k].what}")
         flags.check(k, v)
@@ -479,7 +504,8 @@ def check_gradients(src: Any, *, data: str = "digits", data_dir: str | None = No
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(d.train.x.shape[0], generator=g)[:samples]
     r = _check(eng, d.train.x[idx], d.train.y[idx], beta=beta, nudge=nudge, tol=tol,
-               max_sweeps=max_sweeps, mode=schedule_mode(schedule), freeze_pool=freeze_pool)
+               max_sweeps=max_sweeps, mode=schedule_mode(schedule), freeze_pool=freeze_pool,
+               seeds=seeds, seed=seed, estimate=estimate)
     r.update({"model": name, "data": d.name, "seed": seed})
     if json_path:
         _write_json(json_path, r)

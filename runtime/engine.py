@@ -50,12 +50,14 @@ from epc.compiler.errors import EpcError
 from epc.compiler.ir import Graph, op_weights
 
 from . import kernels as K
+from . import spikes as SP
 from .settle import DeferredStops, settle_walk
 
 Tensor = torch.Tensor
 EXPLODE = 1e6   # |state| above this in an unbounded state counts as divergence
 # --precision: the dtype of the settle loop's states and weights (None: the engine's dtype)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+NO_TOL = -1.0   # the tolerance of a stochastic phase: none (it runs all its time steps)
 
 
 def schedule_mode(mode: str | None) -> str | None:
@@ -90,6 +92,12 @@ class SettleResult:
     trace: list[dict] | None = None   # per sweep: residual (max), energy (mean) if asked
     routing: dict | None = None       # max-pool selections in force at the end (if frozen)
     parts: list | None = None         # per-part results when settled with `parts`
+    # bernoulli graphs (runtime/spikes.py): `states` is the mean over the phase's last
+    # half; `carry` what a phase continuing this one starts from (the states at the last
+    # step, the window averaging's spike history); `recorded` (with `record`) the spike
+    # trains of the averaged steps (per step: bernoulli states' spikes, others' values)
+    carry: dict | None = None
+    recorded: list[dict] | None = None
 
 
 # Chains the hot loop runs in a special form (the same arithmetic in fewer calls), by the
@@ -174,6 +182,58 @@ class Engine:
         # is all here). The settles defer those decisions (runtime/settle.py, `_stops`).
         self.stop_sync = None
         self._stops: DeferredStops | None = None
+        self._prepare_spiking(graph)
+
+    def _prepare_spiking(self, graph: Graph) -> None:
+        """Bernoulli states (runtime/spikes.py): each phase runs exactly its time steps
+        (no tolerance); spikes draw from `noise_gen` unless a settle is given its own."""
+        self.bernoulli = frozenset(j for j in self.settled
+                                   if self.states[j].neuron == "bernoulli")
+        self.stochastic = bool(self.bernoulli)
+        self.spiking = graph.schedule.spiking if self.stochastic else None
+        self._fanouts = None
+        if not self.stochastic:
+            return
+        if self.spiking is None:
+            raise EpcError(f"graph {graph.name} has bernoulli states but its schedule has no "
+                           f"time steps; compile it with epc compile")
+        if self.low is not None:
+            raise EpcError(f"--precision {self.precision} applies to rate neurons; graph "
+                           f"{graph.name}'s bernoulli neurons settle in fp32")
+        self.max_sweeps = self.spiking.time_steps
+        self.nudge_sweeps = self.spiking.nudge_time_steps
+        self.tol = NO_TOL
+        self.noise_gen = SP.generator(self.device, 0)
+
+    def multiply_adds(self) -> tuple[int, int]:
+        """Multiply-accumulates per sample of one free phase: (once: the couplings read
+        from clamped inputs, whose drive is computed once per phase; per sweep: those read
+        from rate states, forward and through their feedback). Couplings read from
+        bernoulli states are synaptic events instead (runtime/spikes.py)."""
+        once = per_sweep = 0
+        W = self.graph.weights
+        for l in self.links:
+            if l.kind == "teacher":
+                continue
+            shape, m = tuple(self.shapes[l.src]), 0
+            for op in l.ops:
+                out = O.out_shape(op, [shape], W)
+                m += O.macs(op, shape, out, W)
+                shape = out
+            if l.src not in self.settled:
+                once += m
+            elif l.src not in self.bernoulli:
+                per_sweep += m
+            if l.feedback and l.src in self.settled and l.dst not in self.bernoulli:
+                per_sweep += m
+        return once, per_sweep
+
+    def spike_fanouts(self):
+        """(per bernoulli state its units' synapse counts, the pooled links): see
+        runtime/spikes.py; computed once, from the weights' shapes."""
+        if self._fanouts is None:
+            self._fanouts = SP.fanouts(self)
+        return self._fanouts
 
     def _prepare_links(self, graph: Graph) -> None:
         """Every coupling as a Link: its fast path, whether its contexts follow the source
@@ -508,9 +568,21 @@ class Engine:
                tol: float | None = None, mode: str | None = None,
                trace: bool = False, routing: dict | None = None,
                freeze_after: int | None | str = "auto",
-               parts: list[slice] | None = None) -> SettleResult:
+               parts: list[slice] | None = None, gen: torch.Generator | None = None,
+               noise: "SP.Noise | None" = None, carry: dict | None = None,
+               record: bool = False, counts: "SP.SpikeCounts | None" = None) -> SettleResult:
         """Settle from `states` (zeros if None) at nudging strength `beta`: the shared settle
         walk (runtime/settle.py) with this engine's float arithmetic (`FloatSettle`).
+
+        A graph with bernoulli states (runtime/spikes.py) runs exactly `max_sweeps` time
+        steps (default: its free or nudged time steps, by beta), with no tolerance (`tol`
+        is not used); its spikes draw from `gen` (default: the engine's own generator,
+        which runs on across settles) or `noise`. The result's states are the mean over
+        the phase's last half (`SpikeCounts` docs: the phase's estimate). `carry`, a
+        previous result's `carry`, continues that phase: the settle starts from its last
+        step (`states` is not used) with its window history; `record` keeps the spike
+        trains of the averaged steps (result.recorded); `counts` adds the phase's spikes
+        and synaptic events to a SpikeCounts.
 
         `parts` (used by settle_pair): consecutive slices covering the batch, in order,
         that stop independently: each
@@ -533,10 +605,14 @@ class Engine:
         every block update is exact again.
         """
         mode = mode or self.mode
-        max_sweeps = self.max_sweeps if max_sweeps is None else max_sweeps
-        tol = self.tol if tol is None else tol
+        nudged = torch.is_tensor(beta) or beta != 0.0
+        if max_sweeps is None:
+            max_sweeps = self.nudge_sweeps if self.stochastic and nudged else self.max_sweeps
+        tol = self.tol if tol is None or self.stochastic else tol
         if freeze_after == "auto":
             freeze_after = self.pool_freeze
+        if self.stochastic and carry is not None:
+            states = carry["states"]
         S = dict(self.zeros(batch["n"]) if states is None else states)
         if self.low is not None:
             # 16-bit settling (FloatSettle): states and the loop's weights in `low`. A
@@ -546,6 +622,9 @@ class Engine:
             tol = tol + torch.finfo(self.low).eps
             S = {j: v.to(self.low) for j, v in S.items()}
         run = FloatSettle(self, batch, S, beta, labels, routing, trace, parts is not None)
+        if self.stochastic:
+            run.spiking(S, noise or SP.Noise(gen or self.noise_gen), carry, record, counts,
+                        max_sweeps)
         # the max-pool selections freeze once, unless they came frozen
         pooled = any(l.needs_ctx for l in self.links)
         freeze_at = freeze_after if routing is None and pooled else None
@@ -553,7 +632,7 @@ class Engine:
         sweeps = settle_walk(run, S, self.classes if mode == "colour" else [self.settled],
                              max_sweeps=max_sweeps, tol=tol, freeze_at=freeze_at,
                              units=_part_sizes(parts, batch["n"]),
-                             observe=run.observe if trace else None,
+                             observe=run.observe if trace or self.stochastic else None,
                              stops=stops, kind=(parts is not None, run.nudged))
         return run.result(sweeps, tol)
 
@@ -576,15 +655,22 @@ class Engine:
 
     def settle_pair(self, batch: dict, states: dict, *, beta: float, labels: Tensor,
                     max_sweeps: int | None = None, tol: float | None = None,
-                    mode: str | None = None,
-                    routing: dict | None = None) -> tuple[SettleResult, SettleResult]:
+                    mode: str | None = None, routing: dict | None = None,
+                    gen: torch.Generator | None = None, carry: dict | None = None,
+                    record: bool = False, counts: "SP.SpikeCounts | None" = None
+                    ) -> tuple[SettleResult, SettleResult]:
         """The +beta and -beta nudged phases of symmetric EP, settled as one batch of 2n.
 
         Each half makes exactly the updates its own `settle` would (the samples do not
         interact) and ends at the sweep where it alone would end (`parts`), so the two
         results equal two separate settles. On a CPU, small layers cost about the same per
         sweep at 2n as at n, so this saves time in the nudged phases; once one half has
-        settled, the other goes on alone at n."""
+        settled, the other goes on alone at n.
+
+        Bernoulli graphs: the halves draw their spikes from `gen` (default: the engine's),
+        both the same numbers under sampling 'shared' (so with `gen` the free phase's
+        generator, both continue its stream), each their own under 'independent'; `carry`
+        is the free phase's."""
         n = batch["n"]
         two = lambda t: torch.cat([t, t])   # noqa: E731
         b2 = {"n": 2 * n, "const": {k: two(v) for k, v in batch["const"].items()},
@@ -592,9 +678,15 @@ class Engine:
         signs = torch.full((2 * n,), float(beta), dtype=self.dtype, device=self.device)
         signs[n:] = -float(beta)
         r2 = self._routing_rows(routing, two)
+        noise = None
+        if self.stochastic:
+            noise = SP.Noise(gen or self.noise_gen,
+                             2 if self.spiking.sampling == "shared" else 1)
         r = self.settle(b2, {j: two(v) for j, v in states.items() if j in self.settled},
                         beta=signs, labels=two(labels), max_sweeps=max_sweeps, tol=tol,
-                        mode=mode, routing=r2, parts=[slice(0, n), slice(n, 2 * n)])
+                        mode=mode, routing=r2, parts=[slice(0, n), slice(n, 2 * n)],
+                        noise=noise, carry=_carry_rows(carry, two), record=record,
+                        counts=counts)
         plus, minus = r.parts
         plus.routing = minus.routing = routing
         return plus, minus
@@ -624,6 +716,14 @@ class Engine:
 
 
 # --------------------------------------------------------------------------- one settle
+def _carry_rows(carry: dict | None, take) -> dict | None:
+    """A settle's `carry` with `take` applied to its batch rows."""
+    if carry is None:
+        return None
+    return {"step": carry["step"], "states": {j: take(v) for j, v in carry["states"].items()},
+            "window": {j: [take(z) for z in zs] for j, zs in carry["window"].items()}}
+
+
 def _part_sizes(parts: list[slice] | None, n: int) -> list[int] | None:
     """The row counts of `parts` (consecutive slices covering the batch in order)."""
     if parts is None:
@@ -695,6 +795,48 @@ class FloatSettle:
         self.trace = [] if trace else None
         self.finished: dict[int, SettleResult] = {}
         self.compacted = False
+        self.noise = None           # bernoulli graphs: see `spiking`
+
+    def spiking(self, S0: dict, noise: "SP.Noise", carry: dict | None, record: bool,
+                counts: "SP.SpikeCounts | None", steps: int) -> None:
+        """Set up the bernoulli states of a stochastic graph (runtime/spikes.py): where
+        spikes draw from, the window history a previous phase left (`carry`), whether to
+        record the spike trains of the averaged steps, the counts to add to."""
+        eng = self.eng
+        sp = eng.spiking
+        self.noise, self.counts = noise, counts
+        self.inv_tau = 1.0 / sp.tau
+        self.window = sp.averaging == "window"
+        self.sweep, self.steps, self.record = 0, steps, bool(record)
+        self.recorded: list[dict] = []
+        # the result is the mean of the states over the last `avg` steps: the phase's
+        # second half (its first is the transient from where it started)
+        self.avg = SP.averaged_steps(steps)
+        self.acc: dict[str, Tensor] = {}
+        self.last_z: dict[str, Tensor] = {}
+        # averaging 'window': per bernoulli state its last tau spikes (a ring, written at
+        # position `step` mod tau); a phase that continues none starts the ring at the
+        # states it starts from (zeros: no spikes yet), so the estimate is its mean
+        self.step0 = 0 if carry is None else int(carry["step"])
+        if self.window:
+            self.hist = ({j: list(v) for j, v in carry["window"].items()} if carry is not None
+                         else {j: [S0[j]] * sp.tau for j in sorted(eng.bernoulli)})
+
+    def _spike(self, j: str, r: Tensor, p: Tensor) -> Tensor:
+        """Bernoulli state j's new rate estimate: a spike drawn with probability p, then
+        the trace or window update of the estimate r."""
+        eng = self.eng
+        z = self.noise.spikes(p)
+        if self.window:
+            k = (self.step0 + self.sweep) % len(self.hist[j])
+            new = r + (z - self.hist[j][k]) * self.inv_tau
+            self.hist[j][k] = z
+        else:
+            new = torch.lerp(r, z, self.inv_tau)
+        self.last_z[j] = z
+        if self.counts is not None:
+            self.counts.add(j, z)
+        return new
 
     # ---- the drive of one state
     def drive(self, j: str, S: dict, ver: dict) -> Tensor:
@@ -752,6 +894,8 @@ class FloatSettle:
                     else:
                         u, own = u - y, inplace
         v = O.activate_(eng.acts[j], u) if own else O.activate(eng.acts[j], u)
+        if self.noise is not None and j in eng.bernoulli:
+            return self._spike(j, S[j], v)
         return v if self.low is None else v.to(self.low)
 
     def _readout_nudge(self, j: str, S: dict, u: Tensor, own: bool) -> tuple[Tensor, bool]:
@@ -804,8 +948,17 @@ class FloatSettle:
         self.ctx.clear()
 
     def observe(self, S: dict, rmax: float) -> None:
-        self.trace.append({"residual": rmax, "energy": float(
-            self.eng.energy(self.out(S), self.cur, self.routing).mean())})
+        if self.trace is not None:
+            self.trace.append({"residual": rmax, "energy": float(
+                self.eng.energy(self.out(S), self.cur, self.routing).mean())})
+        if self.noise is None:
+            return
+        self.sweep += 1
+        if self.sweep > self.steps - self.avg:
+            for j in self.eng.settled:
+                self.acc[j] = S[j] + self.acc[j] if j in self.acc else S[j].clone()
+            if self.record:
+                self.recorded.append({j: self.last_z.get(j, S[j]) for j in self.eng.settled})
 
     def out(self, S: dict) -> dict:
         """States as a settle hands them back: in the engine's dtype (float32 after a
@@ -815,6 +968,11 @@ class FloatSettle:
         return {j: v.to(self.eng.dtype) for j, v in S.items()}
 
     def take_rows(self, take) -> None:
+        if self.noise is not None:
+            if self.window:
+                self.hist = {j: [take(z) for z in zs] for j, zs in self.hist.items()}
+            self.recorded = [{j: take(v) for j, v in rec.items()} for rec in self.recorded]
+            self.acc = {j: take(v) for j, v in self.acc.items()}
         self.const = {j: take(v) for j, v in self.const.items()}
         self.clamped = {k: take(v) for k, v in self.clamped.items()}
         self.targets = {k: take(v) for k, v in self.targets.items()}
@@ -834,26 +992,45 @@ class FloatSettle:
         S = self.out(S)
         if not self.parts:             # the whole batch, as it is
             self.finished[0] = SettleResult(S, sweeps, d.amax(1), 0, self.trace, self.routing)
+            self._spiking_result(self.finished[0], lambda t: t)
             return
         at = 0
         for u, k in zip(units, sizes):
             sl = (slice(rows.start + at, rows.start + at + k) if isinstance(rows, slice)
                   else rows[at:at + k])
-            take = ((lambda t: t[sl]) if isinstance(sl, slice)
-                    else (lambda t: t.index_select(0, sl)))
+            take = ((lambda t, sl=sl: t[sl]) if isinstance(sl, slice)
+                    else (lambda t, sl=sl: t.index_select(0, sl)))
             self.finished[int(u)] = SettleResult({j: take(v) for j, v in S.items()}, sweeps,
                                                  take(d).amax(1), 0, None, None)
+            self._spiking_result(self.finished[int(u)], take)
             at += k
 
+    def _spiking_result(self, r: SettleResult, take) -> None:
+        """A unit's result (rows `take`) of a stochastic phase: its states the mean over
+        the averaged steps; what continues it (the last step's states, the window
+        history); the recorded spike trains."""
+        if self.noise is None:
+            return
+        r.carry = {"step": self.step0 + self.sweep, "states": r.states,
+                   "window": {j: [take(z) for z in zs] for j, zs in self.hist.items()}
+                   if self.window else {}}
+        if self.acc:
+            k = 1.0 / min(self.avg, self.sweep)
+            r.states = {j: take(v) * k for j, v in self.acc.items()}
+        if self.record:
+            r.recorded = [{j: take(v) for j, v in rec.items()} for rec in self.recorded]
+
     def result(self, sweeps: int, tol: float) -> SettleResult:
+        # a stochastic phase has no tolerance: only rows that went non-finite count
+        bad = ((lambda r: ~torch.isfinite(r)) if self.noise is not None
+               else (lambda r: (r > tol).logical_or_(r.isnan())))
         if not self.parts:
             r = self.finished[0]
-            r.unconverged = self.n - int((r.residual <= tol).sum())
+            r.unconverged = int(bad(r.residual).sum())
             return r
         got = [self.finished[i] for i in sorted(self.finished)]
         # the unconverged counts of all units with one sync
-        counts = torch.stack([(p.residual > tol).logical_or_(p.residual.isnan()).sum()
-                              for p in got]).tolist()
+        counts = torch.stack([bad(p.residual).sum() for p in got]).tolist()
         for p, c in zip(got, counts):
             p.unconverged = int(c)
         # the whole batch's states are not assembled: callers of `parts` use the parts

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from epc.compiler import ops as O
@@ -202,12 +203,29 @@ def _compare(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 def check_gradients(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, beta: float = 0.01,
                     nudge: str = "symmetric", tol: float = 1e-7, max_sweeps: int = 2000,
-                    mode: str | None = None, freeze_pool: bool = True) -> dict:
-    """Compare the EP estimate with the implicit gradient per coupling and per bias."""
+                    mode: str | None = None, freeze_pool: bool = True, seeds: int = 16,
+                    seed: int = 0, estimate: str = "rates") -> dict:
+    """Compare the EP estimate with the implicit gradient per coupling and per bias (for a
+    graph with bernoulli neurons: `check_stochastic`, over `seeds` runs)."""
     if not (beta != 0 and math.isfinite(beta)):
         raise EpcError(f"--beta must be a nonzero finite number, got {beta}")
     if nudge not in ("symmetric", "one-sided"):
         raise EpcError(f"--nudge {nudge!r} (supported: symmetric, one-sided)")
+    if eng.stochastic:
+        return check_stochastic(eng, x, y, beta=beta, nudge=nudge, tol=tol,
+                                max_sweeps=max_sweeps, mode=mode, freeze_pool=freeze_pool,
+                                seeds=seeds, seed=seed, estimate=estimate)
+    if estimate != "rates":
+        raise EpcError(f"--estimate {estimate} applies to bernoulli neurons; this network's "
+                       f"neurons are rate")
+    return _check_rate(eng, x, y, beta=beta, nudge=nudge, tol=tol, max_sweeps=max_sweeps,
+                       mode=mode, freeze_pool=freeze_pool)[0]
+
+
+def _check_rate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, beta: float, nudge: str,
+                tol: float, max_sweeps: int, mode: str | None,
+                freeze_pool: bool) -> tuple[dict, dict]:
+    """`check_gradients` of a rate network, and the true gradient."""
     mode = mode or eng.mode
     dt = eng.dtype
     batch = eng.prepare(x)
@@ -267,4 +285,114 @@ def check_gradients(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, beta: floa
                                    "minus": minus.sweeps if minus else None},
             "unconverged": unsettled, "warnings": warnings,
             "implicit": info, "couplings": rows, "biases": biases,
+            "min_cosine": min([r["cosine"] for r in rows + biases], default=1.0)}, true
+
+
+# --------------------------------------------------------------------------- bernoulli
+GRADCHECK_STREAM = 0x6C4ECC   # the generators of check-gradients' runs: (seed, this, run)
+
+
+def mean_field(eng: Engine) -> Engine:
+    """The engine of `eng`'s mean-field network: the same graph and weights with every
+    neuron rate (deterministic), on the same device and dtype."""
+    g = eng.graph.copy()
+    g.weights.update(eng.weights_numpy() if eng.dtype == torch.float32 else
+                     {k: v.detach().cpu().numpy() for k, v in eng.params.items()})
+    for s in g.states:
+        s.neuron = "rate"
+    g.schedule.spiking = None
+    return Engine(g, device=eng.device, dtype=eng.dtype, mode=eng.mode,
+                  pool_freeze=eng.pool_freeze)
+
+
+def check_stochastic(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, beta: float,
+                     nudge: str, tol: float, max_sweeps: int, mode: str | None,
+                     freeze_pool: bool, seeds: int, seed: int, estimate: str) -> dict:
+    """The stochastic EP estimate of a bernoulli network against the true gradient.
+
+    In the mean-field limit the network is its rate twin (`mean_field`), so the reference
+    is that twin's implicit gradient at its free fixed point, settled tightly (`tol`,
+    `max_sweeps`), with the twin's deterministic EP estimate beside it. The stochastic
+    estimate is what training computes: a free phase of the network's time steps, then
+    the nudged phases (their noise as the graph's `sampling` says), from the rate
+    estimates (or the spike trains, `estimate`). It is run `seeds` times from independent
+    generators; per coupling (and bias) the table gives the cosine of their mean with the
+    true gradient (and its norm ratio, sign agreement), and the spread: the mean and
+    standard deviation of the single runs' cosines, and the standard error of the mean
+    relative to its norm (|std over runs| / sqrt(K) / |mean|, all components together).
+    """
+    from .learn import ep_gradient, spike_train_gradient
+    from .spikes import generator, mix_seed
+    if seeds < 1:
+        raise EpcError(f"--seeds must be >= 1, got {seeds}")
+    if estimate not in ("rates", "spikes"):
+        raise EpcError(f"--estimate {estimate!r} (supported: rates, spikes)")
+    if estimate == "spikes" and nudge != "symmetric":
+        raise EpcError("--estimate spikes compares the spike trains of the +beta and -beta "
+                       "phases; it needs --nudge symmetric")
+    ref, true = _check_rate(mean_field(eng), x, y, beta=beta, nudge=nudge, tol=tol,
+                            max_sweeps=max_sweeps, mode=mode, freeze_pool=freeze_pool)
+    mode = mode or eng.mode
+    batch = eng.prepare(x)
+    y = y.to(eng.device)
+    record = estimate == "spikes"
+    runs: list[dict] = []
+    for k in range(seeds):
+        gen = generator(eng.device, mix_seed(seed, GRADCHECK_STREAM, k))
+        free = eng.settle(batch, mode=mode, gen=gen)
+        rt = (free.routing or eng.routing(free.states, batch)) if freeze_pool else free.routing
+        if nudge == "symmetric":
+            plus, minus = eng.settle_pair(batch, free.states, beta=beta, labels=y, mode=mode,
+                                          routing=rt, gen=gen, carry=free.carry,
+                                          record=record)
+            if record:
+                g = spike_train_gradient(eng, batch, plus.recorded, minus.recorded, beta,
+                                         routing=rt, labels=y)
+            else:
+                g = ep_gradient(eng, batch, plus.states, minus.states, beta, routing=rt,
+                                labels=y)
+        else:
+            plus = eng.settle(batch, free.states, beta=beta, labels=y, mode=mode, routing=rt,
+                              gen=gen, carry=free.carry)
+            g = ep_gradient(eng, batch, plus.states, free.states, beta, one_sided=True,
+                            routing=rt, labels=y)
+        runs.append(g)
+    learn = set(eng.learnable)
+
+    def row(ws: list[str]) -> dict:
+        flat = lambda g: torch.cat([g.get(w, torch.zeros_like(true[w])).reshape(-1)  # noqa
+                                    for w in ws]).double()
+        b = torch.cat([true[w].reshape(-1) for w in ws])
+        each = torch.stack([flat(g) for g in runs])
+        mean = each.mean(0)
+        single = [_compare(e, b)["cosine"] for e in each]
+        sd = each.std(0, unbiased=True) if seeds > 1 else torch.zeros_like(mean)
+        se = float(sd.norm() / math.sqrt(seeds) / (mean.norm() + 1e-30))
+        return {**_compare(mean, b), "single_cosine_mean": float(np.mean(single)),
+                "single_cosine_std": float(np.std(single)), "relative_std_error": se}
+
+    det = {r["name"]: r["cosine"] for r in ref["couplings"] + ref["biases"]}
+    rows, biases = [], []
+    for l in eng.links:
+        ws = [w for w in dict.fromkeys(l.weights) if w in learn]
+        if ws:
+            rows.append({"name": l.name, "kind": l.kind, "src": l.src, "dst": l.dst,
+                         "weights": ws, **row(ws), "mean_field_cosine": det.get(l.name)})
+    for j in eng.settled:
+        bn = eng.states[j].bias
+        if bn and bn in learn:
+            biases.append({"name": bn, "state": j, **row([bn]),
+                           "mean_field_cosine": det.get(bn)})
+    sp = eng.spiking
+    return {**{k: ref[k] for k in ("beta", "nudge", "mode", "freeze_pool", "samples", "dtype",
+                                   "tol", "implicit")},
+            "stochastic": {"seeds": seeds, "time_steps": sp.time_steps,
+                           "nudge_time_steps": sp.nudge_time_steps,
+                           "averaging": sp.averaging, "tau": sp.tau, "sampling": sp.sampling,
+                           "estimate": estimate},
+            "sweeps": {"free": sp.time_steps, "plus": sp.nudge_time_steps,
+                       "minus": sp.nudge_time_steps if nudge == "symmetric" else None,
+                       "mean_field": ref["sweeps"]},
+            "unconverged": ref["unconverged"], "warnings": ref["warnings"],
+            "couplings": rows, "biases": biases,
             "min_cosine": min([r["cosine"] for r in rows + biases], default=1.0)}

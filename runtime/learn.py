@@ -195,6 +195,32 @@ def ep_gradient(eng: Engine, batch: dict, s_plus: dict, s_minus: dict, beta: flo
     return out
 
 
+def spike_train_gradient(eng: Engine, batch: dict, rec_plus: list[dict],
+                         rec_minus: list[dict], beta: float, one_sided: bool = False,
+                         routing: dict | None = None,
+                         labels: Tensor | None = None) -> dict[str, Tensor]:
+    """The EP estimate from spike trains (bernoulli graphs, `--estimate spikes`): the
+    difference quotient of dPhi/dtheta averaged over the recorded time steps of the two
+    nudged phases (Engine.settle's `record`), each step's bernoulli states taken as their
+    spikes and the other states as their values. For a dense coupling between two
+    bernoulli states that is the co-spike count z_dst z_src^T per step, where the rate
+    estimate takes r_dst r_src^T."""
+    if not rec_plus or len(rec_plus) != len(rec_minus):
+        raise EpcError("the spike-train estimate needs the same number of recorded steps "
+                       "of both nudged phases")
+    k = len(rec_plus)
+    rep = lambda t: torch.cat([t] * k)   # noqa: E731
+    stacked = {"n": batch["n"] * k, "clamped": {j: rep(v) for j, v in batch["clamped"].items()},
+               "const": {j: rep(v) for j, v in batch["const"].items()}}
+    sp = {j: torch.cat([r[j] for r in rec_plus]) for j in rec_plus[0]}
+    sm = {j: torch.cat([r[j] for r in rec_minus]) for j in rec_minus[0]}
+    rt = None
+    if routing is not None:
+        rt = eng._routing_rows(routing, rep)
+    return ep_gradient(eng, stacked, sp, sm, beta, one_sided=one_sided, routing=rt,
+                       labels=None if labels is None else rep(labels))
+
+
 # =========================================================================== optimisers
 class NonFiniteGradient(EpcError):
     """A gradient held NaN/Inf; the optimiser applied nothing."""

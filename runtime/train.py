@@ -44,7 +44,8 @@ from .data import Data
 from .distributed import DataParallel, every_process
 from .engine import Engine, schedule_mode
 from .gradcheck import implicit_gradient
-from .learn import NonFiniteGradient, Optimizer, ep_gradient
+from .learn import NonFiniteGradient, Optimizer, ep_gradient, spike_train_gradient
+from .spikes import SpikeCounts, generator, mix_seed
 
 # the implicit gradient's adjoint iteration in training: it converges geometrically at the
 # rate of the sweep's contraction around the fixed point; a sample whose iteration diverges
@@ -81,6 +82,8 @@ class TrainConfig:
     gradient: str = "ep"             # ep | implicit (the exact gradient, a reference)
     divergence: str = "stop"         # stop | warn: what the divergence watch does
     precision: str = "fp32"          # the settle loop's dtype: fp32 | bf16 | fp16
+    estimate: str = "rates"          # bernoulli graphs: EP from the nudged phases' rate
+                                     # estimates, or from their spike trains ('spikes')
 
     def check(self) -> "TrainConfig":
         """Refuse bad values, each by its flag's one rule (compiler/flags.py)."""
@@ -92,7 +95,8 @@ class TrainConfig:
                             ("max_sweeps", self.max_sweeps),
                             ("nudge_sweeps", self.nudge_sweeps), ("tol", self.tol),
                             ("gradient", self.gradient), ("divergence", self.divergence),
-                            ("nudge_form", self.nudge_form), ("precision", self.precision)):
+                            ("nudge_form", self.nudge_form), ("precision", self.precision),
+                            ("estimate", self.estimate)):
             if name == "beta" and value is None:
                 raise EpcError(f"bad --beta None: must be {flags.RULES['beta'].what}")
             flags.check(name, value)
@@ -113,13 +117,45 @@ class TrainConfig:
     RESUME_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
                    "cosine", "clip", "beta", "nudge", "seed", "mode", "max_sweeps",
                    "nudge_sweeps", "tol", "warm_start", "freeze_pool", "pool_freeze",
-                   "augment", "gradient", "decoupled_wd", "nudge_form", "precision")
+                   "augment", "gradient", "decoupled_wd", "nudge_form", "precision",
+                   "estimate")
     # what a checkpoint written before a key existed ran with
     RESUME_DEFAULTS = {"augment": None, "gradient": "ep", "decoupled_wd": False,
-                       "nudge_form": "states", "precision": "fp32"}
+                       "nudge_form": "states", "precision": "fp32", "estimate": "rates"}
+
+    def check_engine(self, eng: Engine) -> None:
+        """The settings that apply to one kind of network only, against `eng`'s: a
+        bernoulli network runs exactly its time steps (no sweep caps, no tolerance), and
+        the spike-train estimate needs spikes."""
+        if eng.stochastic:
+            flag = next((f for k, f in (("max_sweeps", "--max-sweeps"),
+                                        ("nudge_sweeps", "--nudge-sweeps"), ("tol", "--tol"))
+                         if getattr(self, k) is not None), None)
+            if flag:
+                raise EpcError(f"{flag} applies to rate neurons (a sweep cap or tolerance); "
+                               f"this network's bernoulli neurons run each phase for exactly "
+                               f"its time steps (set with epc compile MODEL --time-steps N "
+                               f"--nudge-time-steps M)")
+            if self.gradient == "implicit":
+                raise EpcError("--gradient implicit needs a deterministic fixed point; this "
+                               "network has bernoulli neurons (compile it with --neuron rate "
+                               "for the reference)")
+            if self.nudge_form != "states":
+                raise EpcError(f"--nudge-form {self.nudge_form} settles deterministic "
+                               f"deviations from the free state; this network has bernoulli "
+                               f"neurons (use --nudge-form states)")
+            if self.estimate == "spikes" and self.nudge != "symmetric":
+                raise EpcError("--estimate spikes compares the spike trains of the +beta and "
+                               "-beta phases; it needs --nudge symmetric")
+        elif self.estimate != "rates":
+            raise EpcError(f"--estimate {self.estimate} applies to bernoulli neurons; this "
+                           f"network's neurons are rate")
 
 
 DEAD_SPAN = 1e-6   # a state whose every unit stays within this over a split is dead
+COST_KEYS = ("multiply_adds_per_inference", "time_steps", "spike_rate",
+             "synaptic_events_per_inference")
+EVAL_STREAM = 0x5EED_E7A1   # evaluation's generators: (seed, this, batch) - never a step's
 
 
 class Diverged(EpcError):
@@ -187,9 +223,17 @@ def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
 def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256,
              max_sweeps: int | None = None, tol: float | None = None,
              mode: str | None = None, predictions: bool = False,
-             dp: DataParallel | None = None) -> dict:
+             dp: DataParallel | None = None, seed: int = 0) -> dict:
     """Free-phase accuracy, loss and convergence over a split (and, with `predictions`,
     the predicted class of every sample, as a numpy array).
+
+    Cost of one inference (a free phase): `multiply_adds_per_inference`, the
+    multiply-accumulates of couplings read from inputs (once) and from rate states (every
+    sweep, `mean_sweeps` of them); for a bernoulli network also `time_steps`,
+    `spike_rate` (the mean fraction of bernoulli units firing per time step) and
+    `synaptic_events_per_inference` (spikes delivered over synapses: additions, see
+    runtime/spikes.py). Its spikes draw from one generator per batch, seeded from
+    (`seed`, the batch's index): a split evaluates the same way every time.
 
     `dead_states`: the hidden and output states none of whose units varies by more than
     DEAD_SPAN across the samples (empty for fewer than two samples). Such a state carries
@@ -215,10 +259,14 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
     lo: dict[str, torch.Tensor] = {}
     hi: dict[str, torch.Tensor] = {}
     n = x.shape[0]
+    counts = SpikeCounts(eng) if eng.stochastic else None
     for i in range(0, n, batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size].to(eng.device)
         batch = eng.prepare(xb)
-        r = eng.settle(batch, max_sweeps=max_sweeps, tol=tol, mode=mode)
+        gen = (generator(eng.device, mix_seed(seed, EVAL_STREAM, i // batch_size))
+               if eng.stochastic else None)
+        r = eng.settle(batch, max_sweeps=max_sweeps, tol=tol, mode=mode, gen=gen,
+                       counts=counts)
         bad = eng.check_finite(r.states)
         if bad:
             raise Diverged(f"evaluation diverged: {bad}")
@@ -244,6 +292,7 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
            "unconverged_fraction": unconv / max(n, 1), "mean_sweeps": sweeps / max(nb, 1),
            "samples": n, "dead_states": [j for j, s in zip(watch, spans) if s <= DEAD_SPAN],
            "constant_prediction": next(iter(predicted)) if one_class else None}
+    out.update(inference_cost(eng, out["mean_sweeps"], counts, n))
     if predictions:
         out["predictions"] = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
     return out
@@ -331,6 +380,19 @@ def _evaluate_sharded(eng: Engine, x: torch.Tensor, y: torch.Tensor, dp: DataPar
     return out
 
 
+def inference_cost(eng: Engine, sweeps: float, counts: SpikeCounts | None, n: int) -> dict:
+    """What one free phase costs: multiply-adds (inputs' couplings once, rate-read
+    couplings every sweep) and, for bernoulli networks, spikes and synaptic events."""
+    once, per_sweep = eng.multiply_adds()
+    out = {"multiply_adds_per_inference": once + per_sweep * sweeps}
+    if counts is not None:
+        t = counts.totals()
+        out.update({"time_steps": eng.max_sweeps,
+                    "spike_rate": t["spikes"] / max(t["unit_steps"], 1),
+                    "synaptic_events_per_inference": t["events"] / max(n, 1)})
+    return out
+
+
 @dataclass
 class TrainState:
     epoch: int = 0                       # epochs completed
@@ -345,6 +407,10 @@ class Trainer:
     def __init__(self, eng: Engine, data: Data, cfg: TrainConfig,
                  dp: DataParallel | None = None):
         self.eng, self.data, self.cfg = eng, data, cfg.check()
+        cfg.check_engine(eng)
+        if dp is not None and eng.stochastic:
+            raise EpcError("data-parallel training applies to rate neurons; this network's "
+                           "bernoulli neurons draw their spikes in one process")
         if eng.precision != self.cfg.precision:
             raise EpcError(f"the engine settles in {eng.precision} and the run asks for "
                            f"--precision {self.cfg.precision}: make the engine with "
@@ -380,9 +446,12 @@ class Trainer:
             self.augment.check(tuple(data.train.x.shape[1:]))
 
     # ------------------------------------------------------------------ one step
-    def step(self, xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor, epoch: int) -> dict:
+    def step(self, xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor, epoch: int,
+             number: int = 0) -> dict:
         """One step on the batch xb, yb (rows idx of the training set); with data
-        parallelism the global batch, of which this process settles its shard."""
+        parallelism the global batch, of which this process settles its shard. `number`:
+        the batch's index in the epoch, which with the seed and the epoch seeds a
+        bernoulli network's spikes."""
         eng, cfg, dp = self.eng, self.cfg, self.dp
         sh = None
         if dp is not None:
@@ -393,8 +462,13 @@ class Trainer:
         init = None
         if self.warm is not None:
             init = {j: eng.to_layout(j, self.warm[j][idx].to(eng.device)) for j in eng.settled}
+        # a bernoulli network's spikes: one generator per step, which the nudged phases
+        # continue (runtime/spikes.py), so a resumed run draws what the original drew
+        gen = (generator(eng.device, mix_seed(cfg.seed, epoch, number)) if eng.stochastic
+               else None)
+        record = eng.stochastic and cfg.estimate == "spikes"
         free = eng.settle(batch, init, max_sweeps=cfg.max_sweeps, tol=cfg.tol, mode=cfg.mode,
-                          trace=not self.sweep_trace)
+                          trace=not self.sweep_trace, gen=gen)
         if free.trace:
             self.sweep_trace = free.trace
         bad = eng.check_finite(free.states)
@@ -425,13 +499,19 @@ class Trainer:
         elif cfg.nudge == "symmetric":
             plus, minus = eng.settle_pair(batch, free.states, beta=cfg.beta, labels=yb,
                                           max_sweeps=nsw, tol=cfg.tol, mode=cfg.mode,
-                                          routing=rt)
-            grads = ep_gradient(eng, batch, plus.states, minus.states, cfg.beta, routing=rt,
-                                labels=yb)
+                                          routing=rt, gen=gen, carry=free.carry,
+                                          record=record)
+            if record:
+                grads = spike_train_gradient(eng, batch, plus.recorded, minus.recorded,
+                                             cfg.beta, routing=rt, labels=yb)
+            else:
+                grads = ep_gradient(eng, batch, plus.states, minus.states, cfg.beta,
+                                    routing=rt, labels=yb)
             nudged_sweeps = (plus.sweeps + minus.sweeps) / 2
         else:
             plus = eng.settle(batch, free.states, beta=cfg.beta, labels=yb, max_sweeps=nsw,
-                              tol=cfg.tol, mode=cfg.mode, routing=rt)
+                              tol=cfg.tol, mode=cfg.mode, routing=rt, gen=gen,
+                              carry=free.carry)
             grads = ep_gradient(eng, batch, plus.states, free.states, cfg.beta, one_sided=True,
                                 routing=rt, labels=yb)
             nudged_sweeps = plus.sweeps
@@ -539,7 +619,7 @@ class Trainer:
             for i in range(0, n, cfg.batch_size):
                 idx = perm[i:i + cfg.batch_size]
                 xb = tr.x[idx] if gen is None else self.augment(tr.x[idx], gen)
-                r = self.step(xb, tr.y[idx], idx, e)
+                r = self.step(xb, tr.y[idx], idx, e, i // cfg.batch_size)
                 if e == 0 and tot["batches"] == 0:
                     self.initial_loss = r["loss"] / max(len(idx), 1)
                 for k in ("correct", "loss", "unconverged", "free_sweeps", "nudged_sweeps",
@@ -559,7 +639,7 @@ class Trainer:
             train_secs = time.perf_counter() - t0
             te = evaluate(self.eng, self.data.test.x, self.data.test.y,
                           batch_size=cfg.eval_batch_size, max_sweeps=cfg.max_sweeps,
-                          tol=cfg.tol, mode=cfg.mode, dp=self.dp)
+                          tol=cfg.tol, mode=cfg.mode, dp=self.dp, seed=cfg.seed)
             rec = {"epoch": e + 1, "train_loss": tot["loss"] / n,
                    "train_accuracy": tot["correct"] / n, "test_loss": te["loss"],
                    "test_accuracy": te["accuracy"],
@@ -572,7 +652,9 @@ class Trainer:
                    "dead_states": te["dead_states"],
                    "constant_prediction": te["constant_prediction"],
                    "lr": self.opt.current_lr(), "seconds": train_secs,
-                   "eval_seconds": time.perf_counter() - t0 - train_secs}
+                   "eval_seconds": time.perf_counter() - t0 - train_secs,
+                   # the cost of one test inference (see evaluate)
+                   **{k: te[k] for k in COST_KEYS if k in te}}
             if e == 0 and self.initial_loss is not None:
                 rec["initial_loss"] = self.initial_loss
             why = divergence(self.state.history + [rec], self.chance)

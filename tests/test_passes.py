@@ -530,12 +530,23 @@ def test_output_nonlinearity_is_the_output_state():
 
 
 def test_options_activation_and_neuron():
-    eg = compile_(mlp(), activation=Activation.clip(0.0, 2.0), neuron="bernoulli", cost="ce")
+    eg = compile_(mlp(), activation=Activation.clip(0.0, 0.5), neuron="bernoulli", cost="ce")
     hidden = [s for s in eg.states if s.role == "hidden"]
-    assert hidden and all(s.act == Activation.clip(0.0, 2.0) for s in hidden)
+    assert hidden and all(s.act == Activation.clip(0.0, 0.5) for s in hidden)
     assert all(s.neuron == "bernoulli" for s in hidden)
     assert eg.output_state().neuron == "rate"      # a linear readout has no firing probability
     assert eg.costs[0].kind == "ce"
+    assert eg.schedule.spiking is not None
+
+
+@pytest.mark.parametrize("act", [Activation.clip(0.0, 2.0), Activation.clip(-1.0, 1.0),
+                                 Activation.relu()])
+def test_bernoulli_needs_a_probability(act):
+    """A bernoulli neuron fires with probability rho(u): an activation outside [0, 1]
+    (unbounded, or bounded past 1 or below 0) is refused, naming the state."""
+    with pytest.raises(EpcError, match=r"state h1: --neuron bernoulli needs a firing "
+                                       r"probability"):
+        compile_(mlp(), activation=act, neuron="bernoulli")
 
 
 # =========================================================================== symmetrize

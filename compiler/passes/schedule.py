@@ -22,9 +22,14 @@ Mode 'sync' keeps the same classes (so the colouring is still visible), but the 
 updates every state at once from the previous sweep; the verifier checks colour separation
 only in mode 'colour'.
 
+A graph with bernoulli states also gets the schedule's `spiking` part (ir.Spiking: the
+time steps of each phase, the rate estimate's averaging, the nudged phases' sampling), from
+the options' --time-steps, --nudge-time-steps, --averaging and --sampling.
+
 Requires: an energy-form graph.
 Ensures:  graph.schedule = Schedule(opts.schedule, classes, opts.max_sweeps,
-          opts.nudge_sweeps, opts.tol); every settled (non-teacher) state is in exactly one
+          opts.nudge_sweeps, opts.tol, spiking), spiking = opts.spiking() when a state is
+          bernoulli, else None; every settled (non-teacher) state is in exactly one
           class; in each class no two states share a coupling (in mode 'sync' too); the
           first class holds a state nearest the input; nothing but the schedule changes.
 The pass manager checks these conditions.
@@ -108,6 +113,9 @@ def ensures(before: Graph, after: Graph, opts: CompileOptions) -> list[str]:
     if (s.mode, s.max_sweeps, s.nudge_sweeps, s.tol) != (
             opts.schedule, opts.max_sweeps, opts.nudge_sweeps, opts.tol):
         errs.append("the schedule's mode, caps or tolerance differ from the options")
+    if s.spiking != (opts.spiking() if after.stochastic else None):
+        errs.append("the schedule's spiking part does not match the bernoulli states and the "
+                    "options")
     colour = {n: k for k, cls in enumerate(s.classes) for n in cls}
     listed = [n for cls in s.classes for n in cls]
     if sorted(listed) != sorted(x.name for x in after.settled_states()):
@@ -127,7 +135,8 @@ def transform(g: Graph, opts: CompileOptions) -> Graph:
         raise EpcError(f"bad schedule {opts.schedule!r} (supported: colour, sync)")
     g = g.copy()
     g.schedule = Schedule(opts.schedule, classes(g), int(opts.max_sweeps),
-                          int(opts.nudge_sweeps), float(opts.tol))
+                          int(opts.nudge_sweeps), float(opts.tol),
+                          opts.spiking() if g.stochastic else None)
     return g
 
 

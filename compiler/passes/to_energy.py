@@ -41,9 +41,9 @@ Ensures:  an energy-form graph:
             uniform per channel of a [C, H, W] state, else in full shape; no bias when zero
             terms were ever added (no Bias upstream);
           * Cost 'label' on the output state, kind opts.cost, target 'label', weight 1;
-          * every state with a bounded act (clip, hardsigmoid) has neuron opts.neuron; states
-            with an identity or relu act (linear readouts) are 'rate', since a Bernoulli
-            neuron's firing probability rho(u) must be bounded;
+          * with --neuron rate every state is 'rate'; with --neuron bernoulli every state
+            but identity ones (linear readouts) is 'bernoulli', and its act lies in [0, 1]
+            (a firing probability; any other act is refused with an EpcError naming it);
           * weights no longer referenced are removed.
 The pass manager checks these conditions except the names and the biases' values
 (tests/test_passes.py checks that one feedforward sweep of the result computes the source).
@@ -178,13 +178,24 @@ def state_act(fn: Activation, opts: CompileOptions) -> tuple[Activation, Activat
                    f"hardsigmoid)")
 
 
-def neuron_for(act: Activation, opts: CompileOptions) -> str:
-    """opts.neuron for states with a bounded activation; 'rate' for identity / relu states.
+def neuron_for(act: Activation, opts: CompileOptions, where: str = "state") -> str:
+    """opts.neuron for states with a nonlinear activation; 'rate' for identity states (a
+    linear readout has no firing probability and stays deterministic).
 
-    A Bernoulli (StochEP) neuron fires with probability rho(u), which needs rho bounded; a
-    linear readout or an unbounded ReLU has no firing probability and stays deterministic.
+    A Bernoulli (StochEP) neuron fires with probability rho(u), so rho must lie in [0, 1]
+    (a hard sigmoid, or clip(lo, hi) inside [0, 1]): any other activation with bernoulli
+    neurons is refused, naming the state.
     """
-    return opts.neuron if act.bounded else "rate"
+    if act.kind == "identity" or opts.neuron == "rate":
+        return "rate"
+    if not act.probability:
+        shown = f"{act.kind}({', '.join(f'{k}={v}' for k, v in act.fields().items())})"
+        raise EpcError(f"{where}: --neuron {opts.neuron} needs a firing probability "
+                       f"rho(u) in [0, 1], but its activation {shown} is "
+                       f"{'unbounded' if not act.bounded else 'not within [0, 1]'}; use "
+                       f"--activation clip:1 or hardsigmoid (a ReLU in the model settles with "
+                       f"--activation's function), or --neuron rate")
+    return opts.neuron
 
 
 def _fresh(g: Graph, base: str, reserved: set[str]) -> str:
@@ -200,8 +211,8 @@ def _emit_state(g: Graph, name: str, form: LinearForm, act: Activation, source_a
                 role: str, opts: CompileOptions, reserved: set[str] = frozenset()) -> None:
     """Append State `name` whose pre-activation is `form` (its couplings and bias)."""
     bias = None
-    g.states.append(State(name, tuple(form.shape), act, source_act, neuron_for(act, opts), role,
-                          None))
+    g.states.append(State(name, tuple(form.shape), act, source_act,
+                          neuron_for(act, opts, f"state {name}"), role, None))
     if form.const is not None:
         bias = _fresh(g, f"{name}.bias", reserved)
         g.weights[bias] = compact(form.const, form.shape).astype(np.float32)
@@ -336,8 +347,11 @@ def ensures(before: Graph, after: Graph, opts: CompileOptions) -> list[str]:
     out = after.output_state().name
     errs += [f"state {s.name}: role {s.role}" for s in after.states
              if s.role not in ("hidden", "output")]
-    errs += [f"state {s.name}: neuron {s.neuron} with an unbounded act" for s in after.states
-             if not s.act.bounded and s.neuron != "rate"]
+    errs += [f"state {s.name}: neuron {s.neuron} with an act outside [0, 1]"
+             for s in after.states if s.neuron == "bernoulli" and not s.act.probability]
+    errs += [f"state {s.name}: neuron {s.neuron}, expected "
+             f"{'rate' if s.act.kind == 'identity' else opts.neuron}" for s in after.states
+             if s.neuron != ("rate" if s.act.kind == "identity" else opts.neuron)]
     errs += [f"coupling {c.name}: kind {c.kind}, feedback {c.feedback} (expected forward, "
              f"no feedback)" for c in after.couplings if c.kind != "forward" or c.feedback]
     if [(k.state, k.kind, k.target, k.weight) for k in after.costs] != \
