@@ -232,6 +232,7 @@ def test_mixed_graph_rate_and_bernoulli_states(tmp_path, run_cli, examples):
 def test_rate_only_flags_refused_on_bernoulli(bern_path, cli):
     for args, needle in ((["train", bern_path, "--max-sweeps", "10"], "--max-sweeps"),
                          (["train", bern_path, "--gradient", "implicit"], "implicit"),
+                         (["train", bern_path, "--nudge-form", "deviation"], "--nudge-form"),
                          (["eval", bern_path, "--tol", "0.01"], "--tol"),
                          (["train", bern_path, "--estimate", "spikes", "--nudge", "one-sided"],
                           "symmetric")):
