@@ -233,6 +233,8 @@ def test_rate_only_flags_refused_on_bernoulli(bern_path, cli):
     for args, needle in ((["train", bern_path, "--max-sweeps", "10"], "--max-sweeps"),
                          (["train", bern_path, "--gradient", "implicit"], "implicit"),
                          (["train", bern_path, "--nudge-form", "deviation"], "--nudge-form"),
+                         (["train", bern_path, "--precision", "bf16"], "--precision"),
+                         (["eval", bern_path, "--precision", "bf16"], "--precision"),
                          (["eval", bern_path, "--tol", "0.01"], "--tol"),
                          (["train", bern_path, "--estimate", "spikes", "--nudge", "one-sided"],
                           "symmetric")):
