@@ -248,6 +248,9 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
     With `dp`, each batch is split over the processes (runtime/distributed.py) and the
     result, the whole split's, is the same in every process.
     """
+    if dp is not None and eng.stochastic:
+        raise EpcError("data-parallel evaluation applies to rate neurons; this network's "
+                       "bernoulli neurons draw their spikes in one process")
     if dp is not None:
         return _evaluate_sharded(eng, x, y, dp, batch_size=batch_size, max_sweeps=max_sweeps,
                                  tol=tol, mode=mode, predictions=predictions)
