@@ -44,7 +44,7 @@ SPIKING_FLAGS = {"time_steps": "time-steps", "nudge_time_steps": "nudge-time-ste
 class CompileOptions:
     activation: Activation = field(default_factory=lambda: Activation.clip(0.0, 1.0))
     feedback: bool = True                 # symmetrize: tied feedback on every coupling
-    feedback_gain: float | str = 1.0      # symmetrize: feedback regulation ratio, or 'auto'
+    feedback_gain: float | str = "auto"  # symmetrize: feedback regulation ratio, or 'auto'
     pool_first: bool = False              # pool_first: act(maxpool(u)) for maxpool(act(u))
     identity_skip: str = "identity"       # residual: 'identity' (weightless) or 'learned' (1x1)
     skip_gain: float = 1.0                # residual: state-to-state skips scaled at init

@@ -240,7 +240,7 @@ def compile_result(source: Any, *, output: str | None = None, target: str = "ir"
                    neuron: str = "rate", time_steps: int | None = None,
                    nudge_time_steps: int | None = None, averaging: str | None = None,
                    sampling: str | None = None, identity_skip: str = "identity",
-                   skip_gain: float = 1.0, feedback_gain: "float | str" = 1.0,
+                   skip_gain: float = 1.0, feedback_gain: "float | str" = "auto",
                    schedule: str | None = None,
                    max_sweeps: int | None = None, nudge_sweeps: int | None = None,
                    tol: float | None = None, print_after_all: bool = False,
@@ -450,7 +450,7 @@ def opt(source: Any, *, passes: "list[str] | None" = None, output: str | None = 
         neuron: str = "rate", time_steps: int | None = None,
         nudge_time_steps: int | None = None, averaging: str | None = None,
         sampling: str | None = None, identity_skip: str = "identity", skip_gain: float = 1.0,
-        feedback_gain: "float | str" = 1.0,
+        feedback_gain: "float | str" = "auto",
         schedule: str | None = None, max_sweeps: int | None = None,
         nudge_sweeps: int | None = None, tol: float | None = None,
         print_after_all: bool = False, memory_limit: "str | int | None" = None) -> str:

@@ -323,7 +323,7 @@ SKIP_GAIN_OPT = typer.Option(
          "(docs/findings.md, deep nets); G < 0.55 keeps a chain of 6 convex. 1 = the source "
          "model's function (what --verify checks).")
 FEEDBACK_GAIN_OPT = typer.Option(
-    "1", "--feedback-gain",
+    "auto", "--feedback-gain",
     help="Feedback regulation: the tied feedback of a coupling from depth d to d+k drives "
          "its source at gain R^k (R in (0, 1]); EP's estimate is corrected for it. auto: "
          "1 for one hidden layer, 0.1 deeper (measured on MLPs). 1 = symmetric feedback.")
@@ -783,7 +783,17 @@ def _train_summary(m: dict) -> str:
                if m.get("excluded_samples") else "")
             + (f"; bernoulli: {m['time_steps']} time steps, spike rate {m['spike_rate']:.4f}, "
                f"{m['synaptic_events_per_inference']:,.0f} synaptic events per inference"
-               if "spike_rate" in m else ""))
+               if "spike_rate" in m else "")
+            + (f"\n{_recipe_line(m['recipe'])}" if m.get("recipe") else ""))
+
+
+def _recipe_line(r: dict) -> str:
+    """The depth recipe the run used (metrics JSON: `recipe`), as the flags that set it."""
+    fb = ("symmetric feedback (feedback gain 1)" if not r["regulated_couplings"] else
+          f"feedback gain {r['feedback_gain']:g} a level on {r['regulated_couplings']} "
+          f"couplings")
+    return (f"recipe: {r['hidden_states']} hidden states, {fb}, weight decay "
+            f"{r['weight_decay']:g} ({r['weight_decay_form']})")
 
 
 def _program_train_summary(m: dict) -> str:

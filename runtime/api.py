@@ -101,6 +101,20 @@ def make_engine(src: Any, *, device: str | None = None, dtype: str = "float32",
                   precision=precision), b, name
 
 
+def recipe(eng: Engine, cfg: TrainConfig) -> dict:
+    """The depth recipe a run trains with, in words a user can pass back as flags: the
+    feedback regulation the compiled graph carries (`epc compile --feedback-gain`, 'auto'
+    resolved per graph) and the form of weight decay."""
+    gains = eng.feedback_gain          # the couplings whose feedback gain is not 1
+    fb = ({"feedback_gain": 1.0, "regulated_couplings": 0} if not gains else
+          # a chain coupling (depth d to d+1) carries the ratio R, a skip over k levels R^k
+          {"feedback_gain": max(gains.values()), "regulated_couplings": len(gains),
+           "smallest_gain": min(gains.values())})
+    return {**fb, "hidden_states": sum(s.role == "hidden" for s in eng.graph.states),
+            "weight_decay": cfg.weight_decay,
+            "weight_decay_form": "decoupled" if cfg.decoupled_wd else "L2"}
+
+
 def _data_for(eng: Engine, data: str, data_dir, resize, channels, dataset) -> Data:
     if len(eng.inputs) != 1:
         raise EpcError(f"graph has {len(eng.inputs)} inputs; the runtime trains one-input graphs")
@@ -313,6 +327,7 @@ def _train_run(trainer: Trainer, cfg: TrainConfig, base: Bundle, name: str, d: D
             else None,
             "train_samples": ntrain, "test_samples": int(d.test.x.shape[0]),
             "config": {k: getattr(cfg, k) for k in TrainConfig.RESUME_KEYS},
+            "recipe": recipe(eng, cfg),
             # what else decides the bits of a run: the thread count changes the order of
             # torch's parallel sums, and so the last bits of every result
             "threads": torch.get_num_threads(), "torch_version": torch.__version__,

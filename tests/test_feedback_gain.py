@@ -74,7 +74,7 @@ def test_compile_sets_gains_by_depth_and_round_trips():
     a2 = Engine(s).feedback_scales()
     assert a2["out"] == 1.0 and a2["h3"] == pytest.approx(0.5) and a2["h1"] == pytest.approx(0.125)
     # gain 1 leaves the IR text as it was
-    plain = epc.compile(_mlp_module(3), example_input=torch.zeros(2, 64))
+    plain = epc.compile(_mlp_module(3), example_input=torch.zeros(2, 64), feedback_gain=1)
     assert "feedback_gain" not in print_graph(plain)
 
 
@@ -86,6 +86,51 @@ def test_auto_regulates_only_deep_chains():
     assert {c.feedback_gain for c in deep.couplings if c.feedback} == {0.1}
     assert {c.feedback_gain for c in two.couplings if c.feedback} == {0.1}
     assert {c.feedback_gain for c in shallow.couplings} == {1.0}
+
+
+def test_auto_is_the_default_and_keeps_one_hidden_layer_symmetric():
+    """No flag: auto. One hidden layer compiles to the very graph gain 1 gives (the shallow
+    examples keep their bits); deeper chains, conv graphs included, get the ratio."""
+    from epc.compiler.text import print_graph as text
+    x = torch.zeros(2, 64)
+    assert CompileOptions().feedback_gain == "auto"
+    assert text(epc.compile(_mlp_module(1), example_input=x)) == \
+        text(epc.compile(_mlp_module(1), example_input=x, feedback_gain=1))
+    deep = epc.compile(_mlp_module(3), example_input=x)
+    assert {c.feedback_gain for c in deep.couplings if c.feedback} == {0.1}
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    g = epc.compile(conv, example_input=torch.zeros(2, 1, 8, 8))
+    assert {c.feedback_gain for c in g.couplings if c.feedback} == {0.1}
+
+
+def test_neuromorphic_target_resolves_auto_to_symmetric_feedback(tmp_path):
+    """The core applies tied feedback at gain 1: for it, auto (the default) is gain 1 at any
+    depth, and an explicit other gain stays refused with one line."""
+    m = _mlp_module(3)
+    x = torch.zeros(2, 64)
+    g = epc.compile(m, example_input=x, target="neuromorphic", output=str(tmp_path / "m.nc"))
+    assert {c.feedback_gain for c in g.couplings} == {1.0}
+    assert (tmp_path / "m.nc").stat().st_size > 0
+    with pytest.raises(EpcError, match="--feedback-gain 1"):
+        epc.compile(m, example_input=x, target="neuromorphic", feedback_gain=0.5,
+                    output=str(tmp_path / "n.nc"))
+
+
+def test_train_metrics_name_the_recipe(tmp_path):
+    """The run's metrics (and the CLI's summary) say which depth recipe it trained with."""
+    from epc.runtime.api import train
+    x = torch.zeros(2, 64)
+    m = train(epc.compile(_mlp_module(3), example_input=x), epochs=1, stop_after=None,
+              decoupled_wd=True, seed=0)
+    r = m["recipe"]
+    assert r["feedback_gain"] == pytest.approx(0.1) and r["regulated_couplings"] == 3
+    assert r["hidden_states"] == 3 and r["weight_decay_form"] == "decoupled"
+    m1 = train(epc.compile(_mlp_module(1), example_input=x), epochs=1, seed=0)
+    assert m1["recipe"]["feedback_gain"] == 1.0 and m1["recipe"]["regulated_couplings"] == 0
+    assert m1["recipe"]["weight_decay_form"] == ("decoupled" if m1["config"]["decoupled_wd"]
+                                                 else "L2")
 
 
 @pytest.mark.parametrize("bad", [0, -0.5, 1.5, math.nan, "fast", True])

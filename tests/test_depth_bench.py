@@ -1,0 +1,74 @@
+"""bench/depth.py: the depth ladder runs EP and backprop side by side from the same initial
+weights, records each run's config and recipe, and renders its JSON as a table.
+
+A short cut of the ladder (two MLP rungs, one epoch): `--quick` itself (mlp1, mlp5, vgg2,
+3 epochs) takes a few minutes on two cores and is not run here."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import depth
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def ladder():
+    return depth.run_ladder(["mlp1", "mlp3"], data="digits", epochs=1, seeds=[0],
+                            bp_lrs=[2e-3], toggle_names=["feedback_gain", "decoupled_wd"],
+                            log=lambda m: None)
+
+
+def test_every_rung_has_ep_variants_and_backprop(ladder):
+    assert list(ladder["nets"]) == ["mlp1", "mlp3"]
+    for name, row in ladder["nets"].items():
+        ep = row["ep"]
+        assert list(ep)[0] == "defaults" and len(ep) == 3
+        bp = row["backprop"]
+        # one epoch on digits: both learn well above chance (10%)
+        assert ep["defaults"]["test_accuracy"] > 0.3, name
+        assert bp["test_accuracy"] > 0.5, name
+        assert row["ep_minus_backprop"] == pytest.approx(
+            ep["defaults"]["test_accuracy"] - bp["test_accuracy"])
+        for v in ep.values():
+            run = v["runs"][0]
+            assert run["config"]["epochs"] == 1 and run["recipe"]["hidden_states"] == \
+                row["hidden_states"]
+            assert 0.0 <= v["at_cap"] <= v["at_cap_max"] <= 1.0
+            assert v["free_sweeps"] >= 1 and v["seconds_per_epoch"] > 0
+
+
+def test_toggles_change_what_they_name(ladder):
+    mlp1, mlp3 = ladder["nets"]["mlp1"]["ep"], ladder["nets"]["mlp3"]["ep"]
+    defaults = ladder["defaults"]
+    gain_toggle = next(k for k in mlp3 if k.startswith("feedback_gain="))
+    wd_toggle = next(k for k in mlp3 if k.startswith("decoupled_wd="))
+    # auto keeps one hidden layer symmetric: its gain toggle is the defaults' own run
+    assert mlp1[gain_toggle].get("same_as") == "defaults"
+    # on three hidden layers the two gain settings compile differently
+    regulated = {v["runs"][0]["compiled"]["regulated_couplings"]
+                 for v in (mlp3["defaults"], mlp3[gain_toggle])}
+    assert regulated == {0, 3}
+    assert mlp3[gain_toggle].get("same_as") is None
+    forms = {mlp3["defaults"]["runs"][0]["recipe"]["weight_decay_form"],
+             mlp3[wd_toggle]["runs"][0]["recipe"]["weight_decay_form"]}
+    assert forms == {"L2", "decoupled"}
+    assert mlp3[wd_toggle]["runs"][0]["config"]["decoupled_wd"] == (not defaults["decoupled_wd"])
+
+
+def test_markdown_renders_every_run(ladder, tmp_path, capsys):
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps(ladder))
+    assert depth.main(["--markdown", str(p)]) == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| mlp") or ln.startswith("|  |")]
+    assert len(rows) == 6
+    assert "(= defaults)" in out and "EP - BP" in out
+
+
+def test_quick_subset_is_stated():
+    assert depth.QUICK["nets"] and depth.QUICK["epochs"] <= 3
+    assert set(depth.QUICK["nets"]) <= set(depth.LADDER)
