@@ -565,7 +565,7 @@ def _float_only_error(model: str) -> Callable[[str], str]:
 def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
           resize: str | None = None, channels: int | None = None, epochs: int = 30,
           batch_size: int = 32, optimizer: str = "adam", lr: float = 5e-4,
-          momentum: float = 0.9, weight_decay: float = 1e-3, decoupled_wd: bool = False,
+          momentum: float = 0.9, weight_decay: float = 1e-3, decoupled_wd: bool = True,
           cosine: bool = True,
           clip: float | None = None, beta: float | None = None, lr_shift: int | None = None,
           output: str | None = None, nudge: str = "symmetric", nudge_form: str = "states",

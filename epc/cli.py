@@ -792,7 +792,8 @@ def _recipe_line(r: dict) -> str:
     fb = ("symmetric feedback (feedback gain 1)" if not r["regulated_couplings"] else
           f"feedback gain {r['feedback_gain']:g} a level on {r['regulated_couplings']} "
           f"couplings")
-    return (f"recipe: {r['hidden_states']} hidden states, {fb}, weight decay "
+    n = r["hidden_states"]
+    return (f"recipe: {n} hidden state{'s' if n != 1 else ''}, {fb}, weight decay "
             f"{r['weight_decay']:g} ({r['weight_decay_form']})")
 
 
@@ -821,11 +822,14 @@ def train_cmd(
         5e-4, help="peak learning rate (digits: 5e-4 to 1e-3 for MLPs, 3e-4 for conv)"),
     momentum: float = typer.Option(0.9, help="SGD momentum"),
     weight_decay: float = typer.Option(
-        1e-3, help="L2 weight decay (curbs overfitting of the settled network)"),
+        1e-3, help="weight decay (curbs overfitting of the settled network); its form: "
+                   "--decoupled-wd / --l2-wd"),
     decoupled_wd: bool = typer.Option(
-        False, "--decoupled-wd",
-        help="apply --weight-decay as a shrink of the weights by lr*wd a step (AdamW) "
-             "instead of an L2 term: deep MLPs keep their deep layers"),
+        True, "--decoupled-wd/--l2-wd",
+        help="decoupled: --weight-decay shrinks the weights by lr*wd a step (AdamW); "
+             "l2: it is an L2 term added to the gradient, which Adam normalises, so "
+             "small-gradient weights shrink ~lr a step: MLPs with 8 hidden layers collapse "
+             "to one class at wd 1e-3 (bench.depth: 8.3% against 96.1% decoupled)"),
     cosine: bool = typer.Option(True, help="cosine learning-rate decay to 0"),
     clip: Optional[float] = typer.Option(None, help="clip the gradient norm to this",
                                          show_default="no clipping"),

@@ -192,7 +192,7 @@ def _check_timeout(formed: bool, timeout: float) -> None:
 def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize=None,
           channels: int | None = None, dataset=None, epochs: int = 30, batch_size: int = 32,
           optimizer: str = "adam", lr: float = 5e-4, momentum: float = 0.9,
-          weight_decay: float = 1e-3, decoupled_wd: bool = False, cosine: bool = True,
+          weight_decay: float = 1e-3, decoupled_wd: bool = True, cosine: bool = True,
           clip: float | None = None, beta: float = 0.2, nudge: str = "symmetric",
           nudge_form: str = "states", gradient: str = "ep", estimate: str = "rates",
           seed: int = 0,

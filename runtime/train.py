@@ -63,7 +63,7 @@ class TrainConfig:
     lr: float = 5e-4                 # tuned on digits: docs/findings.md
     momentum: float = 0.9
     weight_decay: float = 1e-3
-    decoupled_wd: bool = False       # weight decay as a shrink (AdamW), not an L2 term
+    decoupled_wd: bool = True        # weight decay as a shrink (AdamW), not an L2 term
     cosine: bool = True
     clip: float | None = None        # gradient-norm clipping threshold
     beta: float = 0.2

@@ -122,15 +122,15 @@ def test_train_metrics_name_the_recipe(tmp_path):
     """The run's metrics (and the CLI's summary) say which depth recipe it trained with."""
     from epc.runtime.api import train
     x = torch.zeros(2, 64)
-    m = train(epc.compile(_mlp_module(3), example_input=x), epochs=1, stop_after=None,
-              decoupled_wd=True, seed=0)
+    m = train(epc.compile(_mlp_module(3), example_input=x), epochs=1, seed=0)
     r = m["recipe"]
     assert r["feedback_gain"] == pytest.approx(0.1) and r["regulated_couplings"] == 3
     assert r["hidden_states"] == 3 and r["weight_decay_form"] == "decoupled"
     m1 = train(epc.compile(_mlp_module(1), example_input=x), epochs=1, seed=0)
     assert m1["recipe"]["feedback_gain"] == 1.0 and m1["recipe"]["regulated_couplings"] == 0
-    assert m1["recipe"]["weight_decay_form"] == ("decoupled" if m1["config"]["decoupled_wd"]
-                                                 else "L2")
+    m2 = train(epc.compile(_mlp_module(1), example_input=x), epochs=1, seed=0,
+               decoupled_wd=False)
+    assert m2["recipe"]["weight_decay_form"] == "L2"
 
 
 @pytest.mark.parametrize("bad", [0, -0.5, 1.5, math.nan, "fast", True])
@@ -222,10 +222,10 @@ def test_decoupled_weight_decay_shrinks_instead_of_adding_l2():
 def test_decoupled_weight_decay_is_a_resume_key(tmp_path):
     from epc.runtime.api import train
     g = zoo.mlp((64, 16, 10))
-    m = train(g, epochs=2, decoupled_wd=True, checkpoint=str(tmp_path / "ck"), stop_after=1)
-    assert m["config"]["decoupled_wd"] is True
+    m = train(g, epochs=2, checkpoint=str(tmp_path / "ck"), stop_after=1)
+    assert m["config"]["decoupled_wd"] is True       # the default
     with pytest.raises(EpcError, match="decoupled_wd"):
-        train(g, epochs=2, checkpoint=str(tmp_path / "ck"), resume=True)
+        train(g, epochs=2, decoupled_wd=False, checkpoint=str(tmp_path / "ck"), resume=True)
 
 
 def test_deviation_form_equals_the_plain_phases_in_float64():
