@@ -66,6 +66,7 @@ class CompileOptions:
     nudge_sweeps: int = 40
     tol: float = 1e-4
     source_path: str | None = None        # the file compiled (teacher 'source' provenance)
+    target: str | None = None             # the target compiled for, set by the driver
     teacher_graph: object = None          # feedforward Graph of the teacher, set by the driver
 
     def check(self) -> "CompileOptions":

@@ -266,6 +266,7 @@ def compile_result(source: Any, *, output: str | None = None, target: str = "ir"
                        "resize"),
                       lambda flag: f"{flag} applies to --target neuromorphic")
     opts, sched = _compile_options(locals())
+    opts.target = target   # 'auto' feedback gain resolves per target (symmetrize)
     if isinstance(source, (str, os.PathLike)):
         src: "str | Source" = os.fspath(source)
     elif isinstance(source, Graph):     # a graph in memory: compiled, or passed through

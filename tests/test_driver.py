@@ -312,8 +312,11 @@ def test_piped_training_prints_each_epoch_once(mlp_path):
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     assert [l.split(":")[0] for l in lines] == ["epoch 1", "epoch 2", "trained 2 "
-                                                "epochs in " + lines[-1].split(" in ")[1]
-                                                .split(":")[0]]
+                                                "epochs in " + lines[-2].split(" in ")[1]
+                                                .split(":")[0], "recipe"]
+    # the recipe the run picked (metrics JSON: recipe), as the flags that set it
+    assert lines[-1] == ("recipe: 1 hidden state, symmetric feedback (feedback gain 1), "
+                         "weight decay 0.001 (decoupled)"), lines[-1]
     assert "━" not in p.stdout and "\x1b" not in p.stdout
 
 

@@ -51,6 +51,10 @@ def regulation_ratio(g: Graph, opts: CompileOptions) -> float:
     """The per-level feedback gain r that opts.feedback_gain asks for on graph g."""
     if opts.feedback_gain != "auto":
         return float(opts.feedback_gain)
+    if opts.target == "neuromorphic":
+        # the core applies tied feedback at gain 1 (targets/neuromorphic/quantize.py refuses
+        # other gains): there the recipe is symmetric feedback at any depth
+        return 1.0
     d = depths(g)
     out = max((d[s.name] for s in g.states if s.role == "output"), default=1)
     # hidden states on the longest input -> output path
