@@ -27,7 +27,7 @@ def _one(src: str, repeats: int) -> dict:
     from epc.targets.neuromorphic.quantize import quantize_graph
     from epc.targets.neuromorphic.validate import validate
 
-    g = compile_source(src, CompileOptions()).graph
+    g = compile_source(src, CompileOptions(target="neuromorphic")).graph
     _, _, xte, yte = program_dataset("digits", g.inputs[0].shape, num_classes=10)
     eng, _, _ = make_engine(g, dtype="float32")
     xt = torch.as_tensor(xte, dtype=torch.float32)

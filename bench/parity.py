@@ -91,7 +91,7 @@ def onchip(epochs: int, seed: int, float_acc: float | None, tmp: str) -> dict:
     from epc.runtime.programs import train_program
     from epc.targets.neuromorphic.api import compile_program
 
-    g = compile_source(os.path.join(ROOT, "examples", "mlp_digits.onnx"), CompileOptions()).graph
+    g = compile_source(os.path.join(ROOT, "examples", "mlp_digits.onnx"), CompileOptions(target="neuromorphic")).graph
     path = os.path.join(tmp, "mlp_untrained_w8.nc")
     compile_program(g, path)
     t0 = time.perf_counter()

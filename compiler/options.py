@@ -98,6 +98,10 @@ class CompileOptions:
                 raise EpcError(f"bad {flags.flag(flag)} None: must be {flags.RULES[flag].what}")
             setattr(self, name, flags.check(flag, v))
         self._check_spiking()
+        if self.readout and self.feedback_gain not in ("auto", 1.0):
+            raise EpcError(f"--feedback-gain {self.feedback_gain:g} with --readout: feedback "
+                           f"regulation is anchored at the output state, which a readout takes "
+                           f"out of the energy; use one or the other")
         return self
 
     def _check_spiking(self) -> None:

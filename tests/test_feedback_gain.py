@@ -133,6 +133,17 @@ def test_train_metrics_name_the_recipe(tmp_path):
     assert m2["recipe"]["weight_decay_form"] == "L2"
 
 
+def test_readout_keeps_symmetric_feedback_under_auto_and_refuses_a_gain():
+    """A readout takes the output coupling out of the energy, where the gains' rescaling is
+    anchored: auto (the default) compiles it symmetric; an explicit gain is one error."""
+    x = torch.zeros(2, 64)
+    g = epc.compile(_mlp_module(3), example_input=x, readout=True, cost="ce")
+    assert {c.feedback_gain for c in g.couplings} == {1.0}
+    assert CompileOptions(readout=True, feedback_gain="1").check().feedback_gain == 1.0
+    with pytest.raises(EpcError, match="--feedback-gain 0.5 with --readout"):
+        CompileOptions(readout=True, feedback_gain=0.5).check()
+
+
 @pytest.mark.parametrize("bad", [0, -0.5, 1.5, math.nan, "fast", True])
 def test_bad_gain_options_are_refused(bad):
     with pytest.raises(EpcError, match="feedback-gain"):

@@ -43,7 +43,7 @@ def _calibrated(g, path, **kw):
 def mlp():
     """The example MLP compiled to an energy graph, its weights trained by backprop (fast)."""
     torch.manual_seed(0)
-    g = compile_source(os.path.join(EX, "mlp_digits.onnx"), CompileOptions()).graph
+    g = compile_source(os.path.join(EX, "mlp_digits.onnx"), CompileOptions(target="neuromorphic")).graph
     xtr, ytr, xte, yte = _digits(g.inputs[0].shape)
     c1, c2 = g.couplings
     h, o = g.states
@@ -213,7 +213,7 @@ def test_mlp_matches_independent_integer_reference(mlp):
 
 
 def test_resnet13_compiles_and_matches_integer_reference(tmp_path):
-    g = compile_source(os.path.join(EX, "resnet13.onnx"), CompileOptions()).graph
+    g = compile_source(os.path.join(EX, "resnet13.onnx"), CompileOptions(target="neuromorphic")).graph
     prog = api.compile_program(g, tmp_path / "r13.nc")
     again = api.load_program(tmp_path / "r13.nc")
     assert to_bytes(again) == to_bytes(prog)
@@ -354,7 +354,7 @@ def test_nudge_and_learning_arithmetic(mlp):
 
 
 def test_on_chip_learning_is_reproducible_and_learns(tmp_path):
-    g = compile_source(os.path.join(EX, "mlp_digits.onnx"), CompileOptions()).graph
+    g = compile_source(os.path.join(EX, "mlp_digits.onnx"), CompileOptions(target="neuromorphic")).graph
     api.compile_program(g, tmp_path / "u.nc")
     before = programs.run_program(tmp_path / "u.nc", limit=200)
     kw = dict(epochs=1, lr_shift=10, beta=0.5, limit=480)
@@ -374,7 +374,7 @@ def test_on_chip_learning_is_reproducible_and_learns(tmp_path):
 def conv():
     """The example conv net (two max-pools on settled states), trained briefly by backprop."""
     torch.manual_seed(0)
-    g = compile_source(os.path.join(EX, "conv_digits.onnx"), CompileOptions()).graph
+    g = compile_source(os.path.join(EX, "conv_digits.onnx"), CompileOptions(target="neuromorphic")).graph
     xtr, ytr, xte, yte = _digits(g.inputs[0].shape)
     nn = torch.nn
     net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.Hardtanh(0, 1), nn.MaxPool2d(2),

@@ -55,6 +55,11 @@ def regulation_ratio(g: Graph, opts: CompileOptions) -> float:
         # the core applies tied feedback at gain 1 (targets/neuromorphic/quantize.py refuses
         # other gains): there the recipe is symmetric feedback at any depth
         return 1.0
+    if opts.readout:
+        # the readout pass takes the head's coupling out of the energy, and the gains'
+        # rescaled energy is anchored at the output state (Engine.feedback_scales): not
+        # combined (yet), so auto keeps symmetric feedback there
+        return 1.0
     d = depths(g)
     out = max((d[s.name] for s in g.states if s.role == "output"), default=1)
     # hidden states on the longest input -> output path
