@@ -364,8 +364,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.depth", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None, help="write results here (rewritten after every net)")
-    ap.add_argument("--markdown", default=None, metavar="JSON",
-                    help="print the table of a results JSON and exit")
+    ap.add_argument("--markdown", nargs="+", default=None, metavar="JSON",
+                    help="print the table of each results JSON and exit")
     ap.add_argument("--quick", action="store_true",
                     help=f"the quick subset: {QUICK['nets']}, {QUICK['epochs']} epochs, seed 0")
     ap.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"])
@@ -385,8 +385,9 @@ def main(argv=None) -> int:
     ap.add_argument("--test-samples", type=int, default=None)
     a = ap.parse_args(argv)
     if a.markdown:
-        with open(a.markdown) as f:
-            sys.stdout.write(markdown(json.load(f)))
+        for i, path in enumerate(a.markdown):
+            with open(path) as f:
+                sys.stdout.write(("\n" if i else "") + markdown(json.load(f)))
         return 0
     q = QUICK if a.quick else {}
     nets = a.nets or q.get("nets") or list(LADDER)
