@@ -300,32 +300,43 @@ def run_ladder(nets, data: str = "digits", epochs: int = 10, seeds=(0,), bp_lrs=
         ts = OrderedDict((k, v) for k, v in ts.items()
                          if k.split("=")[0] in toggle_names)
     for name in nets:
-        desc, _, conv, ch = LADDER[name]
-        shape = _shape(data, conv, ch)
-        d = load(data, shape, ch, train_samples, test_samples)
-        g0 = compile_net(name, data, seeds[0])
-        m0, _ = build(name, data, seeds[0])
-        row = {"description": desc, "input_shape": list(shape),
-               "parameters": sum(p.numel() for p in m0.parameters()),
-               "hidden_states": sum(s.role == "hidden" for s in g0.states),
-               "ep": OrderedDict()}
-        row["ep"]["defaults"] = ep_runs(name, d, data, epochs, list(seeds), {}, {}, log)
-        for tname, (copts, topts) in ts.items():
-            if not topts and _fingerprint(compile_net(name, data, seeds[0], **copts)) == \
-                    _fingerprint(g0):
-                # the toggle compiles to the very graph the defaults do (e.g. feedback gain
-                # auto on one hidden layer is symmetric feedback): the same run, not repeated
-                row["ep"][tname] = dict(row["ep"]["defaults"], compile_options=copts,
-                                        same_as="defaults")
-                continue
-            row["ep"][tname] = ep_runs(name, d, data, epochs, list(seeds), copts, topts, log)
-        row["backprop"] = bp_runs(name, d, data, epochs, list(seeds), list(bp_lrs), log)
-        row["ep_minus_backprop"] = (row["ep"]["defaults"]["test_accuracy"]
-                                    - row["backprop"]["test_accuracy"])
-        out["nets"][name] = row
+        try:
+            out["nets"][name] = _rung(name, data, epochs, list(seeds), bp_lrs, ts,
+                                      train_samples, test_samples, log)
+        except Exception as e:        # one rung's failure is a result, not the end of the run
+            out["nets"][name] = {"description": LADDER[name][0],
+                                 "error": f"{type(e).__name__}: {e}"}
+            log(f"depth {name}: {type(e).__name__}: {e}")
         if on_net is not None:
             on_net(out)
     return out
+
+
+def _rung(name, data, epochs, seeds, bp_lrs, ts, train_samples, test_samples, log) -> dict:
+    """One rung: EP at the defaults and per toggle, then backprop."""
+    desc, _, conv, ch = LADDER[name]
+    shape = _shape(data, conv, ch)
+    d = load(data, shape, ch, train_samples, test_samples)
+    g0 = compile_net(name, data, seeds[0])
+    m0, _ = build(name, data, seeds[0])
+    row = {"description": desc, "input_shape": list(shape),
+           "parameters": sum(p.numel() for p in m0.parameters()),
+           "hidden_states": sum(s.role == "hidden" for s in g0.states),
+           "ep": OrderedDict()}
+    row["ep"]["defaults"] = ep_runs(name, d, data, epochs, list(seeds), {}, {}, log)
+    for tname, (copts, topts) in ts.items():
+        if not topts and _fingerprint(compile_net(name, data, seeds[0], **copts)) == \
+                _fingerprint(g0):
+            # the toggle compiles to the very graph the defaults do (e.g. feedback gain
+            # auto on one hidden layer is symmetric feedback): the same run, not repeated
+            row["ep"][tname] = dict(row["ep"]["defaults"], compile_options=copts,
+                                    same_as="defaults")
+            continue
+        row["ep"][tname] = ep_runs(name, d, data, epochs, list(seeds), copts, topts, log)
+    row["backprop"] = bp_runs(name, d, data, epochs, list(seeds), list(bp_lrs), log)
+    row["ep_minus_backprop"] = (row["ep"]["defaults"]["test_accuracy"]
+                                - row["backprop"]["test_accuracy"])
+    return row
 
 
 # --------------------------------------------------------------------------- rendering
@@ -347,6 +358,9 @@ def markdown(res: dict) -> str:
              f"Backprop: best lr of {', '.join(f'{x:g}' for x in res['backprop_lrs'])}.",
              "", head, "|" + "---|" * 12]
     for name, row in res["nets"].items():
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error']} |" + " |" * 10)
+            continue
         bp = row["backprop"]
         for i, (v, r) in enumerate(row["ep"].items()):
             lines.append(
