@@ -136,17 +136,26 @@ LADDER = OrderedDict([
 ])
 
 # the toggles: name -> (compile options, train options) against the defaults; a toggle
-# that resolves to the defaults' own settings is not run twice
+# that resolves to the defaults' own settings is not run twice. "feedback_gain" is set per
+# rung (gain_toggle): the other side of what the default picked for that graph
 def toggles(defaults: dict, implicit: bool) -> "OrderedDict[str, tuple[dict, dict]]":
     t = OrderedDict()
-    t["feedback_gain=1" if defaults["feedback_gain"] != 1.0 else "feedback_gain=auto"] = (
-        {"feedback_gain": 1.0 if defaults["feedback_gain"] != 1.0 else "auto"}, {})
+    t["feedback_gain"] = ({}, {})
     t["taps=auto"] = ({"taps": "auto"}, {})
     t["decoupled_wd=" + str(not defaults["decoupled_wd"]).lower()] = (
         {}, {"decoupled_wd": not defaults["decoupled_wd"]})
     if implicit:
         t["gradient=implicit"] = ({}, {"gradient": "implicit"})
     return t
+
+
+def gain_toggle(g) -> tuple[str, dict]:
+    """Feedback gain against the default-compiled graph g: symmetric feedback where the
+    default regulated it, auto's ratio where the default left it symmetric."""
+    from epc.compiler.passes.symmetrize import AUTO_RATIO
+    if gain_summary(g)["regulated_couplings"]:
+        return "feedback_gain=1", {"feedback_gain": 1.0}
+    return f"feedback_gain={AUTO_RATIO:g}", {"feedback_gain": AUTO_RATIO}
 
 
 def current_defaults() -> dict:
@@ -325,6 +334,8 @@ def _rung(name, data, epochs, seeds, bp_lrs, ts, train_samples, test_samples, lo
            "ep": OrderedDict()}
     row["ep"]["defaults"] = ep_runs(name, d, data, epochs, list(seeds), {}, {}, log)
     for tname, (copts, topts) in ts.items():
+        if tname == "feedback_gain":
+            tname, copts = gain_toggle(g0)
         if not topts and _fingerprint(compile_net(name, data, seeds[0], **copts)) == \
                 _fingerprint(g0):
             # the toggle compiles to the very graph the defaults do (e.g. feedback gain

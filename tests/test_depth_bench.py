@@ -19,7 +19,8 @@ torch.set_num_threads(1)
 def ladder():
     # 600 training digits, two epochs: ~40 steps, enough to leave chance far behind
     return depth.run_ladder(["mlp1", "mlp3"], data="digits", epochs=2, seeds=[0],
-                            bp_lrs=[2e-3], toggle_names=["feedback_gain", "decoupled_wd"],
+                            bp_lrs=[2e-3],
+                            toggle_names=["feedback_gain", "taps", "decoupled_wd"],
                             train_samples=600, log=lambda m: None)
 
 
@@ -27,7 +28,7 @@ def test_every_rung_has_ep_variants_and_backprop(ladder):
     assert list(ladder["nets"]) == ["mlp1", "mlp3"]
     for name, row in ladder["nets"].items():
         ep = row["ep"]
-        assert list(ep)[0] == "defaults" and len(ep) == 3
+        assert list(ep)[0] == "defaults" and len(ep) == 4
         bp = row["backprop"]
         # both learn well above chance (10%)
         assert ep["defaults"]["test_accuracy"] > 0.3, name
@@ -47,13 +48,19 @@ def test_toggles_change_what_they_name(ladder):
     defaults = ladder["defaults"]
     gain_toggle = next(k for k in mlp3 if k.startswith("feedback_gain="))
     wd_toggle = next(k for k in mlp3 if k.startswith("decoupled_wd="))
-    # auto keeps one hidden layer symmetric: its gain toggle is the defaults' own run
-    assert mlp1[gain_toggle].get("same_as") == "defaults"
-    # on three hidden layers the two gain settings compile differently
-    regulated = {v["runs"][0]["compiled"]["regulated_couplings"]
-                 for v in (mlp3["defaults"], mlp3[gain_toggle])}
-    assert regulated == {0, 3}
-    assert mlp3[gain_toggle].get("same_as") is None
+    # the gain toggle is the other side of what auto picked for the graph: one hidden layer
+    # compiles symmetric and is tried at 0.1, three compile regulated and are tried at 1
+    assert next(k for k in mlp1 if k.startswith("feedback_gain=")) == "feedback_gain=0.1"
+    assert gain_toggle == "feedback_gain=1"
+    for row, default_regulated, toggled_regulated in ((mlp1, 0, 1), (mlp3, 3, 0)):
+        toggle = next(k for k in row if k.startswith("feedback_gain="))
+        assert row["defaults"]["runs"][0]["compiled"]["regulated_couplings"] == default_regulated
+        assert row[toggle]["runs"][0]["compiled"]["regulated_couplings"] == toggled_regulated
+        assert row[toggle]["runs"][0]["recipe"]["regulated_couplings"] == toggled_regulated
+        assert row[toggle].get("same_as") is None
+    # taps on one hidden layer add nothing to tap: the same graph, the defaults' run reused
+    assert mlp1["taps=auto"]["same_as"] == "defaults"
+    assert mlp3["taps=auto"].get("same_as") is None
     forms = {mlp3["defaults"]["runs"][0]["recipe"]["weight_decay_form"],
              mlp3[wd_toggle]["runs"][0]["recipe"]["weight_decay_form"]}
     assert forms == {"L2", "decoupled"}
@@ -66,8 +73,8 @@ def test_markdown_renders_every_run(ladder, tmp_path, capsys):
     assert depth.main(["--markdown", str(p)]) == 0
     out = capsys.readouterr().out
     rows = [ln for ln in out.splitlines() if ln.startswith("| mlp") or ln.startswith("|  |")]
-    assert len(rows) == 6
-    assert "(= defaults)" in out and "EP - BP" in out
+    assert len(rows) == 8
+    assert "(= defaults)" in out and "feedback_gain=0.1" in out and "EP - BP" in out
 
 
 def test_quick_subset_is_stated():

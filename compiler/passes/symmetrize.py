@@ -31,20 +31,35 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..ir import Graph
+from ..ir import Conv, Graph
 from ..options import CompileOptions
 from . import conditions as C
 from .manager import Pass
 from .residual import depths
 
 # 'auto': the feedback gain per level of depth, by the number of hidden states on the
-# longest path. Measured on digits MLPs (256 units a layer, 30 epochs, seed 0): one
-# hidden layer learns best with symmetric feedback (98.61% against 98.33% at 0.25); from
-# two hidden layers on, gain 1 settles slowly and learns worse or collapses (2: 96.67%,
-# 3: 95.56%, 5 and 8: one class) where 0.1 reaches backprop (98.33, 98.06-98.33,
-# 98.06-98.33, 97.78-98.06%) in a fraction of the sweeps. Only MLP chains were measured.
-AUTO_MAX_SYMMETRIC = 1   # at most this many hidden layers: symmetric feedback (gain 1)
+# longest path. Measured on digits (seed 0; python -m bench.depth, docs/data/depth_digits.json):
+# - MLPs of 256 units, 30 epochs: one hidden layer learns best with symmetric feedback
+#   (98.61% against 98.33% at 0.25); from two hidden layers on, gain 1 settles slowly and
+#   learns worse or collapses (2: 96.67%, 3: 95.56%, 5 and 8: one class) where 0.1 reaches
+#   backprop (98.33, 98.06-98.33, 98.06-98.33, 97.78-98.06%) in a fraction of the sweeps.
+#   10 epochs (bench.depth): 3 hidden 98.06% at 0.1 / 96.94% at 1, 5 hidden 98.06 / 79.17%,
+#   8 hidden 96.11 / 16.94% (backprop 98.33, 98.33, 96.67%).
+# - Convolutions between states, 10 epochs: two (vgg2: 32,32,M) learn better symmetric
+#   (98.89% against 97.50% at 0.1; backprop 98.89%), four (vgg4) better regulated (98.33%
+#   against 97.50%, 9% of free phases at the cap; backprop 98.33%), and a stem with two
+#   identity-skip blocks (5 hidden states) collapses at gain 1 (8.06%) and learns at 0.1
+#   (96.67%). So a graph whose states are coupled by convolutions stays symmetric up to two
+#   hidden states (conv_digits is one); three is not measured and counts as deep.
+AUTO_MAX_SYMMETRIC = 1        # dense graphs: at most this many hidden layers stay symmetric
+AUTO_MAX_SYMMETRIC_CONV = 2   # graphs with a convolution between two states
 AUTO_RATIO = 0.1
+
+
+def _conv_between_states(g: Graph) -> bool:
+    states = {s.name for s in g.states}
+    return any(c.src in states and any(isinstance(op, Conv) for op in c.ops)
+               for c in g.couplings)
 
 
 def regulation_ratio(g: Graph, opts: CompileOptions) -> float:
@@ -63,7 +78,8 @@ def regulation_ratio(g: Graph, opts: CompileOptions) -> float:
     d = depths(g)
     out = max((d[s.name] for s in g.states if s.role == "output"), default=1)
     # hidden states on the longest input -> output path
-    return 1.0 if out - 1 <= AUTO_MAX_SYMMETRIC else AUTO_RATIO
+    most = AUTO_MAX_SYMMETRIC_CONV if _conv_between_states(g) else AUTO_MAX_SYMMETRIC
+    return 1.0 if out - 1 <= most else AUTO_RATIO
 
 
 def _gains(g: Graph, opts: CompileOptions) -> dict[str, float]:
