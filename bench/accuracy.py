@@ -4,8 +4,9 @@ Each example ONNX file is compiled by the real pipeline (`--target torch`) and t
 for 30 epochs, once per seed (0, 1, 2 by default), with the settings docs/results.md quotes:
 the CLI defaults (Adam, lr 5e-4, decoupled weight decay 1e-3, beta 0.2 symmetric, batch 32,
 cosine; compiled with feedback gain auto: 0.1 a level from two hidden layers on, three
-for convolutions, so mlp3_digits is regulated and the conv nets are not) for the MLPs and the one-layer conv net (conv1_digits), and `--lr 3e-4` for the
-two-layer conv net (conv_digits); both conv nets also run compiled with `--pool-first`
+for convolutions, so mlp3_digits is regulated and the conv nets are not) for the MLPs and
+the one-layer conv net (conv1_digits), and `--lr 3e-4` for the two-layer conv net
+(conv_digits); both conv nets also run compiled with `--pool-first`
 (`*_pool_first`). Test accuracy on the fixed `train_test_split(test_size=0.2,
 random_state=0)` split of scikit-learn's digits; one test sample is 0.28 points.
 
