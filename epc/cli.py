@@ -327,7 +327,8 @@ FEEDBACK_GAIN_OPT = typer.Option(
     help="Feedback regulation: the tied feedback of a coupling from depth d to d+k drives "
          "its source at gain R^k (R in (0, 1]); EP's estimate is corrected for it. auto: "
          "1 up to one hidden layer (two when states are coupled by convolutions), 0.1 "
-         "deeper; 1 on --target neuromorphic and with --readout (python -m bench.depth "
+         "deeper; 1 on --target neuromorphic, with --readout and with --neuron bernoulli "
+         "(python -m bench.depth "
          "measured it). 1 = symmetric feedback.")
 SCHEDULE_OPT = typer.Option(None, "--schedule",
                             help="colour: block updates by colour class; "

@@ -75,6 +75,11 @@ def regulation_ratio(g: Graph, opts: CompileOptions) -> float:
         # rescaled energy is anchored at the output state (Engine.feedback_scales): not
         # combined (yet), so auto keeps symmetric feedback there
         return 1.0
+    if opts.neuron == "bernoulli":
+        # stochastic neurons were measured with symmetric feedback only (docs/stochep.md);
+        # the regulated nudge (beta * r^k) would sink below their sampling noise in the
+        # first layers: auto keeps gain 1 until the two are measured together
+        return 1.0
     d = depths(g)
     out = max((d[s.name] for s in g.states if s.role == "output"), default=1)
     # hidden states on the longest input -> output path
