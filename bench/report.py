@@ -145,10 +145,16 @@ def parity(d: dict) -> str:
     return out
 
 
+def depth(d: dict) -> str:
+    """`python -m bench.depth`: its own table (one row per net and EP variant)."""
+    from bench.depth import markdown
+    return "### Depth ladder\n\n" + markdown(d)
+
+
 SECTIONS: list[tuple[str, Callable[[dict], str]]] = [
     ("sweeps", sweeps), ("throughput", throughput), ("ep_vs_bp", ep_vs_bp),
     ("gflops", gflops), ("compile", compile_), ("neuromorphic", neuromorphic),
-    ("accuracy", accuracy), ("parity", parity),
+    ("accuracy", accuracy), ("parity", parity), ("depth", depth),
 ]
 RENDERERS = dict(SECTIONS)
 
@@ -158,6 +164,8 @@ def sections_of(doc: dict) -> dict:
     standalone commands (bench.accuracy, bench.parity) write one section's body alone."""
     if any(k in doc for k in RENDERERS):
         return {k: doc[k] for k in RENDERERS if k in doc and doc[k]}
+    if "nets" in doc and "toggles_by_net" in doc:
+        return {"depth": doc}
     if "models" in doc and "seeds" in doc:
         return {"accuracy": doc}
     if "models" in doc and "seed" in doc:
