@@ -164,7 +164,7 @@ def sections_of(doc: dict) -> dict:
     standalone commands (bench.accuracy, bench.parity) write one section's body alone."""
     if any(k in doc for k in RENDERERS):
         return {k: doc[k] for k in RENDERERS if k in doc and doc[k]}
-    if "nets" in doc and "toggles_by_net" in doc:
+    if doc.get("bench") == "depth":
         return {"depth": doc}
     if "models" in doc and "seeds" in doc:
         return {"accuracy": doc}
