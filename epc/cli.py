@@ -952,7 +952,7 @@ step: what a warm start of `epc train` begins with).
 
 Example:
 
-  epc compile examples/mlp3_digits.onnx --target torch --feedback-gain auto -o mlp3.epc
+  epc compile examples/mlp3_digits.onnx --target torch -o mlp3.epc
 
   epc backprop mlp3.epc --data digits --epochs 20 -o mlp3_bp.epc --onnx mlp3_teacher.onnx
 
@@ -965,8 +965,8 @@ Example:
 trains with the source model's (e.g. ReLU). --onnx writes the trained feedforward net as an
 ONNX model (input 'input', output 'logits'), with those activations.
 
-Warm conversion needs feedback regulation (compile with --feedback-gain auto): measured on
-digits, 3/5-hidden MLPs and 4/6-conv VGG nets converted at gain auto kept backprop's
+Warm conversion needs feedback regulation (epc compile's default, --feedback-gain auto):
+measured on digits, 3/5-hidden MLPs and 4/6-conv VGG nets converted at gain auto kept backprop's
 accuracy within 1.7 points before any EP step and EP fine-tuning held or raised it; at
 gain 1 the converted nets lost up to 66 points, or did not settle, and EP fine-tuning from
 there made them worse. The cost must match too: weights trained for cross-entropy under
