@@ -140,12 +140,7 @@ def _walk_units(ar, S, classes, ver, delta, cols, max_sweeps, tol, freeze_at, un
         keep = [k for k, x in enumerate(done) if not x]
         if last or not keep:
             return sweeps
-        rows = _rows(starts, sizes, keep, d.device)
-        take = ((lambda t: t[rows]) if isinstance(rows, slice)
-                else (lambda t: t.index_select(0, rows)))
-        for j in S:
-            S[j] = take(S[j])
-        ar.take_rows(take)
+        _narrow(S, ar, _rows(starts, sizes, keep, d.device))
         ids, sizes = [ids[k] for k in keep], [sizes[k] for k in keep]
         equal = len(set(sizes)) == 1
         delta, cols = ar.delta_buffer(sum(sizes))
@@ -294,12 +289,7 @@ def _walk_deferred(ar, S, classes, ver, max_sweeps, tol, freeze_at, units, obser
             ar.finish([ids[k] for k in rest], _rows(starts, sizes, rest, d.device),
                       [sizes[k] for k in rest], S, d, sweeps, [False] * len(rest))
             break
-        rows = _rows(starts, sizes, rest, d.device)
-        take = ((lambda t: t[rows]) if isinstance(rows, slice)
-                else (lambda t: t.index_select(0, rows)))
-        for j in S:
-            S[j] = take(S[j])
-        ar.take_rows(take)
+        _narrow(S, ar, _rows(starts, sizes, rest, d.device))
         ids, sizes = [ids[k] for k in rest], [sizes[k] for k in rest]
         delta, cols = ar.delta_buffer(sum(sizes))
     else:
@@ -329,3 +319,13 @@ def _rows(starts: list[int], sizes: list[int], which: list[int], device):
         return slice(starts[which[0]], starts[which[-1]] + sizes[which[-1]])
     idx = [i for k in which for i in range(starts[k], starts[k] + sizes[k])]
     return torch.tensor(idx, dtype=torch.long, device=device)
+
+
+def _narrow(S: dict, ar, rows) -> None:
+    """Keep only `rows` (a slice or an index tensor) of every state and of the
+    arithmetic's per-row buffers: the units that go on sweeping."""
+    take = ((lambda t: t[rows]) if isinstance(rows, slice)
+            else (lambda t: t.index_select(0, rows)))
+    for j in S:
+        S[j] = take(S[j])
+    ar.take_rows(take)
