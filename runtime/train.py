@@ -220,6 +220,15 @@ def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _widen_ranges(lo: dict, hi: dict, states: dict, watch) -> None:
+    """Fold a batch's per-unit minima and maxima of the watched states into lo/hi (the
+    evaluation's dead-state check reads them)."""
+    for j in watch:
+        a, b = states[j].amin(0), states[j].amax(0)
+        lo[j] = torch.minimum(lo[j], a) if j in lo else a
+        hi[j] = torch.maximum(hi[j], b) if j in hi else b
+
+
 def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256,
              max_sweeps: int | None = None, tol: float | None = None,
              mode: str | None = None, predictions: bool = False,
@@ -273,10 +282,7 @@ def evaluate(eng: Engine, x: torch.Tensor, y: torch.Tensor, *, batch_size: int =
         bad = eng.check_finite(r.states)
         if bad:
             raise Diverged(f"evaluation diverged: {bad}")
-        for j in watch:
-            a, b = r.states[j].amin(0), r.states[j].amax(0)
-            lo[j] = torch.minimum(lo[j], a) if j in lo else a
-            hi[j] = torch.maximum(hi[j], b) if j in hi else b
+        _widen_ranges(lo, hi, r.states, watch)
         p = eng.predict(r.states)
         if predictions:
             preds.append(p.cpu().numpy())
@@ -331,10 +337,7 @@ def _evaluate_sharded(eng: Engine, x: torch.Tensor, y: torch.Tensor, dp: DataPar
         sizes.append(sh.sizes)
         if not sh.size:          # a copy of a sample of the batch, settled for the stops
             continue
-        for j in watch:
-            a, b = r.states[j].amin(0), r.states[j].amax(0)
-            lo[j] = torch.minimum(lo[j], a) if j in lo else a
-            hi[j] = torch.maximum(hi[j], b) if j in hi else b
+        _widen_ranges(lo, hi, r.states, watch)
         p = eng.predict(r.states)
         if predictions:
             preds.append(p)
