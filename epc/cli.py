@@ -238,6 +238,13 @@ def check_report(rep: dict) -> str:
 
 
 NO_DATA_DIR = "none: digits is built in, fashion-mnist read from where Debian installs it"
+# the data options train, eval, check-gradients and backprop share
+DATA_DIR_OPT = typer.Option(None, help="directory holding mnist/cifar files",
+                            show_default=NO_DATA_DIR)
+RESIZE_OPT = typer.Option(None, help="resize images to H or HxW (e.g. 32)",
+                          show_default="the data set's own")
+CHANNELS_OPT = typer.Option(None, help="replicate/average image channels to C",
+                            show_default="the data set's own")
 
 
 class Target(str, Enum):
@@ -812,12 +819,9 @@ def train_cmd(
     model: str = typer.Argument(..., help="A bundle (epc compile --target torch, or an IR "
                                           "bundle) or a neuromorphic program (.nc, .nca)."),
     data: str = typer.Option("digits", help=DATA_HELP),
-    data_dir: Optional[str] = typer.Option(None, help="directory holding mnist/cifar files",
-                                           show_default=NO_DATA_DIR),
-    resize: Optional[str] = typer.Option(None, help="resize images to H or HxW (e.g. 32)",
-                                         show_default="the data set's own"),
-    channels: Optional[int] = typer.Option(None, help="replicate/average image channels to C",
-                                           show_default="the data set's own"),
+    data_dir: Optional[str] = DATA_DIR_OPT,
+    resize: Optional[str] = RESIZE_OPT,
+    channels: Optional[int] = CHANNELS_OPT,
     epochs: int = typer.Option(30, help="total epochs of the run"),
     batch_size: int = typer.Option(32, help="samples per EP step"),
     optimizer: str = typer.Option("adam", help="adam | sgd (with --momentum)"),
@@ -979,12 +983,9 @@ def backprop_cmd(
     model: str = typer.Argument(..., help="A compiled bundle (epc compile --target torch, "
                                           "an IR bundle, or a checkpoint of epc train)."),
     data: str = typer.Option("digits", help=DATA_HELP),
-    data_dir: Optional[str] = typer.Option(None, help="directory holding mnist/cifar files",
-                                           show_default=NO_DATA_DIR),
-    resize: Optional[str] = typer.Option(None, help="resize images to H or HxW (e.g. 32)",
-                                         show_default="the data set's own"),
-    channels: Optional[int] = typer.Option(None, help="replicate/average image channels to C",
-                                           show_default="the data set's own"),
+    data_dir: Optional[str] = DATA_DIR_OPT,
+    resize: Optional[str] = RESIZE_OPT,
+    channels: Optional[int] = CHANNELS_OPT,
     epochs: int = typer.Option(20, help="epochs of backprop"),
     batch_size: int = typer.Option(32, help="samples per step"),
     lr: float = typer.Option(2e-3, help="peak Adam learning rate (cosine decay to 0)"),
@@ -1059,12 +1060,9 @@ def eval_cmd(
     model: str = typer.Argument(..., help="A trained bundle (e.g. ckpt/last.epc) or a "
                                           "neuromorphic program."),
     data: str = typer.Option("digits", help=DATA_HELP),
-    data_dir: Optional[str] = typer.Option(None, help="directory holding mnist/cifar files",
-                                           show_default=NO_DATA_DIR),
-    resize: Optional[str] = typer.Option(None, help="resize images to H or HxW",
-                                         show_default="the data set's own"),
-    channels: Optional[int] = typer.Option(None, help="replicate/average channels to C",
-                                           show_default="the data set's own"),
+    data_dir: Optional[str] = DATA_DIR_OPT,
+    resize: Optional[str] = RESIZE_OPT,
+    channels: Optional[int] = CHANNELS_OPT,
     split: str = typer.Option("test", help="test | train"),
     batch_size: int = typer.Option(256, help="samples per settle"),
     schedule: Optional[str] = typer.Option(None, help="colour | sync", show_default=AS_TRAINED),
@@ -1165,12 +1163,9 @@ def gradient_table(r: dict) -> str:
 def grads_cmd(
     model: str = typer.Argument(..., help="A bundle (torch or IR)."),
     data: str = typer.Option("digits", help=DATA_HELP),
-    data_dir: Optional[str] = typer.Option(None, help="directory holding mnist/cifar files",
-                                           show_default=NO_DATA_DIR),
-    resize: Optional[str] = typer.Option(None, help="resize images to H or HxW",
-                                         show_default="the data set's own"),
-    channels: Optional[int] = typer.Option(None, help="replicate/average channels to C",
-                                           show_default="the data set's own"),
+    data_dir: Optional[str] = DATA_DIR_OPT,
+    resize: Optional[str] = RESIZE_OPT,
+    channels: Optional[int] = CHANNELS_OPT,
     beta: float = typer.Option(0.01, help="nudging strength (nonzero)"),
     nudge: str = typer.Option("symmetric", help="symmetric | one-sided"),
     samples: int = typer.Option(64, help="training samples in the batch"),
