@@ -148,7 +148,10 @@ def teacher_graph(opts: CompileOptions, source: Source) -> Graph | None:
             raise EpcError(f"{source.path}: --teacher source needs a feedforward source "
                            f"(ONNX or PyTorch), this is an already compiled graph")
         return source.graph.copy()
-    t = load_source(opts.teacher)
+    # a `module:factory` teacher is traced on the student's input (batch 1): the shape
+    # check in the teacher pass then compares what the two actually compute
+    first = source.graph.inputs[0].shape if source.graph.inputs else None
+    t = load_source(opts.teacher, input_shape=(1, *first) if first else None)
     if t.graph.is_energy:
         raise EpcError(f"{opts.teacher}: a teacher must be a feedforward model (ONNX file), "
                        f"not a compiled graph")

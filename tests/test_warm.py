@@ -202,6 +202,29 @@ def test_teacher_of_another_shape_is_one_line(run_cli, examples, tmp_path):
     assert not (tmp_path / "x.epc").exists() and not (tmp_path / "y.epc").exists()
 
 
+def test_teacher_module_spec_takes_the_students_input(run_cli, examples, tmp_path):
+    """A `file.py:factory` teacher needs no --input-shape: it is traced on the student's
+    input; one whose first layer expects another width is one error line naming it."""
+    spec = tmp_path / "teachers.py"
+    spec.write_text("import torch\n"
+                    "def fits():\n"
+                    "    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),\n"
+                    "                               torch.nn.Linear(32, 10))\n"
+                    "def wide():\n"
+                    "    return torch.nn.Sequential(torch.nn.Linear(100, 10))\n")
+    out = tmp_path / "s.epc"
+    code, _, err = run_cli("compile", examples / "mlp_digits.onnx", "--teacher",
+                           f"{spec}:fits", "-o", out)
+    assert code == 0, err
+    tw = [k for k in read_bundle(out).graph.weights if k.startswith("teacher.")]
+    assert len(tw) == 4, tw      # the teacher's two weights and two biases
+    code, _, err = run_cli("compile", examples / "mlp_digits.onnx", "--teacher",
+                           f"{spec}:wide", "-o", tmp_path / "w.epc")
+    line = _line(code, err)
+    assert "wide" in line, line
+    assert not (tmp_path / "w.epc").exists()
+
+
 def test_backprop_leaves_a_teacher_alone(trained, examples, tmp_path):
     """A graph compiled with --teacher: backprop trains the student only; the teacher's
     weights stay as they were and the ONNX export holds the student alone."""
