@@ -1000,6 +1000,9 @@ OPTION_RULES = {
     and 1 <= int(v.partition(":")[2] or 8) <= 10 ** 6,
     "--sampling": _one_of("shared", "independent"), "--estimate": _one_of("rates", "spikes"),
     "--seeds": _int(1, 10 ** 5),
+    # backprop (warm conversion) and the compiler's numeric choices
+    "--activations": _one_of("energy", "source"), "--loss": _one_of("graph", "ce", "mse"),
+    "--feedback-gain": lambda v: v == "auto" or _real(lambda x: 0 < x <= 1)(v),
 }
 COMMAND_OPTIONS = {
     "train": ["--epochs", "--batch-size", "--max-sweeps", "--nudge-sweeps", "--stop-after",
@@ -1015,7 +1018,10 @@ COMMAND_OPTIONS = {
     "run": ["--batch-size", "--limit", "--memory-limit", "--resize", "--data"],
     "compile": ["--max-sweeps", "--nudge-sweeps", "--tol", "--schedule", "--tap-weight",
                 "--temperature", "--mix", "--skip-gain", "--memory-limit", "--time-steps",
-                "--nudge-time-steps", "--averaging", "--sampling"],
+                "--nudge-time-steps", "--averaging", "--sampling", "--feedback-gain"],
+    "backprop": ["--epochs", "--batch-size", "--lr", "--weight-decay", "--activations",
+                 "--loss", "--seed", "--device", "--threads", "--memory-limit", "--resize",
+                 "--data", "--channels"],
 }
 OPTION_VALUES = SPECIAL_NUMBERS + ["", " ", "abc", "0x10", "1.5", "1e3", "5e-4", "0.9",
                                    "0.999999", "1.0", "meta", "cpu", "cuda", "cuda:0", "mps",
@@ -1026,7 +1032,8 @@ OPTION_VALUES = SPECIAL_NUMBERS + ["", " ", "abc", "0x10", "1.5", "1e3", "5e-4",
                                    "digits", "mnist", "imagenet", "-5", "1024", "1025", "48",
                                    "49", "4096", "4097", "16384", "16385", "trace", "trace:8",
                                    "window:0", "window:1000001", "shared", "independent",
-                                   "rates", "spikes"]
+                                   "rates", "spikes", "energy", "source", "graph", "ce",
+                                   "mse", "auto", "0.1", "4", "3", "12", "13"]
 
 
 def options_cases(seeds: Seeds, rng: random.Random, work: Path):
