@@ -1255,7 +1255,11 @@ def run_cmd(
         _say(f"epc run: {program}: accuracy {pct(m['test_accuracy'])} on {m['samples']} "
              f"samples, sweeps max {m['max_sweeps']} median {m['median_sweeps']:g}, "
              f"unsettled {m['unsettled']} (cycling {m['cycling']}), overflows "
-             f"{m['overflows']}, {m['seconds']:.2f} s")
+             f"{m['overflows']}, {m['seconds']:.2f} s"
+             + (f"; bernoulli: {m['time_steps']} time steps, spike rate "
+                f"{m['spike_rate']:.4f}, per inference {m['synaptic_events_per_inference']:,.0f}"
+                f" synaptic events (additions) and {m['multiply_adds_per_inference']:,.0f} "
+                f"multiply-adds" if "spike_rate" in m else ""))
     if as_json:
         typer.echo(json.dumps(m, indent=1, default=str))
 

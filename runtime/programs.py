@@ -77,17 +77,19 @@ def inspect_program(path, fmt: str = "text") -> str:
         from epc.targets.neuromorphic.isa import format_version
         d = {"program": prog.name, "version": format_version(prog), "frac_bits": prog.frac_bits,
              "beta": prog.beta, "lr_shift": prog.lr_shift, "seed": prog.seed,
-             "rng_step": prog.rng_step, "pool_freeze": prog.pool_freeze, "meta": prog.meta,
+             "rng_step": prog.rng_step, "pool_freeze": prog.pool_freeze,
+             "spike_seed": prog.spike_seed, "meta": prog.meta,
              "memories": [{"name": m.name, "kind": m.kind, "type": m.type_str(),
                            "shape": list(m.shape), "bytes": m.nbytes} for m in prog.memories],
              "groups": [{"name": g.name, "lo": g.lo, "hi": g.hi, "act": g.act, "role": g.role,
-                         "bias": g.bias} for g in prog.groups],
+                         "bias": g.bias, "neuron": g.neuron, "tau_shift": g.tau_shift}
+                        for g in prog.groups],
              "synapses": [{"name": s.name, "src": s.src, "dst": s.dst, "kind": s.kind,
                            "feedback": s.feedback, "learn": s.learn,
                            "ops": [o.kind for o in s.ops]} for s in prog.synapses],
              "phases": [{"name": p.name, "sweeps": p.sweeps, "classes": p.classes,
-                         "pool": "free" if p.hold_pool else "live"}
-                        for p in prog.phases],
+                         "pool": "free" if p.hold_pool else "live", "mean": p.mean,
+                         "noise": p.noise} for p in prog.phases],
              "resources": res}
         return json.dumps(d, indent=1) + "\n"
     if fmt != "text":
@@ -95,10 +97,27 @@ def inspect_program(path, fmt: str = "text") -> str:
     lines = [disassemble(prog, elide_over=64).rstrip("\n"), "", "; ---- resources"]
     for k, v in res["memory_bytes"].items():
         lines.append(f";   memory {k:<8} {v:>12,} bytes")
-    lines.append(f";   synaptic ops per sweep            {res['synops_per_sweep']:>14,}")
-    lines.append(f";   synaptic ops per inference (cap)  {res['synops_per_inference_max']:>14,}")
-    lines.append(f";   synaptic ops per learning step    {res['synops_per_learning_step_max']:>14,}"
-                 f"  (cap, per sample)")
+    if "spike_additions_per_step_max" in res:
+        ts = res["time_steps"]
+        lines.append(f";   bernoulli units                   {res['bernoulli_units']:>14,}"
+                     f"  ({ts['free']} free / {ts['nudge']} nudged time steps)")
+        lines.append(f";   multiply-adds per time step       {res['synops_per_sweep']:>14,}"
+                     f"  (rate readers)")
+        lines.append(f";   multiply-adds per inference       {res['synops_per_inference_max']:>14,}")
+        lines.append(f";   spike additions per time step     "
+                     f"{res['spike_additions_per_step_max']:>14,}  (most: every unit firing)")
+        lines.append(f";   spike additions per inference     "
+                     f"{res['spike_additions_per_inference_max']:>14,}  (most; `epc run` "
+                     f"measures them)")
+        lines.append(f";   spiking state                     {res['spiking_state_bytes']:>14,}"
+                     f" bytes (generators, traces, currents, sums)")
+        lines.append(f";   synaptic ops per learning step    "
+                     f"{res['synops_per_learning_step_max']:>14,}  (multiply-adds, per sample)")
+    else:
+        lines.append(f";   synaptic ops per sweep            {res['synops_per_sweep']:>14,}")
+        lines.append(f";   synaptic ops per inference (cap)  {res['synops_per_inference_max']:>14,}")
+        lines.append(f";   synaptic ops per learning step    "
+                     f"{res['synops_per_learning_step_max']:>14,}  (cap, per sample)")
     lines.append(f";   parameters                        {res['parameters']:>14,}")
     return "\n".join(lines) + "\n"
 
@@ -115,9 +134,13 @@ def evaluate_program(prog: Program, x: np.ndarray, y: np.ndarray, *, batch_size:
     from .simulator import Simulator
     sim = sim or Simulator(prog)
     before_ops = sim.stats.synops
+    st = sim.stats
+    before_spk = (st.spike_events, st.spikes, st.spike_unit_steps)
     preds, sweeps, settled, cycled = [], [], [], []
     for i in range(0, len(x), batch_size):
-        p, r = sim.predict(x[i:i + batch_size])
+        # a bernoulli program's spikes are seeded by each sample's index in x, so the
+        # results do not depend on the batch size
+        p, r = sim.predict(x[i:i + batch_size], np.arange(i, min(i + batch_size, len(x))))
         preds.append(p)
         sweeps.append(r.sweeps)
         settled.append(r.settled)
@@ -127,7 +150,14 @@ def evaluate_program(prog: Program, x: np.ndarray, y: np.ndarray, *, batch_size:
     settled = np.concatenate(settled) if settled else np.zeros(0, bool)
     cycled = np.concatenate(cycled) if cycled else np.zeros(0, bool)
     n = max(len(x), 1)
-    return {"test_accuracy": float((preds == y).mean()) if len(y) else 0.0,
+    spiking = {}
+    if prog.stochastic:
+        ev, sp, us = (a - b for a, b in zip((st.spike_events, st.spikes, st.spike_unit_steps),
+                                            before_spk))
+        spiking = {"synaptic_events_per_inference": ev / n, "spike_rate": sp / max(us, 1),
+                   "multiply_adds_per_inference": (st.synops - before_ops) / n,
+                   "time_steps": prog.phase("free").sweeps}
+    return {**spiking, "test_accuracy": float((preds == y).mean()) if len(y) else 0.0,
             "predictions": preds, "max_sweeps": int(sweeps.max(initial=0)),
             "median_sweeps": float(np.median(sweeps)) if len(sweeps) else 0.0,
             "unsettled": int((~settled).sum()), "cycling": int(cycled.sum()),

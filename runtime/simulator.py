@@ -34,7 +34,8 @@ from epc.compiler import ops as O
 from .settle import settle_walk
 
 # the program data model lives with the target; the simulator only reads it
-from epc.targets.neuromorphic.isa import ACC_BITS, BETA_FRAC, COST_WEIGHT_FRAC, Program
+from epc.targets.neuromorphic.isa import (ACC_BITS, BETA_FRAC, COST_WEIGHT_FRAC, Program,
+                                          reads_spikes)
 
 EXP_MAX = 31
 ACC_MAX = float((1 << (ACC_BITS - 1)) - 1)
@@ -108,6 +109,9 @@ class Stats:
     overflow_bias: int = 0
     synops: int = 0              # multiply-accumulates executed
     renormalizations: int = 0    # exponent raises by the learning step
+    spike_events: int = 0        # spikes delivered over synapses: additions (bernoulli groups)
+    spikes: int = 0              # spikes fired
+    spike_unit_steps: int = 0    # bernoulli units x rows x time steps (spike rate: the ratio)
 
     @property
     def overflows(self) -> int:
@@ -127,6 +131,9 @@ class PhaseResult:
     routing: dict | None = None  # per pooled synapse: max-pool winners per sample at the end
                                  # (the frozen ones where frozen); None without such pools
     froze: np.ndarray | None = None   # bool per sample: winners were frozen in this phase
+    # programs with bernoulli groups: `states` are the phase's means; `carry` is where a
+    # phase continuing it starts (its last step: rates, traces, spikes, currents, generators)
+    carry: dict | None = None
 
 
 class Simulator:
@@ -180,9 +187,41 @@ class Simulator:
         # (pools on clamped inputs or teacher groups see a constant source)
         self.pooled = [c for c in self.chains if c.piecewise and c.kind != "teacher"
                        and c.src in self.groups and self.groups[c.src].role != "teacher"]
+        self._build_spiking()
         rng = np.random.default_rng(12345)   # hash coefficients for cycle detection only
         self._hcoef = {g: torch.as_tensor(rng.integers(1, 2 ** 20, size=int(np.prod(
             self.mems[self.groups[g].mem].shape))).astype(np.float64)) for g in self.groups}
+
+    def _build_spiking(self) -> None:
+        """Bernoulli groups (docs/isa.md, Spikes): which synapse directions read spikes,
+        and the synapses each unit of a read group reaches through them (one synaptic
+        event per spike and synapse)."""
+        p = self.p
+        self.bernoulli = [g.name for g in p.groups if g.neuron == "bernoulli"]
+        self.group_index = {g.name: k for k, g in enumerate(p.groups)}
+        syn = {s.name: s for s in p.synapses}
+        self.spike_read = {(c.name, fb): reads_spikes(p, syn[c.name], fb)
+                           for c in self.chains for fb in (False, True)
+                           if (not fb or c.feedback) and c.kind != "teacher"}
+        self.fanout: dict = {}
+        for (name, fb), yes in self.spike_read.items():
+            if not yes:
+                continue
+            c = next(x for x in self.chains if x.name == name)
+            ones = {**self.W, **{w: torch.ones_like(self.W[w]) for w, _ in c.weights}}
+            y, ctxs = self._forward(c, torch.ones((1, *self._shape(c.src)),
+                                                  dtype=torch.float64), W=ones)
+            if fb:        # each destination unit reaches the synapses of its chain row
+                self.fanout[(name, fb)] = y
+            else:         # each source unit those of its column: the adjoint at ones
+                g = torch.ones_like(y)
+                for (_, r, ir), ctx in zip(reversed(c.steps), reversed(ctxs)):
+                    g = r.core_adjoint(ir, g, ctx, ones)
+                self.fanout[(name, fb)] = g
+
+    def _shape(self, name: str) -> tuple:
+        return tuple(self.mems[self.groups[name].mem].shape if name in self.groups
+                     else self.mems[name].shape)
 
     def _load_weight(self, name: str) -> None:
         m = self.mems[name]
@@ -215,14 +254,14 @@ class Simulator:
         return total
 
     # ---- one synapse
-    def _scale(self, v: torch.Tensor, c: _Chain) -> torch.Tensor:
+    def _scale(self, v: torch.Tensor, c: _Chain, extra: int = 0) -> torch.Tensor:
         if c.mult != 1.0:
             v = v * c.mult
         over = (v > ACC_MAX) | (v < ACC_MIN)
         if bool(over.any()):
             self.stats.overflow_acc += int(over.sum())
             v = v.clamp(ACC_MIN, ACC_MAX)
-        return round_shift(v, c.shift)
+        return round_shift(v, c.shift + extra)
 
     def _forward(self, c: _Chain, x: torch.Tensor, route: list | None = None,
                  W: dict | None = None) -> tuple[torch.Tensor, list]:
@@ -290,21 +329,27 @@ class Simulator:
 
     # ---- one group
     def _drive(self, name: str, s: dict, sign: int, y: torch.Tensor | None,
-               route: dict | None = None) -> torch.Tensor:
+               route: dict | None = None, spk: "_Spikes | None" = None) -> torch.Tensor:
         grp = self.groups[name]
         n = next(iter(s.values())).shape[0]
         u = None
         for c in self.inbound[name]:
             rc = route.get(c.name) if route is not None else None
-            t = self._scale(self._forward(c, s[c.src], rc)[0], c)
+            if spk is not None and self.spike_read.get((c.name, False)):
+                t = self._spike_term(c, False, spk, s, rc)
+            else:
+                t = self._scale(self._forward(c, s[c.src], rc)[0], c)
+                self.stats.synops += self.macs[c.name] * n
             u = t if u is None else u + t
-            self.stats.synops += self.macs[c.name] * n
         if grp.role != "teacher":
             for c in self.feedback[name]:
                 rc = route.get(c.name) if route is not None else None
-                t = self._scale(self._adjoint(c, s[c.dst], s[name], rc), c)
+                if spk is not None and self.spike_read.get((c.name, True)):
+                    t = self._spike_term(c, True, spk, s, rc)
+                else:
+                    t = self._scale(self._adjoint(c, s[c.dst], s[name], rc), c)
+                    self.stats.synops += self.macs[c.name] * n
                 u = t if u is None else u + t
-                self.stats.synops += self.macs[c.name] * n
         shape = (n, *self.mems[grp.mem].shape)
         if u is None:
             u = torch.zeros(shape, dtype=torch.float64)
@@ -329,7 +374,65 @@ class Simulator:
                 sat = sat | (u < grp.lo)
             if bool(sat.any()):
                 self.stats.overflow_state += int(sat.sum())
-        return u.clamp(float(grp.lo), float(grp.hi))
+        v = u.clamp(float(grp.lo), float(grp.hi))
+        if spk is not None and grp.neuron == "bernoulli":
+            return self._fire(name, v, spk)
+        return v
+
+    # ---- spikes (docs/isa.md, Spikes)
+    def _spike_term(self, c: _Chain, fb: bool, spk: "_Spikes", s: dict,
+                    route: list | None) -> torch.Tensor:
+        """A spike-reading direction's term: the chain at the read group's last spikes
+        (0/1: a sum of the mantissas of the firing units' synapses, additions only) into
+        the direction's current trace I <- I - round_shift(I, K) + a * 2^F, which is
+        scaled like an accumulator with K more bits of shift."""
+        read = c.dst if fb else c.src
+        z = spk.Z[read]
+        a = self._adjoint(c, z, s[c.src], route) if fb else self._forward(c, z, route)[0]
+        self.stats.spike_events += int((z * self.fanout[(c.name, fb)]).sum())
+        k = self.groups[read].tau_shift
+        key = (c.name, fb)
+        cur = spk.I.get(key)
+        add = a * float(1 << self.F)
+        cur = add if cur is None else cur - round_shift(cur, k) + add
+        spk.I[key] = cur
+        return self._scale(cur, c, k)
+
+    def _fire(self, name: str, p: torch.Tensor, spk: "_Spikes") -> torch.Tensor:
+        """Bernoulli group `name` at its turn of a time step: each unit's xorshift32
+        generator advances once; the unit fires where the word's top F bits (uniform in
+        [0, 2^F)) are below its probability p (2^F = 1); then its trace A <- A -
+        round_shift(A, K) + z * 2^F, and its state (what the learning step and rate
+        readers see) the rate min(round_shift(A, K), hi)."""
+        grp = self.groups[name]
+        x = xorshift32(spk.X[name])
+        spk.X[name] = x
+        top = torch.as_tensor((x >> np.uint64(32 - self.F)).astype(np.float64))
+        z = (top.reshape(p.shape) < p).to(torch.float64)
+        k = grp.tau_shift
+        a = spk.A[name]
+        a = a - round_shift(a, k) + z * float(1 << self.F)
+        spk.A[name], spk.Z[name] = a, z
+        self.stats.spikes += int(z.sum())
+        self.stats.spike_unit_steps += int(z.numel())
+        return round_shift(a, k).clamp(max=float(grp.hi))
+
+    def spike_generators(self, ids: np.ndarray, ctx: int, stream: int) -> dict:
+        """Every bernoulli group's xorshift32 states, [rows, units] (uint64 holding 32
+        bits): x0 = H(H(H(H(spike_seed ^ H(ctx)) ^ id) ^ H(stream << 16 | g)) ^ unit), or
+        spike_seed where that is 0 (docs/isa.md)."""
+        out = {}
+        seed = int(self.p.spike_seed) & 0xFFFFFFFF
+        k0 = hash32(np.array([seed ^ int(hash32(np.array([ctx & 0xFFFFFFFF]))[0])]))[0]
+        rows = hash32((np.asarray(ids, dtype=np.uint64) & _M32) ^ k0)
+        for name in self.bernoulli:
+            g = self.group_index[name]
+            sg = hash32(np.array([((stream & 0xFFFF) << 16) | (g & 0xFFFF)]))[0]
+            key = hash32(rows ^ sg)
+            units = int(np.prod(self._shape(name)))
+            x = hash32(key[:, None] ^ np.arange(units, dtype=np.uint64)[None, :])
+            out[name] = np.where(x == 0, np.uint64(seed), x)
+        return out
 
     # ---- phases
     def _hash(self, s: dict, names: list[str]) -> np.ndarray:
@@ -342,8 +445,11 @@ class Simulator:
         return h.numpy()
 
     def settle(self, s: dict, phase: str, *, y: torch.Tensor | None = None,
-               sign: int = 0, routing: dict | None = None) -> PhaseResult:
+               sign: int = 0, routing: dict | None = None, ids=None, ctx: int = 0,
+               carry: dict | None = None) -> PhaseResult:
         """Run one phase on the batch `s` (a dict of [N, ...] integer tensors).
+
+        Programs with bernoulli groups: see `_settle_spiking` (ids, ctx, carry).
 
         `routing` (per sample, e.g. a free phase's `PhaseResult.routing`) freezes every
         pooled synapse's winners from the first sweep; otherwise they follow the current
@@ -352,6 +458,8 @@ class Simulator:
         program never freezes them): before the freeze the float runtime keeps sweeping
         too, and a repeat under live winners is what the freeze resolves."""
         ph = self.p.phase(phase)
+        if ph.mean:
+            return self._settle_spiking(s, ph, y, sign, routing, ids, ctx, carry)
         out = {k: v.clone() for k, v in s.items()}
         n = next(iter(out.values())).shape[0]
         pooled = bool(self.pooled) and phase != "teacher"
@@ -372,6 +480,46 @@ class Simulator:
                 self._route_put(out_route, at, self._route_take(run.full_route, at))
         return PhaseResult(out, run.sweeps, run.settled, run.cycled, out_route, run.froze)
 
+    def _settle_spiking(self, s: dict, ph, y, sign: int, routing: dict | None, ids,
+                        ctx: int, carry: dict | None) -> PhaseResult:
+        """A phase of a program with bernoulli groups (docs/isa.md, Spikes): exactly its
+        `sweeps` time steps from `s`, or, given a previous phase's `carry`, from where that
+        phase ended; the result is each settled group's mean over the last `mean` steps.
+        ids: each row's sample id, ctx: 0 for inference, rng_step + 1 in a learning step
+        (what seeds the generators; default ids: the rows' positions). The batch is one
+        unit: every sample runs every step, and the samples never interact."""
+        n = next(iter(s.values())).shape[0]
+        ids = np.arange(n, dtype=np.uint64) if ids is None else np.asarray(ids, np.uint64)
+        if carry is None:
+            start = dict(s)
+            zeros = {g: torch.zeros_like(start[g]) for g in self.bernoulli}
+            spk = _Spikes(self.spike_generators(ids, ctx, 0), dict(zeros), dict(zeros), {})
+        else:
+            start = {**s, **carry["states"]}
+            X = ({g: x.copy() for g, x in carry["X"].items()} if ph.noise != "own" else
+                 self.spike_generators(ids, ctx, 1 if ph.name == "nudge+" else 2))
+            spk = _Spikes(X, dict(carry["A"]), dict(carry["Z"]), dict(carry["I"]))
+        pooled = bool(self.pooled)
+        names = [g for cls in ph.classes for g in cls]
+        run = SpikeSettle(self, spk, names, sign, y, routing if pooled else None,
+                          ph.sweeps - ph.mean)
+        freeze_at = (self.p.pool_freeze or None) if pooled and routing is None else None
+        S = dict(start)
+        settle_walk(run, S, ph.classes, max_sweeps=ph.sweeps, tol=-1.0, freeze_at=freeze_at,
+                    observe=run.observe)
+        rmul, rshift = O.fixed_point_reciprocal(int(ph.mean))
+        out = dict(run.last)
+        for g, v in run.sums.items():
+            out[g] = round_shift(v * float(rmul), rshift)
+        out_route = None
+        if pooled:
+            out_route = run.route if run.route is not None else self.routing(run.last)
+        froze = np.full(n, routing is not None or run.froze)
+        keep = {"states": {g: run.last[g] for g in names}, "X": spk.X, "A": spk.A,
+                "Z": spk.Z, "I": spk.I}
+        return PhaseResult(out, np.full(n, ph.sweeps, dtype=np.int64), np.ones(n, bool),
+                           np.zeros(n, bool), out_route, froze, keep)
+
     # ---- inference
     def init_states(self, x: np.ndarray | torch.Tensor) -> dict:
         """Quantize a float input batch to the input memory and zero every state."""
@@ -389,11 +537,13 @@ class Simulator:
             s = self.settle(s, "teacher").states
         return s
 
-    def free(self, x) -> PhaseResult:
-        return self.settle(self.init_states(x), "free")
+    def free(self, x, ids=None, ctx: int = 0) -> PhaseResult:
+        """The free phase on input batch x (`ids`, `ctx`: what seeds a bernoulli program's
+        spike generators; default: the rows' positions, inference)."""
+        return self.settle(self.init_states(x), "free", ids=ids, ctx=ctx)
 
-    def predict(self, x) -> tuple[np.ndarray, PhaseResult]:
-        r = self.free(x)
+    def predict(self, x, ids=None) -> tuple[np.ndarray, PhaseResult]:
+        r = self.free(x, ids)
         out = self.p.output_group().name
         return r.states[out].reshape(len(x), -1).argmax(1).numpy(), r
 
@@ -516,10 +666,15 @@ class Simulator:
         if beta_q is not None:
             self.p.beta_q = int(beta_q)
         y = self.label_target(labels)
-        free = self.free(x)
+        # a bernoulli program's spikes in a learning step: seeded by the step and each
+        # sample's position in the batch (inference uses ctx 0 and the sample's index)
+        ids, ctx = np.arange(len(labels), dtype=np.uint64), self.p.rng_step + 1
+        free = self.free(x, ids, ctx)
         hp, hm = self.p.phase("nudge+").hold_pool, self.p.phase("nudge-").hold_pool
-        sp = self.settle(free.states, "nudge+", y=y, sign=+1, routing=free.routing if hp else None)
-        sm = self.settle(free.states, "nudge-", y=y, sign=-1, routing=free.routing if hm else None)
+        sp = self.settle(free.states, "nudge+", y=y, sign=+1, routing=free.routing if hp else None,
+                         ids=ids, ctx=ctx, carry=free.carry)
+        sm = self.settle(free.states, "nudge-", y=y, sign=-1, routing=free.routing if hm else None,
+                         ids=ids, ctx=ctx, carry=free.carry)
         # the gradient is taken on the piece both phases settled on, when they shared one
         self.learn_step(sp.states, sm.states, lr_shift=lr_shift,
                         routing=free.routing if hp and hm else None)
@@ -605,24 +760,117 @@ class IntSettle:
         self.settled[units] = converged
 
 
+# --------------------------------------------------------------------------- spikes
+def xorshift32(x: np.ndarray) -> np.ndarray:
+    """One step of Marsaglia's xorshift32 (13, 17, 5) on 32-bit states held in uint64:
+    x ^= x << 13; x ^= x >> 17; x ^= x << 5 (mod 2^32). A nonzero state never becomes 0."""
+    x = x ^ ((x << np.uint64(13)) & _M32)
+    x = x ^ (x >> np.uint64(17))
+    return x ^ ((x << np.uint64(5)) & _M32)
+
+
+@dataclass
+class _Spikes:
+    """The spiking part of a phase's state: per bernoulli group its generators X, trace A
+    and last spikes Z; per spike-reading synapse direction its current trace I."""
+
+    X: dict
+    A: dict
+    Z: dict
+    I: dict
+
+
+class SpikeSettle:
+    """The integer arithmetic of one phase of a program with bernoulli groups (what
+    `runtime.settle.settle_walk` plugs in): the batch is one unit that runs every time
+    step (tol -1: no fixed point is looked for, no cycles); `observe` sums the states of
+    the last steps (the phase's mean)."""
+
+    detach = False
+
+    def __init__(self, sim: Simulator, spk: _Spikes, names: list[str], sign: int,
+                 y: torch.Tensor | None, routing: dict | None, mean_from: int):
+        self.sim, self.spk, self.names, self.sign, self.y = sim, spk, names, sign, y
+        self.route = routing
+        self.froze = False
+        self.mean_from = mean_from
+        self.step = 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.last: dict = {}
+
+    def drive(self, j: str, S: dict, ver: dict) -> torch.Tensor:
+        return self.sim._drive(j, S, self.sign, self.y, self.route, self.spk)
+
+    def delta_buffer(self, n: int):
+        return IntSettle.delta_buffer(self, n)
+
+    def freeze(self, S: dict, rows) -> None:
+        self.route = self.sim.routing(S)
+        self.froze = True
+
+    def observe(self, S: dict, rmax: float) -> None:
+        self.step += 1
+        if self.step > self.mean_from:
+            for g in self.names:
+                self.sums[g] = S[g] + self.sums[g] if g in self.sums else S[g].clone()
+
+    def take_rows(self, take) -> None:      # one unit: the walk never narrows it
+        raise AssertionError("a spiking phase's batch settles as one unit")
+
+    def finish(self, units, rows, sizes, S: dict, d, sweeps: int, converged) -> None:
+        self.last = dict(S)
+
+
 # --------------------------------------------------------------------------- resources
 def resources(prog: Program) -> dict:
-    """Memory bytes by kind and synaptic operations per sweep / inference / learning step."""
+    """Memory bytes by kind and synaptic operations per sweep / inference / learning step.
+
+    Programs with bernoulli groups: a direction that reads spikes costs additions, one per
+    spike and synapse it crosses (at most its multiply-accumulate count per time step, when
+    every unit fires); the others multiply-accumulates as in a rate program. Their phases
+    run exactly their time steps, so the counts per inference are exact, not caps; what
+    `epc run` measures (`synaptic_events_per_inference`) is what the spikes cost."""
     by_kind: dict[str, int] = {}
     for m in prog.memories:
         by_kind[m.kind] = by_kind.get(m.kind, 0) + m.nbytes
     sim = Simulator(prog)
-    per_sweep = 0
+    per_sweep = adds = 0
     for c in sim.chains:
         if c.kind == "teacher":
             continue
-        per_sweep += sim.macs[c.name] * (2 if c.feedback else 1)
+        for fb in (False, True) if c.feedback else (False,):
+            if sim.spike_read.get((c.name, fb)):
+                adds += sim.macs[c.name]
+            else:
+                per_sweep += sim.macs[c.name]
     learn = sum(int(np.prod(sim.W[w].shape)) * 2 for c in sim.chains if c.name in prog.learn
                 for w, _ in c.weights)
     free = prog.phase("free")
     nudge = prog.phase("nudge+")
-    return {"memory_bytes": {**by_kind, "total": sum(by_kind.values())},
-            "synops_per_sweep": per_sweep,
-            "synops_per_inference_max": per_sweep * free.sweeps,
-            "synops_per_learning_step_max": per_sweep * (free.sweeps + 2 * nudge.sweeps) + learn,
-            "parameters": sum(m.size for m in prog.memories if m.kind in ("weight", "bias"))}
+    out = {"memory_bytes": {**by_kind, "total": sum(by_kind.values())},
+           "synops_per_sweep": per_sweep,
+           "synops_per_inference_max": per_sweep * free.sweeps,
+           "synops_per_learning_step_max": per_sweep * (free.sweeps + 2 * nudge.sweeps) + learn,
+           "parameters": sum(m.size for m in prog.memories if m.kind in ("weight", "bias"))}
+    if prog.stochastic:
+        units = sum(prog.mem(g.mem).size for g in prog.groups if g.neuron == "bernoulli")
+        # beside the declared memories, per bernoulli unit its generator (32 bits), trace
+        # (F + K + 1 bits) and spike bit; a 32-bit current trace per unit a spike-reading
+        # direction drives; a 32-bit sum per settled unit for the phase's mean
+        state_bits = 0
+        for g in prog.groups:
+            size = prog.mem(g.mem).size
+            if g.neuron == "bernoulli":
+                state_bits += size * (32 + prog.frac_bits + g.tau_shift + 2)
+            if g.role != "teacher":
+                state_bits += size * ACC_BITS
+        for (name, fb), yes in sim.spike_read.items():
+            if yes:
+                c = next(x for x in sim.chains if x.name == name)
+                state_bits += int(np.prod(sim._shape(c.src if fb else c.dst))) * ACC_BITS
+        out.update({"bernoulli_units": units,
+                    "time_steps": {"free": free.sweeps, "nudge": nudge.sweeps},
+                    "spike_additions_per_step_max": adds,
+                    "spike_additions_per_inference_max": adds * free.sweeps,
+                    "spiking_state_bytes": (state_bits + 7) // 8})
+    return out

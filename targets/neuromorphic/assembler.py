@@ -7,6 +7,7 @@ text -> binary -> text unchanged. Syntax (one statement per line, `;` starts a c
     .epc-nc 1                               header: format version
     .program NAME
     .config frac_bits=8 beta_q=2048 lr_shift=9 seed=0 rng_step=0 [pool_freeze=20]
+            [spike_seed=S]                  version 3: the spike generators' seed
     .meta KEY "VALUE"
     .input x
     .mem NAME KIND sBITS|uBITS [d0,d1,...]  KIND: input state weight exp bias
@@ -14,6 +15,7 @@ text -> binary -> text unchanged. Syntax (one statement per line, `;` starts a c
       12 -3 7 ...
     .end
     .group NAME mem=M lo=L hi=H act=clip|relu|identity role=R [bias=B]
+        [neuron=bernoulli tau_shift=K]      version 3: a spiking group
     .syn NAME SRC -> DST kind=K fb=0|1 learn=0|1
       dense w=W e=E | conv w=W e=E s=1,1 p=0,0,0,0 d=1,1 g=1 | chscale w=W e=E
       maxpool k=2,2 s=2,2 p=0,0,0,0 d=1,1 ceil=0 | sumpool k=2,2 s=2,2 p=0,0,0,0 ceil=0
@@ -21,7 +23,7 @@ text -> binary -> text unchanged. Syntax (one statement per line, `;` starts a c
       | pad p=0,1,1,0,1,1 | permute d=2,16,64 p=1,0,2 o=32,8,8 | flatten | identity
     .end
     .cost NAME GROUP target=label|TEACHER_GROUP wq=256
-    .phase teacher|free|nudge+|nudge- sweeps=N [pool=free]
+    .phase teacher|free|nudge+|nudge- sweeps=N [pool=free] [mean=H [noise=free|own]]
       update G1 G2 ...                      one colour class, updated as a block
     .end
     .learn NAME ...                         synapses and bias memories the learning step updates
@@ -72,7 +74,8 @@ def disassemble(prog: Program, *, data: bool = True, elide_over: int | None = No
     out = [f"{ASM_HEADER} {format_version(prog)}", f".program {prog.name}",
            f".config frac_bits={prog.frac_bits} beta_q={prog.beta_q} lr_shift={prog.lr_shift} "
            f"seed={prog.seed} rng_step={prog.rng_step}"
-           + (f" pool_freeze={prog.pool_freeze}" if prog.pool_freeze else "")]
+           + (f" pool_freeze={prog.pool_freeze}" if prog.pool_freeze else "")
+           + (f" spike_seed={prog.spike_seed}" if prog.spike_seed else "")]
     for k in sorted(prog.meta):
         out.append(f".meta {k} {json.dumps(str(prog.meta[k]))}")
     for name in prog.inputs:
@@ -97,7 +100,10 @@ def disassemble(prog: Program, *, data: bool = True, elide_over: int | None = No
     out.append("; ---- neuron groups")
     for g in prog.groups:
         line = f".group {g.name} mem={g.mem} lo={g.lo} hi={g.hi} act={g.act} role={g.role}"
-        out.append(line + (f" bias={g.bias}" if g.bias else ""))
+        line += f" bias={g.bias}" if g.bias else ""
+        if g.neuron != "rate":
+            line += f" neuron={g.neuron} tau_shift={g.tau_shift}"
+        out.append(line)
     out.append("")
     out.append("; ---- synapses")
     for s in prog.synapses:
@@ -112,7 +118,9 @@ def disassemble(prog: Program, *, data: bool = True, elide_over: int | None = No
     out.append("")
     out.append("; ---- sequence")
     for ph in prog.phases:
-        out.append(f".phase {ph.name} sweeps={ph.sweeps}" + (" pool=free" if ph.hold_pool else ""))
+        out.append(f".phase {ph.name} sweeps={ph.sweeps}" + (" pool=free" if ph.hold_pool else "")
+                   + (f" mean={ph.mean}" if ph.mean else "")
+                   + (f" noise={ph.noise}" if ph.noise else ""))
         for cls in ph.classes:
             out.append("  update " + " ".join(cls))
         out.append(".end")
@@ -176,6 +184,11 @@ class _Parser:
     def v2(self, lineno: int, what: str) -> None:
         if self.version < 2:
             raise self.err(lineno, f"{what} needs program format version 2 (the header says "
+                                   f"{self.version})")
+
+    def v3(self, lineno: int, what: str) -> None:
+        if self.version < 3:
+            raise self.err(lineno, f"{what} needs program format version 3 (the header says "
                                    f"{self.version})")
 
     def block(self, start: int, what: str) -> list[tuple[int, str]]:
@@ -272,10 +285,13 @@ class _Parser:
         p = self.prog
         d = self.kv(i, toks[1:], ".config")
         self.need(i, d, ("frac_bits", "beta_q", "lr_shift", "seed", "rng_step"), ".config",
-                  ("pool_freeze",))
+                  ("pool_freeze", "spike_seed"))
         if "pool_freeze" in d:
             self.v2(i, ".config pool_freeze=")
             p.pool_freeze = self.integer(i, d["pool_freeze"], ".config")
+        if "spike_seed" in d:
+            self.v3(i, ".config spike_seed=")
+            p.spike_seed = self.integer(i, d["spike_seed"], ".config")
         p.frac_bits = self.integer(i, d["frac_bits"], ".config")
         p.beta_q = self.integer(i, d["beta_q"], ".config")
         p.lr_shift = self.integer(i, d["lr_shift"], ".config")
@@ -335,10 +351,15 @@ class _Parser:
         name = self.name(i, toks[1], ".group")
         w = f".group {name}"
         d = self.kv(i, toks[2:], w)
-        self.need(i, d, ("mem", "lo", "hi", "act", "role"), w, ("bias",))
-        p.groups.append(Group(name, d["mem"], self.integer(i, d["lo"], w),
-                              self.integer(i, d["hi"], w), d["role"], d.get("bias"),
-                              d["act"]))
+        self.need(i, d, ("mem", "lo", "hi", "act", "role"), w, ("bias", "neuron", "tau_shift"))
+        g = Group(name, d["mem"], self.integer(i, d["lo"], w), self.integer(i, d["hi"], w),
+                  d["role"], d.get("bias"), d["act"])
+        if "neuron" in d or "tau_shift" in d:
+            self.v3(i, f"{w} neuron=")
+            if "neuron" not in d or "tau_shift" not in d:
+                raise self.err(i, f"{w}: neuron= and tau_shift= go together")
+            g.neuron, g.tau_shift = d["neuron"], self.integer(i, d["tau_shift"], w)
+        p.groups.append(g)
 
     def d_syn(self, i: int, line: str, toks: list[str]) -> None:
         p = self.prog
@@ -366,11 +387,14 @@ class _Parser:
 
     def d_phase(self, i: int, line: str, toks: list[str]) -> None:
         p = self.prog
-        if len(toks) not in (3, 4):
-            raise self.err(i, ".phase: expected NAME sweeps=N [pool=free|live]")
+        if not 3 <= len(toks) <= 6:
+            raise self.err(i, ".phase: expected NAME sweeps=N [pool=free|live] [mean=H "
+                              "[noise=free|own]]")
         w = f".phase {toks[1]}"
         d = self.kv(i, toks[2:], w)
-        self.need(i, d, ("sweeps",), w, ("pool",))
+        self.need(i, d, ("sweeps",), w, ("pool", "mean", "noise"))
+        if "mean" in d or "noise" in d:
+            self.v3(i, f"{w} mean=")
         if d.get("pool", "live") not in ("free", "live"):
             raise self.err(i, f"{w}: pool={d['pool']} (supported: free, live)")
         if "pool" in d:
@@ -381,8 +405,12 @@ class _Parser:
             if t[0] != "update" or len(t) < 2:
                 raise self.err(j, f"{w}: expected 'update GROUP ...', got {l!r}")
             classes.append(t[1:])
-        p.phases.append(Phase(toks[1], self.integer(i, d["sweeps"], w), classes,
-                              d.get("pool") == "free"))
+        ph = Phase(toks[1], self.integer(i, d["sweeps"], w), classes, d.get("pool") == "free")
+        if "mean" in d:
+            ph.mean = self.integer(i, d["mean"], w)
+        if "noise" in d:
+            ph.noise = d["noise"]
+        p.phases.append(ph)
 
     def d_learn(self, i: int, line: str, toks: list[str]) -> None:
         p = self.prog

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-ISA_VERSION = 2            # newest program format read (assembly and binary); bump on changes
+ISA_VERSION = 3            # newest program format read (assembly and binary); bump on changes
 # version 2 adds the max-pool winner rules (`.config pool_freeze=N`, `.phase ... pool=free`);
-# a program that uses neither is written as version 1, byte for byte as before
+# version 3 the spike generator (`.config spike_seed=S`, `.group ... neuron=bernoulli
+# tau_shift=K`, `.phase ... mean=H noise=free|own`); a program is written in the oldest
+# version that expresses it, so one that uses none of these is byte for byte as before
 MAGIC = b"EPCNC\x00"       # first bytes of a binary program
 ASM_HEADER = ".epc-nc"     # first token of an assembly program
 
@@ -27,6 +29,10 @@ ACC_BITS = 32              # accumulator width of a synapse chain (checked worst
 MEM_KINDS = ("input", "state", "weight", "exp", "bias")
 GROUP_ROLES = ("hidden", "output", "tap", "teacher")
 GROUP_ACTS = ("clip", "relu", "identity")
+NEURONS = ("rate", "bernoulli")
+NOISES = ("free", "own")   # a stochastic nudged phase's spike words: the free phase's
+                           # generators continued (both nudged phases the same), or its own
+TAU_SHIFT_RANGE = (0, 12)  # a bernoulli group's rate trace decays by 2^-tau_shift per step
 SYN_KINDS = ("forward", "residual", "tap", "teacher")
 PHASES = ("teacher", "free", "nudge+", "nudge-")
 MAX_SWEEP_CAP = 100000
@@ -92,6 +98,9 @@ class Group:
     bias: str | None = None
     act: str = "clip"     # clip: both bounds are the activation; relu: the upper bound is
                           # saturation (counted); identity: both bounds are saturation
+    neuron: str = "rate"  # bernoulli: clamp(u, lo, hi) / 2^F is a firing probability; the
+                          # group spikes and its state is its firing-rate trace (isa.md)
+    tau_shift: int = 0    # bernoulli: the trace decays by 2^-tau_shift per time step
 
 
 @dataclass
@@ -164,6 +173,12 @@ class Phase:
     classes: list[list[str]] = field(default_factory=list)
     hold_pool: bool = False   # `pool=free`: max-pools keep the free phase's winners (nudged
                               # phases only; the learning step then uses them too)
+    # programs with bernoulli groups: the phase runs exactly `sweeps` time steps and its
+    # result is each group's mean over the last `mean` of them (0: a rate program);
+    # `noise` (their nudged phases): their spike generators continue the free phase's
+    # ('free') or are seeded on their own ('own'); '' elsewhere
+    mean: int = 0
+    noise: str = ""
 
 
 @dataclass
@@ -176,6 +191,8 @@ class Program:
     rng_step: int = 0                   # PRNG counter (learning steps taken)
     pool_freeze: int = 0                # freeze max-pool winners after this many sweeps of
                                         # a settling phase (0: never)
+    spike_seed: int = 0                 # seeds the bernoulli groups' xorshift32 spike
+                                        # generators (nonzero; 0 in rate programs)
     inputs: list[str] = field(default_factory=list)     # input memories
     memories: list[Memory] = field(default_factory=list)
     groups: list[Group] = field(default_factory=list)
@@ -207,15 +224,47 @@ class Program:
         return next(g for g in self.groups if g.role == "output")
 
     @property
+    def stochastic(self) -> bool:
+        """Whether a group is bernoulli (its phases then run exactly their time steps)."""
+        return any(g.neuron == "bernoulli" for g in self.groups)
+
+    @property
     def beta(self) -> float:
         return self.beta_q / (1 << BETA_FRAC)
 
 
 def format_version(prog: Program) -> int:
     """The oldest format version that expresses `prog` (what the writers put in headers)."""
+    if prog.stochastic or prog.spike_seed or any(ph.mean for ph in prog.phases):
+        return 3
     if prog.pool_freeze or any(ph.hold_pool for ph in prog.phases):
         return 2
     return 1
+
+
+def mix32(x: int) -> int:
+    """The core's 32-bit mixer H (docs/isa.md; runtime/simulator.py hash32 is its
+    vectorised twin): x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B;
+    x ^= x >> 16."""
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def reads_spikes(prog: Program, syn: Synapse, feedback: bool = False) -> bool:
+    """Whether a synapse reads spikes in one direction (forward: from its source group;
+    feedback: from its destination group): that group is bernoulli and the chain has no
+    max-pool (a max-pool of spikes is an OR, not the max of the rates, so such a chain
+    reads the group's rate trace with multiply-accumulates, as from a rate group)."""
+    from epc.compiler import ops as O
+    name = syn.dst if feedback else syn.src
+    grp = next((g for g in prog.groups if g.name == name), None)
+    if grp is None or grp.neuron != "bernoulli":
+        return False
+    return not any(getattr(O.core_rule(op.kind), "piecewise", False) for op in syn.ops)
 
 
 def bits_for_signed(lo: int, hi: int) -> int:

@@ -23,8 +23,8 @@ from epc.compiler.errors import EpcError
 from epc.compiler.ir import Graph, op_weights
 
 from .calibrate import bias_corrections, op_input_grams, round_compensated
-from .isa import (BETA_FRAC, COST_WEIGHT_FRAC, CostSpec, Group, Memory, Phase, Program,
-                  SynOp, Synapse, bits_for_signed, bits_for_unsigned)
+from .isa import (BETA_FRAC, COST_WEIGHT_FRAC, TAU_SHIFT_RANGE, CostSpec, mix32, Group, Memory,
+                  Phase, Program, SynOp, Synapse, bits_for_signed, bits_for_unsigned)
 
 INPUT_INT_BITS = 8          # input memories: signed, F + 8 bits (range +-128)
 FREE_INT_BITS = 8           # identity/relu states: F + 8 bits
@@ -33,6 +33,7 @@ EXP_BITS = 8
 MAX_EXP_SPAN = 8            # per-channel exponents: at most this far below the largest
 DEFAULT_BETA = 0.5
 POOL_FREEZE = 20            # the float runtime's default (Engine pool_freeze)
+SPIKE_SEED_SALT = 0x5EED5EED  # the compiler's spike_seed: H(seed ^ salt), 1 if that is 0
 # the IR ops the core runs (each registry rule with a core instruction), for messages
 CORE_KINDS = tuple(t.kind for t, r in O.RULES.items() if getattr(r, "core", None))
 
@@ -44,9 +45,12 @@ def _q_state(x: float, F: int) -> int:
 def _lower_state(st, F: int) -> tuple[Memory, int, int, str]:
     a = st.act
     where = f"state {st.name}"
-    if st.neuron != "rate":
+    if st.neuron not in ("rate", "bernoulli"):
         raise EpcError(f"{where}: neuron model {st.neuron!r} cannot run on the neuromorphic "
-                       f"target (it has no spike generator); compile with --neuron rate")
+                       f"target (rate, bernoulli)")
+    if st.neuron == "bernoulli" and not a.probability:
+        raise EpcError(f"{where}: a bernoulli state needs an activation within [0, 1] (its "
+                       f"firing probability), got {a.kind}")
     if a.kind == "hardsigmoid":
         if a.alpha == 1.0 and a.beta == 0.0:
             a_lo, a_hi = 0.0, 1.0
@@ -202,6 +206,8 @@ def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
         p.memories.append(Memory(inp.name, "input", True, F + INPUT_INT_BITS, tuple(inp.shape)))
         p.inputs.append(inp.name)
     bias_mems = _lower_states(g, p)
+    if p.stochastic:
+        _lower_spiking(g, p, seed)
     rounded = _lower_couplings(g, p, weight_bits, per_channel, acts)
     if acts is not None:
         for bname, delta in bias_corrections(g, acts, rounded).items():
@@ -209,6 +215,8 @@ def quantize_graph(g: Graph, *, weight_bits: int = 8, frac_bits: int = 8,
             bm.data, bm.bits = _quant_bias(np.asarray(g.weights[bname], np.float64) + delta, F)
     _lower_costs(g, p)
     _lower_phases(g, p, pool_freeze, hold_pool)
+    if p.stochastic:
+        _spiking_phases(g, p)
     p.learn = [s.name for s in p.synapses if s.learn and any(o.w for o in s.ops)]
     p.learn += [gr.bias for gr in p.groups if gr.bias and gr.role != "teacher"]
     if lr_shift is None:
@@ -247,6 +255,8 @@ def _lower_states(g: Graph, p: Program) -> dict[str, Memory]:
         mem, lo, hi, act = _lower_state(st, p.frac_bits)
         p.memories.append(mem)
         grp = Group(st.name, mem.name, lo, hi, st.role, None, act)
+        if st.neuron == "bernoulli" and st.role != "teacher":
+            grp.neuron = "bernoulli"
         if st.bias:
             b = np.asarray(g.weights[st.bias], dtype=np.float64)
             bq, bits = _quant_bias(b, p.frac_bits)
@@ -256,6 +266,42 @@ def _lower_states(g: Graph, p: Program) -> dict[str, Memory]:
             grp.bias = bname
         p.groups.append(grp)
     return bias_mems
+
+
+def _lower_spiking(g: Graph, p: Program, seed: int) -> None:
+    """The spike generators: the trace decay of every bernoulli group (the schedule's
+    `trace:tau` with tau = 2^K: the core's trace decays by a shift) and the seed of the
+    xorshift32 generators (never 0, their stuck state)."""
+    sp = g.schedule.spiking
+    if sp is None:
+        raise EpcError(f"graph {g.name}: bernoulli states without time steps in the schedule; "
+                       f"compile it with epc compile")
+    if sp.averaging != "trace":
+        raise EpcError(f"graph {g.name}: --averaging {sp.averaging}:{sp.tau}: the core keeps "
+                       f"an exponential rate trace (a shift per step); compile with "
+                       f"--averaging trace:K, K a power of two (e.g. trace:8)")
+    if sp.tau < 1 or sp.tau & (sp.tau - 1) or sp.tau > (1 << TAU_SHIFT_RANGE[1]):
+        raise EpcError(f"graph {g.name}: --averaging trace:{sp.tau}: the core's trace decays "
+                       f"by 2^-K per step, so tau must be a power of two up to "
+                       f"{1 << TAU_SHIFT_RANGE[1]} (e.g. trace:8)")
+    for grp in p.groups:
+        if grp.neuron == "bernoulli":
+            grp.tau_shift = sp.tau.bit_length() - 1
+    p.spike_seed = mix32((int(seed) ^ SPIKE_SEED_SALT) & 0xFFFFFFFF) or 1
+
+
+def _spiking_phases(g: Graph, p: Program) -> None:
+    """Every settling phase runs exactly its time steps and averages its second half (the
+    float runtime's rule, runtime/spikes.py averaged_steps); the nudged phases continue
+    the free phase's spike generators under sampling 'shared', else seed their own."""
+    sp = g.schedule.spiking
+    for ph in p.phases:
+        if ph.name == "teacher":
+            continue
+        ph.sweeps = int(sp.time_steps if ph.name == "free" else sp.nudge_time_steps)
+        ph.mean = max(1, ph.sweeps - ph.sweeps // 2)     # runtime/spikes.py averaged_steps
+        if ph.name != "free":
+            ph.noise = "free" if sp.sampling == "shared" else "own"
 
 
 def _lower_couplings(g: Graph, p: Program, weight_bits: int, per_channel: bool,

@@ -18,8 +18,8 @@ from epc.compiler import ops as O
 from epc.compiler.errors import EpcError
 
 from .isa import (ACC_BITS, BETA_FRAC, EXP_RANGE, GROUP_ACTS, GROUP_ROLES, MAX_SWEEP_CAP,
-                  MEM_KINDS, PHASES, SHIFT_RANGE, STATE_BITS_RANGE, SYN_KINDS, WEIGHT_BITS_RANGE,
-                  Program)
+                  MEM_KINDS, NEURONS, NOISES, PHASES, SHIFT_RANGE, STATE_BITS_RANGE, SYN_KINDS,
+                  TAU_SHIFT_RANGE, WEIGHT_BITS_RANGE, Program, reads_spikes)
 
 class AccumulatorOverflow(EpcError):
     """A synapse whose worst-case accumulator does not fit 32 bits; `excess` is by how
@@ -81,6 +81,15 @@ class _Validator:
             fail(".config", "seed must be a 32-bit unsigned value and rng_step >= 0")
         if not 0 <= prog.pool_freeze <= MAX_SWEEP_CAP:
             fail(".config", f"pool_freeze={prog.pool_freeze} out of range 0..{MAX_SWEEP_CAP}")
+        # the spike generators are xorshift32 registers: a zero state never leaves zero
+        if not 0 <= prog.spike_seed <= 0xFFFFFFFF:
+            fail(".config", f"spike_seed={prog.spike_seed} is not a 32-bit unsigned word")
+        if prog.stochastic and prog.spike_seed == 0:
+            fail(".config", "spike_seed=0: a program with bernoulli groups needs a nonzero "
+                            "seed for its xorshift32 spike generators (zero is their stuck "
+                            "state)")
+        if not prog.stochastic and prog.spike_seed:
+            fail(".config", "spike_seed= without a bernoulli group")
 
     # ---- memories and inputs
     def memories(self) -> None:
@@ -140,6 +149,12 @@ class _Validator:
             if not (m.lo <= g.lo <= g.hi <= m.hi):
                 fail(w, f"bounds lo={g.lo} hi={g.hi} do not fit its memory {m.type_str()} "
                         f"({m.lo}..{m.hi})")
+            if g.neuron not in NEURONS:
+                fail(w, f"neuron {g.neuron!r} (supported: {', '.join(NEURONS)})")
+            if g.neuron == "bernoulli":
+                self.spiking_group(g, m, w)
+            elif g.tau_shift:
+                fail(w, "tau_shift= is for bernoulli groups")
             if g.bias is not None:
                 if g.bias not in mems or mems[g.bias].kind != "bias":
                     fail(w, f"bias={g.bias} is not a bias memory")
@@ -150,6 +165,23 @@ class _Validator:
             fail(".group", "a program needs exactly one group with role=output")
         if len({g.mem for g in prog.groups}) != len(prog.groups):
             fail(".group", "two groups share a state memory")
+
+    def spiking_group(self, g, m, w: str) -> None:
+        """A bernoulli group: clamp(u, lo, hi) is its firing probability at scale 2^F, so
+        the activation must be a clip within [0, 2^F] (an unbounded or signed activation
+        is no probability), and its trace's decay shift must be in range."""
+        fail, F = self.fail, self.prog.frac_bits
+        if g.act != "clip":
+            fail(w, f"a bernoulli group needs a bounded activation (act=clip), not act={g.act}: "
+                    f"clamp(u, lo, hi) / 2^F is its firing probability")
+        if m.signed or not 0 <= g.lo < g.hi <= (1 << F):
+            fail(w, f"bernoulli group: firing probability bounds lo={g.lo} hi={g.hi} on "
+                    f"{m.type_str()} are not within the probability scale 0..2^F = {1 << F}")
+        if g.role == "teacher":
+            fail(w, "a teacher group is a feedforward pass, not a bernoulli group")
+        if not TAU_SHIFT_RANGE[0] <= g.tau_shift <= TAU_SHIFT_RANGE[1]:
+            fail(w, f"tau_shift={g.tau_shift} out of range {TAU_SHIFT_RANGE[0]}.."
+                    f"{TAU_SHIFT_RANGE[1]}")
 
     def shape_of(self, name: str) -> tuple:
         if name in self.groups:
@@ -264,6 +296,37 @@ class _Validator:
         if not SHIFT_RANGE[0] <= total_shift <= SHIFT_RANGE[1]:
             fail(w, f"total shift {total_shift} out of range {SHIFT_RANGE} (a weight exponent "
                     f"is out of scale)")
+        self.current_traces(s, w, W, mult)
+
+    def current_traces(self, s, w: str, W: dict, mult: int) -> None:
+        """A direction that reads spikes keeps a current trace I <- I - round_shift(I, K)
+        + a * 2^F (a: the chain at the spikes); |I| stays below max|a| * 2^(F + K) + 2^K,
+        and max|a| is the chain over |M| at all-ones spikes."""
+        F = self.prog.frac_bits
+        limit = (1 << (ACC_BITS - 1)) - 1
+        for fb in (False, True) if s.feedback else (False,):
+            if not reads_spikes(self.prog, s, fb):
+                continue
+            read = s.dst if fb else s.src
+            k = self.groups[read].tau_shift
+            x = torch.ones((1, *self.shape_of(s.src)), dtype=torch.float64)
+            steps = [O.core_op(op) for op in s.ops]
+            ctxs = []
+            for r, ir in steps:
+                x, ctx = r.core_forward(ir, x, W)
+                ctxs.append(ctx)
+            if fb:
+                x = torch.ones((1, *self.shape_of(s.dst)), dtype=torch.float64)
+                for (r, ir), ctx in zip(reversed(steps), reversed(ctxs)):
+                    x = r.core_adjoint_bound(ir, x, ctx, W)
+            worst = (float(x.abs().max()) * (1 << (F + k)) + (1 << k)) * mult \
+                if x.numel() else 0.0
+            if worst > limit:
+                raise AccumulatorOverflow(
+                    f"{self.source}: {w}: worst-case spike current trace 2^"
+                    f"{math.log2(worst):.1f} ({'feedback' if fb else 'forward'}, tau_shift="
+                    f"{k}) overflows the {ACC_BITS}-bit accumulator",
+                    math.log2(worst) - math.log2(limit))
 
     # ---- costs, phases, learning
     def costs(self) -> None:
@@ -316,11 +379,31 @@ class _Validator:
                 fail(w, "pool=free (keep the free phase's max-pool winners) is for nudged phases")
             if ph.name == "teacher" and ph.sweeps != 1:
                 fail(w, "the teacher pass is one feedforward sweep (sweeps=1)")
+            self.spiking_phase(ph, w)
         for need in ("free", "nudge+", "nudge-"):
             if need not in seen_phases:
                 fail(f".phase {need}", "missing")
         if teachers and "teacher" not in seen_phases:
             fail(".phase teacher", "missing (the program has teacher groups)")
+
+    def spiking_phase(self, ph, w: str) -> None:
+        """A program with bernoulli groups runs each settling phase for exactly its
+        `sweeps` time steps and averages the last `mean`; nudged phases say where their
+        spike words come from. A rate program has neither."""
+        fail = self.fail
+        settling = ph.name != "teacher"
+        if not self.prog.stochastic or not settling:
+            if ph.mean or ph.noise:
+                fail(w, "mean= and noise= are for the settling phases of a program with "
+                        "bernoulli groups")
+            return
+        if not 1 <= ph.mean <= ph.sweeps:
+            fail(w, f"mean={ph.mean}: a stochastic phase averages its last 1..{ph.sweeps} "
+                    f"time steps (sweeps={ph.sweeps})")
+        if ph.name == "free" and ph.noise:
+            fail(w, "noise= is for the nudged phases")
+        if ph.name in ("nudge+", "nudge-") and ph.noise not in NOISES:
+            fail(w, f"noise={ph.noise or '(missing)'} (supported: {', '.join(NOISES)})")
 
     def learn(self) -> None:
         prog, fail, syns = self.prog, self.fail, self.syns
