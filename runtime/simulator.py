@@ -412,7 +412,9 @@ class Simulator:
         k = grp.tau_shift
         a = spk.A[name]
         a = a - round_shift(a, k) + z * float(1 << self.F)
-        spk.A[name], spk.Z[name] = a, z
+        # the spikes are seen from the next colour class on (a block update reads one
+        # snapshot): SpikeSettle publishes them at the class boundary
+        spk.A[name], spk.pending[name] = a, z
         self.stats.spikes += int(z.sum())
         self.stats.spike_unit_steps += int(z.numel())
         return round_shift(a, k).clamp(max=float(grp.hi))
@@ -501,7 +503,7 @@ class Simulator:
             spk = _Spikes(X, dict(carry["A"]), dict(carry["Z"]), dict(carry["I"]))
         pooled = bool(self.pooled)
         names = [g for cls in ph.classes for g in cls]
-        run = SpikeSettle(self, spk, names, sign, y, routing if pooled else None,
+        run = SpikeSettle(self, spk, ph.classes, sign, y, routing if pooled else None,
                           ph.sweeps - ph.mean)
         freeze_at = (self.p.pool_freeze or None) if pooled and routing is None else None
         S = dict(start)
@@ -778,6 +780,11 @@ class _Spikes:
     A: dict
     Z: dict
     I: dict
+    pending: dict = field(default_factory=dict)   # spikes of the class being updated
+
+    def publish(self) -> None:
+        self.Z.update(self.pending)
+        self.pending.clear()
 
 
 class SpikeSettle:
@@ -788,9 +795,11 @@ class SpikeSettle:
 
     detach = False
 
-    def __init__(self, sim: Simulator, spk: _Spikes, names: list[str], sign: int,
+    def __init__(self, sim: Simulator, spk: _Spikes, classes: list[list[str]], sign: int,
                  y: torch.Tensor | None, routing: dict | None, mean_from: int):
-        self.sim, self.spk, self.names, self.sign, self.y = sim, spk, names, sign, y
+        self.sim, self.spk, self.sign, self.y = sim, spk, sign, y
+        self.names = [g for cls in classes for g in cls]
+        self.firsts = {cls[0] for cls in classes[1:]}   # where a class boundary is crossed
         self.route = routing
         self.froze = False
         self.mean_from = mean_from
@@ -799,6 +808,8 @@ class SpikeSettle:
         self.last: dict = {}
 
     def drive(self, j: str, S: dict, ver: dict) -> torch.Tensor:
+        if j in self.firsts:
+            self.spk.publish()
         return self.sim._drive(j, S, self.sign, self.y, self.route, self.spk)
 
     def delta_buffer(self, n: int):
@@ -809,6 +820,7 @@ class SpikeSettle:
         self.froze = True
 
     def observe(self, S: dict, rmax: float) -> None:
+        self.spk.publish()
         self.step += 1
         if self.step > self.mean_from:
             for g in self.names:

@@ -47,6 +47,7 @@ def validate(prog: Program, source: str = "program") -> Program:
     v.config()
     v.memories()
     v.neuron_groups()
+    v.spike_seed()
     for s in prog.synapses:
         v.synapse(s)
     if not any(s.dst == g.name for s in prog.synapses for g in prog.groups) and prog.groups:
@@ -81,15 +82,8 @@ class _Validator:
             fail(".config", "seed must be a 32-bit unsigned value and rng_step >= 0")
         if not 0 <= prog.pool_freeze <= MAX_SWEEP_CAP:
             fail(".config", f"pool_freeze={prog.pool_freeze} out of range 0..{MAX_SWEEP_CAP}")
-        # the spike generators are xorshift32 registers: a zero state never leaves zero
         if not 0 <= prog.spike_seed <= 0xFFFFFFFF:
             fail(".config", f"spike_seed={prog.spike_seed} is not a 32-bit unsigned word")
-        if prog.stochastic and prog.spike_seed == 0:
-            fail(".config", "spike_seed=0: a program with bernoulli groups needs a nonzero "
-                            "seed for its xorshift32 spike generators (zero is their stuck "
-                            "state)")
-        if not prog.stochastic and prog.spike_seed:
-            fail(".config", "spike_seed= without a bernoulli group")
 
     # ---- memories and inputs
     def memories(self) -> None:
@@ -165,6 +159,16 @@ class _Validator:
             fail(".group", "a program needs exactly one group with role=output")
         if len({g.mem for g in prog.groups}) != len(prog.groups):
             fail(".group", "two groups share a state memory")
+
+    def spike_seed(self) -> None:
+        """The spike generators are xorshift32 registers: a zero state never leaves zero."""
+        prog, fail = self.prog, self.fail
+        if prog.stochastic and prog.spike_seed == 0:
+            fail(".config", "spike_seed=0: a program with bernoulli groups needs a nonzero "
+                            "seed for its xorshift32 spike generators (zero is their stuck "
+                            "state)")
+        if not prog.stochastic and prog.spike_seed:
+            fail(".config", "spike_seed= without a bernoulli group")
 
     def spiking_group(self, g, m, w: str) -> None:
         """A bernoulli group: clamp(u, lo, hi) is its firing probability at scale 2^F, so
