@@ -336,6 +336,12 @@ def make_seeds(directory: Path) -> Seeds:
             out = d / f"{name}{suffix}"
             epc.compile(str(src), target="neuromorphic", output=str(out))
             s.programs[name + suffix] = out.read_bytes()
+    # and the MLP with bernoulli neurons: spike generators, traces, time-step phases
+    for suffix in (".nc", ".nca"):
+        out = d / f"smlp{suffix}"
+        epc.compile(str(d / "mlp.epc"), target="neuromorphic", output=str(out),
+                    neuron="bernoulli", time_steps=8, nudge_time_steps=4)
+        s.programs["smlp" + suffix] = out.read_bytes()
     # data: idx (MNIST layout) and CIFAR-10 binary / python batches, a few samples each
     rng = np.random.default_rng(0)
 
@@ -632,6 +638,17 @@ def bundle_cases(seeds: Seeds, rng: random.Random, work: Path):
 
 
 # =========================================================================== programs
+# values that corrupt a bernoulli program's spike generator (docs/isa.md, Spikes): a stuck
+# or out-of-range xorshift32 seed, a trace decay out of range, no or negative time steps,
+# a mean over more steps than run, an unknown noise source, an unbounded or
+# out-of-scale firing probability, an unknown neuron model
+SPIKE_CORRUPTIONS = [("spike_seed", "0"), ("spike_seed", "4294967296"), ("spike_seed", "-7"),
+                     ("tau_shift", "13"), ("tau_shift", "-1"), ("sweeps", "0"),
+                     ("sweeps", "-3"), ("mean", "0"), ("mean", "99999"), ("noise", "both"),
+                     ("act", "relu"), ("act", "identity"), ("hi", "257"), ("lo", "-1"),
+                     ("neuron", "poisson")]
+
+
 def program_cases(seeds: Seeds, rng: random.Random, work: Path):
     from epc import api
     from epc.targets.neuromorphic.api import load_program
@@ -672,6 +689,18 @@ def program_cases(seeds: Seeds, rng: random.Random, work: Path):
                 mutation = "huge word"
                 text = text[:m.start(1)] + rng.choice(["9" * 25, "-" + "9" * 30,
                                                        str(2 ** 63)]) + text[m.end(1):]
+                expect = "refuse"
+            elif k in (3, 4) and "neuron=bernoulli" in text:   # a corrupted spike generator
+                field, bad = rng.choice(SPIKE_CORRUPTIONS)
+                # group fields: on the bernoulli group's line
+                line = r"(?m)^\.group [^\n]*neuron=bernoulli[^\n]*" if field in (
+                    "act", "hi", "lo", "neuron") else r"(?m)^[^\n]*"
+                spans = [(ln.start() + f.start(1), ln.start() + f.end(1))
+                         for ln in re.finditer(line, text)
+                         for f in re.finditer(rf" {field}=(-?\w+)", ln.group())]
+                m = rng.choice(spans)
+                mutation = f"spiking {field}={bad}"
+                text = text[:m[0]] + bad + text[m[1]:]
                 expect = "refuse"
             else:
                 mutation, text = text_mutation(rng, text)

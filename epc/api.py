@@ -625,8 +625,9 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
             raise EpcError(f"{model}: --gradient {gradient} applies to float bundles; "
                            f"on-chip learning is EP")
         if estimate != "rates":
-            raise EpcError(f"{model}: --estimate {estimate} applies to bernoulli neurons; a "
-                           f"neuromorphic program's neurons are rate")
+            raise EpcError(f"{model}: --estimate {estimate} applies to float bundles with "
+                           f"bernoulli neurons; on-chip learning reads the nudged phases' "
+                           f"integer rates")
         _refuse_given(train, given, [k for k in _defaults(train)
                                      if k not in PROGRAM_TRAIN_OPTIONS],
                       _program_only_error(model))

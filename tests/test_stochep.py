@@ -97,7 +97,8 @@ def test_spiking_attributes_on_a_rate_graph_are_refused(mlp_path):
     (["--neuron", "bernoulli", "--sampling", "sometimes"], "--sampling"),
     (["--time-steps", "8"], "applies to bernoulli neurons"),
     (["--neuron", "bernoulli", "--max-sweeps", "50"], "applies to rate neurons"),
-    (["--neuron", "bernoulli", "--target", "neuromorphic"], "neuromorphic"),
+    (["--neuron", "bernoulli", "--target", "neuromorphic", "--averaging", "window:8"],
+     "exponential rate trace"),
 ])
 def test_compile_refusals(run_cli, examples, tmp_path, args, needle):
     out = tmp_path / "x.out"

@@ -7,9 +7,10 @@ the weights alone (least squared weight error among the candidates near the max-
 exponent) or, given calibration activations, to minimise the error of each synapse's
 forward and feedback outputs on real equilibria; with calibration, the mantissas are then
 rounded with error compensation and the biases corrected (calibrate.py). Everything the
-core cannot express (softmax costs, hard sigmoids with a slope, spiking neurons, average
-pools with a position-dependent divisor) is refused here with an EpcError naming the
-entity.
+core cannot express (softmax costs, hard sigmoids with a slope, window-averaged or
+non-power-of-two spike traces, average pools with a position-dependent divisor) is refused
+here with an EpcError naming the entity. Bernoulli states become spiking groups (their
+trace's decay shift, the spike seed, exact time-step phases: docs/isa.md, Spikes).
 """
 from __future__ import annotations
 
