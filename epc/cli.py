@@ -811,7 +811,11 @@ def _program_train_summary(m: dict) -> str:
     return (f"trained {m['epochs']} epochs on chip in {m['seconds']:.1f}s: train acc "
             f"{pct(m.get('train_accuracy'))}, test acc {pct(m['test_accuracy'])}, "
             f"unsettled {m['unsettled']} of {m['samples']} test samples, weight saturations "
-            f"{m['weight_saturations']}" + (f"; wrote {m['out']}" if m.get("out") else ""))
+            f"{m['weight_saturations']}"
+            + (f"; bernoulli: {m['time_steps']} time steps, spike rate {m['spike_rate']:.4f}, "
+               f"{m['synaptic_events_per_inference']:,.0f} synaptic events (additions) per "
+               f"inference" if "spike_rate" in m else "")
+            + (f"; wrote {m['out']}" if m.get("out") else ""))
 
 
 @app.command("train", help=TRAIN_HELP)

@@ -101,6 +101,8 @@ def inspect_program(path, fmt: str = "text") -> str:
         ts = res["time_steps"]
         lines.append(f";   bernoulli units                   {res['bernoulli_units']:>14,}"
                      f"  ({ts['free']} free / {ts['nudge']} nudged time steps)")
+        lines.append(f";   multiply-adds once per sample     {res['multiply_adds_once']:>14,}"
+                     f"  (clamped inputs: the term is held)")
         lines.append(f";   multiply-adds per time step       {res['synops_per_sweep']:>14,}"
                      f"  (rate readers)")
         lines.append(f";   multiply-adds per inference       {res['synops_per_inference_max']:>14,}")
@@ -110,7 +112,7 @@ def inspect_program(path, fmt: str = "text") -> str:
                      f"{res['spike_additions_per_inference_max']:>14,}  (most; `epc run` "
                      f"measures them)")
         lines.append(f";   spiking state                     {res['spiking_state_bytes']:>14,}"
-                     f" bytes (generators, traces, currents, sums)")
+                     f" bytes (generators, traces, currents, held inputs, sums)")
         lines.append(f";   synaptic ops per learning step    "
                      f"{res['synops_per_learning_step_max']:>14,}  (multiply-adds, per sample)")
     else:

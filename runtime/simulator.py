@@ -337,6 +337,14 @@ class Simulator:
             rc = route.get(c.name) if route is not None else None
             if spk is not None and self.spike_read.get((c.name, False)):
                 t = self._spike_term(c, False, spk, s, rc)
+            elif spk is not None and c.src not in self.groups:
+                # a clamped input is constant: a spiking core applies its chain once per
+                # sample and holds the term (carried into the nudged phases)
+                t = spk.I.get((c.name, "input"))
+                if t is None:
+                    t = spk.I[(c.name, "input")] = self._scale(
+                        self._forward(c, s[c.src], rc)[0], c)
+                    self.stats.synops += self.macs[c.name] * n
             else:
                 t = self._scale(self._forward(c, s[c.src], rc)[0], c)
                 self.stats.synops += self.macs[c.name] * n
@@ -841,14 +849,21 @@ def resources(prog: Program) -> dict:
     spike and synapse it crosses (at most its multiply-accumulate count per time step, when
     every unit fires); the others multiply-accumulates as in a rate program. Their phases
     run exactly their time steps, so the counts per inference are exact, not caps; what
-    `epc run` measures (`synaptic_events_per_inference`) is what the spikes cost."""
+    `epc run` measures (`synaptic_events_per_inference`) is what the spikes cost. A chain
+    from a clamped input is applied once per sample there (`multiply_adds_once`): its
+    source is constant, and the core holds its term."""
     by_kind: dict[str, int] = {}
     for m in prog.memories:
         by_kind[m.kind] = by_kind.get(m.kind, 0) + m.nbytes
     sim = Simulator(prog)
-    per_sweep = adds = 0
+    per_sweep = adds = once = 0
+    held = 0                     # units driven by held input terms (spiking programs)
     for c in sim.chains:
         if c.kind == "teacher":
+            continue
+        if prog.stochastic and c.src not in sim.groups:
+            once += sim.macs[c.name]
+            held += int(np.prod(sim._shape(c.dst)))
             continue
         for fb in (False, True) if c.feedback else (False,):
             if sim.spike_read.get((c.name, fb)):
@@ -861,15 +876,16 @@ def resources(prog: Program) -> dict:
     nudge = prog.phase("nudge+")
     out = {"memory_bytes": {**by_kind, "total": sum(by_kind.values())},
            "synops_per_sweep": per_sweep,
-           "synops_per_inference_max": per_sweep * free.sweeps,
-           "synops_per_learning_step_max": per_sweep * (free.sweeps + 2 * nudge.sweeps) + learn,
+           "synops_per_inference_max": once + per_sweep * free.sweeps,
+           "synops_per_learning_step_max": once + per_sweep * (free.sweeps + 2 * nudge.sweeps)
+           + learn,
            "parameters": sum(m.size for m in prog.memories if m.kind in ("weight", "bias"))}
     if prog.stochastic:
         units = sum(prog.mem(g.mem).size for g in prog.groups if g.neuron == "bernoulli")
         # beside the declared memories, per bernoulli unit its generator (32 bits), trace
         # (F + K + 1 bits) and spike bit; a 32-bit current trace per unit a spike-reading
         # direction drives; a 32-bit sum per settled unit for the phase's mean
-        state_bits = 0
+        state_bits = held * ACC_BITS
         for g in prog.groups:
             size = prog.mem(g.mem).size
             if g.neuron == "bernoulli":
@@ -880,7 +896,7 @@ def resources(prog: Program) -> dict:
             if yes:
                 c = next(x for x in sim.chains if x.name == name)
                 state_bits += int(np.prod(sim._shape(c.src if fb else c.dst))) * ACC_BITS
-        out.update({"bernoulli_units": units,
+        out.update({"bernoulli_units": units, "multiply_adds_once": once,
                     "time_steps": {"free": free.sweeps, "nudge": nudge.sweeps},
                     "spike_additions_per_step_max": adds,
                     "spike_additions_per_inference_max": adds * free.sweeps,
