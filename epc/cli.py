@@ -297,7 +297,9 @@ NEURON_OPT = typer.Option("rate", "--neuron",
                                "binary spikes fired with probability rho(u), which must lie "
                                "in [0, 1]; neighbours see each neuron's running firing-rate "
                                "estimate). A linear output stays rate. On a compiled input, "
-                               "bernoulli makes its neurons spiking (weights kept).")
+                               "bernoulli makes its neurons spiking (weights kept). With "
+                               "--target neuromorphic: spiking groups of the program (its "
+                               "trace needs --averaging trace:2^K).")
 TIME_STEPS_OPT = typer.Option(None, "--time-steps",
                               help="bernoulli: time steps of the free phase (each one sweep; "
                                    "a stochastic phase runs exactly this many: it has no "
@@ -1241,7 +1243,10 @@ def run_cmd(
     changes (the integer fixed point), a state repeats (a cycle) or the sweep cap.
     The prediction is the output group's argmax. Reported: accuracy, sweeps to the
     fixed point (max, median), samples that did not settle (and how many cycled),
-    saturation counts, memory bytes and synaptic operations.
+    saturation counts, memory bytes and synaptic operations. A program with bernoulli
+    (spiking) groups runs exactly its time steps and predicts from the output's mean
+    over their second half; it also reports the spike rate and the synaptic events
+    (additions) per inference beside its multiply-adds (docs/isa.md, Spikes).
 
     Examples:
 
