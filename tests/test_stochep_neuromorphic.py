@@ -431,3 +431,23 @@ def test_compile_refuses_what_the_core_cannot_average(run_cli, tmp_path, args, n
                            "neuromorphic", "--neuron", "bernoulli", *args, "-o", out)
     _one_error_line(code, err, needle)
     assert not out.exists()
+
+
+def test_bench_smoke(tmp_path):
+    """bench.stochep_neuromorphic end to end at 1 epoch and 16/8 time steps: every figure
+    of the report is there and consistent (the spiking program adds, the rate one
+    multiplies)."""
+    import json
+
+    from bench.stochep_neuromorphic import main
+    out = tmp_path / "sn.json"
+    assert main(["--epochs", "1", "--time-steps", "16", "--nudge-time-steps", "8",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    pf, oc = r["program_of_float"], r["on_chip"]
+    assert pf["time_steps"] == 16 and pf["synaptic_events_per_inference"] > 0
+    assert abs(r["program_gap_points"]) <= 5.0
+    assert oc["rate"]["test_accuracy"] > 0.5 and oc["bernoulli"]["test_accuracy"] > 0.5
+    assert "synaptic_events_per_inference" not in oc["rate"]
+    assert oc["bernoulli"]["synaptic_events_per_inference"] > 0
+    assert r["on_chip_time_ratio"] > 0
