@@ -92,7 +92,8 @@ def pass_through(g: Graph, opts: CompileOptions, *, where: str,
 def make_bernoulli(g: Graph, opts: CompileOptions) -> Graph:
     """A compiled rate graph with every non-identity, non-teacher state bernoulli (what
     to_energy gives with --neuron bernoulli; an activation outside [0, 1] is refused, naming
-    the state), and the schedule's spiking part from the options. Weights are kept: a
+    the state), and the schedule's spiking part from its depth and the options (as
+    compiling a source gives it: passes/schedule.py spiking_for). Weights are kept: a
     trained rate network runs with spiking neurons."""
     from .passes.to_energy import neuron_for
     g = g.copy()
@@ -100,5 +101,6 @@ def make_bernoulli(g: Graph, opts: CompileOptions) -> Graph:
         if s.role != "teacher":
             s.neuron = neuron_for(s.act, opts, f"state {s.name}")
     if g.schedule is not None and g.stochastic:
-        g.schedule.spiking = opts.spiking()
+        from .passes.schedule import spiking_for
+        g.schedule.spiking = spiking_for(g, opts)
     return g
