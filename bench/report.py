@@ -3,7 +3,8 @@
     python -m bench.report docs/data/*.json -o docs/results.md
 
 Each input is a JSON file written by one of the benchmark commands (`python -m bench`,
-`python -m bench.accuracy`, `python -m bench.parity`, `python -m bench.depth`); the
+`python -m bench.accuracy`, `python -m bench.parity`, `python -m bench.depth`,
+`python -m bench.stochep`); the
 sections it holds are recognised by their keys, so a file may hold any subset. The page
 is generated, never edited by hand: tests/test_bench.py checks that the committed page is
 what this script makes of the committed JSON.
@@ -151,10 +152,16 @@ def depth(d: dict) -> str:
     return "### Depth ladder\n\n" + markdown(d)
 
 
+def stochep(d: dict) -> str:
+    """`python -m bench.stochep`: bernoulli beside rate neurons, per net."""
+    from bench.stochep import markdown
+    return markdown(d)
+
+
 SECTIONS: list[tuple[str, Callable[[dict], str]]] = [
     ("sweeps", sweeps), ("throughput", throughput), ("ep_vs_bp", ep_vs_bp),
     ("gflops", gflops), ("compile", compile_), ("neuromorphic", neuromorphic),
-    ("accuracy", accuracy), ("parity", parity), ("depth", depth),
+    ("accuracy", accuracy), ("parity", parity), ("depth", depth), ("stochep", stochep),
 ]
 RENDERERS = dict(SECTIONS)
 
@@ -164,8 +171,8 @@ def sections_of(doc: dict) -> dict:
     standalone commands (bench.accuracy, bench.parity) write one section's body alone."""
     if any(k in doc for k in RENDERERS):
         return {k: doc[k] for k in RENDERERS if k in doc and doc[k]}
-    if doc.get("bench") == "depth":
-        return {"depth": doc}
+    if doc.get("bench") in ("depth", "stochep"):
+        return {doc["bench"]: doc}
     if "models" in doc and "seeds" in doc:
         return {"accuracy": doc}
     if "models" in doc and "seed" in doc:

@@ -49,12 +49,19 @@ def _bundle(example: str, tmp: str, tag: str, options: dict) -> str:
     return path
 
 
+def _spiking_of(path: str) -> dict:
+    """The compiled bundle's spiking schedule: time steps, averaging, tau, sampling."""
+    import dataclasses
+    from epc.compiler.bundle import read_bundle
+    return dataclasses.asdict(read_bundle(path).graph.schedule.spiking)
+
+
 def bench_stochep(models=("mlp_digits",), data: str = "digits", epochs: int = 30,
                   seed: int = 0, spiking: dict | None = None, log=print) -> dict:
     from epc.runtime.api import train
     spiking = {k: v for k, v in (spiking or {}).items() if v is not None}
-    out = {"data": data, "epochs": epochs, "seed": seed, "spiking_options": spiking,
-           "runs": {}}
+    out = {"bench": "stochep", "data": data, "epochs": epochs, "seed": seed,
+           "spiking_options": spiking, "runs": {}}
     with keep_threads(), tempfile.TemporaryDirectory() as tmp:
         for ex in models:
             res = {}
@@ -76,6 +83,8 @@ def bench_stochep(models=("mlp_digits",), data: str = "digits", epochs: int = 30
                     **{k: h[-1][k] for k in ("time_steps", "spike_rate",
                                              "synaptic_events_per_inference") if k in h[-1]},
                     "test_accuracy_per_epoch": [r["test_accuracy"] for r in h]}
+                if tag == "bernoulli":     # the spiking part the run had (defaults resolved)
+                    res[tag]["spiking"] = _spiking_of(path)
                 log(f"stochep {ex} {tag}: test {res[tag]['test_accuracy']:.4f}, "
                     f"{res[tag]['seconds_per_epoch']:.2f} s/epoch")
             r, b = res["rate"], res["bernoulli"]
@@ -101,6 +110,34 @@ def table(res: dict) -> str:
                      f"{b.get('synaptic_events_per_inference', 0):>11,.0f} "
                      f"{a['multiply_adds_per_inference']:>11,.0f}")
     return "\n".join(lines)
+
+
+def markdown(res: dict) -> str:
+    """The results page's table (bench/report.py): one row per net, rate beside bernoulli."""
+    from bench.report import num, pct, table as md_table
+    rows = []
+    for ex, r in res["runs"].items():
+        a, b = r["rate"], r["bernoulli"]
+        sp = b.get("spiking") or {}
+        steps = (f"{sp['time_steps']}/{sp['nudge_time_steps']}, {sp['averaging']}:{sp['tau']}"
+                 if sp else num(b.get("time_steps"), 0))
+        rows.append([ex, steps, pct(a["test_accuracy"]), pct(b["test_accuracy"]),
+                     num(r["gap_points"]), num(a["seconds_per_epoch"]),
+                     num(b["seconds_per_epoch"]), f"{num(r['time_ratio'], 1)}x",
+                     num(b.get("spike_rate"), 3),
+                     num(b.get("synaptic_events_per_inference"), 0),
+                     num(a.get("multiply_adds_per_inference"), 0)])
+    opts = ", ".join(f"{k}={v}" for k, v in res["spiking_options"].items()) or "defaults"
+    return (f"### StochEP: bernoulli vs rate neurons on {res['data']} ({res['epochs']} epochs, "
+            f"seed {res['seed']}, bernoulli options: {opts})
+
+"
+            "Both nets compiled from the same source with the same initial weights and "
+            "trained in one run; steps: free/nudged time steps and the rate estimate's "
+            "averaging; gap: rate minus bernoulli accuracy (target <= 1.0 point).\n\n"
+            + md_table(["model", "steps", "rate", "bernoulli", "gap pts", "rate s/epoch",
+                        "bernoulli s/epoch", "time", "spike rate", "synaptic events",
+                        "rate MACs"], rows))
 
 
 def main(argv=None) -> int:
