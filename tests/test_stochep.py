@@ -277,3 +277,92 @@ def test_check_gradients_stochastic_mean_against_mean_field(bern_path):
         assert row["relative_std_error"] > 0
     one = check_gradients(bern_path, beta=0.2, samples=32, seeds=1)
     assert one["couplings"][0]["single_cosine_std"] == 0
+
+
+# --------------------------------------------------------------------------- depth defaults
+def _spiking_line(path) -> str:
+    text = print_graph(read_bundle(path).graph)
+    return next(l for l in text.splitlines() if l.strip().startswith("schedule ["))
+
+
+@pytest.mark.parametrize("example, hidden, want", [
+    # one hidden state: the measured shallow default (unchanged)
+    ("mlp_digits", 1, (64, 32, "trace", 8)),
+    ("conv1_digits", 1, (64, 32, "trace", 8)),
+    # deeper: both phases 64 steps per hidden state on the longest path, trace:4
+    ("conv_digits", 2, (128, 128, "trace", 4)),
+    ("mlp3_digits", 3, (192, 192, "trace", 4)),
+])
+def test_time_steps_default_by_depth_and_printed(run_cli, examples, tmp_path, example,
+                                                 hidden, want):
+    from epc.compiler.passes.schedule import hidden_depth, spiking_defaults
+    out = tmp_path / f"{example}.epc"
+    code, _, err = run_cli("compile", examples / f"{example}.onnx", "--neuron", "bernoulli",
+                           "-o", out)
+    assert code == 0, err
+    g = read_bundle(out).graph
+    assert hidden_depth(g) == hidden
+    sp = g.schedule.spiking
+    assert (sp.time_steps, sp.nudge_time_steps, sp.averaging, sp.tau) == want
+    assert sp.sampling == "shared"
+    assert spiking_defaults(g) == sp          # a function of the graph alone
+    assert (f"time_steps={want[0]}, nudge_time_steps={want[1]}, averaging={want[2]}, "
+            f"tau={want[3]}") in _spiking_line(out)
+    # the same source compiles to the same schedule (deterministic)
+    out2 = tmp_path / f"{example}_again.epc"
+    assert run_cli("compile", examples / f"{example}.onnx", "--neuron", "bernoulli",
+                   "-o", out2)[0] == 0
+    assert _spiking_line(out2) == _spiking_line(out)
+
+
+def test_explicit_spiking_flags_win_over_the_depth_default(run_cli, examples, tmp_path):
+    out = tmp_path / "m3.epc"
+    code, _, err = run_cli("compile", examples / "mlp3_digits.onnx", "--neuron", "bernoulli",
+                           "--time-steps", "50", "--averaging", "trace:8", "-o", out)
+    assert code == 0, err
+    sp = read_bundle(out).graph.schedule.spiking
+    # the flags given win; the one not given keeps the depth default
+    assert (sp.time_steps, sp.nudge_time_steps, sp.averaging, sp.tau) == (50, 192, "trace", 8)
+    out = tmp_path / "m1.epc"
+    assert run_cli("compile", examples / "mlp_digits.onnx", "--neuron", "bernoulli",
+                   "--nudge-time-steps", "40", "--averaging", "window:16", "-o", out)[0] == 0
+    sp = read_bundle(out).graph.schedule.spiking
+    assert (sp.time_steps, sp.nudge_time_steps, sp.averaging, sp.tau) == (64, 40, "window", 16)
+
+
+def test_a_compiled_rate_net_made_spiking_gets_the_depth_default(run_cli, examples, tmp_path):
+    """`epc compile trained.epc --neuron bernoulli` gives the schedule compiling the source
+    gives; recompiling a bernoulli bundle keeps its schedule unless a flag changes it."""
+    rate = tmp_path / "m3.epc"
+    assert run_cli("compile", examples / "mlp3_digits.onnx", "--target", "torch",
+                   "-o", rate)[0] == 0
+    spiking = tmp_path / "m3b.epc"
+    assert run_cli("compile", rate, "--neuron", "bernoulli", "-o", spiking)[0] == 0
+    sp = read_bundle(spiking).graph.schedule.spiking
+    assert (sp.time_steps, sp.nudge_time_steps, sp.tau) == (192, 192, 4)
+    again = tmp_path / "m3b2.epc"
+    assert run_cli("compile", spiking, "--nudge-time-steps", "64", "-o", again)[0] == 0
+    sp = read_bundle(again).graph.schedule.spiking
+    assert (sp.time_steps, sp.nudge_time_steps, sp.tau) == (192, 64, 4)
+
+
+def test_stochastic_free_phase_never_freezes_pool_winners(run_cli, examples, tmp_path):
+    """A stochastic phase never settles: freezing the max-pool winners after N steps would
+    always fire, mid-transient; the free phase keeps following its estimates and the
+    nudged phases take the winners of its averaged states. A rate net still freezes."""
+    from epc.runtime.data import load_dataset
+    out = {}
+    for tag, args in (("bern", ["--neuron", "bernoulli", "--time-steps", "24",
+                                "--nudge-time-steps", "8"]), ("rate", [])):
+        p = tmp_path / f"c1_{tag}.epc"
+        assert run_cli("compile", examples / "conv1_digits.onnx", "--target", "torch",
+                       "-o", p, *args)[0] == 0
+        eng = _engine(p)
+        x = load_dataset("digits").test.x[:16].reshape(16, 1, 8, 8)
+        out[tag] = (eng, eng.prepare(x))
+    eng, batch = out["bern"]
+    r = eng.settle(batch, gen=generator("cpu", 3), freeze_after="auto")
+    assert r.sweeps == 24 and r.routing is None
+    eng, batch = out["rate"]
+    r = eng.settle(batch, max_sweeps=30, tol=0.0, freeze_after=5)
+    assert r.routing is not None
