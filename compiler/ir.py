@@ -413,7 +413,10 @@ class Spiking:
     time steps: `time_steps` free, `nudge_time_steps` each nudged phase (from the free
     phase's end). `sampling`: where the nudged phases' random numbers come from:
     'shared', both continue the free phase's stream (the same numbers, so +beta and
-    -beta differ by the nudge alone); 'independent', each phase draws its own.
+    -beta differ by the nudge alone); 'independent', each phase draws its own. The
+    compiler picks the time steps and averaging by the graph's depth when no flag sets
+    them (passes/schedule.py spiking_defaults); these field defaults are the one-hidden-
+    state values.
     """
 
     time_steps: int = 64

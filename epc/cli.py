@@ -304,18 +304,22 @@ TIME_STEPS_OPT = typer.Option(None, "--time-steps",
                               help="bernoulli: time steps of the free phase (each one sweep; "
                                    "a stochastic phase runs exactly this many: it has no "
                                    "tolerance).",
-                              show_default="64; a compiled input keeps its own")
+                              show_default="by depth: 64 with one hidden state on the "
+                                           "longest path, 64 x H with H >= 2 (printed in "
+                                           "the IR); a compiled input keeps its own")
 NUDGE_TIME_STEPS_OPT = typer.Option(None, "--nudge-time-steps",
                                     help="bernoulli: time steps of each nudged phase (the "
                                          "nudge must reach the first layer within them: "
-                                         "deeper nets need more; digits, 3 hidden layers: "
-                                         "--time-steps 128 --nudge-time-steps 128).",
-                                    show_default="32; a compiled input keeps its own")
+                                         "deeper nets need more, which the default gives).",
+                                    show_default="by depth: 32 with one hidden state, 64 x H "
+                                                 "with H >= 2; a compiled input keeps its "
+                                                 "own")
 AVERAGING_OPT = typer.Option(None, "--averaging",
                              help="bernoulli: the firing-rate estimate neighbours see: "
                                   "trace:T (exponential trace, r += (spike - r) / T) or "
                                   "window:W (mean of the last W spikes).",
-                             show_default="trace:8; a compiled input keeps its own")
+                             show_default="by depth: trace:8 with one hidden state, "
+                                          "trace:4 with more; a compiled input keeps its own")
 SAMPLING_OPT = typer.Option(None, "--sampling",
                             help="bernoulli: the nudged phases' random numbers: shared "
                                  "(both continue the free phase's stream, so +beta and "
