@@ -129,9 +129,7 @@ def markdown(res: dict) -> str:
                      num(a.get("multiply_adds_per_inference"), 0)])
     opts = ", ".join(f"{k}={v}" for k, v in res["spiking_options"].items()) or "defaults"
     return (f"### StochEP: bernoulli vs rate neurons on {res['data']} ({res['epochs']} epochs, "
-            f"seed {res['seed']}, bernoulli options: {opts})
-
-"
+            f"seed {res['seed']}, bernoulli options: {opts})\n\n"
             "Both nets compiled from the same source with the same initial weights and "
             "trained in one run; steps: free/nudged time steps and the rate estimate's "
             "averaging; gap: rate minus bernoulli accuracy (target <= 1.0 point).\n\n"
