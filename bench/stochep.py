@@ -112,6 +112,10 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _count(x) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
 def markdown(res: dict) -> str:
     """The results page's table (bench/report.py): one row per net, rate beside bernoulli."""
     from bench.report import num, pct, table as md_table
@@ -125,8 +129,8 @@ def markdown(res: dict) -> str:
                      num(r["gap_points"]), num(a["seconds_per_epoch"]),
                      num(b["seconds_per_epoch"]), f"{num(r['time_ratio'], 1)}x",
                      num(b.get("spike_rate"), 3),
-                     num(b.get("synaptic_events_per_inference"), 0),
-                     num(a.get("multiply_adds_per_inference"), 0)])
+                     _count(b.get("synaptic_events_per_inference")),
+                     _count(a.get("multiply_adds_per_inference"))])
     opts = ", ".join(f"{k}={v}" for k, v in res["spiking_options"].items()) or "defaults"
     return (f"### StochEP: bernoulli vs rate neurons on {res['data']} ({res['epochs']} epochs, "
             f"seed {res['seed']}, bernoulli options: {opts})\n\n"
