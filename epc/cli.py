@@ -503,6 +503,10 @@ def compile_cmd(
     msg = (f"epc: wrote {where}: {len(g.states)} states, {len(g.couplings)} couplings, "
            f"{g.num_parameters():,} parameters, "
            f"{len(g.schedule.classes) if g.schedule else 0} colours ({res.seconds:.2f} s)")
+    sp = g.schedule.spiking if g.schedule is not None else None
+    if sp is not None:     # the spiking schedule (flags given, else by depth)
+        msg += (f"; bernoulli: {sp.time_steps}/{sp.nudge_time_steps} time steps, "
+                f"{sp.averaging}:{sp.tau}, {sp.sampling} sampling")
     v = res.verify
     if v is not None and v.substituted:
         msg += (f"; verify: the substituted network deviates from the source: max relative "

@@ -297,9 +297,12 @@ def test_time_steps_default_by_depth_and_printed(run_cli, examples, tmp_path, ex
                                                  hidden, want):
     from epc.compiler.passes.schedule import hidden_depth, spiking_defaults
     out = tmp_path / f"{example}.epc"
-    code, _, err = run_cli("compile", examples / f"{example}.onnx", "--neuron", "bernoulli",
-                           "-o", out)
+    code, said, err = run_cli("compile", examples / f"{example}.onnx", "--neuron", "bernoulli",
+                              "-o", out)
     assert code == 0, err
+    # the compile line says what the net will run with
+    assert (f"bernoulli: {want[0]}/{want[1]} time steps, {want[2]}:{want[3]}, shared "
+            f"sampling") in said + err
     g = read_bundle(out).graph
     assert hidden_depth(g) == hidden
     sp = g.schedule.spiking
