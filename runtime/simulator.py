@@ -513,9 +513,11 @@ class Simulator:
         names = [g for cls in ph.classes for g in cls]
         run = SpikeSettle(self, spk, ph.classes, sign, y, routing if pooled else None,
                           ph.sweeps - ph.mean)
-        freeze_at = (self.p.pool_freeze or None) if pooled and routing is None else None
+        # a spiking phase never settles, so a freeze after pool_freeze steps would always
+        # fire, mid-transient on a noisy estimate: its winners stay live (as the float
+        # runtime's stochastic phases), and the ones handed on are those of its mean
         S = dict(start)
-        settle_walk(run, S, ph.classes, max_sweeps=ph.sweeps, tol=-1.0, freeze_at=freeze_at,
+        settle_walk(run, S, ph.classes, max_sweeps=ph.sweeps, tol=-1.0, freeze_at=None,
                     observe=run.observe)
         rmul, rshift = O.fixed_point_reciprocal(int(ph.mean))
         out = dict(run.last)
@@ -523,8 +525,8 @@ class Simulator:
             out[g] = round_shift(v * float(rmul), rshift)
         out_route = None
         if pooled:
-            out_route = run.route if run.route is not None else self.routing(run.last)
-        froze = np.full(n, routing is not None or run.froze)
+            out_route = run.route if run.route is not None else self.routing(out)
+        froze = np.full(n, routing is not None)
         keep = {"states": {g: run.last[g] for g in names}, "X": spk.X, "A": spk.A,
                 "Z": spk.Z, "I": spk.I}
         return PhaseResult(out, np.full(n, ph.sweeps, dtype=np.int64), np.ones(n, bool),
@@ -808,8 +810,7 @@ class SpikeSettle:
         self.sim, self.spk, self.sign, self.y = sim, spk, sign, y
         self.names = [g for cls in classes for g in cls]
         self.firsts = {cls[0] for cls in classes[1:]}   # where a class boundary is crossed
-        self.route = routing
-        self.froze = False
+        self.route = routing         # given (a nudged phase's pool=free): fixed; else live
         self.mean_from = mean_from
         self.step = 0
         self.sums: dict[str, torch.Tensor] = {}
@@ -822,10 +823,6 @@ class SpikeSettle:
 
     def delta_buffer(self, n: int):
         return IntSettle.delta_buffer(self, n)
-
-    def freeze(self, S: dict, rows) -> None:
-        self.route = self.sim.routing(S)
-        self.froze = True
 
     def observe(self, S: dict, rmax: float) -> None:
         self.spk.publish()

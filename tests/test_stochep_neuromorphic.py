@@ -463,3 +463,25 @@ def test_bench_smoke(tmp_path):
     assert "synaptic_events_per_inference" not in oc["rate"]
     assert oc["bernoulli"]["synaptic_events_per_inference"] > 0
     assert r["on_chip_time_ratio"] > 0
+
+
+def test_spiking_phases_keep_pool_winners_live(digits):
+    """A max-pooled spiking program (conv1_digits, bernoulli): its phases never freeze the
+    winners by step count, whatever `pool_freeze` says (a freeze would always fire, on a
+    noisy mid-transient estimate), and the winners a free phase hands on are those of its
+    means, as the float runtime's stochastic phases do."""
+    import dataclasses
+    opts = CompileOptions(target="neuromorphic", neuron="bernoulli", time_steps=16,
+                          nudge_time_steps=8)
+    g = compile_source(os.path.join(EX, "conv1_digits.onnx"), opts).graph
+    prog = quantize_graph(g)
+    assert prog.pool_freeze > 0
+    x = digits[2][:12].reshape(12, 1, 8, 8)
+    sim = Simulator(prog)
+    r = sim.free(x)
+    assert not r.froze.any()
+    want = sim.routing(r.states)
+    assert want and all(torch.equal(a, b) for k in want
+                        for a, b in zip(r.routing[k], want[k]) if a is not None)
+    once = Simulator(dataclasses.replace(prog, pool_freeze=1)).free(x)
+    assert all(torch.equal(once.states[k], r.states[k]) for k in r.states)
