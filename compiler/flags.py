@@ -46,6 +46,19 @@ def _choice(*allowed: str, aliases: dict | None = None) -> Rule:
                 lambda v: aliases.get(v, v), choices=allowed)
 
 
+def _backprop_epochs(v: Any) -> Any:
+    """'auto', or the epoch count as an int (the CLI hands '10' over as text)."""
+    if isinstance(v, str) and v != "auto":
+        return int(v) if re.fullmatch(r"\d{1,7}", v.strip()) else v
+    return v
+
+
+def _backprop_epochs_ok(v: Any) -> bool:
+    v = _backprop_epochs(v)
+    return v == "auto" or (isinstance(v, int) and not isinstance(v, bool)
+                           and 0 <= v <= 1_000_000)
+
+
 def _feedback_gain(v: Any) -> Any:
     """'auto', or the gain as a float (the CLI hands '0.1' over as text)."""
     if isinstance(v, str) and v != "auto":
@@ -97,6 +110,9 @@ RULES: dict[str, Rule] = {
     "mix": _real(lambda v: 0 <= v <= 1, "between 0 and 1"),
     "skip_gain": _real(lambda v: v > 0, "a positive number"),
     "feedback_gain": Rule("a number in (0, 1] or auto", _feedback_gain_ok, _feedback_gain),
+    "backprop_epochs": Rule("an integer in [0, 1000000] or auto", _backprop_epochs_ok,
+                            _backprop_epochs),
+    "backprop_lr": _real(lambda v: v > 0, "a finite number > 0"),
     # a timedelta of more than about 10^14 seconds overflows; a million is 11.6 days
     "dist_timeout": _real(lambda v: 0 < v <= 1e6, "a number of seconds in (0, 1000000]"),
     # choices
