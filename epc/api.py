@@ -579,7 +579,7 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
           metrics_json: str | None = None, plot: str | None = None,
           divergence: str = "stop", memory_limit: "str | int | None" = None,
           dist_timeout: float = 300.0, precision: str = "fp32", dataset: Any = None,
-          backprop_epochs: "int | str" = "auto", backprop_lr: float = 5e-3,
+          backprop_epochs: "int | str" = "auto", backprop_lr: float = 2e-3,
           progress: Callable | None = None, on_epoch: Callable | None = None) -> dict:
     """`epc train`: train a compiled network with Equilibrium Propagation, or a
     neuromorphic program by on-chip learning in the simulator. Returns the metrics.
@@ -592,7 +592,7 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
     hold `warm_start` (the backprop epochs' history), `initial` (the free phase before
     anything) and `converted` (after the backprop epochs, before any EP step);
     `on_epoch` gets each backprop epoch's record with `phase: 'backprop'`.
-    `lr` None: 5e-4, or 1e-4 (5e-4 x 0.2) after a warm start.
+    `lr` None: 5e-4, or 2e-4 (5e-4 x 0.4) after a warm start.
 
     `model`: a bundle path (target torch or plain IR), a Bundle or an energy Graph; or a
     program file (.nc/.nca), which takes only data, data_dir, resize, epochs, batch_size,

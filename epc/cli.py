@@ -680,7 +680,7 @@ Warm start by backprop (--backprop-epochs N|auto): N epochs of BACKPROP on the g
 feedforward form (the source architecture with the energy form's bounded activations, the
 graph's label cost, Adam at --backprop-lr, cosine; the same data and seed) come before the
 EP epochs, which then fine-tune those weights (after a warm start the EP --lr defaults to
-1e-4 instead of 5e-4). auto runs 30 where cold EP is measured not to train the graph: skip
+2e-4 instead of 5e-4). auto runs 30 where cold EP is measured not to train the graph: skip
 couplings between states (ResNets, Hopfield-ResNet13: 6.94% cold against 94-96% warm on
 digits) or more than 4 convolutional hidden states (6-conv VGG), under regulated feedback;
 0 elsewhere. The run prints the test accuracy before anything, after backprop, and of the
@@ -876,7 +876,7 @@ def train_cmd(
     optimizer: str = typer.Option("adam", help="adam | sgd (with --momentum)"),
     lr: Optional[float] = typer.Option(
         None, help="peak EP learning rate (digits: 5e-4 to 1e-3 for MLPs, 3e-4 for conv)",
-        show_default="5e-4; 1e-4 after a backprop warm start"),
+        show_default="5e-4; 2e-4 after a backprop warm start"),
     momentum: float = typer.Option(0.9, help="SGD momentum"),
     weight_decay: float = typer.Option(
         1e-3, help="weight decay (curbs overfitting of the settled network); its form: "
@@ -967,7 +967,7 @@ def train_cmd(
                      "where cold EP is measured to fail (skips between states, or more than "
                      "4 convolutional hidden states), 0 elsewhere"),
     backprop_lr: float = typer.Option(
-        5e-3, help="peak Adam learning rate of the --backprop-epochs (cosine decay to 0)"),
+        2e-3, help="peak Adam learning rate of the --backprop-epochs (cosine decay to 0)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress (epoch lines, bar)"),
 ):
     program = api.is_program(model)

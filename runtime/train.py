@@ -86,7 +86,7 @@ class TrainConfig:
                                      # estimates, or from their spike trains ('spikes')
     backprop_epochs: int = 0         # backprop epochs of the feedforward form before the EP
                                      # epochs (a warm start, runtime/warm.py)
-    backprop_lr: float = 5e-3        # their peak Adam learning rate
+    backprop_lr: float = 2e-3        # their peak Adam learning rate
 
     def check(self) -> "TrainConfig":
         """Refuse bad values, each by its flag's one rule (compiler/flags.py)."""
@@ -130,7 +130,7 @@ class TrainConfig:
     # what a checkpoint written before a key existed ran with
     RESUME_DEFAULTS = {"augment": None, "gradient": "ep", "decoupled_wd": False,
                        "nudge_form": "states", "precision": "fp32", "estimate": "rates",
-                       "backprop_epochs": 0, "backprop_lr": 5e-3}
+                       "backprop_epochs": 0, "backprop_lr": 2e-3}
 
     def check_engine(self, eng: Engine) -> None:
         """The settings that apply to one kind of network only, against `eng`'s: a

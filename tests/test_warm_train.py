@@ -42,10 +42,10 @@ def _weights(path) -> dict:
 def test_backprop_epochs_are_epc_backprop_and_the_converted_net_is_reported(model, tmp_path):
     """The backprop epochs train exactly what `epc backprop` trains (same weights, bit for
     bit, from the same seed and lr), and the converted accuracy is that command's figure."""
-    bp = epc.backprop(model, epochs=2, lr=5e-3, seed=0, output=tmp_path / "bp.epc")
+    bp = epc.backprop(model, epochs=2, lr=2e-3, seed=0, output=tmp_path / "bp.epc")
     m = epc.train(model, epochs=0, backprop_epochs=2, seed=0, checkpoint=tmp_path / "ck")
     w = m["warm_start"]
-    assert w["epochs"] == 2 and len(w["history"]) == 2 and w["lr"] == 5e-3
+    assert w["epochs"] == 2 and len(w["history"]) == 2 and w["lr"] == 2e-3
     assert w["test_accuracy"] == bp["test_accuracy"]
     assert m["converted"]["test_accuracy"] == bp["converted"]["test_accuracy"]
     # the weights moved: before anything the free phase is near chance, after it is not
@@ -58,7 +58,7 @@ def test_backprop_epochs_are_epc_backprop_and_the_converted_net_is_reported(mode
 
 def test_warm_start_lowers_the_ep_lr_unless_lr_is_given(model):
     warm = epc.train(model, epochs=1, backprop_epochs=1)
-    assert warm["config"]["lr"] == pytest.approx(1e-4)
+    assert warm["config"]["lr"] == pytest.approx(2e-4)
     assert warm["recipe"]["lr_rule"].startswith("after a warm start")
     given = epc.train(model, epochs=1, backprop_epochs=1, lr=3e-4)
     assert given["config"]["lr"] == 3e-4 and given["recipe"]["lr_rule"] == "given"
@@ -82,8 +82,8 @@ def test_cli_prints_the_three_figures_and_the_recipe(model, run_cli, tmp_path):
     assert (f"before anything {100 * m['initial']['test_accuracy']:.2f}%; after 2 backprop "
             f"epochs {100 * m['warm_start']['test_accuracy']:.2f}%, converted to EP before "
             f"any EP step {100 * m['converted']['test_accuracy']:.2f}%") in lines[3]
-    assert lines[4].endswith("lr 0.0001 (after a warm start: 0.0005 x 0.2); warm start: 2 "
-                             "backprop epochs (lr 0.005) before EP (given)"), lines[4]
+    assert lines[4].endswith("lr 0.0002 (after a warm start: 0.0005 x 0.4); warm start: 2 "
+                             "backprop epochs (lr 0.002) before EP (given)"), lines[4]
     code, out, _ = run_cli("train", model, "--epochs", "1")
     assert out.splitlines()[-1].endswith(
         "lr 0.0005 (the default); no warm start (auto: cold EP trains this graph)")
