@@ -276,11 +276,11 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
                             "lr_given": lr is not None})
 
 
-def _warm_plan(eng: Engine, cfg: TrainConfig, asked, lr_given: bool) -> dict:
+def _warm_plan(eng: Engine, meta: dict, cfg: TrainConfig, asked, lr_given: bool) -> dict:
     """Resolve --backprop-epochs (auto: runtime/warm.py) on this graph into `cfg`, and the
     EP learning rate it implies when --lr is not given; returns how each was decided."""
     from .warm import resolve_epochs, warm_lr
-    n, why = resolve_epochs(asked, eng.graph)
+    n, why = resolve_epochs(asked, eng.graph, meta)
     cfg.backprop_epochs = n
     if lr_given:
         rule = "given"
@@ -323,7 +323,7 @@ def _train(src, cfg: TrainConfig, dev: torch.device, *, data, data_dir, resize, 
         eng, base, name = make_engine(src, device=dev, schedule=schedule,
                                       precision=cfg.precision)
         d = _data_for(eng, data, data_dir, resize, channels, dataset)
-        plan = _warm_plan(eng, cfg, warm["backprop_epochs"], warm["lr_given"])
+        plan = _warm_plan(eng, base.meta, cfg, warm["backprop_epochs"], warm["lr_given"])
         if cfg.backprop_epochs and dp is not None:
             raise EpcError(f"--backprop-epochs {cfg.backprop_epochs} ({plan['why']}) runs in "
                            f"one process; train the weights first with `epc backprop MODEL "

@@ -53,35 +53,38 @@ BACKPROP_LR = 2e-3
 WARM_LR_FACTOR = 0.4
 
 
-def cold_ep_fails(g: Graph) -> str | None:
-    """Why cold EP is measured to fail on graph g (a reason in words), or None."""
+def auto_rule(g: Graph, meta: dict | None = None) -> tuple[bool, str]:
+    """(warm-start?, why in words) for `--backprop-epochs auto` on graph g (a bundle's
+    `meta` says whether its weights were trained already)."""
+    meta = meta or {}
+    if "backprop" in meta:
+        return False, "the bundle's weights are backprop-trained already (epc backprop)"
+    if "trained" in meta:
+        return False, "the bundle's weights are trained already (epc train)"
     if any(s.neuron == "bernoulli" for s in g.states):
-        return None              # not measured with stochastic neurons
+        return False, "bernoulli neurons, not measured with a warm start"
     if all(c.feedback_gain == 1.0 for c in g.couplings):
-        # symmetric feedback: backprop's weights convert to 33-67% there and EP fine-tuning
-        # made them worse (research/WARM.md), so auto does not warm-start such a graph
-        return None
+        # backprop's weights convert to 33-67% under symmetric feedback and EP fine-tuning
+        # made them worse (research/WARM.md)
+        return False, "symmetric feedback, where warm conversion was measured to fail"
     states = {s.name for s in g.states}
     d = depths(g)
     skips = [c for c in g.couplings if c.src in states and c.dst in states
              and d[c.dst] - d[c.src] > 1]
     if skips:
-        return f"skip couplings between states ({len(skips)})"
+        return True, f"{len(skips)} skip couplings between states"
     hidden = max((d[s.name] for s in g.states if s.role == "output"), default=1) - 1
     if _conv_between_states(g) and hidden > AUTO_MAX_COLD_CONV:
-        return f"{hidden} convolutional hidden states in depth"
-    return None
+        return True, f"{hidden} convolutional hidden states in depth"
+    return False, "cold EP trains this graph"
 
 
-def resolve_epochs(value, g: Graph) -> tuple[int, str]:
+def resolve_epochs(value, g: Graph, meta: dict | None = None) -> tuple[int, str]:
     """(backprop epochs, why) for --backprop-epochs `value` ('auto' or an int) on g."""
     if value != "auto":
-        n = int(value)
-        return n, "given" if n else "off (--backprop-epochs 0)"
-    why = cold_ep_fails(g)
-    if why is None:
-        return 0, "auto: cold EP trains this graph"
-    return AUTO_BACKPROP_EPOCHS, f"auto: {why}"
+        return int(value), "given"
+    warm, why = auto_rule(g, meta)
+    return (AUTO_BACKPROP_EPOCHS if warm else 0), f"auto: {why}"
 
 
 def warm_lr(default_lr: float) -> float:

@@ -86,7 +86,8 @@ def test_cli_prints_the_three_figures_and_the_recipe(model, run_cli, tmp_path):
                              "backprop epochs (lr 0.002) before EP (given)"), lines[4]
     code, out, _ = run_cli("train", model, "--epochs", "1")
     assert out.splitlines()[-1].endswith(
-        "lr 0.0005 (the default); no warm start (auto: cold EP trains this graph)")
+        "lr 0.0005 (the default); no warm start (auto: symmetric feedback, where warm "
+        "conversion was measured to fail)")
 
 
 @pytest.mark.parametrize("value", ["-1", "x", "2.5", "1000001"])
@@ -132,7 +133,12 @@ def test_auto_warm_starts_where_cold_ep_fails():
         assert n == want, (name, why)
         assert why.startswith("auto: ")
     n, why = resolve_epochs("auto", D.compile_net("hop13w8", "digits", 0, feedback_gain=1))
-    assert n == 0
+    assert (n, why) == (0, "auto: symmetric feedback, where warm conversion was measured "
+                           "to fail")
+    assert resolve_epochs("auto", D.compile_net("mlp3", "digits", 0)) == \
+        (0, "auto: cold EP trains this graph")
+    assert resolve_epochs("auto", D.compile_net("res2", "digits", 0))[1].endswith(
+        "skip couplings between states")
     assert resolve_epochs(7, D.compile_net("mlp1", "digits", 0)) == (7, "given")
 
 
@@ -143,3 +149,17 @@ def test_programs_take_no_backprop_epochs(model, run_cli, tmp_path):
         f"{prog}: --backprop-epochs applies to float bundles, not to neuromorphic programs"
     code, _, err = run_cli("train", prog, "--epochs", "0", "--backprop-epochs", "0")
     assert code == 0, err
+
+
+def test_auto_does_not_warm_start_trained_weights_again(model, tmp_path):
+    """A bundle `epc backprop` wrote, or a checkpoint of `epc train`, is not trained by
+    backprop a second time under auto (`epc backprop` then `epc train` stays a recipe)."""
+    epc.backprop(model, epochs=1, output=tmp_path / "bp.epc")
+    m = epc.train(tmp_path / "bp.epc", epochs=1, checkpoint=tmp_path / "ck")
+    assert "warm_start" not in m and m["config"]["backprop_epochs"] == 0
+    assert m["recipe"]["warm_start_rule"] == ("auto: the bundle's weights are "
+                                              "backprop-trained already (epc backprop)")
+    assert m["config"]["lr"] == 5e-4         # the cold default: no warm start in this run
+    g = D.compile_net("hop13w8", "digits", 0)
+    assert resolve_epochs("auto", g, {"trained": {"epochs": 3}}) == \
+        (0, "auto: the bundle's weights are trained already (epc train)")
