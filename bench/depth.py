@@ -29,6 +29,7 @@ compare them only within one run.
     python -m bench.depth --json depth.json                       # the digits ladder
     python -m bench.depth --quick --json quick.json               # a few minutes
     python -m bench.depth --data fashion-mnist --train-samples 6000 --nets mlp1 mlp3
+    python -m bench.depth --nets hop13w8 vgg6 res2 --toggles warm  # warm start vs cold EP
     python -m bench.depth --markdown depth.json                   # render a JSON as a table
 
 --quick: mlp1, mlp5 and vgg2 on digits, 3 epochs, seed 0, backprop at lr 2e-3, the

@@ -163,3 +163,22 @@ def test_auto_does_not_warm_start_trained_weights_again(model, tmp_path):
     g = D.compile_net("hop13w8", "digits", 0)
     assert resolve_epochs("auto", g, {"trained": {"epochs": 3}}) == \
         (0, "auto: the bundle's weights are trained already (epc train)")
+
+
+def test_depth_bench_warm_toggle_is_the_other_side_of_auto():
+    """bench.depth's `warm` toggle: cold EP where auto warm-starts, a warm start where it
+    does not; the warm rows carry backprop's and the converted accuracy, and the table
+    shows them."""
+    assert D.warm_toggle(D.compile_net("hop13w8", "digits", 0)) == \
+        ("warm=0", {"backprop_epochs": 0})
+    res = D.run_ladder(["mlp1"], epochs=1, bp_lrs=[2e-3], toggle_names=["warm"],
+                       train_samples=300, log=lambda m: None)
+    row = res["nets"]["mlp1"]["ep"]
+    assert list(row) == ["defaults", f"warm={AUTO_BACKPROP_EPOCHS}"]
+    assert "converted" not in row["defaults"]
+    warm = row[f"warm={AUTO_BACKPROP_EPOCHS}"]
+    assert warm["backprop_epochs"] == AUTO_BACKPROP_EPOCHS
+    assert warm["runs"][0]["config"]["backprop_epochs"] == AUTO_BACKPROP_EPOCHS
+    # 30 backprop epochs on 300 digits: well past the cold free phase after one EP epoch
+    assert warm["converted"] > 0.5 and warm["backprop_test_accuracy"] > 0.5
+    assert f"after {AUTO_BACKPROP_EPOCHS} backprop epochs: BP " in D.markdown(res)
