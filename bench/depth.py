@@ -405,6 +405,15 @@ def markdown(res: dict) -> str:
                 if "backprop_epochs" in res["defaults"] else "") + ". "
              f"Backprop: best lr of {', '.join(f'{x:g}' for x in res['backprop_lrs'])}.",
              "", head, "|" + "---|" * 12]
+    if any("converted" in r for row in res["nets"].values() if "ep" in row
+           for r in row["ep"].values()):
+        lines[1:1] = ["", "A row after backprop epochs (a warm start) ran them before its EP "
+                      "epochs; its own backprop and converted accuracies are in the variant "
+                      "cell. The BP column is backprop for the EP epochs alone, from the "
+                      "initial weights."]
+    if res.get("train_samples") or res.get("test_samples"):
+        lines[0] = lines[0].replace(" training samples)", f" training samples, "
+                                    f"{res.get('test_samples') or 'all'} test samples)")
     for name, row in res["nets"].items():
         if "error" in row:
             lines.append(f"| {name} | failed: {row['error']} |" + " |" * 10)
