@@ -47,9 +47,15 @@ def _choice(*allowed: str, aliases: dict | None = None) -> Rule:
 
 
 def _backprop_epochs(v: Any) -> Any:
-    """'auto', or the epoch count as an int (the CLI hands '10' over as text)."""
-    if isinstance(v, str) and v != "auto":
-        return int(v) if re.fullmatch(r"\d{1,7}", v.strip()) else v
+    """'auto', or the epoch count as an int: the CLI hands it over as text, read as its
+    integer options are (Python's int() of ASCII text, or a float text with a zero
+    fraction such as '10.0'); text that is neither stays text (and is refused)."""
+    if isinstance(v, str) and v != "auto" and v.isascii():
+        try:
+            return int(v)
+        except ValueError:
+            if re.fullmatch(r"\s*[-+]?\d{1,4000}\.0+\s*", v):
+                return int(v.strip().split(".")[0])
     return v
 
 
