@@ -592,7 +592,7 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
     hold `warm_start` (the backprop epochs' history), `initial` (the free phase before
     anything) and `converted` (after the backprop epochs, before any EP step);
     `on_epoch` gets each backprop epoch's record with `phase: 'backprop'`.
-    `lr` None: 5e-4, or 2e-4 (5e-4 x 0.4) after a warm start.
+    `lr` None: 5e-4, or 1e-4 (5e-4 x 0.2) after a warm start.
 
     `model`: a bundle path (target torch or plain IR), a Bundle or an energy Graph; or a
     program file (.nc/.nca), which takes only data, data_dir, resize, epochs, batch_size,

@@ -680,11 +680,11 @@ Warm start by backprop (--backprop-epochs N|auto): N epochs of BACKPROP on the g
 feedforward form (the source architecture with the energy form's bounded activations, the
 graph's label cost, Adam at --backprop-lr, cosine; the same data and seed) come before the
 EP epochs, which then fine-tune those weights (after a warm start the EP --lr defaults to
-2e-4 instead of 5e-4). auto runs 30 where cold EP is measured not to train the graph: skip
+1e-4 instead of 5e-4). auto runs 30 where cold EP is measured not to train the graph: skip
 couplings between states (ResNets, Hopfield-ResNet13) or more than 4 convolutional hidden
 states (6-conv VGG), under regulated feedback; 0 elsewhere. Digits, 10 EP epochs, cold EP /
 warm: Hopfield-ResNet13 6.94 / 98.06%, 6-conv VGG 96.11 / 99.17%, skip ResNet 96.67 /
-99.44% (python -m bench.depth --toggles warm). The run prints the test accuracy before anything, after backprop, and of the
+99.44% (python -m bench.depth --toggles warm; warm EP at 2e-4). The run prints the test accuracy before anything, after backprop, and of the
 converted energy network before any EP step; its recipe line says which it did and why.
 
   epc train r13.epc --backprop-epochs 0        # EP alone, from the compiled weights
@@ -877,7 +877,7 @@ def train_cmd(
     optimizer: str = typer.Option("adam", help="adam | sgd (with --momentum)"),
     lr: Optional[float] = typer.Option(
         None, help="peak EP learning rate (digits: 5e-4 to 1e-3 for MLPs, 3e-4 for conv)",
-        show_default="5e-4; 2e-4 after a backprop warm start"),
+        show_default="5e-4; 1e-4 after a backprop warm start"),
     momentum: float = typer.Option(0.9, help="SGD momentum"),
     weight_decay: float = typer.Option(
         1e-3, help="weight decay (curbs overfitting of the settled network); its form: "

@@ -58,7 +58,7 @@ def test_backprop_epochs_are_epc_backprop_and_the_converted_net_is_reported(mode
 
 def test_warm_start_lowers_the_ep_lr_unless_lr_is_given(model):
     warm = epc.train(model, epochs=1, backprop_epochs=1)
-    assert warm["config"]["lr"] == pytest.approx(2e-4)
+    assert warm["config"]["lr"] == pytest.approx(1e-4)
     assert warm["recipe"]["lr_rule"].startswith("after a warm start")
     given = epc.train(model, epochs=1, backprop_epochs=1, lr=3e-4)
     assert given["config"]["lr"] == 3e-4 and given["recipe"]["lr_rule"] == "given"
@@ -82,7 +82,7 @@ def test_cli_prints_the_three_figures_and_the_recipe(model, run_cli, tmp_path):
     assert (f"before anything {100 * m['initial']['test_accuracy']:.2f}%; after 2 backprop "
             f"epochs {100 * m['warm_start']['test_accuracy']:.2f}%, converted to EP before "
             f"any EP step {100 * m['converted']['test_accuracy']:.2f}%") in lines[3]
-    assert lines[4].endswith("lr 0.0002 (after a warm start: 0.0005 x 0.4); warm start: 2 "
+    assert lines[4].endswith("lr 0.0001 (after a warm start: 0.0005 x 0.2); warm start: 2 "
                              "backprop epochs (lr 0.002) before EP (given)"), lines[4]
     code, out, _ = run_cli("train", model, "--epochs", "1")
     assert out.splitlines()[-1].endswith(
