@@ -7,6 +7,10 @@ pipeline (`epc.compile(module, example_input=...)`) and trained by EP through th
     feedback_gain   the other side of the compile default (gain 1 <-> auto)
     taps            intermediate error taps (`--taps auto`)
     decoupled_wd    the other form of weight decay (AdamW-style shrink <-> L2 term)
+    warm            the other side of `--backprop-epochs auto` on the rung's graph: cold EP
+                    where auto warm-starts (backprop epochs, then EP), a 30-epoch backprop
+                    warm start where auto does not; its rows give the backprop and the
+                    converted accuracy before the EP epochs
     implicit        (--implicit) the exact gradient at the free fixed point instead of
                     EP's estimate: tells EP's estimation error from the energy model's limit
 
@@ -25,6 +29,7 @@ compare them only within one run.
     python -m bench.depth --json depth.json                       # the digits ladder
     python -m bench.depth --quick --json quick.json               # a few minutes
     python -m bench.depth --data fashion-mnist --train-samples 6000 --nets mlp1 mlp3
+    python -m bench.depth --nets hop13w8 vgg6 res2 --toggles warm  # warm start vs cold EP
     python -m bench.depth --markdown depth.json                   # render a JSON as a table
 
 --quick: mlp1, mlp5 and vgg2 on digits, 3 epochs, seed 0, backprop at lr 2e-3, the
@@ -144,9 +149,19 @@ def toggles(defaults: dict, implicit: bool) -> "OrderedDict[str, tuple[dict, dic
     t["taps=auto"] = ({"taps": "auto"}, {})
     t["decoupled_wd=" + str(not defaults["decoupled_wd"]).lower()] = (
         {}, {"decoupled_wd": not defaults["decoupled_wd"]})
+    t["warm"] = ({}, {})
     if implicit:
         t["gradient=implicit"] = ({}, {"gradient": "implicit"})
     return t
+
+
+def warm_toggle(g) -> tuple[str, dict]:
+    """The warm start against the default-compiled graph g: none where `--backprop-epochs
+    auto` warm-starts it, auto's epoch count where it does not."""
+    from epc.runtime.warm import AUTO_BACKPROP_EPOCHS, resolve_epochs
+    if resolve_epochs("auto", g)[0]:
+        return "warm=0", {"backprop_epochs": 0}
+    return f"warm={AUTO_BACKPROP_EPOCHS}", {"backprop_epochs": AUTO_BACKPROP_EPOCHS}
 
 
 def gain_toggle(g) -> tuple[str, dict]:
@@ -164,9 +179,12 @@ def current_defaults() -> dict:
     from epc import api
     c = inspect.signature(api.compile_result).parameters
     t = inspect.signature(api.train).parameters
+    from epc.runtime.api import DEFAULT_LR
     return {"feedback_gain": c["feedback_gain"].default, "taps": c["taps"].default,
             "decoupled_wd": t["decoupled_wd"].default,
-            "weight_decay": t["weight_decay"].default, "lr": t["lr"].default,
+            "weight_decay": t["weight_decay"].default,
+            "lr": t["lr"].default if t["lr"].default is not None else DEFAULT_LR,
+            "backprop_epochs": t["backprop_epochs"].default,
             "optimizer": t["optimizer"].default, "batch_size": t["batch_size"].default}
 
 
@@ -249,6 +267,10 @@ def ep_runs(name: str, d, data: str, epochs: int, seeds: list, copts: dict,
             "divergence_warnings": m["divergence_warnings"],
             "accuracy_by_epoch": [h["test_accuracy"] for h in m["history"]],
             "config": m["config"], "recipe": m.get("recipe"),
+            # the free phase before any step; with a warm start the backprop epochs' figures
+            # and the converted network's free phase before any EP step
+            "initial": m["initial"]["test_accuracy"] if m.get("initial") else None,
+            **(_warm_figures(m) if m.get("warm_start") else {}),
             "compiled": gain_summary(g), "wall_seconds": time.perf_counter() - t0})
         log(f"depth {name} EP {copts or ''}{topts or ''} seed {seed}: test "
             f"{m['test_accuracy']:.4f} train {m['train_accuracy']:.4f} free sweeps "
@@ -257,12 +279,23 @@ def ep_runs(name: str, d, data: str, epochs: int, seeds: list, copts: dict,
     return _mean(runs) | {"compile_options": copts, "train_options": topts, "runs": runs}
 
 
+def _warm_figures(m: dict) -> dict:
+    w = m["warm_start"]
+    return {"backprop_epochs": w["epochs"], "backprop_test_accuracy": w["test_accuracy"],
+            "backprop_seconds_per_epoch": w["history"][-1]["seconds"] if w["history"] else 0.0,
+            "converted": m["converted"]["test_accuracy"]}
+
+
 def _mean(runs: list) -> dict:
     out = {}
     for k in ("test_accuracy", "best_test_accuracy", "train_accuracy", "free_sweeps",
               "nudged_sweeps", "seconds_per_epoch", "at_cap", "at_cap_max"):
         out[k] = sum(r[k] for r in runs) / len(runs)
     out["collapsed"] = sum(r["collapsed"] for r in runs)
+    if all("converted" in r for r in runs):
+        for k in ("backprop_test_accuracy", "converted", "backprop_seconds_per_epoch"):
+            out[k] = sum(r[k] for r in runs) / len(runs)
+        out["backprop_epochs"] = runs[0]["backprop_epochs"]
     return out
 
 
@@ -336,6 +369,8 @@ def _rung(name, data, epochs, seeds, bp_lrs, ts, train_samples, test_samples, lo
     for tname, (copts, topts) in ts.items():
         if tname == "feedback_gain":
             tname, copts = gain_toggle(g0)
+        if tname == "warm":
+            tname, topts = warm_toggle(g0)
         if not topts and _fingerprint(compile_net(name, data, seeds[0], **copts)) == \
                 _fingerprint(g0):
             # the toggle compiles to the very graph the defaults do (e.g. feedback gain
@@ -365,17 +400,32 @@ def markdown(res: dict) -> str:
              + f", {res['epochs']} epochs, seeds {', '.join(map(str, res['seeds']))}"
              + (" (--quick)" if res.get("quick") else "") + ". Defaults: feedback gain "
              f"{res['defaults']['feedback_gain']}, decoupled weight decay "
-             f"{res['defaults']['decoupled_wd']} (wd {res['defaults']['weight_decay']:g}). "
+             f"{res['defaults']['decoupled_wd']} (wd {res['defaults']['weight_decay']:g})"
+             + (f", backprop warm start {res['defaults']['backprop_epochs']}"
+                if "backprop_epochs" in res["defaults"] else "") + ". "
              f"Backprop: best lr of {', '.join(f'{x:g}' for x in res['backprop_lrs'])}.",
              "", head, "|" + "---|" * 12]
+    if any("converted" in r for row in res["nets"].values() if "ep" in row
+           for r in row["ep"].values()):
+        lines[1:1] = ["", "A row after backprop epochs (a warm start) ran them before its EP "
+                      "epochs; its own backprop and converted accuracies are in the variant "
+                      "cell. The BP column is backprop for the EP epochs alone, from the "
+                      "initial weights."]
+    if res.get("train_samples") or res.get("test_samples"):
+        lines[0] = lines[0].replace(" training samples)", f" training samples, "
+                                    f"{res.get('test_samples') or 'all'} test samples)")
     for name, row in res["nets"].items():
         if "error" in row:
             lines.append(f"| {name} | failed: {row['error']} |" + " |" * 10)
             continue
         bp = row["backprop"]
         for i, (v, r) in enumerate(row["ep"].items()):
+            warm = (f" (after {r['backprop_epochs']} backprop epochs: BP "
+                    f"{_pct(r['backprop_test_accuracy'])}, converted {_pct(r['converted'])}, "
+                    f"{r['backprop_seconds_per_epoch']:.2f} s/BP epoch)"
+                    if "converted" in r else "")
             lines.append(
-                f"| {name if i == 0 else ''} | {v}{' (= defaults)' if r.get('same_as') else ''} | {_pct(r['test_accuracy'])} | "
+                f"| {name if i == 0 else ''} | {v}{' (= defaults)' if r.get('same_as') else ''}{warm} | {_pct(r['test_accuracy'])} | "
                 f"{_pct(r['train_accuracy'])} | {_pct(bp['test_accuracy']) if i == 0 else ''} | "
                 f"{100 * (r['test_accuracy'] - bp['test_accuracy']):+.2f} | "
                 f"{r['free_sweeps']:.1f} | {r['nudged_sweeps']:.1f} | "
@@ -401,7 +451,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bp-lrs", type=float, nargs="+", default=None,
                     help="backprop learning rates (default 1e-3 5e-3); best mean is reported")
     ap.add_argument("--toggles", nargs="*", default=None,
-                    choices=["feedback_gain", "taps", "decoupled_wd", "gradient"],
+                    choices=["feedback_gain", "taps", "decoupled_wd", "warm", "gradient"],
                     help="methods toggled against the defaults (default: all)")
     ap.add_argument("--implicit", action="store_true",
                     help="also train with the exact gradient (--gradient implicit)")
@@ -421,7 +471,7 @@ def main(argv=None) -> int:
     lrs = a.bp_lrs or q.get("bp_lrs", [1e-3, 5e-3])
     tog = a.toggles if a.toggles is not None else q.get("toggles")
     if a.implicit:
-        tog = (tog or ["feedback_gain", "taps", "decoupled_wd"]) + ["gradient"]
+        tog = (tog or ["feedback_gain", "taps", "decoupled_wd", "warm"]) + ["gradient"]
 
     def save(res):
         if a.json:

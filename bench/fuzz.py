@@ -1032,13 +1032,16 @@ OPTION_RULES = {
     # backprop (warm conversion) and the compiler's numeric choices
     "--activations": _one_of("energy", "source"), "--loss": _one_of("graph", "ce", "mse"),
     "--feedback-gain": lambda v: v == "auto" or _real(lambda x: 0 < x <= 1)(v),
+    "--backprop-epochs": lambda v: v == "auto" or _int(0, 10 ** 6)(v),
+    "--backprop-lr": _real(lambda x: x > 0),
 }
 COMMAND_OPTIONS = {
     "train": ["--epochs", "--batch-size", "--max-sweeps", "--nudge-sweeps", "--stop-after",
               "--seed", "--threads", "--channels", "--tol", "--lr", "--momentum",
               "--weight-decay", "--clip", "--beta", "--device", "--schedule", "--nudge",
               "--gradient", "--optimizer", "--divergence", "--memory-limit", "--resize",
-              "--data", "--dist-timeout", "--precision", "--estimate"],
+              "--data", "--dist-timeout", "--precision", "--estimate", "--backprop-epochs",
+              "--backprop-lr"],
     "eval": ["--batch-size", "--max-sweeps", "--threads", "--channels", "--tol", "--device",
              "--schedule", "--split", "--memory-limit", "--resize", "--data", "--precision"],
     "check-gradients": ["--samples", "--max-sweeps", "--seed", "--threads", "--channels",

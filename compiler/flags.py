@@ -46,6 +46,25 @@ def _choice(*allowed: str, aliases: dict | None = None) -> Rule:
                 lambda v: aliases.get(v, v), choices=allowed)
 
 
+def _backprop_epochs(v: Any) -> Any:
+    """'auto', or the epoch count as an int: the CLI hands it over as text, read as its
+    integer options are (Python's int() of ASCII text, or a float text with a zero
+    fraction such as '10.0'); text that is neither stays text (and is refused)."""
+    if isinstance(v, str) and v != "auto" and v.isascii():
+        try:
+            return int(v)
+        except ValueError:
+            if re.fullmatch(r"\s*[-+]?\d{1,4000}\.0+\s*", v):
+                return int(v.strip().split(".")[0])
+    return v
+
+
+def _backprop_epochs_ok(v: Any) -> bool:
+    v = _backprop_epochs(v)
+    return v == "auto" or (isinstance(v, int) and not isinstance(v, bool)
+                           and 0 <= v <= 1_000_000)
+
+
 def _feedback_gain(v: Any) -> Any:
     """'auto', or the gain as a float (the CLI hands '0.1' over as text)."""
     if isinstance(v, str) and v != "auto":
@@ -97,6 +116,9 @@ RULES: dict[str, Rule] = {
     "mix": _real(lambda v: 0 <= v <= 1, "between 0 and 1"),
     "skip_gain": _real(lambda v: v > 0, "a positive number"),
     "feedback_gain": Rule("a number in (0, 1] or auto", _feedback_gain_ok, _feedback_gain),
+    "backprop_epochs": Rule("an integer in [0, 1000000] or auto", _backprop_epochs_ok,
+                            _backprop_epochs),
+    "backprop_lr": _real(lambda v: v > 0, "a finite number > 0"),
     # a timedelta of more than about 10^14 seconds overflows; a million is 11.6 days
     "dist_timeout": _real(lambda v: 0 < v <= 1e6, "a number of seconds in (0, 1000000]"),
     # choices

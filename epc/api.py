@@ -565,7 +565,7 @@ def _float_only_error(model: str) -> Callable[[str], str]:
 @_limited
 def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
           resize: str | None = None, channels: int | None = None, epochs: int = 30,
-          batch_size: int = 32, optimizer: str = "adam", lr: float = 5e-4,
+          batch_size: int = 32, optimizer: str = "adam", lr: float | None = None,
           momentum: float = 0.9, weight_decay: float = 1e-3, decoupled_wd: bool = True,
           cosine: bool = True,
           clip: float | None = None, beta: float | None = None, lr_shift: int | None = None,
@@ -579,9 +579,20 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
           metrics_json: str | None = None, plot: str | None = None,
           divergence: str = "stop", memory_limit: "str | int | None" = None,
           dist_timeout: float = 300.0, precision: str = "fp32", dataset: Any = None,
+          backprop_epochs: "int | str" = "auto", backprop_lr: float = 2e-3,
           progress: Callable | None = None, on_epoch: Callable | None = None) -> dict:
     """`epc train`: train a compiled network with Equilibrium Propagation, or a
     neuromorphic program by on-chip learning in the simulator. Returns the metrics.
+
+    `backprop_epochs` (float bundles): N epochs of backprop on the graph's feedforward form
+    (Adam at `backprop_lr`, cosine; the graph's label cost, the same data and seed) before
+    the EP epochs: a warm start. 'auto' (the default) picks 30 on graphs where cold EP is
+    measured to fail (skip couplings between states, or more than 4 convolutional hidden
+    states, under regulated feedback) and 0 elsewhere (runtime/warm.py). The metrics then
+    hold `warm_start` (the backprop epochs' history), `initial` (the free phase before
+    anything) and `converted` (after the backprop epochs, before any EP step);
+    `on_epoch` gets each backprop epoch's record with `phase: 'backprop'`.
+    `lr` None: 5e-4, or 1e-4 (5e-4 x 0.2) after a warm start.
 
     `model`: a bundle path (target torch or plain IR), a Bundle or an energy Graph; or a
     program file (.nc/.nca), which takes only data, data_dir, resize, epochs, batch_size,
@@ -608,7 +619,7 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
     ('rates') or from their spike trains ('spikes').
     """
     given = dict(locals())
-    _check_options(given)
+    _check_options({k: v for k, v in given.items() if not (k == "lr" and v is None)})
     check_outputs([model, _data_inputs(data, data_dir)],
                   [Output("-o", _path(output)), Output("--metrics-json", _path(metrics_json)),
                    Output("--plot", _path(plot)),
@@ -628,6 +639,8 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
             raise EpcError(f"{model}: --estimate {estimate} applies to float bundles with "
                            f"bernoulli neurons; on-chip learning reads the nudged phases' "
                            f"integer rates")
+        if flags.check("backprop_epochs", backprop_epochs) == 0:
+            given["backprop_epochs"] = "auto"     # no warm start: what a program gets
         _refuse_given(train, given, [k for k in _defaults(train)
                                      if k not in PROGRAM_TRAIN_OPTIONS],
                       _program_only_error(model))
@@ -652,7 +665,8 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
                        threads=threads, checkpoint=_path(checkpoint), resume=resume,
                        stop_after=stop_after, metrics_json=_path(metrics_json),
                        plot=_path(plot), divergence=divergence, dist_timeout=dist_timeout,
-                       precision=precision, progress=progress, on_epoch=on_epoch)
+                       precision=precision, backprop_epochs=backprop_epochs,
+                       backprop_lr=backprop_lr, progress=progress, on_epoch=on_epoch)
 
 
 def _one_process(what: str) -> None:

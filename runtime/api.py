@@ -32,10 +32,12 @@ from .data import Data, load_dataset
 from .distributed import DEFAULT_TIMEOUT, DataParallel, joined, process_device
 from .engine import PRECISIONS, Engine, schedule_mode
 from .memory import retain_freed_memory
+from .warm import BACKPROP_LR
 from .train import (COST_KEYS, Diverged, Trainer, TrainConfig, TrainState,
                     evaluate as _evaluate, load_checkpoint, save_checkpoint)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEFAULT_LR = 5e-4      # EP's peak learning rate when --lr is not given (a cold start)
 
 
 def _device(device: str | None) -> torch.device:
@@ -101,10 +103,11 @@ def make_engine(src: Any, *, device: str | None = None, dtype: str = "float32",
                   precision=precision), b, name
 
 
-def recipe(eng: Engine, cfg: TrainConfig) -> dict:
+def recipe(eng: Engine, cfg: TrainConfig, warm: dict | None = None) -> dict:
     """The depth recipe a run trains with, in words a user can pass back as flags: the
     feedback regulation the compiled graph carries (`epc compile --feedback-gain`, 'auto'
-    resolved per graph) and the form of weight decay."""
+    resolved per graph), the form of weight decay, the EP learning rate and the warm start
+    by backprop (`warm`: `_warm_plan`'s, what --backprop-epochs and --lr resolved to)."""
     gains = eng.feedback_gain          # the couplings whose feedback gain is not 1
     fb = ({"feedback_gain": 1.0, "regulated_couplings": 0} if not gains else
           # a chain coupling (depth d to d+1) carries the ratio R, a skip over k levels R^k
@@ -112,7 +115,10 @@ def recipe(eng: Engine, cfg: TrainConfig) -> dict:
            "smallest_gain": min(gains.values())})
     return {**fb, "hidden_states": sum(s.role == "hidden" for s in eng.graph.states),
             "weight_decay": cfg.weight_decay,
-            "weight_decay_form": "decoupled" if cfg.decoupled_wd else "L2"}
+            "weight_decay_form": "decoupled" if cfg.decoupled_wd else "L2",
+            "lr": cfg.lr, "backprop_epochs": cfg.backprop_epochs,
+            **({"backprop_lr": cfg.backprop_lr} if cfg.backprop_epochs else {}),
+            **({"lr_rule": warm["lr_rule"], "warm_start_rule": warm["why"]} if warm else {})}
 
 
 def _data_for(eng: Engine, data: str, data_dir, resize, channels, dataset) -> Data:
@@ -191,7 +197,7 @@ def _check_timeout(formed: bool, timeout: float) -> None:
 
 def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize=None,
           channels: int | None = None, dataset=None, epochs: int = 30, batch_size: int = 32,
-          optimizer: str = "adam", lr: float = 5e-4, momentum: float = 0.9,
+          optimizer: str = "adam", lr: float | None = None, momentum: float = 0.9,
           weight_decay: float = 1e-3, decoupled_wd: bool = True, cosine: bool = True,
           clip: float | None = None, beta: float = 0.2, nudge: str = "symmetric",
           nudge_form: str = "states", gradient: str = "ep", estimate: str = "rates",
@@ -203,9 +209,18 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
           checkpoint: str | None = None, resume: bool = False, stop_after: int | None = None,
           metrics_json: str | None = None, plot: str | None = None,
           divergence: str = "stop", dist_timeout: float = DEFAULT_TIMEOUT,
-          precision: str = "fp32",
+          precision: str = "fp32", backprop_epochs: "int | str" = 0,
+          backprop_lr: float = BACKPROP_LR,
           progress: Callable | None = None, on_epoch: Callable | None = None) -> dict:
     """Train with EP; returns the metrics dict (also written to `metrics_json`).
+
+    `backprop_epochs` (an int, or 'auto': runtime/warm.py decides from the graph): that
+    many epochs of backprop on the graph's feedforward form (Adam at `backprop_lr`, cosine,
+    the graph's label cost; same data and seed) before the EP epochs, a warm start. Their
+    records go to `on_epoch` with `phase: 'backprop'` and to the metrics' `warm_start`;
+    `initial` is then the free phase before them and `converted` the free phase after
+    them, before any EP step. `lr` None: DEFAULT_LR, or DEFAULT_LR x WARM_LR_FACTOR after
+    a warm start.
 
     Metrics: train_accuracy (running accuracy of the last epoch's free phases),
     test_accuracy, test_loss, epochs, seconds, unconverged_fraction (last epoch, free
@@ -232,13 +247,16 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
     of `batch_size`; process 0 alone writes the checkpoint, metrics and plot and calls
     `progress` and `on_epoch`; every process returns the same metrics.
     """
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+    flags.check("backprop_epochs", backprop_epochs)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+                      lr=DEFAULT_LR if lr is None else lr,
                       momentum=momentum, weight_decay=weight_decay, decoupled_wd=decoupled_wd,
                       cosine=cosine, clip=clip, beta=beta, nudge=nudge, nudge_form=nudge_form,
                       gradient=gradient, seed=seed, mode=schedule,
                       max_sweeps=max_sweeps, nudge_sweeps=nudge_sweeps, tol=tol,
                       warm_start=warm_start, freeze_pool=freeze_pool, augment=augment,
-                      divergence=divergence, precision=precision, estimate=estimate).check()
+                      divergence=divergence, precision=precision, estimate=estimate,
+                      backprop_lr=backprop_lr).check()
     if resume and not checkpoint:
         raise EpcError("--resume needs --checkpoint DIR (the run's checkpoint directory)")
     flags.check("stop_after", stop_after)
@@ -253,7 +271,25 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
                       resize=resize, channels=channels, dataset=dataset, schedule=schedule,
                       resume=resume, checkpoint=checkpoint, stop_after=stop_after,
                       metrics_json=metrics_json, plot=plot, progress=progress,
-                      on_epoch=on_epoch)
+                      on_epoch=on_epoch,
+                      warm={"backprop_epochs": flags.check("backprop_epochs", backprop_epochs),
+                            "lr_given": lr is not None})
+
+
+def _warm_plan(eng: Engine, meta: dict, cfg: TrainConfig, asked, lr_given: bool) -> dict:
+    """Resolve --backprop-epochs (auto: runtime/warm.py) on this graph into `cfg`, and the
+    EP learning rate it implies when --lr is not given; returns how each was decided."""
+    from .warm import resolve_epochs, warm_lr
+    n, why = resolve_epochs(asked, eng.graph, meta)
+    cfg.backprop_epochs = n
+    if lr_given:
+        rule = "given"
+    elif n:
+        cfg.lr = warm_lr(DEFAULT_LR)
+        rule = f"after a warm start: {DEFAULT_LR:g} x {cfg.lr / DEFAULT_LR:g}"
+    else:
+        rule = "the default"
+    return {"why": why, "lr_rule": rule}
 
 
 def _check_train_memory(eng: Engine, d: Data, cfg: TrainConfig, name: str) -> None:
@@ -276,7 +312,7 @@ def _check_train_memory(eng: Engine, d: Data, cfg: TrainConfig, name: str) -> No
 
 def _train(src, cfg: TrainConfig, dev: torch.device, *, data, data_dir, resize, channels,
            dataset, schedule, resume, checkpoint, stop_after, metrics_json, plot, progress,
-           on_epoch) -> dict:
+           on_epoch, warm: dict) -> dict:
     dp = DataParallel.current(dev)
     main = dp is None or dp.main
     box = {}
@@ -287,6 +323,12 @@ def _train(src, cfg: TrainConfig, dev: torch.device, *, data, data_dir, resize, 
         eng, base, name = make_engine(src, device=dev, schedule=schedule,
                                       precision=cfg.precision)
         d = _data_for(eng, data, data_dir, resize, channels, dataset)
+        plan = _warm_plan(eng, base.meta, cfg, warm["backprop_epochs"], warm["lr_given"])
+        if cfg.backprop_epochs and dp is not None:
+            raise EpcError(f"--backprop-epochs {cfg.backprop_epochs} ({plan['why']}) runs in "
+                           f"one process; train the weights first with `epc backprop MODEL "
+                           f"-o warm.epc`, then run the data-parallel EP from warm.epc with "
+                           f"--backprop-epochs 0")
         _check_train_memory(eng, d, cfg, name)
         trainer = box["trainer"] = Trainer(eng, d, cfg, dp)
         if checkpoint and main:
@@ -298,14 +340,36 @@ def _train(src, cfg: TrainConfig, dev: torch.device, *, data, data_dir, resize, 
                 raise EpcError(f"{where}: incompatible checkpoint: target {ck.target!r}, "
                                f"not 'torch'")
             trainer.restore(ck, where)
-    return _train_run(trainer, cfg, base, name, d, eng, dp, main, checkpoint=checkpoint,
+    if cfg.backprop_epochs and not resume:
+        _warm_start(trainer, d, plan, on_epoch)
+        if checkpoint:
+            # epoch 0 after the backprop epochs: a run stopped in its EP epochs resumes
+            # from here without repeating them (one stopped during them starts again)
+            save_checkpoint(trainer, base, checkpoint)
+    return _train_run(trainer, cfg, base, name, d, eng, dp, main, plan, checkpoint=checkpoint,
                       stop_after=stop_after, metrics_json=metrics_json, plot=plot,
                       progress=progress, on_epoch=on_epoch)
 
 
+def _warm_start(trainer: Trainer, d: Data, plan: dict, on_epoch) -> None:
+    """The backprop epochs of a warm start (runtime/warm.py), between the free phase of the
+    weights as given (`initial`) and the converted one (`trainer.initial`, before any EP
+    step); the global RNG is seeded again after them, as a resumed run seeds it."""
+    from .warm import run_backprop
+    cfg = trainer.cfg
+    cold = trainer.measure_initial()
+    rec = run_backprop(trainer.eng, d, epochs=cfg.backprop_epochs, lr=cfg.backprop_lr,
+                       batch_size=cfg.batch_size, seed=cfg.seed,
+                       on_epoch=(lambda r: on_epoch({**r, "phase": "backprop"}))
+                       if on_epoch else None)
+    torch.manual_seed(cfg.seed)
+    trainer.warm_record = {**rec, "rule": plan["why"], "initial": cold}
+    trainer.initial = trainer.measure_initial()
+
+
 def _train_run(trainer: Trainer, cfg: TrainConfig, base: Bundle, name: str, d: Data,
-               eng: Engine, dp: DataParallel | None, main: bool, *, checkpoint, stop_after,
-               metrics_json, plot, progress, on_epoch) -> dict:
+               eng: Engine, dp: DataParallel | None, main: bool, plan: dict, *, checkpoint,
+               stop_after, metrics_json, plot, progress, on_epoch) -> dict:
     """The epochs of `train`, with what process 0 writes and reports."""
     t0 = time.perf_counter()
     ntrain = d.train.x.shape[0]
@@ -327,7 +391,7 @@ def _train_run(trainer: Trainer, cfg: TrainConfig, base: Bundle, name: str, d: D
             else None,
             "train_samples": ntrain, "test_samples": int(d.test.x.shape[0]),
             "config": {k: getattr(cfg, k) for k in TrainConfig.RESUME_KEYS},
-            "recipe": recipe(eng, cfg),
+            "recipe": recipe(eng, cfg, plan),
             # what else decides the bits of a run: the thread count changes the order of
             # torch's parallel sums, and so the last bits of every result
             "threads": torch.get_num_threads(), "torch_version": torch.__version__,
@@ -343,7 +407,14 @@ def _train_run(trainer: Trainer, cfg: TrainConfig, base: Bundle, name: str, d: D
             # network's time steps, spike rate and synaptic events)
             **{k: last[k] for k in COST_KEYS if k in last},
         }
-        if trainer.initial is not None:
+        if trainer.warm_record is not None:
+            # a warm start: the free phase before anything, the backprop epochs, and the
+            # converted network (the free phase after them, before any EP step)
+            m["warm_start"] = trainer.warm_record
+            m["initial"] = trainer.warm_record["initial"]
+            if trainer.initial is not None:
+                m["converted"] = trainer.initial
+        elif trainer.initial is not None:
             # the free phase before any EP step (a warm conversion's starting accuracy)
             m["initial"] = trainer.initial
         if checkpoint:

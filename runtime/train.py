@@ -84,6 +84,9 @@ class TrainConfig:
     precision: str = "fp32"          # the settle loop's dtype: fp32 | bf16 | fp16
     estimate: str = "rates"          # bernoulli graphs: EP from the nudged phases' rate
                                      # estimates, or from their spike trains ('spikes')
+    backprop_epochs: int = 0         # backprop epochs of the feedforward form before the EP
+                                     # epochs (a warm start, runtime/warm.py)
+    backprop_lr: float = 2e-3        # their peak Adam learning rate
 
     def check(self) -> "TrainConfig":
         """Refuse bad values, each by its flag's one rule (compiler/flags.py)."""
@@ -96,10 +99,15 @@ class TrainConfig:
                             ("nudge_sweeps", self.nudge_sweeps), ("tol", self.tol),
                             ("gradient", self.gradient), ("divergence", self.divergence),
                             ("nudge_form", self.nudge_form), ("precision", self.precision),
-                            ("estimate", self.estimate)):
+                            ("estimate", self.estimate),
+                            ("backprop_epochs", self.backprop_epochs),
+                            ("backprop_lr", self.backprop_lr)):
             if name == "beta" and value is None:
                 raise EpcError(f"bad --beta None: must be {flags.RULES['beta'].what}")
             flags.check(name, value)
+        if self.backprop_epochs == "auto":
+            raise EpcError("--backprop-epochs auto is resolved per graph (runtime/warm.py "
+                           "resolve_epochs) before the run's configuration is checked")
         if self.nudge_form == "deviation" and self.nudge != "symmetric":
             raise EpcError("--nudge-form deviation settles the symmetric pair; it needs "
                            "--nudge symmetric")
@@ -118,10 +126,11 @@ class TrainConfig:
                    "cosine", "clip", "beta", "nudge", "seed", "mode", "max_sweeps",
                    "nudge_sweeps", "tol", "warm_start", "freeze_pool", "pool_freeze",
                    "augment", "gradient", "decoupled_wd", "nudge_form", "precision",
-                   "estimate")
+                   "estimate", "backprop_epochs", "backprop_lr")
     # what a checkpoint written before a key existed ran with
     RESUME_DEFAULTS = {"augment": None, "gradient": "ep", "decoupled_wd": False,
-                       "nudge_form": "states", "precision": "fp32", "estimate": "rates"}
+                       "nudge_form": "states", "precision": "fp32", "estimate": "rates",
+                       "backprop_epochs": 0, "backprop_lr": 2e-3}
 
     def check_engine(self, eng: Engine) -> None:
         """The settings that apply to one kind of network only, against `eng`'s: a
@@ -445,6 +454,9 @@ class Trainer:
                          for j in eng.settled}
         self.sweep_trace: list[dict] = []
         self.initial: dict | None = None      # the free phase before any EP step
+        # a warm start's record (runtime/warm.py): the backprop epochs' history and the free
+        # phase before them; kept in checkpoints, so a resumed run reports it
+        self.warm_record: dict | None = None
         self.initial_loss: float | None = None       # the first batch's, for the watch
         self.chance = chance_level(data.test.y.numpy())
         self.augment = Augment.parse(cfg.augment)
@@ -695,6 +707,8 @@ class Trainer:
                 "history": self.state.history}
         if self.initial is not None:
             docs["train_state"]["initial"] = self.initial
+        if self.warm_record is not None:
+            docs["warm_start"] = self.warm_record
         meta = dict(base.meta)
         meta["trained"] = {"epochs": self.state.epoch, "data": self.data.name}
         return Bundle(g, target="torch", meta=meta, arrays=arrays, docs=docs)
@@ -715,6 +729,11 @@ class Trainer:
         old = {**TrainConfig.RESUME_DEFAULTS, **ts["config"]}
         diff = [k for k in TrainConfig.RESUME_KEYS
                 if k in old and old[k] != getattr(self.cfg, k)]
+        if "backprop_epochs" in diff:       # the warm start decides every weight after it
+            n, m = old["backprop_epochs"], self.cfg.backprop_epochs
+            raise EpcError(f"{where}: incompatible checkpoint: it was trained after {n} "
+                           f"backprop epochs (a warm start), this run asks for {m}: resume "
+                           f"with --backprop-epochs {n}")
         if diff:
             k = diff[0]
             raise EpcError(f"{where}: incompatible checkpoint: it was trained with "
@@ -770,6 +789,14 @@ class Trainer:
         initial = ts.get("initial")
         if isinstance(initial, dict) and isinstance(initial.get("test_accuracy"), float):
             self.initial = initial
+        warm = ck.docs.get("warm_start")
+        if self.cfg.backprop_epochs:
+            if not (isinstance(warm, dict) and isinstance(warm.get("history"), list)
+                    and len(warm["history"]) == self.cfg.backprop_epochs):
+                raise EpcError(f"{where}: corrupt checkpoint: it was trained with "
+                               f"{self.cfg.backprop_epochs} backprop epochs and holds no "
+                               f"record of them")
+            self.warm_record = warm
 
 
 _RECORD_KEYS = {"epoch": int, "train_loss": float, "train_accuracy": float,

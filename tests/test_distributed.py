@@ -117,7 +117,9 @@ def test_torchrun_two_processes_end_where_one_does(bundles, tmp_path):
     assert [l.split(":")[0] for l in lines][:3] == ["epoch 1", "epoch 2", "epoch 3"]
     assert len(lines) == 5 and lines[3].startswith("trained 3 epochs")
     assert lines[4] == ("recipe: 3 hidden states, symmetric feedback (feedback gain 1), weight "
-                        "decay 0.001 (L2)")       # printed once, by process 0
+                        "decay 0.001 (L2), lr 0.0005 (the default); no warm start (auto: "
+                        "symmetric feedback, where warm conversion was measured to fail)")
+    # (printed once, by process 0)
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["processes"] == 2 and one["processes"] == 1
     assert _max_diff(_weights(tmp_path / "one"), _weights(tmp_path / "two")) < 1e-4

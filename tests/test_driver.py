@@ -316,7 +316,9 @@ def test_piped_training_prints_each_epoch_once(mlp_path):
                                                 .split(":")[0], "recipe"]
     # the recipe the run picked (metrics JSON: recipe), as the flags that set it
     assert lines[-1] == ("recipe: 1 hidden state, symmetric feedback (feedback gain 1), "
-                         "weight decay 0.001 (decoupled)"), lines[-1]
+                         "weight decay 0.001 (decoupled), lr 0.0005 (the default); no warm "
+                         "start (auto: symmetric feedback, where warm conversion was "
+                         "measured to fail)"), lines[-1]
     assert "━" not in p.stdout and "\x1b" not in p.stdout
 
 
