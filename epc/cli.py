@@ -813,8 +813,13 @@ def _recipe_line(r: dict) -> str:
           f"feedback gain {r['feedback_gain']:g} a level on {r['regulated_couplings']} "
           f"couplings")
     n = r["hidden_states"]
+    rates = r.get("layer_learning_rates") or []
+    # (one rate for every layer, --layer-lrs none: the --lr the user gave, not repeated)
+    lrs = ("" if not rates or r.get("layer_lrs", "none") == "none" else
+           f", layer learning rates {'/'.join(f'{x:g}' for x in rates)} "
+           f"(--layer-lrs {r['layer_lrs']})")
     return (f"recipe: {n} hidden state{'s' if n != 1 else ''}, {fb}, weight decay "
-            f"{r['weight_decay']:g} ({r['weight_decay_form']})")
+            f"{r['weight_decay']:g} ({r['weight_decay_form']}){lrs}")
 
 
 def _program_train_summary(m: dict) -> str:
@@ -879,6 +884,11 @@ def train_cmd(
         "rates", help="bernoulli neurons: the EP update from the nudged phases' firing-rate "
                       "estimates (rates) or from their spike trains (spikes: co-spike "
                       "counts over the averaged time steps)"),
+    layer_lrs: str = typer.Option(
+        "none", help="learning rate per depth level of the graph, as factors on --lr: none "
+                     "(one rate), auto (factors derived from the graph), or F1,...,FL, one "
+                     "per level from the input side to the output (e.g. 1,0.5 for one "
+                     "hidden layer); the recipe line prints the rates"),
     seed: int = typer.Option(0, help="seed of shuffling and of bernoulli neurons' spikes "
                                      "(runs are reproducible)"),
     schedule: Optional[str] = typer.Option(None, help="colour | sync",
@@ -936,8 +946,9 @@ def train_cmd(
             momentum=momentum, weight_decay=weight_decay, decoupled_wd=decoupled_wd,
             cosine=cosine, clip=clip, beta=beta, lr_shift=lr_shift, output=output,
             nudge=nudge, nudge_form=nudge_form, gradient=gradient, estimate=estimate,
-            seed=seed, schedule=schedule, max_sweeps=max_sweeps, nudge_sweeps=nudge_sweeps,
-            tol=tol, warm_start=warm_start, freeze_pool=freeze_pool, augment=augment,
+            layer_lrs=layer_lrs, seed=seed, schedule=schedule, max_sweeps=max_sweeps,
+            nudge_sweeps=nudge_sweeps, tol=tol, warm_start=warm_start,
+            freeze_pool=freeze_pool, augment=augment,
             device=device, threads=threads, checkpoint=checkpoint, resume=resume,
             stop_after=stop_after, metrics_json=metrics_json, plot=plot,
             divergence=divergence, memory_limit=memory_limit, dist_timeout=dist_timeout,
