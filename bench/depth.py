@@ -7,6 +7,7 @@ pipeline (`epc.compile(module, example_input=...)`) and trained by EP through th
     feedback_gain   the other side of the compile default (gain 1 <-> auto)
     taps            intermediate error taps (`--taps auto`)
     decoupled_wd    the other form of weight decay (AdamW-style shrink <-> L2 term)
+    layer_lrs       the other side of the per-layer learning rates (auto <-> none)
     implicit        (--implicit) the exact gradient at the free fixed point instead of
                     EP's estimate: tells EP's estimation error from the energy model's limit
 
@@ -144,6 +145,8 @@ def toggles(defaults: dict, implicit: bool) -> "OrderedDict[str, tuple[dict, dic
     t["taps=auto"] = ({"taps": "auto"}, {})
     t["decoupled_wd=" + str(not defaults["decoupled_wd"]).lower()] = (
         {}, {"decoupled_wd": not defaults["decoupled_wd"]})
+    other = "none" if defaults.get("layer_lrs", "none") != "none" else "auto"
+    t["layer_lrs=" + other] = ({}, {"layer_lrs": other})
     if implicit:
         t["gradient=implicit"] = ({}, {"gradient": "implicit"})
     return t
@@ -167,6 +170,7 @@ def current_defaults() -> dict:
     return {"feedback_gain": c["feedback_gain"].default, "taps": c["taps"].default,
             "decoupled_wd": t["decoupled_wd"].default,
             "weight_decay": t["weight_decay"].default, "lr": t["lr"].default,
+            "layer_lrs": t["layer_lrs"].default,
             "optimizer": t["optimizer"].default, "batch_size": t["batch_size"].default}
 
 
@@ -365,7 +369,9 @@ def markdown(res: dict) -> str:
              + f", {res['epochs']} epochs, seeds {', '.join(map(str, res['seeds']))}"
              + (" (--quick)" if res.get("quick") else "") + ". Defaults: feedback gain "
              f"{res['defaults']['feedback_gain']}, decoupled weight decay "
-             f"{res['defaults']['decoupled_wd']} (wd {res['defaults']['weight_decay']:g}). "
+             f"{res['defaults']['decoupled_wd']} (wd {res['defaults']['weight_decay']:g})"
+             + (f", layer learning rates {res['defaults']['layer_lrs']}"
+                if "layer_lrs" in res["defaults"] else "") + ". "
              f"Backprop: best lr of {', '.join(f'{x:g}' for x in res['backprop_lrs'])}.",
              "", head, "|" + "---|" * 12]
     for name, row in res["nets"].items():
@@ -401,7 +407,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bp-lrs", type=float, nargs="+", default=None,
                     help="backprop learning rates (default 1e-3 5e-3); best mean is reported")
     ap.add_argument("--toggles", nargs="*", default=None,
-                    choices=["feedback_gain", "taps", "decoupled_wd", "gradient"],
+                    choices=["feedback_gain", "taps", "decoupled_wd", "layer_lrs",
+                             "gradient"],
                     help="methods toggled against the defaults (default: all)")
     ap.add_argument("--implicit", action="store_true",
                     help="also train with the exact gradient (--gradient implicit)")
@@ -421,7 +428,7 @@ def main(argv=None) -> int:
     lrs = a.bp_lrs or q.get("bp_lrs", [1e-3, 5e-3])
     tog = a.toggles if a.toggles is not None else q.get("toggles")
     if a.implicit:
-        tog = (tog or ["feedback_gain", "taps", "decoupled_wd"]) + ["gradient"]
+        tog = (tog or ["feedback_gain", "taps", "decoupled_wd", "layer_lrs"]) + ["gradient"]
 
     def save(res):
         if a.json:

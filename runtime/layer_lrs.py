@@ -22,7 +22,11 @@ from __future__ import annotations
 
 from epc.compiler import flags
 from epc.compiler.errors import EpcError
-from epc.compiler.ir import Graph, op_weights
+import math
+
+import numpy as np
+
+from epc.compiler.ir import Conv, Dense, Graph, op_weights
 from epc.compiler.passes.residual import depths
 
 
@@ -48,20 +52,43 @@ def levels(g: Graph) -> dict[str, int]:
     return out
 
 
+def fan_ins(g: Graph) -> dict[int, int]:
+    """Per level: how many inputs each unit of its states sums (a dense weight [out, in]
+    gives in, a convolution [O, I, kh, kw] I*kh*kw), over the level's couplings into states."""
+    d = depths(g)
+    main = {s.name for s in g.states if s.role in ("hidden", "output")}
+    out: dict[int, int] = {}
+    for c in g.couplings:
+        if c.dst not in main or c.kind == "teacher" or d.get(c.dst, 0) < 1:
+            continue
+        for op in c.ops:
+            for role, w in op_weights(op).items():
+                shape = g.weights[w].shape
+                if isinstance(op, (Dense, Conv)) and len(shape) >= 2:
+                    out[d[c.dst]] = out.get(d[c.dst], 0) + int(np.prod(shape[1:]))
+    return out
+
+
 def depth(g: Graph) -> int:
     """L: the output states' depth (the number of levels the factors are given for)."""
     d = depths(g)
     return max((d[s.name] for s in g.states if s.role == "output"), default=1)
 
 
-# auto: measured, see docs/training.md ("Per-layer learning rates")
-AUTO_RATIO = 1.0
+# auto: the default --lr was tuned on the digits MLPs, whose units sum at most 256 inputs
+# (docs/findings.md). Under Adam every weight moves by about the rate a step whatever its
+# gradient's size, so a unit's drive moves by about rate * sqrt(fan-in) (independent signs):
+# a level whose units sum more inputs than that gets its rate scaled by sqrt(256 / fan-in),
+# which keeps the drive's step what the tuned rate gave. Measured: docs/training.md.
+AUTO_FAN_IN = 256
 
 
 def auto_factors(g: Graph) -> tuple[float, ...]:
-    """The factors `auto` gives graph g (a function of the graph alone)."""
-    L = depth(g)
-    return tuple(AUTO_RATIO ** (k - 1) for k in range(1, L + 1))
+    """The factors `auto` gives graph g (a function of its structure alone: the fan-in of
+    each level's units)."""
+    f = fan_ins(g)
+    return tuple(min(1.0, math.sqrt(AUTO_FAN_IN / f[k])) if f.get(k) else 1.0
+                 for k in range(1, depth(g) + 1))
 
 
 def factors(g: Graph, spec, learnable) -> tuple[dict[str, float], tuple[float, ...]]:

@@ -7,6 +7,7 @@ own level's rate."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections import OrderedDict
@@ -92,6 +93,24 @@ def test_factors_none_explicit_and_auto_from_the_graph_alone():
     b = layer_lrs.factors(_graph(3, seed=7), "auto", names)[1]
     assert a == b == layer_lrs.auto_factors(g) and len(a) == 4
     assert all(x > 0 for x in a)
+
+
+def test_auto_scales_wide_fan_ins_down():
+    """auto: a level whose units sum more than AUTO_FAN_IN inputs gets sqrt(that / fan-in),
+    the others 1 (dense: the weight's in-size; conv: in-channels x kernel)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(1024, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    g = epc.compile(m, example_input=torch.zeros(2, 1024))
+    assert layer_lrs.fan_ins(g) == {1: 1024, 2: 16}
+    assert layer_lrs.auto_factors(g) == pytest.approx((math.sqrt(256 / 1024), 1.0))
+    torch.manual_seed(0)
+    c = nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(),
+                      nn.Conv2d(64, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(8 * 8 * 8, 10)).eval()
+    gc = epc.compile(c, example_input=torch.zeros(2, 1, 8, 8))
+    assert layer_lrs.fan_ins(gc) == {1: 9, 2: 576, 3: 512}
+    assert layer_lrs.auto_factors(gc) == pytest.approx(
+        (1.0, math.sqrt(256 / 576), math.sqrt(256 / 512)))
 
 
 def test_wrong_count_is_one_error_naming_the_levels():
