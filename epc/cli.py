@@ -814,8 +814,8 @@ def _recipe_line(r: dict) -> str:
           f"couplings")
     n = r["hidden_states"]
     rates = r.get("layer_learning_rates") or []
-    # (one rate for every layer, --layer-lrs none: the --lr the user gave, not repeated)
-    lrs = ("" if not rates or r.get("layer_lrs", "none") == "none" else
+    # (every level at --lr, whatever --layer-lrs said: the rate the user gave, not repeated)
+    lrs = ("" if len(set(rates)) <= 1 and r.get("layer_lrs", "none") in ("none", "auto") else
            f", layer learning rates {'/'.join(f'{x:g}' for x in rates)} "
            f"(--layer-lrs {r['layer_lrs']})")
     return (f"recipe: {n} hidden state{'s' if n != 1 else ''}, {fb}, weight decay "
