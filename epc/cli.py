@@ -886,9 +886,11 @@ def train_cmd(
                       "counts over the averaged time steps)"),
     layer_lrs: str = typer.Option(
         "none", help="learning rate per depth level of the graph, as factors on --lr: none "
-                     "(one rate), auto (factors derived from the graph), or F1,...,FL, one "
-                     "per level from the input side to the output (e.g. 1,0.5 for one "
-                     "hidden layer); the recipe line prints the rates"),
+                     "(one rate), auto (sqrt(256/fan-in) on dense levels whose units sum "
+                     "more than 256 inputs, e.g. a 784-pixel input layer; 1 elsewhere), or "
+                     "F1,...,FL, one per level from the input side to the output (e.g. "
+                     "1,0.5 for one hidden layer); the recipe line prints rates that "
+                     "differ"),
     seed: int = typer.Option(0, help="seed of shuffling and of bernoulli neurons' spikes "
                                      "(runs are reproducible)"),
     schedule: Optional[str] = typer.Option(None, help="colour | sync",
