@@ -885,7 +885,7 @@ def train_cmd(
                       "estimates (rates) or from their spike trains (spikes: co-spike "
                       "counts over the averaged time steps)"),
     layer_lrs: str = typer.Option(
-        "none", help="learning rate per depth level of the graph, as factors on --lr: none "
+        "auto", help="learning rate per depth level of the graph, as factors on --lr: none "
                      "(one rate), auto (sqrt(256/fan-in) on dense levels whose units sum "
                      "more than 256 inputs, e.g. a 784-pixel input layer; 1 elsewhere), or "
                      "F1,...,FL, one per level from the input side to the output (e.g. "

@@ -200,7 +200,7 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
           weight_decay: float = 1e-3, decoupled_wd: bool = True, cosine: bool = True,
           clip: float | None = None, beta: float = 0.2, nudge: str = "symmetric",
           nudge_form: str = "states", gradient: str = "ep", estimate: str = "rates",
-          layer_lrs: "str | tuple" = "none", seed: int = 0,
+          layer_lrs: "str | tuple" = "auto", seed: int = 0,
           schedule: str | None = None, max_sweeps: int | None = None,
           nudge_sweeps: int | None = None, tol: float | None = None, warm_start: bool = False,
           freeze_pool: bool = True, augment: str | None = None,

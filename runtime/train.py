@@ -84,7 +84,7 @@ class TrainConfig:
     precision: str = "fp32"          # the settle loop's dtype: fp32 | bf16 | fp16
     estimate: str = "rates"          # bernoulli graphs: EP from the nudged phases' rate
                                      # estimates, or from their spike trains ('spikes')
-    layer_lrs: str = "none"          # per-level factors on lr: none | auto | '1,0.25'
+    layer_lrs: str = "auto"          # per-level factors on lr: none | auto | '1,0.25'
                                      # (runtime/layer_lrs.py)
 
     def check(self) -> "TrainConfig":
