@@ -11,6 +11,7 @@ pipeline (`epc.compile(module, example_input=...)`) and trained by EP through th
                     where auto warm-starts (backprop epochs, then EP), a 30-epoch backprop
                     warm start where auto does not; its rows give the backprop and the
                     converted accuracy before the EP epochs
+    layer_lrs       the other side of the per-layer learning rates (auto <-> none)
     implicit        (--implicit) the exact gradient at the free fixed point instead of
                     EP's estimate: tells EP's estimation error from the energy model's limit
 
@@ -150,6 +151,8 @@ def toggles(defaults: dict, implicit: bool) -> "OrderedDict[str, tuple[dict, dic
     t["decoupled_wd=" + str(not defaults["decoupled_wd"]).lower()] = (
         {}, {"decoupled_wd": not defaults["decoupled_wd"]})
     t["warm"] = ({}, {})
+    other = "none" if defaults.get("layer_lrs", "none") != "none" else "auto"
+    t["layer_lrs=" + other] = ({}, {"layer_lrs": other})
     if implicit:
         t["gradient=implicit"] = ({}, {"gradient": "implicit"})
     return t
@@ -185,6 +188,7 @@ def current_defaults() -> dict:
             "weight_decay": t["weight_decay"].default,
             "lr": t["lr"].default if t["lr"].default is not None else DEFAULT_LR,
             "backprop_epochs": t["backprop_epochs"].default,
+            "layer_lrs": t["layer_lrs"].default,
             "optimizer": t["optimizer"].default, "batch_size": t["batch_size"].default}
 
 
@@ -402,7 +406,9 @@ def markdown(res: dict) -> str:
              f"{res['defaults']['feedback_gain']}, decoupled weight decay "
              f"{res['defaults']['decoupled_wd']} (wd {res['defaults']['weight_decay']:g})"
              + (f", backprop warm start {res['defaults']['backprop_epochs']}"
-                if "backprop_epochs" in res["defaults"] else "") + ". "
+                if "backprop_epochs" in res["defaults"] else "")
+             + (f", layer learning rates {res['defaults']['layer_lrs']}"
+                if "layer_lrs" in res["defaults"] else "") + ". "
              f"Backprop: best lr of {', '.join(f'{x:g}' for x in res['backprop_lrs'])}.",
              "", head, "|" + "---|" * 12]
     if any("converted" in r for row in res["nets"].values() if "ep" in row
@@ -451,7 +457,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bp-lrs", type=float, nargs="+", default=None,
                     help="backprop learning rates (default 1e-3 5e-3); best mean is reported")
     ap.add_argument("--toggles", nargs="*", default=None,
-                    choices=["feedback_gain", "taps", "decoupled_wd", "warm", "gradient"],
+                    choices=["feedback_gain", "taps", "decoupled_wd", "warm", "layer_lrs",
+                             "gradient"],
                     help="methods toggled against the defaults (default: all)")
     ap.add_argument("--implicit", action="store_true",
                     help="also train with the exact gradient (--gradient implicit)")
@@ -471,7 +478,8 @@ def main(argv=None) -> int:
     lrs = a.bp_lrs or q.get("bp_lrs", [1e-3, 5e-3])
     tog = a.toggles if a.toggles is not None else q.get("toggles")
     if a.implicit:
-        tog = (tog or ["feedback_gain", "taps", "decoupled_wd", "warm"]) + ["gradient"]
+        tog = (tog or ["feedback_gain", "taps", "decoupled_wd", "warm", "layer_lrs"]
+               ) + ["gradient"]
 
     def save(res):
         if a.json:

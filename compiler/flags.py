@@ -80,6 +80,43 @@ def _feedback_gain_ok(v: Any) -> bool:
     return v == "auto" or (isinstance(v, float) and math.isfinite(v) and 0 < v <= 1)
 
 
+def parse_layer_lrs(v: Any) -> "str | tuple[float, ...]":
+    """--layer-lrs: 'none', 'auto' or the per-level factors (positive finite numbers), from
+    the option's text ('1,0.25') or a sequence of numbers; ValueError when it is none."""
+    if isinstance(v, str):
+        if v.strip() in ("none", "auto"):
+            return v.strip()
+        parts: list = [p.strip() for p in v.split(",")]
+    elif isinstance(v, (list, tuple)):
+        parts = list(v)
+    else:
+        raise ValueError(v)
+    out = []
+    for p in parts:
+        x = float(p) if not isinstance(p, bool) else math.nan   # ValueError on bad text
+        if not (math.isfinite(x) and x > 0):
+            raise ValueError(p)
+        out.append(x)
+    if not out:
+        raise ValueError(v)
+    return tuple(out)
+
+
+def _layer_lrs(v: Any) -> str:
+    """The canonical text of a --layer-lrs value ('none', 'auto', '1.0,0.25'): what a run's
+    config and checkpoint record, so a resumed run compares like with like."""
+    p = parse_layer_lrs(v)
+    return p if isinstance(p, str) else ",".join(repr(x) for x in p)
+
+
+def _layer_lrs_ok(v: Any) -> bool:
+    try:
+        _layer_lrs(v)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 _DEVICE_RE = re.compile(r"cpu|mps|cuda(:\d{1,3})?")
 SEED_MAX = 2 ** 32 - 1
 _AVERAGING_RE = re.compile(r"(trace|window)(:\d{1,7})?")
@@ -119,6 +156,8 @@ RULES: dict[str, Rule] = {
     "backprop_epochs": Rule("an integer in [0, 1000000] or auto", _backprop_epochs_ok,
                             _backprop_epochs),
     "backprop_lr": _real(lambda v: v > 0, "a finite number > 0"),
+    "layer_lrs": Rule("none, auto, or comma-separated factors > 0 on --lr, one per depth "
+                      "level from the input (e.g. 1,0.5)", _layer_lrs_ok, _layer_lrs),
     # a timedelta of more than about 10^14 seconds overflows; a million is 11.6 days
     "dist_timeout": _real(lambda v: 0 < v <= 1e6, "a number of seconds in (0, 1000000]"),
     # choices

@@ -570,7 +570,8 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
           cosine: bool = True,
           clip: float | None = None, beta: float | None = None, lr_shift: int | None = None,
           output: str | None = None, nudge: str = "symmetric", nudge_form: str = "states",
-          gradient: str = "ep", estimate: str = "rates", seed: int = 0,
+          gradient: str = "ep", estimate: str = "rates", layer_lrs: "str | tuple" = "auto",
+          seed: int = 0,
           schedule: str | None = None, max_sweeps: int | None = None,
           nudge_sweeps: int | None = None, tol: float | None = None,
           warm_start: bool = False, freeze_pool: bool = True, augment: str | None = None,
@@ -617,6 +618,9 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
     master weights, stop test and EP difference; refused where the device lacks the dtype.
     `estimate` (bernoulli networks): the EP update from the nudged phases' rate estimates
     ('rates') or from their spike trains ('spikes').
+    `layer_lrs`: the learning rate of each depth level of the graph, as factors on `lr`:
+    'none' (one rate), 'auto' (factors derived from the graph) or a sequence (or
+    comma-separated text) of one factor per level, input side first.
     """
     given = dict(locals())
     _check_options({k: v for k, v in given.items() if not (k == "lr" and v is None)})
@@ -659,7 +663,7 @@ def train(model: Any, *, data: str = "digits", data_dir: str | None = None,
                        weight_decay=weight_decay, decoupled_wd=decoupled_wd, cosine=cosine,
                        clip=clip, beta=0.2 if beta is None else beta, nudge=nudge,
                        nudge_form=nudge_form, gradient=gradient, estimate=estimate,
-                       seed=seed, schedule=schedule, max_sweeps=max_sweeps,
+                       layer_lrs=layer_lrs, seed=seed, schedule=schedule, max_sweeps=max_sweeps,
                        nudge_sweeps=nudge_sweeps, tol=tol, warm_start=warm_start,
                        freeze_pool=freeze_pool, augment=augment, device=device,
                        threads=threads, checkpoint=_path(checkpoint), resume=resume,

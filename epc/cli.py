@@ -841,6 +841,11 @@ def _recipe_line(r: dict) -> str:
     n = r["hidden_states"]
     lr = (f", lr {r['lr']:g}" + (f" ({r['lr_rule']})" if r.get("lr_rule") else "")
           if "lr" in r else "")
+    rates = r.get("layer_learning_rates") or []
+    # (every level at --lr, whatever --layer-lrs said: the rate the user gave, not repeated)
+    lrs = ("" if len(set(rates)) <= 1 and r.get("layer_lrs", "none") in ("none", "auto") else
+           f", layer learning rates {'/'.join(f'{x:g}' for x in rates)} "
+           f"(--layer-lrs {r['layer_lrs']})")
     warm = ""
     if r.get("backprop_epochs"):
         warm = (f"; warm start: {r['backprop_epochs']} backprop epochs (lr "
@@ -850,7 +855,7 @@ def _recipe_line(r: dict) -> str:
         warm = "; no warm start" + (f" ({r['warm_start_rule']})" if r.get("warm_start_rule")
                                     else "")
     return (f"recipe: {n} hidden state{'s' if n != 1 else ''}, {fb}, weight decay "
-            f"{r['weight_decay']:g} ({r['weight_decay_form']}){lr}{warm}")
+            f"{r['weight_decay']:g} ({r['weight_decay_form']}){lr}{lrs}{warm}")
 
 
 def _program_train_summary(m: dict) -> str:
@@ -916,6 +921,13 @@ def train_cmd(
         "rates", help="bernoulli neurons: the EP update from the nudged phases' firing-rate "
                       "estimates (rates) or from their spike trains (spikes: co-spike "
                       "counts over the averaged time steps)"),
+    layer_lrs: str = typer.Option(
+        "auto", help="learning rate per depth level of the graph, as factors on --lr: none "
+                     "(one rate), auto (sqrt(256/fan-in) on dense levels whose units sum "
+                     "more than 256 inputs, e.g. a 784-pixel input layer; 1 elsewhere), or "
+                     "F1,...,FL, one per level from the input side to the output (e.g. "
+                     "1,0.5 for one hidden layer); the recipe line prints rates that "
+                     "differ"),
     seed: int = typer.Option(0, help="seed of shuffling and of bernoulli neurons' spikes "
                                      "(runs are reproducible)"),
     schedule: Optional[str] = typer.Option(None, help="colour | sync",
@@ -980,8 +992,9 @@ def train_cmd(
             momentum=momentum, weight_decay=weight_decay, decoupled_wd=decoupled_wd,
             cosine=cosine, clip=clip, beta=beta, lr_shift=lr_shift, output=output,
             nudge=nudge, nudge_form=nudge_form, gradient=gradient, estimate=estimate,
-            seed=seed, schedule=schedule, max_sweeps=max_sweeps, nudge_sweeps=nudge_sweeps,
-            tol=tol, warm_start=warm_start, freeze_pool=freeze_pool, augment=augment,
+            layer_lrs=layer_lrs, seed=seed, schedule=schedule, max_sweeps=max_sweeps,
+            nudge_sweeps=nudge_sweeps, tol=tol, warm_start=warm_start,
+            freeze_pool=freeze_pool, augment=augment,
             device=device, threads=threads, checkpoint=checkpoint, resume=resume,
             stop_after=stop_after, metrics_json=metrics_json, plot=plot,
             divergence=divergence, memory_limit=memory_limit, dist_timeout=dist_timeout,

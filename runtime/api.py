@@ -28,6 +28,7 @@ from epc.compiler.errors import EpcError
 from epc.compiler.ir import Graph
 from epc.compiler.limits import check_memory, numel
 
+from . import layer_lrs
 from .data import Data, load_dataset
 from .distributed import DEFAULT_TIMEOUT, DataParallel, joined, process_device
 from .engine import PRECISIONS, Engine, schedule_mode
@@ -107,7 +108,8 @@ def recipe(eng: Engine, cfg: TrainConfig, warm: dict | None = None) -> dict:
     """The depth recipe a run trains with, in words a user can pass back as flags: the
     feedback regulation the compiled graph carries (`epc compile --feedback-gain`, 'auto'
     resolved per graph), the form of weight decay, the EP learning rate and the warm start
-    by backprop (`warm`: `_warm_plan`'s, what --backprop-epochs and --lr resolved to)."""
+    by backprop (`warm`: `_warm_plan`'s, what --backprop-epochs and --lr resolved to), and
+    the learning rate of each depth level (`--layer-lrs`, 'auto' resolved for the graph)."""
     gains = eng.feedback_gain          # the couplings whose feedback gain is not 1
     fb = ({"feedback_gain": 1.0, "regulated_couplings": 0} if not gains else
           # a chain coupling (depth d to d+1) carries the ratio R, a skip over k levels R^k
@@ -118,7 +120,10 @@ def recipe(eng: Engine, cfg: TrainConfig, warm: dict | None = None) -> dict:
             "weight_decay_form": "decoupled" if cfg.decoupled_wd else "L2",
             "lr": cfg.lr, "backprop_epochs": cfg.backprop_epochs,
             **({"backprop_lr": cfg.backprop_lr} if cfg.backprop_epochs else {}),
-            **({"lr_rule": warm["lr_rule"], "warm_start_rule": warm["why"]} if warm else {})}
+            **({"lr_rule": warm["lr_rule"], "warm_start_rule": warm["why"]} if warm else {}),
+            "layer_lrs": cfg.layer_lrs,
+            "layer_learning_rates": [cfg.lr * f for f in
+                                     layer_lrs.factors(eng.graph, cfg.layer_lrs, [])[1]]}
 
 
 def _data_for(eng: Engine, data: str, data_dir, resize, channels, dataset) -> Data:
@@ -201,7 +206,7 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
           weight_decay: float = 1e-3, decoupled_wd: bool = True, cosine: bool = True,
           clip: float | None = None, beta: float = 0.2, nudge: str = "symmetric",
           nudge_form: str = "states", gradient: str = "ep", estimate: str = "rates",
-          seed: int = 0,
+          layer_lrs: "str | tuple" = "auto", seed: int = 0,
           schedule: str | None = None, max_sweeps: int | None = None,
           nudge_sweeps: int | None = None, tol: float | None = None, warm_start: bool = False,
           freeze_pool: bool = True, augment: str | None = None,
@@ -236,6 +241,8 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
     healthy start; `divergence='stop'` raises Diverged (the metrics file then says
     `diverged`, the checkpoint keeps the epoch before), 'warn' records
     `divergence_warning` in the epoch and goes on.
+    `layer_lrs` ('none', 'auto' or per-level factors on `lr`, runtime/layer_lrs.py): the
+    learning rate of each depth level of the graph; the run's `recipe` lists the rates.
     `precision` ('fp32', 'bf16', 'fp16'): the settle loop's states and its copy of the
     weights in 16 bits; drives summed and activated in float32, the stop test and the EP
     difference in float32, float32 master weights (runtime/engine.py).
@@ -256,7 +263,7 @@ def train(src: Any, *, data: str = "digits", data_dir: str | None = None, resize
                       max_sweeps=max_sweeps, nudge_sweeps=nudge_sweeps, tol=tol,
                       warm_start=warm_start, freeze_pool=freeze_pool, augment=augment,
                       divergence=divergence, precision=precision, estimate=estimate,
-                      backprop_lr=backprop_lr).check()
+                      backprop_lr=backprop_lr, layer_lrs=layer_lrs).check()
     if resume and not checkpoint:
         raise EpcError("--resume needs --checkpoint DIR (the run's checkpoint directory)")
     flags.check("stop_after", stop_after)

@@ -234,6 +234,11 @@ class Optimizer:
     """SGD (momentum, Nesterov off) or Adam over named tensors, with weight decay,
     a cosine learning-rate schedule and gradient-norm clipping.
 
+    `lr_scales` (name -> factor, runtime/layer_lrs.py): per-weight learning rates, each
+    the schedule's rate times its factor, as torch's parameter groups would give them
+    (the decoupled shrink is by each weight's own rate, as AdamW's per group). Without
+    factors (or all 1) the update is the same bits as before they existed.
+
     Weight decay is an L2 term added to the gradient (the default) or, with `decoupled`,
     a shrink of the weights by lr * weight_decay before each step (AdamW). Under Adam
     the L2 term is normalised like the gradient, so a weight whose gradient is much
@@ -255,7 +260,8 @@ class Optimizer:
                  lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  clip: float | None = None, cosine: bool = True, total_steps: int = 1,
-                 lr_min: float = 0.0, decoupled: bool = False):
+                 lr_min: float = 0.0, decoupled: bool = False,
+                 lr_scales: dict[str, float] | None = None):
         if kind not in ("sgd", "adam"):
             raise EpcError(f"unknown optimiser {kind!r} (supported: sgd, adam)")
         if not lr > 0:
@@ -277,10 +283,24 @@ class Optimizer:
         # (see _update); a normal number for any eps above ~1e-11 in float32
         self.sqrt_floor = ((eps * torch.finfo(self.flat.dtype).eps / 8) ** 2
                            if eps > 0 and self.flat.is_floating_point() else 0.0)
+        # the per-weight factors on the rate: one flat tensor (None: all 1)
+        scales = {k: float(v) for k, v in (lr_scales or {}).items()}
+        stray = sorted(set(scales) - set(self.names))
+        if stray:
+            raise EpcError(f"learning-rate factor for {stray[0]!r}, which is not optimised")
+        self.lr_scales = {k: scales.get(k, 1.0) for k in self.names}
+        self.scale_flat = None
+        if any(v != 1.0 for v in self.lr_scales.values()):
+            self.scale_flat = torch.cat([self.flat.new_full((n,), self.lr_scales[k])
+                                         for k, n in zip(self.names, self.sizes)])
         self.m_flat = torch.zeros_like(self.flat)
         self.v_flat = torch.zeros_like(self.flat) if kind == "adam" else None
         self.m = self._named(self.m_flat)
         self.v = self._named(self.v_flat) if kind == "adam" else {}
+
+    def lr_of(self, name: str) -> float:
+        """The rate weight `name` is updated at now (the schedule's times its factor)."""
+        return self.current_lr() * self.lr_scales[name]
 
     def _named(self, flat: Tensor) -> dict[str, Tensor]:
         return {k: v.view(self.params[k].shape)
@@ -308,10 +328,12 @@ class Optimizer:
             return 0.0
         if len(names) == len(self.names):      # the usual case: one flat update
             parts = [(self.flat, torch.cat([grads[k].reshape(-1) for k in names]),
-                      self.m_flat, self.v_flat)]
+                      self.m_flat, self.v_flat, self.scale_flat)]
         else:
-            parts = [(self.params[k], grads[k], self.m[k], self.v.get(k)) for k in names]
-        gs = [g for _, g, _, _ in parts]
+            parts = [(self.params[k], grads[k], self.m[k], self.v.get(k),
+                      self.lr_scales[k] if self.lr_scales[k] != 1.0 else None)
+                     for k in names]
+        gs = [g for _, g, _, _, _ in parts]
         norm = math.sqrt(sum(torch.stack([(g * g).sum() for g in gs]).tolist()))
         if not math.isfinite(norm):
             bad = next((k for k in names if not torch.isfinite(grads[k]).all()), None)
@@ -324,17 +346,20 @@ class Optimizer:
             factor = self.clip / (norm + 1e-12)
         lr = self.current_lr()
         self.step_count += 1
-        for p, g, m, v in parts:
-            self._update(p, g, m, v, factor, lr)
+        for p, g, m, v, scale in parts:
+            # a weight's own rate: the schedule's times its factor (a tensor over the flat
+            # buffer, or one number); without factors, the plain float as before
+            self._update(p, g, m, v, factor, lr if scale is None else lr * scale)
         return norm
 
     def _update(self, p: Tensor, g: Tensor, m: Tensor, v: Tensor | None, factor: float,
-                lr: float) -> None:
-        """One step on one tensor (the flat buffer, or one weight), in place."""
+                lr: "float | Tensor") -> None:
+        """One step on one tensor (the flat buffer, or one weight), in place. `lr`: a
+        number, or a tensor of per-element rates the shape of `p`."""
         if factor != 1.0:
             g = g * factor
         if self.wd and self.decoupled:
-            p.mul_(1.0 - lr * self.wd)
+            p.mul_(1.0 - lr * self.wd)      # (a tensor of rates: each weight's own shrink)
         elif self.wd:
             g = g + p * self.wd
         if self.kind == "sgd":

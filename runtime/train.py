@@ -38,7 +38,7 @@ from epc.compiler import flags
 from epc.compiler.bundle import Bundle, read_bundle, write_bundle
 from epc.compiler.errors import EpcError
 
-from . import deviation
+from . import deviation, layer_lrs
 from .augment import Augment, epoch_generator
 from .data import Data
 from .distributed import DataParallel, every_process
@@ -87,6 +87,8 @@ class TrainConfig:
     backprop_epochs: int = 0         # backprop epochs of the feedforward form before the EP
                                      # epochs (a warm start, runtime/warm.py)
     backprop_lr: float = 2e-3        # their peak Adam learning rate
+    layer_lrs: str = "auto"          # per-level factors on lr: none | auto | '1,0.25'
+                                     # (runtime/layer_lrs.py)
 
     def check(self) -> "TrainConfig":
         """Refuse bad values, each by its flag's one rule (compiler/flags.py)."""
@@ -115,6 +117,7 @@ class TrainConfig:
             raise EpcError(f"--precision {self.precision} settles the engine's phases in 16 "
                            f"bits; --nudge-form deviation settles its nudged phases in its "
                            f"own float32 loop: use --nudge-form states, or --precision fp32")
+        self.layer_lrs = flags.check("layer_lrs", self.layer_lrs)
         self.mode = schedule_mode(self.mode)
         self.precision = self.precision or "fp32"
         aug = Augment.parse(self.augment)
@@ -126,11 +129,11 @@ class TrainConfig:
                    "cosine", "clip", "beta", "nudge", "seed", "mode", "max_sweeps",
                    "nudge_sweeps", "tol", "warm_start", "freeze_pool", "pool_freeze",
                    "augment", "gradient", "decoupled_wd", "nudge_form", "precision",
-                   "estimate", "backprop_epochs", "backprop_lr")
+                   "estimate", "backprop_epochs", "backprop_lr", "layer_lrs")
     # what a checkpoint written before a key existed ran with
     RESUME_DEFAULTS = {"augment": None, "gradient": "ep", "decoupled_wd": False,
                        "nudge_form": "states", "precision": "fp32", "estimate": "rates",
-                       "backprop_epochs": 0, "backprop_lr": 2e-3}
+                       "backprop_epochs": 0, "backprop_lr": 2e-3, "layer_lrs": "none"}
 
     def check_engine(self, eng: Engine) -> None:
         """The settings that apply to one kind of network only, against `eng`'s: a
@@ -440,10 +443,13 @@ class Trainer:
                                f"least one sample per process")
             dp.attach(eng)
         steps = cfg.epochs * math.ceil(data.train.x.shape[0] / cfg.batch_size)
+        # per-level learning rates: factors on lr from the graph (runtime/layer_lrs.py)
+        scales, self.level_factors = layer_lrs.factors(eng.graph, cfg.layer_lrs,
+                                                       eng.learnable)
         self.opt = Optimizer(eng.params, eng.learnable, kind=cfg.optimizer, lr=cfg.lr,
                              momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                              clip=cfg.clip, cosine=cfg.cosine, total_steps=steps,
-                             decoupled=cfg.decoupled_wd)
+                             decoupled=cfg.decoupled_wd, lr_scales=scales)
         if cfg.nudge_form == "deviation" and cfg.gradient == "ep":
             deviation.check(eng)
         self.state = TrainState()

@@ -20,7 +20,8 @@ def ladder():
     # 600 training digits, two epochs: ~40 steps, enough to leave chance far behind
     return depth.run_ladder(["mlp1", "mlp3"], data="digits", epochs=2, seeds=[0],
                             bp_lrs=[2e-3],
-                            toggle_names=["feedback_gain", "taps", "decoupled_wd"],
+                            toggle_names=["feedback_gain", "taps", "decoupled_wd",
+                                          "layer_lrs"],
                             train_samples=600, log=lambda m: None)
 
 
@@ -28,7 +29,7 @@ def test_every_rung_has_ep_variants_and_backprop(ladder):
     assert list(ladder["nets"]) == ["mlp1", "mlp3"]
     for name, row in ladder["nets"].items():
         ep = row["ep"]
-        assert list(ep)[0] == "defaults" and len(ep) == 4
+        assert list(ep)[0] == "defaults" and len(ep) == 5
         bp = row["backprop"]
         # both learn well above chance (10%)
         assert ep["defaults"]["test_accuracy"] > 0.3, name
@@ -65,6 +66,11 @@ def test_toggles_change_what_they_name(ladder):
              mlp3[wd_toggle]["runs"][0]["recipe"]["weight_decay_form"]}
     assert forms == {"L2", "decoupled"}
     assert mlp3[wd_toggle]["runs"][0]["config"]["decoupled_wd"] == (not defaults["decoupled_wd"])
+    # the per-layer rates toggle: the other side of the default, recorded with its rates
+    lr_toggle = next(k for k in mlp3 if k.startswith("layer_lrs="))
+    assert lr_toggle == "layer_lrs=" + ("auto" if defaults["layer_lrs"] == "none" else "none")
+    rec = mlp3[lr_toggle]["runs"][0]["recipe"]
+    assert rec["layer_lrs"] == lr_toggle.split("=")[1] and len(rec["layer_learning_rates"]) == 4
 
 
 def test_markdown_renders_every_run(ladder, tmp_path, capsys):
@@ -73,7 +79,7 @@ def test_markdown_renders_every_run(ladder, tmp_path, capsys):
     assert depth.main(["--markdown", str(p)]) == 0
     out = capsys.readouterr().out
     rows = [ln for ln in out.splitlines() if ln.startswith("| mlp") or ln.startswith("|  |")]
-    assert len(rows) == 8
+    assert len(rows) == 10
     assert "(= defaults)" in out and "feedback_gain=0.1" in out and "EP - BP" in out
 
 
