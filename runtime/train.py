@@ -182,7 +182,8 @@ class Diverged(EpcError):
 # The divergence watch, after every epoch (what --divergence stop|warn acts on):
 # * the loss is NaN or Inf, or the epoch's train loss exceeds EXPLODE_FACTOR times the loss
 #   of the run's first batch (the network as it started: a run whose loss grows tenfold
-#   past that is not learning, e.g. --lr 1e3);
+#   past that is not learning, e.g. --lr 1e3; after a warm start, the larger of that and
+#   the test loss before the backprop epochs);
 # * or, after a healthy start (a test accuracy at least HEALTHY of the way from chance to
 #   100%), the test accuracy falls back to chance (within CHANCE_MARGIN of the way):
 #   chance is the share of the most frequent class among the test labels.
@@ -218,11 +219,16 @@ def divergence(history: list[dict], chance: float) -> str | None:
     for k in ("train_loss", "test_loss"):
         if not math.isfinite(last.get(k, 0.0)):
             return f"the {k.replace('_', ' ')} is {last[k]}"
-    start = history[0].get("initial_loss")
+    start, what = history[0].get("initial_loss"), "its first batch"
+    # a warm-started run's first batch is already trained (HR13: 0.004, where a tenfold
+    # rise is still a working net): the network before its backprop epochs is the start
+    cold = history[0].get("cold_loss")
+    if start is not None and cold is not None and math.isfinite(cold) and cold > start:
+        start, what = cold, "the network before its warm start"
     if start is not None and math.isfinite(start) and \
             last["train_loss"] > EXPLODE_FACTOR * max(start, 1e-12):
         return (f"train loss {last['train_loss']:.4g} is over {EXPLODE_FACTOR:g}x the loss "
-                f"of its first batch ({start:.4g})")
+                f"of {what} ({start:.4g})")
     return accuracy_collapse(history, chance)
 
 
@@ -681,6 +687,8 @@ class Trainer:
                    **{k: te[k] for k in COST_KEYS if k in te}}
             if e == 0 and self.initial_loss is not None:
                 rec["initial_loss"] = self.initial_loss
+            if e == 0 and self.warm_record is not None:
+                rec["cold_loss"] = self.warm_record["initial"]["test_loss"]
             why = divergence(self.state.history + [rec], self.chance)
             if why is not None:
                 msg = f"training diverged in epoch {e + 1}: {why}"

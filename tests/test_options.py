@@ -159,6 +159,12 @@ def test_the_watch_rules():
     assert accuracy_collapse([_rec(1, 1, 0.9), _rec(2, 1, 0.2)], 0.1) is None
     # a loss that only wobbles, or improves past its first batch, is fine
     assert divergence([_rec(1, 0.6, 0.5, first=0.5), _rec(2, 0.9, 0.6)], 0.1) is None
+    # after a warm start the first batch is already trained: the start is the network
+    # before its backprop epochs (HR13 seed 1 at lr 5e-4 was stopped at 0.04 > 10 x 0.004)
+    warm = [dict(_rec(1, 0.004, 0.97, first=0.004), cold_loss=0.5), _rec(2, 0.04, 0.95)]
+    assert divergence(warm, 0.1) is None
+    assert "over 10x the loss of the network before its warm start (0.5)" in divergence(
+        warm + [_rec(3, 5.5, 0.9)], 0.1)
 
 
 def test_an_exploding_run_stops_naming_its_epoch(run_cli, model, tmp_path):

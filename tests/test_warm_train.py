@@ -68,6 +68,9 @@ def test_warm_start_lowers_the_ep_lr_unless_lr_is_given(model):
     # the EP epochs follow on the backprop epochs' history, in order
     assert [h["epoch"] for h in warm["warm_start"]["history"]] == [1]
     assert [h["epoch"] for h in warm["history"]] == [1]
+    # the divergence watch measures a warm run against the net before its backprop epochs
+    assert warm["history"][0]["cold_loss"] == warm["initial"]["test_loss"]
+    assert "cold_loss" not in cold["history"][0]
 
 
 def test_cli_prints_the_three_figures_and_the_recipe(model, run_cli, tmp_path):
