@@ -13,6 +13,14 @@ EXAMPLES = ROOT / "examples"
 torch.set_num_threads(1)
 
 
+def one_error_line(code: int, err: str) -> str:
+    """The text of the one `epc: error:` line a refused command printed with exit status 2
+    (asserting that is all it printed on stderr)."""
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("epc: error: "), (code, err)
+    return lines[0][len("epc: error: "):]
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run `epc ARGS...` in-process through the entry point; returns (exit status, stdout,

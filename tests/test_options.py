@@ -13,12 +13,10 @@ from epc.compiler.errors import EpcError
 from epc.runtime import zoo
 from epc.runtime.train import accuracy_collapse, divergence
 from epc.targets.torch import emit
+from conftest import one_error_line
 
 
-def _line(code, err) -> str:
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("epc: error: "), (code, err)
-    return lines[0][len("epc: error: "):]
+_line = one_error_line
 
 
 @pytest.fixture(scope="module")

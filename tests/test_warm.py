@@ -19,12 +19,10 @@ from epc.runtime.backprop import ff_evaluate, ff_forward, onnx_bytes, trainable_
 from epc.runtime.data import load_dataset
 from epc.runtime.engine import Engine
 from epc.targets.torch import emit
+from conftest import one_error_line
 
 
-def _line(code, err) -> str:
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("epc: error: "), (code, err)
-    return lines[0][len("epc: error: "):]
+_line = one_error_line
 
 
 @pytest.fixture(scope="module")
