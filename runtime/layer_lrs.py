@@ -20,12 +20,12 @@ has to make up for an EP signal that weakens with its distance from the output.
 """
 from __future__ import annotations
 
-from epc.compiler import flags
-from epc.compiler.errors import EpcError
 import math
 
 import numpy as np
 
+from epc.compiler import flags
+from epc.compiler.errors import EpcError
 from epc.compiler.ir import Conv, Dense, Graph, op_weights
 from epc.compiler.passes.residual import depths
 
