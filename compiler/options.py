@@ -45,7 +45,8 @@ class CompileOptions:
     activation: Activation = field(default_factory=lambda: Activation.clip(0.0, 1.0))
     feedback: bool = True                 # symmetrize: tied feedback on every coupling
     feedback_gain: float | str = "auto"  # symmetrize: feedback regulation ratio, or 'auto'
-    pool_first: bool = False              # pool_first: act(maxpool(u)) for maxpool(act(u))
+    pool_first: bool | None = None        # pool_first: act(maxpool(u)) for maxpool(act(u));
+    #                                       None: on for bernoulli neurons (pool_first.py)
     identity_skip: str = "identity"       # residual: 'identity' (weightless) or 'learned' (1x1)
     skip_gain: float = 1.0                # residual: state-to-state skips scaled at init
     cost: str = "mse"                     # label cost on the output state: mse | ce

@@ -270,11 +270,14 @@ ACTIVATION_OPT = typer.Option("clip:1.0", "--activation",
 FEEDBACK_OPT = typer.Option(True, "--feedback/--no-feedback",
                             help="Tie a transpose feedback to every coupling (EP needs "
                                  "it; --no-feedback is for debugging).")
-POOL_FIRST_OPT = typer.Option(False, "--pool-first",
+POOL_FIRST_OPT = typer.Option(None, "--pool-first/--no-pool-first",
                               help="Move each max-pool in front of its activation "
                                    "(same function): states are the pooled maps, and "
                                    "max-pool winners no longer flip while settling "
-                                   "(docs/findings.md, digits).")
+                                   "(docs/findings.md, digits). Not given: on for "
+                                   "--neuron bernoulli (the max of drives, not of noisy "
+                                   "rate estimates; docs/stochep.md), off for rate.",
+                              show_default="on for bernoulli, off for rate")
 COST_OPT = typer.Option("mse", "--cost", help="Label cost on the linear output: mse | ce.")
 READOUT_OPT = typer.Option(False, "--readout",
                            help="Take the output (and tap) heads out of the energy: "
@@ -391,7 +394,7 @@ def compile_cmd(
     input_shape: Optional[str] = INPUT_SHAPE_OPT,
     activation: str = ACTIVATION_OPT,
     feedback: bool = FEEDBACK_OPT,
-    pool_first: bool = POOL_FIRST_OPT,
+    pool_first: Optional[bool] = POOL_FIRST_OPT,
     cost: str = COST_OPT,
     readout: bool = READOUT_OPT,
     taps: Optional[str] = TAPS_OPT,
@@ -550,7 +553,7 @@ def opt_cmd(
     input_shape: Optional[str] = INPUT_SHAPE_OPT,
     activation: str = ACTIVATION_OPT,
     feedback: bool = FEEDBACK_OPT,
-    pool_first: bool = POOL_FIRST_OPT,
+    pool_first: Optional[bool] = POOL_FIRST_OPT,
     cost: str = COST_OPT,
     readout: bool = READOUT_OPT,
     taps: Optional[str] = TAPS_OPT,

@@ -349,6 +349,42 @@ def test_a_compiled_rate_net_made_spiking_gets_the_depth_default(run_cli, exampl
     assert (sp.time_steps, sp.nudge_time_steps, sp.tau) == (192, 64, 4)
 
 
+def _hidden_shapes(path) -> dict:
+    g = read_bundle(path).graph
+    return {s.name: tuple(s.shape) for s in g.states if s.role == "hidden"}
+
+
+def test_bernoulli_conv_pools_first_unless_told(run_cli, examples, tmp_path):
+    """--neuron bernoulli moves each max-pool in front of its activation when --pool-first
+    is not given (the max of drives, not of noisy rate estimates: docs/stochep.md); either
+    flag given wins; rate nets keep the pool after the activation; a compiled rate net made
+    spiking keeps its structure (an energy graph is not rewritten)."""
+    def shapes(name, *args):
+        out = tmp_path / f"{name}.epc"
+        code, _, err = run_cli("compile", examples / "conv_digits.onnx", "--target", "torch",
+                               "-o", out, *args)
+        assert code == 0, err
+        return out, _hidden_shapes(out)
+    pooled = {"h1": (32, 4, 4), "h2": (64, 2, 2)}
+    full = {"h1": (32, 8, 8), "h2": (64, 4, 4)}
+    assert shapes("b", "--neuron", "bernoulli")[1] == pooled
+    assert shapes("b_no", "--neuron", "bernoulli", "--no-pool-first")[1] == full
+    assert shapes("b_yes", "--neuron", "bernoulli", "--pool-first")[1] == pooled
+    rate, got = shapes("r")
+    assert got == full
+    assert shapes("r_yes", "--pool-first")[1] == pooled
+    made = tmp_path / "made.epc"
+    code, _, err = run_cli("compile", rate, "--neuron", "bernoulli", "-o", made)
+    assert code == 0, err
+    assert _hidden_shapes(made) == full
+    # the Python API's default is the CLI's
+    from epc.api import compile_source
+    from epc.compiler.options import CompileOptions
+    g = compile_source(str(examples / "conv_digits.onnx"),
+                       CompileOptions(neuron="bernoulli")).graph
+    assert {s.name: tuple(s.shape) for s in g.states if s.role == "hidden"} == pooled
+
+
 def test_stochastic_free_phase_never_freezes_pool_winners(run_cli, examples, tmp_path):
     """A stochastic phase never settles: freezing the max-pool winners after N steps would
     always fire, mid-transient; the free phase keeps following its estimates and the
@@ -356,7 +392,7 @@ def test_stochastic_free_phase_never_freezes_pool_winners(run_cli, examples, tmp
     from epc.runtime.data import load_dataset
     out = {}
     for tag, args in (("bern", ["--neuron", "bernoulli", "--time-steps", "24",
-                                "--nudge-time-steps", "8"]), ("rate", [])):
+                                "--nudge-time-steps", "8", "--no-pool-first"]), ("rate", [])):
         p = tmp_path / f"c1_{tag}.epc"
         assert run_cli("compile", examples / "conv1_digits.onnx", "--target", "torch",
                        "-o", p, *args)[0] == 0
