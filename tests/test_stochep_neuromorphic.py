@@ -471,8 +471,9 @@ def test_spiking_phases_keep_pool_winners_live(digits):
     noisy mid-transient estimate), and the winners a free phase hands on are those of its
     means, as the float runtime's stochastic phases do."""
     import dataclasses
+    # the pool after the activation (not the bernoulli default), so that it pools spikes
     opts = CompileOptions(target="neuromorphic", neuron="bernoulli", time_steps=16,
-                          nudge_time_steps=8)
+                          nudge_time_steps=8, pool_first=False)
     g = compile_source(os.path.join(EX, "conv1_digits.onnx"), opts).graph
     prog = quantize_graph(g)
     assert prog.pool_freeze > 0
