@@ -301,7 +301,9 @@ ALWAYS = ["canonicalize", "to_energy", "symmetrize", "residual", "schedule"]
 GOLDEN_RAN = {
     "mlp": ALWAYS, "convnet": ALWAYS, "resnet": ALWAYS,
     "resnet_learned_taps": ALWAYS[:4] + ["taps", "schedule"],
-    "mlp5_taps_teacher": ALWAYS[:4] + ["taps", "teacher", "schedule"],
+    # bernoulli: pool_first runs unless told not to (here no pool: unchanged)
+    "mlp5_taps_teacher": ["canonicalize", "pool_first"] + ALWAYS[1:4] + ["taps", "teacher",
+                                                                         "schedule"],
     "relu_pool_net_pool_first": ["canonicalize", "pool_first"] + ALWAYS[1:],
     "mlp5_taps_readout_ce": ALWAYS[:4] + ["taps", "readout", "schedule"],
 }
