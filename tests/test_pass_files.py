@@ -62,7 +62,8 @@ def parse_run(args: str) -> Run:
         field = _FIELDS.get(name[3:] if neg else name)
         if field is None or name in ("source_path", "teacher_graph"):
             raise ValueError(f"RUN: unknown flag {flag}")
-        if isinstance(field.default, bool):
+        # a switch: a bool option, or one whose None means 'not given' (pool_first)
+        if isinstance(field.default, bool) or str(field.type).startswith("bool"):
             kw[field.name] = not neg
             i += 1
             continue
