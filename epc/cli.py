@@ -466,26 +466,9 @@ def compile_cmd(
 
       epc compile efficientnet_b0.onnx --check --substitute
     """
-    if check:
-        rep = api.check(
-            source, output=output, target=target.value, verify=verify, input_shape=input_shape,
-            activation=activation, feedback=feedback, pool_first=pool_first, cost=cost,
-            readout=readout, taps=taps, tap_weight=tap_weight, teacher=teacher,
-            temperature=temperature, mix=mix, neuron=neuron, time_steps=time_steps,
-            nudge_time_steps=nudge_time_steps, averaging=averaging, sampling=sampling,
-            identity_skip=identity_skip, skip_gain=skip_gain, feedback_gain=feedback_gain,
-            schedule=schedule, max_sweeps=max_sweeps, nudge_sweeps=nudge_sweeps, tol=tol,
-            print_after_all=print_after_all,
-            print_after=print_after, weight_bits=weight_bits, frac_bits=frac_bits,
-            per_channel=per_channel, calibrate=calibrate, data_dir=data_dir, resize=resize,
-            memory_limit=memory_limit, substitute=substitute)
-        typer.echo(check_report(rep), nl=False)
-        if not rep["compatible"]:
-            raise EpcError(rep["error"])
-        return
-    out_path = output or api.default_output(source, target.value)
-    res = api.compile_result(
-        source, output=out_path, target=target.value, verify=verify, input_shape=input_shape,
+    # the compile options, one set for both: `--check` reports on them, otherwise compile
+    opts = dict(
+        target=target.value, verify=verify, input_shape=input_shape,
         activation=activation, feedback=feedback, pool_first=pool_first, cost=cost,
         readout=readout, taps=taps, tap_weight=tap_weight, teacher=teacher,
         temperature=temperature, mix=mix, neuron=neuron, time_steps=time_steps,
@@ -496,6 +479,14 @@ def compile_cmd(
         print_after=print_after, weight_bits=weight_bits, frac_bits=frac_bits,
         per_channel=per_channel, calibrate=calibrate, data_dir=data_dir, resize=resize,
         memory_limit=memory_limit, substitute=substitute)
+    if check:
+        rep = api.check(source, output=output, **opts)
+        typer.echo(check_report(rep), nl=False)
+        if not rep["compatible"]:
+            raise EpcError(rep["error"])
+        return
+    out_path = output or api.default_output(source, target.value)
+    res = api.compile_result(source, output=out_path, **opts)
     for w in res.warnings:
         _say(f"epc: warning: {w}")
     if quiet:
