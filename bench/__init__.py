@@ -41,3 +41,11 @@ The bench keeps freed tensor memory for reuse as `epc train` does (runtime/memor
 the runtime and the baseline alike; `machine.allocator` records it, and `--system-malloc`
 runs everything under the C library's own thresholds instead.
 """
+
+
+def write_json(path, obj) -> None:
+    """Write a bench's result file (`--json`) atomically, indented, one trailing newline."""
+    import json
+
+    from epc.compiler.bundle import atomic_write_bytes
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 from epc.compiler import ops as O
-from epc.compiler.bundle import atomic_write_bytes
 from epc.runtime import memory, zoo
 from epc.runtime.data import load_dataset
 from epc.runtime.engine import Engine
 from epc.runtime.learn import Optimizer, ep_gradient
 from epc.runtime.train import Trainer, TrainConfig
 
+from bench import write_json
 from bench.backprop import bp_epoch_seconds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -375,7 +375,7 @@ def main(argv=None) -> int:
                 if a.quick else bench_parity(trained=keep[1]))
     res["seconds"] = time.perf_counter() - t0
     if a.json:
-        atomic_write_bytes(a.json, (json.dumps(res, indent=1) + "\n").encode())
+        write_json(a.json, res)
     return 0
 
 

@@ -41,7 +41,8 @@ import sys
 import tempfile
 import time
 
-from epc.compiler.bundle import atomic_write_bytes
+from bench import write_json
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -260,7 +261,7 @@ def main(argv=None) -> int:
     res = bench_accuracy(a.models, a.epochs, a.seeds, a.threads, not a.no_backprop,
                          a.bp_lrs, a.bp_wds, implicit=a.implicit)
     if a.json:
-        atomic_write_bytes(a.json, (json.dumps(res, indent=1) + "\n").encode())
+        write_json(a.json, res)
     return 0
 
 

@@ -38,6 +38,8 @@ import tempfile
 import time
 import traceback
 
+from bench import write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (name, input size); classification models of torchvision.models
@@ -365,8 +367,7 @@ def _brief(row: dict) -> str:
 
 def _save(path: str | None, obj: dict) -> None:
     if path:
-        from epc.compiler.bundle import atomic_write_bytes
-        atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+        write_json(path, obj)
 
 
 def table(rows: dict) -> str:

@@ -50,7 +50,8 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
-from epc.compiler.bundle import atomic_write_bytes
+from bench import write_json
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
@@ -483,7 +484,7 @@ def main(argv=None) -> int:
 
     def save(res):
         if a.json:
-            atomic_write_bytes(a.json, (json.dumps(res, indent=1) + "\n").encode())
+            write_json(a.json, res)
 
     res = run_ladder(nets, a.data, epochs, seeds, lrs, tog, a.implicit, a.train_samples,
                      a.test_samples, a.quick, log=lambda m: print(m, flush=True), on_net=save)

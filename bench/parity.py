@@ -22,8 +22,7 @@ import sys
 import tempfile
 import time
 
-from epc.compiler.bundle import atomic_write_bytes
-
+from bench import write_json
 from bench.accuracy import ROOT, RUNS, example_bundle, float_run, keep_threads
 
 # The conv net's integer settling needs a higher sweep cap than the default 100 (a few
@@ -135,7 +134,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     res = bench_parity(a.models, a.epochs, a.onchip_epochs, a.seed, a.threads)
     if a.json:
-        atomic_write_bytes(a.json, (json.dumps(res, indent=1) + "\n").encode())
+        write_json(a.json, res)
     return 0
 
 

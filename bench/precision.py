@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 NETS = {"mlp_digits": ("fp32", "bf16", "fp16"), "mlp3_digits": ("fp32", "bf16", "fp16"),
         "conv1_digits": ("fp32", "bf16", "fp16"), "conv_digits": ("fp32", "bf16")}
@@ -121,8 +123,7 @@ def main(argv=None) -> int:
         res["accuracy_30_epochs"] = accuracy_30()
     res["seconds"] = time.perf_counter() - t0
     if a.json:
-        from epc.compiler.bundle import atomic_write_bytes
-        atomic_write_bytes(a.json, (json.dumps(res, indent=1) + "\n").encode())
+        write_json(a.json, res)
     print(json.dumps({k: v["speedup"] for k, v in res["timing"]["nets"].items()}, indent=1))
     return 0
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 FASHION_MLPS = {"fashion_mlp_784_256_10": (784, 256, 10),
                 "fashion_mlp_784_512_256_10": (784, 512, 256, 10)}
@@ -158,8 +160,7 @@ def main(argv=None) -> int:
                           if kk.startswith("speedup") or kk.startswith("max_weight")}
                       for k, v in res["runs"].items()}, indent=1))
     if a.json:
-        from epc.compiler.bundle import atomic_write_bytes
-        atomic_write_bytes(a.json, (json.dumps(res, indent=1) + "\n").encode())
+        write_json(a.json, res)
     return 0
 
 

@@ -15,14 +15,12 @@ Fashion-MNIST 1-hidden MLP). Timings are only comparable within one run (one thr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 
-from epc.compiler.bundle import atomic_write_bytes
-
+from bench import write_json
 from bench.accuracy import ROOT, keep_threads
 
 # example -> extra training settings (as bench.accuracy)
@@ -160,7 +158,7 @@ def main(argv=None) -> int:
                         log=lambda m: print(m, file=sys.stderr, flush=True))
     print(table(res))
     if a.json:
-        atomic_write_bytes(a.json, (json.dumps(res, indent=1) + "\n").encode())
+        write_json(a.json, res)
     return 0
 
 

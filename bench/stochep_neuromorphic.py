@@ -18,13 +18,11 @@ comparable within one run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 
-from epc.compiler.bundle import atomic_write_bytes
-
+from bench import write_json
 from bench.accuracy import ROOT, keep_threads
 
 
@@ -115,7 +113,7 @@ def main(argv=None) -> int:
                                      log=lambda m: print(m, file=sys.stderr, flush=True))
     print(table(res))
     if a.json:
-        atomic_write_bytes(a.json, (json.dumps(res, indent=1) + "\n").encode())
+        write_json(a.json, res)
     return 0
 
 
