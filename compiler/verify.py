@@ -51,6 +51,13 @@ class _Checks:
             self.errs.append(f"{what} {name}: name already used by a {self.names[name]}")
         self.names[name] = what
 
+    def one_of(self, where: str, field: str, value, allowed) -> bool:
+        """`value` of `field` is one of `allowed`; else a message listing them."""
+        if value in allowed:
+            return True
+        self.errs.append(f"{where}: {field} {value!r} (supported: {', '.join(allowed)})")
+        return False
+
     def op_ok(self, op, where: str) -> bool:
         missing = [w for w in op_weights(op).values() if w not in self.g.weights]
         if missing:
@@ -105,13 +112,9 @@ class _Checks:
         g, errs = self.g, self.errs
         for s in g.states:
             self.declare(s.name, "state")
-            if s.role not in STATE_ROLES:
-                errs.append(f"state {s.name}: role {s.role!r} "
-                            f"(supported: {', '.join(STATE_ROLES)})")
-            if s.neuron not in NEURON_MODELS:
-                errs.append(f"state {s.name}: neuron {s.neuron!r} "
-                            f"(supported: {', '.join(NEURON_MODELS)})")
-            elif s.neuron == "bernoulli" and not s.act.probability:
+            self.one_of(f"state {s.name}", "role", s.role, STATE_ROLES)
+            self.one_of(f"state {s.name}", "neuron", s.neuron, NEURON_MODELS)
+            if s.neuron == "bernoulli" and not s.act.probability:
                 errs.append(f"state {s.name}: a bernoulli neuron needs an activation within "
                             f"[0, 1] (its firing probability), has {s.act.kind}")
             elif s.neuron == "bernoulli" and s.role == "teacher":
@@ -131,9 +134,7 @@ class _Checks:
         input_names = {i.name for i in g.inputs}
         for c in g.couplings:
             self.declare(c.name, "coupling")
-            if c.kind not in COUPLING_KINDS:
-                errs.append(f"coupling {c.name}: kind {c.kind!r} "
-                            f"(supported: {', '.join(COUPLING_KINDS)})")
+            self.one_of(f"coupling {c.name}", "kind", c.kind, COUPLING_KINDS)
             if c.src not in state_names | input_names:
                 errs.append(f"coupling {c.name}: source {c.src} is not a state or input")
                 continue
@@ -200,9 +201,7 @@ class _Checks:
         for c in g.costs:
             if c.state not in state_names:
                 errs.append(f"cost {c.name}: unknown state {c.state}")
-            if c.kind not in COST_KINDS:
-                errs.append(f"cost {c.name}: kind {c.kind!r} "
-                            f"(supported: {', '.join(COST_KINDS)})")
+            self.one_of(f"cost {c.name}", "kind", c.kind, COST_KINDS)
             if c.target != "label" and c.target not in state_names:
                 errs.append(f"cost {c.name}: target {c.target} is neither 'label' nor a state")
         if g.teacher and g.teacher.output not in state_names:
@@ -258,12 +257,8 @@ class _Checks:
             v = getattr(sp, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 errs.append(f"schedule: {k}={v} (must be an integer >= 1)")
-        if sp.averaging not in AVERAGINGS:
-            errs.append(f"schedule: averaging {sp.averaging!r} (supported: "
-                        f"{', '.join(AVERAGINGS)})")
-        if sp.sampling not in SAMPLINGS:
-            errs.append(f"schedule: sampling {sp.sampling!r} (supported: "
-                        f"{', '.join(SAMPLINGS)})")
+        self.one_of("schedule", "averaging", sp.averaging, AVERAGINGS)
+        self.one_of("schedule", "sampling", sp.sampling, SAMPLINGS)
 
 
 def verify(g: Graph) -> Graph:
