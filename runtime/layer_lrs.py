@@ -27,7 +27,7 @@ import numpy as np
 from epc.compiler import flags
 from epc.compiler.errors import EpcError
 from epc.compiler.ir import Conv, Dense, Graph, op_weights
-from epc.compiler.passes.residual import depths
+from epc.compiler.passes.residual import depths, output_depth
 
 
 def levels(g: Graph) -> dict[str, int]:
@@ -71,8 +71,7 @@ def fan_ins(g: Graph) -> dict[int, int]:
 
 def depth(g: Graph) -> int:
     """L: the output states' depth (the number of levels the factors are given for)."""
-    d = depths(g)
-    return max((d[s.name] for s in g.states if s.role == "output"), default=1)
+    return output_depth(g)
 
 
 # auto: the default --lr was tuned on the digits MLPs, whose units sum at most 256 inputs

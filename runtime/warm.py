@@ -24,8 +24,8 @@ import torch
 
 from epc.compiler.errors import EpcError
 from epc.compiler.ir import Graph
-from epc.compiler.passes.residual import depths
-from epc.compiler.passes.symmetrize import _conv_between_states
+from epc.compiler.passes.residual import depths, output_depth
+from epc.compiler.passes.symmetrize import conv_between_states
 
 from .backprop import train_feedforward
 from .data import Data
@@ -78,8 +78,8 @@ def auto_rule(g: Graph, meta: dict | None = None) -> tuple[bool, str]:
              and d[c.dst] - d[c.src] > 1]
     if skips:
         return True, f"{len(skips)} skip couplings between states"
-    hidden = max((d[s.name] for s in g.states if s.role == "output"), default=1) - 1
-    if _conv_between_states(g) and hidden > AUTO_MAX_COLD_CONV:
+    hidden = output_depth(g) - 1
+    if conv_between_states(g) and hidden > AUTO_MAX_COLD_CONV:
         return True, f"{hidden} convolutional hidden states in depth"
     return False, "cold EP trains this graph"
 

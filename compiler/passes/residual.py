@@ -65,6 +65,13 @@ def depths(g: Graph, kinds=MAIN_KINDS) -> dict[str, int]:
     return depth
 
 
+def output_depth(g: Graph) -> int:
+    """The output states' depth: couplings on the longest input -> output path (the hidden
+    states on it are one fewer); 1 for a graph without an output state."""
+    d = depths(g)
+    return max((d[s.name] for s in g.states if s.role == "output"), default=1)
+
+
 def _has_weights(c: Coupling) -> bool:
     return any(op_weights(op) for op in c.ops)
 

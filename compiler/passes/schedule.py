@@ -46,7 +46,7 @@ from ..ir import Graph, Schedule, Spiking
 from ..options import CompileOptions
 from . import conditions as C
 from .manager import Pass
-from .residual import depths
+from .residual import output_depth
 
 STRATEGIES = ("DSATUR", "largest_first", "smallest_last")
 
@@ -125,8 +125,7 @@ DEEP_TAU = 4
 
 def hidden_depth(g: Graph) -> int:
     """Hidden states on the longest coupling path from an input to an output state."""
-    d = depths(g)
-    return max((d[s.name] for s in g.states if s.role == "output"), default=2) - 1
+    return output_depth(g) - 1
 
 
 def spiking_defaults(g: Graph) -> Spiking:

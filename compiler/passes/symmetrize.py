@@ -35,7 +35,7 @@ from ..ir import Conv, Graph
 from ..options import CompileOptions
 from . import conditions as C
 from .manager import Pass
-from .residual import depths
+from .residual import depths, output_depth
 
 # 'auto': the feedback gain per level of depth, by the number of hidden states on the
 # longest path. Measured on digits (seed 0; python -m bench.depth, docs/data/depth_digits.json):
@@ -56,7 +56,8 @@ AUTO_MAX_SYMMETRIC_CONV = 2   # graphs with a convolution between two states
 AUTO_RATIO = 0.1
 
 
-def _conv_between_states(g: Graph) -> bool:
+def conv_between_states(g: Graph) -> bool:
+    """Some coupling between two states applies a convolution."""
     states = {s.name for s in g.states}
     return any(c.src in states and any(isinstance(op, Conv) for op in c.ops)
                for c in g.couplings)
@@ -83,11 +84,9 @@ def regulation_ratio(g: Graph, opts: CompileOptions) -> float:
         # cosine 0.95 at gain 1, 0.05 at 0.1 (64/64: 0.07 at 0.3); trained 10 epochs
         # (128/128, trace:4) 91.9% at gain 1, 77.2% at 0.5 (rate nets: 94.7% / 98.1%)
         return 1.0
-    d = depths(g)
-    out = max((d[s.name] for s in g.states if s.role == "output"), default=1)
     # hidden states on the longest input -> output path
-    most = AUTO_MAX_SYMMETRIC_CONV if _conv_between_states(g) else AUTO_MAX_SYMMETRIC
-    return 1.0 if out - 1 <= most else AUTO_RATIO
+    most = AUTO_MAX_SYMMETRIC_CONV if conv_between_states(g) else AUTO_MAX_SYMMETRIC
+    return 1.0 if output_depth(g) - 1 <= most else AUTO_RATIO
 
 
 def _gains(g: Graph, opts: CompileOptions) -> dict[str, float]:
