@@ -30,14 +30,10 @@ def stats(g: Graph) -> dict:
     by_kind = Counter(c.kind for c in g.couplings)
     macs_fwd = macs_fb = 0
     for c in g.couplings:
-        shape = g.shape_of(c.src)
-        for op in c.ops:
-            out = O.out_shape(op, [shape], g.weights)
-            m = O.macs(op, shape, out, g.weights)
-            macs_fwd += m
-            if c.feedback:
-                macs_fb += m
-            shape = out
+        m = sum(O.chain_macs(c.ops, g.shape_of(c.src), g.weights))
+        macs_fwd += m
+        if c.feedback:
+            macs_fb += m
     ff_macs = 0
     for n in g.nodes:
         ins = [g.shape_of(x) for x in n.inputs]

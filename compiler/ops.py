@@ -909,6 +909,17 @@ def macs(op, in_shape: Shape, out_shape_: Shape, weights: Weights) -> int:
     return rule(op).macs(op, in_shape, out_shape_, weights)
 
 
+def chain_macs(ops: list, in_shape: Shape, weights: Weights) -> list[int]:
+    """Multiply-accumulates per sample of each op of a coupling's chain, applied forward
+    from a source of `in_shape`."""
+    out = []
+    for op in ops:
+        nxt = out_shape(op, [in_shape], weights)
+        out.append(macs(op, in_shape, nxt, weights))
+        in_shape = nxt
+    return out
+
+
 # --------------------------------------------------------------------------- activations
 def activate(act: Activation, u: torch.Tensor) -> torch.Tensor:
     if act.kind == "identity":

@@ -215,11 +215,7 @@ class Engine:
         for l in self.links:
             if l.kind == "teacher":
                 continue
-            shape, m = tuple(self.shapes[l.src]), 0
-            for op in l.ops:
-                out = O.out_shape(op, [shape], W)
-                m += O.macs(op, shape, out, W)
-                shape = out
+            m = sum(O.chain_macs(l.ops, tuple(self.shapes[l.src]), W))
             if l.src not in self.settled:
                 once += m
             elif l.src not in self.bernoulli:

@@ -411,18 +411,12 @@ def default_lr_shift(beta: float, lr: float = 0.05, batch: int = 32, sharing: in
 def weight_sharing(g: Graph) -> int:
     """The most positions one weight is applied at per sample over the learned couplings
     (a convolution's output pixels; 1 for dense layers)."""
-    shapes = {s.name: tuple(s.shape) for s in g.states}
-    shapes.update({i.name: tuple(i.shape) for i in g.inputs})
     most = 1
     for c in g.couplings:
         if c.kind == "teacher":
             continue
-        shape = shapes[c.src]
-        for op in c.ops:
-            out = O.out_shape(op, [shape], g.weights)
+        for op, m in zip(c.ops, O.chain_macs(c.ops, tuple(g.shape_of(c.src)), g.weights)):
             w = getattr(op, "weight", None)
             if isinstance(w, str) and w in g.weights:
-                size = int(np.prod(np.shape(g.weights[w])))
-                most = max(most, O.macs(op, shape, out, g.weights) // max(size, 1))
-            shape = out
+                most = max(most, m // max(int(np.prod(np.shape(g.weights[w]))), 1))
     return most
